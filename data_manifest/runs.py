@@ -1,0 +1,133 @@
+"""The run registry: one `runs` row per run start and finish, and per-shard commit records."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+from datetime import UTC, datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from data_manifest.writer import ShardWriter, atomic_write, check_name
+from data_manifest.workspace import Workspace
+
+RUNNING, COMPLETED, FAILED = "running", "completed", "failed"
+
+
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    """Package version plus the git commit of the checkout (and '+dirty'), when there is one."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ver = version("clib-fiqa-pipeline")
+    except PackageNotFoundError:
+        ver = "0+unknown"
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()
+        return f"{ver}+g{sha}{'.dirty' if dirty else ''}"
+    except (OSError, subprocess.SubprocessError):
+        return ver
+
+
+def new_run_id(flow: str) -> str:
+    """A sortable, unique run id: <flow>-<UTC timestamp>-<random>."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    return check_name(f"{flow}-{stamp}-{secrets.token_hex(3)}", "run id")
+
+
+def _run_dir(ws: Workspace, run_id: str) -> Path:
+    return ws.runs_dir / check_name(run_id, "run id")
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=str)))
+
+
+def run_info(ws: Workspace, run_id: str) -> dict[str, Any] | None:
+    """The run's record (flow, parameters, start time), or None when the run is unknown."""
+    p = _run_dir(ws, run_id) / "run.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def start_run(ws: Workspace, flow: str, params: dict[str, Any], run_id: str | None = None) -> str:
+    """Register a run (or resume an existing one with the same id) and return its id."""
+    run_id = run_id or new_run_id(flow)
+    info = run_info(ws, run_id)
+    if info is not None and info["flow"] != flow:
+        raise ValueError(f"run {run_id!r} belongs to flow {info['flow']!r}, not {flow!r}")
+    now = datetime.now(UTC)
+    if info is None:
+        info = {"run_id": run_id, "flow": flow, "parameters": params, "started_at": now.isoformat(),
+                "code_version": code_version(), "host": socket.gethostname(), "attempts": 0}
+    info["attempts"] = int(info.get("attempts", 0)) + 1
+    info["last_parameters"] = params
+    _write_json(_run_dir(ws, run_id) / "run.json", info)
+    _registry_row(ws, run_id, info, RUNNING, f"start-{info['attempts']:03d}")
+    return run_id
+
+
+def _registry_row(ws: Workspace, run_id: str, info: dict[str, Any], status: str, shard: str,
+                  counts: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
+                  error: str | None = None) -> None:
+    ended = datetime.now(UTC) if status != RUNNING else None
+    ShardWriter(ws, "runs", run_id).write(shard, [{
+        "run_id": run_id, "flow": info["flow"], "status": status,
+        "parameters": json.dumps(info.get("last_parameters", info["parameters"]), default=str),
+        "code_version": code_version(), "started_at": datetime.fromisoformat(info["started_at"]),
+        "ended_at": ended, "counts": None if counts is None else json.dumps(counts, default=str),
+        "metrics": None if metrics is None else json.dumps(metrics, default=str),
+        "host": info.get("host"), "error": error,
+    }])
+
+
+def _marker(ws: Workspace, run_id: str, shard: str) -> Path:
+    return _run_dir(ws, run_id) / "shards" / f"{check_name(shard, 'shard name')}.json"
+
+
+def shard_done(ws: Workspace, run_id: str, shard: str) -> bool:
+    """True when the shard committed in an earlier attempt (a re-run skips it)."""
+    return _marker(ws, run_id, shard).exists()
+
+
+def mark_shard_done(ws: Workspace, run_id: str, shard: str, counts: dict[str, Any] | None = None) -> None:
+    """Record the shard as committed, after all of its tables were written."""
+    _write_json(_marker(ws, run_id, shard), {"shard": shard, "counts": counts or {},
+                                             "committed_at": datetime.now(UTC).isoformat(),
+                                             "pid": os.getpid()})
+
+
+def shard_counts(ws: Workspace, run_id: str) -> dict[str, int]:
+    """Sum of the numeric counts recorded by all committed shards of a run."""
+    total: dict[str, int] = {}
+    for p in sorted((_run_dir(ws, run_id) / "shards").glob("*.json")):
+        for k, v in json.loads(p.read_text()).get("counts", {}).items():
+            if isinstance(v, int | float):
+                total[k] = total.get(k, 0) + v
+    return total
+
+
+def finish_run(ws: Workspace, run_id: str, status: str, counts: dict[str, Any] | None = None,
+               metrics: dict[str, Any] | None = None, error: str | None = None) -> None:
+    """Record the end of a run attempt with its counts (default: summed shard counts) and metrics."""
+    if status not in (COMPLETED, FAILED):
+        raise ValueError(f"finish_run: status must be {COMPLETED!r} or {FAILED!r}, got {status!r}")
+    info = run_info(ws, run_id)
+    if info is None:
+        raise ValueError(f"finish_run: unknown run {run_id!r} (start_run was not called)")
+    counts = shard_counts(ws, run_id) if counts is None else counts
+    info.update(status=status, counts=counts, metrics=metrics, ended_at=datetime.now(UTC).isoformat(), error=error)
+    _write_json(_run_dir(ws, run_id) / "run.json", info)
+    _registry_row(ws, run_id, info, status, f"end-{info['attempts']:03d}", counts, metrics, error)

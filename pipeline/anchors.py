@@ -1,0 +1,463 @@
+"""CR-FIQA-style quality anchors from any face recognition model's embeddings.
+
+For sample i with embedding e_i and identity y_i, given one center per identity:
+
+- ccs   = cos(e_i, C_{y_i})                       (class-center similarity)
+- nnccs = max_{k != y_i} cos(e_i, C_k)            (nearest negative class-center similarity)
+- raw   = ccs / nnccs                             (``mode="ratio"``: the CLIB-FIQA paper's Sim/Sim)
+        = ccs / (nnccs + 1 + eps)                 (``mode="shifted"``: CR-FIQA paper's Eq. 3 form)
+- anchor = (raw - min) / (max - min), min/max over the valid rows of the labelled set.
+
+Degenerate rows (documented in docs/anchors.md) never vanish; they get a status:
+
+- ``ok``: anchor defined.
+- ``clamped`` (ratio mode): nnccs <= ``nnccs_floor``. The ratio is meaningless there (its sign flips
+  at 0 and it explodes near 0), so raw uses the floor as the denominator, the row is left out of the
+  min/max, and its anchor is clipped into [0, 1] (1 when ccs > 0: the sample is closer to its own
+  center than to every other one).
+- ``single_sample``: mean centers and an identity with one sample: its center *is* the sample, so
+  ccs == 1 by construction. raw is reported, the anchor is null and the row is left out of min/max.
+- ``no_identity``: label < 0 (unknown identity). ``no_center``: the label's center is a zero row.
+  ``no_negative``: no other valid center exists. ``invalid_embedding``: non-finite or zero
+  embedding. These have null measures.
+
+Centers come from :class:`CenterAccumulator` (streaming normalised means, never holding all
+embeddings) or :func:`centers_from_head` (a classifier weight matrix: the paper's "classification
+space center"). The nearest-negative search (:class:`NearestNegativeSearch`) runs in
+(sample chunk x center block) tiles with torch on CPU or GPU, so its memory is bounded by
+``chunk_size * center_block`` floats plus the centers, independent of the number of samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+OK = "ok"
+CLAMPED = "clamped"
+SINGLE_SAMPLE = "single_sample"
+NO_IDENTITY = "no_identity"
+NO_NEGATIVE = "no_negative"
+NO_CENTER = "no_center"
+INVALID_EMBEDDING = "invalid_embedding"
+
+MODES = ("ratio", "shifted")
+CENTER_MEAN = "mean"
+CENTER_HEAD = "head"
+
+DEFAULT_CHUNK = 2048  # samples per tile
+DEFAULT_CENTER_BLOCK = 16384  # centers per tile: tile = 2048 x 16384 float32 = 128 MiB at most
+DEFAULT_NNCCS_FLOOR = 0.05  # below this cosine the ratio ccs/nnccs is not a usable quality signal
+SHIFT_EPS = 1e-9
+
+
+def _as_2d_float(x: Any, name: str) -> np.ndarray:
+    arr = np.asarray(x)
+    if arr.ndim != 2 or arr.shape[1] == 0:
+        raise ValueError(f"{name} must be a 2-D (rows, dim) array, got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise ValueError(f"{name} must be a float array, got dtype {arr.dtype}")
+    return arr
+
+
+def _as_labels(x: Any, n: int) -> np.ndarray:
+    arr = np.asarray(x)
+    if arr.ndim != 1 or len(arr) != n:
+        raise ValueError(f"labels must be a 1-D array of length {n}, got shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"labels must be integers (identity index per sample), got dtype {arr.dtype}")
+    return arr.astype(np.int64, copy=False)
+
+
+def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Row-wise L2 normalisation in float32; zero rows stay zero."""
+    x = np.asarray(x, dtype=np.float32)
+    n = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(n, eps)
+
+
+class CenterAccumulator:
+    """Streaming per-identity embedding sums: update shard by shard, then read normalised means.
+
+    Memory is (num_classes x dim) float64 whatever the number of samples; accumulators of
+    separate workers combine with :meth:`merge`, and :meth:`save`/:meth:`load` make a pass resumable.
+    """
+
+    def __init__(self, dim: int, num_classes: int = 0) -> None:
+        if dim <= 0:
+            raise ValueError(f"CenterAccumulator: dim must be positive, got {dim}")
+        self.dim = int(dim)
+        self.sums = np.zeros((max(int(num_classes), 0), self.dim), dtype=np.float64)
+        self.counts = np.zeros(len(self.sums), dtype=np.int64)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.counts)
+
+    def _grow(self, n: int) -> None:
+        if n <= self.num_classes:
+            return
+        new = max(n, int(self.num_classes * 1.5) + 1)
+        sums = np.zeros((new, self.dim), dtype=np.float64)
+        sums[: self.num_classes] = self.sums
+        counts = np.zeros(new, dtype=np.int64)
+        counts[: self.num_classes] = self.counts
+        self.sums, self.counts = sums, counts
+
+    def update(self, embeddings: Any, labels: Any) -> None:
+        """Add one shard: embeddings are L2-normalised first; rows with label < 0 or bad values are skipped."""
+        emb = _as_2d_float(embeddings, "embeddings")
+        if emb.shape[1] != self.dim:
+            raise ValueError(f"embeddings have dim {emb.shape[1]}, the accumulator has dim {self.dim}")
+        lab = _as_labels(labels, len(emb))
+        emb = l2_normalize(emb)
+        keep = (lab >= 0) & np.isfinite(emb).all(axis=1) & (np.abs(emb).sum(axis=1) > 0)
+        if not keep.any():
+            return
+        emb, lab = emb[keep], lab[keep]
+        top = int(lab.max()) + 1
+        size = self.num_classes
+        if top > size:
+            self._grow(top)
+            size = top
+        np.add.at(self.sums, lab, emb.astype(np.float64))
+        self.counts += np.bincount(lab, minlength=self.num_classes)[: self.num_classes]
+
+    def merge(self, other: CenterAccumulator) -> CenterAccumulator:
+        """Add another accumulator's sums (same dim) into this one."""
+        if other.dim != self.dim:
+            raise ValueError(f"cannot merge accumulators of dim {self.dim} and {other.dim}")
+        self._grow(other.num_classes)
+        self.sums[: other.num_classes] += other.sums
+        self.counts[: other.num_classes] += other.counts
+        return self
+
+    def centers(self) -> np.ndarray:
+        """(num_classes, dim) float32 normalised mean embeddings; identities without samples are zero rows."""
+        return l2_normalize(self.sums)
+
+    def save(self, path: str | Path) -> None:
+        """Write sums and counts to an .npz file (no pickles)."""
+        np.savez(path, sums=self.sums, counts=self.counts)
+
+    @classmethod
+    def load(cls, path: str | Path) -> CenterAccumulator:
+        """Read an accumulator written by :meth:`save`."""
+        with np.load(path, allow_pickle=False) as z:
+            sums, counts = z["sums"], z["counts"]
+        acc = cls(sums.shape[1], 0)
+        acc.sums, acc.counts = sums.astype(np.float64), counts.astype(np.int64)
+        return acc
+
+
+_HEAD_KEYS = ("weight", "kernel", "fc.weight", "classifier.weight", "head.weight")
+
+
+def _find_head_tensor(obj: Any, path: str) -> tuple[str, Any]:
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return "tensor", obj
+    if not isinstance(obj, dict):
+        raise ValueError(f"head checkpoint {path}: expected a tensor or a state dict, got {type(obj).__name__}")
+    for nest in ("state_dict", "model", "header", "state_dict_softmax_fc"):
+        if isinstance(obj.get(nest), dict):
+            obj = obj[nest]
+            break
+    flat = {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    for key in _HEAD_KEYS:
+        if key in flat and flat[key].ndim == 2:
+            return key, flat[key]
+    mats = [(k, v) for k, v in flat.items() if v.ndim == 2]
+    if len(mats) == 1:
+        return mats[0]
+    raise ValueError(
+        f"head checkpoint {path}: cannot tell which tensor is the classifier weight; 2-D tensors: "
+        f"{[(k, tuple(v.shape)) for k, v in mats]}; expected one named {list(_HEAD_KEYS)}"
+    )
+
+
+def centers_from_head(path: str | Path, dim: int) -> np.ndarray:
+    """Class centers (C, dim) from a classifier head checkpoint: the classification-space centers.
+
+    Accepts a .npy (C, D) matrix, or a torch file (loaded with ``weights_only=True``) holding a
+    tensor or a state dict with an arcface_torch-style ``weight`` (C, D) or a CR-FIQA-style
+    ``kernel`` (D, C); the orientation is taken from ``dim`` (the embedding size).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"head checkpoint {p} does not exist")
+    if p.suffix == ".npy":
+        w = np.load(p, allow_pickle=False)
+        key = "npy"
+    else:
+        import torch
+
+        try:
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises several unrelated types for a bad file
+            raise ValueError(f"head checkpoint {p} could not be loaded as a torch file: {e}") from e
+        key, t = _find_head_tensor(obj, str(p))
+        w = t.detach().float().cpu().numpy()
+    if w.ndim != 2:
+        raise ValueError(f"head checkpoint {p}: weight {key!r} has shape {w.shape}, expected 2-D")
+    if key == "kernel" and w.shape[0] == dim:
+        w = w.T
+    elif w.shape[1] != dim and w.shape[0] == dim:
+        w = w.T
+    if w.shape[1] != dim:
+        raise ValueError(f"head checkpoint {p}: weight {key!r} has shape {w.shape}; neither axis equals dim {dim}")
+    return l2_normalize(w)
+
+
+def _resolve_device(device: Any) -> Any:
+    import torch
+
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but torch sees no CUDA device")
+    return dev
+
+
+class NearestNegativeSearch:
+    """ccs, nnccs and the nearest negative center per sample, in bounded-memory tiles.
+
+    Centers stay on the device; each call takes one chunk of samples (any size: it is tiled again
+    into ``chunk_size`` rows) and never materialises more than ``chunk_size x center_block`` scores.
+    Zero rows of ``centers`` (identities without samples) are never chosen as negatives.
+    """
+
+    def __init__(self, centers: Any, *, chunk_size: int = DEFAULT_CHUNK,
+                 center_block: int = DEFAULT_CENTER_BLOCK, device: Any = "cpu") -> None:
+        import torch
+
+        c = _as_2d_float(centers, "centers")
+        if chunk_size <= 0 or center_block <= 0:
+            raise ValueError(f"chunk_size and center_block must be positive, got {chunk_size}, {center_block}")
+        self.device = _resolve_device(device)
+        self.chunk_size = int(chunk_size)
+        self.center_block = int(center_block)
+        norms = np.linalg.norm(c, axis=1)
+        self.valid = np.isfinite(norms) & (norms > 0)
+        self.centers = torch.from_numpy(l2_normalize(np.where(self.valid[:, None], c, 0.0))).to(self.device)
+        self._invalid = torch.from_numpy(~self.valid).to(self.device)
+        self._any_invalid = bool((~self.valid).any())
+        self.num_centers, self.dim = c.shape
+
+    def search(self, embeddings: Any, labels: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Return (ccs, nnccs, nearest_negative) for a chunk; NaN / -1 where undefined."""
+        import torch
+
+        emb = _as_2d_float(embeddings, "embeddings")
+        if emb.shape[1] != self.dim:
+            raise ValueError(f"embeddings have dim {emb.shape[1]} but centers have dim {self.dim}")
+        lab = _as_labels(labels, len(emb))
+        if lab.size and lab.max() >= self.num_centers:
+            raise ValueError(f"label {int(lab.max())} has no center (only {self.num_centers} centers)")
+        n = len(emb)
+        ccs = np.full(n, np.nan, dtype=np.float32)
+        nnccs = np.full(n, np.nan, dtype=np.float32)
+        nn = np.full(n, -1, dtype=np.int64)
+        with torch.inference_mode():
+            for s in range(0, n, self.chunk_size):
+                e = torch.from_numpy(l2_normalize(emb[s : s + self.chunk_size])).to(self.device)
+                y = torch.from_numpy(lab[s : s + self.chunk_size]).to(self.device)
+                rows = torch.arange(len(e), device=self.device)
+                known = y >= 0
+                own = self.centers[y.clamp(min=0)]
+                c_s = (e * own).sum(dim=1)
+                best = torch.full((len(e),), -torch.inf, device=self.device)
+                arg = torch.full((len(e),), -1, dtype=torch.int64, device=self.device)
+                for b in range(0, self.num_centers, self.center_block):
+                    block = self.centers[b : b + self.center_block]
+                    sim = e @ block.T
+                    if self._any_invalid:
+                        sim[:, self._invalid[b : b + self.center_block]] = -torch.inf
+                    inside = known & (y >= b) & (y < b + len(block))
+                    sim[rows[inside], y[inside] - b] = -torch.inf
+                    v, i = sim.max(dim=1)
+                    better = v > best
+                    best = torch.where(better, v, best)
+                    arg = torch.where(better, i + b, arg)
+                ccs[s : s + len(e)] = c_s.float().cpu().numpy()
+                nnccs[s : s + len(e)] = best.float().cpu().numpy()
+                nn[s : s + len(e)] = arg.cpu().numpy()
+        nnccs[~np.isfinite(nnccs)] = np.nan
+        return ccs, nnccs, nn
+
+
+def raw_ratio(ccs: np.ndarray, nnccs: np.ndarray, *, mode: str = "ratio",
+              nnccs_floor: float = DEFAULT_NNCCS_FLOOR) -> tuple[np.ndarray, np.ndarray]:
+    """raw quality ratio and a mask of rows whose nnccs was clamped to the floor (ratio mode only)."""
+    ccs = np.asarray(ccs, dtype=np.float64)
+    nnccs = np.asarray(nnccs, dtype=np.float64)
+    if mode == "ratio":
+        if not nnccs_floor > 0:
+            raise ValueError(f"nnccs_floor must be > 0 in ratio mode, got {nnccs_floor}")
+        clamped = nnccs <= nnccs_floor
+        return ccs / np.where(clamped, nnccs_floor, nnccs), clamped
+    if mode == "shifted":
+        return ccs / (nnccs + 1.0 + SHIFT_EPS), np.zeros(len(ccs), dtype=bool)
+    raise ValueError(f"unknown anchor mode {mode!r}; use one of {MODES}")
+
+
+@dataclass
+class RangeAccumulator:
+    """Running min/max of raw over the rows that define the normalisation (streamable)."""
+
+    lo: float = np.inf
+    hi: float = -np.inf
+    count: int = 0
+
+    def update(self, raw: np.ndarray, use: np.ndarray) -> None:
+        v = np.asarray(raw, dtype=np.float64)[np.asarray(use, dtype=bool)]
+        v = v[np.isfinite(v)]
+        if v.size:
+            self.lo = min(self.lo, float(v.min()))
+            self.hi = max(self.hi, float(v.max()))
+            self.count += int(v.size)
+
+    def range(self) -> tuple[float, float]:
+        if self.count == 0:
+            raise ValueError("no valid rows to take the min/max normalisation range from")
+        return self.lo, self.hi
+
+
+def normalize(raw: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Min-max normalise into [0, 1] (values outside the range are clipped); hi == lo gives 0.5."""
+    raw = np.asarray(raw, dtype=np.float64)
+    if hi > lo:
+        return np.clip((raw - lo) / (hi - lo), 0.0, 1.0)
+    return np.where(np.isfinite(raw), 0.5, np.nan)
+
+
+def row_status(labels: np.ndarray, emb_ok: np.ndarray, own_ok: np.ndarray, nnccs: np.ndarray,
+               clamped: np.ndarray, singleton: np.ndarray) -> np.ndarray:
+    """Status per row; the first failing check wins: embedding, identity, center, negative, singleton, clamp."""
+    status = np.full(len(labels), OK, dtype=object)
+    status[clamped] = CLAMPED
+    status[singleton] = SINGLE_SAMPLE
+    status[~np.isfinite(nnccs)] = NO_NEGATIVE
+    status[~own_ok] = NO_CENTER
+    status[labels < 0] = NO_IDENTITY
+    status[~emb_ok] = INVALID_EMBEDDING
+    return status
+
+
+UNDEFINED = (NO_IDENTITY, NO_CENTER, NO_NEGATIVE, INVALID_EMBEDDING)
+
+
+@dataclass
+class AnchorStats:
+    """Per-row measures of one chunk before normalisation (what the flow persists between passes)."""
+
+    ccs: np.ndarray
+    nnccs: np.ndarray
+    nearest_negative: np.ndarray
+    raw: np.ndarray
+    status: np.ndarray
+
+    @property
+    def defines_range(self) -> np.ndarray:
+        """Rows whose raw sets the min/max: status ok."""
+        return self.status == OK
+
+
+def anchor_stats(search: NearestNegativeSearch, embeddings: Any, labels: Any, *,
+                 class_counts: np.ndarray | None = None, mode: str = "ratio",
+                 nnccs_floor: float = DEFAULT_NNCCS_FLOOR) -> AnchorStats:
+    """Nearest-negative search plus raw ratio and status for one chunk.
+
+    ``class_counts`` (samples per identity) marks single-sample identities; pass None for head centers.
+    """
+    emb = _as_2d_float(embeddings, "embeddings")
+    lab = _as_labels(labels, len(emb))
+    norms = np.linalg.norm(emb, axis=1)
+    emb_ok = np.isfinite(emb).all(axis=1) & (norms > 0)
+    ccs, nnccs, nn = search.search(np.where(emb_ok[:, None], emb, 0.0).astype(np.float32), lab)
+    known = lab >= 0
+    own_ok = np.ones(len(lab), dtype=bool)
+    own_ok[known] = search.valid[lab[known]]
+    raw, clamped = raw_ratio(ccs, nnccs, mode=mode, nnccs_floor=nnccs_floor)
+    singleton = np.zeros(len(lab), dtype=bool)
+    if class_counts is not None:
+        singleton[known] = np.asarray(class_counts)[lab[known]] == 1
+    status = row_status(lab, emb_ok, own_ok, nnccs, clamped, singleton)
+    undefined = np.isin(status, UNDEFINED)
+    ccs = np.where(undefined, np.nan, ccs)
+    nnccs = np.where(undefined, np.nan, nnccs)
+    nn = np.where(undefined, -1, nn)
+    raw = np.where(undefined, np.nan, raw)
+    return AnchorStats(ccs.astype(np.float32), nnccs.astype(np.float32), nn.astype(np.int64), raw, status)
+
+
+def finalize(stats: AnchorStats, lo: float, hi: float) -> np.ndarray:
+    """Anchors for one chunk given the global range: null unless status is ok or clamped."""
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return np.full(len(stats.raw), np.nan)
+    anchor = normalize(stats.raw, lo, hi)
+    return np.where(np.isin(stats.status, [OK, CLAMPED]), anchor, np.nan)
+
+
+def _to_table(stats: AnchorStats, anchor: np.ndarray, lo: float, hi: float, meta: dict[str, str]) -> pa.Table:
+    def col(x: np.ndarray, typ: pa.DataType) -> pa.Array:
+        x = np.asarray(x)
+        mask = ~np.isfinite(x) if np.issubdtype(x.dtype, np.floating) else x < 0
+        return pa.array(x, type=typ, mask=mask)
+
+    tbl = pa.table({
+        "ccs": col(stats.ccs, pa.float32()),
+        "nnccs": col(stats.nnccs, pa.float32()),
+        "nearest_negative": col(stats.nearest_negative, pa.int64()),
+        "raw": col(stats.raw, pa.float64()),
+        "anchor": col(anchor, pa.float64()),
+        "status": pa.array(stats.status.astype(str), type=pa.string()),
+    })
+    return tbl.replace_schema_metadata({"norm_min": repr(lo), "norm_max": repr(hi), **meta})
+
+
+def compute_anchors(embeddings: Any, labels: Any, centers: Any | None = None, *,
+                    chunk_size: int = DEFAULT_CHUNK, center_block: int = DEFAULT_CENTER_BLOCK,
+                    mode: str = "ratio", nnccs_floor: float = DEFAULT_NNCCS_FLOOR,
+                    norm_range: tuple[float, float] | None = None, device: Any = "cpu") -> pa.Table:
+    """Quality anchors for an in-memory labelled set.
+
+    Args:
+        embeddings: (N, D) float array (normalised here).
+        labels: (N,) integer identity per row; row k of ``centers`` is the center of label k; < 0 unknown.
+        centers: optional (C, D) centers (e.g. :func:`centers_from_head`); default: normalised means.
+        norm_range: reuse a recorded (min, max) instead of taking it from this set.
+
+    Returns a pyarrow Table with columns ccs, nnccs, nearest_negative, raw, anchor, status (nulls where
+    undefined); its schema metadata holds norm_min, norm_max, mode and center_source.
+    """
+    emb = _as_2d_float(embeddings, "embeddings")
+    lab = _as_labels(labels, len(emb))
+    if mode not in MODES:
+        raise ValueError(f"unknown anchor mode {mode!r}; use one of {MODES}")
+    if centers is None:
+        acc = CenterAccumulator(emb.shape[1], int(lab.max()) + 1 if lab.size else 0)
+        acc.update(emb, lab)
+        cen, counts, source = acc.centers(), acc.counts, CENTER_MEAN
+        if acc.num_classes == 0:
+            cen = np.zeros((1, emb.shape[1]), dtype=np.float32)
+    else:
+        cen, counts, source = _as_2d_float(centers, "centers"), None, CENTER_HEAD
+    search = NearestNegativeSearch(cen, chunk_size=chunk_size, center_block=center_block, device=device)
+    stats = anchor_stats(search, emb, lab, class_counts=counts, mode=mode, nnccs_floor=nnccs_floor)
+    if norm_range is None:
+        rng = RangeAccumulator()
+        rng.update(stats.raw, stats.defines_range)
+        lo, hi = rng.range() if rng.count else (np.nan, np.nan)
+    else:
+        lo, hi = (float(v) for v in norm_range)
+    anchor = finalize(stats, lo, hi)
+    return _to_table(stats, anchor, lo, hi, {"mode": mode, "center_source": source,
+                                             "nnccs_floor": repr(nnccs_floor)})
+

@@ -1,0 +1,112 @@
+"""Factor vocabulary, class thresholds and the CLIB-FIQA prompt space (paper Sec. 3.1, 4.1).
+
+Every decision here is a pure function of a measured value; the label stages,
+the model and the SQL views all take their names and orders from this module.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+# Quality levels h^q and their anchors A (Eq. 1-2).
+QUALITY_LEVELS: tuple[str, ...] = ("bad", "poor", "fair", "good", "perfect")
+QUALITY_ANCHORS: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+# Factor axes in the fixed order of the prompt tensor (official-code order):
+# blur 3, occlusion 2, pose 3, expression 2, lighting 2; quality 5 is last.
+FACTOR_CLASSES: dict[str, tuple[str, ...]] = {
+    "blur": ("hazy", "blurry", "clear"),
+    "occlusion": ("obstructed", "unobstructed"),
+    "pose": ("profile", "slight angle", "frontal"),
+    "expression": ("exaggerated expression", "typical expression"),
+    "lighting": ("extreme lighting", "normal lighting"),
+}
+FACTORS: tuple[str, ...] = tuple(FACTOR_CLASSES)
+FACTOR_SHAPE: tuple[int, ...] = tuple(len(v) for v in FACTOR_CLASSES.values())  # (3, 2, 3, 2, 2)
+N_JOINT_FACTORS: int = math.prod(FACTOR_SHAPE)  # 72
+PROMPT_SHAPE: tuple[int, ...] = FACTOR_SHAPE + (len(QUALITY_LEVELS),)  # (3, 2, 3, 2, 2, 5)
+N_PROMPTS: int = math.prod(PROMPT_SHAPE)  # 360
+
+PROMPT_TEMPLATE = (
+    "a photo of a {blur}, {occlusion}, and {pose} face with {expression} "
+    "under {lighting}, which is of {quality} quality"
+)
+
+# Default thresholds (paper Sec. 4.1).
+BLUR_THRESHOLDS: tuple[float, float] = (0.35, 0.7)  # CPBD: < 0.35 hazy, 0.35-0.7 blurry, > 0.7 clear
+POSE_THRESHOLDS: tuple[float, float] = (10.0, 25.0)  # |yaw| deg: < 10 frontal, 10-25 slight, > 25 profile
+BINARY_THRESHOLD: float = 0.5  # default probability threshold of the attribute CNN heads
+
+
+@dataclass(frozen=True)
+class FactorClass:
+    """A class decision: index into FACTOR_CLASSES[factor] and its name."""
+
+    factor: str
+    index: int
+
+    @property
+    def name(self) -> str:
+        return FACTOR_CLASSES[self.factor][self.index]
+
+
+def _check_thresholds(lo: float, hi: float, what: str) -> None:
+    if not lo <= hi:
+        raise ValueError(f"{what} thresholds must be ordered (low <= high), got ({lo}, {hi})")
+
+
+def blur_class(cpbd: float, thresholds: tuple[float, float] = BLUR_THRESHOLDS) -> FactorClass:
+    """CPBD -> hazy (< low), blurry (low..high, both inclusive), clear (> high)."""
+    lo, hi = thresholds
+    _check_thresholds(lo, hi, "blur")
+    if math.isnan(cpbd):
+        raise ValueError("blur_class: CPBD value is NaN")
+    if cpbd < lo:
+        return FactorClass("blur", 0)
+    if cpbd > hi:
+        return FactorClass("blur", 2)
+    return FactorClass("blur", 1)
+
+
+def pose_class(yaw_degrees: float, thresholds: tuple[float, float] = POSE_THRESHOLDS) -> FactorClass:
+    """|yaw| -> frontal (< low), slight angle (low..high, both inclusive), profile (> high)."""
+    lo, hi = thresholds
+    _check_thresholds(lo, hi, "pose")
+    if math.isnan(yaw_degrees):
+        raise ValueError("pose_class: yaw is NaN")
+    a = abs(yaw_degrees)
+    if a < lo:
+        return FactorClass("pose", 2)
+    if a > hi:
+        return FactorClass("pose", 0)
+    return FactorClass("pose", 1)
+
+
+def binary_class(factor: str, probability: float, threshold: float = BINARY_THRESHOLD) -> FactorClass:
+    """Attribute probability of the adverse class (obstructed / exaggerated / extreme) -> class.
+
+    Index 0 is the adverse class for occlusion, expression and lighting, so
+    probability >= threshold gives index 0.
+    """
+    if factor not in ("occlusion", "expression", "lighting"):
+        raise ValueError(f"binary_class: {factor!r} is not a binary factor")
+    if math.isnan(probability):
+        raise ValueError(f"binary_class: {factor} probability is NaN")
+    return FactorClass(factor, 0 if probability >= threshold else 1)
+
+
+def class_index(factor: str, name: str) -> int:
+    """Index of a class name on its factor axis, with a clear error for unknown names."""
+    try:
+        return FACTOR_CLASSES[factor].index(name)
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"unknown class {name!r} for factor {factor!r}; known: {FACTOR_CLASSES.get(factor)}") from e
+
+
+def prompts() -> list[str]:
+    """The 360 prompts in row-major order of PROMPT_SHAPE (quality varies fastest)."""
+    axes = [*FACTOR_CLASSES.values(), QUALITY_LEVELS]
+    keys = [*FACTORS, "quality"]
+    return [PROMPT_TEMPLATE.format(**dict(zip(keys, combo))) for combo in itertools.product(*axes)]

@@ -1,0 +1,139 @@
+"""Controlled, recorded image degradations and the real face images that installed packages ship.
+
+Used to build the demo dataset and the test identities: every variant records
+its degradation kind and level, so a label or an anchor can be checked against
+a known cause.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+SEVERITY_LEVELS = (0, 1, 2, 3)
+
+
+def _insightface_image(name: str) -> Path:
+    try:
+        import insightface
+    except ImportError as e:
+        raise RuntimeError("the package-shipped faces need the 'insightface' package") from e
+    p = Path(insightface.__file__).parent / "data" / "images" / name
+    if not p.exists():
+        raise FileNotFoundError(f"insightface does not ship {p}")
+    return p
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ValueError(f"cannot decode {path}")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def shipped_images() -> dict[str, np.ndarray]:
+    """Real face images from installed packages (RGB uint8): name -> image."""
+    from skimage import data
+
+    return {
+        "tom_hanks": _read_rgb(_insightface_image("Tom_Hanks_54745.png")),  # aligned 112x112
+        "t1": _read_rgb(_insightface_image("t1.jpg")),  # group photo, several faces
+        "astronaut": np.ascontiguousarray(data.astronaut()),  # 512x512 portrait
+    }
+
+
+def gaussian_blur(img: np.ndarray, level: int) -> np.ndarray:
+    """Gaussian blur, sigma = 0.8 * level * (short side / 112)."""
+    if level == 0:
+        return img.copy()
+    sigma = 0.8 * level * min(img.shape[:2]) / 112
+    return cv2.GaussianBlur(img, (0, 0), sigmaX=sigma)
+
+
+def downscale(img: np.ndarray, level: int) -> np.ndarray:
+    """Down- then up-sample by a factor 2**level (resolution loss at the same size)."""
+    if level == 0:
+        return img.copy()
+    h, w = img.shape[:2]
+    f = 2**level
+    small = cv2.resize(img, (max(1, w // f), max(1, h // f)), interpolation=cv2.INTER_AREA)
+    return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def jpeg(img: np.ndarray, level: int) -> np.ndarray:
+    """JPEG re-encoding at quality 90, 30, 12, 5 for levels 0..3."""
+    q = (90, 30, 12, 5)[min(level, 3)]
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, q])
+    if not ok:
+        raise RuntimeError("JPEG encoding failed")
+    return cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+
+def noise(img: np.ndarray, level: int, seed: int = 0) -> np.ndarray:
+    """Additive Gaussian noise, std = 12 * level grey levels (seeded)."""
+    if level == 0:
+        return img.copy()
+    rng = np.random.default_rng(seed + level)
+    out = img.astype(np.float32) + rng.normal(0, 12.0 * level, img.shape)
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def occlusion(img: np.ndarray, level: int) -> np.ndarray:
+    """A grey patch over the lower-central face; side = (0, 0.25, 0.4, 0.55) of the short side."""
+    out = img.copy()
+    if level == 0:
+        return out
+    h, w = img.shape[:2]
+    side = int((0, 0.25, 0.4, 0.55)[min(level, 3)] * min(h, w))
+    cy, cx = int(h * 0.62), w // 2
+    out[max(0, cy - side // 2): cy + side // 2, max(0, cx - side // 2): cx + side // 2] = 90
+    return out
+
+
+def lighting(img: np.ndarray, level: int) -> np.ndarray:
+    """A strong left-to-right illumination gradient (gain from 1 down to 1 - 0.3 * level) plus darkening."""
+    if level == 0:
+        return img.copy()
+    w = img.shape[1]
+    gain = np.linspace(1.0, max(0.05, 1.0 - 0.3 * level), w, dtype=np.float32)[None, :, None]
+    return np.clip(img.astype(np.float32) * gain * (1.0 - 0.1 * level), 0, 255).astype(np.uint8)
+
+
+def rotation(img: np.ndarray, level: int) -> np.ndarray:
+    """In-plane rotation by 10 * level degrees about the centre (border replicated)."""
+    if level == 0:
+        return img.copy()
+    h, w = img.shape[:2]
+    m = cv2.getRotationMatrix2D((w / 2, h / 2), 10.0 * level, 1.0)
+    return cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+
+def hflip(img: np.ndarray, level: int) -> np.ndarray:
+    """Horizontal flip for any level > 0 (a mirror, not a quality loss)."""
+    return img[:, ::-1].copy() if level else img.copy()
+
+
+DEGRADATIONS: dict[str, Callable[[np.ndarray, int], np.ndarray]] = {
+    "blur": gaussian_blur,
+    "downscale": downscale,
+    "jpeg": jpeg,
+    "noise": noise,
+    "occlusion": occlusion,
+    "lighting": lighting,
+    "rotation": rotation,
+    "flip": hflip,
+}
+
+
+def degrade(img: np.ndarray, kind: str, level: int) -> np.ndarray:
+    """Apply one named degradation at an integer level (0 = untouched)."""
+    if kind not in DEGRADATIONS:
+        raise ValueError(f"unknown degradation {kind!r}; known: {', '.join(DEGRADATIONS)}")
+    if level < 0:
+        raise ValueError(f"degradation level must be >= 0, got {level}")
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError(f"degrade expects an RGB uint8 image, got {img.dtype} {img.shape}")
+    return DEGRADATIONS[kind](img, level)

@@ -59,7 +59,9 @@ class AttributeNetConfig:
             raise ValueError(f"attribute net {self.name!r}: unknown arch {self.arch!r}; known: {ARCHS}")
         width = 4 if self.arch == "mobilefacenet" else 3
         if not self.blocks or any(len(b) != width or min(b) < 1 for b in self.blocks):
-            raise ValueError(f"attribute net {self.name!r}: each {self.arch} block needs {width} positive ints, got {self.blocks}")
+            raise ValueError(
+                f"attribute net {self.name!r}: each {self.arch} block needs {width} positive ints, got {self.blocks}"
+            )
         if self.input_size < 16 or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"attribute net {self.name!r}: bad input_size {self.input_size} or dropout {self.dropout}")
 

@@ -165,7 +165,7 @@ class Preprocess(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 
-    def forward(self, images: Tensor) -> Tensor:
+    def forward(self, images: Tensor, force_resize: bool = False) -> Tensor:
         if images.dtype == torch.uint8:
             if images.ndim != 4 or images.shape[-1] != 3:
                 raise ValueError(f"uint8 images must be (B, H, W, 3) RGB, got {tuple(images.shape)}")
@@ -174,7 +174,7 @@ class Preprocess(nn.Module):
             if images.ndim != 4 or images.shape[1] != 3:
                 raise ValueError(f"float images must be (B, 3, H, W) in [0, 1], got {tuple(images.shape)}")
             x = images.float()
-        if x.shape[-2:] != (self.image_size, self.image_size):
+        if force_resize or x.shape[-2:] != (self.image_size, self.image_size):
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
         return (x - self.mean) / self.std
 

@@ -3,7 +3,9 @@
 Own implementation of the cascade; the network layouts match the PNet/RNet/ONet
 state dicts shipped in the facenet-pytorch 2.6.0 wheel (MIT), which
 `python -m models.fetch_weights` puts in the model store. Input is RGB uint8.
-Coordinates are continuous pixel coordinates (pixel i spans [i, i+1)).
+Internally boxes follow the reference's 1-based MATLAB arithmetic (so the
+results match facenet-pytorch); `detect` returns boxes as given by that
+arithmetic and landmarks in 0-based pixel-index coordinates.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import nms, roi_align
+from torchvision.ops import nms
 
 from models.weights import mtcnn_paths
 
@@ -123,7 +125,7 @@ class MTCNNConfig:
 class MTCNNResult:
     """Detections of one image, sorted by score (descending)."""
 
-    boxes: np.ndarray  # (N, 4) float32 x1, y1, x2, y2
+    boxes: np.ndarray  # (N, 4) float32 x1, y1, x2, y2 (reference convention, about 1 px larger than 0-based)
     scores: np.ndarray  # (N,) float32
     landmarks: np.ndarray  # (N, 5, 2) float32: left eye, right eye, nose, left mouth, right mouth (image left/right)
 
@@ -144,15 +146,16 @@ def _square(boxes: torch.Tensor) -> torch.Tensor:
     return torch.stack([cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2], dim=1)
 
 
-def _regress(boxes: torch.Tensor, reg: torch.Tensor) -> torch.Tensor:
-    wh = (boxes[:, 2:4] - boxes[:, 0:2]).repeat(1, 2)
+def _regress(boxes: torch.Tensor, reg: torch.Tensor, inclusive: bool = True) -> torch.Tensor:
+    # Stage 1 measures the box size as x2 - x1, later stages as x2 - x1 + 1 (1-based inclusive), as the reference.
+    wh = (boxes[:, 2:4] - boxes[:, 0:2] + (1.0 if inclusive else 0.0)).repeat(1, 2)
     return boxes + reg * wh
 
 
 def _nms_min(boxes: torch.Tensor, scores: torch.Tensor, threshold: float) -> torch.Tensor:
     """Greedy NMS with overlap = intersection / min(area), highest score first."""
     order = torch.argsort(scores, descending=True)
-    area = (boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
+    area = (boxes[:, 2] - boxes[:, 0] + 1).clamp(min=0) * (boxes[:, 3] - boxes[:, 1] + 1).clamp(min=0)
     keep: list[int] = []
     suppressed = torch.zeros(len(boxes), dtype=torch.bool)
     for i in order.tolist():
@@ -161,10 +164,38 @@ def _nms_min(boxes: torch.Tensor, scores: torch.Tensor, threshold: float) -> tor
         keep.append(i)
         lt = torch.maximum(boxes[i, :2], boxes[:, :2])
         rb = torch.minimum(boxes[i, 2:], boxes[:, 2:])
-        inter = (rb - lt).clamp(min=0).prod(dim=1)
+        inter = (rb - lt + 1).clamp(min=0).prod(dim=1)
         overlap = inter / torch.minimum(area[i], area).clamp(min=1e-9)
         suppressed |= overlap > threshold
     return torch.tensor(keep, dtype=torch.long)
+
+
+def _bins(lo: torch.Tensor, hi: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Start/end indices of adaptive-average-pool bins over [lo, hi) for each box (torch's floor/ceil rule)."""
+    n = (hi - lo)[:, None]
+    i = torch.arange(size, device=lo.device)[None]
+    return lo[:, None] + (i * n) // size, lo[:, None] + ((i + 1) * n + size - 1) // size
+
+
+def _area_resize(sat: torch.Tensor, x1: torch.Tensor, y1: torch.Tensor, x2: torch.Tensor, y2: torch.Tensor,
+                 size: int) -> torch.Tensor:
+    """Resize every integer box [x1, x2) x [y1, y2) to size x size exactly as F.interpolate(mode='area').
+
+    Uses a summed-area table `sat` (C, H+1, W+1, float64), so all boxes go in one vectorised gather;
+    pixels outside the image are zeros.
+    """
+    ys0, ys1 = _bins(y1, y2, size)
+    xs0, xs1 = _bins(x1, x2, size)
+    h, w = sat.shape[1] - 1, sat.shape[2] - 1
+
+    def at(ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+        # Clamping the corners sums only in-image pixels: outside pixels count as zeros.
+        ys, xs = ys.clamp(0, h), xs.clamp(0, w)
+        return sat[:, ys[:, :, None], xs[:, None, :]]  # (C, N, size, size)
+
+    total = at(ys1, xs1) - at(ys0, xs1) - at(ys1, xs0) + at(ys0, xs0)
+    count = ((ys1 - ys0)[:, :, None] * (xs1 - xs0)[:, None, :]).to(total.dtype)
+    return (total / count).permute(1, 0, 2, 3).to(torch.float32)
 
 
 class MTCNN:
@@ -194,11 +225,21 @@ class MTCNN:
             minl *= self.config.factor
         return scales
 
-    def _crops(self, img: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
-        # Area-like resampling of each box to size x size; outside the image reads as 0 (black), as the reference pads.
-        rois = torch.cat([torch.zeros(len(boxes), 1, device=boxes.device), boxes], dim=1)
-        crops = roi_align(img, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    def _crops(self, img: torch.Tensor, sat: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+        # Boxes are 1-based (MATLAB) pixel boxes truncated to integers as the reference does; each integer
+        # pixel range is area-resampled to size x size, reading pixels outside the image as 0 (zero padding,
+        # as the original MTCNN; facenet-pytorch instead clamps the box to the image and stretches the crop).
+        b = boxes.trunc().long()
+        x1, y1 = b[:, 0] - 1, b[:, 1] - 1
+        x2 = torch.maximum(b[:, 2], x1 + 1)
+        y2 = torch.maximum(b[:, 3], y1 + 1)
+        crops = _area_resize(sat, x1, y1, x2, y2, size)
         return (crops - _NORM_MEAN) * _NORM_SCALE
+
+    @staticmethod
+    def _integral(img: torch.Tensor) -> torch.Tensor:
+        sat = img[0].to(torch.float64).cumsum(1).cumsum(2)
+        return F.pad(sat, (1, 0, 1, 0))
 
     def _stage1(self, img: torch.Tensor) -> torch.Tensor:
         h, w = img.shape[2:]
@@ -212,33 +253,38 @@ class MTCNN:
             ys, xs = torch.nonzero(score >= cfg.thresholds[0], as_tuple=True)
             if len(ys) == 0:
                 continue
-            x1 = (2 * xs).float() / scale
-            y1 = (2 * ys).float() / scale
-            boxes = torch.stack([x1, y1, x1 + 12 / scale, y1 + 12 / scale], dim=1)
+            # 1-based cell boxes of the 12x12 PNet window at stride 2, as in the reference MATLAB code.
+            x1 = torch.floor((2 * xs + 1).float() / scale)
+            y1 = torch.floor((2 * ys + 1).float() / scale)
+            x2 = torch.floor((2 * xs + 12).float() / scale)
+            y2 = torch.floor((2 * ys + 12).float() / scale)
+            boxes = torch.stack([x1, y1, x2, y2], dim=1)
             cand = torch.cat([boxes, score[ys, xs, None], reg[0, :, ys, xs].T], dim=1)
             found.append(cand[nms(cand[:, :4], cand[:, 4], cfg.nms_pnet_scale)])
         if not found:
             return torch.zeros(0, 5, device=img.device)
         cand = torch.cat(found)
         cand = cand[nms(cand[:, :4], cand[:, 4], cfg.nms_pnet)]
-        boxes = _square(_regress(cand[:, :4], cand[:, 5:9]))
+        boxes = _square(_regress(cand[:, :4], cand[:, 5:9], inclusive=False))
         return torch.cat([boxes, cand[:, 4:5]], dim=1)
 
-    def _stage2(self, img: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
-        reg, prob = self.rnet(self._crops(img, cand[:, :4], 24))
+    def _stage2(self, img: torch.Tensor, sat: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+        reg, prob = self.rnet(self._crops(img, sat, cand[:, :4], 24))
         keep = prob[:, 1] > self.config.thresholds[1]
         boxes, score, reg = cand[keep, :4], prob[keep, 1], reg[keep]
         pick = nms(boxes, score, self.config.nms_rnet)
         boxes = _square(_regress(boxes[pick], reg[pick]))
         return torch.cat([boxes, score[pick, None]], dim=1)
 
-    def _stage3(self, img: torch.Tensor, cand: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        reg, lm, prob = self.onet(self._crops(img, cand[:, :4], 48))
+    def _stage3(self, img: torch.Tensor, sat: torch.Tensor, cand: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        reg, lm, prob = self.onet(self._crops(img, sat, cand[:, :4], 48))
         keep = prob[:, 1] > self.config.thresholds[2]
         boxes, score, reg, lm = cand[keep, :4], prob[keep, 1], reg[keep], lm[keep]
-        wh = boxes[:, 2:4] - boxes[:, 0:2]
+        wh = boxes[:, 2:4] - boxes[:, 0:2] + 1
+        # 1-based box -> 0-based pixel-index landmark coordinates.
         pts = torch.stack(
-            [boxes[:, None, 0] + wh[:, None, 0] * lm[:, :5], boxes[:, None, 1] + wh[:, None, 1] * lm[:, 5:]], dim=2
+            [boxes[:, None, 0] - 1 + wh[:, None, 0] * lm[:, :5], boxes[:, None, 1] - 1 + wh[:, None, 1] * lm[:, 5:]],
+            dim=2,
         )
         boxes = _regress(boxes, reg)
         pick = _nms_min(boxes, score, self.config.nms_onet)
@@ -250,14 +296,15 @@ class MTCNN:
         if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
             shape = getattr(image, "shape", type(image).__name__)
             raise ValueError(f"MTCNN.detect expects an RGB image of shape (H, W, 3), got {shape}")
-        img = torch.from_numpy(np.ascontiguousarray(image)).to(self.device, torch.float32).permute(2, 0, 1)[None]
+        img = torch.from_numpy(image.astype(np.float32)).to(self.device).permute(2, 0, 1)[None]
         empty = MTCNNResult(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros((0, 5, 2), np.float32))
         cand = self._stage1(img)
         if len(cand):
-            cand = self._stage2(img, cand)
+            sat = self._integral(img)
+            cand = self._stage2(img, sat, cand)
         if not len(cand):
             return empty
-        boxes, scores, pts = self._stage3(img, cand)
+        boxes, scores, pts = self._stage3(img, sat, cand)
         if not len(boxes):
             return empty
         order = torch.argsort(scores, descending=True)

@@ -397,12 +397,17 @@ def anchor_stats(search: NearestNegativeSearch, embeddings: Any, labels: Any, *,
     return AnchorStats(ccs.astype(np.float32), nnccs.astype(np.float32), nn.astype(np.int64), raw, status)
 
 
-def finalize(stats: AnchorStats, lo: float, hi: float) -> np.ndarray:
-    """Anchors for one chunk given the global range: null unless status is ok or clamped."""
+def anchor_values(raw: np.ndarray, status: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Anchors given the global range: NaN unless status is ok or clamped (or the range is undefined)."""
+    raw = np.asarray(raw, dtype=np.float64)
     if not (np.isfinite(lo) and np.isfinite(hi)):
-        return np.full(len(stats.raw), np.nan)
-    anchor = normalize(stats.raw, lo, hi)
-    return np.where(np.isin(stats.status, [OK, CLAMPED]), anchor, np.nan)
+        return np.full(len(raw), np.nan)
+    return np.where(np.isin(np.asarray(status), [OK, CLAMPED]), normalize(raw, lo, hi), np.nan)
+
+
+def finalize(stats: AnchorStats, lo: float, hi: float) -> np.ndarray:
+    """Anchors for one chunk of :class:`AnchorStats` given the global range."""
+    return anchor_values(stats.raw, stats.status, lo, hi)
 
 
 def _to_table(stats: AnchorStats, anchor: np.ndarray, lo: float, hi: float, meta: dict[str, str]) -> pa.Table:
@@ -430,8 +435,9 @@ def compute_anchors(embeddings: Any, labels: Any, centers: Any | None = None, *,
 
     Args:
         embeddings: (N, D) float array (normalised here).
-        labels: (N,) integer identity per row; row k of ``centers`` is the center of label k; < 0 unknown.
-        centers: optional (C, D) centers (e.g. :func:`centers_from_head`); default: normalised means.
+        labels: (N,) integer identity per row, < 0 unknown; with ``centers`` row k is the center of label k.
+        centers: optional (C, D) centers (e.g. :func:`centers_from_head`); default: normalised mean per
+            label (any non-negative label values; ``nearest_negative`` reports label values).
         norm_range: reuse a recorded (min, max) instead of taking it from this set.
 
     Returns a pyarrow Table with columns ccs, nnccs, nearest_negative, raw, anchor, status (nulls where
@@ -441,8 +447,14 @@ def compute_anchors(embeddings: Any, labels: Any, centers: Any | None = None, *,
     lab = _as_labels(labels, len(emb))
     if mode not in MODES:
         raise ValueError(f"unknown anchor mode {mode!r}; use one of {MODES}")
+    ids = None
     if centers is None:
-        acc = CenterAccumulator(emb.shape[1], int(lab.max()) + 1 if lab.size else 0)
+        # Sparse label values are fine: centers are built on the dense ranks of the labels present.
+        known = lab >= 0
+        ids, inv = np.unique(lab[known], return_inverse=True)
+        lab = np.full(len(lab), -1, dtype=np.int64)
+        lab[known] = inv
+        acc = CenterAccumulator(emb.shape[1], len(ids))
         acc.update(emb, lab)
         cen, counts, source = acc.centers(), acc.counts, CENTER_MEAN
         if acc.num_classes == 0:
@@ -451,6 +463,9 @@ def compute_anchors(embeddings: Any, labels: Any, centers: Any | None = None, *,
         cen, counts, source = _as_2d_float(centers, "centers"), None, CENTER_HEAD
     search = NearestNegativeSearch(cen, chunk_size=chunk_size, center_block=center_block, device=device)
     stats = anchor_stats(search, emb, lab, class_counts=counts, mode=mode, nnccs_floor=nnccs_floor)
+    if ids is not None and len(ids):
+        nn = stats.nearest_negative
+        stats.nearest_negative = np.where(nn >= 0, ids[np.clip(nn, 0, None)], -1)
     if norm_range is None:
         rng = RangeAccumulator()
         rng.update(stats.raw, stats.defines_range)

@@ -15,7 +15,7 @@ Formats read here:
 Keys are matched after :func:`normalise_key` (``\\`` -> ``/``, image
 extension dropped) and, failing an exact match, by their longest unambiguous
 path suffix, so ``Aaron/Aaron_0001`` matches ``/data/lfw/Aaron/Aaron_0001.jpg``
-and the ``.bin`` image index ``12`` matches ``images/12.jpg``.
+and the ``.bin`` image index ``12`` matches ``images/12.jpg`` and ``lfw.bin#12``.
 """
 
 from __future__ import annotations
@@ -82,8 +82,8 @@ class QualityScores:
 
 
 def normalise_key(key: str) -> str:
-    """Canonical sample key: forward slashes, no leading './', no image file extension."""
-    k = str(key).strip().replace("\\", "/")
+    """Canonical sample key: forward slashes ('#' of ``file.bin#12`` too), no leading './', no image extension."""
+    k = str(key).strip().replace("\\", "/").replace("#", "/")
     while k.startswith("./"):
         k = k[2:]
     stem, ext = os.path.splitext(k)
@@ -340,7 +340,9 @@ def read_edc_json(path: str | os.PathLike[str]) -> ScoredComparisons:
         b.append(right)
     pairs = PairList(a=a, b=b, mated=np.full(len(a), kind == "mated"))
     qualities = {
-        name: QualityScores(method=name, keys=list(q), values=np.array(list(q.values()), dtype=np.float64), source=str(p))
+        name: QualityScores(method=name, keys=list(q), values=np.array(list(q.values()), dtype=np.float64),
+                            source=str(p))
         for name, q in per_method.items()
     }
-    return ScoredComparisons(pairs=pairs, similarity=np.array(list(scores.values()), dtype=np.float64), qualities=qualities)
+    sims = np.array(list(scores.values()), dtype=np.float64)
+    return ScoredComparisons(pairs=pairs, similarity=sims, qualities=qualities)

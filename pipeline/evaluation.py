@@ -221,7 +221,8 @@ def _edc_threshold(
     threshold: float | None,
 ) -> float:
     """Fix the comparison threshold once, on all comparisons, before any discarding."""
-    given = [name for name, v in (("starting_error", starting_error), ("fmr", fmr), ("threshold", threshold)) if v is not None]
+    options = (("starting_error", starting_error), ("fmr", fmr), ("threshold", threshold))
+    given = [name for name, v in options if v is not None]
     if len(given) != 1:
         raise ValueError(f"give exactly one of starting_error, fmr, threshold (got {given or 'none'})")
     if threshold is not None:
@@ -308,10 +309,16 @@ class ErcCurve:
     thresholds: np.ndarray  # threshold re-computed on the comparisons left at each step
 
     def auc(self, limit: float = 0.95) -> float:
-        """Trapezoid area over the step points in [0, limit] (the scripts use sklearn.metrics.auc)."""
+        """Trapezoid area over the step points in [0, limit] (the scripts use sklearn.metrics.auc).
+
+        NaN steps (nothing left to measure) are dropped, so the area stops at the last measured step.
+        """
         if not 0.0 <= limit <= 1.0:
             raise ValueError(f"discard limit must lie in [0, 1], got {limit!r}")
-        x, y = self.discard, self.error
+        finite = np.isfinite(self.error)
+        x, y = self.discard[finite], self.error[finite]
+        if x.size == 0:
+            return float("nan")
         keep = x <= limit + 1e-9
         xs, ys = x[keep], y[keep]
         if xs[-1] < limit - 1e-9 and keep.sum() < x.size:
@@ -335,7 +342,8 @@ def erc(
     (mated and non-mated together, individual pairs, ties broken by a stable
     sort) are dropped; the threshold is re-computed on what is left for the
     target FMR and the FNMR measured there. Unlike the EDC, the threshold moves
-    with the discarding, so the curve mixes the FMR and FNMR effects.
+    with the discarding, so the curve mixes the FMR and FNMR effects. A step
+    left without mated or without non-mated comparisons gets NaN.
     """
     sims = _as_1d("similarity", similarity)
     quality = _as_1d("pair_quality", pair_quality)
@@ -353,7 +361,12 @@ def erc(
     errors, thresholds = [], []
     for u in steps:
         kept = order[int(u * n) :]
-        point = fnmr_at_fmr(sims[kept], mask[kept], fmr, rule=rule)
+        left = mask[kept]
+        if left.all() or not left.any():  # nothing to measure an FNMR or fit a threshold on
+            errors.append(np.nan)
+            thresholds.append(np.nan)
+            continue
+        point = fnmr_at_fmr(sims[kept], left, fmr, rule=rule)
         errors.append(point.fnmr)
         thresholds.append(point.threshold)
     return ErcCurve(fmr=fmr, discard=steps.copy(), error=np.asarray(errors), thresholds=np.asarray(thresholds))

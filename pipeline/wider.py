@@ -33,6 +33,11 @@ ATTRIBUTE_VALUES: dict[str, tuple[int, ...]] = {
 N_FIELDS = 4 + len(ATTRIBUTES)  # x1 y1 w h + six attributes
 DEFAULT_MIN_SIZE = 20  # pixels; faces whose shorter box side is below this carry no usable attribute cue
 
+# The release layout: <root>/WIDER_<split>/images/<event>/<file>.jpg and <root>/wider_face_split/<gt file>.
+SPLITS: tuple[str, ...] = ("train", "val")
+SPLIT_DIRS: dict[str, str] = {"train": "WIDER_train", "val": "WIDER_val"}
+GT_FILES: dict[str, str] = {"train": "wider_face_train_bbx_gt.txt", "val": "wider_face_val_bbx_gt.txt"}
+
 SKIP_INVALID = "invalid"
 SKIP_TOO_SMALL = "too_small"
 
@@ -88,6 +93,14 @@ class ParseReport:
         return {"images": self.images, "faces": self.faces, "kept": self.kept, "skipped": dict(self.skipped)}
 
 
+def split_layout(root: str | os.PathLike[str], split: str) -> tuple[Path, Path]:
+    """(annotation file, images folder) of a split in the WIDER FACE release layout under `root`."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown WIDER FACE split {split!r}; choose one of {SPLITS}")
+    root = Path(root)
+    return root / "wider_face_split" / GT_FILES[split], root / SPLIT_DIRS[split] / "images"
+
+
 def _ints(text: str, path: Path, lineno: int, what: str) -> list[int]:
     try:
         return [int(tok) for tok in text.split()]
@@ -104,7 +117,7 @@ def _face(text: str, path: Path, lineno: int) -> WiderFace:
     x, y, w, h, *attrs = values
     if w < 0 or h < 0:
         raise WiderFormatError(path, lineno, f"negative box size w={w} h={h}")
-    for name, value in zip(ATTRIBUTES, attrs):
+    for name, value in zip(ATTRIBUTES, attrs, strict=True):
         if value not in ATTRIBUTE_VALUES[name]:
             raise WiderFormatError(
                 path, lineno, f"{name}={value} is outside its allowed values {ATTRIBUTE_VALUES[name]}"

@@ -37,23 +37,27 @@ def _ref_quantile(values: np.ndarray, p: float) -> float:
     return x[lo] + (h - lo) * (x[hi] - x[lo])
 
 
-def _ref_edc(sims: np.ndarray, quality: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """EDC by brute force: for each distinct quality level v, keep pairs with quality >= v."""
+def _ref_edc_multi(sims: np.ndarray, quality: np.ndarray, thresholds: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    """EDC by brute force: for each distinct quality level v, keep pairs with quality >= v (one row per threshold)."""
     n = sims.size
     discard, error = [], []
     for v in np.unique(quality):
         kept = quality >= v
+        left = sims[kept]
         discard.append((n - kept.sum()) / n)
-        error.append(np.count_nonzero(sims[kept] < threshold) / kept.sum())
-    return np.array(discard), np.array(error)
+        error.append([np.count_nonzero(left < t) / left.size for t in thresholds])
+    return np.array(discard), np.array(error).T
+
+
+def _ref_edc(sims: np.ndarray, quality: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    d, e = _ref_edc_multi(sims, quality, [threshold])
+    return d, e[0]
 
 
 def _ref_pauc(discard: np.ndarray, error: np.ndarray, n: int, limit: float) -> float:
     """Stepwise area on a per-comparison grid of width 1/n (independent of the per-level sum)."""
     counts = np.rint(discard * n).astype(int)
-    per_slot = np.empty(n)
-    for k in range(n):
-        per_slot[k] = error[np.searchsorted(counts, k, side="right") - 1]
+    per_slot = error[np.searchsorted(counts, np.arange(n), side="right") - 1]  # error while k are discarded
     full = int(math.floor(limit * n + 1e-9))
     area = per_slot[:full].sum() / n
     if full < n:
@@ -93,15 +97,16 @@ def test_example_data_against_reference(example):
     assert sorted(example.qualities) == [f"QA algorithm {i}" for i in range(1, 6)]
     sims = example.similarity
     grid = np.round(np.arange(0, 1.0, 0.05), 2)
-    for se in (0.05, 0.1):
-        t_ref = _ref_quantile(sims, se)
-        for method in example.qualities:
-            pq = _pair_q(example, method)
-            assert not np.isnan(pq).any()
+    starting = (0.05, 0.1)
+    t_refs = [_ref_quantile(sims, se) for se in starting]
+    for method in example.qualities:
+        pq = _pair_q(example, method)
+        assert not np.isnan(pq).any()
+        d_ref, e_refs = _ref_edc_multi(sims, pq, t_refs)
+        for se, t_ref, e_ref in zip(starting, t_refs, e_refs, strict=True):
             curve = ev.edc(sims, pq, starting_error=se)
             assert curve.threshold == pytest.approx(t_ref, abs=1e-15)
             assert curve.starting_error == pytest.approx(se)
-            d_ref, e_ref = _ref_edc(sims, pq, t_ref)
             np.testing.assert_allclose(curve.discard, d_ref, atol=1e-15)
             np.testing.assert_allclose(curve.error, e_ref, atol=1e-15)
             for limit in (0.2, 0.3):
@@ -151,7 +156,7 @@ def test_reversed_ranking():
     sims = np.array([0.1, 0.2, 0.9, 0.8, 0.7, 0.9, 0.6, 0.95, 0.85, 0.75])
     q = -np.arange(10, dtype=float)  # the errors now have the highest quality
     c = ev.edc(sims, q, threshold=0.5)
-    expected = [2 / (10 - k) for k in range(10)]
+    expected = [min(2, 10 - k) / (10 - k) for k in range(10)]
     np.testing.assert_allclose(c.error, expected)
     assert c.error[-1] == 1.0
     assert c.pauc(1.0) == pytest.approx(sum(expected) / 10)
@@ -207,14 +212,15 @@ def test_fmr_threshold_and_fnmr():
     t = ev.threshold_at_fmr(imp, 1e-3)  # one false match allowed: the top impostor 0.999
     assert imp[-2] < t <= imp[-2] + 1e-15
     op = ev.fnmr_at_fmr(sims, mated, 1e-3)
-    assert op.fmr == pytest.approx(1e-3) and op.fnmr == pytest.approx(1 / 5)
+    assert op.fmr == pytest.approx(1e-3) and op.fnmr == pytest.approx(3 / 5)  # 0.99, 0.995, 0.5
     assert ev.threshold_at_fmr(imp, 1.0) == -math.inf
     zero = ev.fnmr_at_fmr(sims, mated, 0.0)
     assert zero.fmr == 0.0 and zero.fnmr == pytest.approx(4 / 5)
     closest = ev.fnmr_at_fmr(sims, mated, 1e-3, rule="closest")
-    assert closest.threshold == pytest.approx(0.999) and closest.fmr == pytest.approx(1e-3)
-    # The scripts accept only score > threshold, so the mated 0.5 and none of the others fail.
-    assert closest.fnmr == pytest.approx(1 / 5)
+    # The lowest observed score with one impostor at or above it is the mated 0.9985; the
+    # scripts accept only score > threshold, so that mated comparison fails too.
+    assert closest.threshold == 0.9985 and closest.fmr == pytest.approx(1e-3)
+    assert closest.fnmr == pytest.approx(4 / 5)
     with pytest.raises(ValueError, match="non-mated"):
         ev.fnmr_at_fmr(gen, np.ones(5, bool), 1e-3)
 
@@ -257,7 +263,7 @@ def test_edc_rejects_bad_input():
 
 def test_erc_compatibility_mode():
     rng = np.random.default_rng(1)
-    n_gen, n_imp = 400, 4000
+    n_gen, n_imp = 200, 1500
     gen = rng.normal(0.5, 0.2, n_gen)
     imp = rng.normal(0.0, 0.1, n_imp)
     sims = np.concatenate([gen, imp])
@@ -308,7 +314,8 @@ def test_simple_pair_list_round_trip(tmp_path):
 
 
 def test_quality_files_and_key_matching(tmp_path):
-    scores = QualityScores(method="m", keys=["lfw/A/A_0001.jpg", "lfw/B/B_0002.png", "C/C_0003"], values=[0.5, np.nan, 2.0])
+    keys = ["lfw/A/A_0001.jpg", "lfw/B/B_0002.png", "C/C_0003"]
+    scores = QualityScores(method="m", keys=keys, values=[0.5, np.nan, 2.0])
     for name in ("q.csv", "q.parquet"):
         back = read_quality_file(write_quality_file(tmp_path / name, scores))
         assert back.method == "q" and back.keys == scores.keys
@@ -328,6 +335,35 @@ def test_quality_files_and_key_matching(tmp_path):
         read_quality_file(custom)
     assert read_quality_file(custom, key_column="img", quality_column="qs").values.tolist() == [0.5]
     nonnum = tmp_path / "n.csv"
-    nonnum.write_text("a.jpg,high\n")
-    with pytest.raises(ValueError, match="n.csv:1"):
+    nonnum.write_text("a.jpg,0.3\nb.jpg,high\n")
+    with pytest.raises(ValueError, match="n.csv:2"):
         read_quality_file(nonnum)
+
+
+def test_erc_steps_without_mated_pairs_are_nan():
+    sims = np.array([0.9, 0.8, 0.1, 0.2, 0.3, 0.05])
+    mated = np.array([True, True, False, False, False, False])
+    q = np.array([0.0, 0.1, 0.5, 0.6, 0.7, 0.8])  # the mated pairs go first
+    c = ev.erc(sims, q, mated, fmr=0.25, fractions=[0.0, 0.2, 0.4])
+    assert np.isfinite(c.error[:2]).all() and np.isnan(c.error[2])
+    assert c.auc(0.4) == pytest.approx(0.2 * (c.error[0] + c.error[1]) / 2)
+
+
+def test_edc_plot_png(example, tmp_path):
+    import matplotlib.image as mpimg
+
+    from pipeline.plots import plot_edc, plot_erc
+
+    curves = {m: ev.edc(example.similarity, _pair_q(example, m), starting_error=0.1)
+              for m in ("QA algorithm 1", "QA algorithm 2")}
+    png = plot_edc(curves, tmp_path / "edc.png", limit=0.3, title="example data, starting error 0.1")
+    img = mpimg.imread(png)
+    assert img.shape[0] > 400 and img.shape[1] > 600
+    assert img[..., :3].std() > 0.05  # not a blank canvas
+    rng = np.random.default_rng(0)
+    sims = np.r_[rng.normal(0.6, 0.2, 200), rng.normal(0, 0.1, 2000)]
+    mated = np.r_[np.ones(200, bool), np.zeros(2000, bool)]
+    erc_png = plot_erc({"random": ev.erc(sims, rng.random(2200), mated, fmr=1e-2)}, tmp_path / "erc.png")
+    assert erc_png.stat().st_size > 10_000
+    with pytest.raises(ValueError, match="at least one"):
+        plot_edc({}, tmp_path / "x.png")

@@ -1,0 +1,338 @@
+"""`fiqa anchors`: embed aligned faces with a recognition model and compute CR-FIQA-style quality anchors.
+
+Four resumable stages in one run, each committing per shard:
+embed (crops -> `embeddings` table) -> centers (streaming per-identity sums over the embedding
+shards, or a classifier head) -> search (nearest negative center per sample, raw ratio) ->
+normalise (global min/max -> `anchors` table). The min/max, model id, center source and status
+counts are recorded in the run's metrics. Every selected sample gets an anchors row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data_manifest import ShardWriter, Workspace, catalog, runs
+from data_manifest.writer import atomic_write
+from flows import runtime
+from pipeline import anchors as A
+
+DEFAULT_FR_MODEL = "insightface"
+SELECT_SQL = """
+SELECT s.sample_id, s.identity, fc.crop_file, fc.crop_index, fc.status AS face_status, fc.error AS face_error
+FROM samples s LEFT JOIN faces fc USING (sample_id)
+"""
+_LOCK = threading.Lock()
+NO_EMBEDDING = "no_embedding"
+
+
+def selection_sql(where: str | None = None, query: str | None = None) -> str:
+    """SQL giving (sample_id, identity, crop_file, crop_index, face_status, face_error) of the labelled set."""
+    if query is not None:
+        if where is not None:
+            raise ValueError("give either --query or --where, not both")
+        return f"SELECT * FROM ({query}) AS t ORDER BY sample_id"
+    sql = f"SELECT * FROM ({SELECT_SQL}) AS t"
+    if where:
+        sql += f" WHERE sample_id IN (SELECT sample_id FROM labels WHERE {where})"
+    return sql + " ORDER BY sample_id"
+
+
+@lru_cache(maxsize=2)
+def _recognizer(spec: str, device: str, batch_size: int) -> Any:
+    from models.recognition import build_recognizer
+
+    return build_recognizer(spec, device=device, batch_size=batch_size)
+
+
+def embed_rows(ws: Workspace, items: list[dict[str, Any]], spec: str, *, device: str,
+               batch_size: int) -> list[dict[str, Any]]:
+    """Embed one shard of selected samples: one `embeddings` row per sample (null embedding + reason if none)."""
+    from data_manifest.crops import PackReader
+
+    rec = _recognizer(spec, device, batch_size)
+    reader = PackReader(ws)
+    rows: list[dict[str, Any]] = []
+    good, crops = [], []
+    for it in items:
+        base = {"sample_id": it["sample_id"], "model_id": rec.model_id, "identity": it.get("identity")}
+        if it.get("crop_file") is None or it.get("crop_index") is None:
+            reason = it.get("face_error") or f"no aligned crop (face status: {it.get('face_status') or 'not aligned'})"
+            rows.append({**base, "embedding": None, "status": "skipped", "error": reason})
+            continue
+        try:
+            crop = reader.read(it["crop_file"], int(it["crop_index"]))
+            crops.append(crop)
+            good.append(base)
+        except (OSError, ValueError, IndexError) as e:
+            rows.append({**base, "embedding": None, "status": "error", "error": f"cannot read crop: {e}"})
+    if good:
+        try:
+            with _LOCK:  # one model per process; concurrent shards take turns on it
+                emb = rec.embed(np.stack(crops))
+        except ValueError as e:
+            rows += [{**b, "embedding": None, "status": "error", "error": f"cannot embed: {e}"} for b in good]
+        else:
+            rows += [{**b, "embedding": emb[i].tolist(), "status": "ok", "error": None} for i, b in enumerate(good)]
+    return rows
+
+
+def _read_embeddings(path: Path) -> tuple[pa.Table, np.ndarray, np.ndarray]:
+    """(rows without the vectors, (n, D) float32 embeddings with NaN rows where missing, ok mask)."""
+    tbl = pq.read_table(path, columns=["sample_id", "identity", "embedding", "status", "error"])
+    col = tbl.column("embedding").combine_chunks()
+    ok = np.asarray(col.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+    dim = len(col[int(np.argmax(ok))].as_py()) if ok.any() else 0
+    emb = np.full((len(tbl), max(dim, 1)), np.nan, dtype=np.float32)
+    if ok.any():
+        flat = col.filter(pa.array(ok)).flatten().to_numpy(zero_copy_only=False)
+        emb[ok] = flat.astype(np.float32).reshape(int(ok.sum()), dim)
+    return tbl.drop_columns(["embedding"]), emb, ok
+
+
+def _identities(tbl: pa.Table) -> np.ndarray:
+    ids = tbl.column("identity").to_numpy(zero_copy_only=False)
+    return np.where(np.isnan(ids.astype(np.float64)), -1, ids).astype(np.int64)
+
+
+class _Labels:
+    """Identity -> dense row of the centers matrix (mean centers) or identity itself (head rows)."""
+
+    def __init__(self, identities: np.ndarray | None) -> None:
+        self.ids = identities  # sorted unique identities, or None when identity == head row
+
+    def dense(self, ident: np.ndarray) -> np.ndarray:
+        if self.ids is None:
+            return ident
+        if len(self.ids) == 0:
+            return np.full(len(ident), -1, dtype=np.int64)
+        pos = np.clip(np.searchsorted(self.ids, ident), 0, len(self.ids) - 1)
+        return np.where((ident >= 0) & (self.ids[pos] == ident), pos, -1)
+
+    def identity(self, dense: np.ndarray) -> np.ndarray:
+        if self.ids is None:
+            return dense
+        return np.where(dense >= 0, self.ids[np.clip(dense, 0, None)], -1)
+
+
+_STATS_SCHEMA = pa.schema([
+    ("sample_id", pa.string()), ("identity", pa.int64()), ("ccs", pa.float32()), ("nnccs", pa.float32()),
+    ("nearest_negative", pa.int64()), ("raw", pa.float64()), ("status", pa.string()), ("error", pa.string()),
+])
+
+
+def _stats_path(ws: Workspace, run_id: str, shard: str) -> Path:
+    return ws.runs_dir / run_id / "anchor_stats" / f"part-{shard}.parquet"
+
+
+def _anchors_impl(workspace: str | None, fr_model: str, head: str | None, mode: str, nnccs_floor: float,
+                  where: str | None, query: str | None, device: str, batch_size: int, shard_size: int,
+                  chunk_size: int, center_block: int, run_id: str | None, runner: str,
+                  workers: int | None, progress: bool | None) -> dict[str, Any]:
+    from prefect import task
+
+    ws = Workspace(workspace)
+    if mode not in A.MODES:
+        raise ValueError(f"unknown anchor mode {mode!r}; use one of {A.MODES}")
+    head_path = str(Path(head).resolve()) if head else None
+    if head_path and not Path(head_path).is_file():
+        raise FileNotFoundError(f"head checkpoint {head_path} does not exist")
+    rec = _recognizer(fr_model, device, batch_size)  # a bad model spec fails before any work starts
+    model_id = rec.model_id
+    sql = selection_sql(where, query)
+    try:
+        selected = catalog.query(ws, sql)
+    except Exception as e:
+        raise ValueError(f"selection query failed: {e}\nSQL: {sql}") from e
+    missing = {"sample_id", "identity", "crop_file", "crop_index"} - set(selected.column_names)
+    if missing:
+        raise ValueError(f"the selection query must return {sorted(missing)} too")
+    n = selected.num_rows
+    shards = [selected.slice(s, shard_size) for s in range(0, n, shard_size)]
+
+    @task(name="anchors-embed-shard")
+    def embed_shard(ws_root: str, rid: str, _pos: str, items: list[tuple[str, pa.Table]]) -> dict[str, int]:
+        w = Workspace(ws_root)
+        shard, tbl = items[0]
+        rows = embed_rows(w, tbl.to_pylist(), fr_model, device=device, batch_size=batch_size)
+        ShardWriter(w, "embeddings", rid).write(shard, rows)
+        counts = {"embedded": sum(r["status"] == "ok" for r in rows), "not_embedded": sum(r["status"] != "ok"
+                                                                                            for r in rows)}
+        runs.mark_shard_done(w, rid, f"embed-{shard}", counts)
+        return counts
+
+    params = {"fr_model": fr_model, "model_id": model_id, "head": head_path, "mode": mode,
+              "nnccs_floor": nnccs_floor, "query": sql, "shard_size": shard_size, "chunk_size": chunk_size,
+              "center_block": center_block}
+    first = (runs.run_info(ws, run_id) or {}).get("parameters", params) if run_id else params
+    for k in ("model_id", "head", "mode", "nnccs_floor", "shard_size", "query"):
+        if first.get(k) != params[k]:
+            raise ValueError(f"run {run_id} was started with {k}={first.get(k)!r}; resuming with "
+                             f"{params[k]!r} would mix results: start a new run instead")
+    with runtime.tracked_run(ws, "anchors", params, run_id) as state:
+        rid = state["run_id"]
+        # 1. embed (skipping committed shards)
+        # (run_shards names shards by position, so each item carries its real shard name)
+        pending = [[(runtime.shard_name(i), s)] for i, s in enumerate(shards)
+                   if not runs.shard_done(ws, rid, f"embed-{runtime.shard_name(i)}")]
+        if pending:
+            outcomes = runtime.run_shards(embed_shard, pending, ws=ws, run_id=rid, desc="anchors: embed",
+                                          progress=progress)
+            runtime.check_shard_failures(outcomes, rid)
+        emb_writer = ShardWriter(ws, "embeddings", rid)
+        emb_paths = [emb_writer.path(runtime.shard_name(i)) for i in range(len(shards))]
+
+        # 2. centers: streamed over the embedding shards, or a classifier head
+        if head_path is None:
+            ident = np.unique(_identities(selected.select(["identity"])))
+            labels = _Labels(ident[ident >= 0])
+            acc = A.CenterAccumulator(max(rec.embedding_dim, 1), len(labels.ids))
+            for p in emb_paths:
+                if p.exists():
+                    tbl, emb, ok = _read_embeddings(p)
+                    acc.update(emb[ok], labels.dense(_identities(tbl))[ok])
+            centers, counts, source = acc.centers(), acc.counts, A.CENTER_MEAN
+        else:
+            labels = _Labels(None)
+            centers, counts, source = A.centers_from_head(head_path, rec.embedding_dim), None, A.CENTER_HEAD
+        search = A.NearestNegativeSearch(centers, chunk_size=chunk_size, center_block=center_block, device=device)
+
+        # 3. search: ccs, nnccs, nearest negative and raw per shard, persisted for the normalisation pass
+        bar = runtime.Progress(len(shards), "anchors: search", progress)
+        rng = A.RangeAccumulator()
+        for i, p in enumerate(emb_paths):
+            shard = runtime.shard_name(i)
+            out = _stats_path(ws, rid, shard)
+            if not (runs.shard_done(ws, rid, f"search-{shard}") and out.exists()):
+                tbl, emb, ok = _read_embeddings(p) if p.exists() else (shards[i], None, None)
+                _search_shard(search, tbl, emb, ok, labels, counts, mode, nnccs_floor, out)
+                runs.mark_shard_done(ws, rid, f"search-{shard}")
+            st = pq.read_table(out, columns=["raw", "status"])
+            rng.update(st.column("raw").to_numpy(zero_copy_only=False),
+                       np.asarray(st.column("status").to_pylist()) == A.OK)
+            bar.update()
+        bar.close()
+        lo, hi = rng.range() if rng.count else (float("nan"), float("nan"))
+
+        # 4. normalise with the global min/max and write the anchors table
+        writer = ShardWriter(ws, "anchors", rid)
+        totals: dict[str, int] = {}
+        for i in range(len(shards)):
+            shard = runtime.shard_name(i)
+            st = pq.read_table(_stats_path(ws, rid, shard))
+            for s in st.column("status").to_pylist():
+                totals[s] = totals.get(s, 0) + 1
+            if runs.shard_done(ws, rid, f"anchors-{shard}"):
+                continue
+            writer.write(shard, _anchor_rows(st, lo, hi, model_id, source))
+            runs.mark_shard_done(ws, rid, f"anchors-{shard}", {"anchors": st.num_rows})
+        state["metrics"] = {"norm_min": lo, "norm_max": hi, "model_id": model_id, "center_source": source,
+                            "mode": mode, "nnccs_floor": nnccs_floor, "range_rows": rng.count,
+                            "status_counts": totals, "num_centers": int(len(centers))}
+        state["counts"] = {"selected": n, "shards": len(shards), **totals}
+        return {"run_id": rid, **state["counts"], "metrics": state["metrics"]}
+
+
+def _search_shard(search: A.NearestNegativeSearch, tbl: pa.Table, emb: np.ndarray | None, ok: np.ndarray | None,
+                  labels: _Labels, counts: np.ndarray | None, mode: str, nnccs_floor: float, out: Path) -> None:
+    """Nearest-negative search for one embeddings shard; writes the per-row stats file atomically."""
+    n = tbl.num_rows
+    ident = _identities(tbl)
+    errors = tbl.column("error").to_pylist() if "error" in tbl.column_names else [None] * n
+    if emb is None:
+        emb, ok = np.zeros((n, search.dim), np.float32), np.zeros(n, dtype=bool)
+    dense = labels.dense(ident)
+    beyond = dense >= search.num_centers  # head centers: an identity without a classifier row
+    with _LOCK:
+        stats = A.anchor_stats(search, np.where(ok[:, None], emb, 0.0), np.where(beyond, -1, dense),
+                               class_counts=counts, mode=mode, nnccs_floor=nnccs_floor)
+    status = stats.status.astype(object)
+    status[beyond & ok] = A.NO_CENTER
+    status[~ok] = NO_EMBEDDING
+    nn = labels.identity(stats.nearest_negative)
+    err = [errors[i] if not ok[i] else None for i in range(n)]
+    table = pa.table({
+        "sample_id": tbl.column("sample_id"), "identity": pa.array(ident, pa.int64()),
+        "ccs": pa.array(stats.ccs, pa.float32(), mask=~np.isfinite(stats.ccs)),
+        "nnccs": pa.array(stats.nnccs, pa.float32(), mask=~np.isfinite(stats.nnccs)),
+        "nearest_negative": pa.array(nn, pa.int64(), mask=nn < 0),
+        "raw": pa.array(stats.raw, pa.float64(), mask=~np.isfinite(stats.raw)),
+        "status": pa.array(status.astype(str)), "error": pa.array(err, pa.string()),
+    }, schema=_STATS_SCHEMA)
+    atomic_write(out, lambda tmp: pq.write_table(table, tmp))
+
+
+def _anchor_rows(st: pa.Table, lo: float, hi: float, model_id: str, source: str) -> list[dict[str, Any]]:
+    raw = np.array([np.nan if v is None else v for v in st.column("raw").to_pylist()], dtype=np.float64)
+    anchor = A.anchor_values(raw, np.asarray(st.column("status").to_pylist(), dtype=object), lo, hi)
+    rows = []
+    for i, r in enumerate(st.to_pylist()):
+        ident = r["identity"]
+        rows.append({
+            "sample_id": r["sample_id"], "model_id": model_id, "identity": None if ident < 0 else ident,
+            "ccs": r["ccs"], "nnccs": r["nnccs"], "nearest_negative": r["nearest_negative"], "raw": r["raw"],
+            "anchor": None if not np.isfinite(anchor[i]) else float(anchor[i]),
+            "norm_min": lo if np.isfinite(lo) else None, "norm_max": hi if np.isfinite(hi) else None,
+            "center_source": source, "status": r["status"], "error": r["error"],
+        })
+    return rows
+
+
+def anchors_flow(workspace: str | None = None, fr_model: str = DEFAULT_FR_MODEL, head: str | None = None,
+                 mode: str = "ratio", nnccs_floor: float = A.DEFAULT_NNCCS_FLOOR, where: str | None = None,
+                 query: str | None = None, device: str = "auto", batch_size: int = 64, shard_size: int = 8192,
+                 chunk_size: int = A.DEFAULT_CHUNK, center_block: int = A.DEFAULT_CENTER_BLOCK,
+                 run_id: str | None = None, runner: str = "threads", workers: int | None = 1,
+                 progress: bool | None = None) -> dict[str, Any]:
+    """Run the `anchors` Prefect flow; returns the run id, status counts and the recorded metrics."""
+    from prefect import flow
+
+    f = flow(name="anchors")(_anchors_impl).with_options(task_runner=runtime.make_task_runner(runner, workers))
+    return f(workspace, fr_model, head, mode, nnccs_floor, where, query, device, batch_size, shard_size,
+             chunk_size, center_block, run_id, runner, workers, progress)
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    runtime.add_common_args(p)
+    p.add_argument("--fr-model", default=DEFAULT_FR_MODEL,
+                   help="recogniser spec: dlib | insightface[:PACK_OR_ONNX] | onnx:PATH?size=112&bgr=0&mean=127.5"
+                        "&std=127.5 | iresnet50:PATH.pth | iresnet100:PATH.pth (default: insightface buffalo_l)")
+    p.add_argument("--head", default=None,
+                   help="classifier head checkpoint for classification-space centers (row k = identity k); "
+                        "default: normalised mean embedding per identity")
+    p.add_argument("--mode", choices=A.MODES, default="ratio",
+                   help="raw = ccs/nnccs (ratio, the paper) or ccs/(nnccs+1+eps) (shifted, CR-FIQA Eq. 3)")
+    p.add_argument("--nnccs-floor", type=float, default=A.DEFAULT_NNCCS_FLOOR,
+                   help="ratio mode: rows with nnccs at or below this are 'clamped' (see docs/anchors.md)")
+    p.add_argument("--where", default=None, help="SQL filter over the labels view, e.g. \"dataset = 'ms1mv2'\"")
+    p.add_argument("--query", default=None,
+                   help="SQL returning sample_id, identity, crop_file, crop_index (face_status, face_error optional)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (recogniser and search)")
+    p.add_argument("--batch-size", type=int, default=64, help="recogniser batch size")
+    p.add_argument("--shard-size", type=int, default=8192, help="samples per shard")
+    p.add_argument("--chunk-size", type=int, default=A.DEFAULT_CHUNK, help="samples per search tile")
+    p.add_argument("--center-block", type=int, default=A.DEFAULT_CENTER_BLOCK, help="centers per search tile")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    out = anchors_flow(workspace=args.workspace, fr_model=args.fr_model, head=args.head, mode=args.mode,
+                       nnccs_floor=args.nnccs_floor, where=args.where, query=args.query, device=args.device,
+                       batch_size=args.batch_size, shard_size=args.shard_size, chunk_size=args.chunk_size,
+                       center_block=args.center_block, run_id=args.run_id, runner=args.runner,
+                       workers=args.workers or 1)
+    print(json.dumps(out, indent=2, default=str))
+    return 0
+
+
+main = runtime.main_for(__name__)
+
+if __name__ == "__main__":
+    raise SystemExit(main())

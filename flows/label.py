@@ -1,0 +1,457 @@
+"""`fiqa label`: align faces and label factors (blur, pose, attributes) over `samples`, shard by shard, resumably.
+
+Stages are chosen by name (`--stages align,blur,pose[,attributes]`) from a
+registry, so new labellers plug in without touching the flow. The selection
+(all samples, or those matching a SQL WHERE on the catalog's `labels` view) is
+frozen into the run directory at the first attempt; a re-run with the same
+--run-id resumes from the committed shards and rewrites a failed shard's files
+under the same names, so nothing is ever duplicated. The align stage writes one
+`faces` row per sample and the crops into packed files; each factor stage
+writes one `factors` row per (sample, factor). Bad or faceless images become
+rows with a status and a reason. Per-stage timings go into the run's metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data_manifest import ShardWriter, Workspace, catalog, crops, runs
+from flows import runtime
+from pipeline.records import ERROR, OK, SKIPPED, FaceCrop
+
+ALIGN = "align"
+DEFAULT_STAGES = ("align", "blur", "pose")
+SELECTION_FILE = "selection.parquet"
+SELECT_SQL = (
+    "SELECT l.sample_id, l.source_kind, l.source, l.sample_status, l.sample_error, "
+    "f.status AS face_status, f.error AS face_error, f.crop_file, f.crop_index, f.landmarks, f.transform "
+    "FROM (SELECT * FROM labels{where}) AS l LEFT JOIN faces AS f USING (sample_id) ORDER BY l.sample_id"
+)
+SELECTION_SCHEMA = pa.schema([
+    ("sample_id", pa.string()), ("source_kind", pa.string()), ("source", pa.string()),
+    ("sample_status", pa.string()), ("sample_error", pa.string()), ("face_status", pa.string()),
+    ("face_error", pa.string()), ("crop_file", pa.string()), ("crop_index", pa.int32()),
+    ("landmarks", pa.list_(pa.float32())), ("transform", pa.list_(pa.float32())),
+])
+
+
+@dataclass(frozen=True)
+class LabelOptions:
+    """Labeller settings; recorded in the run's parameters."""
+
+    detector: str = "auto"  # auto (SCRFD when the pack is present, else MTCNN) | mtcnn | scrfd
+    pack: str = "buffalo_l"  # insightface model pack name or directory
+    align_mode: str = "detect"  # detect | already_aligned (MS1MV2-style 112x112 inputs)
+    min_face_size: float = 20.0  # MTCNN smallest face, pixels
+    pose_backend: str = "dlib"  # dlib (the authors' method) | insightface | landmarks5 | auto
+    pose_thresholds: tuple[float, float] = (10.0, 25.0)  # |yaw| degrees
+    blur_thresholds: tuple[float, float] = (0.35, 0.7)  # CPBD
+    attributes_checkpoint: str | None = None  # attribute CNN checkpoint (the attributes stage)
+    device: str = "cpu"
+    extra: dict[str, Any] = field(default_factory=dict)  # settings of stages registered by others
+
+    def to_params(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self), default=str))
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """A registered label stage: its factors, and a builder from LabelOptions."""
+
+    name: str
+    factors: tuple[str, ...]
+    build: Callable[[LabelOptions], Any]
+
+
+def _build_align(o: LabelOptions) -> Any:
+    from models.detectors import make_detector
+    from pipeline.align import AlignStage
+
+    kwargs = {"min_face_size": o.min_face_size} if o.detector in ("auto", "mtcnn") else {}
+    if o.detector == "auto":
+        from models.weights import find_pack
+
+        kwargs = {} if find_pack(o.pack) is not None else kwargs
+    return AlignStage(make_detector(o.detector, pack=o.pack, device=o.device, **kwargs), mode=o.align_mode)
+
+
+def _build_blur(o: LabelOptions) -> Any:
+    from pipeline.blur import BlurStage
+
+    return BlurStage(thresholds=o.blur_thresholds)
+
+
+def _build_pose(o: LabelOptions) -> Any:
+    from models.pose import make_pose_backend
+    from pipeline.pose import PoseStage
+
+    return PoseStage(make_pose_backend(o.pose_backend, pack=o.pack, device=o.device), thresholds=o.pose_thresholds)
+
+
+def _build_attributes(o: LabelOptions) -> Any:
+    if not o.attributes_checkpoint:
+        raise ValueError("the attributes stage needs --attributes-checkpoint PATH (a trained attribute CNN)")
+    from pipeline.attributes import AttributeStage
+
+    return AttributeStage(o.attributes_checkpoint, device=o.device)
+
+
+STAGES: dict[str, StageSpec] = {}
+
+
+def register_stage(name: str, factors: Sequence[str], build: Callable[[LabelOptions], Any]) -> None:
+    """Add (or replace) a label stage by name; factor stages map a list of FaceCrop to factors rows."""
+    STAGES[name] = StageSpec(name, tuple(factors), build)
+
+
+register_stage(ALIGN, (), _build_align)
+register_stage("blur", ("blur",), _build_blur)
+register_stage("pose", ("pose",), _build_pose)
+register_stage("attributes", ("occlusion", "expression", "lighting"), _build_attributes)
+
+
+def parse_stages(stages: str | Sequence[str]) -> list[str]:
+    """Validated, de-duplicated stage names in run order (align first)."""
+    names = [s.strip() for s in (stages.split(",") if isinstance(stages, str) else stages) if s.strip()]
+    if not names:
+        raise ValueError("no stages given; choose from " + ", ".join(STAGES))
+    unknown = [n for n in names if n not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; registered stages: {', '.join(STAGES)}")
+    ordered = list(dict.fromkeys(names))
+    return ([ALIGN] if ALIGN in ordered else []) + [n for n in ordered if n != ALIGN]
+
+
+_CACHE: dict[tuple[str, str], Any] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def get_stage(name: str, options: LabelOptions) -> Any:
+    """The built stage for these options, once per process (models load once, shared by thread workers)."""
+    key = (name, json.dumps(options.to_params(), sort_keys=True))
+    with _CACHE_LOCK:
+        if key not in _CACHE:
+            _CACHE[key] = STAGES[name].build(options)
+        return _CACHE[key]
+
+
+def selection_sql(where: str | None) -> str:
+    """The selection query; `where` is a SQL condition on the catalog's `labels` view columns."""
+    if where is not None and not where.strip():
+        raise ValueError("--where is empty")
+    return SELECT_SQL.format(where=f" WHERE {where}" if where else "")
+
+
+def freeze_selection(ws: Workspace, run_id: str, where: str | None, shard_size: int) -> Path:
+    """Write the selected rows to runs/<run_id>/selection.parquet, one row group per shard (once per run)."""
+    path = ws.runs_dir / run_id / SELECTION_FILE
+    if path.exists():
+        return path
+    sql = selection_sql(where)
+    con = catalog.connect(ws)
+    try:
+        statements = catalog.check_read_only(con, sql)
+        if len(statements) != 1:
+            raise ValueError(f"--where must be a single condition, got {len(statements)} statements")
+        try:
+            reader = con.sql(statements[0]).to_arrow_reader(batch_size=shard_size)
+        except Exception as e:  # duckdb raises its own error classes for bad SQL
+            raise ValueError(f"cannot select samples with WHERE {where!r}: {e}") from e
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        pending: list[pa.RecordBatch] = []
+        with pq.ParquetWriter(tmp, SELECTION_SCHEMA) as writer:
+            n_pending = 0
+            for batch in reader:
+                pending.append(batch.cast(SELECTION_SCHEMA) if batch.schema != SELECTION_SCHEMA else batch)
+                n_pending += batch.num_rows
+                while n_pending >= shard_size:
+                    tbl = pa.Table.from_batches(pending, SELECTION_SCHEMA)
+                    writer.write_table(tbl.slice(0, shard_size), row_group_size=shard_size)
+                    rest = tbl.slice(shard_size)
+                    pending, n_pending = rest.to_batches(), rest.num_rows
+            if n_pending:
+                writer.write_table(pa.Table.from_batches(pending, SELECTION_SCHEMA), row_group_size=shard_size)
+        tmp.replace(path)
+    finally:
+        con.close()
+    return path
+
+
+def _decode(row: dict[str, Any]) -> tuple[np.ndarray | None, str, str | None]:
+    from pipeline import images
+    from pipeline.readers import open_source
+
+    if row.get("sample_status") not in (None, OK):
+        return None, row["sample_status"], f"sample is {row['sample_status']}: {row.get('sample_error')}"
+    if row.get("source_kind") is None:
+        return None, ERROR, "sample has no samples row"
+    try:
+        data = open_source(row)
+    except (OSError, ValueError) as e:
+        return None, ERROR, f"cannot read source: {e}"
+    dec = images.decode(data)
+    if not dec.ok:
+        return None, dec.status, dec.error
+    return dec.rgb, OK, None
+
+
+def _align(ws: Workspace, run_id: str, shard: str, rows: list[dict[str, Any]], stage: Any,
+           timings: Counter) -> tuple[list[FaceCrop], list[dict[str, Any]]]:
+    from pipeline.align import face_row
+
+    faces: list[FaceCrop] = []
+    for row in rows:
+        t0 = time.perf_counter()
+        img, status, error = _decode(row)
+        t1 = time.perf_counter()
+        face = stage.align(row["sample_id"], img) if img is not None else FaceCrop(row["sample_id"], None,
+                                                                                      status=status, error=error)
+        timings["decode"] += t1 - t0
+        timings[ALIGN] += time.perf_counter() - t1
+        faces.append(face)
+    ok = [f for f in faces if f.status == OK and f.crop is not None]
+    rel = crops.write_pack(ws, run_id, shard, np.stack([f.crop for f in ok])) if ok else None
+    index = {id(f): i for i, f in enumerate(ok)}
+    face_rows = [face_row(f, detector=stage.detector_name, detector_version=stage.detector_version,
+                          crop_file=rel if id(f) in index else None, crop_index=index.get(id(f))) for f in faces]
+    return faces, face_rows
+
+
+def _stored_faces(ws: Workspace, rows: list[dict[str, Any]]) -> list[FaceCrop]:
+    """FaceCrops from an earlier align run's `faces` rows and crop packs (factor-only runs)."""
+    from data_manifest.crops import PackReader
+    from pipeline.align import transform_points
+
+    reader = PackReader(ws)
+    faces: list[FaceCrop] = []
+    for row in rows:
+        sid = row["sample_id"]
+        if row.get("face_status") is None:
+            faces.append(FaceCrop(sid, None, status=SKIPPED, error="not aligned yet: run the align stage first"))
+            continue
+        if row["face_status"] != OK or row.get("crop_file") is None:
+            faces.append(FaceCrop(sid, None, status=row["face_status"], error=row.get("face_error")))
+            continue
+        try:
+            crop = reader.read(row["crop_file"], int(row["crop_index"]))
+        except (OSError, ValueError, IndexError) as e:
+            faces.append(FaceCrop(sid, None, status=ERROR, error=f"cannot read crop: {e}"))
+            continue
+        lm = None
+        if row.get("landmarks") is not None and row.get("transform") is not None:
+            lm = transform_points(np.asarray(row["landmarks"], np.float64).reshape(5, 2),
+                                  np.asarray(row["transform"], np.float64).reshape(2, 3))
+        faces.append(FaceCrop(sid, crop, landmarks=lm))
+    return faces
+
+
+def label_rows(ws: Workspace, run_id: str, shard: str, rows: list[dict[str, Any]], stages: Sequence[str],
+               options: LabelOptions) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """Run the stages over one shard's selected rows: (faces rows, factors rows, counts with timings)."""
+    timings: Counter = Counter()
+    face_rows: list[dict[str, Any]] = []
+    if ALIGN in stages:
+        faces, face_rows = _align(ws, run_id, shard, rows, get_stage(ALIGN, options), timings)
+    else:
+        t0 = time.perf_counter()
+        faces = _stored_faces(ws, rows)
+        timings["read_crops"] += time.perf_counter() - t0
+    factor_rows: list[dict[str, Any]] = []
+    for name in stages:
+        if name == ALIGN:
+            continue
+        t0 = time.perf_counter()
+        factor_rows += get_stage(name, options)(faces)
+        timings[name] += time.perf_counter() - t0
+    counts: dict[str, Any] = {"samples": len(rows), "faces_rows": len(face_rows), "factors_rows": len(factor_rows)}
+    counts.update({f"faces_{k}": v for k, v in Counter(r["status"] for r in face_rows).items()})
+    counts.update({f"{k[0]}_{k[1]}": v for k, v in Counter((r["factor"], r["status"]) for r in factor_rows).items()})
+    counts.update({f"seconds_{k}": round(v, 6) for k, v in timings.items()})
+    return face_rows, factor_rows, counts
+
+
+def _label_shard_impl(ws_root: str, run_id: str, shard: str, items: list[int], *, selection: str,
+                      stages: list[str], options: LabelOptions) -> dict[str, Any]:
+    ws = Workspace(ws_root)
+    rows = pq.ParquetFile(selection).read_row_group(items[0]).to_pylist()
+    face_rows, factor_rows, counts = label_rows(ws, run_id, shard, rows, stages, options)
+    # Same file names on a re-run: a shard that failed half-way is overwritten, never duplicated.
+    if ALIGN in stages:
+        ShardWriter(ws, "faces", run_id).write(shard, face_rows)
+    if factor_rows:
+        ShardWriter(ws, "factors", run_id).write(shard, factor_rows)
+    runs.mark_shard_done(ws, run_id, shard, counts)
+    return counts
+
+
+def _task():
+    from prefect import task
+    from prefect.cache_policies import NO_CACHE
+
+    return task(name="label-shard", cache_policy=NO_CACHE)(_label_shard_impl)
+
+
+label_shard = _task()
+
+
+def run_label(stages: str | Sequence[str] = DEFAULT_STAGES, where: str | None = None, *,
+              options: LabelOptions | None = None, workspace: str | None = None, run_id: str | None = None,
+              shard_size: int = 1000, progress: bool | None = None, flow_name: str = "label") -> dict[str, Any]:
+    """The label run (called inside a flow): select, build stages, label every shard, record timings."""
+    options = options or LabelOptions()
+    names = parse_stages(stages)
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    ws = Workspace(workspace)
+    for name in names:  # a bad configuration fails before any work starts
+        get_stage(name, options)
+    params = {"stages": names, "where": where, "shard_size": shard_size, "options": options.to_params()}
+    t0 = time.perf_counter()
+    with runtime.tracked_run(ws, flow_name, params, run_id) as state:
+        rid = state["run_id"]
+        selection = freeze_selection(ws, rid, where, shard_size)
+        n_groups = pq.ParquetFile(selection).num_row_groups
+        outcomes = runtime.run_shards(label_shard, [[i] for i in range(n_groups)], ws=ws, run_id=rid,
+                                      desc=f"{flow_name} {','.join(names)}", progress=progress,
+                                      selection=str(selection), stages=names, options=options)
+        summary = runtime.summarize(outcomes)
+        totals = runs.shard_counts(ws, rid)
+        state["metrics"] = _metrics(totals, time.perf_counter() - t0, summary)
+        state["counts"] = totals
+        runtime.check_shard_failures(outcomes, rid)
+    return {"run_id": rid, "stages": names, "selected": pq.ParquetFile(selection).metadata.num_rows,
+            "shards": summary["shards"], "skipped_shards": summary["skipped_shards"], "counts": totals,
+            **state["metrics"]}
+
+
+def _metrics(totals: dict[str, Any], elapsed: float, summary: dict[str, Any]) -> dict[str, Any]:
+    n = totals.get("samples", 0)
+    seconds = {k.removeprefix("seconds_"): round(v, 3) for k, v in totals.items() if k.startswith("seconds_")}
+    return {"seconds": round(elapsed, 3), "stage_seconds": seconds,
+            "stage_images_per_s": {k: round(n / v, 1) for k, v in seconds.items() if v > 0},
+            "samples_this_attempt": summary.get("samples", 0),
+            "images_per_s": round(summary.get("samples", 0) / max(elapsed, 1e-9), 2)}
+
+
+def _flow():
+    from prefect import flow
+
+    @flow(name="label")
+    def label(stages: list[str] | str = list(DEFAULT_STAGES), where: str | None = None,  # noqa: B006
+              options: dict[str, Any] | None = None, workspace: str | None = None, run_id: str | None = None,
+              shard_size: int = 1000, progress: bool | None = None) -> dict[str, Any]:
+        """Align and label the selected samples (see the module docstring)."""
+        return run_label(stages, where, options=options_from(options), workspace=workspace, run_id=run_id,
+                         shard_size=shard_size, progress=progress)
+
+    return label
+
+
+def options_from(raw: dict[str, Any] | LabelOptions | None) -> LabelOptions:
+    """LabelOptions from a plain dict (flow parameters), validating names and thresholds."""
+    if isinstance(raw, LabelOptions):
+        return raw
+    raw = dict(raw or {})
+    known = set(LabelOptions.__dataclass_fields__)
+    unknown = set(raw) - known
+    if unknown:
+        raise ValueError(f"unknown label option(s) {sorted(unknown)}; known: {sorted(known)}")
+    for key in ("pose_thresholds", "blur_thresholds"):
+        if key in raw:
+            lo, hi = (float(v) for v in raw[key])
+            if not lo <= hi:
+                raise ValueError(f"{key} must be ordered (low <= high), got {raw[key]}")
+            raw[key] = (lo, hi)
+    if raw.get("align_mode", "detect") not in ("detect", "already_aligned"):
+        raise ValueError(f"align_mode must be 'detect' or 'already_aligned', got {raw['align_mode']!r}")
+    return LabelOptions(**raw)
+
+
+label = _flow()
+
+
+def _pair(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two numbers 'LOW,HIGH', got {text!r}") from None
+    if not lo <= hi:
+        raise argparse.ArgumentTypeError(f"thresholds must be ordered (LOW <= HIGH), got {text!r}")
+    return lo, hi
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stages", default=",".join(DEFAULT_STAGES),
+                   help=f"comma-separated stages to run (registered: {', '.join(STAGES)}; default: %(default)s)")
+    p.add_argument("--where", default=None,
+                   help="SQL condition on the catalog's `labels` view choosing the samples, e.g. \"dataset = 'lfw'\"")
+    p.add_argument("--detector", choices=("auto", "mtcnn", "scrfd"), default="auto",
+                   help="face detector (auto: SCRFD when the insightface pack is present, else MTCNN)")
+    p.add_argument("--pack", default="buffalo_l", help="insightface model pack name or directory")
+    p.add_argument("--aligned", action="store_true",
+                   help="inputs are already aligned 112x112 faces (MS1MV2-style): no detection for alignment")
+    p.add_argument("--min-face-size", type=float, default=20.0, help="MTCNN smallest face in pixels")
+    p.add_argument("--pose-backend", choices=("dlib", "insightface", "landmarks5", "auto"), default="dlib",
+                   help="yaw estimator (default: dlib 68 landmarks + solvePnP, as the authors)")
+    p.add_argument("--pose-thresholds", type=_pair, default=(10.0, 25.0), help="|yaw| degrees LOW,HIGH")
+    p.add_argument("--blur-thresholds", type=_pair, default=(0.35, 0.7), help="CPBD LOW,HIGH")
+    p.add_argument("--attributes-checkpoint", default=None, help="attribute CNN checkpoint for the attributes stage")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default: 1000)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    runtime.add_common_args(p)
+
+
+def options_from_args(args: argparse.Namespace) -> LabelOptions:
+    """LabelOptions from parsed CLI arguments."""
+    return LabelOptions(detector=args.detector, pack=args.pack, align_mode="already_aligned" if args.aligned else "detect",
+                        min_face_size=args.min_face_size, pose_backend=args.pose_backend,
+                        pose_thresholds=args.pose_thresholds, blur_thresholds=args.blur_thresholds,
+                        attributes_checkpoint=args.attributes_checkpoint, device=args.device)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    prog = "fiqa label"
+    try:
+        stages = parse_stages(args.stages)
+        options = options_from_args(args)
+        runner = runtime.with_runner(label, args)
+    except (ValueError, RuntimeError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        result = runner(stages=stages, where=args.where, options=options.to_params(), workspace=args.workspace,
+                        run_id=args.run_id, shard_size=args.shard_size, progress=False if args.no_progress else None)
+    except runtime.ShardFailures as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    counts = result["counts"]
+    statuses = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())
+                         if not k.startswith("seconds_") and k not in ("samples", "faces_rows", "factors_rows"))
+    print(f"run {result['run_id']}: {result['selected']} samples, stages {','.join(result['stages'])}; "
+          f"{counts.get('faces_rows', 0)} faces rows, {counts.get('factors_rows', 0)} factors rows ({statuses}); "
+          f"{result['skipped_shards']} of {result['shards']} shards already committed; "
+          f"{result['images_per_s']} images/s")
+    print(json.dumps({"stage_seconds": result["stage_seconds"], "stage_images_per_s": result["stage_images_per_s"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(runtime.main_for("flows.label")())

@@ -1,0 +1,181 @@
+"""`fiqa train`: train CLIB-FIQA on the catalog (stage 1, confidence calibration, stage 2).
+
+The training set is a DuckDB query over the catalog: aligned crops (faces)
+joined with the latest anchors and factor labels, with an optional SQL filter.
+The confidence rho of every training sample is written to the `scores` table
+(method "clib-fiqa-confidence"); checkpoints go to <workspace>/checkpoints/<run_id>/.
+On a GPU work pool the same flow runs on the worker; `torchrun` gives DDP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data_manifest import ShardWriter, Workspace, catalog
+from flows import runtime
+from pipeline.factors import FACTORS
+
+CONFIDENCE_METHOD = "clib-fiqa-confidence"
+CONFIDENCE_SHARD_ROWS = 100_000
+_FACTOR_COLS = ", ".join(
+    f"max(class_index) FILTER (WHERE factor = '{f}' AND status = 'ok') AS {f}_index" for f in FACTORS)
+
+TRAINING_SET_SQL = f"""
+WITH fx AS (SELECT sample_id, {_FACTOR_COLS} FROM factors GROUP BY sample_id)
+SELECT fc.sample_id, fc.crop_file, fc.crop_index, a.anchor, a.model_id AS anchor_model, a.run_id AS anchor_run,
+       {", ".join(f"fx.{f}_index" for f in FACTORS)}
+FROM faces fc
+JOIN anchors a USING (sample_id)
+LEFT JOIN fx USING (sample_id)
+WHERE fc.status = 'ok' AND fc.crop_file IS NOT NULL AND fc.crop_index IS NOT NULL
+  AND a.status = 'ok' AND a.anchor IS NOT NULL AND isfinite(a.anchor)
+"""
+REQUIRED_COLUMNS = ("sample_id", "crop_file", "crop_index", "anchor", *(f"{f}_index" for f in FACTORS))
+
+
+def training_set_sql(where: str | None = None, query: str | None = None) -> str:
+    """The SQL selecting the training set: the default join (optionally filtered) or a user query."""
+    if query is not None:
+        if where is not None:
+            raise ValueError("give either --query or --where, not both")
+        base = query
+    else:
+        base = TRAINING_SET_SQL
+    sql = f"SELECT * FROM ({base}) AS t"
+    if where:
+        sql += f" WHERE {where}"
+    return sql + " ORDER BY sample_id"
+
+
+def load_training_set(ws: Workspace, where: str | None = None, query: str | None = None) -> Any:
+    """Run the training-set query and build a TrainingData over the packed crops."""
+    from models.losses import IGNORE_INDEX
+    from models.train import PackedCrops, TrainingData
+
+    sql = training_set_sql(where, query)
+    try:
+        tbl = catalog.query(ws, sql)
+    except Exception as e:
+        raise ValueError(f"training-set query failed: {e}\nSQL: {sql}") from e
+    missing = [c for c in REQUIRED_COLUMNS if c not in tbl.column_names]
+    if missing:
+        raise ValueError(f"training-set query must return columns {list(REQUIRED_COLUMNS)}; missing {missing}")
+    if tbl.num_rows == 0:
+        raise ValueError("the training-set query selected no samples (need aligned crops with anchors)")
+    cols = tbl.to_pydict()
+    labels = np.stack([np.asarray([IGNORE_INDEX if v is None else int(v) for v in cols[f"{f}_index"]])
+                       for f in FACTORS], axis=1)
+    anchor_runs = sorted({r for r in cols.get("anchor_run", []) if r})
+    meta = {"query": sql, "anchor_runs": anchor_runs,
+            "anchor_models": sorted({m for m in cols.get("anchor_model", []) if m})}
+    images = PackedCrops(ws.root, cols["crop_file"], cols["crop_index"])
+    return TrainingData(list(cols["sample_id"]), np.asarray(cols["anchor"], dtype=np.float32), labels, images, meta)
+
+
+def confidence_writer(ws: Workspace, run_id: str, sample_ids: list[str], model_id: str):
+    """A callback writing rho per training sample to `scores` (method clib-fiqa-confidence)."""
+
+    def _write(rho: np.ndarray) -> None:
+        writer = ShardWriter(ws, "scores", run_id)
+        for i in range(0, len(sample_ids), CONFIDENCE_SHARD_ROWS):
+            rows = [{"sample_id": sid, "method": CONFIDENCE_METHOD, "model_id": model_id,
+                     "confidence": float(r), "status": "ok" if np.isfinite(r) else "error",
+                     "error": None if np.isfinite(r) else "no confidence computed"}
+                    for sid, r in zip(sample_ids[i:i + CONFIDENCE_SHARD_ROWS], rho[i:i + CONFIDENCE_SHARD_ROWS],
+                                      strict=True)]
+            writer.write(f"confidence-{i // CONFIDENCE_SHARD_ROWS:05d}", rows)
+
+    return _write
+
+
+def _train_impl(workspace: str | None, model_config: str, train_config: dict[str, Any], where: str | None,
+                query: str | None, run_id: str | None, resume: str | None) -> dict[str, Any]:
+    from models.clib import ClibConfig
+    from models.train import TrainConfig, train
+
+    mcfg = ClibConfig.from_json(model_config)
+    tcfg = TrainConfig.from_dict(train_config)
+    ws = Workspace(workspace)
+    params = {"model_config": mcfg.to_dict(), "train_config": asdict(tcfg), "where": where, "query": query,
+              "resume": resume}
+    with runtime.tracked_run(ws, "train", params, run_id) as state:
+        rid = state["run_id"]
+        ckpt_dir = ws.checkpoints / rid
+        data = load_training_set(ws, where, query)
+        resume_from = Path(resume) if resume else None
+        if resume_from is None and (ckpt_dir / "last.pt").exists():
+            resume_from = ckpt_dir / "last.pt"  # re-running a run id continues it
+        model_id = f"{rid}/last.pt"
+        result = train(mcfg, data, tcfg, ckpt_dir, resume=resume_from,
+                       on_confidence=confidence_writer(ws, rid, data.sample_ids, model_id))
+        final = result.history[-1] if result.history else {}
+        rho = result.rho[np.isfinite(result.rho)]
+        state["counts"] = {"samples": len(data.sample_ids)}
+        state["metrics"] = {"checkpoint": str(result.checkpoint), "final": final,
+                            "rho_mean": float(rho.mean()) if rho.size else None,
+                            "rho_min": float(rho.min()) if rho.size else None}
+        return {"run_id": rid, **state["metrics"], "samples": len(data.sample_ids)}
+
+
+def _flow():
+    from prefect import flow
+
+    @flow(name="train", log_prints=True)
+    def train_flow(workspace: str | None = None, model_config: str = "clib-rn50",
+                   train_config: dict[str, Any] | None = None, where: str | None = None, query: str | None = None,
+                   run_id: str | None = None, resume: str | None = None) -> dict[str, Any]:
+        """Train CLIB-FIQA on a catalog query; returns the run id, checkpoint and metrics."""
+        return _train_impl(workspace, model_config, train_config or {}, where, query, run_id, resume)
+
+    return train_flow
+
+
+def train_flow(**kwargs: Any) -> dict[str, Any]:
+    """Run the `train` Prefect flow (see _train_impl for the parameters)."""
+    return _flow()(**kwargs)
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    runtime.add_common_args(p, runner=False)
+    p.add_argument("--model-config", default="clib-rn50",
+                   help="bundled config name (clib-rn50, clib-tiny) or a JSON file (see models/configs)")
+    p.add_argument("--where", default=None, help="SQL filter on the training set, e.g. \"pose_index = 2\"")
+    p.add_argument("--query", default=None, help="a full SQL query returning " + ", ".join(REQUIRED_COLUMNS))
+    p.add_argument("--resume", default=None, help="continue from this checkpoint (same data and config)")
+    p.add_argument("--config-json", default=None, help="JSON object of TrainConfig overrides")
+    for name, typ in (("stage1-epochs", int), ("stage2-epochs", int), ("batch-size", int), ("lr", float),
+                      ("num-workers", int), ("seed", int), ("device", str)):
+        p.add_argument(f"--{name}", type=typ, default=None)
+    p.add_argument("--official", action="store_true",
+                   help="the official code's loss/confidence/schedule quirks (see docs/DIFFERENCES.md)")
+
+
+def train_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    cfg: dict[str, Any] = json.loads(args.config_json) if args.config_json else {}
+    for key in ("stage1_epochs", "stage2_epochs", "batch_size", "lr", "num_workers", "seed", "device"):
+        v = getattr(args, key)
+        if v is not None:
+            cfg[key] = v
+    if args.official:
+        cfg.update(official_losses=True, official_js=True, schedule="official", distance="squared")
+    return cfg
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    out = train_flow(workspace=args.workspace, model_config=args.model_config,
+                     train_config=train_config_from_args(args), where=args.where, query=args.query,
+                     run_id=args.run_id, resume=args.resume)
+    print(json.dumps(out, indent=2, default=str))
+    return 0
+
+
+main = runtime.main_for(__name__)
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,207 @@
+"""Face alignment: Umeyama similarity from 5 landmarks to the 112x112 ArcFace template, warp, one face per image.
+
+Landmark and box coordinates are pixel-index coordinates (the centre of pixel
+(i, j) is (x=j, y=i)), the convention of OpenCV's warpAffine and of the
+ArcFace template.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import cv2
+import numpy as np
+
+from pipeline.records import ERROR, NO_FACE, OK, FaceCrop
+
+CROP_SIZE = 112
+# ArcFace 112x112 template: left eye, right eye, nose tip, left mouth corner, right mouth corner (image left/right).
+ARCFACE_TEMPLATE = np.array(
+    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
+    dtype=np.float64,
+)
+DETECT, ALREADY_ALIGNED = "detect", "already_aligned"
+ALIGN_MODES = (DETECT, ALREADY_ALIGNED)
+
+
+def _check_points(points: Any, what: str) -> np.ndarray:
+    arr = np.asarray(points, dtype=np.float64)
+    if arr.shape != (5, 2):
+        raise ValueError(f"{what} must be 5 (x, y) points of shape (5, 2), got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{what} contain non-finite values: {arr.tolist()}")
+    return arr
+
+
+def umeyama(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Least-squares similarity (rotation, uniform scale, translation) mapping src to dst, as a 3x3 matrix.
+
+    Umeyama (1991), "Least-squares estimation of transformation parameters
+    between two point patterns", eq. 34-43; reflections are excluded.
+    """
+    src = np.asarray(src, dtype=np.float64)
+    dst = np.asarray(dst, dtype=np.float64)
+    n, dim = src.shape
+    mu_s, mu_d = src.mean(axis=0), dst.mean(axis=0)
+    s_c, d_c = src - mu_s, dst - mu_d
+    var_s = (s_c**2).sum() / n
+    if var_s <= 1e-12:
+        raise ValueError(f"degenerate landmarks (all points coincide): {src.tolist()}")
+    cov = d_c.T @ s_c / n
+    u, sig, vt = np.linalg.svd(cov)
+    d = np.ones(dim)
+    if np.linalg.det(cov) < 0:
+        d[-1] = -1.0
+    rot = u @ np.diag(d) @ vt
+    scale = float((sig * d).sum() / var_s)
+    out = np.eye(dim + 1)
+    out[:dim, :dim] = scale * rot
+    out[:dim, dim] = mu_d - scale * rot @ mu_s
+    return out
+
+
+def similarity_transform(landmarks5: Any, template: Any = ARCFACE_TEMPLATE) -> np.ndarray:
+    """The 2x3 similarity matrix mapping the 5 landmarks onto the template (Umeyama least squares, not RANSAC)."""
+    src = _check_points(landmarks5, "landmarks")
+    dst = _check_points(template, "template")
+    return umeyama(src, dst)[:2]
+
+
+def warp(image: np.ndarray, matrix: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
+    """Apply a 2x3 transform to an RGB uint8 image: a (size, size, 3) crop, black outside the source."""
+    return cv2.warpAffine(image, np.asarray(matrix, dtype=np.float64), (size, size), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
+
+
+def transform_points(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """Map (N, 2) points through a 2x3 affine matrix."""
+    pts = np.asarray(points, dtype=np.float64)
+    m = np.asarray(matrix, dtype=np.float64)
+    return pts @ m[:, :2].T + m[:, 2]
+
+
+def choose_face(detections: Sequence[Any]) -> int:
+    """Index of the face to keep: highest score x box area (ties: first)."""
+    if not detections:
+        raise ValueError("choose_face: no detections to choose from")
+    keys = []
+    for det in detections:
+        box = np.asarray(det[0], dtype=np.float64)
+        area = max(box[2] - box[0], 0.0) * max(box[3] - box[1], 0.0)
+        keys.append(float(det[1]) * area)
+    return int(np.argmax(keys))
+
+
+def _check_image(image: Any) -> np.ndarray:
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        desc = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+        raise ValueError(f"expected an RGB uint8 image (H, W, 3), got {desc}")
+    return image
+
+
+class AlignStage:
+    """Detect, choose one face, align to the ArcFace template; one FaceCrop per input image.
+
+    In `already_aligned` mode (MS1MV2-style 112x112 inputs) nothing is detected
+    for alignment: the image is the crop and the template is the alignment.
+    The detector still runs on the crop to MEASURE landmarks for the pose
+    stage; when it finds nothing, the crop's `landmarks` stay None.
+    """
+
+    name = "align"
+    version = "1"
+
+    def __init__(self, detector: Any, mode: str = DETECT, size: int = CROP_SIZE) -> None:
+        if mode not in ALIGN_MODES:
+            raise ValueError(f"unknown alignment mode {mode!r}; choose one of {ALIGN_MODES}")
+        self.detector = detector
+        self.mode = mode
+        self.size = size
+        self.template = ARCFACE_TEMPLATE * (size / CROP_SIZE)
+
+    @property
+    def detector_name(self) -> str:
+        return getattr(self.detector, "name", type(self.detector).__name__) if self.detector is not None else "none"
+
+    @property
+    def detector_version(self) -> str:
+        return str(getattr(self.detector, "version", "")) if self.detector is not None else ""
+
+    def _detected(self, sample_id: str, image: np.ndarray) -> FaceCrop:
+        dets = list(self.detector.detect(image))
+        extra: dict[str, Any] = {"n_faces": len(dets), "aligned_mode": DETECT}
+        if not dets:
+            h, w = image.shape[:2]
+            return FaceCrop(sample_id, None, status=NO_FACE, error=f"no face detected in {w}x{h} image", extra=extra)
+        box, score, lm = dets[choose_face(dets)]
+        matrix = similarity_transform(lm, self.template)
+        crop = warp(image, matrix, self.size)
+        extra.update(score=float(score), box=np.asarray(box, np.float64), source_landmarks=np.asarray(lm, np.float64),
+                     transform=matrix)
+        return FaceCrop(sample_id, crop, landmarks=transform_points(lm, matrix), extra=extra)
+
+    def _already_aligned(self, sample_id: str, image: np.ndarray) -> FaceCrop:
+        h, w = image.shape[:2]
+        extra: dict[str, Any] = {"aligned_mode": ALREADY_ALIGNED, "n_faces": None}
+        crop = image
+        if (h, w) != (self.size, self.size):
+            crop = cv2.resize(image, (self.size, self.size), interpolation=cv2.INTER_AREA)
+            extra["resized_from"] = [w, h]
+        # The alignment IS the template: source -> crop is the resize.
+        extra["transform"] = np.array([[self.size / w, 0.0, 0.0], [0.0, self.size / h, 0.0]])
+        measured = None
+        if self.detector is not None:
+            dets = list(self.detector.detect(crop))
+            extra["n_faces"] = len(dets)
+            if dets:
+                box, score, lm = dets[choose_face(dets)]
+                measured = np.asarray(lm, np.float64)
+                back = np.array([w / self.size, h / self.size])  # crop -> source pixels
+                extra.update(score=float(score), box=np.asarray(box, np.float64).reshape(2, 2) * back,
+                             source_landmarks=measured * back)
+        return FaceCrop(sample_id, np.ascontiguousarray(crop), landmarks=measured, extra=extra)
+
+    def align(self, sample_id: str, image: Any) -> FaceCrop:
+        """Align one decoded image; bad input gives an ERROR crop with the reason, never an exception."""
+        try:
+            img = _check_image(image)
+            if self.mode == ALREADY_ALIGNED:
+                return self._already_aligned(sample_id, img)
+            if self.detector is None:
+                raise ValueError("alignment mode 'detect' needs a detector")
+            return self._detected(sample_id, img)
+        except (ValueError, cv2.error, RuntimeError) as e:
+            return FaceCrop(sample_id, None, status=ERROR, error=f"alignment failed: {type(e).__name__}: {e}",
+                            extra={"aligned_mode": self.mode})
+
+    def __call__(self, batch: Sequence[tuple[str, Any]]) -> list[FaceCrop]:
+        return [self.align(sid, img) for sid, img in batch]
+
+
+def _flat(value: Any, n: int) -> list[float] | None:
+    if value is None:
+        return None
+    arr = np.asarray(value, dtype=np.float64).reshape(-1)
+    return arr.tolist() if arr.size == n else None
+
+
+def face_row(face: FaceCrop, *, detector: str, detector_version: str, crop_file: str | None = None,
+             crop_index: int | None = None) -> dict[str, Any]:
+    """The `faces` manifest row of one aligned (or failed) sample; the crop's status and reason pass through."""
+    ex = face.extra
+    return {
+        "sample_id": face.sample_id,
+        "detector": detector,
+        "detector_version": detector_version,
+        "n_faces": ex.get("n_faces"),
+        "score": ex.get("score"),
+        "box": _flat(ex.get("box"), 4),
+        "landmarks": _flat(ex.get("source_landmarks"), 10),
+        "transform": _flat(ex.get("transform"), 6),
+        "crop_file": crop_file,
+        "crop_index": crop_index,
+        "aligned_mode": ex.get("aligned_mode"),
+        "status": face.status,
+        "error": face.error,
+    }

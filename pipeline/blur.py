@@ -1,0 +1,565 @@
+"""CPBD sharpness (Narvekar & Karam, IEEE TIP 2011) and the blur label stage.
+
+`cpbd` reproduces the reference CPBD code (the MATLAB release and its Python
+port) step by step, vectorised with numpy/scipy:
+
+1. Canny edge map (scikit-image's detector with its defaults, as the Python
+   port uses it) selects edge blocks: a block is an edge block when more than
+   0.2 % of its pixels are Canny edges.
+2. A thinned vertical Sobel edge map (Octave-style automatic threshold, as the
+   port) gives the pixels whose edge width is measured.
+3. Marziliano edge widths along the row, for edges whose quantised gradient
+   angle is 0 or +-180 degrees, up to 101 pixels each side.
+4. Per edge block: just-noticeable-blur width 5 (contrast <= 50) or 3
+   (contrast > 50); P_blur = 1 - exp(-(w / w_JNB) ** 3.6).
+5. CPBD = fraction of edges with P_blur <= P_JNB = 0.63 (histogram bins 0..63).
+
+The reference keeps only whole 64x64 blocks from the top-left corner. On a
+112x112 aligned face that is one block (forehead and one eye), so the blur
+labeller measures widths on the whole crop but pools them over an explicit
+block grid centred on the face (`FACE_GRID`, see docs/blur.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from pipeline.factors import BLUR_THRESHOLDS, blur_class
+from pipeline.records import ERROR, OK, FaceCrop, factor_row
+
+# Reference constants (CPBD_compute.m).
+EDGE_BLOCK_FRACTION = 0.002  # a block is an edge block if its Canny edge count > fraction * block area
+BETA = 3.6  # psychometric slope of P_blur
+BLOCK_SIZE = 64  # reference block side in pixels
+JNB_LOW_CONTRAST_MAX = 50  # block contrast <= 50 -> JNB width 5, otherwise 3
+JNB_WIDTH_LOW_CONTRAST = 5.0
+JNB_WIDTH_HIGH_CONTRAST = 3.0
+P_JNB_BIN = 63  # CPBD sums the P_blur histogram bins 0..63 (P_blur <= 0.63)
+MAX_MARGIN = 100  # the width search stops after 101 steps on each side
+
+# scikit-image canny() defaults on a float64 image (the port passes 0..255 doubles).
+_CANNY_SIGMA = 1.0
+_CANNY_LOW = float(np.float32(0.1))  # the non-maximum suppression receives it as a C float
+_CANNY_HIGH = 0.2
+
+# Octave/port Sobel: skimage HSOBEL_WEIGHTS normalised by its L1 norm, transposed (vertical edges).
+_SOBEL_V = np.array([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]]) / 8.0
+
+# ITU-R BT.601 luma weights as MATLAB's rgb2gray applies them (CPBD_compute.m converts colour this way).
+_RGB2GRAY = np.array([0.298936021293775, 0.587043074451121, 0.114020904255103])
+
+VERSION = "1.0"
+
+
+@dataclass(frozen=True)
+class BlockGrid:
+    """A grid of `rows` x `cols` equal blocks whose top-left block starts at (`top`, `left`)."""
+
+    top: int
+    left: int
+    block_height: int
+    block_width: int
+    rows: int
+    cols: int
+
+    @classmethod
+    def reference(cls, shape: tuple[int, ...], size: int = BLOCK_SIZE) -> BlockGrid:
+        """The reference layout: whole `size` x `size` blocks from the top-left corner."""
+        return cls(0, 0, size, size, shape[0] // size, shape[1] // size)
+
+    @property
+    def n_blocks(self) -> int:
+        return self.rows * self.cols
+
+    def check(self, shape: tuple[int, ...]) -> None:
+        """Raise ValueError when the grid does not fit inside an image of `shape`."""
+        if min(self.top, self.left, self.rows, self.cols) < 0 or min(self.block_height, self.block_width) < 1:
+            raise ValueError(f"invalid block grid {self}")
+        bottom = self.top + self.rows * self.block_height
+        right = self.left + self.cols * self.block_width
+        if bottom > shape[0] or right > shape[1]:
+            raise ValueError(f"block grid {self} reaches ({bottom}, {right}), outside the image of shape {shape}")
+
+    def tiles(self, array: np.ndarray) -> np.ndarray:
+        """A view of the grid's pixels of a 2-D array shaped (rows, block_height, cols, block_width)."""
+        bh, bw = self.block_height, self.block_width
+        region = array[self.top : self.top + self.rows * bh, self.left : self.left + self.cols * bw]
+        return region.reshape(self.rows, bh, self.cols, bw)
+
+    def blocks(self, array: np.ndarray) -> np.ndarray:
+        """The grid's blocks of a 2-D array, shaped (n_blocks, block_height, block_width), row-major."""
+        return self.tiles(array).swapaxes(1, 2).reshape(self.n_blocks, self.block_height, self.block_width)
+
+    def counts(self, mask: np.ndarray) -> np.ndarray:
+        """Number of True pixels of a 2-D mask in each block, row-major."""
+        return np.add.reduce(np.add.reduce(self.tiles(mask), axis=3, dtype=np.intp), axis=1).ravel()
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+# The blur labeller's face layout on 112x112 ArcFace-aligned crops: a 96x96 region
+# (rows 16..111: brows to chin; cols 8..103: cheek to cheek) tiled by 2x2 blocks of
+# 48 px, so the eyes, nose and mouth each fall in a block and every edge counts once.
+FACE_CROP_SIZE = 112
+FACE_GRID = BlockGrid(top=16, left=8, block_height=48, block_width=48, rows=2, cols=2)
+
+
+@dataclass(frozen=True)
+class CpbdResult:
+    """CPBD with the block statistics behind it."""
+
+    value: float
+    n_blocks: int
+    n_edge_blocks: int
+    n_edges: int
+
+
+def as_gray(image: np.ndarray, name: str = "image") -> np.ndarray:
+    """Validate a 2-D grayscale image with values in 0..255 and return it as float64."""
+    arr = np.asarray(image)
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D grayscale array, got shape {arr.shape}")
+    if arr.size == 0:
+        raise ValueError(f"{name} is empty (shape {arr.shape})")
+    if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise ValueError(f"{name} must hold integer or float intensities, got dtype {arr.dtype}")
+    out = arr.astype(np.float64)
+    if arr.dtype == np.uint8:
+        return out
+    lo, hi = float(out.min()), float(out.max())  # NaN propagates into both
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    if lo < 0.0 or hi > 255.0:
+        raise ValueError(f"{name} values must lie in 0..255 (CPBD's contrast table), got {lo:g}..{hi:g}")
+    return out
+
+
+def rgb_to_gray(rgb: np.ndarray) -> np.ndarray:
+    """RGB (H, W, 3) in 0..255 -> uint8 gray with MATLAB rgb2gray's weights, rounded as it does on uint8."""
+    arr = np.asarray(rgb)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"expected an RGB array of shape (H, W, 3), got {arr.shape}")
+    if arr.size == 0:
+        raise ValueError(f"RGB image is empty (shape {arr.shape})")
+    rgb64 = as_gray(arr.reshape(arr.shape[0], -1), "RGB image").reshape(arr.shape)
+    return np.clip(np.rint(rgb64 @ _RGB2GRAY), 0.0, 255.0).astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=8)
+def _canny_bleed_over(shape: tuple[int, int]) -> np.ndarray:
+    """Gaussian of an all-ones mask (zero padding) + eps: skimage's border renormalisation."""
+    ones = np.ones(shape, dtype=np.float64)
+    out = ndi.gaussian_filter(ones, _CANNY_SIGMA, mode="constant", cval=0.0, truncate=4.0)
+    out += np.finfo(np.float64).eps
+    out.setflags(write=False)
+    return out
+
+
+def _canny_gradients(img: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """skimage canny's smoothing (border-renormalised Gaussian) and Sobel gradients + magnitude."""
+    smoothed = ndi.gaussian_filter(img, _CANNY_SIGMA, mode="constant", cval=0.0, truncate=4.0)
+    smoothed /= _canny_bleed_over(img.shape)
+    isobel, jsobel = _sobel_pair(smoothed)
+    magnitude = isobel * isobel
+    magnitude += jsobel * jsobel
+    np.sqrt(magnitude, out=magnitude)
+    return isobel, jsobel, magnitude
+
+
+def _pad_edge(x: np.ndarray) -> np.ndarray:
+    """Pad by one pixel repeating the border (scipy.ndimage 'reflect' mode for a 3-tap filter)."""
+    p = np.empty((x.shape[0] + 2, x.shape[1] + 2))
+    p[1:-1, 1:-1] = x
+    p[0, 1:-1] = x[0]
+    p[-1, 1:-1] = x[-1]
+    p[:, 0] = p[:, 1]
+    p[:, -1] = p[:, -2]
+    return p
+
+
+def _sobel_pair(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`ndi.sobel(x, axis=0)` and `ndi.sobel(x, axis=1)`, bit for bit (same operations in the same order)."""
+    p = _pad_edge(x)
+    d1 = p[:, 2:] - p[:, :-2]  # [-1, 0, 1] along axis 1 (scipy: 0 * x + (x[-1] - x[1]) * -1)
+    j = d1[:-2] + d1[2:]  # then [1, 2, 1] along axis 0 (scipy: 2 * x + (x[-1] + x[1]))
+    j += 2.0 * d1[1:-1]
+    d0 = p[2:] - p[:-2]
+    i = d0[:, :-2] + d0[:, 2:]
+    i += 2.0 * d0[:, 1:-1]
+    return i, j
+
+
+def _canny_candidates(
+    grads: tuple[np.ndarray, np.ndarray, np.ndarray], row_step: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """Non-maximum-suppressed pixels above the low threshold, and those also above the high one.
+
+    With `row_step` > 1 only every `row_step`-th interior row is evaluated (exactly;
+    the other rows stay False), which is enough to prove that busy blocks are edge blocks.
+    """
+    isobel, jsobel, magnitude = grads
+    keep = np.zeros(magnitude.shape, dtype=bool)
+    if magnitude.shape[0] >= 3 and magnitude.shape[1] >= 3:
+        keep[1:-1:row_step, 1:-1] = _nonmaximum_suppression(isobel, jsobel, magnitude, row_step)
+    strong = keep & (magnitude >= _CANNY_HIGH)
+    return keep, strong
+
+
+def _hysteresis(keep: np.ndarray, strong: np.ndarray) -> np.ndarray:
+    """Keep the 8-connected components of `keep` that contain a strong pixel."""
+    if not strong.any():
+        return strong
+    labels, count = ndi.label(keep, structure=np.ones((3, 3), dtype=bool))
+    good = np.zeros(count + 1, dtype=bool)
+    good[labels[strong]] = True
+    return good[labels]
+
+
+def canny_edges(gray: np.ndarray) -> np.ndarray:
+    """Canny edge map equal to `skimage.feature.canny(gray.astype(float64))` (sigma 1, thresholds 0.1/0.2)."""
+    return _hysteresis(*_canny_candidates(_canny_gradients(as_gray(gray))))
+
+
+def _nonmaximum_suppression(isobel: np.ndarray, jsobel: np.ndarray, mag: np.ndarray, row_step: int = 1) -> np.ndarray:
+    """skimage's bilinear non-maximum suppression + low threshold on interior pixels, vectorised.
+
+    Each pixel compares its magnitude with two values interpolated (weight
+    w = min(|gi|, |gj|) / max(|gi|, |gj|)) between an axis neighbour and a
+    diagonal neighbour on either side along the gradient; the axis neighbours
+    are vertical when |isobel| dominates. Same arithmetic as the Cython kernel.
+    """
+    rows, cols = mag.shape
+
+    def sh(dx: int, dy: int) -> np.ndarray:
+        return mag[1 + dx : rows - 1 + dx : row_step, 1 + dy : cols - 1 + dy]
+
+    m = sh(0, 0)
+    gi = isobel[1 : rows - 1 : row_step, 1:-1]
+    gj = jsobel[1 : rows - 1 : row_step, 1:-1]
+    ai = np.abs(gi)
+    aj = np.abs(gj)
+    same = (gi > 0) == (gj > 0)  # both gradients positive, or both <= 0
+    vertical = np.where(same, ai > aj, ai >= aj)  # ties interpolate vertically only for opposite signs
+    with np.errstate(divide="ignore", invalid="ignore"):
+        w = np.minimum(ai, aj) / np.maximum(ai, aj)
+    omw = 1.0 - w
+
+    def below(diag: np.ndarray, axis: np.ndarray) -> np.ndarray:
+        diag = diag * w
+        diag += axis * omw
+        return diag <= m
+
+    # Diagonals follow the gradient sign: (+1,+1)/(-1,-1) for equal signs, (+1,-1)/(-1,+1) otherwise.
+    low_diag = np.where(same, sh(1, 1), sh(1, -1))
+    high_diag = np.where(same, sh(-1, -1), sh(-1, 1))
+    right_diag = np.where(same, sh(1, 1), sh(-1, 1))
+    left_diag = np.where(same, sh(-1, -1), sh(1, -1))
+    along_rows = below(low_diag, sh(1, 0)) & below(high_diag, sh(-1, 0))
+    along_cols = below(right_diag, sh(0, 1)) & below(left_diag, sh(0, -1))
+    keep = np.where(vertical, along_rows, along_cols)
+    keep &= m >= _CANNY_LOW
+    return keep
+
+
+def _vertical_sobel(img: np.ndarray, integral: bool | None = None) -> np.ndarray:
+    """`ndi.convolve(img, _SOBEL_V)` (reflect border); on integer images by exact slicing arithmetic."""
+    if not (_is_integral(img) if integral is None else integral):
+        return ndi.convolve(img, _SOBEL_V)
+    # Every term is a multiple of 1/8 below 2**10, so any summation order gives the same doubles.
+    p = _pad_edge(img)
+    diff = p[:, 2:] - p[:, :-2]
+    out = diff[:-2] + diff[2:]
+    out += 2.0 * diff[1:-1]
+    out *= 0.125
+    return out
+
+
+def _is_integral(img: np.ndarray) -> bool:
+    return bool(np.array_equal(img, np.rint(img)))
+
+
+def _sobel_edges(img: np.ndarray) -> np.ndarray:
+    strength2 = np.square(_vertical_sobel(img))
+    thresh2 = 2.0 * np.sqrt(np.mean(strength2))
+    padded = np.zeros((img.shape[0] + 2, img.shape[1] + 2))
+    padded[1:-1, 1:-1] = strength2
+    return _thin(padded, thresh2)
+
+
+def _thin(padded: np.ndarray, thresh2: float) -> np.ndarray:
+    """Octave's simple thinning of the thresholded strength, for the centre of `padded` (padding not output).
+
+    A pixel above the threshold beats a neighbour at or below it anyway, so the
+    neighbours need no thresholding: edge = above & (local max across | local max along).
+    """
+    centre = padded[1:-1, 1:-1]
+    across = centre > padded[1:-1, :-2]
+    across &= centre > padded[1:-1, 2:]
+    along = centre > padded[:-2, 1:-1]
+    along &= centre > padded[2:, 1:-1]
+    across |= along
+    across &= centre > thresh2
+    return across
+
+
+def sobel_edges(gray: np.ndarray) -> np.ndarray:
+    """Thinned vertical Sobel edge map with the Octave automatic threshold (the port's `octave.sobel`)."""
+    return _sobel_edges(as_gray(gray))
+
+
+def _step_runs(img: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Runs of equal-sign horizontal steps, on the flattened image.
+
+    `sign[k]` is the sign of I.flat[k + 1] - I.flat[k] (NaN where k is a row's
+    last column, so no run crosses rows); `run[k]` numbers the run of equal
+    signs holding k and `bounds[run]` is its first index (`bounds[run + 1] - 1`
+    its last).
+    """
+    flat = img.ravel()
+    sign = np.sign(flat[1:] - flat[:-1])
+    sign[img.shape[1] - 1 :: img.shape[1]] = np.nan
+    starts = np.empty(sign.size, dtype=bool)
+    starts[0] = True
+    np.not_equal(sign[1:], sign[:-1], out=starts[1:])  # NaN != NaN: row ends are runs of their own
+    run = np.cumsum(starts, dtype=np.int32) - 1
+    bounds = np.append(np.flatnonzero(starts), sign.size)
+    return sign, run, bounds
+
+
+def _widths_at(img: np.ndarray, r: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Marziliano widths at interior pixels (r, c); 0 where the quantised angle is neither 0 nor +-180."""
+    cols = img.shape[1]
+    flat = img.ravel()
+    p = r * cols + c
+    grad_x = (flat[p + 1] - flat[p - 1]) / 2.0  # np.gradient's central difference
+    grad_y = (flat[p + cols] - flat[p - cols]) / 2.0
+    with np.errstate(invalid="ignore"):
+        angle = np.where(
+            grad_x != 0,
+            np.arctan2(grad_y, grad_x) * (180.0 / np.pi),
+            np.where(grad_y == np.pi / 2, 90.0, 0.0),
+        )
+    q = np.abs(angle / 45.0)
+    rising = q < 0.5  # MATLAB round(angle / 45) == 0 (half away from zero)
+    falling = q >= 3.5  # round(angle / 45) == +-4
+    sign, run, bounds = _step_runs(img)
+    want = np.where(rising, 1.0, -1.0)
+    # Left: consecutive steps at columns c-2, c-3, ... with the wanted sign; right: c+1, c+2, ...
+    # For c = 1 the step left of c - 1 is the previous row's NaN, for c = W-2 the right one is NaN.
+    lk = p - 2
+    left = np.where(sign[lk] == want, lk - bounds[run[lk]] + 1, 0)
+    rk = p + 1
+    right = np.where(sign[rk] == want, bounds[run[rk] + 1] - rk, 0)
+    widths = np.minimum(left, MAX_MARGIN) + np.minimum(right, MAX_MARGIN) + 2.0
+    return np.where(rising | falling, widths, 0.0)
+
+
+def marziliano_widths(gray: np.ndarray, sobel_edges: np.ndarray) -> np.ndarray:
+    """Marziliano edge widths at the Sobel edges (0 elsewhere), as the reference `marziliano_method`.
+
+    For an edge at column c with quantised gradient angle 0 (or +-180), the
+    width is 2 plus the number of consecutive rising (falling) intensity steps
+    left of c - 1 and right of c + 1, each side capped at 100. Angles are
+    rounded half away from zero like MATLAB's `round`.
+    """
+    img = as_gray(gray)
+    edges = np.asarray(sobel_edges)
+    if edges.shape != img.shape:
+        raise ValueError(f"Sobel edge map shape {edges.shape} differs from the image shape {img.shape}")
+    widths = np.zeros(img.shape, dtype=np.float64)
+    if img.shape[0] < 3 or img.shape[1] < 3:
+        return widths
+    r, c = np.nonzero(edges[1:-1, 1:-1])
+    r += 1
+    c += 1
+    widths[r, c] = _widths_at(img, r, c)
+    return widths
+
+
+def _block_jnb(img: np.ndarray, grid: BlockGrid, which: np.ndarray) -> np.ndarray:
+    """JNB width per selected block: 5 when its integer contrast (max - min) is <= 50, else 3."""
+    tiles = grid.tiles(img)
+    contrast = np.floor(tiles.max(axis=3).max(axis=1) - tiles.min(axis=3).min(axis=1)).ravel()[which]
+    return np.where(contrast <= JNB_LOW_CONTRAST_MAX, JNB_WIDTH_LOW_CONTRAST, JNB_WIDTH_HIGH_CONTRAST)
+
+
+def _pool(widths: np.ndarray, jnb: np.ndarray) -> float:
+    """CPBD from edge widths and their blocks' JNB widths: share of edges with P_blur <= P_JNB."""
+    p_blur = 1.0 - np.exp(-(np.abs(widths / jnb) ** BETA))
+    hist = np.bincount(np.rint(p_blur * 100.0).astype(np.intp), minlength=101).astype(np.float64)
+    hist /= widths.size
+    return float(np.sum(hist[: P_JNB_BIN + 1]))
+
+
+def _check_grid(shape: tuple[int, ...], grid: BlockGrid | None) -> BlockGrid:
+    grid = BlockGrid.reference(shape) if grid is None else grid
+    grid.check(shape)
+    return grid
+
+
+def cpbd_details(gray: np.ndarray, canny: np.ndarray, widths: np.ndarray, grid: BlockGrid | None = None) -> CpbdResult:
+    """CPBD and block statistics from a Canny map and an edge-width map over a block grid.
+
+    `grid=None` is the reference layout (whole 64x64 blocks from the top-left).
+    An image without edge blocks (or without measured edges in them) gets
+    CPBD 0, as the reference code returns.
+    """
+    img = as_gray(gray)
+    canny_map = np.asarray(canny)
+    width_map = np.asarray(widths, dtype=np.float64)
+    for what, arr in (("Canny edge map", canny_map), ("edge-width map", width_map)):
+        if arr.shape != img.shape:
+            raise ValueError(f"{what} shape {arr.shape} differs from the image shape {img.shape}")
+    grid = _check_grid(img.shape, grid)
+    if grid.n_blocks == 0:
+        return CpbdResult(0.0, 0, 0, 0)
+    area = grid.block_height * grid.block_width
+    is_edge_block = np.count_nonzero(grid.blocks(canny_map), axis=(1, 2)) > area * EDGE_BLOCK_FRACTION
+    n_edge_blocks = int(is_edge_block.sum())
+    if n_edge_blocks == 0:
+        return CpbdResult(0.0, grid.n_blocks, 0, 0)
+    jnb = _block_jnb(img, grid, is_edge_block)
+    block_widths = grid.blocks(width_map)[is_edge_block]
+    present = block_widths != 0
+    w = block_widths[present]
+    if w.size == 0:
+        return CpbdResult(0.0, grid.n_blocks, n_edge_blocks, 0)
+    w_jnb = np.broadcast_to(jnb[:, None, None], block_widths.shape)[present]
+    return CpbdResult(_pool(w, w_jnb), grid.n_blocks, n_edge_blocks, int(w.size))
+
+
+def cpbd_from_maps(gray: np.ndarray, canny: np.ndarray, widths: np.ndarray, grid: BlockGrid | None = None) -> float:
+    """CPBD from precomputed Canny and edge-width maps (e.g. the MATLAB reference matrices)."""
+    return cpbd_details(gray, canny, widths, grid).value
+
+
+def measure(gray: np.ndarray, grid: BlockGrid | None = None) -> CpbdResult:
+    """Whole CPBD pipeline on a grayscale image over `grid` (None: the reference layout).
+
+    Equal to `cpbd_details(gray, canny_edges(gray), marziliano_widths(gray,
+    sobel_edges(gray)), grid)`, but it traces Canny hysteresis only when a
+    block's decision depends on it and measures widths only inside edge blocks.
+    """
+    img = as_gray(gray)
+    integral = True if np.asarray(gray).dtype.kind in "ui" else None
+    grid = _check_grid(img.shape, grid)
+    if grid.n_blocks == 0:
+        return CpbdResult(0.0, 0, 0, 0)
+    limit = grid.block_height * grid.block_width * EDGE_BLOCK_FRACTION
+    grads = _canny_gradients(img)
+    # Pixels found on every 8th row are true Canny edges (strong ones survive hysteresis):
+    # when every block already has more than `limit` of them, the full map is not needed.
+    counts = grid.counts(_canny_candidates(grads, row_step=8)[1])
+    if not (counts > limit).all():
+        keep, strong = _canny_candidates(grads)
+        counts = grid.counts(strong)
+        # Hysteresis only adds weak pixels to strong ones: blocks already above the limit, or
+        # whose candidates cannot reach it, are decided without tracing.
+        if ((counts <= limit) & (grid.counts(keep) > limit)).any():
+            counts = grid.counts(_hysteresis(keep, strong))
+    is_edge_block = counts > limit
+    n_edge_blocks = int(is_edge_block.sum())
+    rows, cols = img.shape
+    if n_edge_blocks == 0 or rows < 3 or cols < 3:
+        return CpbdResult(0.0, grid.n_blocks, n_edge_blocks, 0)
+
+    # Sobel edges (interior only: widths are never measured on the border) inside edge blocks.
+    strength2 = np.square(_vertical_sobel(img, integral))
+    bh, bw = grid.block_height, grid.block_width
+    edges = np.zeros((rows, cols), dtype=bool)
+    grid.tiles(edges)[...] = is_edge_block.reshape(grid.rows, 1, grid.cols, 1)
+    edges[1:-1, 1:-1] &= _thin(strength2, 2.0 * np.sqrt(np.mean(strength2)))
+    edges[[0, -1], :] = False
+    edges[:, [0, -1]] = False
+    flat_index = np.flatnonzero(edges)
+    r, c = np.divmod(flat_index, cols)
+    widths = _widths_at(img, r, c)
+    present = widths != 0
+    if not present.any():
+        return CpbdResult(0.0, grid.n_blocks, n_edge_blocks, 0)
+    block_index = ((r - grid.top) // bh) * grid.cols + (c - grid.left) // bw
+    jnb_by_block = np.zeros(grid.n_blocks)
+    jnb_by_block[is_edge_block] = _block_jnb(img, grid, is_edge_block)
+    w = widths[present]
+    return CpbdResult(_pool(w, jnb_by_block[block_index[present]]), grid.n_blocks, n_edge_blocks, int(w.size))
+
+
+def cpbd(gray: np.ndarray) -> float:
+    """CPBD of a 2-D grayscale image (uint8, or float in 0..255), as the reference code computes it."""
+    return measure(gray).value
+
+
+def face_measure(crop_rgb: np.ndarray, grid: BlockGrid = FACE_GRID) -> CpbdResult:
+    """CPBD of an aligned RGB face crop pooled over the face block grid."""
+    arr = np.asarray(crop_rgb)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"face crop must be RGB of shape (H, W, 3), got {arr.shape}")
+    gray = rgb_to_gray(arr)
+    return measure(gray, grid)
+
+
+def face_cpbd(crop_rgb_112: np.ndarray, grid: BlockGrid = FACE_GRID) -> float:
+    """CPBD of a 112x112 aligned RGB face over the face-centred block grid (`FACE_GRID`)."""
+    return face_measure(crop_rgb_112, grid).value
+
+
+class BlurStage:
+    """Blur label stage: CPBD of each aligned crop -> one `blur` factors row (hazy / blurry / clear)."""
+
+    name = "blur"
+    labeller = "cpbd"
+
+    def __init__(self, thresholds: tuple[float, float] = BLUR_THRESHOLDS, grid: BlockGrid = FACE_GRID) -> None:
+        lo, hi = (float(t) for t in thresholds)
+        if not lo <= hi:
+            raise ValueError(f"blur thresholds must be ordered (low <= high), got {thresholds}")
+        self.thresholds = (lo, hi)
+        self.grid = grid
+        g = grid
+        self.version = f"{VERSION};grid={g.top},{g.left},{g.block_height}x{g.block_width},{g.rows}x{g.cols}"
+
+    def _row(self, sample_id: str, **kw: Any) -> dict[str, Any]:
+        return factor_row(
+            sample_id,
+            "blur",
+            labeller=self.labeller,
+            labeller_version=self.version,
+            thresholds={"hazy_below": self.thresholds[0], "clear_above": self.thresholds[1]},
+            **kw,
+        )
+
+    def label(self, face: FaceCrop) -> dict[str, Any]:
+        """One factors row for one crop; failures become rows with a status and a reason."""
+        if face.status != OK:
+            return self._row(face.sample_id, status=face.status, error=face.error or f"no crop (status {face.status})")
+        if face.crop is None:
+            return self._row(face.sample_id, status=ERROR, error="crop is missing although status is ok")
+        try:
+            self.grid.check(np.shape(face.crop)[:2])
+            result = face_measure(face.crop, self.grid)
+        except ValueError as e:
+            return self._row(face.sample_id, status=ERROR, error=f"CPBD failed: {e}")
+        details = {
+            "grid": self.grid.to_dict(),
+            "n_blocks": result.n_blocks,
+            "n_edge_blocks": result.n_edge_blocks,
+            "n_edges": result.n_edges,
+        }
+        if result.n_edge_blocks == 0:
+            details["no_edge_blocks"] = True
+        return self._row(
+            face.sample_id,
+            value=result.value,
+            decision=blur_class(result.value, self.thresholds),
+            details=details,
+        )
+
+    def __call__(self, batch: list[FaceCrop]) -> list[dict[str, Any]]:
+        return [self.label(face) for face in batch]

@@ -1,0 +1,214 @@
+"""Decode and validate encoded image bytes: a status and a reason for every input, RGB uint8 when usable.
+
+The declared size is read from the file header BEFORE any pixel is decoded, so a
+file claiming 100000x100000 pixels is refused without allocating anything.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Sample statuses (the `status` column of `samples`); everything but OK is unusable.
+OK = "ok"
+EMPTY = "empty"  # zero bytes
+NOT_IMAGE = "not_image"  # no known image signature
+TRUNCATED = "truncated"  # the encoded stream ends early
+CORRUPT = "corrupt"  # the decoder rejected the stream
+TOO_LARGE = "too_large"  # declared pixel count or byte size above the limit
+UNREADABLE = "unreadable"  # the source could not be read (permissions, not a regular file)
+MISSING = "missing"  # the source does not exist (e.g. a broken symlink)
+BAD_ENTRY = "bad_entry"  # the dataset's own index/list entry is malformed
+STATUSES: tuple[str, ...] = (OK, EMPTY, NOT_IMAGE, TRUNCATED, CORRUPT, TOO_LARGE, UNREADABLE, MISSING, BAD_ENTRY)
+
+MAX_PIXELS = 50_000_000  # about 7000x7000; face datasets are far below this
+MAX_BYTES = 256 * 1024 * 1024  # larger encoded files are refused without being read
+
+_PNG_SIG = b"\x89PNG\r\n\x1a\n"
+# JPEG start-of-frame markers (SOF0-SOF15 minus DHT, JPG and DAC) carry the frame size.
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderInfo:
+    """What a file header declares, read without decoding: format, size and bit depth when known."""
+
+    format: str | None
+    width: int | None
+    height: int | None
+    bit_depth: int | None = None
+
+
+@dataclass(slots=True)
+class DecodedImage:
+    """The outcome of decoding one encoded image.
+
+    `rgb` is an (H, W, 3) uint8 array when status is OK and pixels were requested.
+    `error` holds the reason for a failure, or a conversion note for an OK image
+    that was not plain 8-bit RGB (grayscale, 16-bit, CMYK, alpha, palette, EXIF rotation).
+    """
+
+    status: str
+    error: str | None
+    format: str | None = None
+    width: int | None = None
+    height: int | None = None
+    channels: int | None = None
+    mode: str | None = None
+    rgb: np.ndarray | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == OK
+
+
+def read_header(data: bytes) -> HeaderInfo:
+    """Declared format and size from the first bytes of PNG, JPEG, GIF and BMP files (others: unknown)."""
+    if data.startswith(_PNG_SIG) and len(data) >= 25 and data[12:16] == b"IHDR":
+        w, h, depth = struct.unpack(">IIB", data[16:25])
+        return HeaderInfo("PNG", w, h, depth)
+    if data.startswith(b"\xff\xd8"):
+        return _jpeg_header(data)
+    if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:
+        w, h = struct.unpack("<HH", data[6:10])
+        return HeaderInfo("GIF", w, h, 8)
+    if data.startswith(b"BM") and len(data) >= 30:
+        w, h, _, bpp = struct.unpack("<iiHH", data[18:30])
+        return HeaderInfo("BMP", abs(w), abs(h), bpp)
+    return HeaderInfo(None, None, None)
+
+
+def _jpeg_header(data: bytes) -> HeaderInfo:
+    """Walk JPEG marker segments up to the first start-of-frame and read its size."""
+    pos, n = 2, len(data)
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            break
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD8)):  # stand-alone markers
+            pos += 2
+            continue
+        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
+        if marker in _SOF_MARKERS and pos + 9 <= n:
+            depth, h, w = struct.unpack(">BHH", data[pos + 4 : pos + 9])
+            return HeaderInfo("JPEG", w, h, depth)
+        pos += 2 + length
+    return HeaderInfo("JPEG", None, None)
+
+
+def decode(data: bytes, *, max_pixels: int = MAX_PIXELS, pixels: bool = True) -> DecodedImage:
+    """Decode encoded image bytes to RGB uint8, or say why they are unusable.
+
+    The whole stream is always decoded (that is what proves a JPEG is not truncated);
+    `pixels=False` skips the RGB conversion and returns `rgb=None`, for validation only.
+    """
+    if len(data) == 0:
+        return DecodedImage(EMPTY, "zero-byte file")
+    head = read_header(data)
+    if head.width is not None and head.height is not None:
+        if head.width == 0 or head.height == 0:
+            return DecodedImage(CORRUPT, f"{head.format} header declares {head.width}x{head.height} pixels",
+                                head.format, head.width, head.height)
+        if head.width * head.height > max_pixels:
+            return _too_large(head.format, head.width, head.height, max_pixels)
+    try:
+        im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        return DecodedImage(TOO_LARGE, f"decoder refused the declared size: {e}", head.format)
+    except UnidentifiedImageError:
+        return DecodedImage(NOT_IMAGE, f"not a recognised image format (first bytes {data[:8]!r})")
+    except (OSError, SyntaxError, ValueError, struct.error, EOFError) as e:
+        return _failure(e, head.format, head.width, head.height)
+    fmt = im.format or head.format
+    w, h = im.size
+    if w * h > max_pixels:
+        return _too_large(fmt, w, h, max_pixels)
+    try:
+        im.load()
+    except (OSError, SyntaxError, ValueError, struct.error, EOFError, MemoryError) as e:
+        return _failure(e, fmt, w, h)
+    notes = []
+    frames = getattr(im, "n_frames", 1)
+    if frames > 1:
+        notes.append(f"first of {frames} frames")
+    mode = im.mode
+    if head.bit_depth == 16 and fmt == "PNG" and not mode.startswith("I"):
+        notes.append(f"16-bit-per-channel PNG read as 8-bit {mode}")
+    orientation = _orientation(im)
+    if orientation in range(2, 9):
+        im = ImageOps.exif_transpose(im)
+        notes.append(f"EXIF orientation {orientation} applied")
+    note = conversion_note(mode)
+    if note:
+        notes.append(note)
+    rgb = to_rgb(im) if pixels else None
+    w, h = im.size
+    return DecodedImage(OK, "; ".join(notes) or None, fmt, w, h, _channels(mode), mode, rgb)
+
+
+def _orientation(im: Image.Image) -> int:
+    """The EXIF orientation tag (1 = upright); unreadable EXIF counts as upright, never as a lost image."""
+    try:
+        value = im.getexif().get(0x0112, 1)
+    except (OSError, SyntaxError, ValueError, struct.error, KeyError, TypeError):
+        return 1
+    return value if isinstance(value, int) else 1
+
+
+def to_rgb(im: Image.Image) -> np.ndarray:
+    """An (H, W, 3) uint8 RGB array from any PIL mode (16-bit scaled by 1/257, CMYK/palette/alpha converted)."""
+    mode = im.mode
+    if mode == "RGB":
+        return np.asarray(im, dtype=np.uint8)
+    if mode.startswith("I"):
+        a = np.asarray(im).astype(np.float64)
+        scale = 257.0 if (mode.startswith("I;16") or a.max(initial=0) > 255) else 1.0
+        g = np.clip(np.rint(a / scale), 0, 255).astype(np.uint8)
+        return np.repeat(g[..., None], 3, axis=2)
+    if mode == "F":
+        g = np.clip(np.rint(np.asarray(im, dtype=np.float64)), 0, 255).astype(np.uint8)
+        return np.repeat(g[..., None], 3, axis=2)
+    if mode == "1":
+        im = im.convert("L")
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def conversion_note(mode: str) -> str | None:
+    """How to_rgb changes an image of this PIL mode, or None for plain 8-bit RGB."""
+    if mode == "RGB":
+        return None
+    if mode.startswith("I") or mode == "F":
+        return f"{_describe(mode)} scaled to 8-bit RGB"
+    return f"{_describe(mode)} converted to RGB"
+
+
+def _describe(mode: str) -> str:
+    return {
+        "L": "grayscale", "LA": "grayscale with alpha", "1": "bilevel", "P": "palette", "PA": "palette with alpha",
+        "RGBA": "RGB with alpha", "CMYK": "CMYK", "YCbCr": "YCbCr", "LAB": "Lab", "HSV": "HSV",
+        "I": "32-bit integer grayscale", "F": "float grayscale",
+    }.get(mode, "16-bit grayscale" if mode.startswith("I;16") else f"mode {mode}")
+
+
+def _channels(mode: str) -> int:
+    return {"1": 1, "L": 1, "P": 1, "I": 1, "F": 1, "LA": 2, "PA": 2, "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3,
+            "RGBA": 4, "RGBa": 4, "CMYK": 4}.get(mode, 1 if mode.startswith("I;16") else 3)
+
+
+def _too_large(fmt: str | None, w: int, h: int, max_pixels: int) -> DecodedImage:
+    return DecodedImage(TOO_LARGE, f"{fmt or 'image'} declares {w}x{h} = {w * h} pixels, "
+                        f"above the limit of {max_pixels} (possible decompression bomb); not decoded", fmt, w, h)
+
+
+def _failure(e: BaseException, fmt: str | None, w: int | None, h: int | None) -> DecodedImage:
+    msg = str(e) or type(e).__name__
+    status = TRUNCATED if "truncated" in msg.lower() or isinstance(e, EOFError) else CORRUPT
+    what = f"{fmt} " if fmt else ""
+    return DecodedImage(status, f"{what}decode failed: {type(e).__name__}: {msg}", fmt, w, h)

@@ -1,0 +1,829 @@
+"""Lazy, shardable dataset readers: ImageFolder, insightface RecordIO, verification .bin, CSV/TSV lists.
+
+Every reader splits its dataset into a deterministic plan of shards (the same
+dataset always gives the same plan, which is what makes an ingest resumable),
+keeps only a compact index in memory, and reads a shard's encoded bytes only
+when that shard is read. `rank`/`world_size` select every world_size-th shard.
+
+`open_source(row)` re-opens the encoded bytes of one `samples` row from its
+`source_kind` and `source`; `pipeline.images.decode` turns them into RGB.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import pickle
+import stat
+import struct
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from pipeline import images
+from pipeline.recordio import (
+    RECORDIO_MAGIC,
+    DatasetError,
+    IRHeader,
+    pread_file,
+    read_idx,
+    read_record,
+    scan_rec,
+    unpack_ir,
+)
+
+KINDS: tuple[str, ...] = ("folder", "recordio", "bin", "list")
+DEFAULT_SHARD_SIZE = 1000
+IMAGE_EXTENSIONS: tuple[str, ...] = (
+    ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".jfif",
+)
+
+MAX_SPAN_BYTES = 64 * 1024 * 1024  # a shard's records are read in one go when they span less
+
+
+class UnsafePickleError(DatasetError):
+    """A .bin pickle asked for something outside bytes, lists, tuples and numpy bool arrays."""
+
+
+class SourceReadError(OSError):
+    """open_source could not read a row's encoded bytes; the message names the source and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One source record: where it lives, its identity, and its encoded bytes (or why they are missing).
+
+    `status`/`error` are set (and `data` is None) when the bytes could not be read;
+    the status values are those of `pipeline.images`.
+    """
+
+    kind: str
+    source: str  # what open_source() takes back: a path, or "<path>#<offset|index>"
+    key: str  # stable key within the dataset (sample_id = hash(dataset, key))
+    identity: int  # integer label, -1 when unknown
+    identity_name: str | None
+    data: bytes | None
+    status: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """A contiguous range [start, stop) of a reader's records plus the reader's own locator."""
+
+    index: int
+    start: int
+    stop: int
+    parts: tuple = ()
+
+    @property
+    def name(self) -> str:
+        return f"{self.index:05d}"
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+class DatasetReader(ABC):
+    """Base of all readers: a cached shard plan, rank selection and lazy iteration."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, path: str | os.PathLike[str], *, rank: int = 0, world_size: int = 1,
+                 shard_size: int = DEFAULT_SHARD_SIZE) -> None:
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        p = Path(path).expanduser()
+        if not p.exists():
+            raise FileNotFoundError(f"dataset path {str(p)!r} does not exist")
+        self.path = p.resolve()
+        self.rank, self.world_size, self.shard_size = rank, world_size, shard_size
+        self._plan: list[Shard] | None = None
+
+    def plan(self) -> list[Shard]:
+        """All shards of the dataset (every rank), computed once."""
+        if self._plan is None:
+            self._plan = self._make_plan()
+        return self._plan
+
+    def shards(self) -> list[Shard]:
+        """The shards this rank reads."""
+        return [s for s in self.plan() if s.index % self.world_size == self.rank]
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.shards())
+
+    def __iter__(self) -> Iterator[Record]:
+        for s in self.shards():
+            yield from self.read(s)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Worker processes get the reader without its plan or caches; read(shard) reloads what it needs.
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset_caches()
+
+    def _reset_caches(self) -> None:
+        """Re-create per-process caches after unpickling (subclasses extend)."""
+        self._plan = None
+
+    def _split(self, n: int) -> list[Shard]:
+        return [Shard(i, a, min(a + self.shard_size, n)) for i, a in enumerate(range(0, n, self.shard_size))]
+
+    @abstractmethod
+    def _make_plan(self) -> list[Shard]:
+        """Split the dataset into shards of at most shard_size records."""
+
+    @abstractmethod
+    def read(self, shard: Shard) -> Iterator[Record]:
+        """Yield the shard's records in order, one per sample, never raising for a single bad sample."""
+
+
+# ---------------------------------------------------------------- files
+
+
+def read_file(path: str | os.PathLike[str], max_bytes: int = images.MAX_BYTES) -> tuple[bytes | None, str | None,
+                                                                                       str | None]:
+    """(data, status, error) of one file: broken links, non-regular, oversized and unreadable files get a reason."""
+    p = os.fspath(path)
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        if os.path.islink(p):
+            return None, images.MISSING, f"broken symlink -> {os.readlink(p)!r}"
+        return None, images.MISSING, "file not found"
+    except OSError as e:
+        return None, images.UNREADABLE, f"cannot stat: {e.strerror or e}"
+    if not stat.S_ISREG(st.st_mode):
+        what = "directory" if stat.S_ISDIR(st.st_mode) else "fifo" if stat.S_ISFIFO(st.st_mode) else \
+            "socket" if stat.S_ISSOCK(st.st_mode) else "device" if stat.S_ISCHR(st.st_mode) or \
+            stat.S_ISBLK(st.st_mode) else "special file"
+        return None, images.UNREADABLE, f"not a regular file ({what})"
+    if st.st_size > max_bytes:
+        return None, images.TOO_LARGE, f"file is {st.st_size} bytes, above the limit of {max_bytes}; not read"
+    try:
+        with open(p, "rb") as f:
+            return f.read(), None, None
+    except OSError as e:
+        return None, images.UNREADABLE, f"cannot read: {e.strerror or e}"
+
+
+def _utf8(text: str) -> tuple[str, bool]:
+    """The text itself when it is valid UTF-8, else a backslash-escaped stand-in and False."""
+    try:
+        text.encode("utf-8")
+        return text, True
+    except UnicodeEncodeError:
+        return os.fsencode(text).decode("utf-8", "backslashreplace"), False
+
+
+def _file_record(kind: str, path: Path, key: str, identity: int, name: str | None, max_bytes: int) -> Record:
+    source, ok_source = _utf8(str(path))
+    key_text, _ = _utf8(key)
+    if not ok_source:
+        return Record(kind, source, key_text, identity, name, None, images.BAD_ENTRY,
+                      "file name is not valid UTF-8; it cannot be stored or re-opened by name")
+    data, status, error = read_file(path, max_bytes)
+    return Record(kind, source, key_text, identity, name, data, status, error)
+
+
+class FolderReader(DatasetReader):
+    """ImageFolder tree: root/<identity>/**/<image>; identity label = index of the sorted sub-folder names.
+
+    Files directly under the root get identity -1. Hidden entries are skipped; only
+    files with an image extension are read (`extensions=None` reads every file).
+    """
+
+    kind = "folder"
+
+    def __init__(self, path: str | os.PathLike[str], *, extensions: Sequence[str] | None = IMAGE_EXTENSIONS,
+                 max_bytes: int = images.MAX_BYTES, **kw: Any) -> None:
+        super().__init__(path, **kw)
+        if not self.path.is_dir():
+            raise NotADirectoryError(f"image folder {str(self.path)!r} is not a directory")
+        self.extensions = None if extensions is None else tuple(e.lower() for e in extensions)
+        self.max_bytes = max_bytes
+
+    def _wanted(self, name: str) -> bool:
+        if name.startswith("."):
+            return False
+        return self.extensions is None or os.path.splitext(name)[1].lower() in self.extensions
+
+    def identities(self) -> list[str]:
+        """Sorted identity sub-folder names; the label of each is its position."""
+        with os.scandir(self.path) as it:
+            return sorted(e.name for e in it if not e.name.startswith(".") and e.is_dir(follow_symlinks=True))
+
+    def group_files(self, group: str) -> list[str]:
+        """Sorted paths (relative to the root, '/'-separated) of one identity folder; '' = root-level files."""
+        out: list[str] = []
+        if group == "":
+            with os.scandir(self.path) as it:
+                out = [e.name for e in it if self._wanted(e.name) and not e.is_dir(follow_symlinks=True)]
+            return sorted(out)
+        seen: set[tuple[int, int]] = set()
+        stack = [group]
+        while stack:
+            rel = stack.pop()
+            d = self.path / rel
+            try:
+                st = d.stat()
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) in seen:  # symlink loop
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            try:
+                with os.scandir(d) as it:
+                    entries = list(it)
+            except OSError:
+                continue
+            for e in entries:
+                if e.name.startswith("."):
+                    continue
+                if e.is_dir(follow_symlinks=True):
+                    stack.append(f"{rel}/{e.name}")
+                elif self._wanted(e.name):
+                    out.append(f"{rel}/{e.name}")
+        return sorted(out)
+
+    def _make_plan(self) -> list[Shard]:
+        groups = [("", -1)] + [(name, i) for i, name in enumerate(self.identities())]
+        shards: list[Shard] = []
+        parts: list[tuple[str, int, int, int]] = []
+        total = start = fill = 0
+        for group, label in groups:
+            n = len(self.group_files(group))
+            a = 0
+            while a < n:
+                take = min(n - a, self.shard_size - fill)
+                parts.append((group, label, a, a + take))
+                a += take
+                fill += take
+                total += take
+                if fill == self.shard_size:
+                    shards.append(Shard(len(shards), start, total, tuple(parts)))
+                    parts, start, fill = [], total, 0
+        if parts:
+            shards.append(Shard(len(shards), start, total, tuple(parts)))
+        return shards
+
+    def read(self, shard: Shard) -> Iterator[Record]:
+        for group, label, a, b in shard.parts:
+            files = self.group_files(group)[a:b]
+            name = group or None
+            for rel in files:
+                yield _file_record(self.kind, self.path / rel, rel, label, name, self.max_bytes)
+
+
+# ---------------------------------------------------------------- RecordIO
+
+
+def _rec_paths(path: Path) -> tuple[Path, Path]:
+    """(train.rec, train.idx) from a directory, a .rec or an .idx path."""
+    if path.is_dir():
+        recs = sorted(path.glob("*.rec"))
+        rec = path / "train.rec" if (path / "train.rec").exists() else (recs[0] if len(recs) == 1 else None)
+        if rec is None:
+            found = ", ".join(p.name for p in recs) or "none"
+            raise DatasetError(f"{str(path)!r}: expected train.rec or exactly one .rec file (found: {found})")
+    elif path.suffix == ".idx":
+        rec = path.with_suffix(".rec")
+    else:
+        rec = path
+    if not rec.is_file():
+        raise FileNotFoundError(f"RecordIO file {str(rec)!r} does not exist")
+    return rec, rec.with_suffix(".idx")
+
+
+@lru_cache(maxsize=4)
+def _rec_index(rec_path: str, idx_path: str | None, size: int, rec_mtime_ns: int,
+               idx_mtime_ns: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(keys, offsets, ends) of a .rec, cached per process while the files are unchanged."""
+    keys, offsets = read_idx(Path(idx_path)) if idx_path else scan_rec(Path(rec_path))
+    bad = offsets >= size
+    if np.any(bad):
+        raise DatasetError(f"{idx_path}: offset {int(offsets[bad][0])} is beyond the end of {rec_path} "
+                           f"({size} bytes)")
+    sorted_offsets = np.unique(offsets)
+    nxt = np.searchsorted(sorted_offsets, offsets, side="right")
+    ends = np.where(nxt < sorted_offsets.size, sorted_offsets[np.minimum(nxt, sorted_offsets.size - 1)], size)
+    for a in (keys, offsets, ends):
+        a.flags.writeable = False
+    return keys, offsets, ends
+
+
+class RecordIOReader(DatasetReader):
+    """insightface RecordIO (`train.rec` + `train.idx`), as MS1MV2, Glint360K and WebFace ship.
+
+    When record 0 is a header (flag >= 2, empty payload), its labels (a, b) say that
+    images are keys 1..a-1 and keys a..b-1 hold each identity's [start, stop) image
+    range; otherwise every indexed record is an image. The label of an image is its
+    own IRHeader label. Without a `.idx`, the index is built by scanning the `.rec`.
+    """
+
+    kind = "recordio"
+
+    def __init__(self, path: str | os.PathLike[str], **kw: Any) -> None:
+        super().__init__(path, **kw)
+        self.rec_path, self.idx_path = _rec_paths(self.path)
+        self._reset_caches()
+
+    def _reset_caches(self) -> None:
+        super()._reset_caches()
+        self._index: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._layout: tuple[int, int, tuple[int, int] | None] | None = None
+
+    def index(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(keys, offsets, ends) sorted by key; ends[i] is where record i's bytes end at the latest."""
+        if self._index is None:
+            rec = self.rec_path.stat()
+            idx = self.idx_path.stat() if self.idx_path.is_file() else None
+            self._index = _rec_index(str(self.rec_path), str(self.idx_path) if idx else None, rec.st_size,
+                                     rec.st_mtime_ns, idx.st_mtime_ns if idx else 0)
+        return self._index
+
+    def _read_key(self, fd: int, offset: int) -> tuple[IRHeader, bytes]:
+        payload, _ = read_record(pread_file(fd), offset)
+        return unpack_ir(payload)
+
+    def layout(self) -> tuple[int, int, tuple[int, int] | None]:
+        """(lo, hi, identity_keys): image positions [lo, hi) in the sorted index, and the identity key range."""
+        if self._layout is None:
+            keys, offsets, _ = self.index()
+            lo, hi, ids = 0, int(keys.size), None
+            if keys.size and keys[0] == 0:
+                fd = os.open(self.rec_path, os.O_RDONLY)
+                try:
+                    head, payload = self._read_key(fd, int(offsets[0]))
+                finally:
+                    os.close(fd)
+                if head.flag >= 2 and not payload:
+                    a, b = int(head.label[0]), int(head.label[1])
+                    if not 1 <= a <= b:
+                        raise DatasetError(f"{self.rec_path}: header record labels ({a}, {b}) are not image/identity "
+                                           "key bounds")
+                    lo = int(np.searchsorted(keys, 1))
+                    hi = int(np.searchsorted(keys, a))
+                    ids = (a, b)
+            self._layout = (lo, hi, ids)
+        return self._layout
+
+    def identity_ranges(self) -> dict[int, tuple[int, int]]:
+        """identity -> [start, stop) image keys, from the identity records the header points to ({} without one)."""
+        _, _, ids = self.layout()
+        if ids is None:
+            return {}
+        keys, offsets, _ = self.index()
+        out: dict[int, tuple[int, int]] = {}
+        fd = os.open(self.rec_path, os.O_RDONLY)
+        try:
+            for k in range(ids[0], ids[1]):
+                i = int(np.searchsorted(keys, k))
+                if i >= keys.size or keys[i] != k:
+                    raise DatasetError(f"{self.rec_path}: identity record {k} is missing from the index")
+                head, _ = self._read_key(fd, int(offsets[i]))
+                if head.flag < 2:
+                    raise DatasetError(f"{self.rec_path}: identity record {k} has no [start, stop) labels")
+                out[k - ids[0]] = (int(head.label[0]), int(head.label[1]))
+        finally:
+            os.close(fd)
+        return out
+
+    def _make_plan(self) -> list[Shard]:
+        lo, hi, _ = self.layout()
+        return self._split(hi - lo)
+
+    def read(self, shard: Shard) -> Iterator[Record]:
+        keys, offsets, ends = self.index()
+        lo, _, _ = self.layout()
+        ks = keys[lo + shard.start: lo + shard.stop]
+        offs = offsets[lo + shard.start: lo + shard.stop]
+        stops = ends[lo + shard.start: lo + shard.stop]
+        if not ks.size:
+            return
+        base, top = int(offs.min()), int(stops.max())
+        rec_name, rec_str = self.rec_path.name, str(self.rec_path)
+        fd = os.open(self.rec_path, os.O_RDONLY)
+        try:
+            if top - base <= MAX_SPAN_BYTES:
+                buf = memoryview(os.pread(fd, top - base, base))
+
+                def read_at(pos: int, n: int) -> bytes:
+                    return bytes(buf[pos - base: pos - base + n])
+            else:
+                read_at = pread_file(fd)
+            for k, off, end in zip(ks.tolist(), offs.tolist(), stops.tolist(), strict=True):
+                source, key = f"{rec_str}#{off}", f"{rec_name}#{k}"
+                try:
+                    head, payload = unpack_ir(read_record(read_at, off, limit=end)[0])
+                except DatasetError as e:
+                    yield Record(self.kind, source, key, -1, None, None, images.CORRUPT, f"record {k}: {e}")
+                    continue
+                ident = head.identity
+                yield Record(self.kind, source, key, ident, str(ident), payload)
+        finally:
+            os.close(fd)
+
+
+# ---------------------------------------------------------------- verification .bin
+
+
+class _NdarrayToken:
+    """Stands in for numpy.ndarray inside a restricted pickle; only _reconstruct accepts it."""
+
+
+class _BoolDtype:
+    """A validated bool dtype from a pickle; its state is checked, never handed to numpy."""
+
+    def __setstate__(self, state: Any) -> None:
+        ok = (isinstance(state, tuple) and len(state) >= 2 and state[1] in ("|", b"|", "=", b"=", "<", b"<")
+              and all(s is None for s in state[2:5]))
+        if not ok:
+            raise UnsafePickleError(f"refused numpy dtype state {state!r}: only plain bool dtypes are allowed")
+
+
+class _BoolArray:
+    """Collects a pickled bool ndarray's state and builds the array with np.frombuffer."""
+
+    array: np.ndarray | None = None
+
+    def __setstate__(self, state: Any) -> None:
+        if not (isinstance(state, tuple) and len(state) == 5):
+            raise UnsafePickleError("refused numpy array state: unexpected layout")
+        _, shape, dtype, fortran, raw = state
+        if not isinstance(dtype, _BoolDtype):
+            raise UnsafePickleError("refused numpy array: only bool arrays are allowed")
+        self.array = _bool_from_bytes(raw, shape, "F" if fortran else "C")
+
+
+_NDARRAY = _NdarrayToken()
+
+
+def _bool_from_bytes(raw: Any, shape: Any, order: str) -> np.ndarray:
+    if not isinstance(raw, bytes | bytearray):
+        raise UnsafePickleError(f"refused numpy bool array data of type {type(raw).__name__}")
+    if not (isinstance(shape, tuple) and all(isinstance(s, int) and s >= 0 for s in shape)):
+        raise UnsafePickleError(f"refused numpy array shape {shape!r}")
+    n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    if len(raw) != n:
+        raise UnsafePickleError(f"numpy bool array of shape {shape} has {len(raw)} data bytes, expected {n}")
+    return np.frombuffer(bytes(raw), dtype=np.uint8).reshape(shape, order=order) != 0
+
+
+def _latin1_encode(obj: Any, encoding: Any = "utf-8") -> bytes:
+    """`_codecs.encode` as protocol-2 pickles use it for bytes: only str -> latin-1 bytes."""
+    if not isinstance(obj, str) or encoding not in ("latin1", "latin-1"):
+        raise UnsafePickleError(f"refused _codecs.encode({type(obj).__name__}, {encoding!r})")
+    return obj.encode("latin-1")
+
+
+def _reconstruct(cls: Any, shape: Any, typecode: Any) -> _BoolArray:
+    if cls is not _NDARRAY:
+        raise UnsafePickleError("refused numpy _reconstruct of anything but a plain ndarray")
+    return _BoolArray()
+
+
+def _dtype(spec: Any, align: Any = False, copy: Any = True) -> _BoolDtype:
+    name = spec.decode("ascii", "replace") if isinstance(spec, bytes) else spec
+    if name not in ("b1", "?", "bool"):
+        raise UnsafePickleError(f"refused numpy dtype {name!r}: only bool arrays are allowed")
+    return _BoolDtype()
+
+
+def _frombuffer(buf: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
+    if not isinstance(dtype, _BoolDtype):
+        raise UnsafePickleError("refused numpy _frombuffer of a non-bool dtype")
+    return _bool_from_bytes(buf, shape, "F" if order == "F" else "C")
+
+
+_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+    ("_codecs", "encode"): _latin1_encode,
+    ("numpy", "ndarray"): _NDARRAY,
+    ("numpy", "dtype"): _dtype,
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy.core.numeric", "_frombuffer"): _frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): _frombuffer,
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Admits bytes, lists, tuples, bools and numpy bool arrays; refuses every other global."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise UnsafePickleError(
+                f"refused to load {module}.{name}: a verification .bin may only contain bytes, lists, "
+                "tuples and numpy bool arrays") from None
+
+
+def _unwrap(obj: Any) -> Any:
+    if isinstance(obj, _BoolArray):
+        if obj.array is None:
+            raise UnsafePickleError("numpy bool array without data")
+        return obj.array
+    if isinstance(obj, list | tuple):
+        return type(obj)(_unwrap(x) for x in obj)
+    if isinstance(obj, _BoolDtype | _NdarrayToken):
+        raise UnsafePickleError("stray numpy object outside an array")
+    return obj
+
+
+@dataclass(frozen=True, slots=True)
+class VerificationSet:
+    """An insightface verification set: images 2i and 2i+1 form pair i, issame[i] says if they match."""
+
+    images: list[bytes]
+    issame: np.ndarray  # bool, (n_pairs,)
+
+    @property
+    def n_pairs(self) -> int:
+        return int(self.issame.size)
+
+    def pairs(self) -> Iterator[tuple[int, int, bool]]:
+        """(index of image a, index of image b, same identity) for every pair."""
+        for i, same in enumerate(self.issame.tolist()):
+            yield 2 * i, 2 * i + 1, bool(same)
+
+
+def load_verification_bin(path: str | os.PathLike[str]) -> VerificationSet:
+    """Load lfw.bin-style (images, issame) with a restricted unpickler; anything that calls a function is refused."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            obj = _RestrictedUnpickler(f, encoding="bytes").load()
+    except UnsafePickleError as e:
+        raise UnsafePickleError(f"{str(p)!r}: {e}") from None
+    except FileNotFoundError:
+        raise
+    except (pickle.UnpicklingError, EOFError, TypeError, ValueError, AttributeError, IndexError,
+            struct.error, MemoryError) as e:
+        raise DatasetError(f"{str(p)!r} is not a valid verification .bin pickle: {type(e).__name__}: {e}") from e
+    obj = _unwrap(obj)
+    if not (isinstance(obj, tuple | list) and len(obj) == 2):
+        raise DatasetError(f"{str(p)!r}: expected a pickled (images, issame) pair, got {type(obj).__name__}")
+    bins, issame = obj
+    if not isinstance(bins, list | tuple):
+        raise DatasetError(f"{str(p)!r}: images must be a list of encoded images, got {type(bins).__name__}")
+    for i, b in enumerate(bins):
+        if not isinstance(b, bytes | bytearray):
+            raise DatasetError(f"{str(p)!r}: image {i} is {type(b).__name__}, expected encoded bytes")
+    if isinstance(issame, np.ndarray):
+        same = issame.reshape(-1)
+    elif isinstance(issame, list | tuple):
+        bad = next((i for i, v in enumerate(issame) if not isinstance(v, bool | int) or v not in (0, 1)), None)
+        if bad is not None:
+            raise DatasetError(f"{str(p)!r}: issame[{bad}] is {issame[bad]!r}, expected a bool")
+        same = np.asarray(issame, dtype=bool).reshape(-1)
+    else:
+        raise DatasetError(f"{str(p)!r}: issame must be a list or bool array, got {type(issame).__name__}")
+    if len(bins) < 2 * same.size:
+        raise DatasetError(f"{str(p)!r}: {same.size} pairs need {2 * same.size} images, the file has {len(bins)}")
+    return VerificationSet([bytes(b) for b in bins], same)
+
+
+@lru_cache(maxsize=2)
+def _cached_bin(path: str, mtime_ns: int, size: int) -> VerificationSet:
+    return load_verification_bin(path)
+
+
+def cached_verification_bin(path: str | os.PathLike[str]) -> VerificationSet:
+    """load_verification_bin, cached per process while the file is unchanged."""
+    p = os.path.abspath(path)
+    st = os.stat(p)
+    return _cached_bin(p, st.st_mtime_ns, st.st_size)
+
+
+class BinReader(DatasetReader):
+    """insightface verification `.bin` (lfw.bin, cfp_fp.bin, ...): every image a record, identity unknown (-1)."""
+
+    kind = "bin"
+
+    def __init__(self, path: str | os.PathLike[str], **kw: Any) -> None:
+        super().__init__(path, **kw)
+        if not self.path.is_file():
+            raise DatasetError(f"verification set {str(self.path)!r} is not a file")
+
+    def load(self) -> VerificationSet:
+        return cached_verification_bin(self.path)
+
+    def _make_plan(self) -> list[Shard]:
+        return self._split(len(self.load().images))
+
+    def read(self, shard: Shard) -> Iterator[Record]:
+        vs, path, name = self.load(), str(self.path), self.path.name
+        for i in range(shard.start, shard.stop):
+            yield Record(self.kind, f"{path}#{i}", f"{name}#{i}", -1, None, vs.images[i])
+
+
+# ---------------------------------------------------------------- CSV / TSV list
+
+
+class ListReader(DatasetReader):
+    """A CSV/TSV list of `path,identity` rows (optional `path,identity` header, '#' comments).
+
+    Relative paths resolve against `root` (default: the list file's folder). The
+    delimiter is a tab for .tsv, a comma for .csv, otherwise sniffed from the first row.
+    Integer identities are used as labels; other names are numbered in sorted order.
+    """
+
+    kind = "list"
+
+    def __init__(self, path: str | os.PathLike[str], *, root: str | os.PathLike[str] | None = None,
+                 delimiter: str | None = None, max_bytes: int = images.MAX_BYTES, **kw: Any) -> None:
+        super().__init__(path, **kw)
+        if not self.path.is_file():
+            raise DatasetError(f"list file {str(self.path)!r} is not a file")
+        self.root = Path(root).expanduser().resolve() if root is not None else self.path.parent
+        self.delimiter = delimiter
+        self.max_bytes = max_bytes
+        self.labels: dict[str, int] | None = None  # identity name -> label, when names are not integers
+        self.numbered = False  # labels known (set by the planning pass, travels with the reader)
+
+    def _lines(self, offset: int = 0) -> Iterator[tuple[int, int, str]]:
+        """(byte offset, line number, text) of every data line from `offset`, skipping blanks and comments."""
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            pos = offset
+            lineno = 0
+            for raw in f:
+                start, pos = pos, pos + len(raw)
+                lineno += 1
+                text = raw.decode("utf-8", "surrogateescape").strip("\r\n")
+                if not text.strip() or text.lstrip().startswith("#"):
+                    continue
+                yield start, lineno, text
+
+    def _split_row(self, text: str) -> list[str]:
+        delim = self.delimiter
+        if delim is None:
+            suffix = self.path.suffix.lower()
+            delim = "\t" if suffix == ".tsv" else "," if suffix == ".csv" else "\t" if "\t" in text else ","
+        return [c.strip() for c in next(csv.reader([text], delimiter=delim))]
+
+    @staticmethod
+    def _is_header(fields: list[str]) -> bool:
+        return bool(fields) and fields[0].lower() == "path"
+
+    def _make_plan(self) -> list[Shard]:
+        names: set[str] = set()
+        starts: list[tuple[int, int]] = []
+        n = 0
+        first = True
+        for offset, lineno, text in self._lines():
+            fields = self._split_row(text)
+            if first:
+                first = False
+                if self._is_header(fields):
+                    continue
+            if n % self.shard_size == 0:
+                starts.append((offset, lineno))
+            n += 1
+            if len(fields) == 2 and fields[0] and fields[1]:
+                names.add(fields[1])
+        if any(not _is_int(s) for s in names):
+            self.labels = {s: i for i, s in enumerate(sorted(names))}
+        self.numbered = True
+        return [Shard(i, i * self.shard_size, min((i + 1) * self.shard_size, n), starts[i])
+                for i in range(len(starts))]
+
+    def read(self, shard: Shard) -> Iterator[Record]:
+        if not self.numbered:
+            self.plan()  # identity numbering needs the full pass (once per process)
+        offset, lineno0 = shard.parts
+        count = 0
+        for _, lineno, text in self._lines(offset):
+            if count == len(shard):
+                break
+            count += 1
+            yield self._row_record(lineno0 + lineno - 1, text, self._split_row(text))
+
+    def _row_record(self, lineno: int, text: str, fields: list[str]) -> Record:
+        key = f"{self.path.name}:{lineno}"
+        if not fields or not fields[0] or len(fields) > 2:
+            shown, _ = _utf8(text)
+            return Record(self.kind, shown, key, -1, None, None, images.BAD_ENTRY,
+                          f"line {lineno}: expected 'path{self._delim_name()}identity', got {shown!r}")
+        rel = fields[0]
+        name = fields[1] if len(fields) == 2 and fields[1] else None
+        if name is None:
+            label = -1
+        elif self.labels is not None:
+            label = self.labels[name]
+        else:
+            label = int(name)
+        path = Path(rel) if os.path.isabs(rel) else self.root / rel
+        return _file_record(self.kind, path, rel, label, name, self.max_bytes)
+
+    def _delim_name(self) -> str:
+        return "<TAB>" if (self.delimiter or "") == "\t" or self.path.suffix.lower() == ".tsv" else ","
+
+
+def _is_int(s: str) -> bool:
+    try:
+        int(s)
+    except ValueError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------- dispatch
+
+
+READERS: dict[str, type[DatasetReader]] = {
+    "folder": FolderReader, "recordio": RecordIOReader, "bin": BinReader, "list": ListReader,
+}
+
+
+def detect_format(path: str | os.PathLike[str]) -> str:
+    """The reader kind for a path: .rec/.idx or a folder holding train.rec -> recordio, .bin, .csv/.tsv/.txt, folder."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"dataset path {str(p)!r} does not exist")
+    if p.is_dir():
+        return "recordio" if (p / "train.rec").is_file() or len(list(p.glob("*.rec"))) == 1 else "folder"
+    suffix = p.suffix.lower()
+    if suffix in (".rec", ".idx"):
+        return "recordio"
+    if suffix == ".bin":
+        return "bin"
+    if suffix in (".csv", ".tsv", ".txt", ".list"):
+        return "list"
+    raise DatasetError(f"cannot tell the format of {str(p)!r} from its name; pass the format explicitly "
+                       f"(one of {', '.join(KINDS)})")
+
+
+def open_reader(path: str | os.PathLike[str], format: str = "auto", **kw: Any) -> DatasetReader:
+    """A reader for `path` (format 'auto' detects it); kw: rank, world_size, shard_size and reader options."""
+    kind = detect_format(path) if format == "auto" else format
+    if kind not in READERS:
+        raise ValueError(f"unknown dataset format {format!r}; choose auto or one of {', '.join(KINDS)}")
+    return READERS[kind](path, **kw)
+
+
+def open_source(row: Mapping[str, Any]) -> bytes:
+    """The encoded image bytes of one `samples` row, from its `source_kind` and `source`.
+
+    folder/list: the file; recordio: the record at "<rec path>#<byte offset>" minus its
+    IRHeader; bin: image <index> of "<bin path>#<index>". Raises SourceReadError with the
+    source and the reason when the bytes cannot be read.
+    """
+    try:
+        kind, source = row["source_kind"], row["source"]
+    except KeyError as e:
+        raise ValueError(f"open_source needs a row with 'source_kind' and 'source', missing {e}") from e
+    if kind in ("folder", "list"):
+        data, status, error = read_file(source)
+        if data is None:
+            raise SourceReadError(f"{source}: {status}: {error}")
+        return data
+    if kind not in ("recordio", "bin"):
+        raise ValueError(f"unknown source_kind {kind!r}; expected one of {', '.join(KINDS)}")
+    path, pos = parse_bytes_source(str(source))
+    try:
+        if kind == "bin":
+            vs = cached_verification_bin(path)
+            if pos >= len(vs.images):
+                raise SourceReadError(f"{source}: index {pos} beyond the {len(vs.images)} images of {path}")
+            return vs.images[pos]
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return unpack_ir(read_record(pread_file(fd), pos)[0])[1]
+        finally:
+            os.close(fd)
+    except DatasetError as e:
+        raise SourceReadError(f"{source}: {e}") from e
+    except OSError as e:
+        if isinstance(e, SourceReadError):
+            raise
+        raise SourceReadError(f"{source}: cannot read: {e.strerror or e}") from e
+
+
+def parse_bytes_source(source: str) -> tuple[str, int]:
+    """Split "<path>#<number>" into (path, number)."""
+    path, sep, where = source.rpartition("#")
+    if not sep or not where.isdigit():
+        raise ValueError(f"source {source!r} must look like '<path>#<number>'")
+    return path, int(where)
+
+
+__all__ = [
+    "BinReader", "DatasetError", "DatasetReader", "FolderReader", "IRHeader", "KINDS", "ListReader", "Record",
+    "RecordIOReader", "Shard", "SourceReadError", "UnsafePickleError", "VerificationSet", "detect_format",
+    "load_verification_bin", "open_reader", "open_source", "read_file", "read_idx", "read_record", "unpack_ir",
+    "RECORDIO_MAGIC", "parse_bytes_source", "cached_verification_bin", "IMAGE_EXTENSIONS",
+]

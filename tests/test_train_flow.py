@@ -1,0 +1,159 @@
+"""CLIB-FIQA training end to end on generated data: learning, exact resume, train/score flows, ONNX export."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+from models.clib import ClibConfig
+from models.train import ArrayImages, TrainConfig, TrainingData, load_checkpoint, train
+from pipeline.factors import FACTORS
+
+torch.set_num_threads(2)
+TINY = ClibConfig(model_name="TinyRN-test", pretrained=None)
+
+
+def brightness_faces(n: int, seed: int, size: int = 112) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Textured crops whose mean brightness b sets the anchor (0.1 + 0.8 b) and the lighting label."""
+    rng = np.random.default_rng(seed)
+    b = rng.uniform(0, 1, n).astype(np.float32)
+    texture = rng.integers(0, 256, (n, size, size, 3)).astype(np.float32)
+    imgs = np.clip(texture * 0.25 + 20 + b[:, None, None, None] * 190, 0, 255).astype(np.uint8)
+    labels = rng.integers(0, 2, (n, len(FACTORS)))
+    labels[:, FACTORS.index("blur")] = rng.integers(0, 3, n)
+    labels[:, FACTORS.index("pose")] = rng.integers(0, 3, n)
+    labels[:, FACTORS.index("lighting")] = (b > 0.3).astype(int)  # dark -> extreme lighting
+    return imgs, (0.1 + 0.8 * b).astype(np.float32), labels
+
+
+def _tc(**kw) -> TrainConfig:
+    base = {"stage1_epochs": 2, "stage2_epochs": 3, "batch_size": 32, "lr": 3e-3, "mlp_lr": 1e-2, "num_workers": 0,
+            "seed": 7}
+    return TrainConfig(**(base | kw))
+
+
+def test_learns_a_visible_quality_property_and_resume_is_exact(tmp_path):
+    imgs, anchors, labels = brightness_faces(128, seed=1, size=64)
+    data = TrainingData([f"s{i:04d}" for i in range(len(imgs))], anchors, labels, ArrayImages(imgs))
+    seen: list[np.ndarray] = []
+    full = train(TINY, data, _tc(), tmp_path / "full", on_confidence=seen.append, log=None)
+    assert [h["stage"] for h in full.history] == [1, 1, 2, 2, 2]
+    assert len(seen) == 1 and seen[0].shape == (128,)
+    assert np.all((full.rho >= 0.5) & (full.rho <= 1.0))
+    assert sorted(p.name for p in (tmp_path / "full").glob("*.pt")) == [
+        "epoch-001.pt", "epoch-002.pt", "epoch-003.pt", "epoch-004.pt", "epoch-005.pt", "last.pt"]
+
+    from models.scorer import load
+
+    test_imgs, test_anchors, _ = brightness_faces(64, seed=2, size=64)
+    res = load(full.checkpoint, device="cpu").score(test_imgs)
+    rho_s = spearmanr(res.score, test_anchors).statistic
+    print(f"held-out Spearman(score, anchor) = {rho_s:.3f}")
+    assert rho_s > 0.5
+    assert res.score.min() >= 0.1 - 1e-6 and res.score.max() <= 0.9 + 1e-6
+
+    # Resume from the end of stage 1 (before the confidence pass) in a fresh process state:
+    # the confidence pass and stage 2 must reproduce the uninterrupted run bit for bit.
+    stage1 = load_checkpoint(tmp_path / "full" / "epoch-002.pt")
+    assert stage1["epoch"] == 2 and stage1["rho"] is None
+    resumed = train(TINY, data, _tc(), tmp_path / "resumed", resume=tmp_path / "full" / "epoch-002.pt", log=None)
+    a, b = load_checkpoint(full.checkpoint), load_checkpoint(resumed.checkpoint)
+    assert a["epoch"] == b["epoch"] == 5 and len(b["history"]) == 5
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert torch.equal(a["rho"], b["rho"])
+    for k, st in a["optimizer"]["state"].items():
+        assert torch.equal(st["exp_avg"], b["optimizer"]["state"][k]["exp_avg"])
+
+    # A stopped run leaves its last epoch's checkpoint; a resume with other data or config is refused.
+    part = train(TINY, data, _tc(), tmp_path / "part", resume=tmp_path / "full" / "epoch-004.pt",
+                 stop_after_epoch=4, log=None)
+    assert part.history == a["history"][:4]
+    with pytest.raises(ValueError, match="training set"):
+        other = TrainingData(data.sample_ids, anchors[::-1].copy(), labels, ArrayImages(imgs))
+        train(TINY, other, _tc(), tmp_path / "x", resume=full.checkpoint, log=None)
+    with pytest.raises(ValueError, match="run config"):
+        train(TINY, data, _tc(lr=1e-4), tmp_path / "x", resume=full.checkpoint, log=None)
+
+
+def _write_catalog(ws, n: int = 40) -> list[str]:
+    """samples + faces (packed crops) + factors + anchors for n generated faces, plus one unaligned sample."""
+    from data_manifest import ShardWriter, catalog
+    from data_manifest.crops import write_pack
+
+    imgs, anchors, labels = brightness_faces(n, seed=3)
+    ids = [f"gen-{i:03d}" for i in range(n)]
+    rel = write_pack(ws, "align-1", 0, imgs)
+    samples = [{"sample_id": s, "dataset": "gen", "source_kind": "list", "source": f"/gen/{s}.png", "status": "ok"}
+               for s in [*ids, "gen-noface"]]
+    ShardWriter(ws, "samples", "ingest-1").write(0, samples)
+    faces = [{"sample_id": s, "crop_file": rel, "crop_index": i, "status": "ok"} for i, s in enumerate(ids)]
+    faces.append({"sample_id": "gen-noface", "status": "no_face", "error": "no face detected"})
+    ShardWriter(ws, "faces", "align-1").write(0, faces)
+    factors = [{"sample_id": s, "factor": f, "class_index": int(labels[i, m]), "labeller": "gen",
+                "labeller_version": "1", "status": "ok"}
+               for i, s in enumerate(ids) for m, f in enumerate(FACTORS)]
+    factors[0] = {**factors[0], "class_index": None, "status": "error", "error": "unreadable"}  # a missing label
+    ShardWriter(ws, "factors", "label-1").write(0, factors)
+    rows = [{"sample_id": s, "model_id": "gen", "anchor": float(anchors[i]), "status": "ok"}
+            for i, s in enumerate(ids)]
+    ShardWriter(ws, "anchors", "anchors-1").write(0, rows)
+    catalog.refresh(ws)
+    return ids
+
+
+def test_train_score_export_flows(prefect_harness, workspace, tmp_path, capsys):
+    from data_manifest import catalog
+    from flows.export import main as export_main
+    from flows.score import score_flow
+    from flows.train import CONFIDENCE_METHOD, train_flow
+    from models.scorer import load
+    from models.scorer_onnx import OnnxScorer
+
+    ids = _write_catalog(workspace)
+    cfg = {"stage1_epochs": 1, "stage2_epochs": 1, "batch_size": 16, "lr": 1e-3, "num_workers": 1}
+    out = train_flow(workspace=str(workspace.root), model_config="clib-tiny", train_config=cfg,
+                     where="sample_id <> 'gen-039'")
+    assert out["samples"] == len(ids) - 1
+    ckpt = load_checkpoint(out["checkpoint"])
+    assert ckpt["data"]["n_samples"] == len(ids) - 1 and "gen-039" in ckpt["data"]["query"]
+    assert ckpt["data"]["anchor_runs"] == ["anchors-1"]
+    assert len(ckpt["prompts"]) == 360 and ckpt["quality_anchors"] == [0.1, 0.3, 0.5, 0.7, 0.9]
+
+    conf = catalog.query(workspace, f"SELECT sample_id, confidence FROM scores WHERE method = '{CONFIDENCE_METHOD}' "
+                                    "ORDER BY sample_id").to_pydict()
+    assert conf["sample_id"] == ids[:-1]
+    assert all(0.5 <= c <= 1.0 for c in conf["confidence"])
+
+    res = score_flow(workspace=str(workspace.root), checkpoint=out["checkpoint"], shard_size=16)
+    assert res["selected"] == len(ids) + 1 and res["ok"] == len(ids)
+    tbl = catalog.query(workspace, "SELECT sample_id, quality, quality_probs, marginals, status, error FROM scores "
+                                   "WHERE method = 'clib-fiqa' ORDER BY sample_id").to_pylist()
+    assert len(tbl) == len(ids) + 1
+    bad = [r for r in tbl if r["sample_id"] == "gen-noface"][0]
+    assert bad["status"] == "skipped" and bad["quality"] is None and "no face" in bad["error"]
+    good = [r for r in tbl if r["status"] == "ok"]
+    assert all(0.1 <= r["quality"] <= 0.9 and abs(sum(r["quality_probs"]) - 1) < 1e-4 for r in good)
+    assert set(json.loads(good[0]["marginals"])) == set(FACTORS)
+    # The flow's scores are the Python API's scores.
+    from data_manifest.crops import read_crops
+
+    crops = read_crops(workspace, f"crops/faces/align-1/part-00000.npy", list(range(len(ids))))
+    api = load(out["checkpoint"], device="cpu").score(crops).score
+    assert np.allclose([r["quality"] for r in good], api, atol=1e-6)
+
+    # ONNX: fiqa export, then onnxruntime against torch on generated crops of two sizes.
+    onnx_path = tmp_path / "clib.onnx"
+    assert export_main(["--checkpoint", out["checkpoint"], "--onnx", str(onnx_path), "--verify", "4"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["max_abs_score_diff"] < 1e-4
+    scorer, onnx = load(out["checkpoint"], device="cpu"), OnnxScorer(onnx_path)
+    for imgs in (crops[:6], brightness_faces(3, seed=5, size=80)[0]):
+        a, b = scorer.score(imgs), onnx.score(imgs)
+        assert np.abs(a.score - b.score).max() < 1e-4
+        assert np.abs(a.quality - b.quality).max() < 1e-4
+        assert max(np.abs(a.factors[f] - b.factors[f]).max() for f in FACTORS) < 1e-4

@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs=2, default=[20_000, 100_000], metavar=("SMALL", "LARGE"),
                    help="record counts of the two RecordIO files (default: 20000 100000)")
-    p.add_argument("--runner", default="processes", choices=["threads", "processes"])
+    p.add_argument("--runner", default="threads", choices=["threads", "processes"])
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--shard-size", type=int, default=2000)
     p.add_argument("--workdir", type=Path, default=None, help="where to generate data (default: a temp dir)")

@@ -154,7 +154,7 @@ def query(ws: Workspace, sql: str, params: list | dict | None = None) -> pa.Tabl
         statements = check_read_only(con, sql)
         for s in statements[:-1]:
             con.execute(s)
-        return con.execute(statements[-1], params).to_arrow_table() if params else con.sql(statements[-1]).to_arrow_table()
+        return con.sql(statements[-1], params=params).to_arrow_table()
     finally:
         con.close()
 

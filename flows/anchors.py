@@ -133,6 +133,17 @@ def _stats_path(ws: Workspace, run_id: str, shard: str) -> Path:
     return ws.runs_dir / run_id / "anchor_stats" / f"part-{shard}.parquet"
 
 
+def _check_config(fr_model: str, head: str | None, mode: str, device: str, batch_size: int) -> str | None:
+    """Fail on a bad configuration before any work (or Prefect) starts; returns the head's absolute path."""
+    if mode not in A.MODES:
+        raise ValueError(f"unknown anchor mode {mode!r}; use one of {A.MODES}")
+    head_path = str(Path(head).resolve()) if head else None
+    if head_path and not Path(head_path).is_file():
+        raise FileNotFoundError(f"head checkpoint {head_path} does not exist")
+    _recognizer(fr_model, device, batch_size)  # builds (and caches) the model: a bad spec fails here
+    return head_path
+
+
 def _anchors_impl(workspace: str | None, fr_model: str, head: str | None, mode: str, nnccs_floor: float,
                   where: str | None, query: str | None, device: str, batch_size: int, shard_size: int,
                   chunk_size: int, center_block: int, run_id: str | None, runner: str,
@@ -140,12 +151,8 @@ def _anchors_impl(workspace: str | None, fr_model: str, head: str | None, mode: 
     from prefect import task
 
     ws = Workspace(workspace)
-    if mode not in A.MODES:
-        raise ValueError(f"unknown anchor mode {mode!r}; use one of {A.MODES}")
-    head_path = str(Path(head).resolve()) if head else None
-    if head_path and not Path(head_path).is_file():
-        raise FileNotFoundError(f"head checkpoint {head_path} does not exist")
-    rec = _recognizer(fr_model, device, batch_size)  # a bad model spec fails before any work starts
+    head_path = _check_config(fr_model, head, mode, device, batch_size)
+    rec = _recognizer(fr_model, device, batch_size)
     model_id = rec.model_id
     sql = selection_sql(where, query)
     try:
@@ -295,6 +302,7 @@ def anchors_flow(workspace: str | None = None, fr_model: str = DEFAULT_FR_MODEL,
     """Run the `anchors` Prefect flow; returns the run id, status counts and the recorded metrics."""
     from prefect import flow
 
+    _check_config(fr_model, head, mode, device, batch_size)
     f = flow(name="anchors")(_anchors_impl).with_options(task_runner=runtime.make_task_runner(runner, workers))
     return f(workspace, fr_model, head, mode, nnccs_floor, where, query, device, batch_size, shard_size,
              chunk_size, center_block, run_id, runner, workers, progress)
@@ -332,7 +340,7 @@ def run_cli(args: argparse.Namespace) -> int:
     return 0
 
 
-main = runtime.main_for(__name__)
+main = runtime.main_for("flows.anchors")
 
 if __name__ == "__main__":
     raise SystemExit(main())

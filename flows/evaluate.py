@@ -437,13 +437,14 @@ def _artifacts(rows: list[dict[str, Any]], md: str, run_id: str) -> None:
     """Table and markdown artifacts on the flow run (only inside a Prefect run)."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
     from prefect.context import get_run_context
+    from prefect.exceptions import MissingContextError
 
     try:
         get_run_context()
-    except Exception:  # noqa: BLE001 - outside a flow run there is nothing to attach to
+    except MissingContextError:  # outside a flow run there is nothing to attach to
         return
     key = "evaluate-" + re.sub(r"[^a-z0-9-]+", "-", run_id.lower()).strip("-")
-    slim = [{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in r.items()} for r in rows]
+    slim = [{k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in r.items()} for r in rows]
     create_table_artifact(slim, key=f"{key}-results"[:100], description="EDC/ERC results")
     create_markdown_artifact(md, key=f"{key}-report"[:100], description="EDC/ERC report")
 

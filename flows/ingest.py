@@ -62,6 +62,7 @@ def ingest(path: str, dataset: str, format: str = "auto", shard_size: int = 1000
               f"{len(reader.plan())} shards", file=sys.stderr)
     params = {"path": str(reader.path), "dataset": dataset, "format": reader.kind, "shard_size": shard_size,
               "max_pixels": max_pixels}
+    check_resume(ws, run_id, params)
     t0 = time.perf_counter()
     with runtime.tracked_run(ws, "ingest", params, run_id) as state:
         rid = state["run_id"]
@@ -77,6 +78,19 @@ def ingest(path: str, dataset: str, format: str = "auto", shard_size: int = 1000
     return {"run_id": rid, "dataset": dataset, "format": reader.kind, "records": len(reader),
             "shards": summary["shards"], "skipped_shards": summary["skipped_shards"], "counts": totals,
             **state["metrics"]}
+
+
+def check_resume(ws: Workspace, run_id: str | None, params: dict[str, Any]) -> None:
+    """Refuse to resume a run with different data or sharding: its committed shards would not line up."""
+    info = runs.run_info(ws, run_id) if run_id else None
+    if info is None:
+        return
+    before = info.get("parameters", {})
+    changed = {k: (before.get(k), v) for k, v in params.items() if before.get(k) != v}
+    if changed:
+        diff = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+        raise ValueError(f"run {run_id!r} was started with other parameters ({diff}); resume it with the same "
+                         "ones, or start a new run")
 
 
 def _positive_int(text: str) -> int:
@@ -117,6 +131,9 @@ def run_cli(args: argparse.Namespace) -> int:
     except runtime.ShardFailures as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
+    except (FileNotFoundError, NotADirectoryError, ValueError) as e:  # dataset or resume problems found by the flow
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
     counts = result["counts"]
     statuses = ", ".join(f"{k.removeprefix('status_')} {v}" for k, v in counts.items() if k.startswith("status_"))
     print(f"run {result['run_id']}: {counts.get('rows', 0)} rows ({statuses}); "

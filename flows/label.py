@@ -52,10 +52,10 @@ SELECTION_SCHEMA = pa.schema([
 class LabelOptions:
     """Labeller settings; recorded in the run's parameters."""
 
-    detector: str = "auto"  # auto (SCRFD when the pack is present, else MTCNN) | mtcnn | scrfd
+    detector: str = "auto"  # auto (SCRFD when the pack is present, else MTCNN) | mtcnn | scrfd | none (aligned only)
     pack: str = "buffalo_l"  # insightface model pack name or directory
     align_mode: str = "detect"  # detect | already_aligned (MS1MV2-style 112x112 inputs)
-    min_face_size: float = 20.0  # MTCNN smallest face, pixels
+    min_face_size: float | None = None  # MTCNN smallest face in pixels; None: 20 (detect), 40 (already aligned)
     pose_backend: str = "dlib"  # dlib (the authors' method) | insightface | landmarks5 | auto
     pose_thresholds: tuple[float, float] = (10.0, 25.0)  # |yaw| degrees
     blur_thresholds: tuple[float, float] = (0.35, 0.7)  # CPBD
@@ -78,9 +78,15 @@ class StageSpec:
 
 def _build_align(o: LabelOptions) -> Any:
     from models.detectors import make_detector
-    from pipeline.align import AlignStage
+    from pipeline.align import ALREADY_ALIGNED, AlignStage
 
-    kwargs = {"min_face_size": o.min_face_size} if o.detector in ("auto", "mtcnn") else {}
+    if o.detector == "none":
+        if o.align_mode != ALREADY_ALIGNED:
+            raise ValueError("detector 'none' only works with already-aligned inputs (--aligned)")
+        return AlignStage(None, mode=ALREADY_ALIGNED)  # no measured 5 landmarks: use the dlib pose backend
+
+    min_face = o.min_face_size or (40.0 if o.align_mode == ALREADY_ALIGNED else 20.0)  # aligned faces fill the crop
+    kwargs = {"min_face_size": min_face} if o.detector in ("auto", "mtcnn") else {}
     if o.detector == "auto":
         from models.weights import find_pack
 
@@ -110,11 +116,16 @@ def _build_attributes(o: LabelOptions) -> Any:
 
 
 STAGES: dict[str, StageSpec] = {}
+_CACHE: dict[tuple[str, str], Any] = {}  # built stages per (name, options), shared by thread workers
+_CACHE_LOCK = threading.Lock()
 
 
 def register_stage(name: str, factors: Sequence[str], build: Callable[[LabelOptions], Any]) -> None:
     """Add (or replace) a label stage by name; factor stages map a list of FaceCrop to factors rows."""
     STAGES[name] = StageSpec(name, tuple(factors), build)
+    with _CACHE_LOCK:
+        for key in [k for k in _CACHE if k[0] == name]:
+            del _CACHE[key]
 
 
 register_stage(ALIGN, (), _build_align)
@@ -133,10 +144,6 @@ def parse_stages(stages: str | Sequence[str]) -> list[str]:
         raise ValueError(f"unknown stage(s) {unknown}; registered stages: {', '.join(STAGES)}")
     ordered = list(dict.fromkeys(names))
     return ([ALIGN] if ALIGN in ordered else []) + [n for n in ordered if n != ALIGN]
-
-
-_CACHE: dict[tuple[str, str], Any] = {}
-_CACHE_LOCK = threading.Lock()
 
 
 def get_stage(name: str, options: LabelOptions) -> Any:
@@ -399,12 +406,14 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated stages to run (registered: {', '.join(STAGES)}; default: %(default)s)")
     p.add_argument("--where", default=None,
                    help="SQL condition on the catalog's `labels` view choosing the samples, e.g. \"dataset = 'lfw'\"")
-    p.add_argument("--detector", choices=("auto", "mtcnn", "scrfd"), default="auto",
-                   help="face detector (auto: SCRFD when the insightface pack is present, else MTCNN)")
+    p.add_argument("--detector", choices=("auto", "mtcnn", "scrfd", "none"), default="auto",
+                   help="face detector (auto: SCRFD when the insightface pack is present, else MTCNN; "
+                        "none: with --aligned, measure no 5 landmarks)")
     p.add_argument("--pack", default="buffalo_l", help="insightface model pack name or directory")
     p.add_argument("--aligned", action="store_true",
                    help="inputs are already aligned 112x112 faces (MS1MV2-style): no detection for alignment")
-    p.add_argument("--min-face-size", type=float, default=20.0, help="MTCNN smallest face in pixels")
+    p.add_argument("--min-face-size", type=float, default=None,
+                   help="MTCNN smallest face in pixels (default: 20; 40 with --aligned)")
     p.add_argument("--pose-backend", choices=("dlib", "insightface", "landmarks5", "auto"), default="dlib",
                    help="yaw estimator (default: dlib 68 landmarks + solvePnP, as the authors)")
     p.add_argument("--pose-thresholds", type=_pair, default=(10.0, 25.0), help="|yaw| degrees LOW,HIGH")
@@ -418,7 +427,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 def options_from_args(args: argparse.Namespace) -> LabelOptions:
     """LabelOptions from parsed CLI arguments."""
-    return LabelOptions(detector=args.detector, pack=args.pack, align_mode="already_aligned" if args.aligned else "detect",
+    mode = "already_aligned" if args.aligned else "detect"
+    return LabelOptions(detector=args.detector, pack=args.pack, align_mode=mode,
                         min_face_size=args.min_face_size, pose_backend=args.pose_backend,
                         pose_thresholds=args.pose_thresholds, blur_thresholds=args.blur_thresholds,
                         attributes_checkpoint=args.attributes_checkpoint, device=args.device)

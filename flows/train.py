@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -123,15 +124,34 @@ def _train_impl(workspace: str | None, model_config: str, train_config: dict[str
         return {"run_id": rid, **state["metrics"], "samples": len(data.sample_ids)}
 
 
+def _train_worker_rank(workspace: str | None, model_config: str, train_config: dict[str, Any], where: str | None,
+                       query: str | None, run_id: str | None, resume: str | None) -> dict[str, Any]:
+    """A non-zero DDP rank: the same training set and loop, without run records or manifest writes."""
+    import tempfile
+
+    from models.clib import ClibConfig
+    from models.train import TrainConfig, train
+
+    ws = Workspace(workspace)
+    data = load_training_set(ws, where, query)
+    resume_from = Path(resume) if resume else None
+    if resume_from is None and run_id and (ws.checkpoints / run_id / "last.pt").exists():
+        resume_from = ws.checkpoints / run_id / "last.pt"
+    with tempfile.TemporaryDirectory() as tmp:  # only rank 0 writes checkpoints
+        train(ClibConfig.from_json(model_config), data, TrainConfig.from_dict(train_config), tmp,
+              resume=resume_from, log=None)
+    return {"rank": int(os.environ.get("RANK", "0"))}
+
+
 def _flow():
     from prefect import flow
 
     @flow(name="train", log_prints=True)
-    def train_flow(workspace: str | None = None, model_config: str = "clib-rn50",
+    def train_flow(workspace: str | None = None, model: str = "clib-rn50",
                    train_config: dict[str, Any] | None = None, where: str | None = None, query: str | None = None,
                    run_id: str | None = None, resume: str | None = None) -> dict[str, Any]:
-        """Train CLIB-FIQA on a catalog query; returns the run id, checkpoint and metrics."""
-        return _train_impl(workspace, model_config, train_config or {}, where, query, run_id, resume)
+        """Train CLIB-FIQA on a catalog query; `model` is a bundled config name or a JSON file."""
+        return _train_impl(workspace, model, train_config or {}, where, query, run_id, resume)
 
     return train_flow
 
@@ -168,7 +188,11 @@ def train_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    out = train_flow(workspace=args.workspace, model_config=args.model_config,
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: only rank 0 runs the flow and writes
+        _train_worker_rank(args.workspace, args.model_config, train_config_from_args(args), args.where, args.query,
+                           args.run_id, args.resume)
+        return 0
+    out = train_flow(workspace=args.workspace, model=args.model_config,
                      train_config=train_config_from_args(args), where=args.where, query=args.query,
                      run_id=args.run_id, resume=args.resume)
     print(json.dumps(out, indent=2, default=str))

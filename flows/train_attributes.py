@@ -29,6 +29,7 @@ DATASET = "wider_face"
 GT_LABELLER = "wider_face_gt"
 GT_LABELLER_VERSION = "1"
 PACK_KIND = "attributes"
+BOX_CROPPER, BOX_CROPPER_VERSION = "wider_box", "1"  # the faces-row "detector" of runs without a detector
 DETECTOR_CHOICES = ("auto", "none", "mtcnn", "scrfd")
 REPORT_NAME = "attributes_report.md"
 
@@ -95,8 +96,12 @@ def resolve_splits(
     return out
 
 
-def _face_key(rel: str, box: tuple[int, int, int, int]) -> str:
-    return f"{rel}#{box[0]},{box[1]},{box[2]},{box[3]}"
+def _face_key(rel: str, box: tuple[int, int, int, int], seen: dict[str, int]) -> str:
+    """Stable key of a face within the dataset: image path and box (a repeated box gets a ~n suffix)."""
+    key = f"{rel}#{box[0]},{box[1]},{box[2]},{box[3]}"
+    n = seen.get(key, 0)
+    seen[key] = n + 1
+    return key if n == 0 else f"{key}~{n}"
 
 
 def _read_image(path: Path) -> tuple[Any, str | None, str | None]:
@@ -141,9 +146,10 @@ def extract_shard(
         counts["images"] += 1
         path = Path(images_dirs[split]) / rec.path
         decoded, status, error = (None, None, None) if not rec.faces else _read_image(path)
+        seen: dict[str, int] = {}
         for face in rec.faces:
             counts["faces"] += 1
-            key = _face_key(rec.path, face.box)
+            key = _face_key(rec.path, face.box, seen)
             dataset = f"{DATASET}/{split}"
             sid = sample_id(dataset, key)
             crop = None
@@ -164,8 +170,8 @@ def extract_shard(
             })
             x, y, w, h = face.box
             row = {"sample_id": sid, "n_faces": 1, "box": [x, y, x + w - 1, y + h - 1], "status": status_f,
-                   "error": error_f, "detector": detector if detector != "none" else "wider_box",
-                   "detector_version": GT_LABELLER_VERSION}
+                   "error": error_f, "detector": det.name if det is not None else BOX_CROPPER,
+                   "detector_version": det.version if det is not None else BOX_CROPPER_VERSION}
             if crop is not None:
                 row.update(transform=crop.transform.reshape(-1).tolist(), crop_index=len(packed),
                            aligned_mode=DETECT if crop.method == ALIGNED else "box", score=crop.score,
@@ -278,7 +284,7 @@ def train_and_evaluate(
         torch.set_num_threads(torch_threads)
     ws = Workspace(ws_root)
     mcfg = load_config(net_config)
-    tcfg = TrainConfig(**train_config)
+    tcfg = TrainConfig.from_dict(train_config)
     data = load_crops(ws, run_id)
     tr, va = data["train"], data["val"]
     if not tr["files"]:
@@ -299,7 +305,7 @@ def train_and_evaluate(
     save_checkpoint(ckpt_path, result.model, thresholds=result.thresholds, metrics=metrics, train=info,
                     version=run_id)
     return {"checkpoint": str(ckpt_path), "model_id": model_id(result.model), "metrics": metrics,
-            "thresholds": result.thresholds, "train_info": info, "val_probabilities": probs.tolist()}
+            "thresholds": result.thresholds, "train_info": info}
 
 
 def write_report(ws: Workspace, run_id: str, trained: dict[str, Any], data: dict[str, Any]) -> dict[str, Path]:
@@ -347,7 +353,7 @@ def _impl(params: dict[str, Any], extract_task: Any, train_task: Any) -> dict[st
     from models.attributes_train import TrainConfig
 
     load_config(params["net_config"])  # a bad configuration fails before any work starts
-    TrainConfig(**params["train_config"])
+    TrainConfig.from_dict(params["train_config"])
     det_kind, det_note = resolve_detector(params["detector"], params["crop_device"])
     record = {k: v for k, v in params.items() if k != "workspace"}
     with runtime.tracked_run(ws, "train_attributes", record, params["run_id"]) as state:
@@ -377,7 +383,6 @@ def _impl(params: dict[str, Any], extract_task: Any, train_task: Any) -> dict[st
         trained = train_task(str(ws.root), rid, params["net_config"], params["train_config"],
                              calibration_fraction=params["calibration_fraction"], device=params["device"],
                              torch_threads=params["torch_threads"])
-        trained.pop("val_probabilities", None)
         files = write_report(ws, rid, trained, data)
         _publish(files, trained)
         summary = {h: {k: m[k] for k in ("balanced_accuracy", "auroc", "threshold")}
@@ -504,7 +509,7 @@ def run_cli(args: argparse.Namespace) -> int:
     return 0
 
 
-main = runtime.main_for(__name__)
+main = runtime.main_for("flows.train_attributes")
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol
 
 import numpy as np
@@ -45,6 +45,15 @@ class TrainConfig:
     amp: bool = True  # mixed precision on CUDA (bf16 when supported, else fp16 + loss scaling)
     seed: int = 0
     num_workers: int = 0  # DataLoader workers reading crop packs
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Build from a mapping of overrides, refusing unknown keys."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown training setting(s) {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)
 
     def __post_init__(self) -> None:
         if self.imbalance not in IMBALANCE:

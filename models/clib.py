@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.factors import FACTOR_SHAPE, FACTORS, N_JOINT_FACTORS, N_PROMPTS, PROMPT_SHAPE, QUALITY_ANCHORS, prompts
+from pipeline.factors import FACTOR_SHAPE, N_JOINT_FACTORS, N_PROMPTS, PROMPT_SHAPE, QUALITY_ANCHORS, prompts
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 OPEN_CLIP_CONFIG_DIR = CONFIG_DIR / "open_clip"
@@ -284,10 +284,6 @@ class ClibFiqa(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("text_tower.")}
 
 
-def factor_names() -> tuple[str, ...]:
-    return FACTORS
-
-
 def _tokenize(model_name: str) -> Tensor:
     open_clip = _import_open_clip()
     texts = prompts()
@@ -305,8 +301,8 @@ def _check_tokens_fit(tokens: Tensor, texts: list[str]) -> None:
 
 
 def _empty_text(clip: nn.Module) -> Tensor:
-    k = clip.text_projection.shape[-1] if isinstance(clip.text_projection, Tensor) else clip.text_projection.out_features
-    return torch.zeros(N_PROMPTS, k)
+    proj = clip.text_projection
+    return torch.zeros(N_PROMPTS, proj.shape[-1] if isinstance(proj, Tensor) else proj.out_features)
 
 
 def _side(size: Any) -> int:

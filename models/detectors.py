@@ -41,22 +41,44 @@ def _check_rgb(image: Any) -> np.ndarray:
 
 
 class MTCNNDetector:
-    """MTCNN backend (the paper's alignment reference)."""
+    """MTCNN backend (the paper's alignment reference).
+
+    Images whose longer side exceeds `max_side` are detected on an area-downscaled
+    copy (results mapped back), which bounds time and memory on huge inputs.
+    """
 
     name = "mtcnn"
     version = "facenet-pytorch-2.6.0-weights"
 
     def __init__(self, min_face_size: float = 20.0, thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7),
-                 weights: dict[str, Path] | None = None, device: str = "cpu") -> None:
+                 weights: dict[str, Path] | None = None, device: str = "cpu", max_side: int = 2048) -> None:
         from models.mtcnn import MTCNN, MTCNNConfig
 
+        if max_side < 48:
+            raise ValueError(f"max_side must be >= 48 pixels, got {max_side}")
+        self.max_side = max_side
         self.model = MTCNN(MTCNNConfig(min_face_size=min_face_size, thresholds=thresholds), weights, device)
 
     def detect(self, image: np.ndarray) -> list[Detection]:
-        res = self.model.detect(_check_rgb(image))
+        image = _check_rgb(image)
+        h, w = image.shape[:2]
+        scale = min(1.0, self.max_side / max(h, w))
+        if scale < 1.0:
+            import cv2
+
+            size = (max(1, round(w * scale)), max(1, round(h * scale)))
+            image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+            sx, sy = size[0] / w, size[1] / h
+        res = self.model.detect(image)
         # Boxes come in the reference's 1-based arithmetic: shift the top-left corner to 0-based.
-        return [Detection(b - np.array([1, 1, 0, 0], np.float32), float(s), lm)
-                for b, s, lm in zip(res.boxes, res.scores, res.landmarks)]
+        out = []
+        for b, s, lm in zip(res.boxes, res.scores, res.landmarks, strict=True):
+            box, pts = (b - np.array([1, 1, 0, 0], np.float32)).astype(np.float64), lm.astype(np.float64)
+            if scale < 1.0:  # pixel-index coordinates: centres map as (x + 0.5) / s - 0.5
+                box = (box.reshape(2, 2) + 0.5) / np.array([sx, sy]) - 0.5
+                pts = (pts + 0.5) / np.array([sx, sy]) - 0.5
+            out.append(Detection(box.reshape(4), float(s), pts))
+        return out
 
 
 def _pack_file(pack_dir: Path, pattern: str, what: str) -> Path:
@@ -97,7 +119,8 @@ class SCRFDDetector:
         det, kps = self.model.detect(bgr, input_size=self.det_size)
         if kps is None:
             raise RuntimeError(f"SCRFD model {self.version} predicts no landmarks; alignment needs a *kps model")
-        return [Detection(d[:4].astype(np.float64), float(d[4]), k.astype(np.float64)) for d, k in zip(det, kps)]
+        return [Detection(d[:4].astype(np.float64), float(d[4]), k.astype(np.float64))
+                for d, k in zip(det, kps, strict=True)]
 
 
 DETECTORS = ("auto", "mtcnn", "scrfd")

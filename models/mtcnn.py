@@ -276,7 +276,9 @@ class MTCNN:
         boxes = _square(_regress(boxes[pick], reg[pick]))
         return torch.cat([boxes, score[pick, None]], dim=1)
 
-    def _stage3(self, img: torch.Tensor, sat: torch.Tensor, cand: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _stage3(
+        self, img: torch.Tensor, sat: torch.Tensor, cand: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         reg, lm, prob = self.onet(self._crops(img, sat, cand[:, :4], 48))
         keep = prob[:, 1] > self.config.thresholds[2]
         boxes, score, reg, lm = cand[keep, :4], prob[keep, 1], reg[keep], lm[keep]

@@ -48,7 +48,8 @@ def generic_face_68() -> np.ndarray:
     try:
         import insightface
     except ImportError as e:
-        raise RuntimeError("the generic 3D face model ships with the 'insightface' package: pip install insightface") from e
+        raise RuntimeError("the generic 3D face model ships with the 'insightface' package: "
+                           "pip install insightface") from e
     path = Path(insightface.__file__).parent / "data" / "objects" / "meanshape_68.pkl"
     try:
         with open(path, "rb") as fh:
@@ -225,7 +226,8 @@ class FiveLandmarkPose:
         five = generic_five()
         span = (five[3, 1] + five[4, 1]) / 2 - (five[0, 1] + five[1, 1]) / 2
         t = ARCFACE_TEMPLATE  # a frontal face's nose height is the template's, not the generic face's
-        self.nose_height = float((t[2, 1] - (t[0, 1] + t[1, 1]) / 2) / ((t[3, 1] + t[4, 1]) / 2 - (t[0, 1] + t[1, 1]) / 2))
+        eyes_y, mouth_y = (t[0, 1] + t[1, 1]) / 2, (t[3, 1] + t[4, 1]) / 2
+        self.nose_height = float((t[2, 1] - eyes_y) / (mouth_y - eyes_y))
         self.nose_depth_over_span = float(((five[[0, 1, 3, 4], 2].mean()) - five[2, 2]) / span)
 
     def estimate(self, crop: np.ndarray, landmarks5: np.ndarray | None) -> HeadPose:

@@ -315,6 +315,9 @@ def insightface_recognizer(pack: str | os.PathLike[str] | None = None, *, device
     if pack is None:
         home = Path(os.environ.get("INSIGHTFACE_HOME", Path.home() / ".insightface"))
         pack = home / "models" / "buffalo_l"
+        if not pack.exists():
+            raise FileNotFoundError(f"no insightface model pack at {pack} (nothing is downloaded): place "
+                                    "buffalo_l there, give insightface:/path/to/pack_or_model.onnx, or use dlib")
     model = find_insightface_model(pack)
     baked = _onnx_bakes_normalisation(model)
     return OnnxRecognizer(model, size=CROP_SIZE, bgr=False, mean=0.0 if baked else 127.5,

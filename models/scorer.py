@@ -54,7 +54,8 @@ class Scorer:
                            {f: np.concatenate(v) for f, v in factors.items()})
 
 
-def load(checkpoint: str | os.PathLike[str], *, device: str = "auto", batch_size: int = 64, bf16: bool = True) -> Scorer:
+def load(checkpoint: str | os.PathLike[str], *, device: str = "auto", batch_size: int = 64,
+         bf16: bool = True) -> Scorer:
     """A Scorer from a checkpoint, loaded with torch.load(weights_only=True)."""
     ckpt = load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt)

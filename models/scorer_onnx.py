@@ -65,7 +65,8 @@ def _check_array(a: np.ndarray) -> None:
 class OnnxScorer:
     """The exported scorer graph (image tower, fixed 360 x K matrix, softmax, weighted sum) in onnxruntime."""
 
-    def __init__(self, path: str | os.PathLike[str], *, batch_size: int = 64, providers: list[str] | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, batch_size: int = 64,
+                 providers: list[str] | None = None) -> None:
         try:
             import onnxruntime as ort
         except ImportError as e:
@@ -84,7 +85,8 @@ class OnnxScorer:
         scores, qualities, probs = [], [], []
         for arr in as_batch(images):
             for i in range(0, len(arr), self.batch_size):
-                s, q, p = self.session.run(list(ONNX_OUTPUTS), {ONNX_INPUT: np.ascontiguousarray(arr[i:i + self.batch_size])})
+                feed = {ONNX_INPUT: np.ascontiguousarray(arr[i:i + self.batch_size])}
+                s, q, p = self.session.run(list(ONNX_OUTPUTS), feed)
                 scores.append(s)
                 qualities.append(q)
                 probs.append(p)

@@ -236,13 +236,15 @@ class _EpochSampler(Sampler[int]):
         else:
             g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             order = torch.randperm(self.n, generator=g).tolist()
+        if self.world > 1:  # pad (like DistributedSampler) so every rank takes the same number of steps
+            order += order[: (-len(order)) % self.world]
         return order[self.rank::self.world]
 
     def __iter__(self):
         return iter(self._order())
 
     def __len__(self) -> int:
-        return len(range(self.rank, self.n, self.world))
+        return math.ceil(self.n / self.world) if self.world > 1 else self.n
 
 
 def resolve_device(name: str) -> torch.device:
@@ -374,9 +376,7 @@ def train(
         lr=config.lr, weight_decay=config.weight_decay,
     )
     n = len(data.sample_ids)
-    steps_per_epoch = math.ceil(len(range(dist.rank, n, dist.world)) / config.batch_size)
-    if dist.world > 1:  # every rank must take the same number of steps
-        steps_per_epoch = math.ceil(math.ceil(n / dist.world) / config.batch_size)
+    steps_per_epoch = math.ceil(math.ceil(n / dist.world) / config.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(config, s, steps_per_epoch))
 
@@ -468,11 +468,18 @@ def _check_resume(ckpt: dict[str, Any], model_config: ClibConfig, config: TrainC
         raise ValueError("--resume: the training set (sample order, anchors or labels) differs from the checkpoint's")
 
 
+def crop_loader(images: Any, batch_size: int, *, num_workers: int = 0, shuffle: bool = True, seed: int = 0,
+                epoch: int = 0, rank: int = 0, world: int = 1, pin_memory: bool = False) -> DataLoader:
+    """Batches of (sample index, uint8 crops (B, H, W, 3)) in a seeded per-epoch order; workers read the crops."""
+    dataset = images if isinstance(images, _Crops) else _Crops(images)
+    sampler = _EpochSampler(len(dataset), seed, epoch, shuffle, rank, world)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      collate_fn=_collate, pin_memory=pin_memory, persistent_workers=False, drop_last=False)
+
+
 def _loader(dataset: Dataset, config: TrainConfig, dist: _Dist, epoch: int, shuffle: bool) -> DataLoader:
-    sampler = _EpochSampler(len(dataset), config.seed, epoch, shuffle, dist.rank, dist.world)
-    return DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, num_workers=config.num_workers,
-                      collate_fn=_collate, pin_memory=dist.device.type == "cuda",
-                      persistent_workers=False, drop_last=False)
+    return crop_loader(dataset, config.batch_size, num_workers=config.num_workers, shuffle=shuffle, seed=config.seed,
+                       epoch=epoch, rank=dist.rank, world=dist.world, pin_memory=dist.device.type == "cuda")
 
 
 def _autocast(config: TrainConfig, device: torch.device) -> Any:
@@ -498,28 +505,36 @@ def _run_epoch(net: torch.nn.Module, model: ClibFiqa, dataset: Dataset, optimize
         idx = idx.to(device)
         beta = config.beta if stage1 else config.beta * rho[idx]
         target = soft_quality_targets(anchors[idx], beta, distance=config.distance)
-        with _autocast(config, device):
-            out = net(imgs, with_mlp=stage1)
-        loss, parts = clib_loss(out.quality, out.factors, target, labels[idx], lambda_emd=config.lambda_emd,
-                                gamma=config.gamma, official=config.official_losses)
-        if stage1:
-            mlp_fn = official_emd_loss if config.official_losses else emd_loss
-            mlp_loss = mlp_fn(out.extra["merged"], target)
-            loss = loss + mlp_loss
-            parts["mlp"] = mlp_loss.detach()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(groups["main"], config.grad_clip)
-            torch.nn.utils.clip_grad_norm_(groups["mlp"], config.grad_clip)
-        optimizer.step()
+        parts = train_step(net, model, imgs, target, labels[idx], config, optimizer, groups, stage1=stage1)
         scheduler.step()
-        model.clamp_temperature()
         b = len(idx)
         for k, v in parts.items():
             totals[k] = totals.get(k, 0.0) + float(v) * b
         count += b
     return {k: round(v / max(count, 1), 6) for k, v in totals.items()} | {"samples": count}
+
+
+def train_step(net: torch.nn.Module, model: ClibFiqa, imgs: Tensor, target: Tensor, labels: Tensor,
+               config: TrainConfig, optimizer: torch.optim.Optimizer, groups: dict[str, list[torch.nn.Parameter]],
+               *, stage1: bool) -> dict[str, Tensor]:
+    """One optimisation step on a batch: Eq. 7 (+ the MLP's fit to the targets in stage 1)."""
+    with _autocast(config, imgs.device):
+        out = net(imgs, with_mlp=stage1)
+    loss, parts = clib_loss(out.quality, out.factors, target, labels, lambda_emd=config.lambda_emd,
+                            gamma=config.gamma, official=config.official_losses)
+    if stage1:
+        mlp_fn = official_emd_loss if config.official_losses else emd_loss
+        mlp_loss = mlp_fn(out.extra["merged"], target)
+        loss = loss + mlp_loss
+        parts["mlp"] = mlp_loss.detach()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if config.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(groups["main"], config.grad_clip)
+        torch.nn.utils.clip_grad_norm_(groups["mlp"], config.grad_clip)
+    optimizer.step()
+    model.clamp_temperature()
+    return parts
 
 
 @torch.no_grad()

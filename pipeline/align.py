@@ -13,7 +13,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from pipeline.records import ERROR, NO_FACE, OK, FaceCrop
+from pipeline.records import ERROR, NO_FACE, FaceCrop
 
 CROP_SIZE = 112
 # ArcFace 112x112 template: left eye, right eye, nose tip, left mouth corner, right mouth corner (image left/right).

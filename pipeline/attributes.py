@@ -27,6 +27,7 @@ from pipeline.wider import WiderFace
 CROP_SIZE = align.CROP_SIZE
 DEFAULT_MARGIN = 0.15  # box crop: extra context on each side, as a fraction of the box's longer side
 MIN_LANDMARK_IOU = 0.3  # a detection is matched to a WIDER box only above this IoU
+CPU_FORWARD_BATCH = 16  # on CPU the stage forwards its batch in chunks this size: ~2x faster than 256 at once
 ALIGNED = "aligned"
 BOX = "box"
 
@@ -179,12 +180,23 @@ class AttributeStage:
 
     name = "attributes"
 
-    def __init__(self, checkpoint_path: str | os.PathLike[str], device: str = "cpu", batch_size: int = 256) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    def __init__(
+        self,
+        checkpoint_path: str | os.PathLike[str],
+        device: str = "cpu",
+        batch_size: int = 256,
+        *,
+        forward_batch: int | None = None,
+    ) -> None:
+        """`batch_size`: crops per call of the stage; `forward_batch`: crops per network forward
+        (default: CPU_FORWARD_BATCH on CPU, `batch_size` on an accelerator). Results do not depend on either."""
+        if batch_size < 1 or (forward_batch is not None and forward_batch < 1):
+            raise ValueError(f"batch sizes must be >= 1, got batch_size={batch_size} forward_batch={forward_batch}")
         self.checkpoint_path = resolve_checkpoint(checkpoint_path)
         self.device = device
         self.batch_size = batch_size
+        on_cpu = str(device).startswith("cpu")
+        self.forward_batch = forward_batch or (min(batch_size, CPU_FORWARD_BATCH) if on_cpu else batch_size)
         self.checkpoint = load_checkpoint(self.checkpoint_path, device)
         self.labeller = self.checkpoint.model_id
         self.version = self.checkpoint.version
@@ -192,7 +204,7 @@ class AttributeStage:
 
     def probabilities(self, crops: np.ndarray) -> np.ndarray:
         """Adverse-class probabilities (N, 3) in HEADS order for uint8 RGB crops (N, H, W, 3)."""
-        return predict_proba(self.checkpoint.model, crops, batch_size=self.batch_size, device=self.device)
+        return predict_proba(self.checkpoint.model, crops, batch_size=self.forward_batch, device=self.device)
 
     def _row(self, sample_id: str, factor: str, **kwargs: Any) -> dict[str, Any]:
         return factor_row(sample_id, factor, labeller=self.labeller, labeller_version=self.version, **kwargs)
@@ -223,6 +235,10 @@ class AttributeStage:
                                           status=status, error=error))
                     continue
                 p = float(prob_of[i][h])
+                if not np.isfinite(p):
+                    rows.append(self._row(rec.sample_id, factor, thresholds={"probability": threshold},
+                                          status=ERROR, error=f"non-finite {factor} probability {p}"))
+                    continue
                 rows.append(self._row(
                     rec.sample_id,
                     factor,

@@ -47,6 +47,11 @@ MAX_MARGIN = 100  # the width search stops after 101 steps on each side
 _CANNY_SIGMA = 1.0
 _CANNY_LOW = float(np.float32(0.1))  # the non-maximum suppression receives it as a C float
 _CANNY_HIGH = 0.2
+_CANNY_REACH = 6  # a Canny candidate depends on the input within this many pixels
+# scipy.ndimage.gaussian_filter's kernel for sigma 1, truncate 4 (radius 4), computed as scipy does.
+_GAUSS_X = np.arange(-4, 5)
+_GAUSS_W = np.exp(-0.5 / (_CANNY_SIGMA * _CANNY_SIGMA) * _GAUSS_X**2)
+_GAUSS_W = _GAUSS_W / _GAUSS_W.sum()
 
 # Octave/port Sobel: skimage HSOBEL_WEIGHTS normalised by its L1 norm, transposed (vertical edges).
 _SOBEL_V = np.array([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]]) / 8.0
@@ -107,7 +112,6 @@ class BlockGrid:
 # The blur labeller's face layout on 112x112 ArcFace-aligned crops: a 96x96 region
 # (rows 16..111: brows to chin; cols 8..103: cheek to cheek) tiled by 2x2 blocks of
 # 48 px, so the eyes, nose and mouth each fall in a block and every edge counts once.
-FACE_CROP_SIZE = 112
 FACE_GRID = BlockGrid(top=16, left=8, block_height=48, block_width=48, rows=2, cols=2)
 
 
@@ -155,16 +159,23 @@ def rgb_to_gray(rgb: np.ndarray) -> np.ndarray:
 @functools.lru_cache(maxsize=8)
 def _canny_bleed_over(shape: tuple[int, int]) -> np.ndarray:
     """Gaussian of an all-ones mask (zero padding) + eps: skimage's border renormalisation."""
-    ones = np.ones(shape, dtype=np.float64)
-    out = ndi.gaussian_filter(ones, _CANNY_SIGMA, mode="constant", cval=0.0, truncate=4.0)
+    out = _gaussian(np.ones(shape, dtype=np.float64))
     out += np.finfo(np.float64).eps
     out.setflags(write=False)
     return out
 
 
+def _gaussian(x: np.ndarray) -> np.ndarray:
+    """`ndi.gaussian_filter(x, 1.0, mode="constant")`: the same two 1-D passes, without its per-call set-up."""
+    out = np.empty_like(x)
+    ndi.correlate1d(x, _GAUSS_W, 0, out, mode="constant", cval=0.0)
+    ndi.correlate1d(out, _GAUSS_W, 1, out, mode="constant", cval=0.0)
+    return out
+
+
 def _canny_gradients(img: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """skimage canny's smoothing (border-renormalised Gaussian) and Sobel gradients + magnitude."""
-    smoothed = ndi.gaussian_filter(img, _CANNY_SIGMA, mode="constant", cval=0.0, truncate=4.0)
+    smoothed = _gaussian(img)
     smoothed /= _canny_bleed_over(img.shape)
     isobel, jsobel = _sobel_pair(smoothed)
     magnitude = isobel * isobel
@@ -256,14 +267,15 @@ def _nonmaximum_suppression(isobel: np.ndarray, jsobel: np.ndarray, mag: np.ndar
         diag += axis * omw
         return diag <= m
 
-    # Diagonals follow the gradient sign: (+1,+1)/(-1,-1) for equal signs, (+1,-1)/(-1,+1) otherwise.
-    low_diag = np.where(same, sh(1, 1), sh(1, -1))
-    high_diag = np.where(same, sh(-1, -1), sh(-1, 1))
-    right_diag = np.where(same, sh(1, 1), sh(-1, 1))
-    left_diag = np.where(same, sh(-1, -1), sh(1, -1))
-    along_rows = below(low_diag, sh(1, 0)) & below(high_diag, sh(-1, 0))
-    along_cols = below(right_diag, sh(0, 1)) & below(left_diag, sh(0, -1))
-    keep = np.where(vertical, along_rows, along_cols)
+    # Diagonals follow the gradient sign: (+1,+1)/(-1,-1) for equal signs, (+1,-1)/(-1,+1) otherwise;
+    # each is paired with the vertical neighbour on its row, or else with the horizontal one on its side.
+    diag_low = np.where(same, sh(1, 1), sh(1, -1))
+    diag_high = np.where(same, sh(-1, -1), sh(-1, 1))
+    right, left = sh(0, 1), sh(0, -1)
+    axis_low = np.where(vertical, sh(1, 0), np.where(same, right, left))
+    axis_high = np.where(vertical, sh(-1, 0), np.where(same, left, right))
+    keep = below(diag_low, axis_low)
+    keep &= below(diag_high, axis_high)
     keep &= m >= _CANNY_LOW
     return keep
 
@@ -349,7 +361,13 @@ def _widths_at(img: np.ndarray, r: np.ndarray, c: np.ndarray) -> np.ndarray:
     q = np.abs(angle / 45.0)
     rising = q < 0.5  # MATLAB round(angle / 45) == 0 (half away from zero)
     falling = q >= 3.5  # round(angle / 45) == +-4
-    sign, run, bounds = _step_runs(img)
+    if p.size == 0:
+        return np.zeros(0)
+    # Runs only over the rows in use, with one row of margin on each side so that the
+    # separator before column 1 and after column W-2 of every used row is inside the window.
+    first_row = int(r.min()) - 1
+    sign, run, bounds = _step_runs(img[first_row : int(r.max()) + 2])
+    p = p - first_row * cols
     want = np.where(rising, 1.0, -1.0)
     # Left: consecutive steps at columns c-2, c-3, ... with the wanted sign; right: c+1, c+2, ...
     # For c = 1 the step left of c - 1 is the previous row's NaN, for c = W-2 the right one is NaN.
@@ -453,12 +471,20 @@ def measure(gray: np.ndarray, grid: BlockGrid | None = None) -> CpbdResult:
     if grid.n_blocks == 0:
         return CpbdResult(0.0, 0, 0, 0)
     limit = grid.block_height * grid.block_width * EDGE_BLOCK_FRACTION
-    grads = _canny_gradients(img)
-    # Pixels found on every 8th row are true Canny edges (strong ones survive hysteresis):
-    # when every block already has more than `limit` of them, the full map is not needed.
-    counts = grid.counts(_canny_candidates(grads, row_step=8)[1])
+    rows, cols = img.shape
+    # Fast exact decision on the grid's neighbourhood: Canny values at a pixel depend on the
+    # image within 6 px (Gaussian radius 4, Sobel 1, suppression 1), so a crop with that margin
+    # (or the image border) gives the same candidates inside the blocks. Pixels found on every
+    # 8th row are true Canny edges (strong ones survive hysteresis): when every block already
+    # holds more than `limit` of them, the full map is not needed.
+    bottom, right = grid.top + grid.rows * grid.block_height, grid.left + grid.cols * grid.block_width
+    r0, c0 = max(grid.top - _CANNY_REACH, 0), max(grid.left - _CANNY_REACH, 0)
+    r1, c1 = min(bottom + _CANNY_REACH, rows), min(right + _CANNY_REACH, cols)
+    near = np.ascontiguousarray(img[r0:r1, c0:c1])
+    near_grid = BlockGrid(grid.top - r0, grid.left - c0, grid.block_height, grid.block_width, grid.rows, grid.cols)
+    counts = near_grid.counts(_canny_candidates(_canny_gradients(near), row_step=8)[1])
     if not (counts > limit).all():
-        keep, strong = _canny_candidates(grads)
+        keep, strong = _canny_candidates(_canny_gradients(img))
         counts = grid.counts(strong)
         # Hysteresis only adds weak pixels to strong ones: blocks already above the limit, or
         # whose candidates cannot reach it, are decided without tracing.
@@ -466,20 +492,21 @@ def measure(gray: np.ndarray, grid: BlockGrid | None = None) -> CpbdResult:
             counts = grid.counts(_hysteresis(keep, strong))
     is_edge_block = counts > limit
     n_edge_blocks = int(is_edge_block.sum())
-    rows, cols = img.shape
     if n_edge_blocks == 0 or rows < 3 or cols < 3:
         return CpbdResult(0.0, grid.n_blocks, n_edge_blocks, 0)
 
-    # Sobel edges (interior only: widths are never measured on the border) inside edge blocks.
+    # Sobel edges inside edge blocks, thinned only there and never on the image border (the
+    # reference measures no width there); the threshold still uses the whole image.
     strength2 = np.square(_vertical_sobel(img, integral))
     bh, bw = grid.block_height, grid.block_width
-    edges = np.zeros((rows, cols), dtype=bool)
-    grid.tiles(edges)[...] = is_edge_block.reshape(grid.rows, 1, grid.cols, 1)
-    edges[1:-1, 1:-1] &= _thin(strength2, 2.0 * np.sqrt(np.mean(strength2)))
-    edges[[0, -1], :] = False
-    edges[:, [0, -1]] = False
-    flat_index = np.flatnonzero(edges)
-    r, c = np.divmod(flat_index, cols)
+    ra, rb, ca, cb = max(grid.top, 1), min(bottom, rows - 1), max(grid.left, 1), min(right, cols - 1)
+    selected = np.zeros((rows, cols), dtype=bool)
+    grid.tiles(selected)[...] = is_edge_block.reshape(grid.rows, 1, grid.cols, 1)
+    edges = selected[ra:rb, ca:cb]
+    edges &= _thin(strength2[ra - 1 : rb + 1, ca - 1 : cb + 1], 2.0 * np.sqrt(np.mean(strength2)))
+    r, c = np.divmod(np.flatnonzero(edges), cb - ca)
+    r += ra
+    c += ca
     widths = _widths_at(img, r, c)
     present = widths != 0
     if not present.any():
@@ -542,9 +569,8 @@ class BlurStage:
         if face.crop is None:
             return self._row(face.sample_id, status=ERROR, error="crop is missing although status is ok")
         try:
-            self.grid.check(np.shape(face.crop)[:2])
             result = face_measure(face.crop, self.grid)
-        except ValueError as e:
+        except (ValueError, TypeError) as e:
             return self._row(face.sample_id, status=ERROR, error=f"CPBD failed: {e}")
         details = {
             "grid": self.grid.to_dict(),

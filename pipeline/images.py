@@ -106,8 +106,10 @@ def _jpeg_header(data: bytes) -> HeaderInfo:
 def decode(data: bytes, *, max_pixels: int = MAX_PIXELS, pixels: bool = True) -> DecodedImage:
     """Decode encoded image bytes to RGB uint8, or say why they are unusable.
 
-    The whole stream is always decoded (that is what proves a JPEG is not truncated);
-    `pixels=False` skips the RGB conversion and returns `rgb=None`, for validation only.
+    The whole stream is always decoded (that is what proves a JPEG is not truncated).
+    `pixels=False` validates only and returns `rgb=None`: a JPEG is then decoded with
+    DCT scaling (every entropy-coded byte is still parsed, the inverse DCT runs at 1/8
+    size), which is about twice as fast.
     """
     if len(data) == 0:
         return DecodedImage(EMPTY, "zero-byte file")
@@ -127,10 +129,13 @@ def decode(data: bytes, *, max_pixels: int = MAX_PIXELS, pixels: bool = True) ->
     except (OSError, SyntaxError, ValueError, struct.error, EOFError) as e:
         return _failure(e, head.format, head.width, head.height)
     fmt = im.format or head.format
+    mode = im.mode
     w, h = im.size
     if w * h > max_pixels:
         return _too_large(fmt, w, h, max_pixels)
     try:
+        if not pixels and fmt == "JPEG":
+            im.draft(mode, (max(1, w // 8), max(1, h // 8)))
         im.load()
     except (OSError, SyntaxError, ValueError, struct.error, EOFError, MemoryError) as e:
         return _failure(e, fmt, w, h)
@@ -138,18 +143,19 @@ def decode(data: bytes, *, max_pixels: int = MAX_PIXELS, pixels: bool = True) ->
     frames = getattr(im, "n_frames", 1)
     if frames > 1:
         notes.append(f"first of {frames} frames")
-    mode = im.mode
     if head.bit_depth == 16 and fmt == "PNG" and not mode.startswith("I"):
         notes.append(f"16-bit-per-channel PNG read as 8-bit {mode}")
     orientation = _orientation(im)
     if orientation in range(2, 9):
-        im = ImageOps.exif_transpose(im)
         notes.append(f"EXIF orientation {orientation} applied")
+        if orientation >= 5:  # transposed: width and height swap
+            w, h = h, w
+        if pixels:
+            im = ImageOps.exif_transpose(im)
     note = conversion_note(mode)
     if note:
         notes.append(note)
     rgb = to_rgb(im) if pixels else None
-    w, h = im.size
     return DecodedImage(OK, "; ".join(notes) or None, fmt, w, h, _channels(mode), mode, rgb)
 
 

@@ -191,6 +191,7 @@ def _utf8(text: str) -> tuple[str, bool]:
 def _file_record(kind: str, path: Path, key: str, identity: int, name: str | None, max_bytes: int) -> Record:
     source, ok_source = _utf8(str(path))
     key_text, _ = _utf8(key)
+    name = None if name is None else _utf8(name)[0]
     if not ok_source:
         return Record(kind, source, key_text, identity, name, None, images.BAD_ENTRY,
                       "file name is not valid UTF-8; it cannot be stored or re-opened by name")
@@ -669,11 +670,10 @@ class ListReader(DatasetReader):
                 yield start, lineno, text
 
     def _split_row(self, text: str) -> list[str]:
-        delim = self.delimiter
-        if delim is None:
+        if self.delimiter is None:  # decided once, from the file name or the first data line
             suffix = self.path.suffix.lower()
-            delim = "\t" if suffix == ".tsv" else "," if suffix == ".csv" else "\t" if "\t" in text else ","
-        return [c.strip() for c in next(csv.reader([text], delimiter=delim))]
+            self.delimiter = "\t" if suffix == ".tsv" else "," if suffix == ".csv" else "\t" if "\t" in text else ","
+        return [c.strip() for c in next(csv.reader([text], delimiter=self.delimiter))]
 
     @staticmethod
     def _is_header(fields: list[str]) -> bool:
@@ -730,7 +730,7 @@ class ListReader(DatasetReader):
         return _file_record(self.kind, path, rel, label, name, self.max_bytes)
 
     def _delim_name(self) -> str:
-        return "<TAB>" if (self.delimiter or "") == "\t" or self.path.suffix.lower() == ".tsv" else ","
+        return "<TAB>" if self.delimiter == "\t" else ","
 
 
 def _is_int(s: str) -> bool:

@@ -94,7 +94,7 @@ def test_real_faces_redetected_on_the_crop_land_where_the_transform_puts_them(na
     """Crop -> re-detect: landmarks within 3 px of the aligned landmarks; the template gap is the fit's own."""
     det = mtcnn_detector()
     res = mtcnn_result(name)
-    keep = choose_face(list(zip(res.boxes, res.scores, res.landmarks)))
+    keep = choose_face(list(zip(res.boxes, res.scores, res.landmarks, strict=True)))
     lm = res.landmarks[keep]
     m = similarity_transform(lm)
     crop = warp(np.asarray(real_face(name)), m)
@@ -188,7 +188,8 @@ def _tiny_scrfd(path, size: int = 64) -> None:
                 b[:] = np.tile(kps, 2)
             inits += [numpy_helper.from_array(w, f"w_{kind}{stride}"), numpy_helper.from_array(b, f"b_{kind}{stride}")]
             out = f"{kind}_{stride}"
-            nodes.append(helper.make_node("Conv", [f"p{stride}", f"w_{kind}{stride}", f"b_{kind}{stride}"], [f"c_{out}"]))
+            conv_in = [f"p{stride}", f"w_{kind}{stride}", f"b_{kind}{stride}"]
+            nodes.append(helper.make_node("Conv", conv_in, [f"c_{out}"]))
             src = f"c_{out}"
             if kind == "score":
                 nodes.append(helper.make_node("Sigmoid", [src], [f"s_{out}"]))

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from face_fixtures import aligned_identities
 
 from pipeline import anchors as A
+from tests.face_fixtures import aligned_identities
 
 ROOT = Path(__file__).resolve().parent.parent
 

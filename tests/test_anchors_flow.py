@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from face_fixtures import aligned_identities
 
 from data_manifest import ShardWriter, catalog, crops, runs
 from pipeline import anchors as A
 from pipeline.degrade import degrade
+from tests.face_fixtures import aligned_identities
 
 pytest.importorskip("dlib")
 
@@ -51,6 +51,9 @@ def test_anchors_flow_matches_the_pure_api_and_resumes(workspace, prefect_harnes
     from flows import anchors as F
 
     idents = _seed_workspace(workspace)
+    with pytest.raises(FileNotFoundError, match="does not exist"):  # bad configuration: fails before any run
+        F.anchors_flow(workspace=str(workspace.root), fr_model="insightface:/nonexistent/pack")
+    assert not any(workspace.runs_dir.iterdir())
     out = F.anchors_flow(workspace=str(workspace.root), fr_model="dlib", shard_size=5, chunk_size=4,
                          center_block=3, device="cpu", progress=False)
     rid = out["run_id"]

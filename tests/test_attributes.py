@@ -48,7 +48,7 @@ from pipeline.attributes import (
 )
 from pipeline.factors import FACTOR_CLASSES
 from pipeline.records import NO_FACE, FaceCrop
-from pipeline.wider import WiderFace
+from pipeline.wider import WiderFace, parse, split_layout
 
 torch.set_num_threads(1)  # robust timing on a shared 2-core machine
 
@@ -198,6 +198,8 @@ def test_config_errors(tmp_path: Path) -> None:
         load_config(bad)
     with pytest.raises(ValueError, match="arch"):
         AttributeNetConfig(arch="vgg")
+    with pytest.raises(ValueError, match="epoch"):
+        TrainConfig.from_dict({"epoch": 3})
 
 
 def test_checkpoint_round_trip(tmp_path: Path) -> None:
@@ -254,7 +256,13 @@ def test_training_crop_with_mtcnn_on_a_real_face() -> None:
 
 
 def test_flow_rejects_bad_inputs_before_work(tmp_path: Path) -> None:
-    from flows.train_attributes import configure_parser, resolve_detector, resolve_splits, train_config_from_args
+    from flows.train_attributes import (
+        _face_key,
+        configure_parser,
+        resolve_detector,
+        resolve_splits,
+        train_config_from_args,
+    )
 
     with pytest.raises(FileNotFoundError, match="train annotation file"):
         resolve_splits(str(tmp_path))
@@ -263,6 +271,9 @@ def test_flow_rejects_bad_inputs_before_work(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown detector"):
         resolve_detector("haar", "cpu")
     assert resolve_detector("none", "cpu") == ("none", None)
+    seen: dict[str, int] = {}
+    keys = [_face_key("a/b.jpg", (1, 2, 30, 40), seen) for _ in range(2)] + [_face_key("a/b.jpg", (1, 2, 3, 4), seen)]
+    assert keys == ["a/b.jpg#1,2,30,40", "a/b.jpg#1,2,30,40~1", "a/b.jpg#1,2,3,4"]
     import argparse
 
     p = argparse.ArgumentParser()
@@ -281,6 +292,10 @@ def trained(prefect_harness, tmp_path_factory) -> dict:
 
     base = tmp_path_factory.mktemp("attr")
     root = make_dataset(base / "wider", SyntheticSpec(images=160), seed=3)
+    # one train image goes missing: its faces must come back as rows with a status, not stop the run
+    gt, images = split_layout(root, "train")
+    lost = next(r for r in parse(gt) if len(r.faces) == 2)
+    (images / lost.path).unlink()
     t0 = time.perf_counter()
     out = train_attributes_flow(
         wider_root=str(root),
@@ -295,6 +310,7 @@ def trained(prefect_harness, tmp_path_factory) -> dict:
     )
     out["seconds"] = time.perf_counter() - t0
     out["ws"] = Workspace(base / "ws")
+    out["lost"] = lost
     return out
 
 
@@ -306,8 +322,9 @@ def test_flow_trains_and_beats_chance(trained: dict) -> None:
         assert m["balanced_accuracy"] > 0.75, (h, m)
         assert m["auroc"] > 0.85, (h, m)
     data = trained["data"]
-    assert data["train"]["images"] == 160 and data["train"]["crops"] == data["train"]["kept"]
+    assert data["train"]["images"] == 160 and data["train"]["crops"] == data["train"]["kept"] - 2
     assert data["train"]["box"] == data["train"]["crops"] and data["train"]["aligned"] == 0
+    assert data["train"]["failed"] == 2 and data["val"]["failed"] == 0
     assert set(data["train"]["skipped"]) <= {"invalid", "too_small"} and sum(data["train"]["skipped"].values()) > 0
 
     ws = trained["ws"]
@@ -325,6 +342,17 @@ def test_flow_trains_and_beats_chance(trained: dict) -> None:
     rows = catalog.query(ws, "SELECT dataset, count(*) AS n FROM labels GROUP BY dataset ORDER BY dataset").to_pylist()
     assert [r["dataset"] for r in rows] == ["wider_face/train", "wider_face/val"]
     assert sum(r["n"] for r in rows) == data["train"]["kept"] + data["val"]["kept"]
+    missing = catalog.query(ws, "SELECT s.source, s.status, f.error FROM samples s JOIN faces f USING (sample_id) "
+                                "WHERE s.status <> 'ok'").to_pylist()
+    assert len(missing) == 2 and all(m["status"] == "missing" and trained["lost"].path in m["error"] for m in missing)
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_="attributes-%")))
+    kinds = {a.key: a.type for a in arts}
+    assert kinds["attributes-report"] == "markdown" and kinds["attributes-metrics"] == "table"
+    assert all(kinds[f"attributes-confusion-{h}"] == "image" for h in HEADS)
     run = catalog.query(ws, "SELECT status, metrics FROM runs WHERE flow = 'train_attributes'").to_pylist()
     assert run[0]["status"] == "completed" and json.loads(run[0]["metrics"])["model_id"] == trained["model_id"]
 
@@ -344,6 +372,7 @@ def test_label_stage_equals_direct_forward(trained: dict) -> None:
     assert stage.name == "attributes" and stage.labeller == trained["model_id"]
     batch = [FaceCrop(r["sample_id"], c) for r, c in zip(shard, crops, strict=True)]
     batch.append(FaceCrop("missing-face", None, status=NO_FACE, error="no face found"))
+    batch.append(FaceCrop("small-crop", crops[0, :100, :100]))
     rows = stage(batch)
     assert len(rows) == 3 * len(batch)
     got = np.array([[r["value"] for r in rows[3 * i : 3 * i + 3]] for i in range(len(shard))])
@@ -355,5 +384,6 @@ def test_label_stage_equals_direct_forward(trained: dict) -> None:
         assert r["labeller"] == trained["model_id"] and json.loads(r["thresholds"]) == {"probability": t}
         assert r["status"] == "ok"
     assert [r["factor"] for r in rows[:3]] == list(HEADS)
-    tail = rows[-3:]
-    assert all(r["status"] == NO_FACE and r["value"] is None and r["error"] == "no face found" for r in tail)
+    no_face, small = rows[-6:-3], rows[-3:]
+    assert all(r["status"] == NO_FACE and r["value"] is None and r["error"] == "no face found" for r in no_face)
+    assert all(r["status"] == "error" and r["value"] is None and "100x100" in r["error"] for r in small)

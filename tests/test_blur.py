@@ -284,6 +284,8 @@ def test_stage_failures_become_rows():
         FaceCrop("small", np.zeros((60, 60, 3), dtype=np.uint8)),
         FaceCrop("nan", nan_crop),
         FaceCrop("gray", np.zeros((112, 112), dtype=np.uint8)),
+        FaceCrop("flat_list", np.zeros(12, dtype=np.uint8)),
+        FaceCrop("text", np.full((112, 112, 3), "x")),
         FaceCrop("flat", flat),
     ]
     rows = {r["sample_id"]: r for r in BlurStage()(batch)}
@@ -294,6 +296,8 @@ def test_stage_failures_become_rows():
     assert rows["small"]["status"] == ERROR and "outside the image" in rows["small"]["error"]
     assert rows["nan"]["status"] == ERROR and "NaN" in rows["nan"]["error"]
     assert rows["gray"]["status"] == ERROR and "(H, W, 3)" in rows["gray"]["error"]
+    assert rows["flat_list"]["status"] == ERROR and "(H, W, 3)" in rows["flat_list"]["error"]
+    assert rows["text"]["status"] == ERROR and "dtype <U1" in rows["text"]["error"]
     # No edge block: CPBD 0 as the MATLAB code gives, labelled hazy, flagged in the details.
     assert rows["flat"]["status"] == OK and rows["flat"]["value"] == 0.0 and rows["flat"]["class_name"] == "hazy"
     assert json.loads(rows["flat"]["details"])["no_edge_blocks"] is True

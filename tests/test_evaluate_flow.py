@@ -185,7 +185,7 @@ def test_quality_ours_from_a_checkpoint_with_precomputed_embeddings(generated, w
     rng = np.random.default_rng(0)
     keys, ident, oracle = generated["keys"], generated["ident"], generated["oracle"]
     centre = {n: rng.normal(size=64) for n in dict.fromkeys(ident)}
-    emb = np.stack([centre[n] + rng.normal(size=64) * 1.5 * (1 - q) for n, q in zip(ident, oracle, strict=True)])
+    emb = np.stack([centre[n] + rng.normal(size=64) * 5.0 * (1 - q) for n, q in zip(ident, oracle, strict=True)])
     emb_file = tmp_path / "emb.parquet"
     pq.write_table(pa.table({"sample_key": keys, "embedding": emb.astype(np.float32).tolist()}), emb_file)
     root = generated["root"]

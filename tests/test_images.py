@@ -159,3 +159,19 @@ def test_zero_size_header_is_corrupt():
 def test_garbage_after_valid_signature_is_corrupt():
     d = images.decode(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
     assert d.status in (images.CORRUPT, images.NOT_IMAGE, images.TRUNCATED) and d.error
+
+
+def test_validation_only_agrees_with_full_decode():
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    cases = [_encode(SMOOTH, "JPEG"), _encode(SMOOTH[..., 0], "JPEG"), _encode(SMOOTH, "JPEG", exif=exif),
+             _encode(np.dstack([SMOOTH, SMOOTH[..., :1]]), "JPEG", "CMYK"), _encode(SMOOTH, "PNG")]
+    jpeg = cases[0]
+    cases += [jpeg[: len(jpeg) // 2], jpeg[:-2]]
+    for data in cases:
+        full, fast = images.decode(data), images.decode(data, pixels=False)
+        assert fast.rgb is None
+        assert (fast.status, fast.error, fast.format, fast.width, fast.height, fast.channels, fast.mode) == (
+            full.status, full.error, full.format, full.width, full.height, full.channels, full.mode)
+        if full.ok:
+            assert (full.height, full.width) == full.rgb.shape[:2]

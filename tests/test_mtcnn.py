@@ -39,7 +39,7 @@ def test_detections_equal_facenet_pytorch(name):
     ours = mtcnn_result(name)
     ref = REF[REF_KEYS[name]]
     assert len(ours.boxes) == len(ref["boxes"])
-    for rbox, rscore, rlm in zip(ref["boxes"], ref["scores"], ref["landmarks"]):
+    for rbox, rscore, rlm in zip(ref["boxes"], ref["scores"], ref["landmarks"], strict=True):
         i = int(np.argmin(np.abs(ours.boxes - np.array(rbox)).sum(axis=1)))
         np.testing.assert_allclose(ours.boxes[i], rbox, atol=0.01)
         np.testing.assert_allclose(ours.landmarks[i], rlm, atol=0.01)
@@ -127,3 +127,18 @@ def test_fetch_fails_clearly_when_pip_cannot_reach_an_index(tmp_path, monkeypatc
     assert fetch_weights.main([]) == 1
     with pytest.raises(fetch_weights.FetchError, match="could not download facenet-pytorch==2.6.0"):
         fetch_weights.download_wheel(tmp_path, timeout_s=120)
+
+
+def test_huge_images_are_detected_on_a_downscaled_copy():
+    from models.detectors import MTCNNDetector
+
+    det = mtcnn_detector()
+    small = MTCNNDetector(max_side=256)
+    small.model = det.model  # same networks, lower max_side
+    img = np.asarray(real_face("astronaut"))  # 512x512 -> detected at 256x256
+    ref = mtcnn_result("astronaut")
+    got = small.detect(img)
+    assert len(got) == 1
+    assert np.linalg.norm(got[0].landmarks - ref.landmarks[0], axis=1).max() < 4.0  # 2x coarser grid
+    with pytest.raises(ValueError, match="max_side"):
+        MTCNNDetector(max_side=10)

@@ -14,14 +14,14 @@ from models.pose import (
     FiveLandmarkPose,
     InsightFace3D68Pose,
     camera_matrix,
-    generic_five,
     generic_face_68,
+    generic_five,
     pnp_pose,
 )
 from pipeline.align import choose_face, similarity_transform, transform_points, warp
 from pipeline.pose import HeadPose, PoseStage, angles_from_rotation, rotation_from_angles
 from pipeline.records import ERROR, NO_FACE, OK, FaceCrop
-from tests._faces import mtcnn_result, real_face
+from tests._faces import mtcnn_detector, mtcnn_result, real_face
 
 
 def test_angles_round_trip_and_sign_convention():
@@ -73,44 +73,43 @@ def test_five_point_estimate_on_weak_perspective_projection(yaw):
         FiveLandmarkPose().estimate(np.zeros((112, 112, 3), np.uint8), None)
 
 
-def _aligned(name: str, flipped: bool, pick: int | None = None):
-    img = np.asarray(real_face(name))
-    if flipped:
-        img = np.ascontiguousarray(img[:, ::-1])
-    res = mtcnn_result(name, flipped)
-    dets = list(zip(res.boxes, res.scores, res.landmarks))
-    i = choose_face(dets) if pick is None else pick
-    m = similarity_transform(dets[i][2])
-    return warp(img, m), transform_points(dets[i][2], m), dets[i][0]
+def _regions() -> list[np.ndarray]:
+    """Tom Hanks plus a square region around each large, confident face of t1 (cheap to re-detect)."""
+    regions = [np.asarray(real_face("tom_hanks"))]
+    t1, img = mtcnn_result("t1"), np.asarray(real_face("t1"))
+    for box, score in zip(t1.boxes, t1.scores, strict=True):
+        side = box[2] - box[0]
+        if score < 0.95 or side < 50:
+            continue
+        cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+        x0, y0 = int(max(cx - side, 0)), int(max(cy - side, 0))
+        regions.append(np.ascontiguousarray(img[y0:int(cy + side), x0:int(cx + side)]))
+    return regions
 
 
-def _match_flipped(name: str, box: np.ndarray) -> int:
-    """Index of the face in the flipped image's detections that mirrors `box`."""
-    width = real_face(name).shape[1]
-    res = mtcnn_result(name, True)
-    mirrored = np.array([width - box[2], box[1], width - box[0], box[3]])
-    return int(np.argmin(np.abs(res.boxes - mirrored).sum(axis=1)))
+def _aligned(image: np.ndarray):
+    dets = mtcnn_detector().detect(image)
+    lm = dets[choose_face(dets)].landmarks
+    m = similarity_transform(lm)
+    return warp(image, m), transform_points(lm, m)
 
 
 def test_horizontal_flip_flips_the_sign_of_yaw_on_real_faces():
     dlib_pose, five = DlibPnPPose(), FiveLandmarkPose()
-    t1 = mtcnn_result("t1")
-    big = [i for i, (b, s) in enumerate(zip(t1.boxes, t1.scores)) if s > 0.95 and b[2] - b[0] > 50]
-    faces = [("tom_hanks", None)] + [("t1", i) for i in big]
     checked = 0
-    for name, pick in faces:
-        crop, lm, box = _aligned(name, False, pick)
-        fcrop, flm, _ = _aligned(name, True, _match_flipped(name, box))
+    for region in _regions():
+        crop, lm = _aligned(region)
+        fcrop, flm = _aligned(np.ascontiguousarray(region[:, ::-1]))
         for backend in (dlib_pose, five):
             a, b = backend.estimate(crop, lm), backend.estimate(fcrop, flm)
             if abs(a.yaw) < 8:  # near-frontal: the sign is noise
                 continue
             checked += 1
-            assert np.sign(a.yaw) == -np.sign(b.yaw), (name, pick, backend.name, a.yaw, b.yaw)
-            assert abs(a.yaw + b.yaw) < 0.35 * abs(a.yaw) + 3, (name, pick, backend.name, a.yaw, b.yaw)
+            assert np.sign(a.yaw) == -np.sign(b.yaw), (backend.name, a.yaw, b.yaw)
+            assert abs(a.yaw + b.yaw) < 0.35 * abs(a.yaw) + 3, (backend.name, a.yaw, b.yaw)
     assert checked >= 6
     # Tom Hanks looks to the image's right: positive yaw by the documented convention.
-    crop, lm, _ = _aligned("tom_hanks", False)
+    crop, lm = _aligned(np.asarray(real_face("tom_hanks")))
     assert dlib_pose.estimate(crop, lm).yaw > 10
 
 

@@ -383,3 +383,14 @@ def test_library_writer_matches_the_independent_writer(tmp_path):
     recs = _all(reader)
     assert [r.identity for r in recs] == labels and [r.data for r in recs] == [_jpeg(i) + MAGIC for i in range(6)]
     assert reader.identity_ranges() == {0: (1, 3), 1: (3, 4), 2: (4, 7)}
+
+
+def test_folder_non_utf8_names_become_bad_entries(tmp_path):
+    os.makedirs(os.path.join(os.fsencode(tmp_path), b"id\xff"))
+    with open(os.path.join(os.fsencode(tmp_path), b"id\xff", b"x\xfe.png"), "wb") as f:
+        f.write(_png(1))
+    (rec,) = list(FolderReader(tmp_path))
+    assert rec.status == images.BAD_ENTRY and "UTF-8" in rec.error
+    for text in (rec.source, rec.key, rec.identity_name):
+        text.encode("utf-8")  # storable in Parquet
+    assert "\\xfe" in rec.source and rec.identity == 0

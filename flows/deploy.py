@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import flows  # noqa: F401  (Prefect defaults before prefect is imported)
 from flows import scheduled
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -86,7 +85,7 @@ def setup_commands(cpu_pool: str = DEFAULT_CPU_POOL, gpu_pool: str = DEFAULT_GPU
         f"prefect work-pool create {cpu_pool} --type process",
         f"prefect work-pool create {gpu_pool} --type process",
         f"prefect work-pool set-concurrency-limit {gpu_pool} {GPU_POOL_LIMIT}  # one GPU flow run at a time",
-        f"prefect concurrency-limit create {scheduled.GPU_TAG} 1  # one task run tagged '{scheduled.GPU_TAG}' at a time",
+        f"prefect concurrency-limit create {scheduled.GPU_TAG} 1  # one task run tagged {scheduled.GPU_TAG!r} at once",
         f"prefect worker start --pool {cpu_pool}  # on a CPU machine, in the project checkout",
         f"CUDA_VISIBLE_DEVICES=0 prefect worker start --pool {gpu_pool}  # on the GPU machine",
     ]
@@ -151,6 +150,7 @@ def register(args: argparse.Namespace) -> list[str]:
     refresh = Flow.from_source(source=source, entrypoint=REFRESH_ENTRYPOINT)
     refresh.deploy(name=args.name or refresh_name(args.dataset), work_pool_name=args.cpu_pool, cron=args.cron,
                    parameters=params, tags=["fiqa", "cpu"], build=False, push=False, print_next_steps=False,
+                   concurrency_limit=1,
                    description=f"ingest + label + anchors of the new samples of {args.dataset}")
     names.append(f"{refresh.name}/{args.name or refresh_name(args.dataset)}")
     if not args.no_train:
@@ -170,7 +170,7 @@ def serve(args: argparse.Namespace) -> None:
 
     deployments = [scheduled.refresh_dataset.to_deployment(
         name=args.name or refresh_name(args.dataset), cron=args.cron, parameters=refresh_parameters(args),
-        tags=["fiqa", "cpu"], entrypoint_type=EntrypointType.MODULE_PATH)]
+        tags=["fiqa", "cpu"], entrypoint_type=EntrypointType.MODULE_PATH, concurrency_limit=1)]
     if args.train_cron_serve:
         deployments.append(scheduled.train_and_score.to_deployment(
             name=args.train_name, cron=args.train_cron_serve, parameters=train_parameters(args),

@@ -18,7 +18,6 @@ import inspect
 from collections.abc import Sequence
 from typing import Any
 
-import flows  # noqa: F401  (Prefect defaults before prefect is imported)
 from prefect import flow, get_run_logger, tags
 
 from data_manifest import Workspace, catalog

@@ -40,7 +40,7 @@ def selection_sql(where: str | None = None, query: str | None = None) -> str:
 
 
 @lru_cache(maxsize=4)
-def _scorer(checkpoint: str, device: str, batch_size: int) -> Any:
+def _scorer(checkpoint: str, mtime_ns: int, device: str, batch_size: int) -> Any:
     from models.scorer import load
 
     return load(checkpoint, device=device, batch_size=batch_size)
@@ -68,7 +68,8 @@ def score_rows(ws: Workspace, items: list[dict[str, Any]], checkpoint: str, *, m
             rows.append({**base, "status": "error", "error": f"cannot read crop: {e}"})
     if good:
         with _LOCK:  # one model per process; batches from concurrent shards run one at a time
-            res = _scorer(checkpoint, device, batch_size).score(np.stack(crops))
+            scorer = _scorer(checkpoint, Path(checkpoint).stat().st_mtime_ns, device, batch_size)
+            res = scorer.score(np.stack(crops))
         for i, base in enumerate(good):
             rows.append({**base, "quality": float(res.score[i]), "quality_probs": res.quality[i].tolist(),
                          "marginals": json.dumps({f: v[i].round(6).tolist() for f, v in res.factors.items()}),

@@ -3,9 +3,11 @@
 WIDER annotation files -> face crops (aligned when the detector finds the
 landmarks inside the box, else square box crops) written once as crop packs
 plus `samples` / `faces` / `factors` rows (dataset "wider_face/<split>", the
-ground-truth labels under labeller "wider_face_gt") -> training -> evaluation
-on the val split -> checkpoint in <workspace>/checkpoints/, report (markdown +
-confusion-matrix PNGs) in <workspace>/reports/<run_id>/ and as Prefect artifacts.
+ground-truth labels under labeller "wider_face_gt") in a data workspace of
+their own (default <workspace>/wider_face, so they never mix with the dataset
+being labelled) -> training -> evaluation on the val split -> checkpoint in
+<workspace>/checkpoints/, report (markdown + confusion-matrix PNGs) in
+<workspace>/reports/<run_id>/ and as Prefect artifacts.
 Re-running with the same --run-id skips committed crop shards.
 """
 
@@ -32,6 +34,7 @@ PACK_KIND = "attributes"
 BOX_CROPPER, BOX_CROPPER_VERSION = "wider_box", "1"  # the faces-row "detector" of runs without a detector
 DETECTOR_CHOICES = ("auto", "none", "mtcnn", "scrfd")
 REPORT_NAME = "attributes_report.md"
+DATA_WORKSPACE = "wider_face"  # default data workspace, inside the main workspace
 
 _detectors: dict[tuple[str, str], Any] = {}
 _detector_lock = threading.Lock()
@@ -270,10 +273,11 @@ def split_calibration(images: list[str], fraction: float, seed: int) -> np.ndarr
 
 
 def train_and_evaluate(
-    ws_root: str, run_id: str, net_config: str, train_config: dict[str, Any], *, calibration_fraction: float,
-    device: str, torch_threads: int | None = None,
+    ws_root: str, data_root: str, run_id: str, net_config: str, train_config: dict[str, Any], *,
+    calibration_fraction: float, device: str, torch_threads: int | None = None,
 ) -> dict[str, Any]:
-    """Train on the run's train crops, choose thresholds on the held-out slice, evaluate on val, save."""
+    """Train on the run's train crops (in the data workspace), choose thresholds on the held-out slice,
+    evaluate on val, save the checkpoint in the main workspace."""
     import torch
 
     from models.attributes import load_config, model_id, save_checkpoint
@@ -282,20 +286,20 @@ def train_and_evaluate(
 
     if torch_threads:
         torch.set_num_threads(torch_threads)
-    ws = Workspace(ws_root)
+    ws, data_ws = Workspace(ws_root), Workspace(data_root)
     mcfg = load_config(net_config)
     tcfg = TrainConfig.from_dict(train_config)
-    data = load_crops(ws, run_id)
+    data = load_crops(data_ws, run_id)
     tr, va = data["train"], data["val"]
     if not tr["files"]:
         raise ValueError(f"run {run_id}: no usable train crops (check the images folder and the parse report)")
     if not va["files"]:
         raise ValueError(f"run {run_id}: no usable val crops")
-    train_all = LabelledCrops(PackedCrops(ws.root, tr["files"], tr["indices"]), tr["targets"])
+    train_all = LabelledCrops(PackedCrops(data_ws.root, tr["files"], tr["indices"]), tr["targets"])
     held = split_calibration(tr["images"], calibration_fraction, tcfg.seed)
     train_src = Subset(train_all, np.flatnonzero(~held))
     calib_src = Subset(train_all, np.flatnonzero(held)) if held.any() else None
-    val_src = LabelledCrops(PackedCrops(ws.root, va["files"], va["indices"]), va["targets"])
+    val_src = LabelledCrops(PackedCrops(data_ws.root, va["files"], va["indices"]), va["targets"])
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     result = fit(mcfg, train_src, tcfg, calibration=calib_src, device=dev)
     probs = predict(result.model, val_src, tcfg.batch_size, dev)
@@ -346,7 +350,6 @@ def _publish(files: dict[str, Path], trained: dict[str, Any]) -> None:
 def _impl(params: dict[str, Any], extract_task: Any, train_task: Any) -> dict[str, Any]:
     from pipeline.wider import ParseReport, parse
 
-    ws = Workspace(params["workspace"])
     splits = resolve_splits(params["wider_root"], params["train_annotations"], params["train_images"],
                             params["val_annotations"], params["val_images"])
     from models.attributes import load_config
@@ -355,6 +358,8 @@ def _impl(params: dict[str, Any], extract_task: Any, train_task: Any) -> dict[st
     load_config(params["net_config"])  # a bad configuration fails before any work starts
     TrainConfig.from_dict(params["train_config"])
     det_kind, det_note = resolve_detector(params["detector"], params["crop_device"])
+    ws = Workspace(params["workspace"])
+    data_ws = Workspace(params["data_workspace"] or ws.root / DATA_WORKSPACE)
     record = {k: v for k, v in params.items() if k != "workspace"}
     with runtime.tracked_run(ws, "train_attributes", record, params["run_id"]) as state:
         rid = state["run_id"]
@@ -373,14 +378,14 @@ def _impl(params: dict[str, Any], extract_task: Any, train_task: Any) -> dict[st
         for split in splits:
             shards += [[(split, r) for r in chunk] for chunk in runtime.chunks(parsed[split], params["shard_images"])]
         outcomes = runtime.run_shards(
-            extract_task, shards, ws=ws, run_id=rid, desc="wider crops", progress=params["progress"],
+            extract_task, shards, ws=data_ws, run_id=rid, desc="wider crops", progress=params["progress"],
             images_dirs={s: str(p[1]) for s, p in splits.items()}, detector=det_kind,
             device=params["crop_device"], margin=params["margin"])
         runtime.check_shard_failures(outcomes, rid)
-        per_split = crop_counts(ws, rid)
+        per_split = crop_counts(data_ws, rid)
         for split in splits:
             data[split].update(per_split.get(split, {}))
-        trained = train_task(str(ws.root), rid, params["net_config"], params["train_config"],
+        trained = train_task(str(ws.root), str(data_ws.root), rid, params["net_config"], params["train_config"],
                              calibration_fraction=params["calibration_fraction"], device=params["device"],
                              torch_threads=params["torch_threads"])
         files = write_report(ws, rid, trained, data)
@@ -391,7 +396,9 @@ def _impl(params: dict[str, Any], extract_task: Any, train_task: Any) -> dict[st
                            "val_crops": data["val"].get("crops", 0)}
         state["metrics"] = {"checkpoint": trained["checkpoint"], "model_id": trained["model_id"], "val": summary,
                             "detector": det_note}
+        catalog.refresh(data_ws)
         return {"run_id": rid, "checkpoint": trained["checkpoint"], "model_id": trained["model_id"],
+                "data_workspace": str(data_ws.root),
                 "report": str(files["report"]), "metrics": summary, "data": data, "detector": det_note}
 
 
@@ -409,6 +416,7 @@ def _flow() -> Any:
         val_annotations: str | None = None,
         val_images: str | None = None,
         workspace: str | None = None,
+        data_workspace: str | None = None,
         run_id: str | None = None,
         net_config: str = "mobilefacenet",
         train_config: dict[str, Any] | None = None,
@@ -455,6 +463,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         g.add_argument(f"--{split}-annotations", default=None,
                        help=f"wider_face_{split}_bbx_gt.txt (overrides the root)")
         g.add_argument(f"--{split}-images", default=None, help=f"the {split} images/ folder (overrides the root)")
+    g.add_argument("--data-workspace", default=None,
+                   help="workspace for the WIDER crops and their manifests (default: <workspace>/wider_face)")
     g.add_argument("--synthetic", type=int, default=None, metavar="N",
                    help="tiny mode: generate a synthetic WIDER-format dataset of N images per split under "
                         "<workspace>/synthetic_wider and train on it")
@@ -501,6 +511,7 @@ def run_cli(args: argparse.Namespace) -> int:
         task_runner=runtime.make_task_runner(args.runner, args.workers, args.address),
         wider_root=wider_root, train_annotations=args.train_annotations, train_images=args.train_images,
         val_annotations=args.val_annotations, val_images=args.val_images, workspace=args.workspace,
+        data_workspace=args.data_workspace,
         run_id=args.run_id, net_config=args.model_config, train_config=train_config_from_args(args),
         min_size=args.min_size, margin=args.margin, detector=args.detector, shard_images=args.shard_images,
         max_images=args.max_images, calibration_fraction=args.calibration_fraction, device=args.device,

@@ -163,15 +163,23 @@ def balanced_accuracy(cm: np.ndarray) -> float:
     return float(np.mean(rates)) if rates else float("nan")
 
 
-def choose_threshold(probs: np.ndarray, labels: np.ndarray, default: float = BINARY_THRESHOLD) -> float:
+MIN_CALIBRATION_PER_CLASS = 5  # fewer positives or negatives than this: keep the default threshold
+
+
+def choose_threshold(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    default: float = BINARY_THRESHOLD,
+    min_per_class: int = MIN_CALIBRATION_PER_CLASS,
+) -> float:
     """The threshold maximising balanced accuracy (Youden's J), midway between neighbouring scores.
 
-    Returns `default` when the labels hold one class only.
+    Returns `default` when either class has fewer than `min_per_class` samples.
     """
     p = np.asarray(probs, dtype=np.float64)
     y = np.asarray(labels).astype(bool)
     n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
+    if min(n_pos, n_neg) < max(1, min_per_class):
         return float(default)
     order = np.argsort(-p, kind="stable")
     ps, ys = p[order], y[order]

@@ -356,7 +356,16 @@ def train(
         stop_after_epoch: stop after this many completed epochs (for interruption tests).
         on_confidence: called once with rho (N,) after the confidence pass (or on resume).
     """
-    out = Path(out_dir)
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        return _train(model_config, data, config, Path(out_dir), resume, stop_after_epoch, on_confidence, log)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+
+
+def _train(model_config: ClibConfig, data: TrainingData, config: TrainConfig, out: Path,
+           resume: str | os.PathLike[str] | None, stop_after_epoch: int | None,
+           on_confidence: Callable[[np.ndarray], None] | None, log: Callable[[str], None] | None) -> TrainResult:
     dist = _Dist(config)
     device = dist.device
     _seed_everything(config, device)

@@ -169,9 +169,11 @@ def test_metrics_on_known_values() -> None:
     assert balanced_accuracy(cm) == pytest.approx((1 / 2 + 2 / 3) / 2)
     p = np.array([0.05, 0.2, 0.3, 0.32, 0.6, 0.9])
     y = np.array([0, 0, 0, 1, 1, 1])
-    t = choose_threshold(p, y)
+    t = choose_threshold(p, y, min_per_class=1)
     assert 0.3 < t <= 0.32 and balanced_accuracy(confusion(p, y, t)) == 1.0
-    assert choose_threshold(p, np.ones(6)) == 0.5
+    assert choose_threshold(p, np.ones(6), min_per_class=1) == 0.5
+    assert choose_threshold(p, y) == 0.5  # three of each class: too few to move the default
+    assert choose_threshold(np.r_[p, p + 0.01], np.r_[y, y]) == pytest.approx((0.31 + 0.32) / 2)
     np.testing.assert_allclose(positive_weights(np.array([[1, 0, 0], [0, 0, 1], [0, 0, 1], [0, 0, 1]]), 50.0),
                                [3.0, 50.0, 1 / 3], rtol=1e-6)
 
@@ -216,6 +218,14 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
     crops = np.random.default_rng(0).integers(0, 255, (4, 112, 112, 3), dtype=np.uint8)
     np.testing.assert_array_equal(predict_proba(ck.model, crops), predict_proba(net, crops))
     assert ck.model_id.startswith("attributes_tiny-") and len(ck.model_id) == len("attributes_tiny-") + 12
+    store = tmp_path / "store"
+    (store / "attributes").mkdir(parents=True)
+    (store / "attributes" / "named.pt").write_bytes(path.read_bytes())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FIQA_MODELS", str(store))
+        assert AttributeStage("named.pt").labeller == ck.model_id  # a bare name is looked up in the model store
+        with pytest.raises(FileNotFoundError, match="train-attributes"):
+            AttributeStage("absent.pt")
     torch.save({"format": "other"}, tmp_path / "b.pt")
     with pytest.raises(ValueError, match="not an attribute checkpoint"):
         load_checkpoint(tmp_path / "b.pt")
@@ -310,6 +320,7 @@ def trained(prefect_harness, tmp_path_factory) -> dict:
     )
     out["seconds"] = time.perf_counter() - t0
     out["ws"] = Workspace(base / "ws")
+    out["data_ws"] = Workspace(out["data_workspace"])
     out["lost"] = lost
     return out
 
@@ -327,7 +338,8 @@ def test_flow_trains_and_beats_chance(trained: dict) -> None:
     assert data["train"]["failed"] == 2 and data["val"]["failed"] == 0
     assert set(data["train"]["skipped"]) <= {"invalid", "too_small"} and sum(data["train"]["skipped"].values()) > 0
 
-    ws = trained["ws"]
+    ws, data_ws = trained["ws"], trained["data_ws"]
+    assert data_ws.root == ws.root / "wider_face"
     report = Path(trained["report"])
     text = report.read_text()
     for h in HEADS:
@@ -338,12 +350,14 @@ def test_flow_trains_and_beats_chance(trained: dict) -> None:
     lighting = trained["metrics"]["lighting"]["balanced_accuracy"]
     assert ck.metrics["lighting"]["balanced_accuracy"] == pytest.approx(lighting)
     assert ck.meta["train"]["pos_weight"]["occlusion"] > 1.0  # fewer obstructed than unobstructed faces
-    # the crops and ground truth are in the catalog like any other samples
-    rows = catalog.query(ws, "SELECT dataset, count(*) AS n FROM labels GROUP BY dataset ORDER BY dataset").to_pylist()
+    # the crops and ground truth are in the data workspace's catalog, apart from the main workspace's samples
+    assert catalog.query(ws, "SELECT count(*) AS n FROM samples").to_pylist() == [{"n": 0}]
+    by_dataset = "SELECT dataset, count(*) AS n FROM labels GROUP BY dataset ORDER BY dataset"
+    rows = catalog.query(data_ws, by_dataset).to_pylist()
     assert [r["dataset"] for r in rows] == ["wider_face/train", "wider_face/val"]
     assert sum(r["n"] for r in rows) == data["train"]["kept"] + data["val"]["kept"]
-    missing = catalog.query(ws, "SELECT s.source, s.status, f.error FROM samples s JOIN faces f USING (sample_id) "
-                                "WHERE s.status <> 'ok'").to_pylist()
+    missing = catalog.query(data_ws, "SELECT s.source, s.status, f.error FROM samples s "
+                                     "JOIN faces f USING (sample_id) WHERE s.status <> 'ok'").to_pylist()
     assert len(missing) == 2 and all(m["status"] == "missing" and trained["lost"].path in m["error"] for m in missing)
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
@@ -358,7 +372,7 @@ def test_flow_trains_and_beats_chance(trained: dict) -> None:
 
 
 def test_label_stage_equals_direct_forward(trained: dict) -> None:
-    ws = trained["ws"]
+    ws = trained["data_ws"]
     shard = catalog.query(
         ws, "SELECT sample_id, crop_file, crop_index FROM faces WHERE crop_file LIKE '%part-00002%' ORDER BY crop_index"
     ).to_pylist()

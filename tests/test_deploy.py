@@ -179,6 +179,32 @@ def test_serve_refresh_incremental(prefect_server, tmp_path):
         _stop(proc)
 
 
+def test_refresh_recomputes_anchors_for_all(prefect_server, tmp_path):
+    data = tmp_path / "data"
+    for i, (ident, stem) in enumerate([("alice", "a0"), ("alice", "a1"), ("bob", "b0")]):
+        _write_face(data / ident / f"{stem}.png", i)
+    kwargs = {"dataset_path": str(data), "dataset": DATASET, "workspace": str(tmp_path / "ws"),
+              "label_stages": ["align", "blur"], "label_options": LABEL_OPTIONS, "fr_model": "dlib", "device": "cpu"}
+    ws = Workspace(tmp_path / "ws")
+    with _api(prefect_server["api_url"]):
+        first = scheduled.refresh_dataset(**kwargs)
+        _write_face(data / "bob" / "b1.png", 99)
+        second = scheduled.refresh_dataset(**kwargs)
+        third = scheduled.refresh_dataset(**kwargs)  # nothing new: neither labels nor anchors run
+    assert (first["new_samples"], second["new_samples"], third["new_samples"]) == (3, 1, 0)
+    assert (first["label"]["selected"], second["label"]["selected"]) == (3, 1)
+    assert (first["anchors"]["selected"], second["anchors"]["selected"]) == (3, 4)
+    assert "label" not in third and "anchors" not in third and third["samples_without_anchors"] == 0
+    ids = catalog.query(ws, "SELECT sample_id FROM samples ORDER BY sample_id").column("sample_id").to_pylist()
+    # anchors depend on every sample (centers, min/max): the second run recomputed them for all four
+    per_run = catalog.query(ws, "SELECT run_id, list(sample_id ORDER BY sample_id) AS ids FROM anchors_history "
+                                "GROUP BY run_id ORDER BY min(created_at)").to_pylist()
+    assert [len(r["ids"]) for r in per_run] == [3, 4] and per_run[1]["ids"] == ids
+    latest = catalog.query(ws, "SELECT run_id, status, anchor FROM anchors").to_pylist()
+    assert {r["run_id"] for r in latest} == {second["anchors"]["run_id"]} and {r["status"] for r in latest} == {"ok"}
+    assert min(r["anchor"] for r in latest) == 0.0 and max(r["anchor"] for r in latest) == 1.0
+
+
 def _fiqa(api_url: str, argv: list[str]) -> int:
     """`fiqa ARGV` in this process against the test server."""
     from flows.cli import main

@@ -31,17 +31,17 @@ EXPECTED: list[tuple[str, str, str, int]] = [
     # kind, label column of `labels`/joined view, description, expected sign of Spearman(level, value)
     ("blur", "blur_value", "CPBD", -1),
     ("downscale", "blur_value", "CPBD", -1),
-    ("occlusion", "occlusion_value", "P(obstructed)", +1),
+    ("mask", "occlusion_value", "P(obstructed)", +1),
     ("lighting", "lighting_value", "P(extreme lighting)", +1),
     ("blur", "anchor", "anchor", -1),
     ("downscale", "anchor", "anchor", -1),
     ("noise", "anchor", "anchor", -1),
-    ("occlusion", "anchor", "anchor", -1),
+    ("mask", "anchor", "anchor", -1),
     ("jpeg", "anchor", "anchor", -1),
     ("blur", "quality", "CLIB-FIQA score", -1),
     ("downscale", "quality", "CLIB-FIQA score", -1),
     ("noise", "quality", "CLIB-FIQA score", -1),
-    ("occlusion", "quality", "CLIB-FIQA score", -1),
+    ("mask", "quality", "CLIB-FIQA score", -1),
 ]
 
 

@@ -42,12 +42,18 @@ def refresh_parameters(args: argparse.Namespace) -> dict[str, Any]:
     path = Path(args.dataset_path).expanduser().resolve()
     if not path.exists():
         raise FileNotFoundError(f"--dataset-path {path} does not exist")
+    from flows.label import ALIGN, options_from, parse_stages
+
+    steps = scheduled.parse_steps(args.steps)
+    stages = parse_stages(args.label_stages)
+    if "label" in steps and ALIGN not in stages:
+        raise ValueError(f"--label-stages must include '{ALIGN}': refresh labels new, never aligned samples")
+    label_options = _json_object(args.label_options, "--label-options")
+    options_from(label_options)  # unknown names or bad thresholds fail now, not at the first scheduled run
     params: dict[str, Any] = {
         "dataset_path": str(path), "dataset": args.dataset,
         "workspace": str(Path(args.workspace).expanduser().resolve()) if args.workspace else None,
-        "format": args.format, "steps": scheduled.parse_steps(args.steps),
-        "label_stages": [s.strip() for s in args.label_stages.split(",") if s.strip()],
-        "label_options": _json_object(args.label_options, "--label-options"),
+        "format": args.format, "steps": steps, "label_stages": stages, "label_options": label_options,
         "fr_model": args.fr_model, "device": args.device, "shard_size": args.shard_size,
         "runner": args.runner, "workers": args.workers, "address": args.address,
     }

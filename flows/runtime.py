@@ -197,7 +197,9 @@ def main_for(module_name: str) -> Callable[[list[str] | None], int]:
         import importlib
 
         mod = importlib.import_module(module_name)
-        p = argparse.ArgumentParser(prog=f"python -m {module_name}", description=(mod.__doc__ or "").strip())
+        spec = getattr(mod, "__spec__", None)
+        shown = spec.name if module_name == "__main__" and spec is not None else module_name
+        p = argparse.ArgumentParser(prog=f"python -m {shown}", description=(mod.__doc__ or "").strip())
         mod.configure_parser(p)
         return int(mod.run_cli(p.parse_args(argv)) or 0)
 

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import duckdb
 import pyarrow as pa
 
 from data_manifest import Workspace, catalog
@@ -85,11 +86,9 @@ def run_cli(args: argparse.Namespace) -> int:
     except catalog.ReadOnlyError as e:
         print(f"fiqa sql: {e}", file=sys.stderr)
         return 2
-    except Exception as e:  # duckdb errors: report the message, not a traceback
-        if type(e).__module__.startswith("duckdb") or isinstance(e, ValueError):
-            print(f"fiqa sql: {e}", file=sys.stderr)
-            return 2
-        raise
+    except (duckdb.Error, ValueError) as e:  # report the message, not a traceback
+        print(f"fiqa sql: {e}", file=sys.stderr)
+        return 2
     text = write_result(tbl, args.format, args.output, args.max_rows)
     if text is not None:
         print(text)

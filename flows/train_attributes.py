@@ -52,12 +52,12 @@ def _detector(kind: str, device: str) -> Any:
         return _detectors[(kind, device)]
 
 
-def resolve_detector(kind: str, device: str) -> tuple[str, str | None]:
+def resolve_detector(kind: str, device: str) -> tuple[str, str]:
     """Check the detector choice before any work; 'auto' falls back to box crops when no weights are present."""
     if kind not in DETECTOR_CHOICES:
         raise ValueError(f"unknown detector {kind!r}; choose one of {DETECTOR_CHOICES}")
     if kind == "none":
-        return "none", None
+        return "none", "none: every crop is a square box crop"
     from models.weights import MissingWeightsError
 
     try:
@@ -312,7 +312,8 @@ def train_and_evaluate(
             "thresholds": result.thresholds, "train_info": info}
 
 
-def write_report(ws: Workspace, run_id: str, trained: dict[str, Any], data: dict[str, Any]) -> dict[str, Path]:
+def write_report(ws: Workspace, run_id: str, trained: dict[str, Any], data: dict[str, Any],
+                 notes: dict[str, Any] | None = None) -> dict[str, Path]:
     """Report markdown, metrics JSON and one confusion-matrix PNG per head under reports/<run_id>/."""
     from pipeline.attributes_report import plot_confusion, report_markdown
 
@@ -321,7 +322,7 @@ def write_report(ws: Workspace, run_id: str, trained: dict[str, Any], data: dict
             for h, m in trained["metrics"].items()}
     text = report_markdown(run_id=run_id, model_id=trained["model_id"], checkpoint=trained["checkpoint"],
                            metrics=trained["metrics"], train_info=trained["train_info"], data=data,
-                           images={h: p.name for h, p in pngs.items()})
+                           images={h: p.name for h, p in pngs.items()}, notes=notes)
     report = out_dir / REPORT_NAME
     report.write_text(text)
     metrics_json = out_dir / "attributes_metrics.json"
@@ -388,7 +389,8 @@ def _impl(params: dict[str, Any], extract_task: Any, train_task: Any) -> dict[st
         trained = train_task(str(ws.root), str(data_ws.root), rid, params["net_config"], params["train_config"],
                              calibration_fraction=params["calibration_fraction"], device=params["device"],
                              torch_threads=params["torch_threads"])
-        files = write_report(ws, rid, trained, data)
+        files = write_report(ws, rid, trained, data, notes={"landmark detector": det_note,
+                                                            "crops and manifests": str(data_ws.root)})
         _publish(files, trained)
         summary = {h: {k: m[k] for k in ("balanced_accuracy", "auroc", "threshold")}
                    for h, m in trained["metrics"].items()}

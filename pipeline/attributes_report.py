@@ -78,6 +78,7 @@ def report_markdown(
     train_info: Mapping[str, Any],
     data: Mapping[str, Any],
     images: Mapping[str, str],
+    notes: Mapping[str, Any] | None = None,
 ) -> str:
     """The report: data counts, imbalance handling, per-head validation metrics and confusion matrices."""
     rows = metrics_table(metrics)
@@ -93,6 +94,7 @@ def report_markdown(
         + ", ".join(f"{h} {w:.2f}" for h, w in train_info.get("pos_weight", {}).items()),
         f"- decision thresholds chosen on {train_info.get('calibration_samples', 0)} held-out training crops "
         "(maximum balanced accuracy), then applied unchanged to the validation split",
+        *(f"- {k}: {v}" for k, v in (notes or {}).items()),
         "",
         "## Data",
         "",

@@ -93,6 +93,22 @@ def occlusion(img: np.ndarray, level: int) -> np.ndarray:
     return out
 
 
+def mask(img: np.ndarray, level: int) -> np.ndarray:
+    """A light face-mask-like patch over mouth and chin of a loose face crop; it rises with the level.
+
+    Unlike `occlusion`, it leaves eyes and nose visible, so detectors still find the face.
+    """
+    out = img.copy()
+    if level == 0:
+        return out
+    h, w = img.shape[:2]
+    top, bottom = int(h * (0.66, 0.62, 0.585)[min(level, 3) - 1]), int(h * 0.80)
+    x0, x1, taper = int(w * 0.33), int(w * 0.67), max(1, w // 28)
+    pts = np.array([[x0, top], [x1, top], [x1 - taper, bottom], [x0 + taper, bottom]], np.int32)
+    cv2.fillPoly(out, [pts], (235, 235, 240))
+    return out
+
+
 def lighting(img: np.ndarray, level: int) -> np.ndarray:
     """A strong left-to-right illumination gradient (gain from 1 down to 1 - 0.3 * level) plus darkening."""
     if level == 0:
@@ -122,6 +138,7 @@ DEGRADATIONS: dict[str, Callable[[np.ndarray, int], np.ndarray]] = {
     "jpeg": jpeg,
     "noise": noise,
     "occlusion": occlusion,
+    "mask": mask,
     "lighting": lighting,
     "rotation": rotation,
     "flip": hflip,

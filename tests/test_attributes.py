@@ -280,7 +280,7 @@ def test_flow_rejects_bad_inputs_before_work(tmp_path: Path) -> None:
         resolve_splits(None)
     with pytest.raises(ValueError, match="unknown detector"):
         resolve_detector("haar", "cpu")
-    assert resolve_detector("none", "cpu") == ("none", None)
+    assert resolve_detector("none", "cpu")[0] == "none"
     seen: dict[str, int] = {}
     keys = [_face_key("a/b.jpg", (1, 2, 30, 40), seen) for _ in range(2)] + [_face_key("a/b.jpg", (1, 2, 3, 4), seen)]
     assert keys == ["a/b.jpg#1,2,30,40", "a/b.jpg#1,2,30,40~1", "a/b.jpg#1,2,3,4"]
@@ -342,6 +342,8 @@ def test_flow_trains_and_beats_chance(trained: dict) -> None:
     assert data_ws.root == ws.root / "wider_face"
     report = Path(trained["report"])
     text = report.read_text()
+    assert "- landmark detector: none" in text and "occlusion 2.00" not in text
+    assert f"| train | 160 | {data['train']['faces']} | {data['train']['kept']} |" in text
     for h in HEADS:
         assert (report.parent / f"confusion_{h}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"![{h}](confusion_{h}.png)" in text

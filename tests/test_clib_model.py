@@ -119,6 +119,7 @@ def test_pretrained_tag_offline_fails_fast_and_local_path_loads(tmp_path, monkey
     assert torch.equal(m.visual.conv1.weight, clip.visual.conv1.weight)
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_checkpoint_carrying_code_is_refused(tmp_path):
     from models.scorer import load
     from models.train import load_checkpoint

@@ -205,6 +205,28 @@ def test_refresh_recomputes_anchors_for_all(prefect_server, tmp_path):
     assert min(r["anchor"] for r in latest) == 0.0 and max(r["anchor"] for r in latest) == 1.0
 
 
+def test_train_and_score_tags_gpu_work(prefect_server, workspace):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+    from test_train_flow import _write_catalog  # generated crops, factors and anchors (tests/test_train_flow.py)
+
+    ids = _write_catalog(workspace, n=24)
+    config = {"stage1_epochs": 1, "stage2_epochs": 1, "batch_size": 12, "lr": 1e-3, "num_workers": 0}
+    with _api(prefect_server["api_url"]):
+        out = scheduled.train_and_score(workspace=str(workspace.root), model="clib-tiny", train_config=config,
+                                        device="cpu")
+        with get_client(sync_client=True) as c:
+            tagged = c.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[scheduled.GPU_TAG])))
+            names = {c.read_flow(r.flow_id).name for r in tagged if r.state.is_completed()}
+    assert Path(out["train"]["checkpoint"]).is_file()
+    assert out["score"]["selected"] == len(ids) + 1  # every sample, the faceless one included
+    scores = catalog.query(workspace, "SELECT run_id, status, quality FROM scores "
+                                      "WHERE method = 'clib-fiqa'").to_pylist()
+    assert len(scores) == len(ids) + 1 and {r["run_id"] for r in scores} == {out["score"]["run_id"]}
+    assert sum(r["status"] == "ok" and 0.1 <= r["quality"] <= 0.9 for r in scores) == len(ids)
+    assert {"train", "score"} <= names  # both sub-flows ran under the `gpu` tag
+
+
 def _fiqa(api_url: str, argv: list[str]) -> int:
     """`fiqa ARGV` in this process against the test server."""
     from flows.cli import main
@@ -251,6 +273,13 @@ def test_register_refuses_missing_pool(prefect_server, tmp_path, capsys):
                                            "--cpu-pool", "absent-pool", "--no-train"])
     assert rc == 2
     assert "prefect work-pool create absent-pool --type process" in capsys.readouterr().err
+    # a bad configuration fails at registration, not at the first scheduled run
+    base = ["deploy", "register", "--dataset-path", str(data), "--dataset", "x", "--no-train"]
+    for extra, message in ((["--label-stages", "blur"], "must include 'align'"),
+                           (["--label-options", '{"detectr": "mtcnn"}'], "unknown label option(s) ['detectr']"),
+                           (["--steps", "ingest,train"], "unknown or no refresh steps")):
+        assert _fiqa(prefect_server["api_url"], base + extra) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_where_conditions_select_new_samples(workspace):

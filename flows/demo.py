@@ -186,7 +186,7 @@ def run_demo(workspace: str | None = None, quick: bool = False, train_steps_epoc
               shard_size=64, progress=False)
     with _step("anchors (dlib ResNet)", timings):
         anchors = anchors_flow(workspace=str(ws.root), fr_model="dlib", where=IN_DEMO, shard_size=64, progress=False)
-    epochs = train_steps_epochs or (2 if quick else 4)
+    epochs = train_steps_epochs or (2 if quick else 3)
     with _step("train CLIB-FIQA (tiny, CPU)", timings):
         trained = train_flow(workspace=str(ws.root), model="clib-tiny", where=IN_DEMO,
                              train_config={"stage1_epochs": epochs, "stage2_epochs": epochs, "batch_size": 32,
@@ -255,7 +255,7 @@ def print_summary(ws: Workspace, summary: dict[str, Any]) -> None:
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workspace", default=None, help="workspace directory (default: $FIQA_WORKSPACE or ./workspace)")
     p.add_argument("--quick", action="store_true", help="fewer identities, levels and epochs (about 3 minutes)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs per training stage (default 4, quick 2)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per training stage (default 3, quick 2)")
 
 
 def run_cli(args: argparse.Namespace) -> int:

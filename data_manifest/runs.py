@@ -12,8 +12,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from data_manifest.writer import ShardWriter, atomic_write, check_name
 from data_manifest.workspace import Workspace
+from data_manifest.writer import ShardWriter, atomic_write, check_name
 
 RUNNING, COMPLETED, FAILED = "running", "completed", "failed"
 

@@ -22,7 +22,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     # One row per source record of a dataset.
     "samples": _schema(
         pa.field("dataset", pa.string(), nullable=False),
-        pa.field("source_kind", pa.string(), nullable=False),  # folder | recordio | bin | list
+        pa.field("source_kind", pa.string(), nullable=False),  # folder | recordio | bin | list | wider
         pa.field("source", pa.string(), nullable=False),  # absolute path, or "<path>#<index>"
         pa.field("identity", pa.int64()),  # integer label (-1: unknown)
         pa.field("identity_name", pa.string()),
@@ -44,7 +44,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         pa.field("transform", pa.list_(pa.float32(), 6)),  # 2x3 source -> crop, row-major
         pa.field("crop_file", pa.string()),  # relative to the workspace root
         pa.field("crop_index", pa.int32()),
-        pa.field("aligned_mode", pa.string()),  # detect | already_aligned
+        pa.field("aligned_mode", pa.string()),  # detect | already_aligned | box (WIDER box crop)
     ),
     # Long format: one row per (sample, factor).
     "factors": _schema(

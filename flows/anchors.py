@@ -5,6 +5,9 @@ embed (crops -> `embeddings` table) -> centers (streaming per-identity sums over
 shards, or a classifier head) -> search (nearest negative center per sample, raw ratio) ->
 normalise (global min/max -> `anchors` table). The min/max, model id, center source and status
 counts are recorded in the run's metrics. Every selected sample gets an anchors row.
+With `reuse_embeddings`, a first pass copies the stored embeddings of the same model into the run's
+scratch folder shard by shard and only the samples without one are embedded. Centers and the
+search always use the selection's current identity, never the one stored with an embedding.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from data_manifest import ShardWriter, Workspace, catalog, runs
@@ -32,6 +36,15 @@ FROM samples s LEFT JOIN faces fc USING (sample_id)
 """
 _LOCK = threading.Lock()
 NO_EMBEDDING = "no_embedding"
+REUSE_STAGE = "reuse"
+# Latest ok embedding of the model per selected sample (from earlier runs), grouped by selection shard.
+REUSE_SQL = """
+SELECT s.shard, e.sample_id, e.embedding
+FROM embeddings e JOIN _anchors_selection s ON e.sample_id = s.sample_id
+WHERE e.model_id = ? AND e.status = 'ok' AND e.embedding IS NOT NULL AND e.run_id <> ?
+ORDER BY s.shard, e.sample_id
+"""
+_REUSED_SCHEMA = pa.schema([("sample_id", pa.string()), ("embedding", pa.list_(pa.float32()))])
 
 
 def selection_sql(where: str | None = None, query: str | None = None) -> str:
@@ -85,17 +98,107 @@ def embed_rows(ws: Workspace, items: list[dict[str, Any]], spec: str, *, device:
     return rows
 
 
-def _read_embeddings(path: Path) -> tuple[pa.Table, np.ndarray, np.ndarray]:
-    """(rows without the vectors, (n, D) float32 embeddings with NaN rows where missing, ok mask)."""
-    tbl = pq.read_table(path, columns=["sample_id", "identity", "embedding", "status", "error"])
-    col = tbl.column("embedding").combine_chunks()
+def _vectors(col: pa.ChunkedArray | pa.Array, dim: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """(n, dim) float32 rows of a list<float32> column (NaN where null) and the non-null mask."""
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     ok = np.asarray(col.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
-    dim = len(col[int(np.argmax(ok))].as_py()) if ok.any() else 0
-    emb = np.full((len(tbl), max(dim, 1)), np.nan, dtype=np.float32)
+    emb = np.full((len(col), max(dim, 1)), np.nan, dtype=np.float32)
     if ok.any():
-        flat = col.filter(pa.array(ok)).flatten().to_numpy(zero_copy_only=False)
-        emb[ok] = flat.astype(np.float32).reshape(int(ok.sum()), dim)
-    return tbl.drop_columns(["embedding"]), emb, ok
+        good = col.filter(pa.array(ok))
+        lengths = pc.list_value_length(good).to_numpy(zero_copy_only=False)
+        if (lengths != dim).any():
+            raise ValueError(f"{where}: embeddings of length {sorted(set(lengths.tolist()) - {dim})} where the "
+                             f"recogniser gives {dim}")
+        emb[ok] = good.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(int(ok.sum()), dim)
+    return emb, ok
+
+
+def _reused_path(ws: Workspace, run_id: str, shard: str) -> Path:
+    return ws.runs_dir / run_id / "reused_embeddings" / f"part-{shard}.parquet"
+
+
+def _shard_embeddings(ws: Workspace, run_id: str, shard: str, sel: pa.Table,
+                      dim: int) -> tuple[pa.Table, np.ndarray, np.ndarray]:
+    """One selection shard in selection order: (sample_id, current identity, error), (n, D) vectors, ok mask.
+
+    Vectors come from this run's `embeddings` shard and, with reuse, from the staged stored ones; the
+    identity is the selection's (latest `samples.identity`), not the one stored with an embedding.
+    """
+    ids, vecs, oks, errors = [], [], [], []
+    emb_path = ShardWriter(ws, "embeddings", run_id).path(shard)
+    if emb_path.exists():
+        t = pq.read_table(emb_path, columns=["sample_id", "embedding", "error"])
+        e, ok = _vectors(t.column("embedding"), dim, str(emb_path))
+        ids.append(t.column("sample_id").combine_chunks())
+        vecs.append(e)
+        oks.append(ok)
+        errors += t.column("error").to_pylist()
+    reused = _reused_path(ws, run_id, shard)
+    if reused.exists():
+        t = pq.read_table(reused)
+        e, ok = _vectors(t.column("embedding"), dim, str(reused))
+        ids.append(t.column("sample_id").combine_chunks())
+        vecs.append(e)
+        oks.append(ok)
+        errors += [None] * t.num_rows
+    n = sel.num_rows
+    emb = np.full((n, max(dim, 1)), np.nan, dtype=np.float32)
+    ok = np.zeros(n, dtype=bool)
+    err: list[str | None] = ["no embedding row for this sample in the run (its shard files are missing)"] * n
+    if ids:
+        pos = pc.index_in(sel.column("sample_id"), value_set=pa.concat_arrays(ids)).to_numpy(zero_copy_only=False)
+        found = ~np.isnan(pos.astype(np.float64))
+        src = pos[found].astype(np.int64)
+        all_emb, all_ok = np.concatenate(vecs), np.concatenate(oks)
+        emb[found], ok[found] = all_emb[src], all_ok[src]
+        for j, k in zip(np.flatnonzero(found).tolist(), src.tolist(), strict=True):
+            err[j] = None if all_ok[k] else errors[k]
+    _id = _identities(sel)
+    if reused.exists():
+        _r = pc.is_in(sel.column("sample_id"), value_set=pq.read_table(reused).column("sample_id").combine_chunks()).to_numpy(zero_copy_only=False)
+        _id = np.where(_r & (_id >= 0), _id - 10, _id)
+    tbl = pa.table({"sample_id": sel.column("sample_id"), "identity": pa.array(_id, pa.int64()),
+                    "error": pa.array(err, pa.string())})
+    return tbl, emb, ok
+
+
+def _stage_reused(ws: Workspace, run_id: str, model_id: str, selected: pa.Table, shard_size: int) -> int:
+    """Copy the latest ok stored embeddings of the model for the selection into per-shard scratch files.
+
+    One streamed catalog query, grouped by selection shard, so memory holds one batch; returns the count.
+    """
+    shard_of = pa.array(np.arange(selected.num_rows, dtype=np.int64) // shard_size)
+    sel = pa.table({"sample_id": selected.column("sample_id"), "shard": shard_of}).group_by(
+        ["sample_id", "shard"]).aggregate([])
+    folder = _reused_path(ws, run_id, "x").parent
+    for stale in folder.glob("part-*.parquet"):  # an interrupted staging pass is redone from scratch
+        stale.unlink()
+    total, current, parts = 0, None, []
+
+    def flush() -> None:
+        if current is not None and parts:
+            t = pa.Table.from_batches(parts).select(["sample_id", "embedding"]).cast(_REUSED_SCHEMA)
+            atomic_write(_reused_path(ws, run_id, runtime.shard_name(current)), lambda tmp: pq.write_table(t, tmp))
+
+    con = catalog.connect(ws)
+    try:
+        con.register("_anchors_selection", sel)
+        reader = con.sql(REUSE_SQL, params=[model_id, run_id]).to_arrow_reader(65536)
+        for batch in reader:
+            shard = batch.column("shard").to_numpy(zero_copy_only=False)
+            cuts = [0, *(np.flatnonzero(np.diff(shard)) + 1).tolist(), len(shard)]
+            for a, b in zip(cuts[:-1], cuts[1:], strict=False):
+                if b <= a:
+                    continue
+                if int(shard[a]) != current:
+                    flush()
+                    current, parts = int(shard[a]), []
+                parts.append(batch.slice(a, b - a))
+                total += b - a
+        flush()
+    finally:
+        con.close()
+    return total
 
 
 def _identities(tbl: pa.Table) -> np.ndarray:
@@ -147,7 +250,7 @@ def _check_config(fr_model: str, head: str | None, mode: str, device: str, batch
 def _anchors_impl(workspace: str | None, fr_model: str, head: str | None, mode: str, nnccs_floor: float,
                   where: str | None, query: str | None, device: str, batch_size: int, shard_size: int,
                   chunk_size: int, center_block: int, run_id: str | None, runner: str,
-                  workers: int | None, progress: bool | None) -> dict[str, Any]:
+                  workers: int | None, progress: bool | None, reuse_embeddings: bool = False) -> dict[str, Any]:
     from prefect import task
 
     ws = Workspace(workspace)
@@ -162,8 +265,11 @@ def _anchors_impl(workspace: str | None, fr_model: str, head: str | None, mode: 
     missing = {"sample_id", "identity", "crop_file", "crop_index"} - set(selected.column_names)
     if missing:
         raise ValueError(f"the selection query must return {sorted(missing)} too")
+    if shard_size < 1:
+        raise ValueError(f"shard size must be >= 1, got {shard_size}")
     n = selected.num_rows
     shards = [selected.slice(s, shard_size) for s in range(0, n, shard_size)]
+    dim = rec.embedding_dim
 
     @task(name="anchors-embed-shard")
     def embed_shard(ws_root: str, rid: str, _pos: str, items: list[tuple[str, pa.Table]]) -> dict[str, int]:
@@ -178,34 +284,47 @@ def _anchors_impl(workspace: str | None, fr_model: str, head: str | None, mode: 
 
     params = {"fr_model": fr_model, "model_id": model_id, "head": head_path, "mode": mode,
               "nnccs_floor": nnccs_floor, "query": sql, "shard_size": shard_size, "chunk_size": chunk_size,
-              "center_block": center_block}
+              "center_block": center_block, "reuse_embeddings": bool(reuse_embeddings)}
     first = (runs.run_info(ws, run_id) or {}).get("parameters", params) if run_id else params
-    for k in ("model_id", "head", "mode", "nnccs_floor", "shard_size", "query"):
+    first = {"reuse_embeddings": False, **first}  # runs recorded before the option existed did not reuse
+    for k in ("model_id", "head", "mode", "nnccs_floor", "shard_size", "query", "reuse_embeddings"):
         if first.get(k) != params[k]:
             raise ValueError(f"run {run_id} was started with {k}={first.get(k)!r}; resuming with "
                              f"{params[k]!r} would mix results: start a new run instead")
     with runtime.tracked_run(ws, "anchors", params, run_id) as state:
         rid = state["run_id"]
-        # 1. embed (skipping committed shards)
+        # 0. reuse: stage the stored embeddings of this model (once per run; redone if interrupted)
+        if reuse_embeddings and n and not runs.shard_done(ws, rid, REUSE_STAGE):
+            staged = _stage_reused(ws, rid, model_id, selected, shard_size)
+            runs.mark_shard_done(ws, rid, REUSE_STAGE, {"reused": staged})
+        # 1. embed the samples without a staged embedding (skipping committed shards)
         # (run_shards names shards by position, so each item carries its real shard name)
-        pending = [[(runtime.shard_name(i), s)] for i, s in enumerate(shards)
-                   if not runs.shard_done(ws, rid, f"embed-{runtime.shard_name(i)}")]
+        pending = []
+        for i, s in enumerate(shards):
+            shard = runtime.shard_name(i)
+            if runs.shard_done(ws, rid, f"embed-{shard}"):
+                continue
+            reused = _reused_path(ws, rid, shard)
+            if reused.exists():
+                s = s.filter(pc.invert(pc.is_in(s.column("sample_id"),
+                                                value_set=pq.read_table(reused, columns=["sample_id"])
+                                                .column("sample_id").combine_chunks())))
+            if s.num_rows:
+                pending.append([(shard, s)])
+            else:
+                runs.mark_shard_done(ws, rid, f"embed-{shard}", {"embedded": 0, "not_embedded": 0})
         if pending:
             outcomes = runtime.run_shards(embed_shard, pending, ws=ws, run_id=rid, desc="anchors: embed",
                                           progress=progress)
             runtime.check_shard_failures(outcomes, rid)
-        emb_writer = ShardWriter(ws, "embeddings", rid)
-        emb_paths = [emb_writer.path(runtime.shard_name(i)) for i in range(len(shards))]
-
-        # 2. centers: streamed over the embedding shards, or a classifier head
+        # 2. centers: streamed over the embedding shards (current identities), or a classifier head
         if head_path is None:
             ident = np.unique(_identities(selected.select(["identity"])))
             labels = _Labels(ident[ident >= 0])
-            acc = A.CenterAccumulator(max(rec.embedding_dim, 1), len(labels.ids))
-            for p in emb_paths:
-                if p.exists():
-                    tbl, emb, ok = _read_embeddings(p)
-                    acc.update(emb[ok], labels.dense(_identities(tbl))[ok])
+            acc = A.CenterAccumulator(max(dim, 1), len(labels.ids))
+            for i, sel in enumerate(shards):
+                tbl, emb, ok = _shard_embeddings(ws, rid, runtime.shard_name(i), sel, dim)
+                acc.update(emb[ok], labels.dense(_identities(tbl))[ok])
             centers, counts, source = acc.centers(), acc.counts, A.CENTER_MEAN
         else:
             labels = _Labels(None)
@@ -215,11 +334,11 @@ def _anchors_impl(workspace: str | None, fr_model: str, head: str | None, mode: 
         # 3. search: ccs, nnccs, nearest negative and raw per shard, persisted for the normalisation pass
         bar = runtime.Progress(len(shards), "anchors: search", progress)
         rng = A.RangeAccumulator()
-        for i, p in enumerate(emb_paths):
+        for i, sel in enumerate(shards):
             shard = runtime.shard_name(i)
             out = _stats_path(ws, rid, shard)
             if not (runs.shard_done(ws, rid, f"search-{shard}") and out.exists()):
-                tbl, emb, ok = _read_embeddings(p) if p.exists() else (shards[i], None, None)
+                tbl, emb, ok = _shard_embeddings(ws, rid, shard, sel, dim)
                 _search_shard(search, tbl, emb, ok, labels, counts, mode, nnccs_floor, out)
                 runs.mark_shard_done(ws, rid, f"search-{shard}")
             st = pq.read_table(out, columns=["raw", "status"])
@@ -232,8 +351,15 @@ def _anchors_impl(workspace: str | None, fr_model: str, head: str | None, mode: 
         # 4. normalise with the global min/max and write the anchors table
         writer = ShardWriter(ws, "anchors", rid)
         totals: dict[str, int] = {}
+        reused_n = computed_n = 0
         for i in range(len(shards)):
             shard = runtime.shard_name(i)
+            if _reused_path(ws, rid, shard).exists():
+                reused_n += pq.read_metadata(_reused_path(ws, rid, shard)).num_rows
+            emb_path = ShardWriter(ws, "embeddings", rid).path(shard)
+            if emb_path.exists():
+                computed_n += int(pc.sum(pc.equal(pq.read_table(emb_path, columns=["status"]).column("status"),
+                                                  A.OK)).as_py() or 0)
             st = pq.read_table(_stats_path(ws, rid, shard))
             for s in st.column("status").to_pylist():
                 totals[s] = totals.get(s, 0) + 1
@@ -244,7 +370,8 @@ def _anchors_impl(workspace: str | None, fr_model: str, head: str | None, mode: 
         state["metrics"] = {"norm_min": lo, "norm_max": hi, "model_id": model_id, "center_source": source,
                             "mode": mode, "nnccs_floor": nnccs_floor, "range_rows": rng.count,
                             "status_counts": totals, "num_centers": int(len(centers))}
-        state["counts"] = {"selected": n, "shards": len(shards), **totals}
+        state["counts"] = {"selected": n, "shards": len(shards), "embeddings_reused": reused_n,
+                           "embeddings_computed": computed_n, **totals}
         return {"run_id": rid, **state["counts"], "metrics": state["metrics"]}
 
 
@@ -298,14 +425,16 @@ def anchors_flow(workspace: str | None = None, fr_model: str = DEFAULT_FR_MODEL,
                  query: str | None = None, device: str = "auto", batch_size: int = 64, shard_size: int = 8192,
                  chunk_size: int = A.DEFAULT_CHUNK, center_block: int = A.DEFAULT_CENTER_BLOCK,
                  run_id: str | None = None, runner: str = "threads", workers: int | None = 1,
-                 progress: bool | None = None) -> dict[str, Any]:
+                 progress: bool | None = None, reuse_embeddings: bool = False,
+                 address: str | None = None) -> dict[str, Any]:
     """Run the `anchors` Prefect flow; returns the run id, status counts and the recorded metrics."""
     from prefect import flow
 
     _check_config(fr_model, head, mode, device, batch_size)
-    f = flow(name="anchors")(_anchors_impl).with_options(task_runner=runtime.make_task_runner(runner, workers))
+    task_runner = runtime.make_task_runner(runner, workers, address)
+    f = flow(name="anchors")(_anchors_impl).with_options(task_runner=task_runner)
     return f(workspace, fr_model, head, mode, nnccs_floor, where, query, device, batch_size, shard_size,
-             chunk_size, center_block, run_id, runner, workers, progress)
+             chunk_size, center_block, run_id, runner, workers, progress, reuse_embeddings)
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
@@ -328,6 +457,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-size", type=int, default=8192, help="samples per shard")
     p.add_argument("--chunk-size", type=int, default=A.DEFAULT_CHUNK, help="samples per search tile")
     p.add_argument("--center-block", type=int, default=A.DEFAULT_CENTER_BLOCK, help="centers per search tile")
+    p.add_argument("--reuse-embeddings", action="store_true",
+                   help="reuse the latest ok embeddings of this model stored by earlier runs; embed only the "
+                        "selected samples without one (centers still use the current identities)")
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -335,7 +467,8 @@ def run_cli(args: argparse.Namespace) -> int:
                        nnccs_floor=args.nnccs_floor, where=args.where, query=args.query, device=args.device,
                        batch_size=args.batch_size, shard_size=args.shard_size, chunk_size=args.chunk_size,
                        center_block=args.center_block, run_id=args.run_id, runner=args.runner,
-                       workers=args.workers or 1)
+                       workers=args.workers or 1, reuse_embeddings=args.reuse_embeddings,
+                       address=args.address)
     print(json.dumps(out, indent=2, default=str))
     return 0
 

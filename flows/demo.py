@@ -158,7 +158,8 @@ def correlations(ws: Workspace, data_root: Path) -> list[dict[str, Any]]:
     return out
 
 
-def run_demo(workspace: str | None = None, quick: bool = False, train_steps_epochs: int | None = None) -> dict[str, Any]:
+def run_demo(workspace: str | None = None, quick: bool = False,
+             train_steps_epochs: int | None = None) -> dict[str, Any]:
     """Run every stage of the pipeline on the demo dataset; returns the summary."""
     from flows.anchors import anchors_flow
     from flows.evaluate import evaluate
@@ -221,11 +222,9 @@ def print_summary(ws: Workspace, summary: dict[str, Any]) -> None:
     print("\n=== CLIB-FIQA demo summary ===")
     print(f"workspace: {summary['workspace']}  ({summary['variants']} images, "
           f"{summary['timings_s']['total']} s in all)")
-    counts = catalog.query(ws, "SELECT 'samples' AS tbl, count(*) AS rows FROM samples UNION ALL "
-                               "SELECT 'faces', count(*) FROM faces UNION ALL SELECT 'factors', count(*) FROM factors "
-                               "UNION ALL SELECT 'embeddings', count(*) FROM embeddings UNION ALL "
-                               "SELECT 'anchors', count(*) FROM anchors UNION ALL SELECT 'scores', count(*) FROM scores "
-                               "UNION ALL SELECT 'runs', count(*) FROM runs")
+    counts = catalog.query(ws, " UNION ALL ".join(
+        f"SELECT '{t}' AS tbl, count(*) AS rows FROM {t}"
+        for t in ("samples", "faces", "factors", "embeddings", "anchors", "scores", "runs")))
     print("\n-- rows per table (latest) --")
     print(format_table(counts))
     res = collect(ws, ("status_summary", "factor_distribution"))

@@ -39,7 +39,7 @@ def format_table(tbl: pa.Table, max_rows: int = 50) -> str:
 
     body = [[cell(r[c]) for c in cols] for r in rows]
     widths = [max([len(c)] + [len(b[i]) for b in body]) for i, c in enumerate(cols)]
-    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()  # noqa: E731
+    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths, strict=True)).rstrip()  # noqa: E731
     out = [line(cols), line(["-" * w for w in widths]), *(line(b) for b in body)]
     more = tbl.num_rows - len(rows)
     out.append(f"({tbl.num_rows} row{'s' if tbl.num_rows != 1 else ''}{f', {more} not shown' if more > 0 else ''})")

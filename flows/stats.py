@@ -50,7 +50,7 @@ def plot(results: dict[str, pa.Table], out_dir: Path) -> list[Path]:
         rows = dist.to_pylist()
         factors = sorted({r["factor"] for r in rows})
         fig, axes = plt.subplots(1, len(factors), figsize=(3.2 * len(factors), 3.2), squeeze=False)
-        for ax, f in zip(axes[0], factors):
+        for ax, f in zip(axes[0], factors, strict=True):
             sub = [r for r in rows if r["factor"] == f]
             ax.bar([r["class_name"].replace(" ", "\n") for r in sub], [r["n"] for r in sub], color="#4477aa")
             ax.set_title(f)

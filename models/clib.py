@@ -280,8 +280,11 @@ class ClibFiqa(nn.Module):
         return {"main": main, "mlp": list(self.mlp.parameters())}
 
     def state_for_checkpoint(self) -> dict[str, Tensor]:
-        """Weights to save: everything except a per-step text tower (its output is text_features)."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("text_tower.")}
+        """Weights to save; with a per-step text tower, the cache is refreshed from it first."""
+        if self.text_tower is not None:
+            with torch.no_grad():
+                self.text_features.copy_(self.prompt_embeddings())
+        return self.state_dict()
 
 
 def _tokenize(model_name: str) -> Tensor:

@@ -329,7 +329,6 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> ClibFiqa:
     cfg = ClibConfig.from_dict(ckpt["model_config"])
     model = ClibFiqa.from_config(cfg, load_pretrained=False)
     missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
-    missing = [k for k in missing if not k.startswith("text_tower.")]
     if missing or unexpected:
         raise ValueError(f"checkpoint weights do not fit {cfg.model_name}: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")

@@ -88,7 +88,8 @@ def build(root: Path, faces: dict[str, np.ndarray], levels: Sequence[int] = FULL
 
         bad = root / "broken"
         bad.mkdir(exist_ok=True)
-        (bad / "truncated.jpg").write_bytes(cv2.imencode(".jpg", np.full((64, 64, 3), 128, np.uint8))[1][:200].tobytes())
+        jpg = cv2.imencode(".jpg", np.full((64, 64, 3), 128, np.uint8))[1].tobytes()
+        (bad / "truncated.jpg").write_bytes(jpg[:200])
         (bad / "not_an_image.jpg").write_text("this is text, not a JPEG\n")
         coffee = cv2.cvtColor(data.coffee(), cv2.COLOR_RGB2BGR)
         cv2.imwrite(str(bad / "no_face.png"), cv2.resize(coffee, (224, 150)))

@@ -109,4 +109,4 @@ def prompts() -> list[str]:
     """The 360 prompts in row-major order of PROMPT_SHAPE (quality varies fastest)."""
     axes = [*FACTOR_CLASSES.values(), QUALITY_LEVELS]
     keys = [*FACTORS, "quality"]
-    return [PROMPT_TEMPLATE.format(**dict(zip(keys, combo))) for combo in itertools.product(*axes)]
+    return [PROMPT_TEMPLATE.format(**dict(zip(keys, combo, strict=True))) for combo in itertools.product(*axes)]

@@ -17,8 +17,9 @@ from data_manifest import Workspace  # noqa: E402
 @pytest.fixture(scope="session")
 def prefect_harness():
     """A temporary Prefect API (SQLite) for the whole session; flows run against it."""
-    import flows  # noqa: F401  (Prefect defaults)
     from prefect.testing.utilities import prefect_test_harness
+
+    import flows  # noqa: F401  (Prefect defaults)
 
     with prefect_test_harness(server_startup_timeout=120):
         yield

@@ -117,3 +117,77 @@ def test_anchors_flow_matches_the_pure_api_and_resumes(workspace, prefect_harnes
     latest = _latest(workspace, "anchors")
     assert latest[sids[0]]["center_source"] == "head" and latest[sids[0]]["status"] == "ok"
     np.testing.assert_allclose([latest[s]["ccs"] for s in sids], want.column("ccs").to_numpy(), atol=1e-5)
+
+
+def _reingest_with_new_first_identity(ws) -> dict[str, int]:
+    """A later ingest run as ImageFolder gives it: a new identity folder sorts first, shifting every label by one."""
+    faces = aligned_identities()
+    old = _latest(ws, "samples")
+    idents = {sid: (-1 if r["identity"] < 0 else r["identity"] + 10) for sid, r in old.items()}
+    new = {"t1_4-clean": faces["t1_4"], "t1_4-blur": degrade(faces["t1_4"], "blur", 3)}
+    idents.update(dict.fromkeys(new, 100))
+    ShardWriter(ws, "samples", "ingest-test2").write(0, [
+        {"sample_id": sid, "identity": ident, "dataset": "shipped", "source_kind": "list",
+         "source": f"/nowhere/{sid}.png", "status": "ok"} for sid, ident in idents.items()])
+    rel = crops.write_pack(ws, "align-test2", 0, np.stack(list(new.values())))
+    ShardWriter(ws, "faces", "align-test2").write(0, [
+        {"sample_id": sid, "crop_index": i, "crop_file": rel, "status": "ok", "aligned_mode": "detect"}
+        for i, sid in enumerate(new)])
+    return idents
+
+
+def test_reuse_embeddings_embeds_only_new_samples_and_follows_relabelled_identities(workspace, prefect_harness,
+                                                                                     monkeypatch):
+    import inspect
+
+    from flows import anchors as F
+    from flows import runtime
+    from flows.scheduled import REUSE_EMBEDDINGS
+
+    assert REUSE_EMBEDDINGS in inspect.signature(F.anchors_flow).parameters  # the scheduled refresh passes it
+    _seed_workspace(workspace)
+    kw = {"workspace": str(workspace.root), "fr_model": "dlib", "shard_size": 5, "chunk_size": 4,
+          "center_block": 3, "device": "cpu", "progress": False}
+    first = F.anchors_flow(**kw)
+    assert first["embeddings_reused"] == 0 and first["embeddings_computed"] == 13  # zz-noface has no crop
+    idents = _reingest_with_new_first_identity(workspace)
+
+    # Reuse: only the two new samples (and the faceless one, which has no ok embedding) are embedded.
+    out = F.anchors_flow(**kw, reuse_embeddings=True)
+    rid = out["run_id"]
+    assert out["selected"] == 16 and out["embeddings_reused"] == 13 and out["embeddings_computed"] == 2
+    assert runs.run_info(workspace, rid)["counts"]["embeddings_reused"] == 13
+    written = catalog.query(workspace, f"SELECT sample_id FROM embeddings_history WHERE run_id = '{rid}'")
+    assert sorted(written.column("sample_id").to_pylist()) == ["t1_4-blur", "t1_4-clean", "zz-noface"]
+    emb = _latest(workspace, "embeddings")
+    assert emb["astronaut_0-clean"]["identity"] == 100  # stored with the label of its embedding time ...
+    anchors = _latest(workspace, "anchors")
+    assert len(anchors) == 16 and anchors["astronaut_0-clean"]["identity"] == 110  # ... anchors use today's
+
+    # Centers follow the current labels: the flow equals the pure API on the relabelled set.
+    sids = sorted(s for s, i in idents.items() if i >= 0 and s != "zz-noface")
+    x = np.array([emb[s]["embedding"] for s in sids], dtype=np.float32)
+    uniq = sorted({idents[s] for s in sids})
+    want = A.compute_anchors(x, np.array([uniq.index(idents[s]) for s in sids]))
+    np.testing.assert_allclose([anchors[s]["anchor"] for s in sids], want.column("anchor").to_numpy(), atol=1e-5)
+    assert [anchors[s]["nearest_negative"] for s in sids] == [uniq[i] for i in want.column("nearest_negative")
+                                                              .to_pylist()]
+
+    # A full recompute (CLI, no reuse; --address reaches the task runner) gives the same anchors.
+    seen = []
+    real = runtime.make_task_runner
+    monkeypatch.setattr(runtime, "make_task_runner", lambda *a: seen.append(a) or real(*a))
+    assert F.main(["--workspace", str(workspace.root), "--fr-model", "dlib", "--shard-size", "5", "--chunk-size",
+                   "4", "--center-block", "3", "--device", "cpu", "--address", "tcp://127.0.0.1:8786"]) == 0
+    assert seen == [("threads", 1, "tcp://127.0.0.1:8786")]
+    full = _latest(workspace, "anchors")
+    assert full["astronaut_0-clean"]["run_id"] != rid
+    for s in idents:
+        a, b = anchors[s], full[s]
+        assert (a["status"], a["identity"], a["nearest_negative"]) == (b["status"], b["identity"],
+                                                                      b["nearest_negative"]), s
+        assert (a["anchor"] is None) == (b["anchor"] is None), s
+        if a["anchor"] is not None:
+            assert a["anchor"] == pytest.approx(b["anchor"], abs=1e-6), s
+    with pytest.raises(ValueError, match="mix results"):
+        F.anchors_flow(**kw, run_id=rid)  # a reuse run cannot be resumed without reuse

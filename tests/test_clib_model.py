@@ -137,3 +137,16 @@ def test_checkpoint_carrying_code_is_refused(tmp_path):
     torch.save({"weights": torch.zeros(2)}, other)
     with pytest.raises(ValueError, match="not a CLIB-FIQA checkpoint"):
         load(other)
+
+
+def test_per_step_text_checkpoint_keeps_the_trained_text_tower():
+    from models.train import CHECKPOINT_FORMAT, model_from_checkpoint
+
+    m = _model(text_mode="per_step", official_trainable_text=True)
+    with torch.no_grad():
+        m.text_tower.token_embedding.weight.add_(0.05)  # as if the official mode had trained it
+    ckpt = {"format": CHECKPOINT_FORMAT, "model_config": m.config.to_dict(), "prompts": prompts(),
+            "model": m.state_for_checkpoint()}
+    r = model_from_checkpoint(ckpt)
+    assert torch.allclose(r.prompt_embeddings(), m.prompt_embeddings(), atol=1e-6)
+    assert torch.allclose(r.text_features, m.prompt_embeddings(), atol=1e-6)

@@ -60,7 +60,8 @@ def test_relabel_changes_exactly_the_selected_samples(labelled, tmp_path):
     assert hazy, "the fixture must contain hazy samples (strong Gaussian blur)"
     clear_before = {r["sample_id"] for r in _rows(ws, "SELECT sample_id FROM labels WHERE blur_class <> 'hazy'")}
 
-    result = R.relabel(where="blur_class = 'hazy'", stages=["blur"], options={**OPTIONS, "blur_thresholds": (0.05, 0.1)},
+    result = R.relabel(where="blur_class = 'hazy'", stages=["blur"],
+                       options={**OPTIONS, "blur_thresholds": (0.05, 0.1)},
                        workspace=str(ws.root), run_id="relabel-1", progress=False)
     assert result["selected"] == len(hazy)
 
@@ -98,7 +99,8 @@ def test_dask_runner_gives_the_same_rows_as_threads(labelled):
     base, other = _rows(ws, fq.format("label-base")), _rows(ws, fq.format("label-dask"))
     assert [(r["sample_id"], r["status"], r["n_faces"]) for r in base] == \
         [(r["sample_id"], r["status"], r["n_faces"]) for r in other]
-    for a, b in zip(base, other):  # float32 detector arithmetic may differ in the last bits with the thread count
+    # float32 detector arithmetic may differ in the last bits with the thread count
+    for a, b in zip(base, other, strict=True):
         if a["landmarks"] is not None:
             assert b["landmarks"] == pytest.approx(a["landmarks"], abs=1e-2)
 

@@ -7,8 +7,10 @@ import contextlib
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import flows  # noqa: F401  (Prefect defaults before prefect is imported)
@@ -160,9 +162,49 @@ def tracked_run(ws: Workspace, flow_name: str, params: dict[str, Any], run_id: s
         runs.finish_run(ws, rid, runs.FAILED, counts=state["counts"], metrics=state["metrics"],
                         error=f"{type(e).__name__}: {e}")
         catalog.refresh(ws)
+        publish_run_report(ws, rid)
         raise
     runs.finish_run(ws, rid, runs.COMPLETED, counts=state["counts"], metrics=state["metrics"])
     catalog.refresh(ws)
+    publish_run_report(ws, rid)
+
+
+def run_report_markdown(info: dict[str, Any]) -> str:
+    """A short markdown report of one run: parameters, counts, metrics, status."""
+    import json
+
+    def block(title: str, value: Any) -> str:
+        return f"### {title}\n\n```json\n{json.dumps(value, indent=2, default=str)}\n```\n"
+
+    head = (f"## Run `{info['run_id']}` ({info['flow']})\n\n"
+            f"- status: **{info.get('status', 'running')}**\n- started: {info.get('started_at')}\n"
+            f"- ended: {info.get('ended_at')}\n- code version: {info.get('code_version')}\n"
+            f"- attempts: {info.get('attempts')}\n")
+    if info.get("error"):
+        head += f"- error: {info['error']}\n"
+    return "\n".join([head, block("Counts", info.get("counts") or {}), block("Metrics", info.get("metrics") or {}),
+                      block("Parameters", info.get("last_parameters", info.get("parameters")))])
+
+
+def publish_run_report(ws: Workspace, run_id: str) -> Path | None:
+    """Write reports/runs/<run_id>.md and, inside a Prefect flow run, publish it as a markdown artifact."""
+    info = runs.run_info(ws, run_id)
+    if info is None:
+        return None
+    md = run_report_markdown(info)
+    path = ws.reports / "runs" / f"{run_id}.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(md)
+    try:
+        from prefect.artifacts import create_markdown_artifact
+        from prefect.context import FlowRunContext
+
+        if FlowRunContext.get() is not None:
+            key = "".join(c if c.isalnum() else "-" for c in f"run-{run_id}".lower())[:100]
+            create_markdown_artifact(markdown=md, key=key, description=f"{info['flow']} run report")
+    except Exception as e:  # noqa: BLE001 - a report must never fail the run it describes
+        warnings.warn(f"run report artifact not published: {e}", stacklevel=2)
+    return path
 
 
 def check_shard_failures(outcomes: Sequence[ShardOutcome], run_id: str) -> None:

@@ -1,0 +1,75 @@
+"""Flow plumbing: sharding, task runners, tracked runs and their reports, the CLI frame."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from data_manifest import catalog
+from flows import runtime
+from flows.cli import COMMANDS, main
+
+
+def test_chunks_cover_every_item_once():
+    items = list(range(10))
+    parts = runtime.chunks(items, 4)
+    assert [list(p) for p in parts] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    with pytest.raises(ValueError, match="shard size"):
+        runtime.chunks(items, 0)
+
+
+def test_unknown_runner_is_refused():
+    with pytest.raises(ValueError, match="unknown task runner 'spark'"):
+        runtime.make_task_runner("spark")
+
+
+def test_tracked_run_records_success_and_failure_with_reports(workspace):
+    with runtime.tracked_run(workspace, "ingest", {"path": "/x"}, "run-ok") as state:
+        state["counts"] = {"rows": 7}
+        state["metrics"] = {"seconds": 1.25}
+    with pytest.raises(RuntimeError, match="boom"):
+        with runtime.tracked_run(workspace, "ingest", {"path": "/y"}, "run-bad"):
+            raise RuntimeError("boom")
+    rows = {r["run_id"]: r for r in catalog.query(workspace, "SELECT * FROM runs").to_pylist()}
+    assert rows["run-ok"]["status"] == "completed" and json.loads(rows["run-ok"]["counts"]) == {"rows": 7}
+    assert rows["run-bad"]["status"] == "failed" and "RuntimeError: boom" in rows["run-bad"]["error"]
+    ok = (workspace.reports / "runs" / "run-ok.md").read_text()
+    assert "status: **completed**" in ok and '"rows": 7' in ok and '"path": "/x"' in ok
+    assert "error: RuntimeError: boom" in (workspace.reports / "runs" / "run-bad.md").read_text()
+    assert workspace.catalog_path.exists()
+
+
+def test_cli_help_lists_every_command_and_starts_nothing_heavy():
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", "import sys; from flows.cli import main; main(['--help']); "
+                          "print(sorted(m for m in ('prefect', 'torch', 'open_clip') if m in sys.modules))"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for name in COMMANDS:
+        assert name in out.stdout
+    assert out.stdout.strip().endswith("[]"), "fiqa --help must not import prefect, torch or open_clip"
+    assert time.perf_counter() - t0 < 30
+
+
+def test_sql_command_refuses_writes(workspace, capsys):
+    from data_manifest import ShardWriter
+
+    ShardWriter(workspace, "samples", "r1").write(0, [{"sample_id": "a", "dataset": "d", "source_kind": "folder",
+                                                       "source": "/a", "status": "ok"}])
+    assert main(["sql", "--workspace", str(workspace.root), "DROP VIEW samples"]) == 2
+    assert "refused: DROP" in capsys.readouterr().err
+    assert main(["sql", "--workspace", str(workspace.root), "SELECT count(*) AS n FROM samples",
+                 "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out) == [{"n": 1}]
+    out = workspace.root / "out.parquet"
+    assert main(["sql", "--workspace", str(workspace.root), "SELECT sample_id FROM samples",
+                 "--format", "parquet", "--output", str(out)]) == 0
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(out).column("sample_id").to_pylist() == ["a"]
+    assert main(["sql", "--workspace", str(workspace.root), "SELECT nope FROM samples"]) == 2
+    assert "nope" in capsys.readouterr().err

@@ -153,11 +153,7 @@ def _shard_embeddings(ws: Workspace, run_id: str, shard: str, sel: pa.Table,
         emb[found], ok[found] = all_emb[src], all_ok[src]
         for j, k in zip(np.flatnonzero(found).tolist(), src.tolist(), strict=True):
             err[j] = None if all_ok[k] else errors[k]
-    _id = _identities(sel)
-    if reused.exists():
-        _r = pc.is_in(sel.column("sample_id"), value_set=pq.read_table(reused).column("sample_id").combine_chunks()).to_numpy(zero_copy_only=False)
-        _id = np.where(_r & (_id >= 0), _id - 10, _id)
-    tbl = pa.table({"sample_id": sel.column("sample_id"), "identity": pa.array(_id, pa.int64()),
+    tbl = pa.table({"sample_id": sel.column("sample_id"), "identity": pa.array(_identities(sel), pa.int64()),
                     "error": pa.array(err, pa.string())})
     return tbl, emb, ok
 

@@ -14,7 +14,6 @@ on every sample, so anchors are never computed for a subset alone).
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,7 +25,6 @@ STEPS = ("ingest", "label", "anchors")
 DEFAULT_LABEL_STAGES = ("align", "blur", "pose")
 GPU_TAG = "gpu"
 # The anchors-flow option that reuses stored embeddings of the same model (embedding only what is missing).
-REUSE_EMBEDDINGS = "reuse_embeddings"
 
 
 def sql_literal(text: str) -> str:
@@ -103,24 +101,24 @@ def refresh_dataset(dataset_path: str, dataset: str, workspace: str | None = Non
         result["samples_without_anchors"] = n_missing
         if n_missing:
             result["anchors"] = _refresh_anchors(ws, dataset, fr_model=fr_model, device=device, runner=runner,
-                                                 workers=workers)
+                                                 workers=workers, address=address)
         logger.info("%s: %d sample(s) without anchors%s", dataset, n_missing,
                     "; anchors recomputed for the whole dataset" if n_missing else "")
     return result
 
 
 def _refresh_anchors(ws: Workspace, dataset: str, *, fr_model: str | None, device: str, runner: str,
-                     workers: int | None) -> dict[str, Any]:
-    """Anchors over every sample of the dataset (centers and normalisation need all of them)."""
+                     workers: int | None, address: str | None) -> dict[str, Any]:
+    """Anchors over every sample of the dataset (centers and normalisation need all of them).
+
+    Stored embeddings of the same model are reused, so only new samples are embedded.
+    """
     from flows.anchors import DEFAULT_FR_MODEL, anchors_flow
 
-    kwargs: dict[str, Any] = {"workspace": str(ws.root), "fr_model": fr_model or DEFAULT_FR_MODEL,
-                              "where": f"dataset = {sql_literal(dataset)}", "device": device, "runner": runner,
-                              "workers": workers or 1, "progress": False}
-    if REUSE_EMBEDDINGS in inspect.signature(anchors_flow).parameters:
-        kwargs[REUSE_EMBEDDINGS] = True  # embed only samples without an embedding of this model
-    out = anchors_flow(**kwargs)
-    return {"run_id": out["run_id"], "selected": out.get("selected"), "embeddings_reused": REUSE_EMBEDDINGS in kwargs}
+    out = anchors_flow(workspace=str(ws.root), fr_model=fr_model or DEFAULT_FR_MODEL,
+                       where=f"dataset = {sql_literal(dataset)}", device=device, runner=runner,
+                       workers=workers or 1, address=address, progress=False, reuse_embeddings=True)
+    return {"run_id": out["run_id"], "selected": out.get("selected"), "embeddings_reused": True}
 
 
 @flow(name="train-and-score", log_prints=True)

@@ -138,13 +138,9 @@ def _reingest_with_new_first_identity(ws) -> dict[str, int]:
 
 def test_reuse_embeddings_embeds_only_new_samples_and_follows_relabelled_identities(workspace, prefect_harness,
                                                                                      monkeypatch):
-    import inspect
-
     from flows import anchors as F
     from flows import runtime
-    from flows.scheduled import REUSE_EMBEDDINGS
 
-    assert REUSE_EMBEDDINGS in inspect.signature(F.anchors_flow).parameters  # the scheduled refresh passes it
     _seed_workspace(workspace)
     kw = {"workspace": str(workspace.root), "fr_model": "dlib", "shard_size": 5, "chunk_size": 4,
           "center_block": 3, "device": "cpu", "progress": False}

@@ -60,9 +60,10 @@ def test_face_cut_by_the_border_is_zero_padded_not_stretched():
     err = np.linalg.norm(ours.landmarks[0] - np.array(ref["landmarks"][0]), axis=1)
     assert 0.05 < err.max() < 3.0
     # The detector interface returns 0-based boxes: the top-left corner moves by one pixel.
+    # (Tolerance: float32 convolutions differ in the last bits with the torch thread count.)
     dets = det.detect(real_face("tom_hanks"))
-    np.testing.assert_allclose(dets[0].box, ours.boxes[0] - np.array([1, 1, 0, 0]), atol=1e-5)
-    np.testing.assert_allclose(dets[0].landmarks, ours.landmarks[0], atol=1e-6)
+    np.testing.assert_allclose(dets[0].box, ours.boxes[0] - np.array([1, 1, 0, 0]), atol=1e-3)
+    np.testing.assert_allclose(dets[0].landmarks, ours.landmarks[0], atol=1e-3)
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:

@@ -159,6 +159,24 @@ def query(ws: Workspace, sql: str, params: list | dict | None = None) -> pa.Tabl
         con.close()
 
 
+def selection_sql(base: str, where: str | None = None, query: str | None = None, *, on_labels: bool = True) -> str:
+    """Rows of `base` (or of a user `query`) filtered by a SQL `where`, ordered by sample_id.
+
+    With on_labels, `where` is a condition on the `labels` view (any label, anchor or
+    sample column); otherwise on the columns of `base` itself.
+    """
+    if query is not None:
+        if where is not None:
+            raise ValueError("give either --query or --where, not both")
+        return f"SELECT * FROM ({query}) AS t ORDER BY sample_id"
+    if where is not None and not where.strip():
+        raise ValueError("--where is empty")
+    sql = f"SELECT * FROM ({base}) AS t"
+    if where:
+        sql += f" WHERE sample_id IN (SELECT sample_id FROM labels WHERE {where})" if on_labels else f" WHERE {where}"
+    return sql + " ORDER BY sample_id"
+
+
 def bundled_sql(name: str) -> str:
     """Text of a bundled query from data_manifest/sql/<name>.sql."""
     p = SQL_DIR / f"{name}.sql"

@@ -29,14 +29,7 @@ _LOCK = threading.Lock()
 
 def selection_sql(where: str | None = None, query: str | None = None) -> str:
     """SQL giving (sample_id, crop_file, crop_index, face_status, face_error) of the samples to score."""
-    if query is not None:
-        if where is not None:
-            raise ValueError("give either --query or --where, not both")
-        return f"SELECT * FROM ({query}) AS t ORDER BY sample_id"
-    sql = f"SELECT * FROM ({SELECT_SQL}) AS t"
-    if where:
-        sql += f" WHERE sample_id IN (SELECT sample_id FROM labels WHERE {where})"
-    return sql + " ORDER BY sample_id"
+    return catalog.selection_sql(SELECT_SQL, where, query)
 
 
 @lru_cache(maxsize=4)

@@ -41,17 +41,8 @@ REQUIRED_COLUMNS = ("sample_id", "crop_file", "crop_index", "anchor", *(f"{f}_in
 
 
 def training_set_sql(where: str | None = None, query: str | None = None) -> str:
-    """The SQL selecting the training set: the default join (optionally filtered) or a user query."""
-    if query is not None:
-        if where is not None:
-            raise ValueError("give either --query or --where, not both")
-        base = query
-    else:
-        base = TRAINING_SET_SQL
-    sql = f"SELECT * FROM ({base}) AS t"
-    if where:
-        sql += f" WHERE {where}"
-    return sql + " ORDER BY sample_id"
+    """The SQL selecting the training set: the default join (filtered on its own columns) or a user query."""
+    return catalog.selection_sql(TRAINING_SET_SQL, where, query, on_labels=False)
 
 
 def load_training_set(ws: Workspace, where: str | None = None, query: str | None = None) -> Any:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from models.config import from_mapping
 from pipeline.factors import BINARY_THRESHOLD, FACTOR_CLASSES
 
 CONFIG_DIR = Path(__file__).with_name("configs")
@@ -68,11 +69,7 @@ class AttributeNetConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AttributeNetConfig:
         """Build from a JSON mapping, refusing unknown keys."""
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown attribute-net config key(s) {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**data)
+        return from_mapping(cls, data, "attribute-net config")
 
 
 def available_configs() -> list[str]:

@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, WeightedRandomSampler
 
 from models.attributes import HEADS, AttributeNet, AttributeNetConfig, predict_proba, to_input
+from models.config import from_mapping
 from pipeline.factors import BINARY_THRESHOLD
 
 log = logging.getLogger(__name__)
@@ -49,11 +50,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         """Build from a mapping of overrides, refusing unknown keys."""
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown training setting(s) {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**data)
+        return from_mapping(cls, data, "training setting")
 
     def __post_init__(self) -> None:
         if self.imbalance not in IMBALANCE:

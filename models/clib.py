@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.config import from_mapping
 from pipeline.factors import FACTOR_SHAPE, N_JOINT_FACTORS, N_PROMPTS, PROMPT_SHAPE, QUALITY_ANCHORS, prompts
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -58,11 +59,8 @@ class ClibConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ClibConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown CLIB-FIQA config keys {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
+        """Build from a JSON mapping, refusing unknown keys."""
+        return from_mapping(cls, d, "CLIB-FIQA config")
 
     @classmethod
     def from_json(cls, path_or_name: str | os.PathLike[str]) -> ClibConfig:

@@ -14,7 +14,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from models.clib import ClibConfig, ClibFiqa
+from models.config import from_mapping
 from models.losses import (
     BETA,
     FOCAL_GAMMA,
@@ -86,11 +87,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown train config keys {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
+        """Build from a JSON mapping, refusing unknown keys."""
+        return from_mapping(cls, d, "train config")
 
 
 class ImageSource(Protocol):

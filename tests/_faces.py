@@ -3,37 +3,14 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 
 from models.weights import MissingWeightsError, mtcnn_paths
+from pipeline.degrade import shipped_images
 
-
-def insightface_image(name: str) -> np.ndarray:
-    """An RGB image from the insightface package's data/images."""
-    import insightface
-
-    path = Path(insightface.__file__).parent / "data" / "images" / name
-    bgr = cv2.imread(str(path))
-    if bgr is None:
-        pytest.skip(f"insightface package image {path} is not readable")
-    return np.ascontiguousarray(bgr[:, :, ::-1])
-
-
-def astronaut() -> np.ndarray:
-    from skimage import data
-
-    return data.astronaut()
-
-
-REAL_FACES = {
-    "t1": lambda: insightface_image("t1.jpg"),
-    "tom_hanks": lambda: insightface_image("Tom_Hanks_54745.png"),
-    "astronaut": astronaut,
-}
+REAL_FACES = {name: (lambda name=name: shipped_images()[name]) for name in ("t1", "tom_hanks", "astronaut")}
 
 
 @lru_cache(maxsize=1)

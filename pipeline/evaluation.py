@@ -51,6 +51,18 @@ def _check_finite(name: str, array: np.ndarray) -> None:
         )
 
 
+def _comparisons(similarity: object, pair_quality: object) -> tuple[np.ndarray, np.ndarray]:
+    """Validated 1-D similarity and pair-quality arrays of equal length (quality NaN refused, -inf allowed)."""
+    sims = _as_1d("similarity", similarity)
+    quality = _as_1d("pair_quality", pair_quality)
+    if sims.shape != quality.shape:
+        raise ValueError(f"similarity and pair_quality differ in length: {sims.size} vs {quality.size}")
+    _check_finite("similarity", sims)
+    if np.isnan(quality).any():
+        raise ValueError(f"pair_quality has {int(np.isnan(quality).sum())} NaN values; map failures to -inf first")
+    return sims, quality
+
+
 def _mated_mask(mated: object, n: int) -> np.ndarray:
     """Return the boolean mated mask (default: all comparisons are mated)."""
     if mated is None:
@@ -262,13 +274,7 @@ def edc(
     ascending pair quality; comparisons of equal quality go together, so the
     curve has one point per distinct quality value.
     """
-    sims = _as_1d("similarity", similarity)
-    quality = _as_1d("pair_quality", pair_quality)
-    if sims.shape != quality.shape:
-        raise ValueError(f"similarity and pair_quality differ in length: {sims.size} vs {quality.size}")
-    _check_finite("similarity", sims)
-    if np.isnan(quality).any():
-        raise ValueError(f"pair_quality has {int(np.isnan(quality).sum())} NaN values; map failures to -inf first")
+    sims, quality = _comparisons(similarity, pair_quality)
     if error_type not in ("fnmr", "fmr"):
         raise ValueError(f"unknown error_type {error_type!r}; use 'fnmr' or 'fmr'")
     mask = _mated_mask(mated, sims.size)
@@ -345,13 +351,7 @@ def erc(
     with the discarding, so the curve mixes the FMR and FNMR effects. A step
     left without mated or without non-mated comparisons gets NaN.
     """
-    sims = _as_1d("similarity", similarity)
-    quality = _as_1d("pair_quality", pair_quality)
-    if sims.shape != quality.shape:
-        raise ValueError(f"similarity and pair_quality differ in length: {sims.size} vs {quality.size}")
-    _check_finite("similarity", sims)
-    if np.isnan(quality).any():
-        raise ValueError("pair_quality has NaN values; map failures to -inf first")
+    sims, quality = _comparisons(similarity, pair_quality)
     mask = _mated_mask(mated, sims.size)
     steps = _as_1d("fractions", fractions)
     if ((steps < 0) | (steps >= 1)).any():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -66,14 +67,19 @@ def plot_edc(
         ax.set_xlabel("Fraction of discarded comparisons")
         ax.set_ylabel("FNMR" if first.error_type == "fnmr" else "FMR")
         ax.set_title(title or f"EDC (threshold {first.threshold:.4g})", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-        fig.tight_layout()
-        out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out)
+        return _save(fig, ax, path)
     finally:
         plt.close(fig)
+
+
+def _save(fig: Any, ax: Any, path: str | os.PathLike[str]) -> Path:
+    """Grid, legend and layout shared by every plot, then write the figure to `path`."""
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
     return out
 
 
@@ -97,12 +103,6 @@ def plot_erc(
         ax.set_xlabel("Ratio of unconsidered pairs")
         ax.set_ylabel("FNMR")
         ax.set_title(title or f"ERC at FMR {next(iter(curves.values())).fmr:g}", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-        fig.tight_layout()
-        out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out)
+        return _save(fig, ax, path)
     finally:
         plt.close(fig)
-    return out

@@ -110,12 +110,11 @@ def comparisons(ws: Workspace, model_id: str, out: Path) -> Path:
 
 
 def quality_files(ws: Workspace, out_dir: Path) -> list[str]:
-    """CSV quality files of the methods compared in the demo's EDC: ours, CPBD and the anchor."""
+    """Quality specs of the methods compared in the demo's EDC: our stored scores, CPBD and the anchor."""
     import pyarrow.csv as pcsv
 
-    specs = []
-    queries = {
-        "clib-fiqa": "SELECT sample_id AS key, quality FROM scores WHERE method = 'clib-fiqa' AND status = 'ok'",
+    specs = [f"clib-fiqa=scores:clib-fiqa@{DATASET}"]
+    queries = {  # other methods as quality files, the way any external FIQA method comes in
         "cpbd": "SELECT sample_id AS key, blur_value AS quality FROM labels WHERE blur_value IS NOT NULL",
         "anchor-oracle": "SELECT sample_id AS key, anchor AS quality FROM labels WHERE anchor IS NOT NULL",
     }

@@ -47,6 +47,7 @@ from pipeline.benchmarks_io import (
 )
 
 OURS = "ours"
+SCORES_PREFIX = "scores:"
 PROTOCOLS = ("edc", "erc")
 _KEY_A = ("key_a", "a", "sample_a", "left", "image_a", "path_a")
 _KEY_B = ("key_b", "b", "sample_b", "right", "image_b", "path_b")
@@ -449,14 +450,41 @@ def _artifacts(rows: list[dict[str, Any]], md: str, run_id: str) -> None:
     create_markdown_artifact(md, key=f"{key}-report"[:100], description="EDC/ERC report")
 
 
-def _parse_qualities(specs: Sequence[str], checkpoint: str | None) -> tuple[bool, list[QualityScores]]:
-    """Split quality specs into 'ours' and external files (read now, so a bad file fails before any work)."""
+def stored_scores(ws: Workspace, method: str, dataset: str | None = None, name: str | None = None) -> QualityScores:
+    """A method's latest scores from the workspace's `scores` table, keyed by sample_id and by source.
+
+    The source key lets benchmark keys find them: `lfw.bin#12` matches the .bin index
+    12, `/data/lfw/A/A_0001.jpg` matches the pair-list key `A/A_0001`.
+    """
+    sql = ("SELECT sc.sample_id, s.source, sc.quality FROM scores sc JOIN samples s USING (sample_id) "
+           "WHERE sc.method = $method AND sc.status = 'ok' AND sc.quality IS NOT NULL")
+    params: dict[str, Any] = {"method": method}
+    if dataset:
+        sql += " AND s.dataset = $dataset"
+        params["dataset"] = dataset
+    rows = catalog.query(ws, sql, params).to_pylist()
+    if not rows:
+        where = f" of dataset {dataset!r}" if dataset else ""
+        raise ValueError(f"no ok scores of method {method!r}{where} in workspace {ws.root} (run 'fiqa score')")
+    keys = [r["sample_id"] for r in rows] + [r["source"] for r in rows]
+    values = np.array([r["quality"] for r in rows] * 2, dtype=np.float64)
+    return QualityScores(method=name or method, keys=keys, values=values, source=f"scores:{method}")
+
+
+def _parse_qualities(specs: Sequence[str], checkpoint: str | None,
+                     ws: Workspace | None = None) -> tuple[bool, list[QualityScores]]:
+    """Split quality specs into 'ours', stored scores and external files (all read before any work)."""
     ours = False
     files = []
     for spec in specs:
         name, raw = _split_named(spec)
         if raw == OURS:
             ours = True
+        elif raw.startswith(SCORES_PREFIX):
+            method, _, dataset = raw.removeprefix(SCORES_PREFIX).partition("@")
+            if not method:
+                raise ValueError(f"--quality {spec!r}: give a method, e.g. scores:clib-fiqa[@DATASET]")
+            files.append(stored_scores(ws or Workspace(), method, dataset or None, name))
         else:
             files.append(read_quality_file(raw, method=name))
     if ours and checkpoint is None:
@@ -500,8 +528,8 @@ def evaluate(
             raise ValueError(f"discard limits must lie in (0, 1], got {lim!r}")
     if not benchmarks:
         raise ValueError("give at least one --benchmark")
-    ours, files = _parse_qualities(qualities, checkpoint)
     ws = Workspace(workspace)
+    ours, files = _parse_qualities(qualities, checkpoint, ws)
     params = {"benchmarks": benchmarks, "qualities": qualities, "fr_model": fr_model, "checkpoint": checkpoint,
               "fmrs": list(fmrs), "starting_errors": list(starting_errors), "protocols": list(protocols),
               "pauc_limit": pauc_limit, "auc_limit": auc_limit, "pair_quality": pair_quality,
@@ -590,8 +618,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     """Options of `fiqa evaluate`."""
     p.add_argument("--benchmark", action="append", required=True, metavar="[NAME=]PATH",
                    help="lfw.bin, a pair list, a comparison CSV/Parquet or an EDC JSON (repeatable)")
-    p.add_argument("--quality", action="append", default=[], metavar="ours|[NAME=]FILE",
-                   help="'ours' (needs --checkpoint) or a CSV/TSV/Parquet quality file (repeatable; "
+    p.add_argument("--quality", action="append", default=[], metavar="ours|[NAME=]FILE|scores:METHOD[@DATASET]",
+                   help="'ours' (needs --checkpoint), scores:METHOD[@DATASET] (stored scores of the workspace, "
+                        "e.g. scores:clib-fiqa) or a CSV/TSV/Parquet quality file (repeatable; "
                         "an EDC JSON benchmark brings its own)")
     p.add_argument("--fr-model", default="dlib", help="recognition backend spec (default: dlib)")
     p.add_argument("--checkpoint", default=None, help="CLIB-FIQA checkpoint for --quality ours")

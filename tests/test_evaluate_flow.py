@@ -202,3 +202,29 @@ def test_quality_ours_from_a_checkpoint_with_precomputed_embeddings(generated, w
     assert rows["CLIB-FIQA (ours)"]["missing_quality_pairs"] == 0
     with pytest.raises(ValueError, match="needs --checkpoint"):
         evaluate(benchmarks=[str(root / "pairs.txt")], qualities=["ours"], workspace=str(workspace.root))
+
+
+def test_stored_scores_are_found_by_benchmark_keys(workspace):
+    from data_manifest import ShardWriter
+    from flows.evaluate import _parse_qualities, stored_scores
+
+    srcs = {"s0": "/data/lfw.bin#0", "s1": "/data/lfw.bin#1", "s2": "/data/faces/Aaron/Aaron_0001.jpg"}
+    ShardWriter(workspace, "samples", "ing").write(0, [
+        {"sample_id": k, "dataset": "lfw" if k != "s2" else "folder", "source_kind": "bin", "source": v,
+         "status": "ok"} for k, v in srcs.items()])
+    ShardWriter(workspace, "scores", "sc").write(0, [
+        {"sample_id": "s0", "method": "clib-fiqa", "quality": 0.25, "status": "ok"},
+        {"sample_id": "s1", "method": "clib-fiqa", "quality": 0.75, "status": "ok"},
+        {"sample_id": "s2", "method": "clib-fiqa", "quality": 0.5, "status": "ok"},
+        {"sample_id": "s0", "method": "other", "quality": 0.9, "status": "ok"}])
+    q = stored_scores(workspace, "clib-fiqa")
+    # .bin indices, pair-list keys and sample ids all resolve; unknown keys are NaN
+    got = q.lookup(["1", "0", "Aaron/Aaron_0001", "s2", "nope"])
+    np.testing.assert_array_equal(got[:4], [0.75, 0.25, 0.5, 0.5])
+    assert np.isnan(got[4])
+    only_lfw = stored_scores(workspace, "clib-fiqa", dataset="lfw", name="ours")
+    assert only_lfw.method == "ours" and np.isnan(only_lfw.lookup(["Aaron/Aaron_0001"])[0])
+    ours, files = _parse_qualities(["mine=scores:clib-fiqa@lfw"], None, workspace)
+    assert not ours and files[0].method == "mine" and files[0].lookup(["0"])[0] == 0.25
+    with pytest.raises(ValueError, match="no ok scores of method 'missing'"):
+        stored_scores(workspace, "missing")

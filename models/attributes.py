@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from models import checkpoints
 from models.config import from_mapping
 from pipeline.factors import BINARY_THRESHOLD, FACTOR_CLASSES
 
@@ -260,30 +261,14 @@ def save_checkpoint(
         "train": json.loads(json.dumps(train or {}, default=float)),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    checkpoints.save(ckpt, path)
     return ckpt
 
 
 def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "cpu") -> AttributeCheckpoint:
     """Load a checkpoint written by `save_checkpoint` (weights_only: no code runs on load)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"attribute checkpoint {path} not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"cannot load attribute checkpoint {path}: {e}") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{path} is not an attribute checkpoint (format {found!r}, expected {CHECKPOINT_FORMAT!r})")
+    ckpt = checkpoints.load(path, CHECKPOINT_FORMAT, "attribute checkpoint")
     if list(ckpt["heads"]) != list(HEADS):
         raise ValueError(f"{path}: heads {ckpt['heads']} do not match this code's {list(HEADS)}")
     model = AttributeNet(AttributeNetConfig.from_dict(ckpt["config"]))

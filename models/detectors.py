@@ -14,6 +14,7 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 
 from models.weights import find_pack, insightface_pack
+from pipeline.images import require_rgb
 
 
 class Detection(NamedTuple):
@@ -31,13 +32,6 @@ class Detector(Protocol):
     version: str
 
     def detect(self, image: np.ndarray) -> list[Detection]: ...
-
-
-def _check_rgb(image: Any) -> np.ndarray:
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        desc = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
-        raise ValueError(f"detector input must be an RGB uint8 image (H, W, 3), got {desc}")
-    return image
 
 
 class MTCNNDetector:
@@ -60,7 +54,7 @@ class MTCNNDetector:
         self.model = MTCNN(MTCNNConfig(min_face_size=min_face_size, thresholds=thresholds), weights, device)
 
     def detect(self, image: np.ndarray) -> list[Detection]:
-        image = _check_rgb(image)
+        image = require_rgb(image, "detector input")
         h, w = image.shape[:2]
         scale = min(1.0, self.max_side / max(h, w))
         if scale < 1.0:
@@ -115,7 +109,8 @@ class SCRFDDetector:
         self.det_size = det_size
 
     def detect(self, image: np.ndarray) -> list[Detection]:
-        bgr = np.ascontiguousarray(_check_rgb(image)[:, :, ::-1])  # insightface models read BGR like cv2
+        # insightface models read BGR, like cv2
+        bgr = np.ascontiguousarray(require_rgb(image, "detector input")[:, :, ::-1])
         det, kps = self.model.detect(bgr, input_size=self.det_size)
         if kps is None:
             raise RuntimeError(f"SCRFD model {self.version} predicts no landmarks; alignment needs a *kps model")

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from models import checkpoints
 from models.clib import ClibConfig, ClibFiqa
 from models.config import from_mapping
 from models.losses import (
@@ -301,25 +302,12 @@ class _Dist:
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> Path:
     """Write a checkpoint atomically (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-    return path
+    return checkpoints.save(payload, path)
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load a checkpoint with weights_only=True: a file that carries code is refused."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"checkpoint {p} does not exist")
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"refusing checkpoint {p}: not a plain weights file ({type(e).__name__}: {e})") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{p} is not a CLIB-FIQA checkpoint (format {CHECKPOINT_FORMAT!r})")
-    return ckpt
+    return checkpoints.load(path, CHECKPOINT_FORMAT, "CLIB-FIQA checkpoint")
 
 
 def model_from_checkpoint(ckpt: dict[str, Any]) -> ClibFiqa:

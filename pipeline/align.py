@@ -13,6 +13,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from pipeline.images import require_rgb
 from pipeline.records import ERROR, NO_FACE, FaceCrop
 
 CROP_SIZE = 112
@@ -93,13 +94,6 @@ def choose_face(detections: Sequence[Any]) -> int:
     return int(np.argmax(keys))
 
 
-def _check_image(image: Any) -> np.ndarray:
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        desc = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
-        raise ValueError(f"expected an RGB uint8 image (H, W, 3), got {desc}")
-    return image
-
-
 class AlignStage:
     """Detect, choose one face, align to the ArcFace template; one FaceCrop per input image.
 
@@ -165,7 +159,7 @@ class AlignStage:
     def align(self, sample_id: str, image: Any) -> FaceCrop:
         """Align one decoded image; bad input gives an ERROR crop with the reason, never an exception."""
         try:
-            img = _check_image(image)
+            img = require_rgb(image)
             if self.mode == ALREADY_ALIGNED:
                 return self._already_aligned(sample_id, img)
             if self.detector is None:

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
+from models import onnx_session
 from models.weights import find_pack, insightface_pack
 from pipeline.images import require_rgb
 
@@ -82,10 +83,6 @@ def _pack_file(pack_dir: Path, pattern: str, what: str) -> Path:
     return hits[0]
 
 
-def _ort_providers(device: str) -> list[str]:
-    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else ["CPUExecutionProvider"]
-
-
 class SCRFDDetector:
     """insightface SCRFD (e.g. buffalo_l det_10g.onnx) from a pack directory or an .onnx path."""
 
@@ -97,12 +94,10 @@ class SCRFDDetector:
             from insightface.model_zoo.scrfd import SCRFD
         except ImportError as e:
             raise RuntimeError("the SCRFD detector needs the 'insightface' package: pip install insightface") from e
-        import onnxruntime
-
         path = Path(model).expanduser()
         onnx_file = path if path.suffix == ".onnx" and path.is_file() else _pack_file(
             insightface_pack(model), "det_*.onnx", "SCRFD detector")
-        session = onnxruntime.InferenceSession(str(onnx_file), providers=_ort_providers(device))
+        session = onnx_session.open_session(onnx_file, device=device, what="SCRFD detector")
         self.model = SCRFD(model_file=str(onnx_file), session=session)
         self.model.prepare(-1 if device == "cpu" else 0, input_size=det_size, det_thresh=det_thresh)
         self.version = onnx_file.name

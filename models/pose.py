@@ -16,6 +16,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from models import onnx_session
 from models.weights import dlib_model, insightface_pack
 from pipeline.align import ARCFACE_TEMPLATE, similarity_transform, transform_points, umeyama
 from pipeline.pose import HeadPose, angles_from_rotation
@@ -166,17 +167,13 @@ class InsightFace3D68Pose:
             from insightface.model_zoo.landmark import Landmark
         except ImportError as e:
             raise RuntimeError("the 1k3d68 pose backend needs the 'insightface' package") from e
-        import onnxruntime
-
         path = Path(model).expanduser()
         if not (path.suffix == ".onnx" and path.is_file()):
             hits = sorted(insightface_pack(model).glob("1k3d68*.onnx"))
             if not hits:
                 raise FileNotFoundError(f"model pack {model} has no 1k3d68*.onnx")
             path = hits[0]
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else [
-            "CPUExecutionProvider"]
-        session = onnxruntime.InferenceSession(str(path), providers=providers)
+        session = onnx_session.open_session(path, device=device, what="1k3d68 landmark model")
         self.model = Landmark(model_file=str(path), session=session)
         if self.model.lmk_dim != 3 or self.model.lmk_num != 68:
             raise ValueError(f"{path} is not a 3D 68-point landmark model ({self.model.taskname})")

@@ -25,6 +25,7 @@ from urllib.parse import parse_qsl
 
 import numpy as np
 
+from models import onnx_session
 from pipeline.align import ARCFACE_TEMPLATE, CROP_SIZE, umeyama
 from pipeline.anchors import l2_normalize
 
@@ -81,24 +82,6 @@ def resolve_torch_device(device: str | None) -> Any:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but torch sees no CUDA device")
     return dev
-
-
-def ort_providers(device: str | None) -> list[Any]:
-    """onnxruntime execution providers for a device string (CUDA first when asked for or available)."""
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    if device in (None, "auto"):
-        return (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []) + ["CPUExecutionProvider"]
-    if device == "cpu":
-        return ["CPUExecutionProvider"]
-    if device.startswith("cuda"):
-        if "CUDAExecutionProvider" not in available:
-            raise ValueError(f"device {device!r} requested but onnxruntime has only {available} "
-                             "(install onnxruntime-gpu)")
-        idx = int(device.split(":", 1)[1]) if ":" in device else 0
-        return [("CUDAExecutionProvider", {"device_id": idx}), "CPUExecutionProvider"]
-    raise ValueError(f"invalid device {device!r}: use auto, cpu, cuda or cuda:N")
 
 
 class Recognizer:
@@ -228,22 +211,13 @@ class OnnxRecognizer(Recognizer):
     def __init__(self, path: str | os.PathLike[str], *, size: int = CROP_SIZE, bgr: bool = False,
                  mean: Any = 127.5, std: Any = 127.5, device: str | None = "auto", batch_size: int = 32,
                  id_prefix: str = "onnx") -> None:
-        try:
-            import onnxruntime as ort
-        except ImportError as e:
-            raise ImportError("ONNX backends need `pip install onnxruntime` (or onnxruntime-gpu)") from e
         p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"ONNX model {p} does not exist")
+        self.session = onnx_session.open_session(p, device=device)
         self.path = p
         self.size, self.bgr = int(size), bool(bgr)
         self.mean, self.std = _triple(mean, "mean"), _triple(std, "std")
         if np.any(self.std == 0):
             raise ValueError(f"std must be non-zero, got {std!r}")
-        try:
-            self.session = ort.InferenceSession(str(p), providers=ort_providers(device))
-        except Exception as e:  # onnxruntime raises its own exception types for bad files
-            raise ValueError(f"ONNX model {p} could not be loaded: {e}") from e
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.layout, fixed_one = _onnx_input_layout(list(inp.shape), self.size, str(p))

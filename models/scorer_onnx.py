@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from models.onnx_session import open_session
 from pipeline.factors import FACTORS, N_PROMPTS, PROMPT_SHAPE
 
 ONNX_INPUT = "images"  # uint8 (B, H, W, 3) RGB
@@ -67,15 +68,8 @@ class OnnxScorer:
 
     def __init__(self, path: str | os.PathLike[str], *, batch_size: int = 64,
                  providers: list[str] | None = None) -> None:
-        try:
-            import onnxruntime as ort
-        except ImportError as e:
-            raise ImportError("OnnxScorer needs onnxruntime: pip install onnxruntime") from e
         p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"ONNX model {p} does not exist")
-        opts = ort.SessionOptions()
-        self.session = ort.InferenceSession(str(p), opts, providers=providers or ["CPUExecutionProvider"])
+        self.session = open_session(p, provider_list=providers or ["CPUExecutionProvider"], what="ONNX model")
         names = [o.name for o in self.session.get_outputs()]
         if names != list(ONNX_OUTPUTS):
             raise ValueError(f"{p} is not a CLIB-FIQA export: outputs {names}, expected {list(ONNX_OUTPUTS)}")

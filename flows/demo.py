@@ -12,9 +12,11 @@ Nothing is downloaded.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,18 +51,14 @@ def _log(msg: str) -> None:
     print(f"[demo] {msg}", file=sys.stderr, flush=True)
 
 
-def _step(name: str, timings: dict[str, float]):
-    class _T:
-        def __enter__(self):
-            self.t0 = time.perf_counter()
-            _log(f"{name} ...")
-
-        def __exit__(self, *exc):
-            timings[name] = round(time.perf_counter() - self.t0, 1)
-            if exc[0] is None:
-                _log(f"{name} done in {timings[name]} s")
-
-    return _T()
+@contextlib.contextmanager
+def _step(name: str, timings: dict[str, float]) -> Iterator[None]:
+    """Log and time one demo step into `timings`."""
+    t0 = time.perf_counter()
+    _log(f"{name} ...")
+    yield
+    timings[name] = round(time.perf_counter() - t0, 1)
+    _log(f"{name} done in {timings[name]} s")
 
 
 def build_dataset(root: Path, quick: bool) -> list:

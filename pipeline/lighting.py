@@ -1,0 +1,268 @@
+"""Analytic lighting measures on the face region (ISO/IEC 29794-5 / OFIQ style) and the lighting label stage.
+
+The measures follow OFIQ's definitions on an aligned 112x112 crop, with the
+face region derived from the five landmarks instead of OFIQ's 98-point mask:
+
+- luminance: relative luminance of linearised sRGB with Rec. 709 weights,
+  Y = 0.2126 R + 0.7152 G + 0.0722 B, stored as round(255 Y) (OFIQ's
+  `GetLuminanceImageFromBGR`; not Y of YCbCr, not CIELAB L*);
+- `luminance_mean`, `luminance_variance`: mean and variance of Y / 255 over the
+  face region (OFIQ LuminanceMean / LuminanceVariance);
+- `illumination_uniformity`: sum of bin-wise minima of the normalised 256-bin
+  luminance histograms of the left and right face halves (OFIQ uses two cheek
+  zones; the halves hold more pixels on a 112 px crop); `half_mean_ratio`: darker
+  half's mean luminance over the brighter half's;
+- `dynamic_range_bits`: entropy of the 256-bin luminance histogram (OFIQ
+  DynamicRange); `luminance_p01`, `luminance_p99`: 1st / 99th percentiles of Y / 255;
+- `under_exposure`, `over_exposure`: fractions of face pixels with Y in 0..25 and
+  247..255 (OFIQ's ranges).
+
+`lighting_decision` turns them into the "extreme lighting" / "normal lighting"
+class with `LightingRule`, whose defaults were calibrated on real faces
+(`python -m benchmarks.calibrate_lighting`, see docs/labelling.md).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.align import ARCFACE_TEMPLATE
+from pipeline.factors import FactorClass, binary_class
+from pipeline.records import ERROR, OK, FaceCrop, factor_row
+
+VERSION = "1.0"
+LABELLER = "analytic-lighting"
+CROP_SIZE = 112
+UNDER_EXPOSURE_MAX = 25  # OFIQ UnderExposurePrevention range 0..25 (inclusive)
+OVER_EXPOSURE_MIN = 247  # OFIQ OverExposurePrevention range 247..255 (inclusive)
+# Face ellipse from the landmarks: centred midway between the eye midpoint and the mouth midpoint,
+# semi-axes in units of the inter-eye distance (across) and the eye-to-mouth distance (along the face).
+REGION_HALF_WIDTH = 0.95  # x inter-eye distance: cheek to cheek
+REGION_HALF_HEIGHT = 1.05  # x eye-to-mouth distance: forehead to chin
+MIN_REGION_PIXELS = 200  # fewer face pixels than this: the measures are not meaningful
+
+MEASURES: tuple[str, ...] = (
+    "luminance_mean",
+    "luminance_variance",
+    "illumination_uniformity",
+    "half_mean_ratio",
+    "dynamic_range_bits",
+    "luminance_p01",
+    "luminance_p99",
+    "under_exposure",
+    "over_exposure",
+    "face_pixels",
+)
+
+
+def _srgb_to_linear(v: np.ndarray) -> np.ndarray:
+    """IEC 61966-2-1 sRGB decoding of values in 0..1."""
+    return np.where(v <= 0.04045, v / 12.92, ((v + 0.055) / 1.055) ** 2.4)
+
+
+_LINEAR_LUT = _srgb_to_linear(np.arange(256, dtype=np.float64) / 255.0)
+_REC709 = np.array([0.2126, 0.7152, 0.0722])
+
+
+def luminance(rgb: np.ndarray) -> np.ndarray:
+    """uint8 RGB (H, W, 3) -> uint8 luminance floor(255 Y + 0.5), Y of linear sRGB with Rec. 709 weights (OFIQ)."""
+    arr = np.asarray(rgb)
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"luminance needs a uint8 (H, W, 3) RGB image, got {arr.dtype} {arr.shape}")
+    y = _LINEAR_LUT[arr] @ _REC709
+    return np.floor(y * 255.0 + 0.5).astype(np.uint8)
+
+
+def _check_landmarks(landmarks: Any) -> np.ndarray:
+    pts = np.asarray(landmarks, dtype=np.float64)
+    if pts.shape != (5, 2):
+        raise ValueError(f"landmarks must be 5 (x, y) points of shape (5, 2), got shape {pts.shape}")
+    if not np.isfinite(pts).all():
+        raise ValueError(f"landmarks contain non-finite values: {pts.tolist()}")
+    return pts
+
+
+def face_frame(landmarks: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float]:
+    """Centre, across-unit vector (image left -> right eye), along-unit vector (eyes -> mouth), IED, eye-mouth distance.
+
+    Landmark order as the ArcFace template: left eye, right eye, nose, left and right mouth corners.
+    """
+    pts = _check_landmarks(landmarks)
+    eyes = (pts[0] + pts[1]) / 2.0
+    mouth = (pts[3] + pts[4]) / 2.0
+    across = pts[1] - pts[0]
+    ied = float(np.hypot(*across))
+    down = mouth - eyes
+    emd = float(np.hypot(*down))
+    if ied < 1e-6 or emd < 1e-6:
+        raise ValueError(f"degenerate landmarks (eyes or eyes and mouth coincide): {pts.tolist()}")
+    return (eyes + mouth) / 2.0, across / ied, down / emd, ied, emd
+
+
+def face_region(landmarks: Any, shape: tuple[int, int] = (CROP_SIZE, CROP_SIZE)) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean masks (face ellipse, its image-left half) from the 5 landmarks, in crop coordinates.
+
+    The ellipse is centred midway between the eye and mouth midpoints, oriented
+    along the eyes-to-mouth axis, with semi-axes REGION_HALF_WIDTH x inter-eye
+    distance and REGION_HALF_HEIGHT x eye-to-mouth distance; the left half is
+    the part left of the face's vertical axis (pixel centres on it go right).
+    """
+    centre, across, down, ied, emd = face_frame(landmarks)
+    ys, xs = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float64)
+    dx, dy = xs - centre[0], ys - centre[1]
+    u = dx * across[0] + dy * across[1]  # signed distance across the face (to the image right)
+    v = dx * down[0] + dy * down[1]  # signed distance along the face (downwards)
+    inside = (u / (REGION_HALF_WIDTH * ied)) ** 2 + (v / (REGION_HALF_HEIGHT * emd)) ** 2 <= 1.0
+    return inside, inside & (u < 0)
+
+
+def _histogram(values: np.ndarray) -> np.ndarray:
+    """Normalised 256-bin histogram of uint8 values (all zeros when empty)."""
+    h = np.bincount(values, minlength=256).astype(np.float64)
+    total = h.sum()
+    return h / total if total else h
+
+
+def _entropy_bits(hist: np.ndarray) -> float:
+    p = hist[hist > 0]
+    return float(-(p * np.log2(p)).sum())
+
+
+def lighting_measures(crop: np.ndarray, landmarks: Any) -> dict[str, float]:
+    """OFIQ-style lighting measures of the face region of an aligned RGB uint8 crop (see the module docstring)."""
+    lum = luminance(crop)
+    region, left = face_region(landmarks, lum.shape)
+    right = region & ~left
+    n = int(region.sum())
+    if n < MIN_REGION_PIXELS:
+        raise ValueError(
+            f"face region from the landmarks covers {n} pixels of the {lum.shape[1]}x{lum.shape[0]} crop "
+            f"(< {MIN_REGION_PIXELS}); landmarks outside the crop or too close together"
+        )
+    if not left.any() or not right.any():
+        raise ValueError("face region has an empty left or right half; landmarks are not a face")
+    y = lum[region]
+    hist = _histogram(y)
+    levels = np.arange(256) / 255.0
+    mean = float((hist * levels).sum())
+    variance = float((hist * (levels - mean) ** 2).sum())
+    yl, yr = lum[left], lum[right]
+    ml, mr = float(yl.mean()), float(yr.mean())
+    p01, p99 = np.percentile(y, [1.0, 99.0]) / 255.0
+    return {
+        "luminance_mean": mean,
+        "luminance_variance": variance,
+        "illumination_uniformity": float(np.minimum(_histogram(yl), _histogram(yr)).sum()),
+        "half_mean_ratio": 1.0 if max(ml, mr) == 0 else min(ml, mr) / max(ml, mr),
+        "dynamic_range_bits": _entropy_bits(hist),
+        "luminance_p01": float(p01),
+        "luminance_p99": float(p99),
+        "under_exposure": float(np.count_nonzero(y <= UNDER_EXPOSURE_MAX) / n),
+        "over_exposure": float(np.count_nonzero(y >= OVER_EXPOSURE_MIN) / n),
+        "face_pixels": float(n),
+    }
+
+
+@dataclass(frozen=True)
+class LightingRule:
+    """Thresholds of the extreme-lighting rule; each criterion is a logistic ramp that is 0.5 at its threshold.
+
+    Criteria (a face is "extreme lighting" when any reaches 0.5):
+    dark: luminance_mean < mean_low; bright: luminance_mean > mean_high;
+    underexposed: under_exposure > under_max; overexposed: over_exposure > over_max;
+    uneven: half_mean_ratio < ratio_min. `*_width` set how fast each ramp rises
+    (in the measure's unit): score = 1 / (1 + exp(-(excess / width))).
+    """
+
+    mean_low: float = 0.08
+    mean_high: float = 0.60
+    under_max: float = 0.50
+    over_max: float = 0.10
+    ratio_min: float = 0.45
+    mean_width: float = 0.02
+    fraction_width: float = 0.05
+    ratio_width: float = 0.05
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+DEFAULT_RULE = LightingRule()
+
+
+def _ramp(excess: float, width: float) -> float:
+    """Logistic of excess / width: 0.5 at the threshold, towards 1 beyond it."""
+    z = excess / width
+    if z >= 0:
+        return 1.0 / (1.0 + math.exp(-z))
+    e = math.exp(z)
+    return e / (1.0 + e)
+
+
+def criterion_scores(measures: dict[str, float], rule: LightingRule = DEFAULT_RULE) -> dict[str, float]:
+    """Per-criterion extreme-lighting scores in [0, 1] (0.5 exactly at each threshold)."""
+    missing = [k for k in ("luminance_mean", "under_exposure", "over_exposure", "half_mean_ratio") if k not in measures]
+    if missing:
+        raise ValueError(f"lighting measures lack {missing}")
+    values = {k: float(measures[k]) for k in ("luminance_mean", "under_exposure", "over_exposure", "half_mean_ratio")}
+    bad = [k for k, v in values.items() if not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"lighting measures {bad} are not finite: {values}")
+    m = values["luminance_mean"]
+    return {
+        "dark": _ramp(rule.mean_low - m, rule.mean_width),
+        "bright": _ramp(m - rule.mean_high, rule.mean_width),
+        "underexposed": _ramp(values["under_exposure"] - rule.under_max, rule.fraction_width),
+        "overexposed": _ramp(values["over_exposure"] - rule.over_max, rule.fraction_width),
+        "uneven": _ramp(rule.ratio_min - values["half_mean_ratio"], rule.ratio_width),
+    }
+
+
+def lighting_decision(measures: dict[str, float], rule: LightingRule = DEFAULT_RULE) -> tuple[float, FactorClass]:
+    """(score of "extreme lighting" in [0, 1], class): the largest criterion score; extreme when it is >= 0.5."""
+    score = max(criterion_scores(measures, rule).values())
+    return score, binary_class("lighting", score, 0.5)
+
+
+class LightingStage:
+    """Label stage "lighting": analytic measures of each aligned crop -> one `lighting` factors row."""
+
+    name = "lighting"
+    labeller = LABELLER
+    version = f"{VERSION};region={REGION_HALF_WIDTH},{REGION_HALF_HEIGHT}"
+
+    def __init__(self, rule: LightingRule = DEFAULT_RULE) -> None:
+        self.rule = rule
+
+    def _row(self, sample_id: str, **kw: Any) -> dict[str, Any]:
+        return factor_row(sample_id, "lighting", labeller=self.labeller, labeller_version=self.version,
+                          thresholds=self.rule.to_dict(), **kw)
+
+    def label(self, face: FaceCrop) -> dict[str, Any]:
+        """One factors row for one crop; unusable crops or landmarks give a row with a status and reason."""
+        if face.status != OK:
+            return self._row(face.sample_id, status=face.status, error=face.error or f"no crop (status {face.status})")
+        if face.crop is None:
+            return self._row(face.sample_id, status=ERROR, error="crop is missing although status is ok")
+        crop = np.asarray(face.crop)
+        if crop.dtype != np.uint8 or crop.ndim != 3 or crop.shape[2] != 3:
+            return self._row(face.sample_id, status=ERROR,
+                             error=f"crop must be uint8 (H, W, 3) RGB, got {crop.dtype} {crop.shape}")
+        # An already-aligned crop without measured landmarks is aligned to the template by definition.
+        landmarks, source = (ARCFACE_TEMPLATE, "template") if face.landmarks is None else (face.landmarks, "measured")
+        try:
+            measures = lighting_measures(crop, landmarks)
+            score, decision = lighting_decision(measures, self.rule)
+            criteria = criterion_scores(measures, self.rule)
+        except ValueError as e:
+            return self._row(face.sample_id, status=ERROR, error=f"lighting measures failed: {e}")
+        details = {**measures, "criteria": criteria, "strongest": max(criteria, key=criteria.__getitem__),
+                   "landmarks": source}
+        return self._row(face.sample_id, value=score, decision=decision, details=details)
+
+    def __call__(self, batch: list[FaceCrop]) -> list[dict[str, Any]]:
+        return [self.label(face) for face in batch]

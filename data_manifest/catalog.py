@@ -1,30 +1,39 @@
 """The DuckDB catalog: `<table>_history` (all rows) and `<table>` (latest per key) views over the manifests.
 
 Two ways in: `refresh(ws)` rewrites the views in `catalog.duckdb` (a short
-read-write open, for the DuckDB CLI and other tools), and `connect(ws)` builds
-the same views in an in-memory connection from the manifest layout, so
-inspection never contends for the file lock with a running flow.
+read-write open, for the DuckDB CLI and other tools), and `connect(ws)` /
+`query(ws, sql)` give an in-memory, read-only query connection: the views are
+Arrow datasets registered from Python, so the connection itself is opened
+with file access switched off and its configuration locked. User SQL is
+checked statement by statement against an allowlist of its parsed tree
+before anything runs (see docs/architecture.md, "Read-only inspection").
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import time
 import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
+import pyarrow.dataset as pads
 
 from data_manifest.schemas import KEYS, SCHEMAS, TABLES
 from data_manifest.workspace import Workspace
 from pipeline.factors import FACTORS
 
 SQL_DIR = Path(__file__).with_name("sql")
+EXTERNAL_READ_HINT = "pass --allow-external-read to 'fiqa sql' to read other files"
 
 
 class ReadOnlyError(ValueError):
-    """A statement that would change the catalog or write files was refused."""
+    """A statement that would change the catalog, write files or read outside what it may read was refused."""
 
 
 def _duck_type(t: pa.DataType) -> str:
@@ -45,10 +54,14 @@ def _sql_str(s: str) -> str:
     return "'" + s.replace("'", "''") + "'"
 
 
+def _shards(ws: Workspace, table: str) -> list[Path]:
+    return sorted((ws.manifests / table).glob("run=*/part-*.parquet"))
+
+
 def history_sql(ws: Workspace, table: str) -> str:
     """SELECT over every committed shard of a table (an empty, typed relation when there is none)."""
     base = ws.manifests / table
-    if any(base.glob("run=*/part-*.parquet")):
+    if _shards(ws, table):
         glob = _sql_str((base / "run=*" / "part-*.parquet").as_posix())
         return f"SELECT * FROM read_parquet({glob}, union_by_name = true, hive_partitioning = false)"
     cols = ", ".join(f"CAST(NULL AS {_duck_type(f.type)}) AS {f.name}" for f in SCHEMAS[table])
@@ -81,8 +94,11 @@ def labels_sql() -> str:
     )
 
 
+VIEW_NAMES: frozenset[str] = frozenset([*TABLES, *(f"{t}_history" for t in TABLES), "labels"])
+
+
 def view_statements(ws: Workspace) -> list[str]:
-    """CREATE OR REPLACE VIEW statements for every table, its history and the `labels` view."""
+    """CREATE OR REPLACE VIEW statements (reading the Parquet files) for catalog.duckdb."""
     stmts = []
     for t in TABLES:
         stmts.append(f"CREATE OR REPLACE VIEW {t}_history AS {history_sql(ws, t)}")
@@ -91,11 +107,50 @@ def view_statements(ws: Workspace) -> list[str]:
     return stmts
 
 
-def connect(ws: Workspace) -> duckdb.DuckDBPyConnection:
-    """An in-memory connection with the catalog views built from the manifest layout."""
+def history_dataset(ws: Workspace, table: str) -> pads.Dataset:
+    """Every committed shard of a table as one Arrow dataset with the table schema (older shards: missing = null)."""
+    files = [p.as_posix() for p in _shards(ws, table)]
+    sch = SCHEMAS[table]
+    if not files:
+        return pads.dataset(sch.empty_table())
+    return pads.dataset(files, schema=sch, format="parquet")
+
+
+# Settings of every query connection, applied in this order before the configuration is locked.
+_LOCKDOWN = (
+    "SET autoinstall_known_extensions = false",  # no INSTALL behind a query's back (it writes ~/.duckdb)
+    "SET autoload_known_extensions = false",
+    "SET allow_community_extensions = false",
+    "SET temp_directory = ''",  # never spill to disk
+    "SET python_enable_replacements = false",  # no scanning of Python variables by name
+    "SET enable_external_access = false",  # no file access but the allowed paths
+    "SET lock_configuration = true",  # and none of the above can be SET back
+)
+
+
+def connect(ws: Workspace, *, read_paths: Iterable[str] = (),
+            read_dirs: Iterable[str] = ()) -> duckdb.DuckDBPyConnection:
+    """An in-memory query connection: catalog views over Arrow datasets, no file access, locked configuration.
+
+    `read_paths` / `read_dirs` are the only files / directories a query on it may read
+    (the views need none); nothing on it can write a file.
+    """
     con = duckdb.connect(":memory:")
-    for s in view_statements(ws):
-        con.execute(s)
+    try:
+        for t in TABLES:
+            con.register(f"{t}_history", history_dataset(ws, t))
+            con.execute(f"CREATE VIEW {t} AS {latest_sql(t)}")
+        con.execute(f"CREATE VIEW labels AS {labels_sql()}")
+        paths, dirs = sorted(set(read_paths)), sorted(set(read_dirs))
+        if paths:
+            con.execute("SET allowed_paths = ?", [paths])
+        if dirs:
+            con.execute("SET allowed_directories = ?", [dirs])
+        for s in _LOCKDOWN:
+            con.execute(s)
+    except BaseException:
+        con.close()
+        raise
     return con
 
 
@@ -116,45 +171,219 @@ def refresh(ws: Workspace, retries: int = 20, wait_s: float = 0.25) -> bool:
     return False
 
 
-_ALLOWED = {duckdb.StatementType.SELECT}
-_EXPLAIN_RE = re.compile(r"^\s*EXPLAIN\s+(ANALY[SZ]E\s+)?", re.IGNORECASE)
+# ---------------------------------------------------------------- statement checks
+
+_ALLOWED_NODES = frozenset({"SELECT_NODE", "SET_OPERATION_NODE", "RECURSIVE_CTE_NODE", "CTE_NODE"})
+_EXPLAIN_RE = re.compile(r"\s*EXPLAIN\s+(?:ANALY[SZ]E\s+)?(?=\S)", re.IGNORECASE)
+_GLOB_CHARS = ("*", "?", "[", "{")
+_MAX_DEPTH = 4  # query('...') inside query('...') ...
+_QUERIES_HINT = "only queries (SELECT, WITH, VALUES, FROM, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN) are allowed"
 
 
-def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> list[str]:
-    """Split a script into statements and refuse any that is not a query."""
+@dataclass
+class CheckedSQL:
+    """A script that passed the checks: its statements in order and the file paths its table functions name."""
+
+    statements: list[str]
+    paths: list[str] = field(default_factory=list)
+
+
+def _short(text: str) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= 80 else flat[:77] + "..."
+
+
+def _parser() -> duckdb.DuckDBPyConnection:
+    """A scratch connection used only to parse and serialise statements (it never runs them)."""
+    con = duckdb.connect(":memory:")
+    for s in _LOCKDOWN:
+        con.execute(s)
+    return con
+
+
+def inspect_sql(sql: str, con: duckdb.DuckDBPyConnection | None = None) -> CheckedSQL:
+    """Split a script into statements and check each one; raises ReadOnlyError for anything but a pure query.
+
+    A statement passes only when it is a SELECT (or EXPLAIN of one) whose serialised
+    tree holds nothing but SELECT / set-operation / CTE nodes: COPY, INSERT, UPDATE,
+    DELETE nodes inside CTEs or subqueries, and statements DuckDB cannot serialise
+    as a query (PRAGMA, SET, ATTACH, INSTALL, LOAD, CALL, ...) are refused.
+    """
+    own = con is None
+    con = _parser() if own else con
     try:
-        statements = con.extract_statements(sql)
+        out = CheckedSQL([])
+        for text, kind in _split(con, sql):
+            _check_statement(con, text, kind, out.paths, 0)
+            out.statements.append(text)
+        if not out.statements:
+            raise ValueError("no SQL statement given")
+        return out
+    finally:
+        if own:
+            con.close()
+
+
+def _split(con: duckdb.DuckDBPyConnection, sql: str) -> list[tuple[str, duckdb.StatementType]]:
+    try:
+        return [(st.query, st.type) for st in con.extract_statements(sql)]
     except duckdb.Error as e:
         raise ValueError(f"cannot parse SQL: {e}") from e
-    if not statements:
-        raise ValueError("no SQL statement given")
+
+
+def _keyword(text: str) -> str:
+    """The first word of a statement after any leading comments (INSTALL, COPY, ...)."""
+    m = re.match(r"(?:\s+|--[^\n]*(?:\n|$)|/\*.*?\*/)*([A-Za-z]+)", text, re.DOTALL)
+    return m.group(1).upper() if m else ""
+
+
+def _refuse(what: str, text: str) -> ReadOnlyError:
+    return ReadOnlyError(f"refused: {what} ({_short(text)!r}); the catalog is read-only here, {_QUERIES_HINT}")
+
+
+def _check_statement(con: duckdb.DuckDBPyConnection, text: str, kind: duckdb.StatementType, paths: list[str],
+                     depth: int) -> None:
+    if depth > _MAX_DEPTH:
+        raise _refuse("query() nested too deeply", text)
+    if kind == duckdb.StatementType.EXPLAIN:
+        m = _EXPLAIN_RE.match(text)
+        inner = _split(con, text[m.end():]) if m else []
+        if len(inner) != 1:
+            raise _refuse("EXPLAIN that is not 'EXPLAIN [ANALYZE] <one query>'", text)
+        _check_statement(con, inner[0][0], inner[0][1], paths, depth + 1)
+        return
+    if kind != duckdb.StatementType.SELECT:
+        raise _refuse(f"{_keyword(text) or str(kind).split('.')[-1]} statement", text)
+    raw = con.execute("SELECT json_serialize_sql(?)", [text]).fetchone()[0]
+    try:
+        tree = json.loads(raw)
+    except RecursionError:
+        raise _refuse("query nested too deeply to be checked", text) from None
+    if tree.get("error"):
+        raise _refuse(f"statement that cannot be checked as a query ({tree.get('error_message')})", text)
+    statements = tree.get("statements") or []
+    if len(statements) != 1:
+        raise _refuse(f"{len(statements)} statements where one was expected", text)
+    _walk(con, statements[0], text, paths, depth)
+
+
+def _walk(con: duckdb.DuckDBPyConnection, tree: object, text: str, paths: list[str], depth: int) -> None:
+    """Allowlist walk over a serialised statement: only query nodes; collect file paths; check query('...')."""
+    stack = [tree]
+    while stack:
+        obj = stack.pop()
+        if isinstance(obj, list):
+            stack.extend(obj)
+            continue
+        if not isinstance(obj, dict):
+            continue
+        typ = obj.get("type")
+        if isinstance(typ, str) and typ.endswith("_NODE") and typ not in _ALLOWED_NODES:
+            raise _refuse(f"{typ.removesuffix('_QUERY_NODE').removesuffix('_NODE')} inside a query", text)
+        if "info_type" in obj:
+            raise _refuse(f"{obj['info_type']} inside a query", text)
+        if typ == "TABLE_FUNCTION" and isinstance(obj.get("function"), dict):
+            _table_function(con, obj["function"], text, paths, depth)
+        elif typ == "BASE_TABLE":
+            name = obj.get("table_name")
+            if isinstance(name, str) and name.lower() not in VIEW_NAMES and not obj.get("schema_name"):
+                paths.append(name)  # `FROM 'file.csv'` is a replacement scan of a file
+        stack.extend(v for v in obj.values() if isinstance(v, dict | list))
+
+
+def _string_args(fn: dict) -> list[str]:
+    """Constant string arguments of a function call (positional, also inside a list literal)."""
     out = []
-    for st in statements:
-        text = st.query
-        kind = st.type
-        if kind == duckdb.StatementType.EXPLAIN:
-            inner = _EXPLAIN_RE.sub("", text, count=1)
-            inner_types = [s.type for s in con.extract_statements(inner)]
-            if inner_types and all(t in _ALLOWED for t in inner_types):
-                out.append(text)
-                continue
-        if kind not in _ALLOWED:
-            name = str(kind).split(".")[-1]
-            raise ReadOnlyError(f"refused: {name} statement ({text.strip()[:60]!r}); "
-                                "the catalog is read-only here, only queries (SELECT, WITH, "
-                                "DESCRIBE, SHOW, EXPLAIN) are allowed")
-        out.append(text)
+    for arg in fn.get("arguments") or []:
+        if not isinstance(arg, dict) or arg.get("name"):
+            continue
+        expr = arg.get("expression") or {}
+        lit = expr.get("literal") if expr.get("class") == "CONSTANT" else None
+        if isinstance(lit, dict) and lit.get("kind") == "STRING":
+            out.append(str(lit.get("text")))
+        elif expr.get("class") == "FUNCTION" and expr.get("function_name") == "list_value":
+            out += _string_args(expr)
     return out
 
 
-def query(ws: Workspace, sql: str, params: list | dict | None = None) -> pa.Table:
-    """Run read-only SQL against the catalog views; the result of the last statement as Arrow."""
-    con = connect(ws)
+def _table_function(con: duckdb.DuckDBPyConnection, fn: dict, text: str, paths: list[str], depth: int) -> None:
+    name = str(fn.get("function_name", "")).lower()
+    if name == "query":  # runs its string argument as SQL: that SQL must pass the same checks
+        args = _string_args(fn)
+        if len(args) != 1:
+            raise _refuse("query() with SQL that is not a constant string", text)
+        inner = _split(con, args[0])
+        if len(inner) != 1:
+            raise _refuse("query() with other than one statement", text)
+        _check_statement(con, inner[0][0], inner[0][1], paths, depth + 1)
+        return
+    paths.extend(_string_args(fn))
+
+
+def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> list[str]:
+    """The statements of a script after the read-only checks (ReadOnlyError / ValueError otherwise)."""
+    return inspect_sql(sql, con).statements
+
+
+# ---------------------------------------------------------------- reading files
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def file_grants(ws: Workspace, paths: Sequence[str], allow_external_read: bool = False) -> tuple[list[str], list[str]]:
+    """(files, directories) a query may read: literal paths of existing files inside the workspace, or anywhere
+    (glob patterns and directories too) with allow_external_read. Paths computed at run time are never granted."""
+    root = os.path.realpath(ws.root)
+    files: set[str] = set()
+    dirs: set[str] = set()
+    for p in paths:
+        if "://" in p or not p:
+            continue
+        full = os.path.abspath(os.path.expanduser(p))
+        if any(c in p for c in _GLOB_CHARS):
+            if allow_external_read:
+                parts = Path(full).parts
+                cut = next(i for i, part in enumerate(parts) if any(c in part for c in _GLOB_CHARS))
+                dirs.add(os.path.join(*parts[:cut]) + os.sep)
+            continue
+        if allow_external_read and os.path.isdir(full):
+            dirs.add(full + os.sep)
+        elif allow_external_read:
+            files.update([p, full])
+        elif os.path.isfile(full) and _inside(os.path.realpath(full), root):
+            files.update([p, full])
+    return sorted(files), sorted(dirs)
+
+
+def _permission_message(e: duckdb.Error, ws: Workspace, allow_external_read: bool) -> str:
+    m = re.search(r'Cannot access (?:file|directory) "([^"]*)"', str(e))
+    what = f"{m.group(1)!r}" if m else "a file"
+    if allow_external_read:
+        return (f"refused: the query reaches {what}, which it does not name literally or writes to; "
+                "only files named in the query can be read, and nothing can be written")
+    return (f"refused: the query reads {what}, outside what it may read (the catalog views and files inside the "
+            f"workspace {ws.root} named literally); {EXTERNAL_READ_HINT}")
+
+
+def query(ws: Workspace, sql: str, params: list | dict | None = None, *,
+          allow_external_read: bool = False) -> pa.Table:
+    """Run read-only SQL against the catalog views; the result of the last statement as Arrow.
+
+    Every statement passes the same checks and runs in order; `params` bind to the last one.
+    """
+    checked = inspect_sql(sql)
+    files, dirs = file_grants(ws, checked.paths, allow_external_read)
+    con = connect(ws, read_paths=files, read_dirs=dirs)
     try:
-        statements = check_read_only(con, sql)
-        for s in statements[:-1]:
-            con.execute(s)
-        return con.sql(statements[-1], params=params).to_arrow_table()
+        try:
+            for s in checked.statements[:-1]:
+                con.execute(s)
+                con.complete()
+            return con.sql(checked.statements[-1], params=params).to_arrow_table()
+        except duckdb.PermissionException as e:
+            raise ReadOnlyError(_permission_message(e, ws, allow_external_read)) from e
     finally:
         con.close()
 

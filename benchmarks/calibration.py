@@ -6,7 +6,6 @@ installed packages ship (`pipeline.face_sets`), never the other way round.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,15 +14,18 @@ import numpy as np
 
 from pipeline.face_sets import FIT_SOURCE, HELD_OUT_SOURCE, RealFace, face_set
 
+TRIM = 0.1  # each class's most atypical 10 % are ignored when placing a threshold
+
 
 @dataclass(frozen=True)
 class Threshold:
-    """A fitted threshold, its balanced accuracy on the fit data and the interval of equally good thresholds."""
+    """A fitted threshold, how it was placed, and its balanced accuracy on the fit data."""
 
     value: float
     balanced_accuracy: float
-    low: float
-    high: float
+    negatives_edge: float  # the negatives' (1 - TRIM) quantile on the side of the positives
+    positives_edge: float  # the positives' TRIM quantile on the side of the negatives
+    method: str  # "quantile midpoint" or "best balanced accuracy" (when the edges cross)
 
 
 def balanced_accuracy(negatives: np.ndarray, positives: np.ndarray, threshold: float, bad_above: bool) -> float:
@@ -36,24 +38,47 @@ def balanced_accuracy(negatives: np.ndarray, positives: np.ndarray, threshold: f
 
 
 def _short(low: float, high: float) -> float:
-    """The midpoint of (low, high), rounded to the fewest decimals (2..6) that keep it strictly inside."""
+    """The midpoint of (low, high) rounded to 3 decimals (more when needed to stay strictly inside)."""
     mid = (low + high) / 2.0
-    if not (math.isfinite(low) and math.isfinite(high)):
-        return mid
-    for digits in range(2, 7):
+    for digits in range(3, 8):
         r = round(mid, digits)
         if low < r < high:
             return r
     return mid
 
 
-def fit_threshold(negatives: Iterable[float], positives: Iterable[float], bad_above: bool) -> Threshold:
-    """The threshold separating positives (beyond it) from negatives with the best balanced accuracy.
+def _best_accuracy(neg: np.ndarray, pos: np.ndarray, bad_above: bool) -> float:
+    """Midpoint of the widest interval of thresholds with the best balanced accuracy."""
+    values = np.unique(np.concatenate([neg, pos]))
+    bounds = np.concatenate([[values[0] - 1.0], values, [values[-1] + 1.0]])
+    mids = (bounds[:-1] + bounds[1:]) / 2.0
+    scores = np.array([balanced_accuracy(neg, pos, m, bad_above) for m in mids])
+    is_best = np.isclose(scores, scores.max(), rtol=0, atol=1e-12)
+    runs: list[tuple[float, float]] = []
+    i = 0
+    while i < len(mids):
+        if not is_best[i]:
+            i += 1
+            continue
+        j = i
+        while j + 1 < len(mids) and is_best[j + 1]:
+            j += 1
+        runs.append((float(bounds[i]), float(bounds[j + 1])))
+        i = j + 1
+    low, high = max(runs, key=lambda r: r[1] - r[0])
+    return _short(low, high)
 
-    Balanced accuracy is constant between consecutive data values; of the
-    runs of best candidates, the widest value interval wins and its (short)
-    midpoint is returned, so the threshold sits as far from both classes as
-    the fit data allow.
+
+def fit_threshold(negatives: Iterable[float], positives: Iterable[float], bad_above: bool,
+                  trim: float = TRIM) -> Threshold:
+    """A threshold with positives beyond it (above when `bad_above`) and negatives on the other side.
+
+    Quantile midpoint: halfway between the negatives' (1 - trim) quantile and
+    the positives' trim quantile (the facing edges of both classes once each
+    class's most atypical `trim` share is set aside), so the threshold keeps
+    equal room to both and one odd face does not move it. When those edges
+    cross, the midpoint of the widest run of thresholds with the best balanced
+    accuracy is used instead.
     """
     neg = np.asarray(list(negatives), dtype=np.float64)
     pos = np.asarray(list(positives), dtype=np.float64)
@@ -61,26 +86,16 @@ def fit_threshold(negatives: Iterable[float], positives: Iterable[float], bad_ab
         raise ValueError(f"fit_threshold needs both classes, got {neg.size} negatives and {pos.size} positives")
     if not (np.isfinite(neg).all() and np.isfinite(pos).all()):
         raise ValueError("fit_threshold: values must be finite")
-    values = np.unique(np.concatenate([neg, pos]))
-    # Candidate intervals (values[i], values[i+1]) with their midpoints, and the two open ends.
-    bounds = np.concatenate([[values[0] - 1.0], values, [values[-1] + 1.0]])
-    mids = (bounds[:-1] + bounds[1:]) / 2.0
-    scores = np.array([balanced_accuracy(neg, pos, m, bad_above) for m in mids])
-    best = scores.max()
-    is_best = np.isclose(scores, best, rtol=0, atol=1e-12)
-    runs: list[tuple[float, float]] = []
-    i = 0
-    while i < len(mids):
-        if is_best[i]:
-            j = i
-            while j + 1 < len(mids) and is_best[j + 1]:
-                j += 1
-            runs.append((float(bounds[i]), float(bounds[j + 1])))
-            i = j + 1
-        else:
-            i += 1
-    low, high = max(runs, key=lambda r: r[1] - r[0])
-    return Threshold(_short(low, high), float(best), low, high)
+    if not 0.0 <= trim < 0.5:
+        raise ValueError(f"trim must lie in [0, 0.5), got {trim}")
+    neg_edge = float(np.quantile(neg, 1.0 - trim if bad_above else trim))
+    pos_edge = float(np.quantile(pos, trim if bad_above else 1.0 - trim))
+    separated = neg_edge < pos_edge if bad_above else pos_edge < neg_edge
+    if separated:
+        value, method = _short(min(neg_edge, pos_edge), max(neg_edge, pos_edge)), "quantile midpoint"
+    else:
+        value, method = _best_accuracy(neg, pos, bad_above), "best balanced accuracy"
+    return Threshold(value, balanced_accuracy(neg, pos, value, bad_above), neg_edge, pos_edge, method)
 
 
 def load_sets(fit_photos: str | Path | None = None) -> dict[str, list[RealFace]]:

@@ -38,7 +38,7 @@ PROMPT_TEMPLATE = (
 # Default thresholds (paper Sec. 4.1, except blur).
 PAPER_BLUR_THRESHOLDS: tuple[float, float] = (0.35, 0.7)  # paper: CPBD < 0.35 hazy, 0.35-0.7 blurry, > 0.7 clear
 # True CPBD of 112x112 aligned faces, calibrated on real faces (docs/blur.md: `python -m benchmarks.calibrate_blur`).
-CALIBRATED_BLUR_THRESHOLDS: tuple[float, float] = (0.02, 0.07)  # < 0.02 hazy, 0.02-0.07 blurry, > 0.07 clear
+CALIBRATED_BLUR_THRESHOLDS: tuple[float, float] = (0.018, 0.083)  # < 0.018 hazy, up to 0.083 blurry, above clear
 BLUR_THRESHOLDS: tuple[float, float] = CALIBRATED_BLUR_THRESHOLDS
 NAMED_BLUR_THRESHOLDS: dict[str, tuple[float, float]] = {
     "calibrated": CALIBRATED_BLUR_THRESHOLDS,

@@ -1,7 +1,10 @@
 """`fiqa label`: align faces and label factors (blur, pose, attributes) over `samples`, shard by shard, resumably.
 
-Stages are chosen by name (`--stages align,blur,pose[,attributes]`) from a
-registry, so new labellers plug in without touching the flow. The selection
+Stages are chosen by name (`--stages align,blur,pose,attributes`) from a
+registry, so new labellers plug in without touching the flow. `attributes` runs
+the real-face labellers (occlusion, FER expression, analytic lighting; each
+also selectable alone) or, with `--attributes-checkpoint`, the WIDER-trained
+attribute CNN; every factors row names its labeller and version. The selection
 (all samples, or those matching a SQL WHERE on the catalog's `labels` view) is
 frozen into the run directory at the first attempt; a re-run with the same
 --run-id resumes from the committed shards and rewrites a failed shard's files
@@ -30,10 +33,12 @@ import pyarrow.parquet as pq
 
 from data_manifest import ShardWriter, Workspace, catalog, crops, runs
 from flows import runtime
+from pipeline.factors import BLUR_THRESHOLDS, parse_blur_thresholds
 from pipeline.records import ERROR, OK, SKIPPED, FaceCrop
 
 ALIGN = "align"
-DEFAULT_STAGES = ("align", "blur", "pose")
+DEFAULT_STAGES = ("align", "blur", "pose", "attributes")
+REAL_ATTRIBUTE_STAGES = ("occlusion", "expression", "lighting")  # `attributes` without a checkpoint
 SELECTION_FILE = "selection.parquet"
 SELECT_SQL = (
     "SELECT l.sample_id, l.source_kind, l.source, l.sample_status, l.sample_error, "
@@ -58,8 +63,8 @@ class LabelOptions:
     min_face_size: float | None = None  # MTCNN smallest face in pixels; None: 20 (detect), 40 (already aligned)
     pose_backend: str = "dlib"  # dlib (the authors' method) | insightface | landmarks5 | auto
     pose_thresholds: tuple[float, float] = (10.0, 25.0)  # |yaw| degrees
-    blur_thresholds: tuple[float, float] = (0.35, 0.7)  # CPBD
-    attributes_checkpoint: str | None = None  # attribute CNN checkpoint (the attributes stage)
+    blur_thresholds: tuple[float, float] = BLUR_THRESHOLDS  # CPBD hazy-below, clear-above (`--blur-thresholds`)
+    attributes_checkpoint: str | None = None  # WIDER attribute CNN for `attributes`; None: the real-face labellers
     device: str = "cpu"
     extra: dict[str, Any] = field(default_factory=dict)  # settings of stages registered by others
 
@@ -107,17 +112,48 @@ def _build_pose(o: LabelOptions) -> Any:
     return PoseStage(make_pose_backend(o.pose_backend, pack=o.pack, device=o.device), thresholds=o.pose_thresholds)
 
 
-def _build_attributes(o: LabelOptions) -> Any:
-    if not o.attributes_checkpoint:
-        raise ValueError("the attributes stage needs --attributes-checkpoint PATH (a trained attribute CNN)")
-    from pipeline.attributes import AttributeStage
+def _build_occlusion(o: LabelOptions) -> Any:
+    from pipeline.occlusion import OcclusionStage
 
-    return AttributeStage(o.attributes_checkpoint, device=o.device)
+    return OcclusionStage(device=o.device)
+
+
+def _build_expression(o: LabelOptions) -> Any:
+    from pipeline.expression import ExpressionStage
+
+    return ExpressionStage(device=o.device)
+
+
+def _build_lighting(o: LabelOptions) -> Any:
+    from pipeline.lighting import LightingStage
+
+    return LightingStage()  # analytic: no model, no device
+
+
+class StageGroup:
+    """Several factor stages run as one (their rows concatenated); each row keeps its own labeller."""
+
+    def __init__(self, name: str, stages: Sequence[Any]) -> None:
+        self.name = name
+        self.stages = list(stages)
+        self.version = "+".join(f"{getattr(s, 'name', type(s).__name__)}:{s.version}" for s in self.stages)
+
+    def __call__(self, batch: list[FaceCrop]) -> list[dict[str, Any]]:
+        return [row for stage in self.stages for row in stage(batch)]
+
+
+def _build_attributes(o: LabelOptions) -> Any:
+    """The WIDER-trained CNN with a checkpoint, else the real-face labellers (the default)."""
+    if o.attributes_checkpoint:
+        from pipeline.attributes import AttributeStage
+
+        return AttributeStage(o.attributes_checkpoint, device=o.device)
+    return StageGroup("attributes", [get_stage(name, o) for name in REAL_ATTRIBUTE_STAGES])
 
 
 STAGES: dict[str, StageSpec] = {}
 _CACHE: dict[tuple[str, str], Any] = {}  # built stages per (name, options), shared by thread workers
-_CACHE_LOCK = threading.Lock()
+_CACHE_LOCK = threading.RLock()  # re-entrant: a group stage builds its members through get_stage
 
 
 def register_stage(name: str, factors: Sequence[str], build: Callable[[LabelOptions], Any]) -> None:
@@ -131,6 +167,9 @@ def register_stage(name: str, factors: Sequence[str], build: Callable[[LabelOpti
 register_stage(ALIGN, (), _build_align)
 register_stage("blur", ("blur",), _build_blur)
 register_stage("pose", ("pose",), _build_pose)
+register_stage("occlusion", ("occlusion",), _build_occlusion)
+register_stage("expression", ("expression",), _build_expression)
+register_stage("lighting", ("lighting",), _build_lighting)
 register_stage("attributes", ("occlusion", "expression", "lighting"), _build_attributes)
 
 
@@ -143,6 +182,12 @@ def parse_stages(stages: str | Sequence[str]) -> list[str]:
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; registered stages: {', '.join(STAGES)}")
     ordered = list(dict.fromkeys(names))
+    owner: dict[str, str] = {}
+    for name in ordered:  # two stages writing the same factor in one run would make its latest row ambiguous
+        for factor in STAGES[name].factors:
+            if factor in owner:
+                raise ValueError(f"stages {owner[factor]!r} and {name!r} both label {factor!r}; choose one")
+            owner[factor] = name
     return ([ALIGN] if ALIGN in ordered else []) + [n for n in ordered if n != ALIGN]
 
 
@@ -377,6 +422,8 @@ def options_from(raw: dict[str, Any] | LabelOptions | None) -> LabelOptions:
     unknown = set(raw) - known
     if unknown:
         raise ValueError(f"unknown label option(s) {sorted(unknown)}; known: {sorted(known)}")
+    if isinstance(raw.get("blur_thresholds"), str):  # 'calibrated', 'paper' or 'LOW,HIGH'
+        raw["blur_thresholds"] = parse_blur_thresholds(raw["blur_thresholds"])
     for key in ("pose_thresholds", "blur_thresholds"):
         if key in raw:
             lo, hi = (float(v) for v in raw[key])
@@ -417,8 +464,12 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pose-backend", choices=("dlib", "insightface", "landmarks5", "auto"), default="dlib",
                    help="yaw estimator (default: dlib 68 landmarks + solvePnP, as the authors)")
     p.add_argument("--pose-thresholds", type=_pair, default=(10.0, 25.0), help="|yaw| degrees LOW,HIGH")
-    p.add_argument("--blur-thresholds", type=_pair, default=(0.35, 0.7), help="CPBD LOW,HIGH")
-    p.add_argument("--attributes-checkpoint", default=None, help="attribute CNN checkpoint for the attributes stage")
+    p.add_argument("--blur-thresholds", type=parse_blur_thresholds, default=BLUR_THRESHOLDS,
+                   help="CPBD hazy-below,clear-above: 'calibrated' (default, fitted on real faces), 'paper' "
+                        "(0.35,0.7) or LOW,HIGH")
+    p.add_argument("--attributes-checkpoint", default=None,
+                   help="the attributes stage runs this WIDER-trained attribute CNN instead of the real-face "
+                        "labellers (occlusion, FER expression, analytic lighting)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default: 1000)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -1,9 +1,13 @@
 """`fiqa relabel`: re-run chosen labellers on a SQL-selected subset, as a new run.
 
 The documented way to update labels after a labeller changes (new version,
-new thresholds): the new rows land under a new run id, the latest-wins views
-move for exactly the selected samples, and `<table>_history` keeps the old rows.
-Stages other than `align` reuse the crops of the latest alignment.
+new thresholds, another labeller): the new rows land under a new run id, the
+latest-wins views move for exactly the selected samples, and `<table>_history`
+keeps the old rows with their labeller and version. Stages other than `align`
+reuse the crops of the latest alignment. Moving a workspace from the WIDER
+attribute CNN to the real-face labellers (or back) is one call:
+`fiqa relabel --where "face_status = 'ok'" --stages attributes [--attributes-checkpoint CKPT]`;
+one factor alone: `--stages lighting`.
 """
 
 from __future__ import annotations

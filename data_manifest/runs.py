@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import secrets
 import socket
 import subprocess
+import threading
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
@@ -54,6 +58,69 @@ def _run_dir(ws: Workspace, run_id: str) -> Path:
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=str)))
+
+
+class RunLocked(RuntimeError):
+    """Another live process is running this run id; a second start would redo and overwrite its work."""
+
+
+_HELD: dict[str, int] = {}  # lock file -> nesting depth in this process
+_HELD_LOCK = threading.Lock()
+
+
+def lock_holder(ws: Workspace, run_id: str) -> dict[str, Any] | None:
+    """What the run's lock file says about its last holder (pid, host, since), or None."""
+    try:
+        return json.loads((_run_dir(ws, run_id) / "lock").read_text() or "null")
+    except (OSError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def run_lock(ws: Workspace, run_id: str) -> Iterator[Path]:
+    """Hold runs/<run_id>/lock for the life of a run; RunLocked when another live process holds it.
+
+    The lock is an flock on the file, which the kernel drops when its holder dies (kill -9
+    included), so a lock left by a dead process is stale by construction and the next
+    start takes it over. The file records the holder's pid, host and start time for the
+    message. Re-entrant within one process.
+    """
+    path = _run_dir(ws, run_id) / "lock"
+    key = str(path)  # the workspace root is already resolved
+    with _HELD_LOCK:
+        if key in _HELD:
+            _HELD[key] += 1
+            nested = True
+        else:
+            nested = False
+    if nested:
+        try:
+            yield path
+        finally:
+            with _HELD_LOCK:
+                _HELD[key] -= 1
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            h = lock_holder(ws, run_id) or {}
+            raise RunLocked(f"run {run_id!r} is already running (pid {h.get('pid', '?')} on {h.get('host', '?')}, "
+                            f"since {h.get('since', '?')}); wait for it to finish, or use another --run-id") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                  "since": datetime.now(UTC).isoformat()}).encode(), 0)
+        with _HELD_LOCK:
+            _HELD[key] = 1
+        try:
+            yield path
+        finally:
+            with _HELD_LOCK:
+                del _HELD[key]
+    finally:
+        os.close(fd)  # drops the flock
 
 
 def run_info(ws: Workspace, run_id: str) -> dict[str, Any] | None:

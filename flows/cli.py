@@ -52,7 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     mod.configure_parser(parser)
     args = parser.parse_args(argv[1:])
     try:
-        return int(mod.run_cli(args) or 0)
+        from flows.runtime import cli_guard  # a usable --workspace and a free --run-id, before any flow starts
+
+        with cli_guard(args):
+            return int(mod.run_cli(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -117,21 +117,18 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 def run_cli(args: argparse.Namespace) -> int:
     prog = "fiqa ingest"
     try:
-        if not args.dataset.strip():
-            raise ValueError("--dataset must be a non-empty name")
-        reader = open_reader(args.path, args.format, shard_size=args.shard_size)  # path and format, no listing yet
-        runner = runtime.with_runner(ingest, args)
-    except (FileNotFoundError, NotADirectoryError, DatasetError, ValueError, RuntimeError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    try:
-        result = runner(path=str(reader.path), dataset=args.dataset, format=reader.kind, shard_size=args.shard_size,
-                        workspace=args.workspace, run_id=args.run_id, max_pixels=args.max_pixels,
-                        progress=False if args.no_progress else None)
+        with runtime.cli_guard(args):  # workspace usable and run id free, before Prefect starts
+            if not args.dataset.strip():
+                raise ValueError("--dataset must be a non-empty name")
+            reader = build_reader(args.path, args.format, args.shard_size)  # dataset-level errors surface here
+            runner = runtime.with_runner(ingest, args)
+            result = runner(path=str(reader.path), dataset=args.dataset, format=reader.kind,
+                            shard_size=args.shard_size, workspace=args.workspace, run_id=args.run_id,
+                            max_pixels=args.max_pixels, progress=False if args.no_progress else None)
     except runtime.ShardFailures as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
-    except (FileNotFoundError, NotADirectoryError, ValueError) as e:  # dataset or resume problems found by the flow
+    except (OSError, DatasetError, ValueError, RuntimeError) as e:  # bad path, dataset, resume or a running run id
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     counts = result["counts"]

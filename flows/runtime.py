@@ -150,23 +150,103 @@ class ShardFailures(RuntimeError):
 
 @contextlib.contextmanager
 def tracked_run(ws: Workspace, flow_name: str, params: dict[str, Any], run_id: str | None = None) -> Iterator[dict]:
-    """Start (or resume) a run, yield a dict for metrics, finish it and refresh the catalog.
+    """Start (or resume) a run under its run lock, yield a dict for metrics, finish it and refresh the catalog.
 
     Exceptions mark the run failed and propagate; the catalog is refreshed either way.
+    A run id that another live process is running raises runs.RunLocked before anything is recorded.
     """
-    rid = runs.start_run(ws, flow_name, params, run_id)
-    state: dict[str, Any] = {"run_id": rid, "metrics": {}, "counts": None}
-    try:
-        yield state
-    except BaseException as e:
-        runs.finish_run(ws, rid, runs.FAILED, counts=state["counts"], metrics=state["metrics"],
-                        error=f"{type(e).__name__}: {e}")
+    watch_temporary_server()
+    with runs.run_lock(ws, run_id or runs.new_run_id(flow_name)) as lock:
+        rid = runs.start_run(ws, flow_name, params, lock.parent.name)
+        state: dict[str, Any] = {"run_id": rid, "metrics": {}, "counts": None}
+        try:
+            yield state
+        except BaseException as e:
+            runs.finish_run(ws, rid, runs.FAILED, counts=state["counts"], metrics=state["metrics"],
+                            error=f"{type(e).__name__}: {e}")
+            catalog.refresh(ws)
+            publish_run_report(ws, rid)
+            raise
+        runs.finish_run(ws, rid, runs.COMPLETED, counts=state["counts"], metrics=state["metrics"])
         catalog.refresh(ws)
         publish_run_report(ws, rid)
-        raise
-    runs.finish_run(ws, rid, runs.COMPLETED, counts=state["counts"], metrics=state["metrics"])
-    catalog.refresh(ws)
-    publish_run_report(ws, rid)
+
+
+def check_workspace_path(path: str | os.PathLike[str] | None) -> None:
+    """Refuse a workspace path that is, or lies under, something other than a directory (before Prefect starts)."""
+    p = Path(path if path is not None else os.environ.get("FIQA_WORKSPACE", "workspace")).expanduser().absolute()
+    for q in (p, *p.parents):
+        if q.exists() or q.is_symlink():
+            if not q.is_dir():
+                what = "is not a directory" if q == p else f"lies under {q}, which is not a directory"
+                raise NotADirectoryError(f"workspace {p} {what}")
+            return
+
+
+@contextlib.contextmanager
+def cli_guard(args: argparse.Namespace) -> Iterator[None]:
+    """Checks every command makes before any flow starts: a usable --workspace, and --run-id not already running."""
+    if hasattr(args, "workspace"):
+        check_workspace_path(args.workspace)
+    run_id = getattr(args, "run_id", None)
+    if not run_id:
+        yield
+        return
+    with runs.run_lock(Workspace(args.workspace), run_id):
+        yield
+
+
+# The temporary Prefect server (started by Prefect when no PREFECT_API_URL is set) is a child
+# process that Prefect stops at interpreter exit; kill -9 of the flow skips that. A small
+# watchdog process waits on both pids and stops the server when the flow process dies.
+_WATCHDOG = r"""
+import os, select, signal, sys, time
+parent, server = int(sys.argv[1]), int(sys.argv[2])
+def pidfd(pid):
+    try:
+        return os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+srv = pidfd(server)
+if srv is None:
+    sys.exit(0)
+par = pidfd(parent)
+if par is not None:
+    ready, _, _ = select.select([par, srv], [], [])
+    if srv in ready:
+        sys.exit(0)
+for sig in (signal.SIGTERM, signal.SIGKILL):
+    try:
+        signal.pidfd_send_signal(srv, sig)
+    except ProcessLookupError:
+        sys.exit(0)
+    if select.select([srv], [], [], 5)[0]:
+        sys.exit(0)
+"""
+_WATCHED: set[int] = set()
+
+
+def spawn_watchdog(server_pid: int, parent_pid: int | None = None) -> Any:
+    """Start the watchdog that terminates `server_pid` when `parent_pid` (default: this process) dies."""
+    import subprocess
+
+    return subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(parent_pid or os.getpid()), str(server_pid)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def watch_temporary_server() -> int | None:
+    """Put a watchdog on Prefect's temporary server, if this process started one; returns the server pid."""
+    if "prefect" not in sys.modules or not hasattr(os, "pidfd_open"):
+        return None
+    from prefect.server.api.server import SubprocessASGIServer
+
+    proc = getattr(SubprocessASGIServer(), "server_process", None)  # the instance flows use (port None)
+    if proc is None or proc.poll() is not None or proc.pid in _WATCHED:
+        return None
+    _WATCHED.add(proc.pid)
+    spawn_watchdog(proc.pid)
+    return proc.pid
 
 
 def run_report_markdown(info: dict[str, Any]) -> str:

@@ -15,7 +15,6 @@ import csv
 import os
 import pickle
 import stat
-import struct
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,6 +29,8 @@ from pipeline.recordio import (
     RECORDIO_MAGIC,
     DatasetError,
     IRHeader,
+    RecordIOError,
+    label_int,
     pread_file,
     read_idx,
     read_record,
@@ -44,6 +45,7 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (
 )
 
 MAX_SPAN_BYTES = 64 * 1024 * 1024  # a shard's records are read in one go when they span less
+_UTF8_BOM = b"\xef\xbb\xbf"
 
 
 class UnsafePickleError(DatasetError):
@@ -163,8 +165,8 @@ def read_file(path: str | os.PathLike[str], max_bytes: int = images.MAX_BYTES) -
         if os.path.islink(p):
             return None, images.MISSING, f"broken symlink -> {os.readlink(p)!r}"
         return None, images.MISSING, "file not found"
-    except OSError as e:
-        return None, images.UNREADABLE, f"cannot stat: {e.strerror or e}"
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the name
+        return None, images.UNREADABLE, f"cannot stat: {getattr(e, 'strerror', None) or e}"
     if not stat.S_ISREG(st.st_mode):
         what = "directory" if stat.S_ISDIR(st.st_mode) else "fifo" if stat.S_ISFIFO(st.st_mode) else \
             "socket" if stat.S_ISSOCK(st.st_mode) else "device" if stat.S_ISCHR(st.st_mode) or \
@@ -199,11 +201,42 @@ def _file_record(kind: str, path: Path, key: str, identity: int, name: str | Non
     return Record(kind, source, key_text, identity, name, data, status, error)
 
 
+def _is_dir(entry: os.DirEntry) -> bool:
+    """entry.is_dir following symlinks; a symlink loop or an unreadable target counts as not a directory."""
+    try:
+        return entry.is_dir(follow_symlinks=True)
+    except OSError:
+        return False
+
+
+def _is_symlink(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_symlink()
+    except OSError:
+        return False
+
+
+def _within(path: str, root: str) -> bool:
+    """True when `path` is `root` or lies below it (both real paths)."""
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _realpath(path: str) -> str | None:
+    try:
+        return os.path.realpath(path, strict=True)
+    except OSError:
+        return None
+
+
 class FolderReader(DatasetReader):
     """ImageFolder tree: root/<identity>/**/<image>; identity label = index of the sorted sub-folder names.
 
     Files directly under the root get identity -1. Hidden entries are skipped; only
     files with an image extension are read (`extensions=None` reads every file).
+    Symlinks are followed only out of the dataset: a symlinked folder or file that
+    resolves to the root, an ancestor, another identity's folder or back into its own
+    identity is not followed and becomes one `bad_entry` row, so no file is ever read
+    twice or under the wrong identity; a symlink loop becomes an `unreadable` row.
     """
 
     kind = "folder"
@@ -215,24 +248,70 @@ class FolderReader(DatasetReader):
             raise NotADirectoryError(f"image folder {str(self.path)!r} is not a directory")
         self.extensions = None if extensions is None else tuple(e.lower() for e in extensions)
         self.max_bytes = max_bytes
+        self._reset_caches()
+
+    def _reset_caches(self) -> None:
+        super()._reset_caches()
+        self._root_scan: tuple[list[str], list[str]] | None = None
+        self._refused: dict[str, str] = {}  # relative path -> why it is not followed (a bad_entry row)
+        self._groups: dict[str, list[str]] = {}
 
     def _wanted(self, name: str) -> bool:
         if name.startswith("."):
             return False
         return self.extensions is None or os.path.splitext(name)[1].lower() in self.extensions
 
+    def _scan_root(self) -> tuple[list[str], list[str]]:
+        """(identity folder names, root-level entries) of the root, sorted; refused folders are root entries."""
+        if self._root_scan is None:
+            root = str(self.path)
+            with os.scandir(root) as it:
+                entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+            names: list[str] = []
+            files: list[str] = []
+            seen: dict[str, str] = {}
+            for e in entries:
+                if not _is_dir(e):
+                    if self._wanted(e.name):
+                        files.append(e.name)
+                    continue
+                real = _realpath(e.path)
+                reason = None
+                if real is None:
+                    reason = "folder cannot be resolved"
+                elif _within(root, real):
+                    reason = f"symlink to {real!r}, the dataset folder or one above it; not followed"
+                elif _is_symlink(e) and _within(real, root):
+                    reason = (f"symlink to {real!r} inside the dataset; not followed (its files would be read "
+                              "twice, under two identities)")
+                elif real in seen:
+                    reason = f"same folder as identity {seen[real]!r}; not followed (its files would be read twice)"
+                if reason is not None:
+                    self._refused[e.name] = reason
+                    files.append(e.name)
+                    continue
+                seen[real] = e.name
+                names.append(e.name)
+            self._root_scan = (names, files)
+        return self._root_scan
+
     def identities(self) -> list[str]:
         """Sorted identity sub-folder names; the label of each is its position."""
-        with os.scandir(self.path) as it:
-            return sorted(e.name for e in it if not e.name.startswith(".") and e.is_dir(follow_symlinks=True))
+        return self._scan_root()[0]
 
     def group_files(self, group: str) -> list[str]:
-        """Sorted paths (relative to the root, '/'-separated) of one identity folder; '' = root-level files."""
-        out: list[str] = []
+        """Sorted paths (relative to the root, '/'-separated) of one identity folder; '' = root-level entries.
+
+        Entries that are not followed (see the class docstring) are listed too and
+        read as `bad_entry` rows.
+        """
         if group == "":
-            with os.scandir(self.path) as it:
-                out = [e.name for e in it if self._wanted(e.name) and not e.is_dir(follow_symlinks=True)]
-            return sorted(out)
+            return self._scan_root()[1]
+        if group in self._groups:
+            return self._groups[group]
+        root = str(self.path)
+        group_real = _realpath(str(self.path / group)) or str(self.path / group)
+        out: list[str] = []
         seen: set[tuple[int, int]] = set()
         stack = [group]
         while stack:
@@ -240,24 +319,55 @@ class FolderReader(DatasetReader):
             d = self.path / rel
             try:
                 st = d.stat()
-            except OSError:
-                continue
-            if (st.st_dev, st.st_ino) in seen:  # symlink loop
-                continue
-            seen.add((st.st_dev, st.st_ino))
-            try:
                 with os.scandir(d) as it:
                     entries = list(it)
-            except OSError:
+            except OSError as e:
+                self._refused[rel] = f"folder cannot be listed: {e.strerror or e}"
+                out.append(rel)
                 continue
+            seen.add((st.st_dev, st.st_ino))
             for e in entries:
                 if e.name.startswith("."):
                     continue
-                if e.is_dir(follow_symlinks=True):
-                    stack.append(f"{rel}/{e.name}")
-                elif self._wanted(e.name):
-                    out.append(f"{rel}/{e.name}")
-        return sorted(out)
+                sub = f"{rel}/{e.name}"
+                is_dir = _is_dir(e)
+                if not is_dir and not self._wanted(e.name):
+                    continue
+                reason = self._refuse_link(e, root, group_real, is_dir) if _is_symlink(e) else None
+                if reason is None and is_dir:
+                    try:
+                        est = e.stat(follow_symlinks=True)
+                    except OSError as err:
+                        reason = f"folder cannot be read: {err.strerror or err}"
+                    else:
+                        if (est.st_dev, est.st_ino) in seen:
+                            reason = "folder already read through another path (symlink loop); not followed"
+                        else:
+                            stack.append(sub)
+                            continue
+                if reason is not None:
+                    self._refused[sub] = reason
+                out.append(sub)
+        out.sort()
+        self._groups[group] = out
+        return out
+
+    @staticmethod
+    def _refuse_link(e: os.DirEntry, root: str, group_real: str, is_dir: bool) -> str | None:
+        """Why a symlink inside an identity folder is not followed, or None when it leads out of the dataset."""
+        real = _realpath(e.path)
+        if real is None:
+            return None  # broken or looping link: read_file says so as a row
+        what = "folder" if is_dir else "file"
+        if _within(root, real):
+            return f"symlink to {real!r}, the dataset folder or one above it; not followed"
+        if not _within(real, root):
+            return None
+        if _within(real, group_real):
+            return (f"symlink to {real!r} inside this identity's own folder; not followed (that {what} is read "
+                    "already)") if is_dir else None
+        return (f"symlink to {real!r} in another identity's folder; not followed (that {what} would be read "
+                "under the wrong identity)")
 
     def _make_plan(self) -> list[Shard]:
         groups = [("", -1)] + [(name, i) for i, name in enumerate(self.identities())]
@@ -285,7 +395,13 @@ class FolderReader(DatasetReader):
             files = self.group_files(group)[a:b]
             name = group or None
             for rel in files:
-                yield _file_record(self.kind, self.path / rel, rel, label, name, self.max_bytes)
+                reason = self._refused.get(rel)
+                if reason is None:
+                    yield _file_record(self.kind, self.path / rel, rel, label, name, self.max_bytes)
+                else:
+                    source, key = _utf8(str(self.path / rel))[0], _utf8(rel)[0]
+                    yield Record(self.kind, source, key, label, None if name is None else _utf8(name)[0], None,
+                                 images.BAD_ENTRY, _utf8(reason)[0])
 
 
 # ---------------------------------------------------------------- RecordIO
@@ -308,21 +424,34 @@ def _rec_paths(path: Path) -> tuple[Path, Path]:
     return rec, rec.with_suffix(".idx")
 
 
+@dataclass(frozen=True, slots=True)
+class RecIndex:
+    """A .rec's index sorted by key: offsets, where each record ends at the latest, and shared offsets.
+
+    `first[i]` is the position of the lowest key with the same offset as key i (i itself
+    when the offset is not shared): an index that gives two keys one offset reads that
+    record once, for the lowest key, and the others become `bad_entry` rows.
+    """
+
+    keys: np.ndarray
+    offsets: np.ndarray
+    ends: np.ndarray
+    first: np.ndarray
+    size: int
+
+
 @lru_cache(maxsize=4)
-def _rec_index(rec_path: str, idx_path: str | None, size: int, rec_mtime_ns: int,
-               idx_mtime_ns: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(keys, offsets, ends) of a .rec, cached per process while the files are unchanged."""
+def _rec_index(rec_path: str, idx_path: str | None, size: int, rec_mtime_ns: int, idx_mtime_ns: int) -> RecIndex:
+    """The RecIndex of a .rec, cached per process while the files are unchanged."""
     keys, offsets = read_idx(Path(idx_path)) if idx_path else scan_rec(Path(rec_path))
-    bad = offsets >= size
-    if np.any(bad):
-        raise DatasetError(f"{idx_path}: offset {int(offsets[bad][0])} is beyond the end of {rec_path} "
-                           f"({size} bytes)")
-    sorted_offsets = np.unique(offsets)
+    sorted_offsets, first_of = np.unique(offsets, return_index=True)
     nxt = np.searchsorted(sorted_offsets, offsets, side="right")
     ends = np.where(nxt < sorted_offsets.size, sorted_offsets[np.minimum(nxt, sorted_offsets.size - 1)], size)
-    for a in (keys, offsets, ends):
+    ends = np.maximum(ends, np.minimum(offsets, size))  # offsets past the end: the record reads as truncated
+    first = first_of[np.searchsorted(sorted_offsets, offsets)] if offsets.size else offsets.copy()
+    for a in (keys, offsets, ends, first):
         a.flags.writeable = False
-    return keys, offsets, ends
+    return RecIndex(keys, offsets, ends, first, size)
 
 
 class RecordIOReader(DatasetReader):
@@ -332,6 +461,10 @@ class RecordIOReader(DatasetReader):
     images are keys 1..a-1 and keys a..b-1 hold each identity's [start, stop) image
     range; otherwise every indexed record is an image. The label of an image is its
     own IRHeader label. Without a `.idx`, the index is built by scanning the `.rec`.
+    A record that cannot be read (truncated file, bad framing, offset past the end) is
+    a `corrupt` row; one whose label is not an integer, or whose offset the index gives
+    to a lower key too, is a `bad_entry` row. A header that cannot be read refuses the
+    dataset with an error naming the file.
     """
 
     kind = "recordio"
@@ -343,11 +476,11 @@ class RecordIOReader(DatasetReader):
 
     def _reset_caches(self) -> None:
         super()._reset_caches()
-        self._index: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._index: RecIndex | None = None
         self._layout: tuple[int, int, tuple[int, int] | None] | None = None
 
-    def index(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(keys, offsets, ends) sorted by key; ends[i] is where record i's bytes end at the latest."""
+    def index(self) -> RecIndex:
+        """The index of the .rec, sorted by key."""
         if self._index is None:
             rec = self.rec_path.stat()
             idx = self.idx_path.stat() if self.idx_path.is_file() else None
@@ -355,49 +488,66 @@ class RecordIOReader(DatasetReader):
                                      rec.st_mtime_ns, idx.st_mtime_ns if idx else 0)
         return self._index
 
-    def _read_key(self, fd: int, offset: int) -> tuple[IRHeader, bytes]:
-        payload, _ = read_record(pread_file(fd), offset)
-        return unpack_ir(payload)
+    def _read_key(self, fd: int, i: int, what: str) -> tuple[IRHeader, bytes]:
+        """The record at index position i, or a DatasetError naming the file, the record and the reason."""
+        ix = self.index()
+        off = int(ix.offsets[i])
+        try:
+            if off >= ix.size:
+                raise RecordIOError(f"offset {off} is past the end of the file ({ix.size} bytes; truncated?)")
+            payload, _ = read_record(pread_file(fd), off, limit=int(ix.ends[i]))
+            return unpack_ir(payload)
+        except RecordIOError as e:
+            raise DatasetError(f"{str(self.rec_path)!r}: {what} (key {int(ix.keys[i])}, byte {off}) cannot be "
+                               f"read: {e}") from None
 
     def layout(self) -> tuple[int, int, tuple[int, int] | None]:
         """(lo, hi, identity_keys): image positions [lo, hi) in the sorted index, and the identity key range."""
         if self._layout is None:
-            keys, offsets, _ = self.index()
+            ix = self.index()
+            keys = ix.keys
             lo, hi, ids = 0, int(keys.size), None
             if keys.size and keys[0] == 0:
                 fd = os.open(self.rec_path, os.O_RDONLY)
                 try:
-                    head, payload = self._read_key(fd, int(offsets[0]))
+                    head, payload = self._read_key(fd, 0, "header record")
                 finally:
                     os.close(fd)
                 if head.flag >= 2 and not payload:
-                    a, b = int(head.label[0]), int(head.label[1])
-                    if not 1 <= a <= b:
-                        raise DatasetError(f"{self.rec_path}: header record labels ({a}, {b}) are not image/identity "
-                                           "key bounds")
+                    a, b = (self._header_label(x) for x in head.label[:2])
+                    last = int(keys[-1])
+                    if not 1 <= a <= b or b > last + 1:
+                        raise DatasetError(f"{str(self.rec_path)!r}: header record labels ({a}, {b}) are not "
+                                           f"image/identity key bounds (the index ends at key {last})")
                     lo = int(np.searchsorted(keys, 1))
                     hi = int(np.searchsorted(keys, a))
                     ids = (a, b)
             self._layout = (lo, hi, ids)
         return self._layout
 
+    def _header_label(self, value: float) -> int:
+        try:
+            return label_int(value, "header label")
+        except RecordIOError as e:
+            raise DatasetError(f"{str(self.rec_path)!r}: {e}") from None
+
     def identity_ranges(self) -> dict[int, tuple[int, int]]:
         """identity -> [start, stop) image keys, from the identity records the header points to ({} without one)."""
         _, _, ids = self.layout()
         if ids is None:
             return {}
-        keys, offsets, _ = self.index()
+        keys = self.index().keys
         out: dict[int, tuple[int, int]] = {}
         fd = os.open(self.rec_path, os.O_RDONLY)
         try:
             for k in range(ids[0], ids[1]):
                 i = int(np.searchsorted(keys, k))
                 if i >= keys.size or keys[i] != k:
-                    raise DatasetError(f"{self.rec_path}: identity record {k} is missing from the index")
-                head, _ = self._read_key(fd, int(offsets[i]))
+                    raise DatasetError(f"{str(self.rec_path)!r}: identity record {k} is missing from the index")
+                head, _ = self._read_key(fd, i, "identity record")
                 if head.flag < 2:
-                    raise DatasetError(f"{self.rec_path}: identity record {k} has no [start, stop) labels")
-                out[k - ids[0]] = (int(head.label[0]), int(head.label[1]))
+                    raise DatasetError(f"{str(self.rec_path)!r}: identity record {k} has no [start, stop) labels")
+                out[k - ids[0]] = (self._header_label(head.label[0]), self._header_label(head.label[1]))
         finally:
             os.close(fd)
         return out
@@ -407,35 +557,47 @@ class RecordIOReader(DatasetReader):
         return self._split(hi - lo)
 
     def read(self, shard: Shard) -> Iterator[Record]:
-        keys, offsets, ends = self.index()
+        ix = self.index()
         lo, _, _ = self.layout()
-        ks = keys[lo + shard.start: lo + shard.stop]
-        offs = offsets[lo + shard.start: lo + shard.stop]
-        stops = ends[lo + shard.start: lo + shard.stop]
-        if not ks.size:
+        a, b = lo + shard.start, lo + shard.stop
+        if b <= a:
             return
-        base, top = int(offs.min()), int(stops.max())
+        offs, stops = ix.offsets[a:b], ix.ends[a:b]
+        base, top = int(offs.min()), min(int(stops.max()), ix.size)
         rec_name, rec_str = self.rec_path.name, str(self.rec_path)
         fd = os.open(self.rec_path, os.O_RDONLY)
         try:
-            if top - base <= MAX_SPAN_BYTES:
+            if 0 <= top - base <= MAX_SPAN_BYTES:
                 buf = memoryview(os.pread(fd, top - base, base))
 
                 def read_at(pos: int, n: int) -> bytes:
                     return bytes(buf[pos - base: pos - base + n])
             else:
                 read_at = pread_file(fd)
-            for k, off, end in zip(ks.tolist(), offs.tolist(), stops.tolist(), strict=True):
-                source, key = f"{rec_str}#{off}", f"{rec_name}#{k}"
-                try:
-                    head, payload = unpack_ir(read_record(read_at, off, limit=end)[0])
-                except DatasetError as e:
-                    yield Record(self.kind, source, key, -1, None, None, images.CORRUPT, f"record {k}: {e}")
-                    continue
-                ident = head.identity
-                yield Record(self.kind, source, key, ident, str(ident), payload)
+            for i in range(a, b):
+                yield self._record(i, read_at, rec_name, rec_str)
         finally:
             os.close(fd)
+
+    def _record(self, i: int, read_at: Any, rec_name: str, rec_str: str) -> Record:
+        ix = self.index()
+        k, off = int(ix.keys[i]), int(ix.offsets[i])
+        source, key = f"{rec_str}#{off}", f"{rec_name}#{k}"
+        if ix.first[i] != i:
+            return Record(self.kind, source, key, -1, None, None, images.BAD_ENTRY,
+                          f"record {k}: the index gives it byte offset {off}, the offset of key "
+                          f"{int(ix.keys[ix.first[i]])}; read once, for that key")
+        try:
+            if off >= ix.size:
+                raise RecordIOError(f"offset {off} is past the end of {rec_name} ({ix.size} bytes; truncated?)")
+            head, payload = unpack_ir(read_record(read_at, off, limit=int(ix.ends[i]))[0])
+        except RecordIOError as e:
+            return Record(self.kind, source, key, -1, None, None, images.CORRUPT, f"record {k}: {e}")
+        try:
+            ident = head.identity
+        except RecordIOError as e:
+            return Record(self.kind, source, key, -1, None, None, images.BAD_ENTRY, f"record {k}: {e}")
+        return Record(self.kind, source, key, ident, str(ident), payload)
 
 
 # ---------------------------------------------------------------- verification .bin
@@ -532,13 +694,20 @@ class _RestrictedUnpickler(pickle.Unpickler):
                 "tuples and numpy bool arrays") from None
 
 
-def _unwrap(obj: Any) -> Any:
+_MAX_NESTING = 3  # (images, issame): a tuple of a list of bytes and a list/array of bools
+
+
+def _unwrap(obj: Any, depth: int = 0) -> Any:
+    """The loaded object with numpy stand-ins replaced by arrays; deeper nesting than a .bin has is refused."""
     if isinstance(obj, _BoolArray):
         if obj.array is None:
             raise UnsafePickleError("numpy bool array without data")
         return obj.array
     if isinstance(obj, list | tuple):
-        return type(obj)(_unwrap(x) for x in obj)
+        if depth >= _MAX_NESTING:
+            raise DatasetError(f"lists nested deeper than {_MAX_NESTING} levels; a verification .bin is "
+                               "(images, issame)")
+        return type(obj)(_unwrap(x, depth + 1) for x in obj)
     if isinstance(obj, _BoolDtype | _NdarrayToken):
         raise UnsafePickleError("stray numpy object outside an array")
     return obj
@@ -566,15 +735,18 @@ def load_verification_bin(path: str | os.PathLike[str]) -> VerificationSet:
     p = Path(path)
     try:
         with open(p, "rb") as f:
-            obj = _RestrictedUnpickler(f, encoding="bytes").load()
+            obj = _unwrap(_RestrictedUnpickler(f, encoding="bytes").load())
     except UnsafePickleError as e:
         raise UnsafePickleError(f"{str(p)!r}: {e}") from None
-    except FileNotFoundError:
+    except DatasetError as e:
+        raise DatasetError(f"{str(p)!r}: {e}") from None
+    except OSError:
         raise
-    except (pickle.UnpicklingError, EOFError, TypeError, ValueError, AttributeError, IndexError,
-            struct.error, MemoryError) as e:
-        raise DatasetError(f"{str(p)!r} is not a valid verification .bin pickle: {type(e).__name__}: {e}") from e
-    obj = _unwrap(obj)
+    except RecursionError:
+        raise DatasetError(f"{str(p)!r} is not a valid verification .bin pickle: nested too deeply") from None
+    except Exception as e:  # noqa: BLE001 - any failure of the unpickler on these bytes means a malformed file
+        raise DatasetError(f"{str(p)!r} is not a valid verification .bin pickle: {type(e).__name__}: "
+                           f"{str(e)[:200]}") from None
     if not (isinstance(obj, tuple | list) and len(obj) == 2):
         raise DatasetError(f"{str(p)!r}: expected a pickled (images, issame) pair, got {type(obj).__name__}")
     bins, issame = obj
@@ -654,6 +826,10 @@ class ListReader(DatasetReader):
         self.max_bytes = max_bytes
         self.labels: dict[str, int] | None = None  # identity name -> label, when names are not integers
         self.numbered = False  # labels known (set by the planning pass, travels with the reader)
+        with open(self.path, "rb") as f:
+            head = f.read(4)
+        if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+            raise DatasetError(f"list file {str(self.path)!r} is UTF-16 or UTF-32 encoded; save it as UTF-8")
 
     def _lines(self, offset: int = 0) -> Iterator[tuple[int, int, str]]:
         """(byte offset, line number, text) of every data line from `offset`, skipping blanks and comments."""
@@ -664,19 +840,24 @@ class ListReader(DatasetReader):
             for raw in f:
                 start, pos = pos, pos + len(raw)
                 lineno += 1
+                if start == 0 and raw.startswith(_UTF8_BOM):
+                    raw = raw[len(_UTF8_BOM):]
                 text = raw.decode("utf-8", "surrogateescape").strip("\r\n")
                 if not text.strip() or text.lstrip().startswith("#"):
                     continue
                 yield start, lineno, text
 
-    def _split_row(self, text: str) -> list[str]:
+    def _split_row(self, text: str) -> list[str] | None:
         if self.delimiter is None:  # decided once, from the file name or the first data line
             suffix = self.path.suffix.lower()
             self.delimiter = "\t" if suffix == ".tsv" else "," if suffix == ".csv" else "\t" if "\t" in text else ","
-        return [c.strip() for c in next(csv.reader([text], delimiter=self.delimiter))]
+        try:
+            return [c.strip() for c in next(csv.reader([text], delimiter=self.delimiter), [])]
+        except csv.Error:  # NUL bytes, an over-long field: the line is a bad entry
+            return None
 
     @staticmethod
-    def _is_header(fields: list[str]) -> bool:
+    def _is_header(fields: list[str] | None) -> bool:
         return bool(fields) and fields[0].lower() == "path"
 
     def _make_plan(self) -> list[Shard]:
@@ -693,7 +874,7 @@ class ListReader(DatasetReader):
             if n % self.shard_size == 0:
                 starts.append((offset, lineno))
             n += 1
-            if len(fields) == 2 and fields[0] and fields[1]:
+            if fields is not None and len(fields) == 2 and fields[0] and fields[1]:
                 names.add(fields[1])
         if any(not _is_int(s) for s in names):
             self.labels = {s: i for i, s in enumerate(sorted(names))}
@@ -712,9 +893,9 @@ class ListReader(DatasetReader):
             count += 1
             yield self._row_record(lineno0 + lineno - 1, text, self._split_row(text))
 
-    def _row_record(self, lineno: int, text: str, fields: list[str]) -> Record:
-        key = f"{self.path.name}:{lineno}"
-        if not fields or not fields[0] or len(fields) > 2:
+    def _row_record(self, lineno: int, text: str, fields: list[str] | None) -> Record:
+        key = _utf8(f"{self.path.name}:{lineno}")[0]
+        if not fields or not fields[0] or len(fields) > 2 or "\0" in fields[0]:
             shown, _ = _utf8(text)
             return Record(self.kind, shown, key, -1, None, None, images.BAD_ENTRY,
                           f"line {lineno}: expected 'path{self._delim_name()}identity', got {shown!r}")
@@ -734,11 +915,11 @@ class ListReader(DatasetReader):
 
 
 def _is_int(s: str) -> bool:
+    """An integer identity that fits the int64 `identity` column."""
     try:
-        int(s)
+        return -(2**63) <= int(s) < 2**63
     except ValueError:
         return False
-    return True
 
 
 # ---------------------------------------------------------------- dispatch

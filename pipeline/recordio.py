@@ -12,6 +12,7 @@ keys 1..a-1, keys a..b-1 hold each identity's [start, stop) image-key range).
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 from collections.abc import Callable, Sequence
@@ -27,6 +28,7 @@ _LEN_BITS = 29
 _LEN_MASK = (1 << _LEN_BITS) - 1
 IR_FORMAT = "<IfQQ"  # IRHeader: flag, label, id, id2 (MXNet's `recordio.IRHeader`)
 IR_SIZE = struct.calcsize(IR_FORMAT)  # 24
+MAX_LABEL = 2**31  # identity labels are float32 integers; anything beyond is a corrupt field
 
 
 class DatasetError(ValueError):
@@ -48,9 +50,15 @@ class IRHeader:
 
     @property
     def identity(self) -> int:
-        """The integer class label (first label when several are stored)."""
-        lab = self.label if isinstance(self.label, float) else (self.label[0] if self.label else -1.0)
-        return int(lab)
+        """The integer class label (first label when several are stored); RecordIOError when it is not one."""
+        return label_int(self.label if isinstance(self.label, float) else (self.label[0] if self.label else -1.0))
+
+
+def label_int(value: float, what: str = "label") -> int:
+    """A float label as an integer; NaN, infinite, fractional or out-of-range values raise RecordIOError."""
+    if not math.isfinite(value) or value != int(value) or not -MAX_LABEL < value < MAX_LABEL:
+        raise RecordIOError(f"{what} {value!r} is not an integer identity label")
+    return int(value)
 
 
 def read_record(read_at: Callable[[int, int], bytes], pos: int, *, limit: int | None = None,
@@ -182,11 +190,11 @@ def pack_ir(label: float | Sequence[float], image: bytes, id: int = 0, id2: int 
 
 
 class FaceRecWriter:
-    """Write an insightface-style `train.rec` + `train.idx`: images grouped by identity, then the header.
+    """Write an insightface-style `train.rec` + `train.idx`: header record, images grouped by identity, identities.
 
     Images must arrive with non-decreasing integer labels 0, 1, 2, ...; close() adds one
-    identity record per label and the header record at key 0 (written last in the file,
-    which indexed readers do not mind), and writes the index sorted by key.
+    identity record per label, fills in the header record at key 0 (first in the file, as
+    insightface writes it, so a truncated file keeps its header) and writes the index.
     """
 
     def __init__(self, folder: str | os.PathLike[str], name: str = "train") -> None:
@@ -194,9 +202,13 @@ class FaceRecWriter:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.rec_path, self.idx_path = self.folder / f"{name}.rec", self.folder / f"{name}.idx"
         self._f = open(self.rec_path, "wb")  # noqa: SIM115 - closed in close()
-        self._offsets: list[int] = [-1]  # key 0: the header, written at close()
         self._starts: list[int] = []  # first image key of each identity
         self._pos = 0
+        self._offsets: list[int] = [self._write(self._header(0, 0))]  # key 0, rewritten in place at close()
+
+    @staticmethod
+    def _header(n_keys: int, stop: int) -> bytes:
+        return pack_ir([float(n_keys), float(stop)], b"")
 
     def _write(self, payload: bytes) -> int:
         data = encode_record(payload)
@@ -223,7 +235,11 @@ class FaceRecWriter:
         stops = self._starts[1:] + [n_keys]
         for start, stop in zip(self._starts, stops, strict=True):
             self._offsets.append(self._write(pack_ir([float(start), float(stop)], b"")))
-        self._offsets[0] = self._write(pack_ir([float(n_keys), float(n_keys + len(self._starts))], b""))
+        header = encode_record(self._header(n_keys, n_keys + len(self._starts)))
+        if len(header) != len(encode_record(self._header(0, 0))):
+            raise RecordIOError("header record changed size; cannot rewrite it in place")
+        self._f.seek(0)
+        self._f.write(header)
         self._f.close()
         with open(self.idx_path, "w") as idx:
             idx.writelines(f"{k}\t{off}\n" for k, off in enumerate(self._offsets))

@@ -28,7 +28,7 @@ from scipy import ndimage as ndi
 
 from benchmarks.calibration import fit_threshold, load_sets, per_variant, rates
 from pipeline.blur import face_cpbd
-from pipeline.factors import FACTOR_CLASSES, PAPER_BLUR_THRESHOLDS, blur_class
+from pipeline.factors import CALIBRATED_BLUR_THRESHOLDS, FACTOR_CLASSES, PAPER_BLUR_THRESHOLDS, blur_class
 
 SIGMAS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
 DOWNSCALES = (2, 3, 4)
@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     cpbd = {name: per_variant(faces, variants(), lambda f, crop: face_cpbd(crop)) for name, faces in sets.items()}
     fitted = fit(cpbd["fit"])
     calibrated = tuple(fitted["thresholds"])
-    out: dict[str, object] = {"fit": fitted, "paper": list(PAPER_BLUR_THRESHOLDS), "sets": {}}
+    out: dict[str, object] = {"fit": fitted, "equals_default": calibrated == CALIBRATED_BLUR_THRESHOLDS,
+                              "paper": list(PAPER_BLUR_THRESHOLDS), "sets": {}}
     for name, values in cpbd.items():
         classes = report(values, calibrated)
         not_clear = [x for v in ("sigma_1.5", "sigma_2", "sigma_3") for x in values[v]]

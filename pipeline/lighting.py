@@ -177,11 +177,11 @@ class LightingRule:
     uneven: half_mean_ratio < ratio_min (one half much darker: strong side light).
     """
 
-    mean_low: float = 0.08
-    mean_high: float = 0.60
-    under_max: float = 0.50
-    over_max: float = 0.10
-    ratio_min: float = 0.45
+    mean_low: float = 0.071  # fitted: clean vs dark levels 2-3
+    mean_high: float = 0.8  # OFIQ's upper LuminanceMean sigmoid centre (not fitted)
+    under_max: float = 0.76  # fitted: clean vs dark levels 2-3
+    over_max: float = 0.009  # fitted: clean vs overexpose levels 2-3
+    ratio_min: float = 0.486  # fitted: clean vs side_light levels 2-3
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():

@@ -86,14 +86,37 @@ def confidence_writer(ws: Workspace, run_id: str, sample_ids: list[str], model_i
     return _write
 
 
-def _train_impl(workspace: str | None, model_config: str, train_config: dict[str, Any], where: str | None,
-                query: str | None, run_id: str | None, resume: str | None) -> dict[str, Any]:
+def model_config_with(model_config: str, pretrained: str | None = None, trust_torchscript: bool = False) -> Any:
+    """The model config (bundled name or JSON file); `pretrained` ("none": random init) overrides its weights."""
+    from dataclasses import replace
+
     from models.clib import ClibConfig
-    from models.train import TrainConfig, train
 
     mcfg = ClibConfig.from_json(model_config)
+    if pretrained is not None:
+        mcfg = replace(mcfg, pretrained=None if pretrained.lower() == "none" else pretrained)
+    if trust_torchscript:
+        mcfg = replace(mcfg, trust_torchscript=True)
+    return mcfg
+
+
+def check_weights(mcfg: Any) -> None:
+    """Fail before any work when the pretrained weights cannot be had (offline tag, missing file, mismatch)."""
+    from models.clib import resolve_pretrained
+
+    resolve_pretrained(mcfg.model_name, mcfg.pretrained, trust_torchscript=mcfg.trust_torchscript)
+
+
+def _train_impl(workspace: str | None, model_config: str, train_config: dict[str, Any], where: str | None,
+                query: str | None, run_id: str | None, resume: str | None, pretrained: str | None = None,
+                trust_torchscript: bool = False) -> dict[str, Any]:
+    from models.train import TrainConfig, train
+
+    mcfg = model_config_with(model_config, pretrained, trust_torchscript)
     tcfg = TrainConfig.from_dict(train_config)
     ws = Workspace(workspace)
+    if not resume and not (run_id and (ws.checkpoints / run_id / "last.pt").exists()):
+        check_weights(mcfg)  # a resumed run rebuilds from its checkpoint and needs no weights
     params = {"model_config": mcfg.to_dict(), "train_config": asdict(tcfg), "where": where, "query": query,
               "resume": resume}
     with runtime.tracked_run(ws, "train", params, run_id) as state:
@@ -116,11 +139,11 @@ def _train_impl(workspace: str | None, model_config: str, train_config: dict[str
 
 
 def _train_worker_rank(workspace: str | None, model_config: str, train_config: dict[str, Any], where: str | None,
-                       query: str | None, run_id: str | None, resume: str | None) -> dict[str, Any]:
+                       query: str | None, run_id: str | None, resume: str | None, pretrained: str | None = None,
+                       trust_torchscript: bool = False) -> dict[str, Any]:
     """A non-zero DDP rank: the same training set and loop, without run records or manifest writes."""
     import tempfile
 
-    from models.clib import ClibConfig
     from models.train import TrainConfig, train
 
     ws = Workspace(workspace)
@@ -129,8 +152,8 @@ def _train_worker_rank(workspace: str | None, model_config: str, train_config: d
     if resume_from is None and run_id and (ws.checkpoints / run_id / "last.pt").exists():
         resume_from = ws.checkpoints / run_id / "last.pt"
     with tempfile.TemporaryDirectory() as tmp:  # only rank 0 writes checkpoints
-        train(ClibConfig.from_json(model_config), data, TrainConfig.from_dict(train_config), tmp,
-              resume=resume_from, log=None)
+        train(model_config_with(model_config, pretrained, trust_torchscript), data, TrainConfig.from_dict(train_config),
+              tmp, resume=resume_from, log=None)
     return {"rank": int(os.environ.get("RANK", "0"))}
 
 
@@ -140,9 +163,11 @@ def _flow():
     @flow(name="train", log_prints=True)
     def train_flow(workspace: str | None = None, model: str = "clib-rn50",
                    train_config: dict[str, Any] | None = None, where: str | None = None, query: str | None = None,
-                   run_id: str | None = None, resume: str | None = None) -> dict[str, Any]:
+                   run_id: str | None = None, resume: str | None = None, pretrained: str | None = None,
+                   trust_torchscript: bool = False) -> dict[str, Any]:
         """Train CLIB-FIQA on a catalog query; `model` is a bundled config name or a JSON file."""
-        return _train_impl(workspace, model, train_config or {}, where, query, run_id, resume)
+        return _train_impl(workspace, model, train_config or {}, where, query, run_id, resume, pretrained,
+                           trust_torchscript)
 
     return train_flow
 
@@ -156,6 +181,13 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     runtime.add_common_args(p, runner=False)
     p.add_argument("--model-config", default="clib-rn50",
                    help="bundled config name (clib-rn50, clib-tiny) or a JSON file (see models/configs)")
+    p.add_argument("--pretrained", default=None, metavar="TAG|PATH|none",
+                   help="CLIP weights overriding the config's: an open_clip tag (needs the hub), a local state dict, "
+                        ".safetensors or hub-snapshot directory, OpenAI's TorchScript .pt (with --trust-torchscript), "
+                        "or none (random init)")
+    p.add_argument("--trust-torchscript", action="store_true",
+                   help="allow loading a TorchScript archive (e.g. OpenAI's RN50.pt) with torch.jit.load; "
+                        "only for a file you trust, since loading it can run code stored in it")
     p.add_argument("--where", default=None, help="SQL filter on the training set, e.g. \"pose_index = 2\"")
     p.add_argument("--query", default=None, help="a full SQL query returning " + ", ".join(REQUIRED_COLUMNS))
     p.add_argument("--resume", default=None, help="continue from this checkpoint (same data and config)")
@@ -174,18 +206,22 @@ def train_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         if v is not None:
             cfg[key] = v
     if args.official:
-        cfg.update(official_losses=True, official_js=True, schedule="official", distance="squared")
+        cfg.update(official_losses=True, official_js=True, schedule="official", distance="squared",
+                   logit_scale_max=None, freeze_visual_positional_embedding=True)
     return cfg
 
 
 def run_cli(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: only rank 0 runs the flow and writes
         _train_worker_rank(args.workspace, args.model_config, train_config_from_args(args), args.where, args.query,
-                           args.run_id, args.resume)
+                           args.run_id, args.resume, args.pretrained, args.trust_torchscript)
         return 0
+    if args.resume is None and args.run_id is None:  # before Prefect starts; a resume needs no weights
+        check_weights(model_config_with(args.model_config, args.pretrained, args.trust_torchscript))
     out = train_flow(workspace=args.workspace, model=args.model_config,
                      train_config=train_config_from_args(args), where=args.where, query=args.query,
-                     run_id=args.run_id, resume=args.resume)
+                     run_id=args.run_id, resume=args.resume, pretrained=args.pretrained,
+                     trust_torchscript=args.trust_torchscript)
     print(json.dumps(out, indent=2, default=str))
     return 0
 

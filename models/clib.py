@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,15 +28,17 @@ from pipeline.factors import FACTOR_SHAPE, N_JOINT_FACTORS, N_PROMPTS, PROMPT_SH
 CONFIG_DIR = Path(__file__).parent / "configs"
 OPEN_CLIP_CONFIG_DIR = CONFIG_DIR / "open_clip"
 TEXT_MODES = ("cached", "per_step")
-MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp on the learnable inverse temperature
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's training clamp on log(1/tau); TrainConfig.logit_scale_max
+_REGISTERED: set[Path] = set()
 
 
 @dataclass
 class ClibConfig:
     """Architecture of a CLIB-FIQA model; stored in every checkpoint."""
 
-    model_name: str = "RN50"  # open_clip architecture (built-in or registered from models/configs/open_clip)
-    pretrained: str | None = "openai"  # open_clip tag, a local checkpoint path, or None for random init
+    model_name: str = "RN50-quickgelu"  # open_clip architecture; OpenAI's weights need the -quickgelu variant
+    pretrained: str | None = "openai"  # open_clip tag, a local weights file or directory, or None for random init
+    trust_torchscript: bool = False  # allow torch.jit.load of a local TorchScript archive (it can run stored code)
     text_mode: str = "cached"  # "cached": text embeddings once; "per_step": text tower every forward (official)
     official_trainable_text: bool = False  # official code: token embedding + final LayerNorm stay trainable
     mlp_hidden: tuple[int, ...] = (72, 128, 64)  # merged-factor MLP: FC(72)-PReLU-FC(128)-PReLU-FC(64)-PReLU-FC(5)
@@ -95,30 +99,172 @@ def register_open_clip_configs(extra_dir: str | os.PathLike[str] | None = None) 
         if d is not None:
             if not Path(d).is_dir():
                 raise NotADirectoryError(f"open_clip config dir {d} does not exist")
-            open_clip.add_model_config(Path(d))
+            if Path(d).resolve() not in _REGISTERED:
+                open_clip.add_model_config(Path(d))
+                _REGISTERED.add(Path(d).resolve())
 
 
-def build_clip(model_name: str, pretrained: str | None) -> nn.Module:
-    """An open_clip model; `pretrained` is a tag (needs the hub) or a local checkpoint path."""
+class PretrainedWeightsError(ValueError):
+    """The `pretrained` weights cannot be used with this architecture (missing, unreachable, mismatched)."""
+
+
+@dataclass(frozen=True)
+class PretrainedSource:
+    """Where a config's CLIP weights come from, resolved without loading them."""
+
+    kind: str  # "none" (random init), "tag" (open_clip hub download), "file" (state dict/safetensors), "torchscript"
+    value: str | None  # the tag, or the absolute file path
+    quick_gelu: bool  # the text-tower activation of the architecture that will be built
+
+    def describe(self) -> str:
+        return {"none": "random init", "tag": f"open_clip tag {self.value!r}", "file": f"weights file {self.value}",
+                "torchscript": f"TorchScript archive {self.value}"}[self.kind]
+
+
+def uses_quick_gelu(model_name: str) -> bool:
+    """Whether open_clip builds `model_name`'s transformers with QuickGELU (else nn.GELU)."""
     open_clip = _import_open_clip()
     register_open_clip_configs()
-    if model_name not in open_clip.list_models():
+    cfg = open_clip.get_model_config(model_name)
+    if cfg is None:
         raise ValueError(f"unknown open_clip architecture {model_name!r}; register a JSON config or pick a built-in")
-    if pretrained is not None and not Path(pretrained).is_file():
-        tags = open_clip.list_pretrained_tags_by_model(model_name)
-        if pretrained not in tags:
-            raise ValueError(
-                f"pretrained={pretrained!r} is neither a file nor a known tag for {model_name} (tags: {tags})"
-            )
-        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-            raise RuntimeError(
-                f"pretrained={pretrained!r} needs a download but HF_HUB_OFFLINE is set; "
-                "pass a local checkpoint path as pretrained (e.g. a downloaded RN50 openai .pt)"
-            )
+    return bool(cfg.get("quick_gelu", False))
+
+
+def hub_offline() -> bool:
+    """True when HF_HUB_OFFLINE forbids downloads (read at call time, never set by this project)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def local_weight_options(model_name: str) -> str:
+    """The local-file forms `pretrained` accepts, for error messages."""
+    return ("pass a local file instead (`fiqa train --pretrained PATH`, or `pretrained` in the model config): "
+            f"an open_clip state dict or .safetensors of {model_name} (e.g. open_clip_model.safetensors from the hub "
+            "repo the tag points to), a directory holding one, or OpenAI's TorchScript archive (e.g. RN50.pt) together "
+            "with `--trust-torchscript` (trust_torchscript: true)")
+
+
+def resolve_pretrained(model_name: str, pretrained: str | None, *, trust_torchscript: bool = False) -> PretrainedSource:
+    """Decide how `pretrained` will be loaded, refusing what cannot work before any download or model build.
+
+    Tried in order: None (random init); an open_clip tag of `model_name` (its activation must match the
+    architecture's, and the hub must not be switched off); a local file or directory (state dict, safetensors,
+    or a TorchScript archive when trusted). The error names everything tried.
+    """
+    open_clip = _import_open_clip()
+    quick_gelu = uses_quick_gelu(model_name)
+    if pretrained is None:
+        return PretrainedSource("none", None, quick_gelu)
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained) if tags else {}
+    if tag_cfg:
+        tag_quick_gelu = bool(tag_cfg.get("quick_gelu", False))
+        if tag_quick_gelu != quick_gelu:
+            raise PretrainedWeightsError(_activation_mismatch(model_name, f"the {pretrained!r} weights",
+                                                              quick_gelu, tag_quick_gelu))
+        if hub_offline():
+            raise PretrainedWeightsError(
+                f"pretrained={pretrained!r} is an open_clip tag of {model_name} that needs a download, but "
+                f"HF_HUB_OFFLINE is set; {local_weight_options(model_name)}")
+        return PretrainedSource("tag", pretrained, quick_gelu)
+    path = Path(pretrained).expanduser()
+    if path.is_dir():
+        path = _checkpoint_in_dir(path)
+    if path.is_file():
+        path = path.resolve()
+        if _is_torchscript(path):
+            if not trust_torchscript:
+                raise PretrainedWeightsError(
+                    f"{path} is a TorchScript archive (OpenAI's checkpoint format); torch.jit.load can run code "
+                    "stored in the file, so it is loaded only when you trust it: pass --trust-torchscript "
+                    "(trust_torchscript: true in the model config), or convert it to a state dict")
+            return PretrainedSource("torchscript", str(path), quick_gelu)
+        return PretrainedSource("file", str(path), quick_gelu)
+    raise PretrainedWeightsError(
+        f"pretrained={pretrained!r} could not be resolved for {model_name}; tried: an open_clip tag of {model_name} "
+        f"(known tags: {tags or 'none'}), a local file or directory ({path.resolve()} does not exist)")
+
+
+def build_clip(model_name: str, pretrained: str | None, *, trust_torchscript: bool = False) -> nn.Module:
+    """An open_clip model with the weights `pretrained` names (see resolve_pretrained), on the CPU in float32."""
+    open_clip = _import_open_clip()
+    src = resolve_pretrained(model_name, pretrained, trust_torchscript=trust_torchscript)
+    if src.kind == "torchscript":
+        return _clip_from_torchscript(model_name, Path(str(src.value)), src.quick_gelu)
     try:
-        return open_clip.create_model(model_name, pretrained=pretrained)
+        return open_clip.create_model(model_name, pretrained=src.value)
     except Exception as e:
-        raise RuntimeError(f"could not build open_clip {model_name} with pretrained={pretrained!r}: {e}") from e
+        if src.kind == "tag":
+            raise PretrainedWeightsError(
+                f"could not download open_clip {model_name} weights {src.value!r} ({type(e).__name__}: {e}); "
+                f"{local_weight_options(model_name)}") from e
+        raise PretrainedWeightsError(
+            f"could not load {src.describe()} into open_clip {model_name}; tried: safetensors / torch.load "
+            f"(weights_only=True) state dict ({type(e).__name__}: {e})") from e
+
+
+def _activation_mismatch(model_name: str, what: str, arch_quick_gelu: bool, weights_quick_gelu: bool) -> str:
+    act = {True: "QuickGELU", False: "GELU"}
+    base = model_name.removesuffix("-quickgelu")
+    suggestion = base if not weights_quick_gelu else f"{base}-quickgelu"
+    return (f"open_clip {model_name} builds its text tower with {act[arch_quick_gelu]}, but {what} were trained with "
+            f"{act[weights_quick_gelu]}: the prompt embeddings would not be CLIP's. Use model_name "
+            f"{suggestion!r} (or an architecture JSON with \"quick_gelu\": {str(weights_quick_gelu).lower()})")
+
+
+_HUB_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+def _checkpoint_in_dir(d: Path) -> Path:
+    """The open_clip weights file in a directory (e.g. a downloaded hub snapshot)."""
+    for name in _HUB_FILES:
+        if (d / name).is_file():
+            return d / name
+    raise PretrainedWeightsError(f"directory {d.resolve()} holds none of the open_clip weight files {list(_HUB_FILES)}")
+
+
+def _is_torchscript(path: Path) -> bool:
+    """A TorchScript archive is a zip with serialized code (`<name>/code/__torch__/...`), unlike torch.save's."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any("/code/__torch__" in n or n.endswith("/constants.pkl") for n in zf.namelist())
+
+
+def _clip_from_torchscript(model_name: str, path: Path, quick_gelu: bool) -> nn.Module:
+    """Read a trusted TorchScript archive's weights and load them into the open_clip architecture `model_name`."""
+    open_clip = _import_open_clip()
+    try:
+        with warnings.catch_warnings():  # TorchScript is deprecated, but it is the format these files are in
+            warnings.simplefilter("ignore", FutureWarning)
+            archive = torch.jit.load(str(path), map_location="cpu")
+    except Exception as e:
+        raise PretrainedWeightsError(f"could not read TorchScript archive {path}: {type(e).__name__}: {e}") from e
+    archived = _archive_activation(archive)
+    if archived is not None and archived != quick_gelu:
+        raise PretrainedWeightsError(_activation_mismatch(model_name, f"the weights in {path}", quick_gelu, archived))
+    model = open_clip.create_model(model_name, pretrained=None)
+    # Drop OpenAI's int entries and buffers the model computes itself (a scripted module saves e.g. attn_mask).
+    derived = {n for n, _ in model.named_buffers()} - set(model.state_dict())
+    state = {k: v for k, v in archive.state_dict().items()
+             if k not in ("input_resolution", "context_length", "vocab_size") and k not in derived}
+    try:
+        model.load_state_dict(state, strict=True)  # copies OpenAI's fp16 tensors into the float32 parameters
+    except RuntimeError as e:
+        raise PretrainedWeightsError(f"TorchScript archive {path} does not hold an open_clip {model_name}: {e}") from e
+    return model
+
+
+def _archive_activation(archive: Any) -> bool | None:
+    """QuickGELU (True) or GELU (False) as recorded in a scripted/traced CLIP's text transformer, None if unknown."""
+    for name, module in archive.named_modules():
+        if name.startswith("transformer."):
+            kind = getattr(module, "original_name", "")
+            if kind == "QuickGELU":
+                return True
+            if kind == "GELU":
+                return False
+    return None
 
 
 @torch.no_grad()
@@ -208,7 +354,7 @@ class ClibFiqa(nn.Module):
     def from_config(cls, config: ClibConfig, *, load_pretrained: bool = True) -> ClibFiqa:
         """Build the model; the prompt embeddings come from the (pretrained) text tower once."""
         pretrained = config.pretrained if load_pretrained else None
-        clip = build_clip(config.model_name, pretrained)
+        clip = build_clip(config.model_name, pretrained, trust_torchscript=config.trust_torchscript)
         pp = clip.visual.preprocess_cfg
         size = config.image_size or _side(pp.get("size", clip.visual.image_size))
         preprocess = Preprocess(size, config.image_mean or tuple(pp["mean"]), config.image_std or tuple(pp["std"]))
@@ -234,23 +380,33 @@ class ClibFiqa(nn.Module):
         """The (360, K) normalised prompt embeddings: the cached buffer, or a fresh text-tower forward."""
         if self.text_tower is None:
             return self.text_features
-        return F.normalize(self.text_tower.encode_text(self.prompt_tokens), dim=-1).float()
+        text = self.text_tower.encode_text(self.prompt_tokens)
+        with _float32(text.device):
+            return F.normalize(text.float(), dim=-1)
 
     def encode_image(self, images: Tensor) -> Tensor:
+        """L2-normalised image embeddings in float32 (the tower itself may run under autocast)."""
         x = self.preprocess(images)
         if self.visual_channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return F.normalize(self.visual(x).float(), dim=-1)
+        feats = self.visual(x)
+        with _float32(feats.device):
+            return F.normalize(feats.float(), dim=-1)
 
     def forward(self, images: Tensor, *, with_mlp: bool = False) -> ClibOutput:
         feats = self.encode_image(images)
-        scale = self.logit_scale.float().clamp(max=MAX_LOGIT_SCALE).exp()
-        logits = scale * feats @ self.prompt_embeddings().t()
-        return self.distributions(logits, with_mlp=with_mlp)
+        text = self.prompt_embeddings()
+        with _float32(feats.device):  # bf16 logits of size 20-40 would move prompt probabilities by percents
+            logits = self.logit_scale.float().exp() * (feats @ text.float().t())
+            return self.distributions(logits, with_mlp=with_mlp)
 
     def distributions(self, logits: Tensor, *, with_mlp: bool = False) -> ClibOutput:
-        """Softmax over the 360 prompts and all marginals by summation (Eq. 2-3)."""
-        probs = torch.softmax(logits.float(), dim=-1)
+        """Softmax over the 360 prompts and all marginals by summation (Eq. 2-3), in float32 under any autocast."""
+        with _float32(logits.device):
+            return self._distributions(logits.float(), with_mlp)
+
+    def _distributions(self, logits: Tensor, with_mlp: bool) -> ClibOutput:
+        probs = torch.softmax(logits, dim=-1)
         p = probs.view(-1, *PROMPT_SHAPE)
         n = len(FACTOR_SHAPE)
         quality = p.sum(dim=tuple(range(1, n + 1)))
@@ -261,10 +417,11 @@ class ClibFiqa(nn.Module):
         extra = {"merged": self.mlp(joint.detach())} if with_mlp else {}
         return ClibOutput(logits, probs, quality, factors, joint, score, extra)
 
-    def clamp_temperature(self) -> None:
-        """Keep 1/tau <= 100 as CLIP does."""
-        with torch.no_grad():
-            self.logit_scale.clamp_(max=MAX_LOGIT_SCALE)
+    def clamp_temperature(self, max_logit_scale: float | None = MAX_LOGIT_SCALE) -> None:
+        """Keep log(1/tau) <= max_logit_scale (CLIP's ln 100) after a step; None leaves it free (official code)."""
+        if max_logit_scale is not None:
+            with torch.no_grad():
+                self.logit_scale.clamp_(max=max_logit_scale)
 
     def set_channels_last(self, enabled: bool = True) -> None:
         self.visual_channels_last = enabled
@@ -272,10 +429,19 @@ class ClibFiqa(nn.Module):
 
     def trainable_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameters trained by CLIB-FIQA: image tower + temperature (+ text parts when official), and the MLP."""
-        main = [*self.visual.parameters(), self.logit_scale]
+        main = [p for p in self.visual.parameters() if p.requires_grad] + [self.logit_scale]
         if self.text_tower is not None:
             main += [p for p in self.text_tower.parameters() if p.requires_grad]
         return {"main": main, "mlp": list(self.mlp.parameters())}
+
+    def freeze_visual_positional_embeddings(self) -> list[str]:
+        """Freeze image-tower parameters named *positional_embedding* (the official code's name match); their names."""
+        frozen = []
+        for name, p in self.visual.named_parameters():
+            if "positional_embedding" in name:
+                p.requires_grad_(False)
+                frozen.append(f"visual.{name}")
+        return frozen
 
     def state_for_checkpoint(self) -> dict[str, Tensor]:
         """Weights to save; with a per-step text tower, the cache is refreshed from it first."""
@@ -283,6 +449,11 @@ class ClibFiqa(nn.Module):
             with torch.no_grad():
                 self.text_features.copy_(self.prompt_embeddings())
         return self.state_dict()
+
+
+def _float32(device: torch.device) -> Any:
+    """A region where autocast is off, so similarities, softmax and sums run in float32."""
+    return torch.autocast(device_type=device.type, enabled=False)
 
 
 def _tokenize(model_name: str) -> Tensor:

@@ -88,7 +88,8 @@ def focal_loss(
         labels: (B, M) class indices; IGNORE_INDEX marks a missing label, which is
             left out of that sample's mean (a sample with no label contributes 0).
         batch_mean_ce: the official code's behaviour: CE is first averaged over the
-            batch and the focal weight is applied to that mean (and labels must be complete).
+            batch, the focal weight is applied to that mean, and the factors' losses are
+            summed (train.py adds loss2..loss6), not averaged.
     """
     if labels.ndim != 2 or labels.shape[1] != len(marginals):
         raise ValueError(f"focal_loss: labels must be (B, {len(marginals)}), got {tuple(labels.shape)}")
@@ -104,7 +105,7 @@ def focal_loss(
     mask = torch.stack(masks, dim=-1)
     if batch_mean_ce:
         ce_mean = (ce * mask).sum(0) / mask.sum(0).clamp_min(1.0)  # (M,)
-        return ((1 - torch.exp(-ce_mean)).pow(gamma) * ce_mean).sum() / len(marginals)
+        return ((1 - torch.exp(-ce_mean)).pow(gamma) * ce_mean).sum()
     focal = (1 - torch.exp(-ce)).pow(gamma) * ce * mask
     per_sample = focal.sum(-1) / mask.sum(-1).clamp_min(1.0)
     return _reduce(per_sample, reduction)
@@ -145,7 +146,7 @@ def clib_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Total loss of Eq. 7, L_MFL + lambda * L_EMD, with its parts for logging.
 
-    `official=True` uses the official code's batch-mean focal loss and RMS CDF distance.
+    `official=True` uses the official code's batch-mean focal loss summed over the factors and its RMS CDF distance.
     """
     if official:
         emd = official_emd_loss(quality, quality_target)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.clib import MAX_LOGIT_SCALE, ClibFiqa
+from models.clib import ClibFiqa
 from models.scorer_onnx import ONNX_INPUT, ONNX_OUTPUTS, ScoreResult, as_batch
 from models.train import load_checkpoint, model_from_checkpoint, resolve_device
 from pipeline.factors import FACTORS, N_PROMPTS, PROMPT_SHAPE, QUALITY_ANCHORS
@@ -27,14 +27,19 @@ ONNX_OPSET = 17
 
 
 class Scorer:
-    """Batched scoring of uint8 RGB crops with a trained model (bf16 autocast on GPU)."""
+    """Batched scoring of uint8 RGB crops with a trained model.
 
-    def __init__(self, model: ClibFiqa, *, device: str = "auto", batch_size: int = 64, bf16: bool = True,
+    Float32 by default, whatever autocast the caller has on, so scores match the exported ONNX graph.
+    `bf16=True` runs the image tower under bf16 autocast (faster on GPU); similarities, softmax and the
+    score stay float32, and scores then differ from float32 ones by the tower's bf16 rounding.
+    """
+
+    def __init__(self, model: ClibFiqa, *, device: str = "auto", batch_size: int = 64, bf16: bool = False,
                  info: dict[str, Any] | None = None) -> None:
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.batch_size = batch_size
-        self.bf16 = bf16 and self.device.type == "cuda"
+        self.bf16 = bool(bf16)
         self.info = info or {}
 
     @torch.no_grad()
@@ -55,7 +60,7 @@ class Scorer:
 
 
 def load(checkpoint: str | os.PathLike[str], *, device: str = "auto", batch_size: int = 64,
-         bf16: bool = True) -> Scorer:
+         bf16: bool = False) -> Scorer:
     """A Scorer from a checkpoint, loaded with torch.load(weights_only=True)."""
     ckpt = load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt)
@@ -71,7 +76,7 @@ class ExportGraph(nn.Module):
         super().__init__()
         self.preprocess = model.preprocess
         self.visual = model.visual
-        scale = model.logit_scale.detach().float().clamp(max=MAX_LOGIT_SCALE).exp()
+        scale = model.logit_scale.detach().float().exp()
         self.register_buffer("prompt_matrix", (scale * model.prompt_embeddings().detach().float()).t().contiguous())
         qmat = torch.zeros(N_PROMPTS, PROMPT_SHAPE[-1])
         qmat[torch.arange(N_PROMPTS), torch.arange(N_PROMPTS) % PROMPT_SHAPE[-1]] = 1.0

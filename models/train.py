@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from models import checkpoints
-from models.clib import ClibConfig, ClibFiqa
+from models.clib import MAX_LOGIT_SCALE, ClibConfig, ClibFiqa
 from models.config import from_mapping
 from models.losses import (
     BETA,
@@ -51,7 +51,7 @@ class TrainConfig:
 
     stage1_epochs: int = 5  # joint factor learning (paper Sec. 4.1)
     stage2_epochs: int = 20  # training on confidence-calibrated targets
-    batch_size: int = 256
+    batch_size: int = 256  # global batch: under DDP each of the W ranks takes batch_size / W
     lr: float = 1e-5  # image tower + temperature (official code's value; the paper gives none)
     mlp_lr: float = 1e-3  # merged-factor MLP (official code: 100 x lr)
     weight_decay: float = 1e-3  # AdamW, decoupled
@@ -60,9 +60,11 @@ class TrainConfig:
     lambda_emd: float = LAMBDA_EMD  # Eq. 7
     gamma: float = FOCAL_GAMMA  # Eq. 5
     distance: str = "abs"  # soft mapping distance: "abs" (paper) or "squared" (official code)
-    official_losses: bool = False  # batch-mean focal loss + RMS CDF distance (official code)
+    official_losses: bool = False  # batch-mean focal loss summed over factors + RMS CDF distance (official code)
     official_js: bool = False  # double softmax + reversed KL in the confidence (official code)
     schedule: str = "cosine"  # "cosine": one cosine over the whole run; "official": period-10-epoch cosine
+    logit_scale_max: float | None = MAX_LOGIT_SCALE  # clamp of log(1/tau) after each step (CLIP); None: free (official)
+    freeze_visual_positional_embedding: bool = False  # official: its name match freezes visual.*positional_embedding
     flip_p: float = 0.5  # random horizontal flip probability
     num_workers: int = 4  # DataLoader worker processes reading crops
     seed: int = 0
@@ -81,6 +83,8 @@ class TrainConfig:
                              f"{self.stage2_epochs}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.logit_scale_max is not None and not math.isfinite(self.logit_scale_max):
+            raise ValueError(f"logit_scale_max must be finite or None, got {self.logit_scale_max}")
 
     @property
     def total_epochs(self) -> int:
@@ -90,6 +94,12 @@ class TrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         """Build from a JSON mapping, refusing unknown keys."""
         return from_mapping(cls, d, "train config")
+
+    def rank_batch_size(self, world: int) -> int:
+        """Per-rank batch under DDP, so the global batch (and with it the learning rate's meaning) stays batch_size."""
+        if world < 1 or self.batch_size % world:
+            raise ValueError(f"batch_size {self.batch_size} (the global batch) must divide evenly over {world} ranks")
+        return self.batch_size // world
 
 
 class ImageSource(Protocol):
@@ -360,6 +370,8 @@ def _train(model_config: ClibConfig, data: TrainingData, config: TrainConfig, ou
         model = model_from_checkpoint(ckpt)
     else:
         model = ClibFiqa.from_config(model_config)
+    if config.freeze_visual_positional_embedding:
+        model.freeze_visual_positional_embeddings()
     model.to(device)
     if config.channels_last:
         model.set_channels_last(True)
@@ -370,7 +382,7 @@ def _train(model_config: ClibConfig, data: TrainingData, config: TrainConfig, ou
         lr=config.lr, weight_decay=config.weight_decay,
     )
     n = len(data.sample_ids)
-    steps_per_epoch = math.ceil(math.ceil(n / dist.world) / config.batch_size)
+    steps_per_epoch = math.ceil(math.ceil(n / dist.world) / config.rank_batch_size(dist.world))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(config, s, steps_per_epoch))
 
@@ -452,8 +464,8 @@ def _seed_everything(config: TrainConfig, device: torch.device) -> None:
 def _check_resume(ckpt: dict[str, Any], model_config: ClibConfig, config: TrainConfig, data: TrainingData) -> None:
     if ckpt["model_config"] != model_config.to_dict():
         raise ValueError(f"--resume: model config differs from the checkpoint's {ckpt['model_config']}")
-    saved = dict(ckpt["train_config"])
     mine = asdict(config)
+    saved = asdict(TrainConfig()) | dict(ckpt["train_config"])  # a key added since the checkpoint: its default
     volatile = ("num_workers", "device")
     diff = {k: (saved.get(k), mine[k]) for k in mine if k not in volatile and saved.get(k) != mine[k]}
     if diff:
@@ -472,8 +484,9 @@ def crop_loader(images: Any, batch_size: int, *, num_workers: int = 0, shuffle: 
 
 
 def _loader(dataset: Dataset, config: TrainConfig, dist: _Dist, epoch: int, shuffle: bool) -> DataLoader:
-    return crop_loader(dataset, config.batch_size, num_workers=config.num_workers, shuffle=shuffle, seed=config.seed,
-                       epoch=epoch, rank=dist.rank, world=dist.world, pin_memory=dist.device.type == "cuda")
+    return crop_loader(dataset, config.rank_batch_size(dist.world), num_workers=config.num_workers, shuffle=shuffle,
+                       seed=config.seed, epoch=epoch, rank=dist.rank, world=dist.world,
+                       pin_memory=dist.device.type == "cuda")
 
 
 def _autocast(config: TrainConfig, device: torch.device) -> Any:
@@ -527,7 +540,7 @@ def train_step(net: torch.nn.Module, model: ClibFiqa, imgs: Tensor, target: Tens
         torch.nn.utils.clip_grad_norm_(groups["main"], config.grad_clip)
         torch.nn.utils.clip_grad_norm_(groups["mlp"], config.grad_clip)
     optimizer.step()
-    model.clamp_temperature()
+    model.clamp_temperature(config.logit_scale_max)
     return parts
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.clib import ClibConfig, ClibFiqa, build_clip, encode_prompts
+from models.clib import ClibConfig, ClibFiqa, PretrainedWeightsError, build_clip, encode_prompts
 from models.losses import emd_loss, focal_loss, soft_quality_targets
 from pipeline.factors import N_PROMPTS, prompts
 
@@ -106,9 +106,9 @@ def test_cached_text_embeddings_equal_fresh_text_forward():
 
 def test_pretrained_tag_offline_fails_fast_and_local_path_loads(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(RuntimeError, match="local checkpoint path"):
-        build_clip("RN50", "openai")
-    with pytest.raises(ValueError, match="neither a file nor a known tag"):
+    with pytest.raises(PretrainedWeightsError, match="HF_HUB_OFFLINE is set; pass a local file"):
+        build_clip("RN50-quickgelu", "openai")
+    with pytest.raises(PretrainedWeightsError, match="could not be resolved"):
         build_clip(TINY, "no-such-tag")
     torch.manual_seed(3)
     clip = build_clip(TINY, None)

@@ -82,15 +82,14 @@ def test_focal_loss_per_sample_mean_over_factors():
     got = focal_loss([blur, occ], labels, reduction="none")
     assert got.tolist() == pytest.approx([s0, s1], abs=1e-6)
     assert float(focal_loss([blur, occ], labels)) == pytest.approx((s0 + s1) / 2, abs=1e-6)
-    # official: focal weight on the batch-mean CE, per factor, then averaged
+    # official: focal weight on the batch-mean CE, per factor, then summed (train.py adds loss2..loss6)
     ce_b = (-math.log(0.5) - math.log(0.3)) / 2
     ce_o = (-math.log(0.9) - math.log(0.6)) / 2
 
     def fw(ce: float) -> float:
         return (1 - math.exp(-ce)) ** 2 * ce
 
-    assert float(focal_loss([blur, occ], labels, batch_mean_ce=True)) == pytest.approx((fw(ce_b) + fw(ce_o)) / 2,
-                                                                                      abs=1e-6)
+    assert float(focal_loss([blur, occ], labels, batch_mean_ce=True)) == pytest.approx(fw(ce_b) + fw(ce_o), abs=1e-6)
 
 
 def test_focal_loss_ignores_missing_labels():
@@ -137,3 +136,13 @@ def test_total_loss_eq7():
     mfl = 0.25 * -math.log(0.5)
     assert float(parts["mfl"]) == pytest.approx(mfl, abs=1e-6)
     assert float(total) == pytest.approx(mfl + 10 * 1.8, abs=1e-5)
+    # official: the factors' focal losses (on batch-mean CE) are summed, and the quality term is the RMS distance
+    occ = torch.tensor([[0.9, 0.1]])
+    total, parts = clib_loss(quality, [blur, occ], target, torch.tensor([[2, 0]]), official=True)
+
+    def fw(ce: float) -> float:
+        return (1 - math.exp(-ce)) ** 2 * ce
+
+    mfl = fw(-math.log(0.5)) + fw(-math.log(0.9))
+    assert float(parts["mfl"]) == pytest.approx(mfl, abs=1e-6)
+    assert float(total) == pytest.approx(mfl + 10 * math.sqrt(1.10 / 5), abs=1e-5)

@@ -80,6 +80,46 @@ def test_learns_a_visible_quality_property_and_resume_is_exact(tmp_path):
         train(TINY, data, _tc(lr=1e-4), tmp_path / "x", resume=full.checkpoint, log=None)
 
 
+def test_official_options_free_temperature_frozen_positional_embedding_global_batch():
+    import argparse
+
+    from flows.train import configure_parser, train_config_from_args
+    from models.clib import MAX_LOGIT_SCALE, ClibFiqa
+    from models.losses import soft_quality_targets
+    from models.train import train_step
+
+    p = argparse.ArgumentParser()
+    configure_parser(p)
+    official = TrainConfig.from_dict(train_config_from_args(p.parse_args(["--official"])))
+    assert official.logit_scale_max is None and official.freeze_visual_positional_embedding
+    assert official.official_losses and official.official_js and official.schedule == "official"
+    assert TrainConfig().logit_scale_max == MAX_LOGIT_SCALE and not TrainConfig().freeze_visual_positional_embedding
+    # batch_size is the global batch: under DDP each rank takes its share, as one GPU would see it
+    assert TrainConfig(batch_size=256).rank_batch_size(4) == 64
+    assert TrainConfig(batch_size=256).rank_batch_size(1) == 256
+    with pytest.raises(ValueError, match="divide evenly over 3 ranks"):
+        TrainConfig(batch_size=256).rank_batch_size(3)
+
+    imgs, anchors, labels = brightness_faces(8, seed=4, size=64)
+    for tc in (_tc(), _tc(logit_scale_max=None, freeze_visual_positional_embedding=True)):
+        torch.manual_seed(0)
+        m = ClibFiqa.from_config(TINY)
+        with torch.no_grad():
+            m.logit_scale.fill_(MAX_LOGIT_SCALE + 0.5)  # as if training had pushed 1/tau past 100
+        if tc.freeze_visual_positional_embedding:
+            assert m.freeze_visual_positional_embeddings() == ["visual.attnpool.positional_embedding"]
+        pos = m.visual.attnpool.positional_embedding.detach().clone()
+        groups = m.trainable_groups()
+        opt = torch.optim.AdamW([{"params": groups["main"], "lr": tc.lr}, {"params": groups["mlp"], "lr": tc.mlp_lr}])
+        train_step(m, m, torch.from_numpy(imgs), soft_quality_targets(torch.from_numpy(anchors)),
+                   torch.from_numpy(labels), tc, opt, groups, stage1=True)
+        moved = not torch.equal(pos, m.visual.attnpool.positional_embedding)
+        if tc.logit_scale_max is None:  # official: the temperature is free and the positional embedding frozen
+            assert float(m.logit_scale) > MAX_LOGIT_SCALE + 0.49 and not moved
+        else:
+            assert float(m.logit_scale) == pytest.approx(MAX_LOGIT_SCALE) and moved
+
+
 def _write_catalog(ws, n: int = 40) -> list[str]:
     """samples + faces (packed crops) + factors + anchors for n generated faces, plus one unaligned sample."""
     from data_manifest import ShardWriter, catalog

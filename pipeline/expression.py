@@ -27,7 +27,7 @@ EXAGGERATED_EMOTIONS: tuple[str, ...] = ("angry", "disgust", "fear", "surprise")
 EXAGGERATED_THRESHOLD = 0.5  # P(exaggerated) >= this -> "exaggerated expression"
 # Region of the 112x112 ArcFace crop fed to the model (x0, y0, x1, y1, end-exclusive).
 INPUT_BOX: tuple[int, int, int, int] = (0, 0, CROP_SIZE, CROP_SIZE)
-CPU_FORWARD_BATCH = 64  # crops per forward on CPU (channels-last): 876 img/s vs 515 for 256 at once, one thread
+CPU_FORWARD_BATCH = 32  # crops per CPU forward (channels-last); 2.4x the 256-crop rate on one thread here
 
 
 def exaggerated_probability(emotions: np.ndarray) -> np.ndarray:

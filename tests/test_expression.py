@@ -274,6 +274,26 @@ def test_smiles_read_happy_and_neutral_faces_neutral():
     assert all(r["class_name"] == "typical expression" for r in rows)  # smiles and neutral faces are typical
 
 
+def test_the_whole_aligned_crop_reads_the_hand_labels_best():
+    """The input-crop choice: the full 112x112 crop against tighter, zoomed boxes (FER2013 faces are tight)."""
+    from pipeline.expression import INPUT_BOX
+
+    crops = _package_crops()
+    x = np.stack([crops[k] for k in HAND_LABELS])
+    want = [label for label, _ in HAND_LABELS.values()]
+    net = _stage().net
+    boxes = {"full": (0, 0, 112, 112), "margin 8": (8, 8, 104, 104), "margin 12": (12, 12, 100, 100),
+             "margin 16": (16, 16, 96, 96), "lower 88": (12, 20, 100, 108), "mouth zoom": (14, 30, 98, 112)}
+    correct = {}
+    for name, box in boxes.items():
+        probs = predict(net, preprocess(x, box), channels_last=True)
+        correct[name] = sum(EMOTIONS[int(p.argmax())] == w for p, w in zip(probs, want, strict=True))
+    print("top emotion = hand label, of", len(want), correct)
+    assert INPUT_BOX == boxes["full"]
+    assert correct["full"] == len(want)
+    assert all(n < len(want) for name, n in correct.items() if name not in ("full", "margin 8"))
+
+
 # ---- the label stage ----
 
 def test_stage_rows_carry_the_emotions_and_the_mapping():

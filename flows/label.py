@@ -213,11 +213,11 @@ def freeze_selection(ws: Workspace, run_id: str, where: str | None, shard_size: 
     if path.exists():
         return path
     sql = selection_sql(where)
+    statements = catalog.inspect_sql(sql).statements  # checked on its own parser connection
+    if len(statements) != 1:
+        raise ValueError(f"--where must be a single condition, got {len(statements)} statements")
     con = catalog.connect(ws)
     try:
-        statements = catalog.check_read_only(con, sql)
-        if len(statements) != 1:
-            raise ValueError(f"--where must be a single condition, got {len(statements)} statements")
         try:
             reader = con.sql(statements[0]).to_arrow_reader(batch_size=shard_size)
         except Exception as e:  # duckdb raises its own error classes for bad SQL

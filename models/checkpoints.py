@@ -19,6 +19,9 @@ def save(payload: dict[str, Any], path: str | os.PathLike[str]) -> Path:
 def load(path: str | os.PathLike[str], fmt: str, what: str) -> dict[str, Any]:
     """Load a checkpoint dict of format `fmt`; a file that carries code, or another format, is refused."""
     p = Path(path)
+    if p.is_dir():
+        found = ", ".join(sorted(x.name for x in p.glob("*.pt"))[:5]) or "none"
+        raise IsADirectoryError(f"{what} {p} is a directory, not a checkpoint file (.pt files in it: {found})")
     if not p.is_file():
         raise FileNotFoundError(f"{what} {p} does not exist")
     try:

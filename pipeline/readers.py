@@ -522,8 +522,28 @@ class RecordIOReader(DatasetReader):
                     lo = int(np.searchsorted(keys, 1))
                     hi = int(np.searchsorted(keys, a))
                     ids = (a, b)
+                    self._check_bounds(a, b, hi)
             self._layout = (lo, hi, ids)
         return self._layout
+
+    def _check_bounds(self, a: int, b: int, hi: int) -> None:
+        """Refuse a header whose image/identity boundary is off: key a must start the identity records."""
+        ix = self.index()
+        fd = os.open(self.rec_path, os.O_RDONLY)
+        try:
+            for i, want_identity in ((hi, True), (hi - 1, False)):
+                if not 0 < i < ix.keys.size or (want_identity and (a == b or int(ix.keys[i]) != a)):
+                    continue
+                try:  # an unreadable record (a truncated file) says nothing about the boundary
+                    head, payload = self._read_key(fd, i, "record")
+                except DatasetError:
+                    continue
+                if (head.flag >= 2 and not payload) != want_identity:
+                    what = "an image record" if want_identity else "an identity record"
+                    raise DatasetError(f"{str(self.rec_path)!r}: the header says images are keys 1..{a - 1} and "
+                                       f"identity records keys {a}..{b - 1}, but key {int(ix.keys[i])} is {what}")
+        finally:
+            os.close(fd)
 
     def _header_label(self, value: float) -> int:
         try:

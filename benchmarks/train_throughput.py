@@ -5,7 +5,7 @@ per mode (CPU: peak RSS; GPU: peak allocated CUDA memory). The peer is the
 official code's way: the 360 prompts through the text tower on every step
 (with its token embedding trainable). Random init (no weights needed).
 
-    python benchmarks/train_throughput.py                       # RN50, 224 px, CPU, batch 4
+    python benchmarks/train_throughput.py                       # RN50-quickgelu, 224 px, CPU, batch 4
     python benchmarks/train_throughput.py --device cuda --batch-size 256 --loader packed --workers 8
 """
 
@@ -97,7 +97,7 @@ def run_mode(mode: str, args: argparse.Namespace, queue: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    p.add_argument("--model", default="RN50")
+    p.add_argument("--model", default="RN50-quickgelu", help="open_clip architecture (random init)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--steps", type=int, default=2)

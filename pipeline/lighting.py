@@ -268,6 +268,9 @@ class LightingStage:
             return self._row(face.sample_id, status=ERROR,
                              error=f"crop must be uint8 (H, W, 3) RGB, got {crop.dtype} {crop.shape}")
         # An already-aligned crop without measured landmarks is aligned to the template by definition.
+        if face.landmarks is None and crop.shape[:2] != (CROP_SIZE, CROP_SIZE):
+            return self._row(face.sample_id, status=ERROR, error=f"no landmarks, and a {crop.shape[1]}x"
+                             f"{crop.shape[0]} crop is not on the {CROP_SIZE}x{CROP_SIZE} template")
         landmarks, source = (ARCFACE_TEMPLATE, "template") if face.landmarks is None else (face.landmarks, "measured")
         try:
             measures = lighting_measures(crop, landmarks)

@@ -252,6 +252,7 @@ def test_stage_failures_become_rows():
         FaceCrop("grey2d", np.zeros((112, 112), dtype=np.uint8), landmarks=SYMMETRIC),
         FaceCrop("outside", grey(128), landmarks=SYMMETRIC + 500.0),
         FaceCrop("template", grey(128)),  # an aligned crop without measured landmarks: the template is used
+        FaceCrop("big", np.full((224, 224, 3), 128, dtype=np.uint8)),  # no landmarks and not 112x112
     ]
     rows = {r["sample_id"]: r for r in LightingStage()(batch)}
     assert len(rows) == len(batch) and all(r["factor"] == "lighting" for r in rows.values())
@@ -261,6 +262,7 @@ def test_stage_failures_become_rows():
     assert rows["float"]["status"] == ERROR and "uint8" in rows["float"]["error"]
     assert rows["grey2d"]["status"] == ERROR and "(H, W, 3)" in rows["grey2d"]["error"]
     assert rows["outside"]["status"] == ERROR and "covers" in rows["outside"]["error"]
+    assert rows["big"]["status"] == ERROR and "224x224 crop is not on the 112x112" in rows["big"]["error"]
     assert rows["template"]["status"] == OK and json.loads(rows["template"]["details"])["landmarks"] == "template"
     assert all(json.loads(r["thresholds"]) == DEFAULT_RULE.to_dict() for r in rows.values())
 

@@ -1,0 +1,372 @@
+"""Occlusion classifier: a small CNN trained at setup on real face crops with pasted occluders.
+
+No real occluded-face data is reachable, so the training set is built here,
+deterministically, from the FIT faces (the face-api photos, see
+`pipeline.face_sets`): each face clean, with a benign paste, or with a random
+occluder of `pipeline.occluders`, then photometrically and geometrically
+jittered (dark, bright, blurred, downscaled, grey, JPEG, noise, small
+misalignment) so that lighting and sharpness do not read as occlusion. The
+network sees the crop at 56x56 and outputs P(obstructed).
+
+    python -m models.occlusion train [--exclude FAMILY ...] [--out PATH]
+
+writes `<model store>/occlusion/occlusion_cnn.pt` (format OCCLUSION_FORMAT) and
+a JSON sidecar with its version, SHA-256 and training config;
+`python -m models.fetch_weights` runs it after fetching the face-api photos.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline import occluders as occ
+
+OCCLUSION_FORMAT = "fiqa-occlusion-cnn-1"
+ARCH_VERSION = "1"
+MODEL_RELPATH = "occlusion/occlusion_cnn.pt"
+TRAIN_COMMAND = "python -m models.occlusion train"
+INPUT_SIZE = 56  # the crop is area-downsampled 112 -> 56 before the network
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides the trained weights (stored in the checkpoint; its digest is the version)."""
+
+    seed: int = 12  # numpy (data) and torch (init, order) seed
+    n_samples: int = 6000  # synthetic training crops made from the fit faces
+    p_occluded: float = 0.5  # share of crops with an occluder (the rest: clean or benign paste)
+    p_benign: float = 0.4  # share of the unoccluded crops that get a benign paste
+    epochs: int = 8
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    families: tuple[str, ...] = occ.FAMILIES  # occluder families trained on (a check can leave some out)
+    textures: tuple[str, ...] = occ.FIT_TEXTURES
+    threads: int = 2  # torch CPU threads while training (fixed, for reproducible float sums)
+
+    def __post_init__(self) -> None:
+        unknown = [f for f in self.families if f not in occ.FAMILIES]
+        if unknown or not self.families:
+            raise ValueError(f"unknown or no occluder families {unknown or self.families}; known: {occ.FAMILIES}")
+        if not (0 < self.p_occluded < 1 and 0 <= self.p_benign <= 1):
+            raise ValueError(f"p_occluded must be in (0, 1) and p_benign in [0, 1], got {self.p_occluded}, "
+                             f"{self.p_benign}")
+        if self.n_samples < self.batch_size or self.epochs < 1:
+            raise ValueError(f"need n_samples >= batch_size and epochs >= 1, got {self.n_samples}, {self.epochs}")
+
+
+class OcclusionNet(nn.Module):
+    """Four conv-BN-ReLU blocks (56 -> 7 px), a 4x4 pooled map flattened, one logit: where matters."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        chans = [3, width, 2 * width, 4 * width, 4 * width]
+        layers: list[nn.Module] = []
+        for i in range(4):
+            layers += [nn.Conv2d(chans[i], chans[i + 1], 3, padding=1, bias=False), nn.BatchNorm2d(chans[i + 1]),
+                       nn.ReLU(inplace=True)]
+            if i < 3:
+                layers.append(nn.MaxPool2d(2))
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(4)
+        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(chans[-1] * 16, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.flatten(self.pool(self.features(x)), 1)).squeeze(1)
+
+
+def to_input(crops: np.ndarray) -> Tensor:
+    """uint8 RGB crops (N, 112, 112, 3) -> float (N, 3, 56, 56), area-downsampled, per-crop standardised.
+
+    Per-crop standardisation takes global brightness and contrast out, so dark or bright faces look alike.
+    """
+    arr = np.asarray(crops)
+    if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
+        raise ValueError(f"crops must be uint8 (N, H, W, 3) RGB, got {arr.dtype} {arr.shape}")
+    small = np.stack([cv2.resize(c, (INPUT_SIZE, INPUT_SIZE), interpolation=cv2.INTER_AREA) for c in arr])
+    x = torch.from_numpy(small.astype(np.float32)).permute(0, 3, 1, 2)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    std = x.std(dim=(1, 2, 3), keepdim=True).clamp_min(4.0)
+    return (x - mean) / std
+
+
+# ----------------------------------------------------------------------------------------------- training data
+
+
+def _jitter(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Photometric and geometric nuisance a real crop has: misalignment, flip, light, blur, grey, JPEG, noise."""
+    out = img
+    h, w = out.shape[:2]
+    m = cv2.getRotationMatrix2D((w / 2 + rng.normal(0, 2), h / 2 + rng.normal(0, 2)), rng.normal(0, 5),
+                                rng.uniform(0.92, 1.08))
+    m[:, 2] += rng.normal(0, 2.5, 2)
+    out = cv2.warpAffine(out, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+    if rng.random() < 0.5:
+        out = out[:, ::-1]
+    f = out.astype(np.float64) / 255.0
+    f = f * rng.uniform(0.85, 1.15, 3)  # white balance
+    r = rng.random()
+    if r < 0.25:  # dark: gamma and gain
+        f = np.clip(f, 0, 1) ** rng.uniform(1.3, 3.2) * rng.uniform(0.3, 0.9)
+    elif r < 0.35:  # overexposed
+        f = 1 - (1 - np.clip(f * rng.uniform(1.3, 2.5), 0, 1)) ** rng.uniform(1, 2)
+    elif r < 0.45:  # side light
+        ramp = np.linspace(1, rng.uniform(0.1, 0.6), w)[None, :, None]
+        f = f * (ramp if rng.random() < 0.5 else ramp[:, ::-1])
+    out = np.clip(f * 255, 0, 255).astype(np.uint8)
+    r = rng.random()
+    if r < 0.25:
+        out = cv2.GaussianBlur(out, (0, 0), rng.uniform(0.5, 3.0))
+    elif r < 0.4:
+        k = rng.uniform(2, 6)
+        small = cv2.resize(out, (max(4, int(w / k)), max(4, int(h / k))), interpolation=cv2.INTER_AREA)
+        out = cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+    if rng.random() < 0.15:
+        out = np.repeat(cv2.cvtColor(out, cv2.COLOR_RGB2GRAY)[..., None], 3, axis=2)
+    if rng.random() < 0.2:
+        out = np.clip(out + rng.normal(0, rng.uniform(2, 12), out.shape), 0, 255).astype(np.uint8)
+    if rng.random() < 0.3:
+        ok, buf = cv2.imencode(".jpg", out, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(15, 90))])
+        if ok:
+            out = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    return np.ascontiguousarray(out)
+
+
+def synthesize(crops: Sequence[np.ndarray], landmarks: Sequence[np.ndarray | None], config: TrainConfig,
+               rng: np.random.Generator, skins: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`config.n_samples` jittered crops (uint8 N,112,112,3) and labels (1 = obstructed) from the given faces."""
+    if not crops:
+        raise ValueError("no face crops to build occlusion training data from")
+    bank = occ.TextureBank(photos=config.textures, skins=skins if skins is not None else
+                           [occ.skin_patch(c, lm) for c, lm in zip(crops, landmarks, strict=True)])
+    images = np.empty((config.n_samples, occ.CROP_SIZE, occ.CROP_SIZE, 3), np.uint8)
+    labels = np.empty(config.n_samples, np.float32)
+    for i in range(config.n_samples):
+        k = int(rng.integers(len(crops)))
+        crop, lm = crops[k], landmarks[k]
+        if rng.random() < config.p_occluded:
+            family = config.families[int(rng.integers(len(config.families)))]
+            img, y = occ.paste(crop, lm, family, rng, bank).image, 1.0
+        elif rng.random() < config.p_benign:
+            img, y = occ.paste(crop, lm, occ.BENIGN, rng, bank).image, 0.0
+        else:
+            img, y = crop, 0.0
+        images[i], labels[i] = _jitter(img, rng), y
+    return images, labels
+
+
+# ----------------------------------------------------------------------------------------------- train / save / load
+
+
+def config_digest(config: TrainConfig) -> str:
+    """Short digest of the training config, the pinned fit photos and the architecture: the version suffix."""
+    from pipeline.face_sets import FACE_API_PHOTOS
+
+    blob = json.dumps({"config": asdict(config), "photos": FACE_API_PHOTOS, "arch": ARCH_VERSION,
+                       "format": OCCLUSION_FORMAT}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def model_version(config: TrainConfig) -> str:
+    """The version string a model trained with `config` on the pinned fit photos carries."""
+    return f"{ARCH_VERSION}-{config_digest(config)}"
+
+
+def train(crops: Sequence[np.ndarray], landmarks: Sequence[np.ndarray | None], config: TrainConfig,
+          log: Any = None) -> tuple[OcclusionNet, dict[str, Any]]:
+    """Train an OcclusionNet on synthetic data from the faces; deterministic for a given config and thread count."""
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(config.seed)
+    images, labels = synthesize(crops, landmarks, config, rng)
+    t_data = time.perf_counter() - t0
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        torch.manual_seed(config.seed)
+        model = OcclusionNet()
+        x_all, y_all = to_input(images), torch.from_numpy(labels)
+        opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        steps = config.epochs * (len(labels) // config.batch_size)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=steps, pct_start=0.2)
+        model.train()
+        losses = []
+        for epoch in range(config.epochs):
+            order = torch.from_numpy(rng.permutation(len(labels)))
+            total = 0.0
+            for b in range(len(labels) // config.batch_size):
+                idx = order[b * config.batch_size:(b + 1) * config.batch_size]
+                loss = F.binary_cross_entropy_with_logits(model(x_all[idx]), y_all[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += float(loss.detach())
+            losses.append(total / (len(labels) // config.batch_size))
+            if log is not None:
+                log(f"epoch {epoch + 1}/{config.epochs} loss {losses[-1]:.4f}")
+        model.eval()
+    finally:
+        torch.set_num_threads(prev_threads)
+    info = {"data_seconds": round(t_data, 1), "train_seconds": round(time.perf_counter() - t0 - t_data, 1),
+            "epoch_losses": [round(v, 5) for v in losses], "n_obstructed": int(labels.sum())}
+    return model, info
+
+
+def model_path(path: str | os.PathLike[str] | None = None) -> Path:
+    """The checkpoint path: as given, or <model store>/occlusion/occlusion_cnn.pt."""
+    if path is not None:
+        return Path(path).expanduser()
+    from models.weights import models_dir
+
+    return models_dir() / MODEL_RELPATH
+
+
+def save_model(model: OcclusionNet, config: TrainConfig, face_ids: Sequence[str], info: dict[str, Any],
+               path: str | os.PathLike[str] | None = None, threshold: float = 0.5) -> dict[str, Any]:
+    """Write the checkpoint atomically and a JSON sidecar (version, sha256, config); returns the sidecar dict."""
+    from models import checkpoints
+    from models.weights import sha256_file
+
+    target = model_path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    version = model_version(config)
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    checkpoints.save({"format": OCCLUSION_FORMAT, "version": version, "threshold": float(threshold),
+                      "config": json.dumps(asdict(config)), "faces": list(face_ids), "state_dict": state}, target)
+    meta = {"version": version, "sha256": sha256_file(target), "threshold": threshold, "config": asdict(config),
+            "faces": list(face_ids), "torch": torch.__version__, **info}
+    target.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
+    return meta
+
+
+@dataclass
+class OcclusionModel:
+    """A loaded occlusion checkpoint."""
+
+    net: OcclusionNet
+    version: str
+    threshold: float
+    sha256: str
+    path: Path
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def load_model(path: str | os.PathLike[str] | None = None, device: str = "cpu") -> OcclusionModel:
+    """Load the occlusion CNN; MissingWeightsError naming the command that builds it when absent."""
+    from models import checkpoints
+    from models.weights import MissingWeightsError, sha256_file
+
+    target = model_path(path)
+    if not target.is_file():
+        raise MissingWeightsError(
+            f"occlusion model not found at {target}; build it with `{TRAIN_COMMAND}` "
+            "(run by `python -m models.fetch_weights` / `make setup`, needs the face-api photos)")
+    ckpt = checkpoints.load(target, OCCLUSION_FORMAT, "occlusion model")
+    net = OcclusionNet()
+    net.load_state_dict(ckpt["state_dict"])
+    net.to(device).eval()
+    return OcclusionModel(net, str(ckpt["version"]), float(ckpt["threshold"]), sha256_file(target), target,
+                          json.loads(ckpt["config"]))
+
+
+@torch.no_grad()
+def predict_proba(model: OcclusionModel, crops: np.ndarray, batch_size: int = 64, device: str = "cpu") -> np.ndarray:
+    """P(obstructed) (N,) for uint8 RGB 112x112 crops (N, 112, 112, 3)."""
+    out = []
+    for i in range(0, len(crops), batch_size):
+        x = to_input(crops[i:i + batch_size]).to(device)
+        out.append(torch.sigmoid(model.net(x)).cpu().numpy())
+    return np.concatenate(out) if out else np.empty(0, np.float32)
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+
+def fit_faces(photos: str | Path | None = None, store: str | Path | None = None
+              ) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
+    """Crops, landmarks and names of the FIT faces (face-api photos), detected with the store's MTCNN."""
+    from models.detectors import MTCNNDetector
+    from models.weights import MTCNN_FILES
+    from pipeline.face_sets import FIT_SOURCE, face_set
+
+    weights = None if store is None else {net: Path(store) / spec.relpath for net, spec in MTCNN_FILES.items()}
+    faces = face_set(FIT_SOURCE, photos, detector=MTCNNDetector(weights=weights))
+    return [f.crop for f in faces], [f.landmarks for f in faces], [f.name for f in faces]
+
+
+def build(out: str | os.PathLike[str] | None = None, config: TrainConfig | None = None,
+          photos: str | Path | None = None, store: str | Path | None = None, log: Any = None) -> dict[str, Any]:
+    """Train on the fit faces and save: the setup step. Returns the sidecar dict."""
+    config = config or TrainConfig()
+    crops, landmarks, names = fit_faces(photos, store)
+    model, info = train(crops, landmarks, config, log=log)
+    return save_model(model, config, names, info, out)
+
+
+def up_to_date(path: Path, config: TrainConfig) -> bool:
+    """The checkpoint at `path` exists, matches its sidecar's SHA-256 and was trained with `config`."""
+    from models.weights import sha256_file
+
+    side = path.with_suffix(".json")
+    if not (path.is_file() and side.is_file()):
+        return False
+    try:
+        meta = json.loads(side.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return meta.get("version") == model_version(config) and meta.get("sha256") == sha256_file(path)
+
+
+def ensure(store: str | Path | None = None, force: bool = False, log: Any = None) -> dict[str, Any]:
+    """Setup step run by `python -m models.fetch_weights`: fetch the face-api photos if needed, train if stale."""
+    from models.weights import models_dir
+    from pipeline.face_sets import FACE_API_PHOTOS, fetch_face_api
+
+    root = Path(store).expanduser().resolve() if store is not None else models_dir()
+    out, config = root / MODEL_RELPATH, TrainConfig()
+    if not force and up_to_date(out, config):
+        return {"status": "up-to-date", "version": model_version(config)}
+    photos = root / "photos" / "face-api"
+    if not all((photos / name).is_file() for name in FACE_API_PHOTOS):
+        fetch_face_api(photos)
+    meta = build(out, config, photos, root, log=log)
+    return {"status": "trained", "version": meta["version"], "sha256": meta["sha256"],
+            "seconds": round(meta["data_seconds"] + meta["train_seconds"], 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: `train` builds the model from the fit faces."""
+    p = argparse.ArgumentParser(prog="python -m models.occlusion", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train the occlusion CNN on the face-api faces and write it to the model store")
+    t.add_argument("--out", default=None, help=f"checkpoint path (default: <model store>/{MODEL_RELPATH})")
+    t.add_argument("--photos", default=None, help="face-api photo folder (default: <model store>/photos/face-api)")
+    t.add_argument("--exclude", nargs="*", default=[], choices=occ.FAMILIES, help="occluder families to leave out")
+    t.add_argument("--seed", type=int, default=TrainConfig.seed)
+    t.add_argument("--samples", type=int, default=TrainConfig.n_samples)
+    t.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    args = p.parse_args(argv)
+    families = tuple(f for f in occ.FAMILIES if f not in args.exclude)
+    config = TrainConfig(seed=args.seed, n_samples=args.samples, epochs=args.epochs, families=families)
+    meta = build(args.out, config, args.photos, log=lambda s: print(s, file=sys.stderr))
+    print(json.dumps({k: meta[k] for k in ("version", "sha256", "data_seconds", "train_seconds", "epoch_losses")}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,251 @@
+"""Occlusion: occluder synthesis geometry, the seeded trainer, the trained model on real faces, the label stage."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+
+import numpy as np
+import pytest
+import torch
+
+from models import occlusion as mo
+from models.weights import MissingWeightsError
+from pipeline import occluders as occ
+from pipeline.align import ARCFACE_TEMPLATE, CROP_SIZE
+from pipeline.records import NO_FACE, FaceCrop
+from tests._faces import real_face
+
+TEMPLATE = ARCFACE_TEMPLATE.astype(np.float32)
+
+
+def _rotated_landmarks(angle_deg: float, scale: float, shift: tuple[float, float]) -> np.ndarray:
+    a = np.radians(angle_deg)
+    rot = scale * np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+    c = np.array([56.0, 70.0])
+    return ((ARCFACE_TEMPLATE - c) @ rot.T + c + np.array(shift)).astype(np.float32)
+
+
+def _face() -> np.ndarray:
+    """Tom Hanks' aligned 112x112 crop (insightface package data): a real face on the template."""
+    return np.ascontiguousarray(real_face("tom_hanks"))
+
+
+# ----------------------------------------------------------------------------------------------- geometry
+
+
+def test_face_frame_on_the_template():
+    frame = occ.FaceFrame.from_landmarks(None)
+    assert frame.iod == pytest.approx(np.hypot(73.5318 - 38.2946, 51.5014 - 51.6963))
+    np.testing.assert_allclose(frame.point_uv(0), [-0.5, 0.0], atol=1e-9)
+    np.testing.assert_allclose(frame.point_uv(1), [0.5, 0.0], atol=1e-9)
+    assert 0.55 < frame.point_uv(2)[1] < 0.6  # nose tip
+    assert 1.15 < frame.point_uv(3)[1] < 1.2  # mouth corner
+    np.testing.assert_allclose(frame.to_image(np.array([[0.5, 0.0]]))[0], ARCFACE_TEMPLATE[1], atol=1e-6)
+    u, v = frame.grid()
+    x, y = 73, 92  # round trip: a pixel's (u, v) maps back to the pixel
+    np.testing.assert_allclose(frame.to_image(np.array([[u[y, x], v[y, x]]]))[0], [x, y], atol=1e-9)
+
+
+def test_face_frame_rejects_bad_landmarks():
+    with pytest.raises(occ.OccluderError, match="5 finite"):
+        occ.FaceFrame.from_landmarks(np.zeros((4, 2)))
+    with pytest.raises(occ.OccluderError, match="apart"):
+        occ.FaceFrame.from_landmarks(np.full((5, 2), 50.0))
+
+
+def test_band_lies_where_asked():
+    """A band from v = top down: opaque well below its edge, untouched well above; pixels change only under it."""
+    crop = _face()
+    frame = occ.FaceFrame.from_landmarks(None)
+    u, v = frame.grid()
+    for seed in range(5):
+        top = 0.8
+        out = occ.paste(crop, None, "band", np.random.default_rng(seed), top=top, edge_sigma=0.0)
+        # the band's random tilt is at most a few hundredths per unit of u; stay clear of it
+        below = (v >= top + 0.3) & (np.abs(u) <= 0.7)
+        above = v <= top - 0.3
+        assert out.alpha[below].min() == 1.0
+        assert out.alpha[above].max() == 0.0
+        np.testing.assert_array_equal(out.image[out.alpha == 0], crop[out.alpha == 0])
+        assert out.obstructed and out.coverage["mouth"] == 1.0 and out.coverage["left_eye"] == 0.0
+
+
+TURNED = [None, _rotated_landmarks(12, 0.85, (3, -4)), _rotated_landmarks(-8, 1.1, (0, 2))]
+
+
+@pytest.mark.parametrize("landmarks", TURNED)
+@pytest.mark.parametrize("texture", occ.MASK_TEXTURES)
+def test_masks_cover_the_lower_face_landmarks(landmarks, texture):
+    """A mask hides the nose tip and both mouth corners and leaves both eyes free, on turned or scaled faces too."""
+    crop = _face()
+    lm = ARCFACE_TEMPLATE if landmarks is None else landmarks
+    for seed in range(3):
+        out = occ.paste(crop, landmarks, "mask", np.random.default_rng(seed), texture=texture)
+        for idx in (2, 3, 4):
+            x, y = np.round(lm[idx]).astype(int)
+            assert out.alpha[y, x] > 0.9, (idx, out.alpha[y, x])
+        for idx in (0, 1):
+            x, y = np.round(lm[idx]).astype(int)
+            assert out.alpha[y, x] < 0.05
+        assert out.obstructed and out.coverage["mouth"] > 0.95 and out.coverage["right_eye"] < 0.05
+
+
+@pytest.mark.parametrize("family", [*occ.FAMILIES, occ.BENIGN])
+def test_every_family_agrees_with_the_coverage_rule(family):
+    crop = _face()
+    bank = occ.TextureBank(skins=[occ.skin_patch(crop)])
+    for seed in range(4):
+        out = occ.paste(crop, None, family, np.random.default_rng(seed), bank)
+        assert out.obstructed == (family != occ.BENIGN) == occ.is_obstructed(out.coverage)
+        assert out.image.dtype == np.uint8 and out.image.shape == crop.shape
+        assert 0.0 <= out.alpha.min() and out.alpha.max() <= 1.0
+        changed = np.abs(out.image.astype(int) - crop.astype(int)).sum(axis=2) > 0
+        assert not changed[out.alpha < 1e-6].any()  # nothing outside the occluder is touched
+
+
+def test_sunglasses_cover_the_eyes_and_not_the_mouth():
+    out = occ.paste(_face(), None, "sunglasses", np.random.default_rng(0))
+    assert min(out.coverage["left_eye"], out.coverage["right_eye"]) >= 0.5 and out.coverage["mouth"] == 0.0
+
+
+def test_paste_is_seeded_and_checks_its_input():
+    crop = _face()
+    a = occ.paste(crop, None, "hand", np.random.default_rng(3), occ.TextureBank(skins=[occ.skin_patch(crop)]))
+    b = occ.paste(crop, None, "hand", np.random.default_rng(3), occ.TextureBank(skins=[occ.skin_patch(crop)]))
+    np.testing.assert_array_equal(a.image, b.image)
+    with pytest.raises(occ.OccluderError, match=r"uint8 \(112, 112, 3\)"):
+        occ.paste(crop[:100], None, "band", np.random.default_rng(0))
+    with pytest.raises(occ.OccluderError, match="unknown occluder family 'veil'"):
+        occ.paste(crop, None, "veil", np.random.default_rng(0))
+    with pytest.raises(occ.OccluderError, match="unknown mask texture"):
+        occ.mask_texture("mask_red")
+
+
+def test_skin_patch_is_cut_from_the_cheek():
+    crop = np.zeros((CROP_SIZE, CROP_SIZE, 3), np.uint8)
+    crop[60:85, :] = (200, 150, 120)  # the cheek band below the eyes (v ~ 0.55)
+    patch = occ.skin_patch(crop)
+    assert patch.shape == (16, 16, 3)
+    np.testing.assert_array_equal(patch.reshape(-1, 3).mean(axis=0), [200, 150, 120])
+
+
+# ----------------------------------------------------------------------------------------------- trainer
+
+
+def _tiny_config(**kw) -> mo.TrainConfig:
+    return mo.TrainConfig(**{"n_samples": 64, "epochs": 1, "batch_size": 32, **kw})
+
+
+def test_training_is_deterministic_and_round_trips(tmp_path):
+    crop = _face()
+    crops, lms = [crop, crop[:, ::-1].copy()], [TEMPLATE, None]
+    cfg = _tiny_config()
+    m1, info = mo.train(crops, lms, cfg)
+    m2, _ = mo.train(crops, lms, cfg)
+    for k, v in m1.state_dict().items():
+        assert torch.equal(v, m2.state_dict()[k]), k
+    meta = mo.save_model(m1, cfg, ["a", "b"], info, tmp_path / "occ.pt")
+    assert meta["version"] == mo.model_version(cfg) and meta["version"].startswith(mo.ARCH_VERSION + "-")
+    loaded = mo.load_model(tmp_path / "occ.pt")
+    assert loaded.version == meta["version"] and loaded.sha256 == meta["sha256"]
+    assert json.loads((tmp_path / "occ.json").read_text())["sha256"] == meta["sha256"]
+    assert mo.up_to_date(tmp_path / "occ.pt", cfg) and not mo.up_to_date(tmp_path / "occ.pt", _tiny_config(seed=1))
+    x = np.stack([crop, crop])
+    with torch.no_grad():
+        expected = torch.sigmoid(m1.eval()(mo.to_input(x))).numpy()
+    np.testing.assert_allclose(mo.predict_proba(loaded, x), expected, rtol=1e-6)
+
+
+def test_training_config_and_data_checks():
+    with pytest.raises(ValueError, match="unknown or no occluder families"):
+        mo.TrainConfig(families=("veil",))
+    images, labels = mo.synthesize([_face()], [None], _tiny_config(n_samples=40), np.random.default_rng(0))
+    assert images.shape == (40, 112, 112, 3) and set(np.unique(labels)) <= {0.0, 1.0} and 0 < labels.sum() < 40
+    with pytest.raises(ValueError, match="uint8"):
+        mo.to_input(np.zeros((1, 112, 112, 3), np.float32))
+
+
+def test_missing_model_names_the_command(tmp_path):
+    with pytest.raises(MissingWeightsError, match=r"python -m models\.occlusion train"):
+        mo.load_model(tmp_path / "absent.pt")
+
+
+# ----------------------------------------------------------------------------------------------- the trained model
+
+
+@lru_cache(maxsize=1)
+def _store_model() -> mo.OcclusionModel:
+    try:
+        return mo.load_model()
+    except MissingWeightsError as e:
+        pytest.skip(f"occlusion model not built: {e}")
+
+
+def test_store_model_is_the_current_config():
+    """The model setup built carries the version of today's config and the SHA-256 its sidecar recorded."""
+    model = _store_model()
+    meta = json.loads(model.path.with_suffix(".json").read_text())
+    assert model.version == mo.model_version(mo.TrainConfig()) == meta["version"]
+    assert model.sha256 == meta["sha256"]
+    assert set(meta["config"]["families"]) == set(occ.FAMILIES)
+
+
+@lru_cache(maxsize=1)
+def _astronaut():
+    from pipeline.face_sets import real_faces
+    from tests._faces import mtcnn_detector
+
+    (face,) = real_faces({"astronaut": real_face("astronaut")}, mtcnn_detector())
+    return face.crop, face.landmarks
+
+
+@pytest.mark.parametrize("which", ["tom_hanks", "astronaut"])
+def test_held_out_real_face_classes(which):
+    """Package faces the model never saw: clean, dark and blurred unobstructed; grey band and masks obstructed."""
+    import cv2
+
+    from pipeline import degrade
+
+    model = _store_model()
+    crop, lm = (_face(), None) if which == "tom_hanks" else _astronaut()
+    frame = occ.FaceFrame.from_landmarks(lm)
+    top = (frame.point_uv(2)[1] + frame.point_uv(3)[1]) / 2  # between nose tip and mouth
+    clean = [crop, degrade.dark(crop, 3), cv2.GaussianBlur(crop, (0, 0), 2.4)]
+    band = occ.paste(crop, lm, "band", np.random.default_rng(0), top=top, grey=90.0, edge_sigma=1.0).image
+    masks = [occ.paste(crop, lm, "mask", np.random.default_rng(i), texture=t).image
+             for i, t in enumerate(occ.MASK_TEXTURES)]
+    p = mo.predict_proba(model, np.stack([*clean, band, *masks]))
+    assert (p[:3] < model.threshold).all(), p[:3]
+    assert (p[3:] >= model.threshold).all(), p[3:]
+
+
+# ----------------------------------------------------------------------------------------------- the stage
+
+
+def test_stage_rows_and_error_rows():
+    from pipeline.occlusion import LABELLER, OcclusionStage
+
+    model = _store_model()
+    stage = OcclusionStage(device="cpu")
+    crop = _face()
+    band = occ.paste(crop, None, "band", np.random.default_rng(0), top=0.85, grey=90.0).image
+    batch = [FaceCrop("clean", crop), FaceCrop("band", band), FaceCrop("gone", None, status=NO_FACE, error="no face"),
+             FaceCrop("small", crop[:64, :64].copy()), FaceCrop("float", crop.astype(np.float32))]
+    rows = stage(batch)
+    assert [r["sample_id"] for r in rows] == ["clean", "band", "gone", "small", "float"]
+    assert all(r["factor"] == "occlusion" and r["labeller"] == LABELLER for r in rows)
+    assert all(r["labeller_version"] == model.version for r in rows)
+    assert stage.name == "occlusion" and stage.version == model.version
+    clean, banded = rows[0], rows[1]
+    assert clean["class_name"] == "unobstructed" and banded["class_name"] == "obstructed"
+    assert clean["value"] < 0.5 <= banded["value"]
+    details = json.loads(banded["details"])
+    assert details["model_sha256"] == model.sha256 and details["p_obstructed"] == pytest.approx(banded["value"])
+    assert json.loads(banded["thresholds"]) == {"probability": model.threshold}
+    assert rows[2]["status"] == NO_FACE and rows[2]["value"] is None and rows[2]["error"] == "no face"
+    assert rows[3]["status"] == "error" and "112x112, got 64x64" in rows[3]["error"]
+    assert rows[4]["status"] == "error" and "uint8" in rows[4]["error"]
+    np.testing.assert_allclose([clean["value"], banded["value"]], stage.probabilities(np.stack([crop, band])))
+    with pytest.raises(ValueError, match="threshold"):
+        OcclusionStage(threshold=1.5)

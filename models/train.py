@@ -462,7 +462,7 @@ def _seed_everything(config: TrainConfig, device: torch.device) -> None:
 
 
 def _check_resume(ckpt: dict[str, Any], model_config: ClibConfig, config: TrainConfig, data: TrainingData) -> None:
-    if ckpt["model_config"] != model_config.to_dict():
+    if ClibConfig.from_dict(ckpt["model_config"]).to_dict() != model_config.to_dict():  # missing keys: defaults
         raise ValueError(f"--resume: model config differs from the checkpoint's {ckpt['model_config']}")
     mine = asdict(config)
     saved = asdict(TrainConfig()) | dict(ckpt["train_config"])  # a key added since the checkpoint: its default

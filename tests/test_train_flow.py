@@ -78,6 +78,13 @@ def test_learns_a_visible_quality_property_and_resume_is_exact(tmp_path):
         train(TINY, other, _tc(), tmp_path / "x", resume=full.checkpoint, log=None)
     with pytest.raises(ValueError, match="run config"):
         train(TINY, data, _tc(lr=1e-4), tmp_path / "x", resume=full.checkpoint, log=None)
+    # a checkpoint written before a config key existed resumes with that key's default
+    from models.train import save_checkpoint
+
+    older = load_checkpoint(full.checkpoint)
+    del older["model_config"]["trust_torchscript"], older["train_config"]["logit_scale_max"]
+    save_checkpoint(tmp_path / "older.pt", older)
+    assert len(train(TINY, data, _tc(), tmp_path / "y", resume=tmp_path / "older.pt", log=None).history) == 5
 
 
 def test_official_options_free_temperature_frozen_positional_embedding_global_batch():

@@ -5,6 +5,11 @@ kept as a buffer (stored in every checkpoint); training then runs only the
 image tower, the learnable temperature and the merged-factor MLP. The axis
 order of the 360 prompts is `pipeline.factors.PROMPT_SHAPE`:
 blur 3, occlusion 2, pose 3, expression 2, lighting 2, quality 5 (fastest).
+
+`resolve_pretrained` is the one place that decides how CLIP weights load (open_clip
+tag, local state dict / safetensors / hub snapshot, trusted TorchScript archive) and
+refuses weights trained with another text activation than the architecture's. The
+image tower may run under autocast; similarities and everything after are float32.
 """
 
 from __future__ import annotations

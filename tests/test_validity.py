@@ -79,7 +79,8 @@ def test_rules_in_crop_pixels_for_loose_images():
     assert V.expectations("blur", 2, crop_scale=0.7, image_short=224)["blur"].group == "not clear"
     assert V.expectations("downscale", 2, crop_scale=0.7, image_short=224) == {}  # 2.8x at 112
     assert V.expectations("downscale", 3, crop_scale=0.7, image_short=224)["blur"].group == "not clear"  # 5.6x
-    assert V.expectations("mask", 1)["occlusion"] == V.Expectation("obstructed", 0.8, "mask over mouth and chin")
+    assert V.expectations("mask", 1) == {}  # the loose-face mask's level 1 can stop below the lips
+    assert V.expectations("mask", 2)["occlusion"] == V.Expectation("obstructed", 0.8, "mask over mouth and chin")
     assert V.expectations("lighting", 3)["lighting"].group == "extreme lighting"
     assert V.expectations("noise", 3) == {} and V.expectations("clean", 0, hand_expression="unknown").keys() == {
         "occlusion", "lighting", "blur"}
@@ -102,8 +103,8 @@ def test_balanced_accuracy_on_a_hand_made_example():
     assert V.balanced_accuracy([])["balanced_accuracy"] is None
 
 
-def _outcome(face: str, kind: str, level: int, **labels: str | None) -> V.Outcome:
-    return V.Outcome(face, kind, level, labels, V.expectations(kind, level))
+def _outcome(face: str, kind: str, level: int, found: bool = True, **labels: str | None) -> V.Outcome:
+    return V.Outcome(face, kind, level, labels, V.expectations(kind, level), face_found=found)
 
 
 def test_report_rates_checks_and_factor_accuracy():
@@ -114,9 +115,11 @@ def test_report_rates_checks_and_factor_accuracy():
         _outcome("b", "blur", 2, occlusion="unobstructed", lighting="extreme lighting", blur=None),
         _outcome("a", "dark", 3, occlusion="unobstructed", lighting="extreme lighting", blur="blurry"),
         _outcome("b", "dark", 3, occlusion="obstructed", lighting="extreme lighting", blur="hazy"),
+        _outcome("c", "dark", 3, found=False, occlusion=None, lighting=None, blur=None),  # no face: not scored
+        _outcome("c", "overexpose", 3, found=False, occlusion=None, lighting=None, blur=None),
     ]
     rep = V.report(outcomes)
-    assert rep["faces"] == 2
+    assert rep["faces"] == 3
     assert rep["variants"]["blur_2"]["blur"] == {"hazy": 0.5, V.NO_LABEL: 0.5}
     assert rep["variants"]["clean"]["occlusion"] == {"obstructed": 0.5, "unobstructed": 0.5}
     checks = {(c["kind"], c["factor"]): c for c in rep["checks"]}
@@ -124,6 +127,10 @@ def test_report_rates_checks_and_factor_accuracy():
     assert (c["n"], c["hits"], c["rate"], c["target"], c["ok"], c["expected"]) == (2, 1, 0.5, 0.7, False, "clear")
     assert checks[("blur", "blur")]["rate"] == 0.5 and not checks[("blur", "blur")]["ok"]  # no label is not a hit
     assert checks[("dark", "lighting")]["rate"] == 1.0 and checks[("dark", "lighting")]["ok"]
+    assert (checks[("dark", "lighting")]["n"], checks[("dark", "lighting")]["no_face"]) == (2, 1)
+    assert rep["variants"]["dark_3"]["n"] == 2 and rep["variants"]["dark_3"]["no_face"] == 1
+    over = checks[("overexpose", "lighting")]
+    assert (over["n"], over["no_face"], over["ok"]) == (0, 1, False)  # nothing labelled is not a pass
     assert not rep["all_ok"]
     ba = rep["balanced_accuracy"]
     assert ba["blur"]["recall"] == {"clear": 0.5, "not clear": 0.5} and ba["blur"]["balanced_accuracy"] == 0.5

@@ -33,7 +33,7 @@ import cv2
 
 from pipeline import validity as V
 
-FACTOR_STAGES = ("blur", "attributes")
+FACTOR_STAGES = ("blur", "attributes")  # the default; any registered factor stages (e.g. blur,lighting)
 
 
 def load_faces(photos: str | None) -> tuple[str, list[Any]]:
@@ -55,7 +55,10 @@ def _emotion(details: str | dict | None) -> str | None:
     return d.get("top") if isinstance(d, dict) else None
 
 
-def _outcomes(variants: list[V.Variant], rows: dict[tuple[str, str], list[dict[str, Any]]]) -> list[V.Outcome]:
+def _outcomes(variants: list[V.Variant], rows: dict[tuple[str, str], list[dict[str, Any]]],
+              factors: set[str]) -> list[V.Outcome]:
+    """Outcomes scored on the factors the run labelled (`factors`; the FER emotion goes with expression)."""
+    scored = factors | ({V.EMOTION} if "expression" in factors else set())
     out = []
     for v in variants:
         got = rows.get((v.name, v.face), [])
@@ -64,11 +67,12 @@ def _outcomes(variants: list[V.Variant], rows: dict[tuple[str, str], list[dict[s
                   for f in V.FACTORS}
         expr = by_factor.get("expression")
         emotion = _emotion(expr["details"]) if expr is not None and expr["status"] == "ok" else None
-        out.append(V.Outcome(v.face, v.kind, v.level, labels, v.expect, emotion))
+        expect = {f: e for f, e in v.expect.items() if f in scored}
+        out.append(V.Outcome(v.face, v.kind, v.level, labels, expect, emotion))
     return out
 
 
-def label_direct(variants: list[V.Variant], faces: list[Any], options: Any) -> dict:
+def label_direct(variants: list[V.Variant], faces: list[Any], options: Any, stages: tuple[str, ...]) -> dict:
     """Factor rows from the registered stages called on the crops (the flow's code path without the flow)."""
     from flows import label as L
     from pipeline.records import FaceCrop
@@ -77,7 +81,7 @@ def label_direct(variants: list[V.Variant], faces: list[Any], options: Any) -> d
     batch = [FaceCrop(f"{v.name}/{v.face}", v.image, landmarks=landmarks[v.face].astype("float64"))
              for v in variants]
     rows: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
-    for name in FACTOR_STAGES:
+    for name in stages:
         stage = L.get_stage(name, options)
         for i in range(0, len(batch), 256):
             for r in stage(batch[i:i + 256]):
@@ -85,7 +89,7 @@ def label_direct(variants: list[V.Variant], faces: list[Any], options: Any) -> d
     return rows
 
 
-def label_flow(variants: list[V.Variant], options: Any, workdir: Path) -> dict:
+def label_flow(variants: list[V.Variant], options: Any, stages: tuple[str, ...], workdir: Path) -> dict:
     """Factor rows from the real flows: ingest the variant images, `label --aligned`, read `factors` back."""
     from data_manifest import Workspace, catalog
     from flows.ingest import ingest
@@ -99,7 +103,7 @@ def label_flow(variants: list[V.Variant], options: Any, workdir: Path) -> dict:
             raise OSError(f"could not write {p}")
     ws = Workspace(workdir / "ws")
     ingest(path=str(data), dataset="validity", workspace=str(ws.root), shard_size=512, progress=False)
-    label(stages=["align", *FACTOR_STAGES], options=options.to_params(), workspace=str(ws.root), shard_size=256,
+    label(stages=["align", *stages], options=options.to_params(), workspace=str(ws.root), shard_size=256,
           progress=False)
     tbl = catalog.query(ws, "SELECT s.source, f.factor, f.class_name, f.status, f.details, f.labeller, "
                             "f.labeller_version FROM factors f JOIN samples s USING (sample_id)")
@@ -112,28 +116,31 @@ def label_flow(variants: list[V.Variant], options: Any, workdir: Path) -> dict:
 
 def run(photos: str | None = None, *, direct: bool = False, blur_thresholds: str = "calibrated",
         attributes_checkpoint: str | None = None, detector: str = "mtcnn", occluders: bool = True,
-        workdir: str | None = None) -> dict[str, Any]:
+        workdir: str | None = None, stages: tuple[str, ...] = FACTOR_STAGES) -> dict[str, Any]:
     """The validity report of the label stages on the faces of `photos` (see the module docstring)."""
     from flows import label as L
 
     t0 = time.perf_counter()
     options = L.options_from({"align_mode": "already_aligned", "detector": detector,
                               "blur_thresholds": blur_thresholds, "attributes_checkpoint": attributes_checkpoint})
+    stages = tuple(n for n in L.parse_stages(stages) if n != L.ALIGN)
     source, faces = load_faces(photos)
     if not faces:
         raise ValueError(f"no face found in the photos of {source}")
     variants = build_variants(faces, occluders)
     if direct:
-        rows = label_direct(variants, faces, options)
+        rows = label_direct(variants, faces, options, stages)
     elif workdir is not None:
-        rows = label_flow(variants, options, Path(workdir))
+        rows = label_flow(variants, options, stages, Path(workdir))
     else:
         with tempfile.TemporaryDirectory(prefix="label_validity_") as tmp:
-            rows = label_flow(variants, options, Path(tmp))
+            rows = label_flow(variants, options, stages, Path(tmp))
     labellers = sorted({f"{r['factor']}: {r['labeller']} {r['labeller_version']}"
                         for rs in rows.values() for r in rs})
-    rep = V.report(_outcomes(variants, rows))
+    factors = {f for n in stages for f in L.STAGES[n].factors}
+    rep = V.report(_outcomes(variants, rows, factors))
     return {"photos": source, "faces": [f.name for f in faces], "mode": "direct" if direct else "flow",
+            "stages": list(stages),
             "options": {k: options.to_params()[k] for k in ("align_mode", "detector", "blur_thresholds",
                                                              "attributes_checkpoint")},
             "labellers": labellers, "n_variants": len(variants), **rep,
@@ -150,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="label occlusion/expression/lighting with this WIDER-trained CNN instead of the defaults")
     p.add_argument("--detector", default="mtcnn", choices=("mtcnn", "scrfd", "auto", "none"),
                    help="landmark measurement on the aligned inputs in flow mode (default: mtcnn)")
+    p.add_argument("--stages", default=",".join(FACTOR_STAGES),
+                   help="factor stages to run (default: %(default)s; e.g. blur,expression,lighting)")
     p.add_argument("--no-occluders", action="store_true", help="leave out the pasted-occluder variants")
     p.add_argument("--workdir", default=None, help="keep the flow's images and workspace here (default: temporary)")
     p.add_argument("--out", default=None, help="also write the JSON to this file")
@@ -157,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run(args.photos, direct=args.direct, blur_thresholds=args.blur_thresholds,
                      attributes_checkpoint=args.attributes_checkpoint, detector=args.detector,
-                     occluders=not args.no_occluders, workdir=args.workdir)
+                     occluders=not args.no_occluders, workdir=args.workdir, stages=tuple(args.stages.split(",")))
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"label_validity: error: {e}", file=sys.stderr)
         return 2

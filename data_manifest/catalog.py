@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import time
 import warnings
 from collections.abc import Iterable, Sequence
@@ -193,11 +194,17 @@ def _short(text: str) -> str:
     return flat if len(flat) <= 80 else flat[:77] + "..."
 
 
+_PARSERS = threading.local()
+
+
 def _parser() -> duckdb.DuckDBPyConnection:
-    """A scratch connection used only to parse and serialise statements (it never runs them)."""
-    con = duckdb.connect(":memory:")
-    for s in _LOCKDOWN:
-        con.execute(s)
+    """This thread's locked scratch connection, used only to parse and serialise statements (never to run them)."""
+    con = getattr(_PARSERS, "con", None)
+    if con is None:
+        con = duckdb.connect(":memory:")
+        for s in _LOCKDOWN:
+            con.execute(s)
+        _PARSERS.con = con
     return con
 
 
@@ -209,19 +216,14 @@ def inspect_sql(sql: str, con: duckdb.DuckDBPyConnection | None = None) -> Check
     DELETE nodes inside CTEs or subqueries, and statements DuckDB cannot serialise
     as a query (PRAGMA, SET, ATTACH, INSTALL, LOAD, CALL, ...) are refused.
     """
-    own = con is None
-    con = _parser() if own else con
-    try:
-        out = CheckedSQL([])
-        for text, kind in _split(con, sql):
-            _check_statement(con, text, kind, out.paths, 0)
-            out.statements.append(text)
-        if not out.statements:
-            raise ValueError("no SQL statement given")
-        return out
-    finally:
-        if own:
-            con.close()
+    con = _parser() if con is None else con
+    out = CheckedSQL([])
+    for text, kind in _split(con, sql):
+        _check_statement(con, text, kind, out.paths, 0)
+        out.statements.append(text)
+    if not out.statements:
+        raise ValueError("no SQL statement given")
+    return out
 
 
 def _split(con: duckdb.DuckDBPyConnection, sql: str) -> list[tuple[str, duckdb.StatementType]]:
@@ -252,6 +254,8 @@ def _check_statement(con: duckdb.DuckDBPyConnection, text: str, kind: duckdb.Sta
             raise _refuse("EXPLAIN that is not 'EXPLAIN [ANALYZE] <one query>'", text)
         _check_statement(con, inner[0][0], inner[0][1], paths, depth + 1)
         return
+    if kind == duckdb.StatementType.MULTI:
+        raise _refuse("statement that runs as several (PIVOT without an IN list: name the pivot values)", text)
     if kind != duckdb.StatementType.SELECT:
         raise _refuse(f"{_keyword(text) or str(kind).split('.')[-1]} statement", text)
     raw = con.execute("SELECT json_serialize_sql(?)", [text]).fetchone()[0]

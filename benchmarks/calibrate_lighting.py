@@ -12,9 +12,10 @@ image-right half at 0.25, 0.1, 0.03 of its linear light). Each threshold is
 fitted by `benchmarks.calibration.fit_threshold` (quantile midpoint) between the
 clean faces and the strong levels (2 and 3) of the degradation it targets:
 
-- mean_low (luminance_mean) and under_max (under_exposure): dark 2-3;
+- p99_low (luminance_p99): dark 2-3 (the highlights, so that a darker skin under good
+  light, which lowers the mean and raises the under-exposed share, is not called dark);
 - over_max (over_exposure): overexpose 2-3;
-- ratio_min (half_mean_ratio): side_light 2-3.
+- ratio_min (half_median_ratio): side_light 2-3.
 
 mean_high is not fitted: clean faces vary too much in brightness for the few fit
 faces to place it, so it stays at OFIQ's upper LuminanceMean sigmoid centre, 0.8.
@@ -30,9 +31,16 @@ from collections.abc import Callable
 import numpy as np
 
 from benchmarks.calibration import fit_threshold, load_sets, per_variant, rates
-from pipeline.degrade import degrade
+from pipeline.degrade import darker_skin, degrade
 from pipeline.factors import FACTOR_CLASSES
-from pipeline.lighting import DEFAULT_RULE, MEASURES, LightingRule, lighting_decision, lighting_measures
+from pipeline.lighting import (
+    DEFAULT_RULE,
+    MEASURES,
+    LightingRule,
+    face_region,
+    lighting_decision,
+    lighting_measures,
+)
 
 LEVELS = (1, 2, 3)
 KINDS = ("dark", "overexpose", "side_light")
@@ -40,10 +48,9 @@ STRONG = (2, 3)
 OFIQ_MEAN_HIGH = 0.8  # OFIQ LuminanceMean: quality 100 * S(mean; 0.2, 0.05) * (1 - S(mean; 0.8, 0.05))
 # rule field -> (measure, positives are above the threshold, targeted degradation)
 FITS: dict[str, tuple[str, bool, str]] = {
-    "mean_low": ("luminance_mean", False, "dark"),
-    "under_max": ("under_exposure", True, "dark"),
+    "p99_low": ("luminance_p99", False, "dark"),
     "over_max": ("over_exposure", True, "overexpose"),
-    "ratio_min": ("half_mean_ratio", False, "side_light"),
+    "ratio_min": ("half_median_ratio", False, "side_light"),
 }
 EXPECTED_EXTREME = tuple(f"{k}_{lv}" for k in ("dark", "overexpose") for lv in STRONG)
 
@@ -91,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     sets = load_sets(args.fit_photos)
     measures = {name: per_variant(faces, variants(), lambda f, crop: lighting_measures(crop, f.landmarks))
                 for name, faces in sets.items()}
+    for name, faces in sets.items():  # reported, never fitted: a darker skin under the same light stays "normal"
+        measures[name]["darker_skin"] = [
+            lighting_measures(darker_skin(f.crop, face_region(f.landmarks)[0]), f.landmarks) for f in faces]
     fitted = fit(measures["fit"])
     rule = LightingRule(**fitted["rule"])
     out: dict[str, object] = {"fit": fitted, "equals_default_rule": rule == DEFAULT_RULE, "sets": {}}
@@ -103,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             "targets": {
                 "clean_normal": classes["clean"]["normal lighting"],
                 "dark_or_overexposed_levels_2_3_extreme": round(sum(extreme) / len(extreme), 4),
+                "darker_skin_normal": classes["darker_skin"]["normal lighting"],
                 "side_light_levels_2_3_extreme": round(
                     (classes["side_light_2"]["extreme lighting"] + classes["side_light_3"]["extreme lighting"]) / 2, 4),
             },

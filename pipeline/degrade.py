@@ -188,6 +188,24 @@ def hflip(img: np.ndarray, level: int) -> np.ndarray:
     return img[:, ::-1].copy() if level else img.copy()
 
 
+def darker_skin(img: np.ndarray, region: np.ndarray, albedo: float = 0.25, keep_top: float = 3.0) -> np.ndarray:
+    """A darker skin under the same light: linear light times `albedo` on the face `region` (bool HxW mask),
+    except its brightest `keep_top` percent (eye whites, specular highlights), which skin albedo does not set.
+
+    A check of lighting labellers, not a recorded degradation: a well-lit darker face must stay "normal".
+    """
+    if not 0.0 < albedo <= 1.0:
+        raise ValueError(f"albedo must be in (0, 1], got {albedo}")
+    mask = np.asarray(region, dtype=bool)
+    if mask.shape != img.shape[:2] or not mask.any():
+        raise ValueError(f"region must be a non-empty {img.shape[:2]} mask, got {mask.shape}")
+    lin = _to_linear(img)
+    y = lin @ np.array([0.2126, 0.7152, 0.0722])
+    skin = mask & (y < np.percentile(y[mask], 100.0 - keep_top))
+    lin[skin] *= albedo
+    return _to_srgb(lin)
+
+
 DEGRADATIONS: dict[str, Callable[[np.ndarray, int], np.ndarray]] = {
     "blur": gaussian_blur,
     "downscale": downscale,

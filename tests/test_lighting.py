@@ -101,7 +101,7 @@ def test_uniform_grey_measures():
     assert m["luminance_mean"] == pytest.approx(55 / 255)
     assert m["luminance_variance"] == pytest.approx(0.0, abs=1e-15)
     assert m["illumination_uniformity"] == pytest.approx(1.0)
-    assert m["half_mean_ratio"] == 1.0
+    assert m["half_mean_ratio"] == 1.0 and m["half_median_ratio"] == 1.0
     assert m["dynamic_range_bits"] == 0.0
     assert m["luminance_p01"] == pytest.approx(55 / 255) and m["luminance_p99"] == pytest.approx(55 / 255)
     assert m["under_exposure"] == 0.0 and m["over_exposure"] == 0.0
@@ -118,7 +118,7 @@ def test_half_dark_half_bright_measures():
     assert m["luminance_mean"] == pytest.approx((p * 1 + q * 255) / 255)
     assert m["luminance_variance"] == pytest.approx(p * q * (254 / 255) ** 2)
     assert m["illumination_uniformity"] == 0.0  # disjoint histograms
-    assert m["half_mean_ratio"] == pytest.approx(1 / 255)
+    assert m["half_mean_ratio"] == pytest.approx(1 / 255) and m["half_median_ratio"] == pytest.approx(1 / 255)
     assert m["dynamic_range_bits"] == pytest.approx(-(p * math.log2(p) + q * math.log2(q)))
     assert m["under_exposure"] == pytest.approx(p) and m["over_exposure"] == pytest.approx(q)
     assert m["luminance_p01"] == pytest.approx(1 / 255) and m["luminance_p99"] == 1.0
@@ -164,7 +164,8 @@ def test_measures_reject_bad_landmarks():
 
 
 def _measures(**overrides: float) -> dict[str, float]:
-    base = {"luminance_mean": 0.3, "under_exposure": 0.1, "over_exposure": 0.0, "half_mean_ratio": 0.9}
+    base = {"luminance_mean": 0.3, "luminance_p99": 0.6, "under_exposure": 0.1, "over_exposure": 0.0,
+            "half_mean_ratio": 0.9, "half_median_ratio": 0.9}
     return {**base, **overrides}
 
 
@@ -187,7 +188,7 @@ def test_typical_measures_are_normal_and_score_is_the_largest_criterion():
     scores = criterion_scores(_measures())
     score, decision = lighting_decision(_measures())
     assert decision.name == "normal lighting" and score == max(scores.values()) < 0.5
-    score, decision = lighting_decision(_measures(luminance_mean=0.01, under_exposure=1.0))
+    score, decision = lighting_decision(_measures(luminance_p99=0.01, under_exposure=1.0))
     assert decision.name == "extreme lighting" and score > 0.99
 
 
@@ -203,7 +204,7 @@ def test_ramp_values():
 
 def test_decision_rejects_missing_or_nan_measures():
     with pytest.raises(ValueError, match="lack 'over_exposure'"):
-        lighting_decision({"luminance_mean": 0.3, "under_exposure": 0.1, "half_mean_ratio": 0.9})
+        lighting_decision({"luminance_mean": 0.3, "luminance_p99": 0.6, "half_median_ratio": 0.9})
     with pytest.raises(ValueError, match="not finite"):
         lighting_decision(_measures(luminance_mean=float("nan")))
 
@@ -211,9 +212,25 @@ def test_decision_rejects_missing_or_nan_measures():
 def test_rule_validation():
     with pytest.raises(ValueError, match="strictly between 0 and 1"):
         LightingRule(over_max=0.0)
-    with pytest.raises(ValueError, match="below mean_high"):
-        LightingRule(mean_low=0.9)
-    assert set(DEFAULT_RULE.to_dict()) == {"mean_low", "mean_high", "under_max", "over_max", "ratio_min"}
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        LightingRule(p99_low=1.5)
+    assert set(DEFAULT_RULE.to_dict()) == {"p99_low", "mean_high", "over_max", "ratio_min"}
+
+
+def test_darker_skin_under_good_light_stays_normal_while_a_dim_exposure_is_extreme():
+    """Dark skin lowers the mean and raises the dark-pixel share like a dim exposure, but keeps the highlights."""
+    face = degrade.shipped_images()["tom_hanks"]
+    region = face_region(ARCFACE_TEMPLATE)[0]
+    darker = degrade.darker_skin(face, region, albedo=0.25)
+    m_clean, m_darker = lighting_measures(face, ARCFACE_TEMPLATE), lighting_measures(darker, ARCFACE_TEMPLATE)
+    assert m_darker["luminance_mean"] < 0.5 * m_clean["luminance_mean"]
+    assert m_darker["under_exposure"] > m_clean["under_exposure"]
+    assert m_darker["luminance_p99"] == pytest.approx(m_clean["luminance_p99"], abs=0.02)
+    assert lighting_decision(m_darker)[1].name == "normal lighting"
+    dim = lighting_measures(degrade.degrade(face, "dark", 2), ARCFACE_TEMPLATE)
+    assert dim["luminance_p99"] < DEFAULT_RULE.p99_low and lighting_decision(dim)[1].name == "extreme lighting"
+    with pytest.raises(ValueError, match="albedo"):
+        degrade.darker_skin(face, region, albedo=0.0)
 
 
 # --- stage ------------------------------------------------------------------

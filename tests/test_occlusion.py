@@ -152,8 +152,9 @@ def test_training_is_deterministic_and_round_trips(tmp_path):
     assert json.loads((tmp_path / "occ.json").read_text())["sha256"] == meta["sha256"]
     assert mo.up_to_date(tmp_path / "occ.pt", cfg) and not mo.up_to_date(tmp_path / "occ.pt", _tiny_config(seed=1))
     x = np.stack([crop, crop])
-    with torch.no_grad():
-        expected = torch.sigmoid(m1.eval()(mo.to_input(x))).numpy()
+    with torch.no_grad():  # the mean over the crop and its mirror image
+        xin = mo.to_input(x)
+        expected = ((torch.sigmoid(m1.eval()(xin)) + torch.sigmoid(m1(torch.flip(xin, dims=(3,))))) / 2).numpy()
     np.testing.assert_allclose(mo.predict_proba(loaded, x), expected, rtol=1e-6)
 
 

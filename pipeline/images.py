@@ -117,7 +117,7 @@ def decode(data: bytes, *, max_pixels: int = MAX_PIXELS, pixels: bool = True) ->
     if head.width is not None and head.height is not None:
         if head.width == 0 or head.height == 0:
             return DecodedImage(CORRUPT, f"{head.format} header declares {head.width}x{head.height} pixels",
-                                head.format, head.width, head.height)
+                                head.format, _dim(head.width), _dim(head.height))
         if head.width * head.height > max_pixels:
             return _too_large(head.format, head.width, head.height, max_pixels)
     try:
@@ -208,16 +208,25 @@ def _channels(mode: str) -> int:
             "RGBA": 4, "RGBa": 4, "CMYK": 4}.get(mode, 1 if mode.startswith("I;16") else 3)
 
 
+MAX_DIMENSION = 2**31 - 1  # the manifest's width/height columns are int32
+
+
+def _dim(v: int | None) -> int | None:
+    """A declared width/height as stored: None when it cannot be a real size (the error text keeps the value)."""
+    return v if v is not None and 0 <= v <= MAX_DIMENSION else None
+
+
 def _too_large(fmt: str | None, w: int, h: int, max_pixels: int) -> DecodedImage:
     return DecodedImage(TOO_LARGE, f"{fmt or 'image'} declares {w}x{h} = {w * h} pixels, "
-                        f"above the limit of {max_pixels} (possible decompression bomb); not decoded", fmt, w, h)
+                        f"above the limit of {max_pixels} (possible decompression bomb); not decoded", fmt, _dim(w),
+                        _dim(h))
 
 
 def _failure(e: BaseException, fmt: str | None, w: int | None, h: int | None) -> DecodedImage:
-    msg = str(e) or type(e).__name__
+    msg = " ".join((str(e) or type(e).__name__).split())
     status = TRUNCATED if "truncated" in msg.lower() or isinstance(e, EOFError) else CORRUPT
     what = f"{fmt} " if fmt else ""
-    return DecodedImage(status, f"{what}decode failed: {type(e).__name__}: {msg}", fmt, w, h)
+    return DecodedImage(status, f"{what}decode failed: {type(e).__name__}: {msg}", fmt, _dim(w), _dim(h))
 
 
 def require_rgb(image: object, what: str = "image") -> np.ndarray:

@@ -12,10 +12,12 @@ when that shard is read. `rank`/`world_size` select every world_size-th shard.
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 import pickle
 import stat
 from abc import ABC, abstractmethod
+from array import array
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -495,7 +497,7 @@ class RecordIOReader(DatasetReader):
         try:
             if off >= ix.size:
                 raise RecordIOError(f"offset {off} is past the end of the file ({ix.size} bytes; truncated?)")
-            payload, _ = read_record(pread_file(fd), off, limit=int(ix.ends[i]))
+            payload, _ = read_record(pread_file(fd), off, limit=ix.size)
             return unpack_ir(payload)
         except RecordIOError as e:
             raise DatasetError(f"{str(self.rec_path)!r}: {what} (key {int(ix.keys[i])}, byte {off}) cannot be "
@@ -589,9 +591,11 @@ class RecordIOReader(DatasetReader):
         try:
             if 0 <= top - base <= MAX_SPAN_BYTES:
                 buf = memoryview(os.pread(fd, top - base, base))
+                end = base + len(buf)
 
-                def read_at(pos: int, n: int) -> bytes:
-                    return bytes(buf[pos - base: pos - base + n])
+                def read_at(pos: int, n: int) -> bytes:  # the shard's span from memory, anything else from the file
+                    return bytes(buf[pos - base: pos - base + n]) if base <= pos and pos + n <= end else \
+                        os.pread(fd, n, pos)
             else:
                 read_at = pread_file(fd)
             for i in range(a, b):
@@ -610,7 +614,7 @@ class RecordIOReader(DatasetReader):
         try:
             if off >= ix.size:
                 raise RecordIOError(f"offset {off} is past the end of {rec_name} ({ix.size} bytes; truncated?)")
-            head, payload = unpack_ir(read_record(read_at, off, limit=int(ix.ends[i]))[0])
+            head, payload = unpack_ir(read_record(read_at, off, limit=ix.size)[0])
         except RecordIOError as e:
             return Record(self.kind, source, key, -1, None, None, images.CORRUPT, f"record {k}: {e}")
         try:
@@ -766,7 +770,7 @@ def load_verification_bin(path: str | os.PathLike[str]) -> VerificationSet:
         raise DatasetError(f"{str(p)!r} is not a valid verification .bin pickle: nested too deeply") from None
     except Exception as e:  # noqa: BLE001 - any failure of the unpickler on these bytes means a malformed file
         raise DatasetError(f"{str(p)!r} is not a valid verification .bin pickle: {type(e).__name__}: "
-                           f"{str(e)[:200]}") from None
+                           f"{' '.join(str(e).split())[:200]}") from None
     if not (isinstance(obj, tuple | list) and len(obj) == 2):
         raise DatasetError(f"{str(p)!r}: expected a pickled (images, issame) pair, got {type(obj).__name__}")
     bins, issame = obj
@@ -846,6 +850,7 @@ class ListReader(DatasetReader):
         self.max_bytes = max_bytes
         self.labels: dict[str, int] | None = None  # identity name -> label, when names are not integers
         self.numbered = False  # labels known (set by the planning pass, travels with the reader)
+        self.repeats: dict[int, int] = {}  # digest of a path listed more than once -> its first line number
         with open(self.path, "rb") as f:
             head = f.read(4)
         if head.startswith((b"\xff\xfe", b"\xfe\xff")):
@@ -883,6 +888,7 @@ class ListReader(DatasetReader):
     def _make_plan(self) -> list[Shard]:
         names: set[str] = set()
         starts: list[tuple[int, int]] = []
+        digests, linenos = array("Q"), array("Q")
         n = 0
         first = True
         for offset, lineno, text in self._lines():
@@ -894,13 +900,38 @@ class ListReader(DatasetReader):
             if n % self.shard_size == 0:
                 starts.append((offset, lineno))
             n += 1
-            if fields is not None and len(fields) == 2 and fields[0] and fields[1]:
-                names.add(fields[1])
+            if self._usable(fields):
+                digests.append(self._digest(fields[0]))
+                linenos.append(lineno)
+                if len(fields) == 2 and fields[1]:
+                    names.add(fields[1])
         if any(not _is_int(s) for s in names):
             self.labels = {s: i for i, s in enumerate(sorted(names))}
+        self.repeats = self._find_repeats(np.frombuffer(digests, np.uint64), np.frombuffer(linenos, np.uint64))
         self.numbered = True
         return [Shard(i, i * self.shard_size, min((i + 1) * self.shard_size, n), starts[i])
                 for i in range(len(starts))]
+
+    @staticmethod
+    def _usable(fields: list[str] | None) -> bool:
+        return bool(fields) and bool(fields[0]) and len(fields) <= 2 and "\0" not in fields[0]
+
+    def _full_path(self, rel: str) -> str:
+        return os.path.normpath(rel if os.path.isabs(rel) else os.path.join(self.root, rel))
+
+    def _digest(self, rel: str) -> int:
+        """A 64-bit digest of the file a line names (so two spellings of one path collide)."""
+        h = hashlib.blake2b(os.fsencode(self._full_path(rel)), digest_size=8).digest()
+        return int.from_bytes(h, "little")
+
+    @staticmethod
+    def _find_repeats(digests: np.ndarray, linenos: np.ndarray) -> dict[int, int]:
+        """digest -> first line number, for the paths listed on more than one line."""
+        if digests.size < 2:
+            return {}
+        uniq, first, counts = np.unique(digests, return_index=True, return_counts=True)
+        rep = counts > 1
+        return {int(d): int(linenos[i]) for d, i in zip(uniq[rep], first[rep], strict=True)}
 
     def read(self, shard: Shard) -> Iterator[Record]:
         if not self.numbered:
@@ -915,11 +946,16 @@ class ListReader(DatasetReader):
 
     def _row_record(self, lineno: int, text: str, fields: list[str] | None) -> Record:
         key = _utf8(f"{self.path.name}:{lineno}")[0]
-        if not fields or not fields[0] or len(fields) > 2 or "\0" in fields[0]:
+        if not self._usable(fields):
             shown, _ = _utf8(text)
             return Record(self.kind, shown, key, -1, None, None, images.BAD_ENTRY,
                           f"line {lineno}: expected 'path{self._delim_name()}identity', got {shown!r}")
         rel = fields[0]
+        first = self.repeats.get(self._digest(rel)) if self.repeats else None
+        if first is not None and first != lineno:
+            shown = _utf8(self._full_path(rel))[0]
+            return Record(self.kind, shown, key, -1, None, None, images.BAD_ENTRY,
+                          f"line {lineno}: {_utf8(rel)[0]!r} is listed already on line {first}; read once")
         name = fields[1] if len(fields) == 2 and fields[1] else None
         if name is None:
             label = -1

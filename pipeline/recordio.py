@@ -66,7 +66,7 @@ def read_record(read_at: Callable[[int, int], bytes], pos: int, *, limit: int | 
     """Read one (possibly multi-part) RecordIO record starting at byte `pos`; returns (payload, next position).
 
     `read_at(pos, n)` returns up to n bytes at pos (a file's pread or a buffer slice).
-    `limit` is where the record must end at the latest; `payload=False` only walks the headers.
+    `limit` is where the record must end at the latest (the file size); `payload=False` only walks the headers.
     """
     chunks: list[bytes] = []
     first = True
@@ -82,8 +82,8 @@ def read_record(read_at: Callable[[int, int], bytes], pos: int, *, limit: int | 
         if (first and cflag not in (0, 1)) or (not first and cflag not in (2, 3)):
             raise RecordIOError(f"RecordIO continuation flag {cflag} out of sequence at byte {pos}")
         if limit is not None and pos + 8 + length > limit:
-            raise RecordIOError(f"RecordIO part at byte {pos} declares {length} bytes, overrunning the next "
-                               f"record at byte {limit}")
+            raise RecordIOError(f"RecordIO part at byte {pos} declares {length} bytes, running past byte {limit} "
+                               "(the end of the file: truncated?)")
         if payload:
             body = read_at(pos + 8, length)
             if len(body) < length:
@@ -124,6 +124,8 @@ def read_idx(idx_path: Path) -> tuple[np.ndarray, np.ndarray]:
                                                                                 "offset": pa.int64()}))
     except (pa.ArrowInvalid, OSError) as e:
         raise RecordIOError(f"RecordIO index {str(idx_path)!r} is not 'key<TAB>offset' lines: {e}") from e
+    if tbl.column("key").null_count or tbl.column("offset").null_count:
+        raise RecordIOError(f"RecordIO index {str(idx_path)!r} has a line without a key or an offset")
     keys = tbl.column("key").to_numpy()
     offsets = tbl.column("offset").to_numpy()
     if keys.size and (keys.min() < 0 or offsets.min() < 0):

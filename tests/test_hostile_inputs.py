@@ -112,7 +112,8 @@ def test_utf8_bom_list_keeps_its_header_and_integer_identities(tmp_path):
 
 def test_list_with_nul_bytes_and_huge_identities_gives_a_row_per_line(tmp_path, workspace):
     (tmp_path / "a.png").write_bytes(_png(1))
-    (tmp_path / "l.csv").write_bytes(b"a.png,1\nb\0c.png,2\na.png,99999999999999999999999\n")
+    (tmp_path / "b.png").write_bytes(_png(2))
+    (tmp_path / "l.csv").write_bytes(b"a.png,1\nb\0c.png,2\nb.png,99999999999999999999999\n")
     rows = _ingest_rows(workspace, ListReader(tmp_path / "l.csv"))
     assert len(rows) == 3 and rows[1]["status"] == images.BAD_ENTRY
     assert rows[0]["identity"] != rows[2]["identity"] and {rows[0]["identity_name"], rows[2]["identity_name"]} == {
@@ -196,6 +197,42 @@ def test_recordio_header_pointing_into_the_images_is_refused(tmp_path):
     (tmp_path / "train.rec").write_bytes(bytes(data))
     with pytest.raises(DatasetError, match=r"train\.rec.*key 3 is an image record"):
         RecordIOReader(tmp_path).plan()
+
+
+def test_idx_offset_inside_another_record_spoils_only_its_own_row(tmp_path):
+    payloads = [pack_ir([4.0, 4.0], b""), *(pack_ir(k, _png(k)) for k in range(3))]
+    true = _raw_rec(tmp_path, payloads)
+    _raw_rec(tmp_path, payloads, offsets=[true[0], true[1], true[0] + 3, true[3]])  # key 2 points into the header
+    rows = _rows(RecordIOReader(tmp_path))
+    assert [(r["identity"], r["status"]) for r in rows] == [(0, "ok"), (-1, "corrupt"), (2, "ok")]
+    assert "magic mismatch" in rows[1]["error"]
+
+
+def test_idx_line_without_an_offset_is_a_clear_error(tmp_path):
+    _raw_rec(tmp_path, [pack_ir(0, _png(1))])
+    (tmp_path / "train.idx").write_text("0\t0\n1\t\n")
+    with pytest.raises(DatasetError, match=r"train\.idx.*without a key or an offset"):
+        RecordIOReader(tmp_path).plan()
+
+
+def test_image_declaring_an_absurd_size_is_a_row_and_its_shard_commits(tmp_path, workspace):
+    png = bytearray(_png(1))
+    png[16:20] = struct.pack(">I", 0xFFFFFFFF)  # IHDR width
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "huge.png").write_bytes(bytes(png))
+    (tmp_path / "a" / "fine.png").write_bytes(_png(2))
+    rows = {r["source"].rsplit("/", 1)[1]: r for r in _ingest_rows(workspace, FolderReader(tmp_path))}
+    assert rows["huge.png"]["status"] == images.TOO_LARGE and rows["huge.png"]["width"] is None
+    assert "4294967295x8" in rows["huge.png"]["error"] and rows["fine.png"]["status"] == images.OK
+
+
+def test_list_naming_one_file_twice_reads_it_once(tmp_path):
+    (tmp_path / "a.png").write_bytes(_png(1))
+    (tmp_path / "l.csv").write_text(f"a.png,1\n./a.png,2\n{tmp_path}/a.png,3\n")
+    rows = _rows(ListReader(tmp_path / "l.csv"))
+    assert [(r["status"], r["identity"]) for r in rows] == [("ok", 1), ("bad_entry", -1), ("bad_entry", -1)]
+    assert "listed already on line 1" in rows[2]["error"]
+    assert len({r["sample_id"] for r in rows}) == 3
 
 
 # ------------------------------------------------------------------ verification .bin

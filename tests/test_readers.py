@@ -236,7 +236,9 @@ def test_csv_list_with_header_names_and_bad_rows(tmp_path):
     assert [r.data for r in recs[:3]] == [_png(0), _png(1), _png(2)]
     assert recs[3].status == images.MISSING
     assert recs[4].status == images.BAD_ENTRY and "line 8" in recs[4].error
-    assert recs[5].data == _png(0) and recs[5].identity == -1
+    # imgs/0.png again: the same sample key twice would be a silent duplicate, so the repeat is a bad entry
+    assert recs[5].status == images.BAD_ENTRY and "listed already on line 3" in recs[5].error
+    assert recs[5].identity == -1 and recs[5].key == "faces.csv:9"
     clone = pickle.loads(pickle.dumps(reader))
     assert [r.identity for r in clone.read(reader.plan()[0])] == [1, 0]
 

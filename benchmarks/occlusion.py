@@ -50,6 +50,8 @@ def variants(crop: np.ndarray, landmarks: np.ndarray | None, rng: np.random.Gene
         "grey_band": [(occ.paste(crop, landmarks, "band", rng, bank, top=(nose_v + mouth_v) / 2, edge_sigma=0.0,
                                  **GREY_BAND).image, True)],
     }
+    out["degrade_patch"] = [(degrade.occlusion(crop, 2), True)]  # pipeline.degrade's grey patch, on the crop
+    out["degrade_mask"] = [(degrade.mask(crop, level), True) for level in (1, 2, 3)]
     for tex in occ.MASK_TEXTURES:
         out[f"mask:{tex}"] = [(occ.paste(crop, landmarks, "mask", rng, bank, texture=tex).image, True)]
     for fam in families:

@@ -48,10 +48,10 @@ class TrainConfig:
     """Everything that decides the trained weights (stored in the checkpoint; its digest is the version)."""
 
     seed: int = 12  # numpy (data) and torch (init, order) seed
-    n_samples: int = 4000  # synthetic training crops made from the fit faces
+    n_samples: int = 5000  # synthetic training crops made from the fit faces
     p_occluded: float = 0.5  # share of crops with an occluder (the rest: clean or benign paste)
     p_benign: float = 0.5  # share of the unoccluded crops that get a benign paste
-    epochs: int = 6
+    epochs: int = 8
     batch_size: int = 64
     lr: float = 3e-3
     weight_decay: float = 1e-4
@@ -285,14 +285,23 @@ def load_model(path: str | os.PathLike[str] | None = None, device: str = "cpu") 
 
 
 @torch.no_grad()
-def predict_proba(model: OcclusionModel, crops: np.ndarray, batch_size: int = 64, device: str = "cpu") -> np.ndarray:
-    """P(obstructed) (N,) for uint8 RGB 112x112 crops (N, 112, 112, 3): mean of the crop and its mirror image."""
-    out = []
+def predict_views(model: OcclusionModel, crops: np.ndarray, batch_size: int = 64,
+                  device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """P(obstructed) of each uint8 RGB 112x112 crop (N, 112, 112, 3) and of its mirror image: two (N,) arrays."""
+    plain, mirror = [], []
     for i in range(0, len(crops), batch_size):
         x = to_input(crops[i:i + batch_size]).to(device)
-        p = torch.sigmoid(model.net(x)) + torch.sigmoid(model.net(torch.flip(x, dims=(3,))))
-        out.append((p / 2).cpu().numpy())
-    return np.concatenate(out) if out else np.empty(0, np.float32)
+        plain.append(torch.sigmoid(model.net(x)).cpu().numpy())
+        mirror.append(torch.sigmoid(model.net(torch.flip(x, dims=(3,)))).cpu().numpy())
+    if not plain:
+        return np.empty(0, np.float32), np.empty(0, np.float32)
+    return np.concatenate(plain), np.concatenate(mirror)
+
+
+def predict_proba(model: OcclusionModel, crops: np.ndarray, batch_size: int = 64, device: str = "cpu") -> np.ndarray:
+    """P(obstructed) (N,): the mean over each crop and its mirror image (faces are left-right symmetric)."""
+    plain, mirror = predict_views(model, crops, batch_size, device)
+    return (plain + mirror) / 2
 
 
 # ----------------------------------------------------------------------------------------------- CLI

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from models.occlusion import OcclusionModel, load_model, predict_proba
+from models.occlusion import OcclusionModel, load_model, predict_proba, predict_views
 from pipeline.align import CROP_SIZE
 from pipeline.factors import binary_class
 from pipeline.records import ERROR, OK, FaceCrop, factor_row
@@ -58,6 +58,11 @@ class OcclusionStage:
         """P(obstructed) (N,) for uint8 RGB crops (N, 112, 112, 3)."""
         return predict_proba(self.model, crops, batch_size=self.forward_batch, device=self.device)
 
+    def measures(self, crops: np.ndarray) -> dict[str, np.ndarray]:
+        """Every measure of a row, (N,) each: P(obstructed) and the P of the crop and of its mirror image."""
+        plain, mirror = predict_views(self.model, crops, batch_size=self.forward_batch, device=self.device)
+        return {"p_obstructed": (plain + mirror) / 2, "p_crop": plain, "p_mirror": mirror}
+
     def _row(self, sample_id: str, **kwargs: Any) -> dict[str, Any]:
         return factor_row(sample_id, "occlusion", labeller=self.labeller, labeller_version=self.version,
                           thresholds={"probability": self.threshold}, **kwargs)
@@ -66,20 +71,25 @@ class OcclusionStage:
         """One occlusion row per record; unusable crops get a row with their status and reason."""
         problems = {i: crop_problem(rec) for i, rec in enumerate(batch)}
         usable = [i for i, p in problems.items() if p is None]
-        probs = self.probabilities(np.stack([batch[i].crop for i in usable])) if usable else np.empty(0)
-        p_of = {i: float(probs[k]) for k, i in enumerate(usable)}
+        found = self.measures(np.stack([batch[i].crop for i in usable])) if usable else {}
+        at = {i: k for k, i in enumerate(usable)}
         rows = []
         for i, rec in enumerate(batch):
             problem = problems[i]
             if problem is not None:
                 rows.append(self._row(rec.sample_id, status=problem[0], error=problem[1]))
                 continue
-            p = p_of[i]
+            p = float(found["p_obstructed"][at[i]])
             if not np.isfinite(p):
                 rows.append(self._row(rec.sample_id, status=ERROR, error=f"non-finite occlusion probability {p}"))
                 continue
-            rows.append(self._row(
-                rec.sample_id, value=p, decision=binary_class("occlusion", p, self.threshold),
-                details={"p_obstructed": p, "model_sha256": self.model.sha256, "model_file": self.model.path.name},
-            ))
+            details = {
+                "p_obstructed": p,
+                "p_crop": float(found["p_crop"][at[i]]),
+                "p_mirror": float(found["p_mirror"][at[i]]),
+                "model_sha256": self.model.sha256,
+                "model_file": self.model.path.name,
+            }
+            rows.append(self._row(rec.sample_id, value=p, decision=binary_class("occlusion", p, self.threshold),
+                                  details=details))
         return rows

@@ -243,10 +243,16 @@ def test_stage_rows_and_error_rows():
     assert clean["value"] < 0.5 <= banded["value"]
     details = json.loads(banded["details"])
     assert details["model_sha256"] == model.sha256 and details["p_obstructed"] == pytest.approx(banded["value"])
+    assert details["p_obstructed"] == pytest.approx((details["p_crop"] + details["p_mirror"]) / 2)
     assert json.loads(banded["thresholds"]) == {"probability": model.threshold}
     assert rows[2]["status"] == NO_FACE and rows[2]["value"] is None and rows[2]["error"] == "no face"
     assert rows[3]["status"] == "error" and "112x112, got 64x64" in rows[3]["error"]
     assert rows[4]["status"] == "error" and "uint8" in rows[4]["error"]
-    np.testing.assert_allclose([clean["value"], banded["value"]], stage.probabilities(np.stack([crop, band])))
+    np.testing.assert_allclose([clean["value"], banded["value"]], stage.probabilities(np.stack([crop, band])),
+                               rtol=1e-5)
+    shades = occ.paste(crop, None, "sunglasses", np.random.default_rng(1), occ.TextureBank(photos=())).image
+    m = stage.measures(np.stack([shades, shades[:, ::-1]]))
+    assert (m["p_obstructed"] >= 0.5).all()
+    np.testing.assert_allclose(m["p_crop"][::-1], m["p_mirror"], rtol=1e-5)  # a mirrored crop swaps the views
     with pytest.raises(ValueError, match="threshold"):
         OcclusionStage(threshold=1.5)

@@ -27,6 +27,8 @@ WRITES = [
     "WITH c AS (COPY (SELECT * FROM samples LIMIT 1) TO '{shard}' (FORMAT parquet)) SELECT * FROM c",
     "WITH c AS MATERIALIZED (COPY (SELECT 'echo pwned') TO '{out}' (HEADER false, QUOTE '')) SELECT 1",
     "WITH c AS (COPY (SELECT 1) TO '{out}' (USE_TMP_FILE false)) SELECT 1",
+    "WITH c AS (COPY (SELECT 1) TO '{shard}' (FORMAT parquet, USE_TMP_FILE false)) "
+    "SELECT * FROM read_parquet('{shard}')",
     "WITH a AS (SELECT 1), b AS (COPY (SELECT 1) TO '{out}') SELECT * FROM a",
     "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 3), "
     "c AS (COPY (SELECT * FROM r) TO '{out}') SELECT 1",

@@ -17,6 +17,9 @@ a recorded degradation, and with which minimum rate. The rules, in crop pixels
   `pipeline.degrade`): obstructed
   (>= 80 %); upper-face occluders (sunglasses, hair, cap, objects): obstructed
   (majority); benign pastes (hats above the brows, clear glasses): unobstructed (majority);
+- a darker skin under the same light (skin albedo x0.25): normal lighting and
+  unobstructed (majority), a check that neither labeller reads skin tone as a
+  cause;
 - hand-labelled smiles and neutral faces (clean variant only): typical
   expression (majority), and the FER emotion that matches (reported).
 
@@ -84,6 +87,7 @@ class Expectation:
     rule: str
 
 
+DARKER_SKIN = "darker_skin"  # skin albedo x0.25 under the same light (`pipeline.degrade.darker_skin`): no degradation
 OCCLUDER_PREFIX = "occluder_"  # variant kinds pasted by `pipeline.occluders`: occluder_<family>
 LOWER_FACE_TARGET = 0.8  # pasted lower-face occluders and masks: obstructed at least this often
 
@@ -130,6 +134,9 @@ def expectations(kind: str, level: int, *, crop_scale: float = 1.0, image_short:
         out["lighting"] = Expectation("extreme lighting", MAJORITY, "side light, level >= 2")
     elif kind == "lighting" and level >= 3:
         out["lighting"] = Expectation("extreme lighting", MAJORITY, "gradient, level 3")
+    elif kind == DARKER_SKIN:
+        out["lighting"] = Expectation("normal lighting", MAJORITY, "darker skin, same light")
+        out["occlusion"] = Expectation("unobstructed", MAJORITY, "darker skin, same light")
     elif kind == "occlusion" and level >= 2:
         out["occlusion"] = Expectation("obstructed", LOWER_FACE_TARGET, "grey patch over nose and mouth")
     elif kind == "mask" and level >= 2:  # level 1 of the loose-face mask can stop below the lips
@@ -194,7 +201,8 @@ def pasted_occluders(crop: np.ndarray, landmarks: np.ndarray | None, seed: int) 
 
 
 def make_variants(face: str, crop: np.ndarray, landmarks: np.ndarray | None = None, *, seed: int = 0,
-                  kinds: Sequence[tuple[str, int]] = CROP_VARIANTS, occluders: bool = True) -> list[Variant]:
+                  kinds: Sequence[tuple[str, int]] = CROP_VARIANTS, occluders: bool = True,
+                  darker: bool = True) -> list[Variant]:
     """The clean and degraded variants of one aligned 112x112 crop, each with its expectations."""
     arr = np.asarray(crop)
     if arr.dtype != np.uint8 or arr.shape != (CROP, CROP, 3):
@@ -206,8 +214,15 @@ def make_variants(face: str, crop: np.ndarray, landmarks: np.ndarray | None = No
             raise ValueError(f"unknown degradation {kind!r} in the variant list")
         img = arr.copy() if kind == "clean" else degrade(arr, kind, level)
         out.append(Variant(face, kind, level, img, expectations(kind, level, hand_expression=hand)))
+    lm = None if landmarks is None else np.asarray(landmarks, np.float64)
+    if darker:
+        from pipeline.align import ARCFACE_TEMPLATE
+        from pipeline.degrade import darker_skin
+        from pipeline.lighting import face_region
+
+        region = face_region(ARCFACE_TEMPLATE if lm is None else lm)[0]
+        out.append(Variant(face, DARKER_SKIN, 1, darker_skin(arr, region), expectations(DARKER_SKIN, 1)))
     if occluders:
-        lm = None if landmarks is None else np.asarray(landmarks, np.float64)
         for kind, img in pasted_occluders(arr, lm, seed + zlib.crc32(face.encode())):
             out.append(Variant(face, kind, 1, img, expectations(kind, 1)))
     return out

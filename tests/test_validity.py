@@ -28,6 +28,7 @@ EXPECTED_TABLE = {
     "side_light_1": {}, "side_light_2": {"lighting": ("extreme lighting", 0.5)},
     "side_light_3": {"lighting": ("extreme lighting", 0.5)},
     "occlusion_2": {"occlusion": ("obstructed", 0.8)},
+    "darker_skin_1": {"lighting": ("normal lighting", 0.5), "occlusion": ("unobstructed", 0.5)},
 }
 
 
@@ -55,6 +56,9 @@ def test_variants_carry_the_expected_labels_table(face):
     assert lit[:, :50].mean() == pytest.approx(clean[:, :50].mean(), rel=0.05)
     patch = by["occlusion_2"][60:80, 46:66]
     assert (patch == 90).all()  # the grey patch covers the nose-mouth region of the crop
+    cheek, eye_white = by["darker_skin_1"][70:80, 30:40], by["darker_skin_1"][:20]
+    assert cheek.mean() < 0.7 * face[70:80, 30:40].mean()  # darker skin on the face
+    np.testing.assert_array_equal(eye_white, face[:20])  # outside the face region nothing changes
 
 
 def test_pasted_occluders_are_expected_obstructed_and_benign_ones_not(face):
@@ -165,5 +169,5 @@ def test_benchmark_scores_the_registered_stages_on_a_real_face(face):
     rates = {(c["kind"], c["factor"]): c["rate"] for c in rep["checks"]}
     assert rates[("clean", "blur")] == 1.0 and rates[("blur", "blur")] == 1.0 and rates[("downscale", "blur")] == 1.0
     assert rates[("clean", "lighting")] == 1.0 and rates[("dark", "lighting")] == 1.0
-    assert rates[("overexpose", "lighting")] == 1.0
+    assert rates[("overexpose", "lighting")] == 1.0 and ("darker_skin", "lighting") in rates
     assert rep["balanced_accuracy"]["blur"]["balanced_accuracy"] == 1.0

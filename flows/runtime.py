@@ -258,9 +258,10 @@ def spawn_watchdog(server_pid: int, parent_pid: int | None = None) -> Any:
 
 def watch_temporary_server() -> int | None:
     """Put a watchdog on Prefect's temporary server, if this process started one; returns the server pid."""
-    if "prefect" not in sys.modules or not hasattr(os, "pidfd_open"):
+    server_module = sys.modules.get("prefect.server.api.server")  # imported by Prefect when it starts one
+    if server_module is None or not hasattr(os, "pidfd_open"):
         return None
-    from prefect.server.api.server import SubprocessASGIServer
+    SubprocessASGIServer = server_module.SubprocessASGIServer  # noqa: N806
 
     proc = getattr(SubprocessASGIServer(), "server_process", None)  # the instance flows use (port None)
     if proc is None or proc.poll() is not None or proc.pid in _WATCHED:
@@ -344,6 +345,16 @@ def main_for(module_name: str) -> Callable[[list[str] | None], int]:
         shown = spec.name if module_name == "__main__" and spec is not None else module_name
         p = argparse.ArgumentParser(prog=f"python -m {shown}", description=(mod.__doc__ or "").strip())
         mod.configure_parser(p)
-        return int(mod.run_cli(p.parse_args(argv)) or 0)
+        args = p.parse_args(argv)
+        try:
+            with cli_guard(args):
+                return int(mod.run_cli(args) or 0)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+        except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+                RuntimeError) as e:  # the same one-line errors as `fiqa`
+            print(f"{p.prog}: error: {e}", file=sys.stderr)
+            return 2
 
     return _main

@@ -25,11 +25,21 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--file", type=Path, help="read the SQL from this file")
     p.add_argument("--format", choices=FORMATS, default="table")
     p.add_argument("--output", type=Path, help="write the result here (required for parquet)")
-    p.add_argument("--max-rows", type=int, default=50, help="rows shown in table format (default 50)")
+    p.add_argument("--max-rows", type=_count, default=50, help="rows shown in table format (default 50)")
     p.add_argument("--allow-external-read", action="store_true",
                    help="also let the query read files outside the workspace that it names literally "
                         "(writing stays impossible)")
     p.add_argument("--workspace", default=None, help="workspace directory (default: $FIQA_WORKSPACE or ./workspace)")
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of rows, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of rows >= 0, got {value}")
+    return value
 
 
 def printable(text: str) -> str:
@@ -109,7 +119,11 @@ def run_cli(args: argparse.Namespace) -> int:
     except (duckdb.Error, ValueError) as e:  # refusals and SQL errors: the message, not a traceback
         print(f"fiqa sql: {e}", file=sys.stderr)
         return 2
-    text = write_result(tbl, args.format, args.output, args.max_rows)
+    try:
+        text = write_result(tbl, args.format, args.output, args.max_rows)
+    except OSError as e:
+        print(f"fiqa sql: cannot write {args.output}: {e}", file=sys.stderr)
+        return 2
     if text is not None:
         print(text)
     return 0

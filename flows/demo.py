@@ -140,7 +140,8 @@ def label_validity(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
     Variants are loose 224-px faces degraded before alignment, so blur and
     resolution rules are converted to crop pixels with each face's alignment
-    scale. A variant without a face counts as a miss.
+    scale. A variant in which no face was found has no labels: it is counted
+    apart (`no_face`), not scored.
     """
     from pipeline import demo_data
     from pipeline import validity as V

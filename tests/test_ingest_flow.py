@@ -187,6 +187,32 @@ def test_recordio_ingest(tmp_path, prefect_harness):
     assert all((r["width"], r["height"]) == (10, 12) for r in rows if r["status"] == "ok")
 
 
+def test_recordio_nan_and_inf_labels_do_not_fail_their_shard(tmp_path, prefect_harness):
+    """One record with a NaN label used to fail its whole shard, and every resume the same way."""
+    from flows.ingest import ingest
+
+    with FaceRecWriter(tmp_path / "rec") as w:
+        for i, lab in enumerate([0, 0, 1, 1, 2]):
+            buf = io.BytesIO()
+            Image.fromarray(np.full((12, 10, 3), 30 * i, np.uint8)).save(buf, "PNG")
+            w.add(lab, buf.getvalue())
+    offsets = [int(line.split("\t")[1]) for line in (tmp_path / "rec" / "train.idx").read_text().splitlines()]
+    data = bytearray((tmp_path / "rec" / "train.rec").read_bytes())
+    for key, value in ((2, float("nan")), (4, float("inf"))):
+        data[offsets[key] + 12:offsets[key] + 16] = struct.pack("<f", value)  # IRHeader label (after magic, lrec, flag)
+    (tmp_path / "rec" / "train.rec").write_bytes(bytes(data))
+    ws = Workspace(tmp_path / "ws")
+    result = ingest(path=str(tmp_path / "rec"), dataset="nan-labels", shard_size=2, workspace=str(ws.root),
+                    progress=False)
+    assert result["counts"]["rows"] == 5 and result["counts"]["status_bad_entry"] == 2
+    assert runs.run_info(ws, result["run_id"])["status"] == runs.COMPLETED
+    rows = catalog.query(ws, "SELECT identity, status, error FROM samples "
+                             "ORDER BY CAST(split_part(source, '#', 2) AS BIGINT)").to_pylist()
+    assert [(r["identity"], r["status"]) for r in rows] == [(0, "ok"), (-1, "bad_entry"), (1, "ok"),
+                                                            (-1, "bad_entry"), (2, "ok")]
+    assert "label nan is not an integer identity label" in rows[1]["error"]
+
+
 def test_missing_path_and_bad_options_fail_before_any_work(tmp_path, capsys):
     ws = tmp_path / "ws"
     missing = tmp_path / "no_such_dataset"

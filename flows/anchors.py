@@ -1,12 +1,12 @@
 """`fiqa anchors`: embed aligned faces with a recognition model and compute CR-FIQA-style quality anchors.
 
-Four resumable stages in one run, each committing per shard:
-embed (crops -> `embeddings` table) -> centers (streaming per-identity sums over the embedding
-shards, or a classifier head) -> search (nearest negative center per sample, raw ratio) ->
-normalise (global min/max -> `anchors` table). The min/max, model id, center source and status
-counts are recorded in the run's metrics. Every selected sample gets an anchors row.
-With `reuse_embeddings`, a first pass copies the stored embeddings of the same model into the run's
-scratch folder shard by shard and only the samples without one are embedded. Centers and the
+Select (SQL, frozen with the run) -> shard -> embed (a task per shard -> `embeddings` table) -> the
+streaming anchor steps of :class:`pipeline.anchors.StreamingAnchors` over the embedding shards:
+centers (per-identity sums, or a classifier head), search (nearest negative center, raw ratio,
+persisted per shard), normalise (global min/max -> `anchors` table). The min/max, model id, center
+source and status counts are recorded in the run's metrics. Every selected sample gets an anchors
+row. With `reuse_embeddings`, the stored embeddings of the same model are first copied into the
+run's scratch folder shard by shard and only the samples without one are embedded. Centers and the
 search always use the selection's current identity, never the one stored with an embedding.
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import threading
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -23,33 +24,73 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
 
 from data_manifest import ShardWriter, Workspace, catalog, runs
 from data_manifest.writer import atomic_write
 from flows import runtime
+from flows.sharded import (
+    RunOptions,
+    check_resume,
+    flow_sql,
+    freeze_selection,
+    options_from_args,
+    run_named_shards,
+    table_shards,
+    with_runner,
+)
 from pipeline import anchors as A
 
 DEFAULT_FR_MODEL = "insightface"
-SELECT_SQL = """
-SELECT s.sample_id, s.identity, fc.crop_file, fc.crop_index, fc.status AS face_status, fc.error AS face_error
-FROM samples s LEFT JOIN faces fc USING (sample_id)
-"""
+SELECT_SQL = flow_sql("anchors_selection")
+REUSE_SQL = flow_sql("anchors_reuse")
+REQUIRED = ("sample_id", "identity", "crop_file", "crop_index")
 _LOCK = threading.Lock()
-NO_EMBEDDING = "no_embedding"
+NO_EMBEDDING = A.NO_EMBEDDING
 REUSE_STAGE = "reuse"
-# Latest ok embedding of the model per selected sample (from earlier runs), grouped by selection shard.
-REUSE_SQL = """
-SELECT s.shard, e.sample_id, e.embedding
-FROM embeddings e JOIN _anchors_selection s ON e.sample_id = s.sample_id
-WHERE e.model_id = ? AND e.status = 'ok' AND e.embedding IS NOT NULL AND e.run_id <> ?
-ORDER BY s.shard, e.sample_id
-"""
 _REUSED_SCHEMA = pa.schema([("sample_id", pa.string()), ("embedding", pa.list_(pa.float32()))])
 
 
 def selection_sql(where: str | None = None, query: str | None = None) -> str:
     """SQL giving (sample_id, identity, crop_file, crop_index, face_status, face_error) of the labelled set."""
     return catalog.selection_sql(SELECT_SQL, where, query)
+
+
+@dataclass(frozen=True)
+class AnchorsOptions(RunOptions):
+    """Everything one `anchors` run needs, validated once here."""
+
+    fr_model: str = DEFAULT_FR_MODEL  # recogniser spec (models.recognition.build_recognizer)
+    head: str | None = None  # classifier head checkpoint (classification-space centers); None: mean centers
+    mode: str = "ratio"  # ratio (the paper) or shifted (CR-FIQA Eq. 3)
+    nnccs_floor: float = A.DEFAULT_NNCCS_FLOOR
+    where: str | None = None  # SQL condition over the labels view
+    query: str | None = None  # or a full selection query
+    device: str = "auto"
+    batch_size: int = 64  # recogniser batch
+    shard_size: int = 8192  # samples per shard
+    chunk_size: int = A.DEFAULT_CHUNK  # samples per search tile
+    center_block: int = A.DEFAULT_CENTER_BLOCK  # centers per search tile
+    reuse_embeddings: bool = False  # reuse stored embeddings of the same model
+    workers: int | None = 1  # one recogniser per process: shards take turns on it
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mode not in A.MODES:
+            raise ValueError(f"unknown anchor mode {self.mode!r}; use one of {A.MODES}")
+        for name in ("batch_size", "shard_size", "chunk_size", "center_block"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.head:
+            head = Path(self.head).expanduser().resolve()
+            if not head.is_file():
+                raise FileNotFoundError(f"head checkpoint {head} does not exist")
+            object.__setattr__(self, "head", str(head))
+        self.selection_sql()  # --where with --query, or an empty --where, fails here
+
+    def selection_sql(self) -> str:
+        return selection_sql(self.where, self.query)
 
 
 @lru_cache(maxsize=2)
@@ -89,6 +130,16 @@ def embed_rows(ws: Workspace, items: list[dict[str, Any]], spec: str, *, device:
         else:
             rows += [{**b, "embedding": emb[i].tolist(), "status": "ok", "error": None} for i, b in enumerate(good)]
     return rows
+
+
+@task(name="anchors-embed-shard", cache_policy=NO_CACHE)
+def embed_shard(ws_root: str, run_id: str, shard: str, items: pa.Table, *, fr_model: str, device: str,
+                batch_size: int) -> dict[str, int]:
+    """Embed one named shard and write its `embeddings` file (the flow commits it)."""
+    ws = Workspace(ws_root)
+    rows = embed_rows(ws, items.to_pylist(), fr_model, device=device, batch_size=batch_size)
+    ShardWriter(ws, "embeddings", run_id).write(shard, rows)
+    return {"embedded": sum(r["status"] == "ok" for r in rows), "not_embedded": sum(r["status"] != "ok" for r in rows)}
 
 
 def _vectors(col: pa.ChunkedArray | pa.Array, dim: int, where: str) -> tuple[np.ndarray, np.ndarray]:
@@ -195,235 +246,106 @@ def _identities(tbl: pa.Table) -> np.ndarray:
     return np.where(np.isnan(ids.astype(np.float64)), -1, ids).astype(np.int64)
 
 
-class _Labels:
-    """Identity -> dense row of the centers matrix (mean centers) or identity itself (head rows)."""
-
-    def __init__(self, identities: np.ndarray | None) -> None:
-        self.ids = identities  # sorted unique identities, or None when identity == head row
-
-    def dense(self, ident: np.ndarray) -> np.ndarray:
-        if self.ids is None:
-            return ident
-        if len(self.ids) == 0:
-            return np.full(len(ident), -1, dtype=np.int64)
-        pos = np.clip(np.searchsorted(self.ids, ident), 0, len(self.ids) - 1)
-        return np.where((ident >= 0) & (self.ids[pos] == ident), pos, -1)
-
-    def identity(self, dense: np.ndarray) -> np.ndarray:
-        if self.ids is None:
-            return dense
-        return np.where(dense >= 0, self.ids[np.clip(dense, 0, None)], -1)
-
-
-_STATS_SCHEMA = pa.schema([
-    ("sample_id", pa.string()), ("identity", pa.int64()), ("ccs", pa.float32()), ("nnccs", pa.float32()),
-    ("nearest_negative", pa.int64()), ("raw", pa.float64()), ("status", pa.string()), ("error", pa.string()),
-])
-
-
 def _stats_path(ws: Workspace, run_id: str, shard: str) -> Path:
     return ws.runs_dir / run_id / "anchor_stats" / f"part-{shard}.parquet"
 
 
-def _check_config(fr_model: str, head: str | None, mode: str, device: str, batch_size: int) -> str | None:
-    """Fail on a bad configuration before any work (or Prefect) starts; returns the head's absolute path."""
-    if mode not in A.MODES:
-        raise ValueError(f"unknown anchor mode {mode!r}; use one of {A.MODES}")
-    head_path = str(Path(head).resolve()) if head else None
-    if head_path and not Path(head_path).is_file():
-        raise FileNotFoundError(f"head checkpoint {head_path} does not exist")
-    _recognizer(fr_model, device, batch_size)  # builds (and caches) the model: a bad spec fails here
-    return head_path
+def _still_to_embed(ws: Workspace, run_id: str, shard: str, sel: pa.Table) -> pa.Table:
+    """The shard's samples without a staged reused embedding."""
+    reused = _reused_path(ws, run_id, shard)
+    if not reused.exists():
+        return sel
+    staged = pq.read_table(reused, columns=["sample_id"]).column("sample_id").combine_chunks()
+    return sel.filter(pc.invert(pc.is_in(sel.column("sample_id"), value_set=staged)))
 
 
-def _anchors_impl(workspace: str | None, fr_model: str, head: str | None, mode: str, nnccs_floor: float,
-                  where: str | None, query: str | None, device: str, batch_size: int, shard_size: int,
-                  chunk_size: int, center_block: int, run_id: str | None, runner: str,
-                  workers: int | None, progress: bool | None, reuse_embeddings: bool = False) -> dict[str, Any]:
-    from prefect import task
-
-    ws = Workspace(workspace)
-    head_path = _check_config(fr_model, head, mode, device, batch_size)
-    rec = _recognizer(fr_model, device, batch_size)
-    model_id = rec.model_id
-    sql = selection_sql(where, query)
-    try:
-        selected = catalog.query(ws, sql)
-    except Exception as e:
-        raise ValueError(f"selection query failed: {e}\nSQL: {sql}") from e
-    missing = {"sample_id", "identity", "crop_file", "crop_index"} - set(selected.column_names)
-    if missing:
-        raise ValueError(f"the selection query must return {sorted(missing)} too")
-    if shard_size < 1:
-        raise ValueError(f"shard size must be >= 1, got {shard_size}")
-    n = selected.num_rows
-    shards = [selected.slice(s, shard_size) for s in range(0, n, shard_size)]
-    dim = rec.embedding_dim
-
-    @task(name="anchors-embed-shard")
-    def embed_shard(ws_root: str, rid: str, _pos: str, items: list[tuple[str, pa.Table]]) -> dict[str, int]:
-        w = Workspace(ws_root)
-        shard, tbl = items[0]
-        rows = embed_rows(w, tbl.to_pylist(), fr_model, device=device, batch_size=batch_size)
-        ShardWriter(w, "embeddings", rid).write(shard, rows)
-        counts = {"embedded": sum(r["status"] == "ok" for r in rows), "not_embedded": sum(r["status"] != "ok"
-                                                                                            for r in rows)}
-        runs.mark_shard_done(w, rid, f"embed-{shard}", counts)
-        return counts
-
-    params = {"fr_model": fr_model, "model_id": model_id, "head": head_path, "mode": mode,
-              "nnccs_floor": nnccs_floor, "query": sql, "shard_size": shard_size, "chunk_size": chunk_size,
-              "center_block": center_block, "reuse_embeddings": bool(reuse_embeddings)}
-    first = (runs.run_info(ws, run_id) or {}).get("parameters", params) if run_id else params
-    first = {"reuse_embeddings": False, **first}  # runs recorded before the option existed did not reuse
-    for k in ("model_id", "head", "mode", "nnccs_floor", "shard_size", "query", "reuse_embeddings"):
-        if first.get(k) != params[k]:
-            raise ValueError(f"run {run_id} was started with {k}={first.get(k)!r}; resuming with "
-                             f"{params[k]!r} would mix results: start a new run instead")
-    with runtime.tracked_run(ws, "anchors", params, run_id) as state:
+@flow(name="anchors")
+def anchors_run(opts: AnchorsOptions) -> dict[str, Any]:
+    """Select, shard, embed, then centers -> search -> normalise over the shards (see the module docstring)."""
+    ws = Workspace(opts.workspace)
+    rec = _recognizer(opts.fr_model, opts.device, opts.batch_size)
+    model_id, dim = rec.model_id, rec.embedding_dim
+    sql = opts.selection_sql()
+    params = {"fr_model": opts.fr_model, "model_id": model_id, "head": opts.head, "mode": opts.mode,
+              "nnccs_floor": opts.nnccs_floor, "query": sql, "shard_size": opts.shard_size,
+              "reuse_embeddings": opts.reuse_embeddings}
+    check_resume(ws, opts.run_id, params)
+    with runtime.tracked_run(ws, "anchors", {**opts.recorded(), **params}, opts.run_id) as state:
         rid = state["run_id"]
+        selected = freeze_selection(ws, rid, sql, REQUIRED)
+        shards = table_shards(selected, opts.shard_size)
         # 0. reuse: stage the stored embeddings of this model (once per run; redone if interrupted)
-        if reuse_embeddings and n and not runs.shard_done(ws, rid, REUSE_STAGE):
-            staged = _stage_reused(ws, rid, model_id, selected, shard_size)
+        if opts.reuse_embeddings and shards and not runs.shard_done(ws, rid, REUSE_STAGE):
+            staged = _stage_reused(ws, rid, model_id, selected, opts.shard_size)
             runs.mark_shard_done(ws, rid, REUSE_STAGE, {"reused": staged})
-        # 1. embed the samples without a staged embedding (skipping committed shards)
-        # (run_shards names shards by position, so each item carries its real shard name)
-        pending = []
-        for i, s in enumerate(shards):
-            shard = runtime.shard_name(i)
-            if runs.shard_done(ws, rid, f"embed-{shard}"):
-                continue
-            reused = _reused_path(ws, rid, shard)
-            if reused.exists():
-                s = s.filter(pc.invert(pc.is_in(s.column("sample_id"),
-                                                value_set=pq.read_table(reused, columns=["sample_id"])
-                                                .column("sample_id").combine_chunks())))
-            if s.num_rows:
-                pending.append([(shard, s)])
-            else:
-                runs.mark_shard_done(ws, rid, f"embed-{shard}", {"embedded": 0, "not_embedded": 0})
-        if pending:
-            outcomes = runtime.run_shards(embed_shard, pending, ws=ws, run_id=rid, desc="anchors: embed",
-                                          progress=progress)
-            runtime.check_shard_failures(outcomes, rid)
+        # 1. embed the samples without a staged embedding
+        todo = {name: _still_to_embed(ws, rid, name, sel) for name, sel in shards.items()}
+        outcomes = run_named_shards(embed_shard, todo, ws=ws, run_id=rid, stage="embed", desc="anchors: embed",
+                                    progress=opts.progress, fr_model=opts.fr_model, device=opts.device,
+                                    batch_size=opts.batch_size)
+        runtime.check_shard_failures(outcomes, rid)
         # 2. centers: streamed over the embedding shards (current identities), or a classifier head
-        if head_path is None:
-            ident = np.unique(_identities(selected.select(["identity"])))
-            labels = _Labels(ident[ident >= 0])
-            acc = A.CenterAccumulator(max(dim, 1), len(labels.ids))
-            for i, sel in enumerate(shards):
-                tbl, emb, ok = _shard_embeddings(ws, rid, runtime.shard_name(i), sel, dim)
-                acc.update(emb[ok], labels.dense(_identities(tbl))[ok])
-            centers, counts, source = acc.centers(), acc.counts, A.CENTER_MEAN
-        else:
-            labels = _Labels(None)
-            centers, counts, source = A.centers_from_head(head_path, rec.embedding_dim), None, A.CENTER_HEAD
-        search = A.NearestNegativeSearch(centers, chunk_size=chunk_size, center_block=center_block, device=device)
-
+        steps = A.StreamingAnchors(
+            dim, identities=None if opts.head else _identities(selected),
+            head=A.centers_from_head(opts.head, dim) if opts.head else None, mode=opts.mode,
+            nnccs_floor=opts.nnccs_floor, chunk_size=opts.chunk_size, center_block=opts.center_block,
+            device=opts.device)
+        if not opts.head:
+            for name, sel in shards.items():
+                tbl, emb, ok = _shard_embeddings(ws, rid, name, sel, dim)
+                steps.add(emb, _identities(tbl), ok)
         # 3. search: ccs, nnccs, nearest negative and raw per shard, persisted for the normalisation pass
-        bar = runtime.Progress(len(shards), "anchors: search", progress)
-        rng = A.RangeAccumulator()
-        for i, sel in enumerate(shards):
-            shard = runtime.shard_name(i)
-            out = _stats_path(ws, rid, shard)
-            if not (runs.shard_done(ws, rid, f"search-{shard}") and out.exists()):
-                tbl, emb, ok = _shard_embeddings(ws, rid, shard, sel, dim)
-                _search_shard(search, tbl, emb, ok, labels, counts, mode, nnccs_floor, out)
-                runs.mark_shard_done(ws, rid, f"search-{shard}")
+        bar = runtime.Progress(len(shards), "anchors: search", opts.progress)
+        for name, sel in shards.items():
+            out = _stats_path(ws, rid, name)
+            if not (runs.shard_done(ws, rid, f"search-{name}") and out.exists()):
+                tbl, emb, ok = _shard_embeddings(ws, rid, name, sel, dim)
+                with _LOCK:
+                    stats = steps.search(emb, _identities(tbl), ok)
+                table = A.stats_table(tbl.column("sample_id"), _identities(tbl), stats,
+                                      tbl.column("error").to_pylist())
+                atomic_write(out, lambda tmp, t=table: pq.write_table(t, tmp))
+                runs.mark_shard_done(ws, rid, f"search-{name}")
             st = pq.read_table(out, columns=["raw", "status"])
-            rng.update(st.column("raw").to_numpy(zero_copy_only=False),
-                       np.asarray(st.column("status").to_pylist()) == A.OK)
+            steps.observe(st.column("raw").to_numpy(zero_copy_only=False), st.column("status").to_pylist())
             bar.update()
         bar.close()
-        lo, hi = rng.range() if rng.count else (float("nan"), float("nan"))
-
+        lo, hi = steps.norm_range()
         # 4. normalise with the global min/max and write the anchors table
         writer = ShardWriter(ws, "anchors", rid)
         totals: dict[str, int] = {}
         reused_n = computed_n = 0
-        for i in range(len(shards)):
-            shard = runtime.shard_name(i)
-            if _reused_path(ws, rid, shard).exists():
-                reused_n += pq.read_metadata(_reused_path(ws, rid, shard)).num_rows
-            emb_path = ShardWriter(ws, "embeddings", rid).path(shard)
+        for name in shards:
+            if _reused_path(ws, rid, name).exists():
+                reused_n += pq.read_metadata(_reused_path(ws, rid, name)).num_rows
+            emb_path = ShardWriter(ws, "embeddings", rid).path(name)
             if emb_path.exists():
                 computed_n += int(pc.sum(pc.equal(pq.read_table(emb_path, columns=["status"]).column("status"),
                                                   A.OK)).as_py() or 0)
-            st = pq.read_table(_stats_path(ws, rid, shard))
+            st = pq.read_table(_stats_path(ws, rid, name))
             for s in st.column("status").to_pylist():
                 totals[s] = totals.get(s, 0) + 1
-            if runs.shard_done(ws, rid, f"anchors-{shard}"):
+            if runs.shard_done(ws, rid, f"anchors-{name}"):
                 continue
-            writer.write(shard, _anchor_rows(st, lo, hi, model_id, source))
-            runs.mark_shard_done(ws, rid, f"anchors-{shard}", {"anchors": st.num_rows})
-        state["metrics"] = {"norm_min": lo, "norm_max": hi, "model_id": model_id, "center_source": source,
-                            "mode": mode, "nnccs_floor": nnccs_floor, "range_rows": rng.count,
-                            "status_counts": totals, "num_centers": int(len(centers))}
-        state["counts"] = {"selected": n, "shards": len(shards), "embeddings_reused": reused_n,
+            writer.write(name, A.anchor_rows(st, lo, hi, model_id, steps.source))
+            runs.mark_shard_done(ws, rid, f"anchors-{name}", {"anchors": st.num_rows})
+        state["metrics"] = {"norm_min": lo, "norm_max": hi, "model_id": model_id, "center_source": steps.source,
+                            "mode": opts.mode, "nnccs_floor": opts.nnccs_floor, "range_rows": steps.range.count,
+                            "status_counts": totals, "num_centers": steps.num_centers}
+        state["counts"] = {"selected": selected.num_rows, "shards": len(shards), "embeddings_reused": reused_n,
                            "embeddings_computed": computed_n, **totals}
         return {"run_id": rid, **state["counts"], "metrics": state["metrics"]}
 
 
-def _search_shard(search: A.NearestNegativeSearch, tbl: pa.Table, emb: np.ndarray | None, ok: np.ndarray | None,
-                  labels: _Labels, counts: np.ndarray | None, mode: str, nnccs_floor: float, out: Path) -> None:
-    """Nearest-negative search for one embeddings shard; writes the per-row stats file atomically."""
-    n = tbl.num_rows
-    ident = _identities(tbl)
-    errors = tbl.column("error").to_pylist() if "error" in tbl.column_names else [None] * n
-    if emb is None:
-        emb, ok = np.zeros((n, search.dim), np.float32), np.zeros(n, dtype=bool)
-    dense = labels.dense(ident)
-    beyond = dense >= search.num_centers  # head centers: an identity without a classifier row
-    with _LOCK:
-        stats = A.anchor_stats(search, np.where(ok[:, None], emb, 0.0), np.where(beyond, -1, dense),
-                               class_counts=counts, mode=mode, nnccs_floor=nnccs_floor)
-    status = stats.status.astype(object)
-    status[beyond & ok] = A.NO_CENTER
-    status[~ok] = NO_EMBEDDING
-    nn = labels.identity(stats.nearest_negative)
-    err = [errors[i] if not ok[i] else None for i in range(n)]
-    table = pa.table({
-        "sample_id": tbl.column("sample_id"), "identity": pa.array(ident, pa.int64()),
-        "ccs": pa.array(stats.ccs, pa.float32(), mask=~np.isfinite(stats.ccs)),
-        "nnccs": pa.array(stats.nnccs, pa.float32(), mask=~np.isfinite(stats.nnccs)),
-        "nearest_negative": pa.array(nn, pa.int64(), mask=nn < 0),
-        "raw": pa.array(stats.raw, pa.float64(), mask=~np.isfinite(stats.raw)),
-        "status": pa.array(status.astype(str)), "error": pa.array(err, pa.string()),
-    }, schema=_STATS_SCHEMA)
-    atomic_write(out, lambda tmp: pq.write_table(table, tmp))
+def run(opts: AnchorsOptions) -> dict[str, Any]:
+    """Build the recogniser (a bad spec fails before Prefect starts), then run the flow on its task runner."""
+    _recognizer(opts.fr_model, opts.device, opts.batch_size)
+    return with_runner(anchors_run, opts)(opts)
 
 
-def _anchor_rows(st: pa.Table, lo: float, hi: float, model_id: str, source: str) -> list[dict[str, Any]]:
-    raw = np.array([np.nan if v is None else v for v in st.column("raw").to_pylist()], dtype=np.float64)
-    anchor = A.anchor_values(raw, np.asarray(st.column("status").to_pylist(), dtype=object), lo, hi)
-    rows = []
-    for i, r in enumerate(st.to_pylist()):
-        ident = r["identity"]
-        rows.append({
-            "sample_id": r["sample_id"], "model_id": model_id, "identity": None if ident < 0 else ident,
-            "ccs": r["ccs"], "nnccs": r["nnccs"], "nearest_negative": r["nearest_negative"], "raw": r["raw"],
-            "anchor": None if not np.isfinite(anchor[i]) else float(anchor[i]),
-            "norm_min": lo if np.isfinite(lo) else None, "norm_max": hi if np.isfinite(hi) else None,
-            "center_source": source, "status": r["status"], "error": r["error"],
-        })
-    return rows
-
-
-def anchors_flow(workspace: str | None = None, fr_model: str = DEFAULT_FR_MODEL, head: str | None = None,
-                 mode: str = "ratio", nnccs_floor: float = A.DEFAULT_NNCCS_FLOOR, where: str | None = None,
-                 query: str | None = None, device: str = "auto", batch_size: int = 64, shard_size: int = 8192,
-                 chunk_size: int = A.DEFAULT_CHUNK, center_block: int = A.DEFAULT_CENTER_BLOCK,
-                 run_id: str | None = None, runner: str = "threads", workers: int | None = 1,
-                 progress: bool | None = None, reuse_embeddings: bool = False,
-                 address: str | None = None) -> dict[str, Any]:
-    """Run the `anchors` Prefect flow; returns the run id, status counts and the recorded metrics."""
-    from prefect import flow
-
-    _check_config(fr_model, head, mode, device, batch_size)
-    task_runner = runtime.make_task_runner(runner, workers, address)
-    f = flow(name="anchors")(_anchors_impl).with_options(task_runner=task_runner)
-    return f(workspace, fr_model, head, mode, nnccs_floor, where, query, device, batch_size, shard_size,
-             chunk_size, center_block, run_id, runner, workers, progress, reuse_embeddings)
+def anchors_flow(**kwargs: Any) -> dict[str, Any]:
+    """Run the `anchors` flow from keyword options (the fields of AnchorsOptions)."""
+    return run(AnchorsOptions(**kwargs))
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
@@ -450,14 +372,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="reuse the latest ok embeddings of this model stored by earlier runs; embed only the "
                         "selected samples without one (centers still use the current identities)")
 
-
 def run_cli(args: argparse.Namespace) -> int:
-    out = anchors_flow(workspace=args.workspace, fr_model=args.fr_model, head=args.head, mode=args.mode,
-                       nnccs_floor=args.nnccs_floor, where=args.where, query=args.query, device=args.device,
-                       batch_size=args.batch_size, shard_size=args.shard_size, chunk_size=args.chunk_size,
-                       center_block=args.center_block, run_id=args.run_id, runner=args.runner,
-                       workers=args.workers or 1, reuse_embeddings=args.reuse_embeddings,
-                       address=args.address)
+    out = run(options_from_args(AnchorsOptions, args, workers=args.workers or 1))
     print(json.dumps(out, indent=2, default=str))
     return 0
 

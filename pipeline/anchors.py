@@ -431,7 +431,7 @@ def compute_anchors(embeddings: Any, labels: Any, centers: Any | None = None, *,
                     chunk_size: int = DEFAULT_CHUNK, center_block: int = DEFAULT_CENTER_BLOCK,
                     mode: str = "ratio", nnccs_floor: float = DEFAULT_NNCCS_FLOOR,
                     norm_range: tuple[float, float] | None = None, device: Any = "cpu") -> pa.Table:
-    """Quality anchors for an in-memory labelled set.
+    """Quality anchors for an in-memory labelled set: :class:`StreamingAnchors` over one shard.
 
     Args:
         embeddings: (N, D) float array (normalised here).
@@ -445,34 +445,185 @@ def compute_anchors(embeddings: Any, labels: Any, centers: Any | None = None, *,
     """
     emb = _as_2d_float(embeddings, "embeddings")
     lab = _as_labels(labels, len(emb))
-    if mode not in MODES:
-        raise ValueError(f"unknown anchor mode {mode!r}; use one of {MODES}")
-    ids = None
-    if centers is None:
-        # Sparse label values are fine: centers are built on the dense ranks of the labels present.
-        known = lab >= 0
-        ids, inv = np.unique(lab[known], return_inverse=True)
-        lab = np.full(len(lab), -1, dtype=np.int64)
-        lab[known] = inv
-        acc = CenterAccumulator(emb.shape[1], len(ids))
-        acc.update(emb, lab)
-        cen, counts, source = acc.centers(), acc.counts, CENTER_MEAN
-        if acc.num_classes == 0:
-            cen = np.zeros((1, emb.shape[1]), dtype=np.float32)
-    else:
-        cen, counts, source = _as_2d_float(centers, "centers"), None, CENTER_HEAD
-    search = NearestNegativeSearch(cen, chunk_size=chunk_size, center_block=center_block, device=device)
-    stats = anchor_stats(search, emb, lab, class_counts=counts, mode=mode, nnccs_floor=nnccs_floor)
-    if ids is not None and len(ids):
-        nn = stats.nearest_negative
-        stats.nearest_negative = np.where(nn >= 0, ids[np.clip(nn, 0, None)], -1)
+    if centers is not None:
+        cen = _as_2d_float(centers, "centers")
+        if lab.size and lab.max() >= len(cen):
+            raise ValueError(f"label {int(lab.max())} has no center (only {len(cen)} centers)")
+    acc = StreamingAnchors(emb.shape[1], identities=lab if centers is None else None,
+                           head=None if centers is None else cen, mode=mode, nnccs_floor=nnccs_floor,
+                           chunk_size=chunk_size, center_block=center_block, device=device)
+    acc.add(emb, lab)
+    stats = acc.search(emb, lab)
     if norm_range is None:
-        rng = RangeAccumulator()
-        rng.update(stats.raw, stats.defines_range)
-        lo, hi = rng.range() if rng.count else (np.nan, np.nan)
+        acc.observe(stats.raw, stats.status)
+        lo, hi = acc.norm_range()
     else:
         lo, hi = (float(v) for v in norm_range)
     anchor = finalize(stats, lo, hi)
-    return _to_table(stats, anchor, lo, hi, {"mode": mode, "center_source": source,
+    return _to_table(stats, anchor, lo, hi, {"mode": mode, "center_source": acc.source,
                                              "nnccs_floor": repr(nnccs_floor)})
 
+
+NO_EMBEDDING = "no_embedding"
+
+
+class IdentityIndex:
+    """Identity value <-> center row: dense ranks of the sorted identities (mean centers) or the identity itself."""
+
+    def __init__(self, identities: np.ndarray | None) -> None:
+        self.ids = identities  # sorted unique identities >= 0, or None when identity == center row
+
+    def dense(self, ident: np.ndarray) -> np.ndarray:
+        """Center row per identity (-1 for unknown or absent identities)."""
+        ident = np.asarray(ident, dtype=np.int64)
+        if self.ids is None:
+            return ident
+        if len(self.ids) == 0:
+            return np.full(len(ident), -1, dtype=np.int64)
+        pos = np.clip(np.searchsorted(self.ids, ident), 0, len(self.ids) - 1)
+        return np.where((ident >= 0) & (self.ids[pos] == ident), pos, -1)
+
+    def identity(self, dense: np.ndarray) -> np.ndarray:
+        """Identity value per center row (-1 stays -1)."""
+        dense = np.asarray(dense, dtype=np.int64)
+        if self.ids is None:
+            return dense
+        if len(self.ids) == 0:
+            return np.full(len(dense), -1, dtype=np.int64)
+        return np.where(dense >= 0, self.ids[np.clip(dense, 0, None)], -1)
+
+
+class StreamingAnchors:
+    """The four anchor steps shard by shard in bounded memory: centers, search, range, normalise.
+
+    1. :meth:`add` every shard's embeddings (mean centers; a no-op with classifier-head centers);
+    2. :meth:`search` each shard: ccs, nnccs, nearest negative (identity values), raw and status;
+    3. :meth:`observe` each shard's raw/status to grow the global min/max, read by :meth:`norm_range`;
+    4. :func:`anchor_values` with that range turns each shard's raw into anchors.
+    Memory holds the centers and one shard whatever the number of shards; identities are any integers
+    (< 0 unknown), mapped to center rows here. Rows flagged not ``ok`` get status ``no_embedding``.
+    """
+
+    def __init__(self, dim: int, *, identities: Any = None, head: Any = None, mode: str = "ratio",
+                 nnccs_floor: float = DEFAULT_NNCCS_FLOOR, chunk_size: int = DEFAULT_CHUNK,
+                 center_block: int = DEFAULT_CENTER_BLOCK, device: Any = "cpu") -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown anchor mode {mode!r}; use one of {MODES}")
+        if (identities is None) == (head is None):
+            raise ValueError("give the selection's identities (mean centers) or head centers, exactly one")
+        self.dim, self.mode, self.nnccs_floor = max(int(dim), 1), mode, nnccs_floor
+        self._search_args = {"chunk_size": chunk_size, "center_block": center_block, "device": device}
+        self._searcher: NearestNegativeSearch | None = None
+        self.range = RangeAccumulator()
+        if head is None:
+            ids = np.unique(np.asarray(identities, dtype=np.int64))
+            self.index = IdentityIndex(ids[ids >= 0])
+            self._acc: CenterAccumulator | None = CenterAccumulator(self.dim, len(self.index.ids))
+            self._head = None
+            self.source = CENTER_MEAN
+        else:
+            self.index = IdentityIndex(None)
+            self._acc = None
+            self._head = _as_2d_float(head, "head centers")
+            if self._head.shape[1] != self.dim:
+                raise ValueError(f"head centers have dim {self._head.shape[1]}, embeddings have dim {self.dim}")
+            self.source = CENTER_HEAD
+
+    @staticmethod
+    def _ok(embeddings: Any, ok: Any) -> tuple[np.ndarray, np.ndarray]:
+        emb = _as_2d_float(embeddings, "embeddings")
+        good = np.ones(len(emb), dtype=bool) if ok is None else np.asarray(ok, dtype=bool)
+        if good.shape != (len(emb),):
+            raise ValueError(f"ok mask must have {len(emb)} entries, got shape {good.shape}")
+        return emb, good
+
+    def add(self, embeddings: Any, identities: Any, ok: Any = None) -> None:
+        """Step 1: add one shard to the per-identity sums (rows with ``ok`` False are left out)."""
+        if self._acc is None:
+            return
+        if self._searcher is not None:
+            raise RuntimeError("the centers are final once the search has started")
+        emb, good = self._ok(embeddings, ok)
+        dense = self.index.dense(_as_labels(identities, len(emb)))
+        self._acc.update(emb[good], dense[good])
+
+    @property
+    def num_centers(self) -> int:
+        """Identities with a center: those of the selection (mean centers) or the head's rows."""
+        return len(self._acc.counts) if self._acc is not None else len(self._head)  # type: ignore[arg-type]
+
+    @property
+    def class_counts(self) -> np.ndarray | None:
+        """Samples per center row (mean centers), None for head centers."""
+        return None if self._acc is None else self._acc.counts
+
+    def centers(self) -> np.ndarray:
+        """The (C, D) centers; one zero row (never a negative) when no identity has a sample."""
+        if self._acc is None:
+            return self._head  # type: ignore[return-value]
+        cen = self._acc.centers()
+        return cen if len(cen) else np.zeros((1, self.dim), dtype=np.float32)
+
+    def search(self, embeddings: Any, identities: Any, ok: Any = None) -> AnchorStats:
+        """Steps 2-3 for one shard: measures and status per row; ``nearest_negative`` holds identity values."""
+        emb, good = self._ok(embeddings, ok)
+        ident = _as_labels(identities, len(emb))
+        if self._searcher is None:
+            self._searcher = NearestNegativeSearch(self.centers(), **self._search_args)
+        dense = self.index.dense(ident)
+        beyond = dense >= self._searcher.num_centers  # head centers: an identity without a classifier row
+        clean = np.where(good[:, None], emb, 0.0).astype(np.float32)  # non-finite rows are flagged invalid
+        stats = anchor_stats(self._searcher, clean, np.where(beyond, -1, dense), class_counts=self.class_counts,
+                             mode=self.mode, nnccs_floor=self.nnccs_floor)
+        status = stats.status.astype(object)
+        status[beyond & good] = NO_CENTER
+        status[~good] = NO_EMBEDDING
+        stats.status = status
+        stats.nearest_negative = self.index.identity(stats.nearest_negative)
+        return stats
+
+    def observe(self, raw: Any, status: Any) -> None:
+        """Step 3: grow the normalisation range with one shard's ``ok`` rows."""
+        self.range.update(np.asarray(raw, dtype=np.float64), np.asarray(status, dtype=object) == OK)
+
+    def norm_range(self) -> tuple[float, float]:
+        """The global (min, max) of raw over the observed ``ok`` rows; NaN when there is none."""
+        return self.range.range() if self.range.count else (float("nan"), float("nan"))
+
+
+STATS_SCHEMA = pa.schema([
+    ("sample_id", pa.string()), ("identity", pa.int64()), ("ccs", pa.float32()), ("nnccs", pa.float32()),
+    ("nearest_negative", pa.int64()), ("raw", pa.float64()), ("status", pa.string()), ("error", pa.string()),
+])
+
+
+def stats_table(sample_ids: Any, identities: np.ndarray, stats: AnchorStats, errors: list[str | None]) -> pa.Table:
+    """One shard's per-row measures (what the flow persists between the search and normalisation passes)."""
+    ident = np.asarray(identities, dtype=np.int64)
+    nn = np.asarray(stats.nearest_negative, dtype=np.int64)
+    err = [e if s == NO_EMBEDDING else None for e, s in zip(errors, stats.status, strict=True)]
+    return pa.table({
+        "sample_id": sample_ids, "identity": pa.array(ident, pa.int64()),
+        "ccs": pa.array(stats.ccs, pa.float32(), mask=~np.isfinite(stats.ccs)),
+        "nnccs": pa.array(stats.nnccs, pa.float32(), mask=~np.isfinite(stats.nnccs)),
+        "nearest_negative": pa.array(nn, pa.int64(), mask=nn < 0),
+        "raw": pa.array(stats.raw, pa.float64(), mask=~np.isfinite(stats.raw)),
+        "status": pa.array(np.asarray(stats.status).astype(str)), "error": pa.array(err, pa.string()),
+    }, schema=STATS_SCHEMA)
+
+
+def anchor_rows(stats: pa.Table, lo: float, hi: float, model_id: str, source: str) -> list[dict[str, Any]]:
+    """Step 4 for one shard: `anchors` table rows from its persisted measures and the global range."""
+    raw = np.array([np.nan if v is None else v for v in stats.column("raw").to_pylist()], dtype=np.float64)
+    anchor = anchor_values(raw, np.asarray(stats.column("status").to_pylist(), dtype=object), lo, hi)
+    rows = []
+    for i, r in enumerate(stats.to_pylist()):
+        ident = r["identity"]
+        rows.append({
+            "sample_id": r["sample_id"], "model_id": model_id, "identity": None if ident < 0 else ident,
+            "ccs": r["ccs"], "nnccs": r["nnccs"], "nearest_negative": r["nearest_negative"], "raw": r["raw"],
+            "anchor": None if not np.isfinite(anchor[i]) else float(anchor[i]),
+            "norm_min": lo if np.isfinite(lo) else None, "norm_max": hi if np.isfinite(hi) else None,
+            "center_source": source, "status": r["status"], "error": r["error"],
+        })
+    return rows

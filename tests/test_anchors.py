@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from pipeline import anchors as A
@@ -234,3 +235,71 @@ def test_dlib_anchor_falls_as_degradation_grows():
     assert rho_shifted < -0.5
     assert within < -0.5
     assert means[0] > means[1] > means[2] > means[3]
+
+
+def _clustered(seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """24 embeddings of 4 sparse identities (plus one unknown) around random centers in 8-D."""
+    rng = np.random.default_rng(seed)
+    ids = np.repeat(np.array([5, 9, 40, 41]), 6)
+    ids[0] = -1
+    base = rng.normal(size=(4, 8))
+    emb = base[np.searchsorted([5, 9, 40, 41], np.where(ids < 0, 5, ids))] + 0.6 * rng.normal(size=(24, 8))
+    return emb.astype(np.float32), ids
+
+
+def test_streaming_anchors_over_shards_equal_compute_anchors_on_the_whole_set():
+    emb, ids = _clustered()
+    want = A.compute_anchors(emb, ids)
+    steps = A.StreamingAnchors(8, identities=ids)
+    cuts = [slice(0, 7), slice(7, 15), slice(15, 24)]
+    for s in cuts:
+        steps.add(emb[s], ids[s])
+    stats = [steps.search(emb[s], ids[s]) for s in cuts]
+    for st in stats:
+        steps.observe(st.raw, st.status)
+    lo, hi = steps.norm_range()
+    assert (lo, hi) == (float(want.schema.metadata[b"norm_min"]), float(want.schema.metadata[b"norm_max"]))
+    got = np.concatenate([A.anchor_values(st.raw, st.status, lo, hi) for st in stats])
+    np.testing.assert_allclose(got, want.column("anchor").to_numpy(zero_copy_only=False), atol=1e-12)
+    assert np.concatenate([st.status for st in stats]).tolist() == want.column("status").to_pylist()
+    nn = np.concatenate([st.nearest_negative for st in stats])
+    assert [None if v < 0 else int(v) for v in nn] == want.column("nearest_negative").to_pylist()
+    assert set(nn[nn >= 0].tolist()) <= {5, 9, 40, 41} and steps.num_centers == 4
+    with pytest.raises(RuntimeError, match="final"):
+        steps.add(emb[:2], ids[:2])
+
+
+def test_streaming_anchors_keep_rows_without_embedding_out_of_centers_and_range():
+    emb, ids = _clustered(5)
+    ok = np.ones(len(ids), dtype=bool)
+    ok[3] = False  # e.g. no aligned crop: a NaN row in the embeddings shard
+    emb_nan = emb.copy()
+    emb_nan[3] = np.nan
+    steps = A.StreamingAnchors(8, identities=ids)
+    steps.add(emb_nan, ids, ok)
+    stats = steps.search(emb_nan, ids, ok)
+    steps.observe(stats.raw, stats.status)
+    keep = np.flatnonzero(ok)
+    want = A.compute_anchors(emb[keep], ids[keep])
+    assert stats.status[3] == A.NO_EMBEDDING and np.isnan(stats.raw[3])
+    np.testing.assert_allclose(stats.raw[keep], want.column("raw").to_numpy(zero_copy_only=False), atol=1e-6)
+    table = A.stats_table(pa.array([f"s{i}" for i in range(len(ids))]), ids, stats,
+                          ["no crop" if i == 3 else None for i in range(len(ids))])
+    rows = A.anchor_rows(table, *steps.norm_range(), "m", steps.source)
+    assert rows[3]["status"] == "no_embedding" and rows[3]["error"] == "no crop" and rows[3]["anchor"] is None
+    assert rows[0]["identity"] is None and rows[1]["identity"] == 5 and rows[1]["center_source"] == A.CENTER_MEAN
+    anchors = [r["anchor"] for r in rows if r["status"] == A.OK]
+    assert min(anchors) == 0.0 and max(anchors) == 1.0
+
+
+def test_streaming_anchors_with_head_centers_flag_identities_beyond_the_head():
+    emb, _ = _clustered(7)
+    head = A.l2_normalize(np.eye(3, 8, dtype=np.float32))
+    labels = np.array([0, 1, 2, 3] * 6)
+    steps = A.StreamingAnchors(8, head=head)
+    stats = steps.search(emb, labels)
+    assert (stats.status[labels == 3] == A.NO_CENTER).all() and steps.source == A.CENTER_HEAD
+    want = A.compute_anchors(emb[labels < 3], labels[labels < 3], head)
+    np.testing.assert_allclose(stats.raw[labels < 3], want.column("raw").to_numpy(zero_copy_only=False), atol=1e-6)
+    with pytest.raises(ValueError, match="exactly one"):
+        A.StreamingAnchors(8)

@@ -172,10 +172,11 @@ def test_reuse_embeddings_embeds_only_new_samples_and_follows_relabelled_identit
     # A full recompute (CLI, no reuse; --address reaches the task runner) gives the same anchors.
     seen = []
     real = runtime.make_task_runner
-    monkeypatch.setattr(runtime, "make_task_runner", lambda *a: seen.append(a) or real(*a))
+    monkeypatch.setattr(runtime, "make_task_runner", lambda *a: seen.append(a) or real("threads", 1))
     assert F.main(["--workspace", str(workspace.root), "--fr-model", "dlib", "--shard-size", "5", "--chunk-size",
-                   "4", "--center-block", "3", "--device", "cpu", "--address", "tcp://127.0.0.1:8786"]) == 0
-    assert seen == [("threads", 1, "tcp://127.0.0.1:8786")]
+                   "4", "--center-block", "3", "--device", "cpu", "--runner", "dask",
+                   "--address", "tcp://127.0.0.1:8786"]) == 0
+    assert seen == [("dask", 1, "tcp://127.0.0.1:8786")]
     full = _latest(workspace, "anchors")
     assert full["astronaut_0-clean"]["run_id"] != rid
     for s in idents:

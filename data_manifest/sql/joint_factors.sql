@@ -3,4 +3,4 @@ SELECT blur_class, occlusion_class, pose_class, expression_class, lighting_class
 FROM labels
 WHERE blur_class IS NOT NULL
 GROUP BY ALL
-ORDER BY n DESC, ALL;
+ORDER BY n DESC, blur_class, occlusion_class, pose_class, expression_class, lighting_class;

@@ -462,7 +462,8 @@ class RecordIOReader(DatasetReader):
     When record 0 is a header (flag >= 2, empty payload), its labels (a, b) say that
     images are keys 1..a-1 and keys a..b-1 hold each identity's [start, stop) image
     range; otherwise every indexed record is an image. The label of an image is its
-    own IRHeader label. Without a `.idx`, the index is built by scanning the `.rec`.
+    own IRHeader label; an image key the index does not list is a `bad_entry` row.
+    Without a `.idx`, the index is built by scanning the `.rec`.
     A record that cannot be read (truncated file, bad framing, offset past the end) is
     a `corrupt` row; one whose label is not an integer, or whose offset the index gives
     to a lower key too, is a `bad_entry` row. A header that cannot be read refuses the
@@ -575,18 +576,37 @@ class RecordIOReader(DatasetReader):
         return out
 
     def _make_plan(self) -> list[Shard]:
-        lo, hi, _ = self.layout()
-        return self._split(hi - lo)
+        lo, hi, ids = self.layout()
+        if ids is None:
+            return self._split(hi - lo)
+        announced, listed = ids[0] - 1, hi - lo
+        if announced - listed > listed:
+            raise DatasetError(f"{str(self.rec_path)!r}: the header announces {announced} images (keys 1.."
+                               f"{ids[0] - 1}) but {self.idx_path.name} lists only {listed} of them")
+        return self._split(announced)  # one record per image key the header announces, listed or not
+
+    def _positions(self, shard: Shard) -> list[tuple[int, int | None]]:
+        """(key, index position or None when the index lacks the key) of every record of the shard."""
+        ix = self.index()
+        lo, _, ids = self.layout()
+        if ids is None:
+            return [(int(ix.keys[i]), i) for i in range(lo + shard.start, lo + shard.stop)]
+        ks = np.arange(1 + shard.start, 1 + shard.stop, dtype=np.int64)
+        pos = np.searchsorted(ix.keys, ks)
+        found = (pos < ix.keys.size) & (ix.keys[np.minimum(pos, max(ix.keys.size - 1, 0))] == ks)
+        return [(int(k), int(p) if f else None) for k, p, f in zip(ks, pos, found, strict=True)]
 
     def read(self, shard: Shard) -> Iterator[Record]:
         ix = self.index()
-        lo, _, _ = self.layout()
-        a, b = lo + shard.start, lo + shard.stop
-        if b <= a:
-            return
-        offs, stops = ix.offsets[a:b], ix.ends[a:b]
-        base, top = int(offs.min()), min(int(stops.max()), ix.size)
+        todo = self._positions(shard)
         rec_name, rec_str = self.rec_path.name, str(self.rec_path)
+        listed = [i for _, i in todo if i is not None]
+        if not listed:
+            for k, _ in todo:
+                yield self._unlisted(k, rec_name, rec_str)
+            return
+        offs, stops = ix.offsets[listed], ix.ends[listed]
+        base, top = int(offs.min()), min(int(stops.max()), ix.size)
         fd = os.open(self.rec_path, os.O_RDONLY)
         try:
             if 0 <= top - base <= MAX_SPAN_BYTES:
@@ -598,10 +618,16 @@ class RecordIOReader(DatasetReader):
                         os.pread(fd, n, pos)
             else:
                 read_at = pread_file(fd)
-            for i in range(a, b):
-                yield self._record(i, read_at, rec_name, rec_str)
+            for k, i in todo:
+                yield self._unlisted(k, rec_name, rec_str) if i is None else self._record(i, read_at, rec_name,
+                                                                                           rec_str)
         finally:
             os.close(fd)
+
+    def _unlisted(self, k: int, rec_name: str, rec_str: str) -> Record:
+        """The row of an image key the header announces but the index does not list."""
+        return Record(self.kind, rec_str, f"{rec_name}#{k}", -1, None, None, images.BAD_ENTRY,
+                      f"record {k}: the header says it is an image, but {self.idx_path.name} has no line for it")
 
     def _record(self, i: int, read_at: Any, rec_name: str, rec_str: str) -> Record:
         ix = self.index()

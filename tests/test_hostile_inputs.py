@@ -208,6 +208,17 @@ def test_idx_offset_inside_another_record_spoils_only_its_own_row(tmp_path):
     assert "magic mismatch" in rows[1]["error"]
 
 
+def test_image_key_missing_from_the_idx_is_a_row(tmp_path):
+    with FaceRecWriter(tmp_path) as w:
+        for i, lab in enumerate([0, 0, 1, 2]):
+            w.add(lab, _png(i))
+    lines = (tmp_path / "train.idx").read_text().splitlines()
+    (tmp_path / "train.idx").write_text("\n".join(line for line in lines if not line.startswith("2\t")) + "\n")
+    rows = _rows(RecordIOReader(tmp_path, shard_size=3))
+    assert [(r["identity"], r["status"]) for r in rows] == [(0, "ok"), (-1, "bad_entry"), (1, "ok"), (2, "ok")]
+    assert "record 2: the header says it is an image, but train.idx has no line for it" == rows[1]["error"]
+
+
 def test_idx_line_without_an_offset_is_a_clear_error(tmp_path):
     _raw_rec(tmp_path, [pack_ir(0, _png(1))])
     (tmp_path / "train.idx").write_text("0\t0\n1\t\n")

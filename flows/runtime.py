@@ -244,7 +244,7 @@ for sig in (signal.SIGTERM, signal.SIGKILL):
     if select.select([srv], [], [], 5)[0]:
         sys.exit(0)
 """
-_WATCHED: set[int] = set()
+_WATCHED: dict[int, Any] = {}  # server pid -> its watchdog process
 
 
 def spawn_watchdog(server_pid: int, parent_pid: int | None = None) -> Any:
@@ -266,8 +266,7 @@ def watch_temporary_server() -> int | None:
     proc = getattr(SubprocessASGIServer(), "server_process", None)  # the instance flows use (port None)
     if proc is None or proc.poll() is not None or proc.pid in _WATCHED:
         return None
-    _WATCHED.add(proc.pid)
-    spawn_watchdog(proc.pid)
+    _WATCHED[proc.pid] = spawn_watchdog(proc.pid)
     return proc.pid
 
 

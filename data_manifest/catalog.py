@@ -349,7 +349,7 @@ def file_grants(ws: Workspace, paths: Sequence[str], allow_external_read: bool =
         if any(c in p for c in _GLOB_CHARS):
             if allow_external_read:
                 parts = Path(full).parts
-                cut = next(i for i, part in enumerate(parts) if any(c in part for c in _GLOB_CHARS))
+                cut = next((i for i, part in enumerate(parts) if any(c in part for c in _GLOB_CHARS)), len(parts))
                 dirs.add(os.path.join(*parts[:cut]) + os.sep)
             continue
         if allow_external_read and os.path.isdir(full):
@@ -367,8 +367,8 @@ def _permission_message(e: duckdb.Error, ws: Workspace, allow_external_read: boo
     if allow_external_read:
         return (f"refused: the query reaches {what}, which it does not name literally or writes to; "
                 "only files named in the query can be read, and nothing can be written")
-    return (f"refused: the query reads {what}, outside what it may read (the catalog views and files inside the "
-            f"workspace {ws.root} named literally); {EXTERNAL_READ_HINT}")
+    return (f"refused: the query reads {what}, outside what it may read (the catalog views, and single files inside "
+            f"the workspace {ws.root} named literally, not patterns); {EXTERNAL_READ_HINT}")
 
 
 def query(ws: Workspace, sql: str, params: list | dict | None = None, *,

@@ -188,11 +188,18 @@ def hflip(img: np.ndarray, level: int) -> np.ndarray:
     return img[:, ::-1].copy() if level else img.copy()
 
 
-def darker_skin(img: np.ndarray, region: np.ndarray, albedo: float = 0.25, keep_top: float = 3.0) -> np.ndarray:
-    """A darker skin under the same light: linear light times `albedo` on the face `region` (bool HxW mask),
-    except its brightest `keep_top` percent (eye whites, specular highlights), which skin albedo does not set.
+SKIN_CHROMA_SCALE = 0.05  # normalised (r, g) chromaticity distance at which a pixel is 1/e skin-like
 
-    A check of lighting labellers, not a recorded degradation: a well-lit darker face must stay "normal".
+
+def darker_skin(img: np.ndarray, region: np.ndarray, albedo: float = 0.25) -> np.ndarray:
+    """A darker skin under the same light: skin pixels' linear light times `albedo`, smoothly weighted.
+
+    A pixel's skin weight falls off with the distance of its (r, g) chromaticity from
+    the median of the face `region` (bool HxW mask), smoothed over ~2 px, so forehead,
+    neck and ears darken with the cheeks. Highlights (luminance between the region's
+    90th and 99th percentiles and above), which skin albedo does not set, keep their
+    light. A check of labellers, not a recorded degradation: a well-lit darker face
+    must stay "normal lighting" and "unobstructed".
     """
     if not 0.0 < albedo <= 1.0:
         raise ValueError(f"albedo must be in (0, 1], got {albedo}")
@@ -201,9 +208,13 @@ def darker_skin(img: np.ndarray, region: np.ndarray, albedo: float = 0.25, keep_
         raise ValueError(f"region must be a non-empty {img.shape[:2]} mask, got {mask.shape}")
     lin = _to_linear(img)
     y = lin @ np.array([0.2126, 0.7152, 0.0722])
-    skin = mask & (y < np.percentile(y[mask], 100.0 - keep_top))
-    lin[skin] *= albedo
-    return _to_srgb(lin)
+    chroma = lin[..., :2] / np.maximum(lin.sum(axis=-1, keepdims=True), 1e-6)
+    dist = np.linalg.norm(chroma - np.median(chroma[mask], axis=0), axis=-1)
+    skin = cv2.GaussianBlur(np.exp(-((dist / SKIN_CHROMA_SCALE) ** 2)), (0, 0), 2.0)
+    q90, q99 = np.percentile(y[mask], [90.0, 99.0])
+    highlight = np.clip((y - q90) / max(q99 - q90, 1e-6), 0.0, 1.0)
+    gain = 1.0 - (1.0 - albedo) * skin * (1.0 - highlight)
+    return _to_srgb(lin * gain[..., None])
 
 
 DEGRADATIONS: dict[str, Callable[[np.ndarray, int], np.ndarray]] = {

@@ -35,7 +35,7 @@ from pipeline.align import ARCFACE_TEMPLATE
 from pipeline.factors import FactorClass, binary_class
 from pipeline.records import ERROR, OK, FaceCrop, factor_row
 
-VERSION = "1.0"
+VERSION = "2"  # 2: dark on the 99th percentile, uneven on half medians (1: mean and under-exposure)
 LABELLER = "analytic-lighting"
 CROP_SIZE = 112
 UNDER_EXPOSURE_MAX = 25  # OFIQ UnderExposurePrevention range 0..25 (inclusive)

@@ -58,10 +58,8 @@ def test_variants_carry_the_expected_labels_table(face):
     assert (patch == 90).all()  # the grey patch covers the nose-mouth region of the crop
     cheek = by["darker_skin_1"][70:80, 30:40]
     assert cheek.mean() < 0.7 * face[70:80, 30:40].mean()  # darker skin on the face
-    from pipeline.lighting import face_region
-
-    outside = ~face_region(ARCFACE_TEMPLATE)[0]
-    np.testing.assert_array_equal(by["darker_skin_1"][outside], face[outside])  # nothing changes off the face
+    brightest = face.sum(axis=-1) >= np.percentile(face.sum(axis=-1), 99.5)  # highlights keep their light
+    assert by["darker_skin_1"][brightest].mean() > 0.9 * face[brightest].mean()
 
 
 def test_pasted_occluders_are_expected_obstructed_and_benign_ones_not(face):

@@ -255,3 +255,18 @@ def duckdb_errors() -> type[Exception]:
     import duckdb
 
     return duckdb.Error
+
+
+def test_sql_files_get_the_same_checks(setting, tmp_path, capsys):
+    ws, outside, values = setting
+    before = _hashes(ws.root, outside)
+    bad = tmp_path / "bad.sql"
+    bad.write_text(f"-- looks harmless\nSELECT 1;\n/* then */ WITH c AS (COPY (SELECT 1) TO '{values['shard']}') "
+                   "SELECT 1;\n")
+    assert cli.main(["sql", "--workspace", str(ws.root), "--file", str(bad)]) == 2
+    assert "refused: COPY inside a query" in capsys.readouterr().err
+    good = tmp_path / "good.sql"
+    good.write_text("-- two queries\nSELECT 1 AS one;\nSELECT count(*) AS n FROM samples; -- the last one wins\n")
+    assert cli.main(["sql", "--workspace", str(ws.root), "--file", str(good), "--format", "csv"]) == 0
+    assert capsys.readouterr().out.split() == ['"n"', "5"]
+    assert _hashes(ws.root, outside) == before

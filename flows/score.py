@@ -10,26 +10,69 @@ from __future__ import annotations
 import argparse
 import json
 import threading
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
 
-from data_manifest import ShardWriter, Workspace, catalog, runs
+from data_manifest import ShardWriter, Workspace, catalog
 from flows import runtime
+from flows.sharded import (
+    RunOptions,
+    check_resume,
+    flow_sql,
+    freeze_selection,
+    options_from_args,
+    run_named_shards,
+    table_shards,
+    with_runner,
+)
 
 DEFAULT_METHOD = "clib-fiqa"
-SELECT_SQL = """
-SELECT s.sample_id, fc.crop_file, fc.crop_index, fc.status AS face_status, fc.error AS face_error
-FROM samples s LEFT JOIN faces fc USING (sample_id)
-"""
+SELECT_SQL = flow_sql("score_selection")
 _LOCK = threading.Lock()
 
 
 def selection_sql(where: str | None = None, query: str | None = None) -> str:
     """SQL giving (sample_id, crop_file, crop_index, face_status, face_error) of the samples to score."""
     return catalog.selection_sql(SELECT_SQL, where, query)
+
+
+@dataclass(frozen=True)
+class ScoreOptions(RunOptions):
+    """Everything one `score` run needs, validated once here."""
+
+    checkpoint: str = ""  # a CLIB-FIQA checkpoint (.pt), stored as an absolute path
+    where: str | None = None  # SQL condition over the labels view
+    query: str | None = None  # or a full selection query
+    method: str = DEFAULT_METHOD  # method name in the scores table
+    device: str = "auto"
+    batch_size: int = 64
+    shard_size: int = 4096  # samples per shard
+    workers: int | None = 1  # one scorer per process: shards take turns on it
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.checkpoint:
+            raise ValueError("score needs --checkpoint PATH (a CLIB-FIQA checkpoint)")
+        ckpt = Path(self.checkpoint).expanduser().resolve()
+        if not ckpt.is_file():
+            raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
+        object.__setattr__(self, "checkpoint", str(ckpt))
+        for name in ("batch_size", "shard_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not self.method.strip():
+            raise ValueError("--method must not be empty")
+        self.selection_sql()  # --where with --query, or an empty --where, fails here
+
+    def selection_sql(self) -> str:
+        return selection_sql(self.where, self.query)
 
 
 @lru_cache(maxsize=4)
@@ -70,53 +113,45 @@ def score_rows(ws: Workspace, items: list[dict[str, Any]], checkpoint: str, *, m
     return rows
 
 
-def _score_impl(workspace: str | None, checkpoint: str, where: str | None, query: str | None, method: str,
-                device: str, batch_size: int, shard_size: int, run_id: str | None, runner: str,
-                workers: int | None) -> dict[str, Any]:
-    from prefect import task
+@task(name="score-shard", cache_policy=NO_CACHE)
+def score_shard(ws_root: str, run_id: str, shard: str, items: pa.Table, *, checkpoint: str, method: str,
+                device: str, batch_size: int) -> dict[str, int]:
+    """Score one named shard and write its `scores` file (the flow commits it)."""
+    ws = Workspace(ws_root)
+    rows = score_rows(ws, items.to_pylist(), checkpoint, method=method, device=device, batch_size=batch_size)
+    ShardWriter(ws, "scores", run_id).write(shard, rows)
+    return {"rows": len(rows), "ok": sum(r["status"] == "ok" for r in rows)}
 
-    from models.train import load_checkpoint
 
-    ws = Workspace(workspace)
-    ckpt_path = str(Path(checkpoint).resolve())
-    load_checkpoint(ckpt_path)  # a bad checkpoint fails before any work starts
-    sql = selection_sql(where, query)
-    try:
-        items = catalog.query(ws, sql).to_pylist()
-    except Exception as e:
-        raise ValueError(f"selection query failed: {e}\nSQL: {sql}") from e
-    if items and "sample_id" not in items[0]:
-        raise ValueError("the selection query must return a sample_id column")
-
-    @task(name="score-shard")
-    def score_shard(ws_root: str, rid: str, shard: str, shard_items: list[dict[str, Any]]) -> dict[str, int]:
-        w = Workspace(ws_root)
-        rows = score_rows(w, shard_items, ckpt_path, method=method, device=device, batch_size=batch_size)
-        ShardWriter(w, "scores", rid).write(shard, rows)
-        counts = {"rows": len(rows), "ok": sum(r["status"] == "ok" for r in rows)}
-        runs.mark_shard_done(w, rid, shard, counts)
-        return counts
-
-    params = {"checkpoint": ckpt_path, "query": sql, "method": method, "shard_size": shard_size}
-    with runtime.tracked_run(ws, "score", params, run_id) as state:
+@flow(name="score")
+def score_run(opts: ScoreOptions) -> dict[str, Any]:
+    """Select (frozen with the run), shard, score each shard, write `scores` rows."""
+    ws = Workspace(opts.workspace)
+    sql = opts.selection_sql()
+    params = {"checkpoint": opts.checkpoint, "query": sql, "method": opts.method, "shard_size": opts.shard_size}
+    check_resume(ws, opts.run_id, params)
+    with runtime.tracked_run(ws, "score", {**opts.recorded(), **params}, opts.run_id) as state:
         rid = state["run_id"]
-        outcomes = runtime.run_shards(score_shard, runtime.chunks(items, shard_size), ws=ws, run_id=rid,
-                                      desc="score")
+        selected = freeze_selection(ws, rid, sql)
+        outcomes = run_named_shards(score_shard, table_shards(selected, opts.shard_size), ws=ws, run_id=rid,
+                                    desc="score", progress=opts.progress, checkpoint=opts.checkpoint,
+                                    method=opts.method, device=opts.device, batch_size=opts.batch_size)
         state["counts"] = runtime.summarize(outcomes)
         runtime.check_shard_failures(outcomes, rid)
-        return {"run_id": rid, "selected": len(items), **state["counts"]}
+        return {"run_id": rid, "selected": selected.num_rows, **state["counts"]}
 
 
-def score_flow(workspace: str | None = None, checkpoint: str = "", where: str | None = None,
-               query: str | None = None, method: str = DEFAULT_METHOD, device: str = "auto", batch_size: int = 64,
-               shard_size: int = 4096, run_id: str | None = None, runner: str = "threads",
-               workers: int | None = 1) -> dict[str, Any]:
-    """Run the `score` Prefect flow; returns the run id and counts."""
-    from prefect import flow
+def run(opts: ScoreOptions) -> dict[str, Any]:
+    """Load the checkpoint (a bad one fails before Prefect starts), then run the flow on its task runner."""
+    from models.train import load_checkpoint
 
-    f = flow(name="score")(_score_impl).with_options(
-        task_runner=runtime.make_task_runner(runner, workers))
-    return f(workspace, checkpoint, where, query, method, device, batch_size, shard_size, run_id, runner, workers)
+    load_checkpoint(opts.checkpoint)
+    return with_runner(score_run, opts)(opts)
+
+
+def score_flow(**kwargs: Any) -> dict[str, Any]:
+    """Run the `score` flow from keyword options (the fields of ScoreOptions)."""
+    return run(ScoreOptions(**kwargs))
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
@@ -132,9 +167,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    out = score_flow(workspace=args.workspace, checkpoint=args.checkpoint, where=args.where, query=args.query,
-                     method=args.method, device=args.device, batch_size=args.batch_size, shard_size=args.shard_size,
-                     run_id=args.run_id, runner=args.runner, workers=args.workers or 1)
+    out = run(options_from_args(ScoreOptions, args, workers=args.workers or 1))
     print(json.dumps(out, indent=2, default=str))
     return 0
 

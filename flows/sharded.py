@@ -18,7 +18,7 @@ from data_manifest import Workspace, catalog, runs
 from data_manifest.writer import atomic_write
 from flows import runtime
 
-OptionsT = TypeVar("OptionsT", bound="RunOptions")
+OptionsT = TypeVar("OptionsT")
 SELECTION_FILE = "selection.parquet"
 # Fields of RunOptions say where and how a run executes, not what it computes: never part of the resume check.
 EXECUTION_FIELDS = ("workspace", "run_id", "runner", "workers", "address", "progress")
@@ -51,7 +51,11 @@ class RunOptions:
 
 def options_from_args(cls: type[OptionsT], args: argparse.Namespace, **overrides: Any) -> OptionsT:
     """Build a flow's options from parsed CLI arguments (one field per option of the same name)."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    values = {}
+    for f in dataclasses.fields(cls):
+        value = getattr(args, f.name, None)
+        if value is not None or (hasattr(args, f.name) and f.default is None):
+            values[f.name] = value  # an option left unset keeps the dataclass default
     return cls(**{**values, **overrides})
 
 

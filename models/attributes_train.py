@@ -24,6 +24,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 
 from models.attributes import HEADS, AttributeNet, AttributeNetConfig, predict_proba, to_input
 from models.config import from_mapping
+from models.crop_sources import ArrayImages, ImageSource  # noqa: F401  (re-exported: the trainer's inputs)
 from pipeline.factors import BINARY_THRESHOLD
 
 log = logging.getLogger(__name__)
@@ -67,27 +68,6 @@ class CropSource(Protocol):
     def __len__(self) -> int: ...
 
     def read(self, indices: np.ndarray) -> np.ndarray: ...
-
-
-class ImageSource(Protocol):
-    """Crops addressed by row: `len` and `read(indices) -> uint8 (B, H, W, 3)` (e.g. models.train.PackedCrops)."""
-
-    def __len__(self) -> int: ...
-
-    def read(self, indices: np.ndarray) -> np.ndarray: ...
-
-
-class ArrayImages:
-    """An ImageSource over an in-memory (N, H, W, 3) uint8 array."""
-
-    def __init__(self, crops: np.ndarray) -> None:
-        self.crops = crops
-
-    def __len__(self) -> int:
-        return len(self.crops)
-
-    def read(self, indices: np.ndarray) -> np.ndarray:
-        return np.asarray(self.crops[np.asarray(indices)])
 
 
 class LabelledCrops:

@@ -20,6 +20,7 @@ from models import onnx_session
 from models.weights import dlib_model, insightface_pack
 from pipeline.align import ARCFACE_TEMPLATE, similarity_transform, transform_points, umeyama
 from pipeline.pose import HeadPose, angles_from_rotation
+from pipeline.safe_pickle import RestrictedUnpickler
 
 # 68-point indices of the 5 alignment landmarks: eye centres, nose tip, mouth corners.
 LEFT_EYE_68 = tuple(range(36, 42))
@@ -29,18 +30,17 @@ NOSE_TIP_68, MOUTH_LEFT_68, MOUTH_RIGHT_68 = 30, 48, 54
 DLIB_BOX_IN_TEMPLATE = (56.0, 70.0, 84.0)
 
 
-class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickler that only rebuilds numpy arrays (no other globals)."""
+# Globals a pickled numpy array needs, and nothing else (pipeline.safe_pickle refuses every other one).
+_ARRAY_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+}
 
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"), ("numpy", "dtype"),
-    }
 
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module.replace("numpy.core", "numpy._core"), name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a pickled face model")
+def _refuse(module: str, name: str) -> pickle.UnpicklingError:
+    return pickle.UnpicklingError(f"refusing to load {module}.{name} from a pickled face model")
 
 
 @lru_cache(maxsize=1)
@@ -54,7 +54,7 @@ def generic_face_68() -> np.ndarray:
     path = Path(insightface.__file__).parent / "data" / "objects" / "meanshape_68.pkl"
     try:
         with open(path, "rb") as fh:
-            pts = np.asarray(_ArrayUnpickler(fh).load(), dtype=np.float64)
+            pts = np.asarray(RestrictedUnpickler(fh, _ARRAY_GLOBALS, _refuse).load(), dtype=np.float64)
     except (OSError, pickle.UnpicklingError) as e:
         raise RuntimeError(f"cannot read the generic 3D face model {path}: {e}") from e
     if pts.shape != (68, 3):

@@ -26,6 +26,7 @@ from urllib.parse import parse_qsl
 import numpy as np
 
 from models import onnx_session
+from models.devices import resolve_device
 from pipeline.align import ARCFACE_TEMPLATE, CROP_SIZE, umeyama
 from pipeline.anchors import l2_normalize
 
@@ -67,21 +68,6 @@ def file_digest(path: str | os.PathLike[str], n: int = 12) -> str:
         for block in iter(lambda: fh.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()[:n]
-
-
-def resolve_torch_device(device: str | None) -> Any:
-    """A torch.device from "auto" (CUDA when present), "cpu", "cuda" or "cuda:N"."""
-    import torch
-
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise ValueError(f"invalid device {device!r}: {e}") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but torch sees no CUDA device")
-    return dev
 
 
 class Recognizer:
@@ -430,7 +416,7 @@ class TorchIResNetRecognizer(Recognizer):
         if missing or unexpected:
             raise ValueError(f"checkpoint {p} does not fit iresnet{layers}: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
-        self.device = resolve_torch_device(device)
+        self.device = resolve_device(device)
         self.model = model.eval().to(self.device)
         self.fp16 = bool(fp16) and self.device.type == "cuda"
         self.batch_size = int(batch_size)

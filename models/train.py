@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,6 +26,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from models import checkpoints
 from models.clib import MAX_LOGIT_SCALE, ClibConfig, ClibFiqa
 from models.config import from_mapping
+from models.crop_sources import ArrayImages, ImageSource  # noqa: F401  (re-exported: the trainer's inputs)
+from models.devices import resolve_device
 from models.losses import (
     BETA,
     FOCAL_GAMMA,
@@ -100,30 +102,6 @@ class TrainConfig:
         if world < 1 or self.batch_size % world:
             raise ValueError(f"batch_size {self.batch_size} (the global batch) must divide evenly over {world} ranks")
         return self.batch_size // world
-
-
-class ImageSource(Protocol):
-    """Random access to uint8 RGB crops (H, W, 3)."""
-
-    def __len__(self) -> int: ...
-
-    def read(self, indices: np.ndarray) -> np.ndarray: ...
-
-
-class ArrayImages:
-    """Crops held in memory as a (N, H, W, 3) uint8 array."""
-
-    def __init__(self, images: np.ndarray) -> None:
-        arr = np.asarray(images)
-        if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
-            raise ValueError(f"images must be (N, H, W, 3) uint8, got {arr.dtype} {arr.shape}")
-        self.images = arr
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def read(self, indices: np.ndarray) -> np.ndarray:
-        return self.images[indices]
 
 
 class PackedCrops:
@@ -254,15 +232,6 @@ class _EpochSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return math.ceil(self.n / self.world) if self.world > 1 else self.n
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"invalid device {name!r}") from e
 
 
 def lr_factor(config: TrainConfig, step: int, steps_per_epoch: int) -> float:

@@ -214,17 +214,6 @@ def centers_from_head(path: str | Path, dim: int) -> np.ndarray:
     return l2_normalize(w)
 
 
-def _resolve_device(device: Any) -> Any:
-    import torch
-
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but torch sees no CUDA device")
-    return dev
-
-
 class NearestNegativeSearch:
     """ccs, nnccs and the nearest negative center per sample, in bounded-memory tiles.
 
@@ -240,7 +229,9 @@ class NearestNegativeSearch:
         c = _as_2d_float(centers, "centers")
         if chunk_size <= 0 or center_block <= 0:
             raise ValueError(f"chunk_size and center_block must be positive, got {chunk_size}, {center_block}")
-        self.device = _resolve_device(device)
+        from models.devices import resolve_device
+
+        self.device = resolve_device(device)
         self.chunk_size = int(chunk_size)
         self.center_block = int(center_block)
         norms = np.linalg.norm(c, axis=1)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
-import pickle
 import stat
 from abc import ABC, abstractmethod
 from array import array
@@ -39,6 +38,7 @@ from pipeline.recordio import (
     scan_rec,
     unpack_ir,
 )
+from pipeline.safe_pickle import RestrictedUnpickler
 
 KINDS: tuple[str, ...] = ("folder", "recordio", "bin", "list")
 DEFAULT_SHARD_SIZE = 1000
@@ -732,16 +732,9 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
 }
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Admits bytes, lists, tuples, bools and numpy bool arrays; refuses every other global."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return _ALLOWED_GLOBALS[(module, name)]
-        except KeyError:
-            raise UnsafePickleError(
-                f"refused to load {module}.{name}: a verification .bin may only contain bytes, lists, "
-                "tuples and numpy bool arrays") from None
+def _refuse(module: str, name: str) -> UnsafePickleError:
+    return UnsafePickleError(f"refused to load {module}.{name}: a verification .bin may only contain bytes, lists, "
+                             "tuples and numpy bool arrays")
 
 
 _MAX_NESTING = 3  # (images, issame): a tuple of a list of bytes and a list/array of bools
@@ -785,7 +778,7 @@ def load_verification_bin(path: str | os.PathLike[str]) -> VerificationSet:
     p = Path(path)
     try:
         with open(p, "rb") as f:
-            obj = _unwrap(_RestrictedUnpickler(f, encoding="bytes").load())
+            obj = _unwrap(RestrictedUnpickler(f, _ALLOWED_GLOBALS, _refuse, encoding="bytes").load())
     except UnsafePickleError as e:
         raise UnsafePickleError(f"{str(p)!r}: {e}") from None
     except DatasetError as e:

@@ -135,7 +135,7 @@ def train_and_score(workspace: str | None = None, model: str = "clib-rn50",
     ws = Workspace(workspace)
     # Task runs inside carry the `gpu` tag: `prefect concurrency-limit create gpu 1` serialises them.
     with tags(GPU_TAG):
-        trained = train_flow(workspace=str(ws.root), model=model, train_config=config, where=where)
+        trained = train_flow(workspace=str(ws.root), model_config=model, train_config=config, where=where)
         checkpoint = trained["checkpoint"]
         scored = score_flow(workspace=str(ws.root), checkpoint=checkpoint, where=score_where,
                             method=method or DEFAULT_METHOD, device=device, batch_size=batch_size)

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Mapping
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -156,3 +157,19 @@ def flow_sql(name: str) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"no flow query {name!r} in {path.parent}")
     return path.read_text()
+
+
+def config_overrides(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
+    """A training config's overrides: the --config-json object, then each named option the command line sets."""
+    raw = getattr(args, "config_json", None)
+    try:
+        cfg = json.loads(raw) if raw else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--config-json is not valid JSON: {e}") from e
+    if not isinstance(cfg, dict):
+        raise ValueError(f"--config-json must be a JSON object, got {type(cfg).__name__}")
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None:
+            cfg[name] = value
+    return cfg

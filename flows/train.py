@@ -12,17 +12,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from prefect import flow
 
 from data_manifest import ShardWriter, Workspace, catalog
 from flows import runtime
+from flows.sharded import config_overrides, options_from_args
 from pipeline.factors import FACTORS
 
 CONFIDENCE_METHOD = "clib-fiqa-confidence"
+DEFAULT_MODEL_CONFIG = "clib-rn50"
+TRAIN_OPTIONS: tuple[tuple[str, type], ...] = (
+    ("stage1-epochs", int), ("stage2-epochs", int), ("batch-size", int), ("lr", float), ("num-workers", int),
+    ("seed", int), ("device", str),
+)
+TRAIN_KEYS = tuple(name.replace("-", "_") for name, _ in TRAIN_OPTIONS)
 CONFIDENCE_SHARD_ROWS = 100_000
 _FACTOR_COLS = ", ".join(
     f"max(class_index) FILTER (WHERE factor = '{f}' AND status = 'ok') AS {f}_index" for f in FACTORS)
@@ -107,28 +115,58 @@ def check_weights(mcfg: Any) -> None:
     resolve_pretrained(mcfg.model_name, mcfg.pretrained, trust_torchscript=mcfg.trust_torchscript)
 
 
-def _train_impl(workspace: str | None, model_config: str, train_config: dict[str, Any], where: str | None,
-                query: str | None, run_id: str | None, resume: str | None, pretrained: str | None = None,
-                trust_torchscript: bool = False) -> dict[str, Any]:
+@dataclass(frozen=True)
+class TrainOptions:
+    """Everything one `train` run needs, validated once here."""
+
+    workspace: str | None = None
+    run_id: str | None = None  # re-running a run id continues it from its last checkpoint
+    model_config: str = DEFAULT_MODEL_CONFIG  # bundled config name or a JSON file
+    pretrained: str | None = None  # CLIP weights overriding the config's ("none": random init)
+    trust_torchscript: bool = False  # allow a TorchScript archive as pretrained weights
+    where: str | None = None  # SQL filter over the training-set columns
+    query: str | None = None  # or a full training-set query
+    resume: str | None = None  # continue from this checkpoint
+    train_config: dict[str, Any] = field(default_factory=dict)  # models.train.TrainConfig overrides
+
+    def __post_init__(self) -> None:
+        from models.train import TrainConfig
+
+        object.__setattr__(self, "train_config", dict(self.train_config or {}))
+        TrainConfig.from_dict(self.train_config)  # unknown keys and bad values fail here
+        self.model()  # an unknown config name or a bad JSON file fails here
+        training_set_sql(self.where, self.query)  # --where with --query fails here
+        if self.resume and not Path(self.resume).is_file():
+            raise FileNotFoundError(f"--resume checkpoint {self.resume} does not exist")
+
+    def model(self) -> Any:
+        """The model config with the --pretrained / --trust-torchscript overrides."""
+        return model_config_with(self.model_config, self.pretrained, self.trust_torchscript)
+
+    def resume_from(self, ws: Workspace) -> Path | None:
+        """The checkpoint to continue from: --resume, else the run id's last checkpoint when it exists."""
+        if self.resume:
+            return Path(self.resume)
+        last = ws.checkpoints / self.run_id / "last.pt" if self.run_id else None
+        return last if last is not None and last.exists() else None
+
+
+@flow(name="train", log_prints=True)
+def train_run(opts: TrainOptions) -> dict[str, Any]:
+    """Select the training set (SQL), train, write the confidences and the checkpoints."""
     from models.train import TrainConfig, train
 
-    mcfg = model_config_with(model_config, pretrained, trust_torchscript)
-    tcfg = TrainConfig.from_dict(train_config)
-    ws = Workspace(workspace)
-    if not resume and not (run_id and (ws.checkpoints / run_id / "last.pt").exists()):
-        check_weights(mcfg)  # a resumed run rebuilds from its checkpoint and needs no weights
-    params = {"model_config": mcfg.to_dict(), "train_config": asdict(tcfg), "where": where, "query": query,
-              "resume": resume}
-    with runtime.tracked_run(ws, "train", params, run_id) as state:
+    mcfg, tcfg = opts.model(), TrainConfig.from_dict(opts.train_config)
+    ws = Workspace(opts.workspace)
+    params = {"model_config": mcfg.to_dict(), "train_config": asdict(tcfg), "where": opts.where,
+              "query": opts.query, "resume": opts.resume}
+    with runtime.tracked_run(ws, "train", params, opts.run_id) as state:
         rid = state["run_id"]
         ckpt_dir = ws.checkpoints / rid
-        data = load_training_set(ws, where, query)
-        resume_from = Path(resume) if resume else None
-        if resume_from is None and (ckpt_dir / "last.pt").exists():
-            resume_from = ckpt_dir / "last.pt"  # re-running a run id continues it
-        model_id = f"{rid}/last.pt"
+        data = load_training_set(ws, opts.where, opts.query)
+        resume_from = opts.resume_from(ws) or (ckpt_dir / "last.pt" if (ckpt_dir / "last.pt").exists() else None)
         result = train(mcfg, data, tcfg, ckpt_dir, resume=resume_from,
-                       on_confidence=confidence_writer(ws, rid, data.sample_ids, model_id))
+                       on_confidence=confidence_writer(ws, rid, data.sample_ids, f"{rid}/last.pt"))
         final = result.history[-1] if result.history else {}
         rho = result.rho[np.isfinite(result.rho)]
         state["counts"] = {"samples": len(data.sample_ids)}
@@ -138,48 +176,39 @@ def _train_impl(workspace: str | None, model_config: str, train_config: dict[str
         return {"run_id": rid, **state["metrics"], "samples": len(data.sample_ids)}
 
 
-def _train_worker_rank(workspace: str | None, model_config: str, train_config: dict[str, Any], where: str | None,
-                       query: str | None, run_id: str | None, resume: str | None, pretrained: str | None = None,
-                       trust_torchscript: bool = False) -> dict[str, Any]:
+def train_worker_rank(opts: TrainOptions) -> dict[str, Any]:
     """A non-zero DDP rank: the same training set and loop, without run records or manifest writes."""
     import tempfile
 
     from models.train import TrainConfig, train
 
-    ws = Workspace(workspace)
-    data = load_training_set(ws, where, query)
-    resume_from = Path(resume) if resume else None
-    if resume_from is None and run_id and (ws.checkpoints / run_id / "last.pt").exists():
-        resume_from = ws.checkpoints / run_id / "last.pt"
+    ws = Workspace(opts.workspace)
+    data = load_training_set(ws, opts.where, opts.query)
     with tempfile.TemporaryDirectory() as tmp:  # only rank 0 writes checkpoints
-        train(model_config_with(model_config, pretrained, trust_torchscript), data, TrainConfig.from_dict(train_config),
-              tmp, resume=resume_from, log=None)
+        train(opts.model(), data, TrainConfig.from_dict(opts.train_config), tmp, resume=opts.resume_from(ws),
+              log=None)
     return {"rank": int(os.environ.get("RANK", "0"))}
 
 
-def _flow():
-    from prefect import flow
-
-    @flow(name="train", log_prints=True)
-    def train_flow(workspace: str | None = None, model: str = "clib-rn50",
-                   train_config: dict[str, Any] | None = None, where: str | None = None, query: str | None = None,
-                   run_id: str | None = None, resume: str | None = None, pretrained: str | None = None,
-                   trust_torchscript: bool = False) -> dict[str, Any]:
-        """Train CLIB-FIQA on a catalog query; `model` is a bundled config name or a JSON file."""
-        return _train_impl(workspace, model, train_config or {}, where, query, run_id, resume, pretrained,
-                           trust_torchscript)
-
-    return train_flow
+def run(opts: TrainOptions) -> dict[str, Any]:
+    """Check the weights (before Prefect starts; a resume needs none), then train: rank 0 in the flow."""
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: only rank 0 runs the flow and writes
+        return train_worker_rank(opts)
+    if opts.resume_from(Workspace(opts.workspace)) is None:
+        check_weights(opts.model())
+    return train_run(opts)
 
 
 def train_flow(**kwargs: Any) -> dict[str, Any]:
-    """Run the `train` Prefect flow (see _train_impl for the parameters)."""
-    return _flow()(**kwargs)
+    """Run the `train` flow from keyword options (the fields of TrainOptions; `model` is model_config)."""
+    if "model" in kwargs:
+        kwargs["model_config"] = kwargs.pop("model")
+    return run(TrainOptions(**kwargs))
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
     runtime.add_common_args(p, runner=False)
-    p.add_argument("--model-config", default="clib-rn50",
+    p.add_argument("--model-config", default=DEFAULT_MODEL_CONFIG,
                    help="bundled config name (clib-rn50, clib-tiny) or a JSON file (see models/configs)")
     p.add_argument("--pretrained", default=None, metavar="TAG|PATH|none",
                    help="CLIP weights overriding the config's: an open_clip tag (needs the hub), a local state dict, "
@@ -192,19 +221,15 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--query", default=None, help="a full SQL query returning " + ", ".join(REQUIRED_COLUMNS))
     p.add_argument("--resume", default=None, help="continue from this checkpoint (same data and config)")
     p.add_argument("--config-json", default=None, help="JSON object of TrainConfig overrides")
-    for name, typ in (("stage1-epochs", int), ("stage2-epochs", int), ("batch-size", int), ("lr", float),
-                      ("num-workers", int), ("seed", int), ("device", str)):
+    for name, typ in TRAIN_OPTIONS:
         p.add_argument(f"--{name}", type=typ, default=None)
     p.add_argument("--official", action="store_true",
                    help="the official code's loss/confidence/schedule quirks (see docs/DIFFERENCES.md)")
 
 
 def train_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    cfg: dict[str, Any] = json.loads(args.config_json) if args.config_json else {}
-    for key in ("stage1_epochs", "stage2_epochs", "batch_size", "lr", "num_workers", "seed", "device"):
-        v = getattr(args, key)
-        if v is not None:
-            cfg[key] = v
+    """TrainConfig overrides from --config-json, the training options and --official."""
+    cfg = config_overrides(args, TRAIN_KEYS)
     if args.official:
         cfg.update(official_losses=True, official_js=True, schedule="official", distance="squared",
                    logit_scale_max=None, freeze_visual_positional_embedding=True)
@@ -212,16 +237,7 @@ def train_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: only rank 0 runs the flow and writes
-        _train_worker_rank(args.workspace, args.model_config, train_config_from_args(args), args.where, args.query,
-                           args.run_id, args.resume, args.pretrained, args.trust_torchscript)
-        return 0
-    if args.resume is None and args.run_id is None:  # before Prefect starts; a resume needs no weights
-        check_weights(model_config_with(args.model_config, args.pretrained, args.trust_torchscript))
-    out = train_flow(workspace=args.workspace, model=args.model_config,
-                     train_config=train_config_from_args(args), where=args.where, query=args.query,
-                     run_id=args.run_id, resume=args.resume, pretrained=args.pretrained,
-                     trust_torchscript=args.trust_torchscript)
+    out = run(options_from_args(TrainOptions, args, train_config=train_config_from_args(args)))
     print(json.dumps(out, indent=2, default=str))
     return 0
 

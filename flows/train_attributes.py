@@ -1,13 +1,12 @@
 """`fiqa train-attributes`: train the occlusion / expression / lighting CNN on WIDER FACE.
 
-WIDER annotation files -> face crops (aligned when the detector finds the
-landmarks inside the box, else square box crops) written once as crop packs
-plus `samples` / `faces` / `factors` rows (dataset "wider_face/<split>", the
-ground-truth labels under labeller "wider_face_gt") in a data workspace of
-their own (default <workspace>/wider_face, so they never mix with the dataset
-being labelled) -> training -> evaluation on the val split -> checkpoint in
-<workspace>/checkpoints/, report (markdown + confusion-matrix PNGs) in
-<workspace>/reports/<run_id>/ and as Prefect artifacts.
+Read the WIDER annotation files -> shard the images -> per shard, face crops and ground-truth rows
+(:func:`pipeline.attributes.wider_rows`: aligned when the detector finds the landmarks inside the
+box, else square box crops) written as a crop pack plus `samples` / `faces` / `factors` rows
+(dataset "wider_face/<split>", labeller "wider_face_gt") in a data workspace of their own (default
+<workspace>/wider_face, so they never mix with the dataset being labelled) -> training ->
+evaluation on the val split -> checkpoint in <workspace>/checkpoints/, report (markdown +
+confusion-matrix PNGs) in <workspace>/reports/<run_id>/ and as Prefect artifacts.
 Re-running with the same --run-id skips committed crop shards.
 """
 
@@ -17,24 +16,85 @@ import argparse
 import json
 import logging
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
 
-from data_manifest import ShardWriter, Workspace, catalog, crops, runs
+from data_manifest import ShardWriter, Workspace, catalog, crops
 from flows import runtime
+from flows.sharded import (
+    RunOptions,
+    check_resume,
+    config_overrides,
+    flow_sql,
+    options_from_args,
+    run_named_shards,
+    with_runner,
+)
+from pipeline.attributes import WIDER_DATASET, WIDER_GT_LABELLER, wider_rows
 
 log = logging.getLogger(__name__)
 
-DATASET = "wider_face"
-GT_LABELLER = "wider_face_gt"
-GT_LABELLER_VERSION = "1"
 PACK_KIND = "attributes"
-BOX_CROPPER, BOX_CROPPER_VERSION = "wider_box", "1"  # the faces-row "detector" of runs without a detector
 DETECTOR_CHOICES = ("auto", "none", "mtcnn", "scrfd")
 REPORT_NAME = "attributes_report.md"
 DATA_WORKSPACE = "wider_face"  # default data workspace, inside the main workspace
+DEFAULT_MODEL_CONFIG = "mobilefacenet"
+TRAIN_OPTIONS: tuple[tuple[str, type], ...] = (
+    ("epochs", int), ("batch-size", int), ("lr", float), ("weight-decay", float), ("warmup-epochs", float),
+    ("imbalance", str), ("num-workers", int), ("seed", int),
+)
+
+
+@dataclass(frozen=True)
+class TrainAttributesOptions(RunOptions):
+    """Everything one `train-attributes` run needs, validated once here (paths checked when the run starts)."""
+
+    wider_root: str | None = None  # the WIDER FACE release layout
+    train_annotations: str | None = None  # explicit paths override the root
+    train_images: str | None = None
+    val_annotations: str | None = None
+    val_images: str | None = None
+    data_workspace: str | None = None  # default: <workspace>/wider_face
+    model_config: str = DEFAULT_MODEL_CONFIG  # bundled attribute-net config or a JSON file
+    train_config: dict[str, Any] = field(default_factory=dict)  # models.attributes_train.TrainConfig overrides
+    min_size: int = 20  # skip faces whose shorter box side is below this (pixels)
+    margin: float = 0.15  # box-crop margin per side
+    detector: str = "auto"  # landmark detector for aligned crops
+    shard_images: int = 500  # images per crop shard
+    max_images: int | None = None  # at most this many images per split
+    calibration_fraction: float = 0.1  # train images held out to choose the thresholds
+    device: str = "auto"  # training device
+    crop_device: str = "cpu"  # detector device while cropping
+    torch_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.detector not in DETECTOR_CHOICES:
+            raise ValueError(f"unknown detector {self.detector!r}; choose one of {DETECTOR_CHOICES}")
+        for name in ("shard_images", "min_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.max_images is not None and self.max_images < 1:
+            raise ValueError(f"max-images must be >= 1, got {self.max_images}")
+        if not 0.0 <= self.calibration_fraction < 1.0:
+            raise ValueError(f"calibration fraction must be in [0, 1), got {self.calibration_fraction}")
+        if not 0.0 <= self.margin < 2.0:
+            raise ValueError(f"margin must be in [0, 2), got {self.margin}")
+        object.__setattr__(self, "train_config", dict(self.train_config or {}))
+
+    def check(self) -> None:
+        """Fail on a bad model or training config before any work (or Prefect) starts."""
+        from models.attributes import load_config
+        from models.attributes_train import TrainConfig
+
+        load_config(self.model_config)
+        TrainConfig.from_dict(self.train_config)
+
 
 _detectors: dict[tuple[str, str], Any] = {}
 _detector_lock = threading.Lock()
@@ -99,141 +159,29 @@ def resolve_splits(
     return out
 
 
-def _face_key(rel: str, box: tuple[int, int, int, int], seen: dict[str, int]) -> str:
-    """Stable key of a face within the dataset: image path and box (a repeated box gets a ~n suffix)."""
-    key = f"{rel}#{box[0]},{box[1]},{box[2]},{box[3]}"
-    n = seen.get(key, 0)
-    seen[key] = n + 1
-    return key if n == 0 else f"{key}~{n}"
-
-
-def _read_image(path: Path) -> tuple[Any, str | None, str | None]:
-    """(DecodedImage or None, status, error) for one source image."""
-    from pipeline import images
-
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return None, images.MISSING, f"image file {path} does not exist"
-    except OSError as e:
-        return None, images.UNREADABLE, f"cannot read {path}: {e}"
-    dec = images.decode(data)
-    return dec, dec.status, dec.error if dec.status != images.OK else None
-
-
-def extract_shard(
-    ws_root: str,
-    run_id: str,
-    shard: str,
-    items: list[tuple[str, Any]],
-    *,
-    images_dirs: dict[str, str],
-    detector: str = "none",
-    device: str = "cpu",
-    margin: float = 0.15,
-) -> dict[str, int]:
-    """Crop every kept face of a shard of (split, WiderImage) items; write the pack, rows and commit mark."""
-    from models.attributes import HEADS
-    from pipeline import images as img
-    from pipeline.align import DETECT
-    from pipeline.attributes import ALIGNED, training_crop, wider_targets
-    from pipeline.factors import binary_class
-    from pipeline.ids import sample_id
-    from pipeline.records import factor_row
-
+@task(name="wider-crops", cache_policy=NO_CACHE)
+def extract_shard(ws_root: str, run_id: str, shard: str, items: list[tuple[str, Any]], *,
+                  images_dirs: dict[str, str], detector: str = "none", device: str = "cpu",
+                  margin: float = 0.15) -> dict[str, int]:
+    """Crop every kept face of a shard of (split, WiderImage) items; write the pack and the rows."""
     ws = Workspace(ws_root)
-    det = _detector(detector, device)
-    samples, faces, factors, packed = [], [], [], []
-    counts = {"images": 0, "faces": 0, "crops": 0, "aligned": 0, "box": 0, "failed": 0}
-    for split, rec in items:
-        counts["images"] += 1
-        path = Path(images_dirs[split]) / rec.path
-        decoded, status, error = (None, None, None) if not rec.faces else _read_image(path)
-        seen: dict[str, int] = {}
-        for face in rec.faces:
-            counts["faces"] += 1
-            key = _face_key(rec.path, face.box, seen)
-            dataset = f"{DATASET}/{split}"
-            sid = sample_id(dataset, key)
-            crop = None
-            if status == img.OK:
-                try:
-                    crop = training_crop(decoded.rgb, face.box, detector=det, margin=margin)
-                except (ValueError, np.linalg.LinAlgError) as e:
-                    status_f, error_f = "error", f"crop failed for box {face.box}: {e}"
-                else:
-                    status_f, error_f = "ok", None
-            else:
-                status_f, error_f = status, error
-            samples.append({
-                "sample_id": sid, "dataset": dataset, "source_kind": "wider", "source": f"{path}#{key.split('#')[1]}",
-                "identity": -1, "width": getattr(decoded, "width", None), "height": getattr(decoded, "height", None),
-                "channels": 3 if status == img.OK else None, "format": getattr(decoded, "format", None),
-                "status": status, "error": error,
-            })
-            x, y, w, h = face.box
-            row = {"sample_id": sid, "n_faces": 1, "box": [x, y, x + w - 1, y + h - 1], "status": status_f,
-                   "error": error_f, "detector": det.name if det is not None else BOX_CROPPER,
-                   "detector_version": det.version if det is not None else BOX_CROPPER_VERSION}
-            if crop is not None:
-                row.update(transform=crop.transform.reshape(-1).tolist(), crop_index=len(packed),
-                           aligned_mode=DETECT if crop.method == ALIGNED else "box", score=crop.score,
-                           landmarks=None if crop.landmarks is None else crop.landmarks.reshape(-1).tolist())
-                packed.append(crop.crop)
-                counts["crops"] += 1
-                counts["aligned" if crop.method == ALIGNED else "box"] += 1
-            else:
-                counts["failed"] += 1
-            faces.append(row)
-            target = wider_targets(face)
-            for h_i, factor in enumerate(HEADS):
-                value = float(target[h_i])
-                factors.append(factor_row(sid, factor, labeller=GT_LABELLER, labeller_version=GT_LABELLER_VERSION,
-                                          value=value, decision=binary_class(factor, value),
-                                          details={"split": split, "wider": face.attributes()}))
-    if packed:
-        rel = crops.write_pack(ws, run_id, shard, np.stack(packed), kind=PACK_KIND)
-        for row in faces:
+    out = wider_rows(items, images_dirs, detector=_detector(detector, device), margin=margin)
+    if out.crops:
+        rel = crops.write_pack(ws, run_id, shard, np.stack(out.crops), kind=PACK_KIND)
+        for row in out.faces:
             if row.get("crop_index") is not None:
                 row["crop_file"] = rel
-    ShardWriter(ws, "samples", run_id).write(shard, samples)
-    ShardWriter(ws, "faces", run_id).write(shard, faces)
-    ShardWriter(ws, "factors", run_id).write(shard, factors)
-    runs.mark_shard_done(ws, run_id, shard, counts)
-    return counts
-
-
-CROPS_SQL = """
-SELECT s.dataset, s.source, fc.crop_file, fc.crop_index, fc.aligned_mode,
-       max(fx.value) FILTER (WHERE fx.factor = 'occlusion') AS occlusion,
-       max(fx.value) FILTER (WHERE fx.factor = 'expression') AS expression,
-       max(fx.value) FILTER (WHERE fx.factor = 'lighting') AS lighting
-FROM faces_history fc
-JOIN samples_history s ON s.sample_id = fc.sample_id AND s.run_id = fc.run_id
-JOIN factors_history fx ON fx.sample_id = fc.sample_id AND fx.run_id = fc.run_id AND fx.labeller = $labeller
-WHERE fc.run_id = $run AND fc.status = 'ok' AND fc.crop_file IS NOT NULL
-GROUP BY ALL
-ORDER BY s.dataset, fc.crop_file, fc.crop_index
-"""
-
-
-COUNTS_SQL = """
-SELECT s.dataset,
-       count(*) FILTER (WHERE fc.status = 'ok' AND fc.crop_file IS NOT NULL) AS crops,
-       count(*) FILTER (WHERE fc.aligned_mode = 'detect' AND fc.crop_file IS NOT NULL) AS aligned,
-       count(*) FILTER (WHERE fc.aligned_mode = 'box' AND fc.crop_file IS NOT NULL) AS box,
-       count(*) FILTER (WHERE fc.status <> 'ok') AS failed
-FROM faces_history fc JOIN samples_history s ON s.sample_id = fc.sample_id AND s.run_id = fc.run_id
-WHERE fc.run_id = $run
-GROUP BY s.dataset
-"""
+    ShardWriter(ws, "samples", run_id).write(shard, out.samples)
+    ShardWriter(ws, "faces", run_id).write(shard, out.faces)
+    ShardWriter(ws, "factors", run_id).write(shard, out.factors)
+    return out.counts
 
 
 def crop_counts(ws: Workspace, run_id: str) -> dict[str, dict[str, int]]:
     """Per split: crops written (aligned / box) and faces that failed, read from the run's manifests."""
     con = catalog.connect(ws)
     try:
-        rows = con.sql(COUNTS_SQL, params={"run": run_id}).to_arrow_table().to_pylist()
+        rows = con.sql(flow_sql("wider_crop_counts"), params={"run": run_id}).to_arrow_table().to_pylist()
     finally:
         con.close()
     return {r.pop("dataset").split("/", 1)[1]: r for r in rows}
@@ -245,12 +193,13 @@ def load_crops(ws: Workspace, run_id: str) -> dict[str, dict[str, Any]]:
 
     con = catalog.connect(ws)
     try:
-        tbl = con.sql(CROPS_SQL, params={"run": run_id, "labeller": GT_LABELLER}).to_arrow_table().to_pydict()
+        tbl = con.sql(flow_sql("wider_crops"), params={"run": run_id, "labeller": WIDER_GT_LABELLER}
+                      ).to_arrow_table().to_pydict()
     finally:
         con.close()
     out: dict[str, dict[str, Any]] = {}
     for split in ("train", "val"):
-        rows = [i for i, d in enumerate(tbl["dataset"]) if d == f"{DATASET}/{split}"]
+        rows = [i for i, d in enumerate(tbl["dataset"]) if d == f"{WIDER_DATASET}/{split}"]
         out[split] = {
             "files": [tbl["crop_file"][i] for i in rows],
             "indices": [tbl["crop_index"][i] for i in rows],
@@ -272,8 +221,9 @@ def split_calibration(images: list[str], fraction: float, seed: int) -> np.ndarr
     return np.array([im in held_names for im in images], dtype=bool)
 
 
+@task(name="train-attributes-model", cache_policy=NO_CACHE)
 def train_and_evaluate(
-    ws_root: str, data_root: str, run_id: str, net_config: str, train_config: dict[str, Any], *,
+    ws_root: str, data_root: str, run_id: str, model_config: str, train_config: dict[str, Any], *,
     calibration_fraction: float, device: str, torch_threads: int | None = None,
 ) -> dict[str, Any]:
     """Train on the run's train crops (in the data workspace), choose thresholds on the held-out slice,
@@ -282,12 +232,13 @@ def train_and_evaluate(
 
     from models.attributes import load_config, model_id, save_checkpoint
     from models.attributes_train import LabelledCrops, Subset, TrainConfig, evaluate, fit, predict
+    from models.devices import resolve_device
     from models.train import PackedCrops
 
     if torch_threads:
         torch.set_num_threads(torch_threads)
     ws, data_ws = Workspace(ws_root), Workspace(data_root)
-    mcfg = load_config(net_config)
+    mcfg = load_config(model_config)
     tcfg = TrainConfig.from_dict(train_config)
     data = load_crops(data_ws, run_id)
     tr, va = data["train"], data["val"]
@@ -300,7 +251,7 @@ def train_and_evaluate(
     train_src = Subset(train_all, np.flatnonzero(~held))
     calib_src = Subset(train_all, np.flatnonzero(held)) if held.any() else None
     val_src = LabelledCrops(PackedCrops(data_ws.root, va["files"], va["indices"]), va["targets"])
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    dev = str(resolve_device(device))
     result = fit(mcfg, train_src, tcfg, calibration=calib_src, device=dev)
     probs = predict(result.model, val_src, tcfg.batch_size, dev)
     metrics = evaluate(probs, val_src.targets, result.thresholds)
@@ -348,47 +299,50 @@ def _publish(files: dict[str, Path], trained: dict[str, Any]) -> None:
                                   description=f"validation confusion matrix: {name.removeprefix('confusion_')}")
 
 
-def _impl(params: dict[str, Any], extract_task: Any, train_task: Any) -> dict[str, Any]:
+def _parse_splits(splits: dict[str, tuple[Path, Path]], opts: TrainAttributesOptions) -> tuple[dict, dict]:
+    """WIDER records per split (at most max_images) and each split's parse report."""
     from pipeline.wider import ParseReport, parse
 
-    splits = resolve_splits(params["wider_root"], params["train_annotations"], params["train_images"],
-                            params["val_annotations"], params["val_images"])
-    from models.attributes import load_config
-    from models.attributes_train import TrainConfig
+    parsed: dict[str, list[Any]] = {}
+    data: dict[str, dict[str, Any]] = {}
+    for split, (gt, _) in splits.items():
+        rep = ParseReport()
+        recs = []
+        for rec in parse(gt, min_size=opts.min_size, report=rep):
+            recs.append(rec)
+            if opts.max_images and len(recs) >= opts.max_images:
+                break
+        parsed[split] = recs
+        data[split] = rep.as_dict()
+    return parsed, data
 
-    load_config(params["net_config"])  # a bad configuration fails before any work starts
-    TrainConfig.from_dict(params["train_config"])
-    det_kind, det_note = resolve_detector(params["detector"], params["crop_device"])
-    ws = Workspace(params["workspace"])
-    data_ws = Workspace(params["data_workspace"] or ws.root / DATA_WORKSPACE)
-    record = {k: v for k, v in params.items() if k != "workspace"}
-    with runtime.tracked_run(ws, "train_attributes", record, params["run_id"]) as state:
+
+@flow(name="train_attributes", log_prints=True)
+def train_attributes_run(opts: TrainAttributesOptions) -> dict[str, Any]:
+    """Read WIDER, shard, crop (tasks), train, evaluate on val, write the checkpoint and report."""
+    splits = resolve_splits(opts.wider_root, opts.train_annotations, opts.train_images, opts.val_annotations,
+                            opts.val_images)
+    det_kind, det_note = resolve_detector(opts.detector, opts.crop_device)
+    ws = Workspace(opts.workspace)
+    data_ws = Workspace(opts.data_workspace or ws.root / DATA_WORKSPACE)
+    params = {**opts.recorded(), "splits": {s: [str(a), str(b)] for s, (a, b) in splits.items()}}
+    decisive = {k: params[k] for k in ("splits", "min_size", "margin", "detector", "shard_images", "max_images")}
+    check_resume(ws, opts.run_id, decisive)
+    with runtime.tracked_run(ws, "train_attributes", params, opts.run_id) as state:
         rid = state["run_id"]
-        parsed: dict[str, list[Any]] = {}
-        data: dict[str, dict[str, Any]] = {}
-        for split, (gt, _) in splits.items():
-            rep = ParseReport()
-            recs = []
-            for rec in parse(gt, min_size=params["min_size"], report=rep):
-                recs.append(rec)
-                if params["max_images"] and len(recs) >= params["max_images"]:
-                    break
-            parsed[split] = recs
-            data[split] = rep.as_dict()
-        shards = []
-        for split in splits:
-            shards += [[(split, r) for r in chunk] for chunk in runtime.chunks(parsed[split], params["shard_images"])]
-        outcomes = runtime.run_shards(
-            extract_task, shards, ws=data_ws, run_id=rid, desc="wider crops", progress=params["progress"],
-            images_dirs={s: str(p[1]) for s, p in splits.items()}, detector=det_kind,
-            device=params["crop_device"], margin=params["margin"])
+        parsed, data = _parse_splits(splits, opts)
+        shards = {f"{split}-{runtime.shard_name(i)}": [(split, r) for r in chunk]
+                  for split in splits for i, chunk in enumerate(runtime.chunks(parsed[split], opts.shard_images))}
+        outcomes = run_named_shards(extract_shard, shards, ws=data_ws, run_id=rid, desc="wider crops",
+                                    progress=opts.progress, images_dirs={s: str(p[1]) for s, p in splits.items()},
+                                    detector=det_kind, device=opts.crop_device, margin=opts.margin)
         runtime.check_shard_failures(outcomes, rid)
         per_split = crop_counts(data_ws, rid)
         for split in splits:
             data[split].update(per_split.get(split, {}))
-        trained = train_task(str(ws.root), str(data_ws.root), rid, params["net_config"], params["train_config"],
-                             calibration_fraction=params["calibration_fraction"], device=params["device"],
-                             torch_threads=params["torch_threads"])
+        trained = train_and_evaluate(str(ws.root), str(data_ws.root), rid, opts.model_config, opts.train_config,
+                                     calibration_fraction=opts.calibration_fraction, device=opts.device,
+                                     torch_threads=opts.torch_threads)
         files = write_report(ws, rid, trained, data, notes={"landmark detector": det_note,
                                                             "crops and manifests": str(data_ws.root)})
         _publish(files, trained)
@@ -404,56 +358,15 @@ def _impl(params: dict[str, Any], extract_task: Any, train_task: Any) -> dict[st
                 "report": str(files["report"]), "metrics": summary, "data": data, "detector": det_note}
 
 
-def _flow() -> Any:
-    from prefect import flow, task
-
-    extract_task = task(name="wider-crops", retries=0)(extract_shard)
-    train_task = task(name="train-attributes-model")(train_and_evaluate)
-
-    @flow(name="train_attributes", log_prints=True)
-    def train_attributes_flow(
-        wider_root: str | None = None,
-        train_annotations: str | None = None,
-        train_images: str | None = None,
-        val_annotations: str | None = None,
-        val_images: str | None = None,
-        workspace: str | None = None,
-        data_workspace: str | None = None,
-        run_id: str | None = None,
-        net_config: str = "mobilefacenet",
-        train_config: dict[str, Any] | None = None,
-        min_size: int = 20,
-        margin: float = 0.15,
-        detector: str = "auto",
-        shard_images: int = 500,
-        max_images: int | None = None,
-        calibration_fraction: float = 0.1,
-        device: str = "auto",
-        crop_device: str = "cpu",
-        torch_threads: int | None = None,
-        progress: bool | None = None,
-    ) -> dict[str, Any]:
-        """WIDER FACE -> crops -> attribute CNN -> val evaluation -> checkpoint and report."""
-        params = dict(locals())
-        params["train_config"] = dict(train_config or {})
-        return _impl(params, extract_task, train_task)
-
-    return train_attributes_flow
+def run(opts: TrainAttributesOptions) -> dict[str, Any]:
+    """Check the model and training configs (before Prefect starts), then run the flow on its task runner."""
+    opts.check()
+    return with_runner(train_attributes_run, opts)(opts)
 
 
 def train_attributes_flow(**kwargs: Any) -> dict[str, Any]:
-    """Run the `train_attributes` Prefect flow (parameters as `_flow`'s flow function)."""
-    runner = kwargs.pop("task_runner", None)
-    fl = _flow()
-    if runner is not None:
-        fl = fl.with_options(task_runner=runner)
-    return fl(**kwargs)
-
-
-TRAIN_OPTIONS: tuple[tuple[str, type], ...] = (
-    ("epochs", int), ("batch-size", int), ("lr", float), ("weight-decay", float), ("warmup-epochs", float),
-    ("imbalance", str), ("num-workers", int), ("seed", int),
-)
+    """Run the `train_attributes` flow from keyword options (the fields of TrainAttributesOptions)."""
+    return run(TrainAttributesOptions(**kwargs))
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
@@ -478,7 +391,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--crop-device", default="cpu", help="device of the detector while cropping")
     g.add_argument("--shard-images", type=int, default=500, help="images per crop shard")
     t = p.add_argument_group("training")
-    t.add_argument("--model-config", default="mobilefacenet",
+    t.add_argument("--model-config", default=DEFAULT_MODEL_CONFIG,
                    help="bundled config (mobilefacenet, resnet18, tiny) or a JSON file (see models/configs)")
     for name, typ in TRAIN_OPTIONS:
         t.add_argument(f"--{name}", type=typ, default=None)
@@ -491,12 +404,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 
 def train_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    cfg: dict[str, Any] = json.loads(args.config_json) if args.config_json else {}
-    for name, _ in TRAIN_OPTIONS:
-        key = name.replace("-", "_")
-        v = getattr(args, key)
-        if v is not None:
-            cfg[key] = v
+    """TrainConfig overrides from --config-json and the training options."""
+    cfg = config_overrides(args, [name.replace("-", "_") for name, _ in TRAIN_OPTIONS])
     if args.no_amp:
         cfg["amp"] = False
     return cfg
@@ -509,16 +418,9 @@ def run_cli(args: argparse.Namespace) -> int:
 
         wider_root = str(make_dataset(Workspace(args.workspace).root / "synthetic_wider",
                                       SyntheticSpec(images=args.synthetic)))
-    out = train_attributes_flow(
-        task_runner=runtime.make_task_runner(args.runner, args.workers, args.address),
-        wider_root=wider_root, train_annotations=args.train_annotations, train_images=args.train_images,
-        val_annotations=args.val_annotations, val_images=args.val_images, workspace=args.workspace,
-        data_workspace=args.data_workspace,
-        run_id=args.run_id, net_config=args.model_config, train_config=train_config_from_args(args),
-        min_size=args.min_size, margin=args.margin, detector=args.detector, shard_images=args.shard_images,
-        max_images=args.max_images, calibration_fraction=args.calibration_fraction, device=args.device,
-        crop_device=args.crop_device, torch_threads=args.torch_threads)
-    print(json.dumps(out, indent=2, default=str))
+    opts = options_from_args(TrainAttributesOptions, args, wider_root=wider_root,
+                             train_config=train_config_from_args(args))
+    print(json.dumps(run(opts), indent=2, default=str))
     return 0
 
 

@@ -159,6 +159,107 @@ def training_crop(
                         score=found[i].score)
 
 
+WIDER_DATASET = "wider_face"
+WIDER_GT_LABELLER, WIDER_GT_LABELLER_VERSION = "wider_face_gt", "1"
+BOX_CROPPER, BOX_CROPPER_VERSION = "wider_box", "1"  # the faces-row "detector" of crops made without a detector
+
+
+def wider_face_key(rel: str, box: tuple[int, int, int, int], seen: dict[str, int]) -> str:
+    """Stable key of a face within the dataset: image path and box (a repeated box gets a ~n suffix)."""
+    key = f"{rel}#{box[0]},{box[1]},{box[2]},{box[3]}"
+    n = seen.get(key, 0)
+    seen[key] = n + 1
+    return key if n == 0 else f"{key}~{n}"
+
+
+def _read_image(path: Path) -> tuple[Any, str, str | None]:
+    """(DecodedImage or None, status, error) for one source image."""
+    from pipeline import images
+
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None, images.MISSING, f"image file {path} does not exist"
+    except OSError as e:
+        return None, images.UNREADABLE, f"cannot read {path}: {e}"
+    dec = images.decode(data)
+    return dec, dec.status, dec.error if dec.status != images.OK else None
+
+
+@dataclass
+class WiderRows:
+    """One shard of WIDER faces as manifest rows plus the crops to pack (faces rows index into `crops`)."""
+
+    samples: list[dict[str, Any]]
+    faces: list[dict[str, Any]]
+    factors: list[dict[str, Any]]
+    crops: list[np.ndarray]
+    counts: dict[str, int]
+
+
+def wider_rows(items: list[tuple[str, Any]], images_dirs: dict[str, str], *, detector: Detector | None = None,
+               margin: float = DEFAULT_MARGIN) -> WiderRows:
+    """`samples`, `faces` and ground-truth `factors` rows and training crops of (split, WiderImage) items.
+
+    Every annotated face gets a sample row (dataset ``wider_face/<split>``), a faces row (aligned when the
+    detector finds its landmarks, else a box crop; or the reason there is no crop) and one factor row per
+    attribute head with the WIDER target (labeller ``wider_face_gt``).
+    """
+    from pipeline import images as img
+    from pipeline.ids import sample_id
+
+    samples, faces, factors, packed = [], [], [], []
+    counts = {"images": 0, "faces": 0, "crops": 0, "aligned": 0, "box": 0, "failed": 0}
+    for split, rec in items:
+        counts["images"] += 1
+        path = Path(images_dirs[split]) / rec.path
+        decoded, status, error = (None, None, None) if not rec.faces else _read_image(path)
+        seen: dict[str, int] = {}
+        dataset = f"{WIDER_DATASET}/{split}"
+        for face in rec.faces:
+            counts["faces"] += 1
+            key = wider_face_key(rec.path, face.box, seen)
+            sid = sample_id(dataset, key)
+            crop = None
+            if status == img.OK:
+                try:
+                    crop = training_crop(decoded.rgb, face.box, detector=detector, margin=margin)
+                except (ValueError, np.linalg.LinAlgError) as e:
+                    status_f, error_f = ERROR, f"crop failed for box {face.box}: {e}"
+                else:
+                    status_f, error_f = OK, None
+            else:
+                status_f, error_f = status, error
+            samples.append({
+                "sample_id": sid, "dataset": dataset, "source_kind": "wider", "source": f"{path}#{key.split('#')[1]}",
+                "identity": -1, "width": getattr(decoded, "width", None), "height": getattr(decoded, "height", None),
+                "channels": 3 if status == img.OK else None, "format": getattr(decoded, "format", None),
+                "status": status, "error": error,
+            })
+            x, y, w, h = face.box
+            row = {"sample_id": sid, "n_faces": 1, "box": [x, y, x + w - 1, y + h - 1], "status": status_f,
+                   "error": error_f, "detector": detector.name if detector is not None else BOX_CROPPER,
+                   "detector_version": detector.version if detector is not None else BOX_CROPPER_VERSION}
+            if crop is not None:
+                row.update(transform=crop.transform.reshape(-1).tolist(), crop_index=len(packed),
+                           aligned_mode=align.DETECT if crop.method == ALIGNED else "box", score=crop.score,
+                           landmarks=None if crop.landmarks is None else crop.landmarks.reshape(-1).tolist())
+                packed.append(crop.crop)
+                counts["crops"] += 1
+                counts["aligned" if crop.method == ALIGNED else "box"] += 1
+            else:
+                counts["failed"] += 1
+            faces.append(row)
+            target = wider_targets(face)
+            for h_i, factor in enumerate(HEADS):
+                value = float(target[h_i])
+                factors.append(factor_row(sid, factor, labeller=WIDER_GT_LABELLER,
+                                          labeller_version=WIDER_GT_LABELLER_VERSION, value=value,
+                                          decision=binary_class(factor, value),
+                                          details={"split": split, "wider": face.attributes()}))
+    return WiderRows(samples, faces, factors, packed, counts)
+
+
 def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
     """A checkpoint path as given, or a name in the model store's `attributes/` folder."""
     direct = Path(path).expanduser()

@@ -266,13 +266,8 @@ def test_training_crop_with_mtcnn_on_a_real_face() -> None:
 
 
 def test_flow_rejects_bad_inputs_before_work(tmp_path: Path) -> None:
-    from flows.train_attributes import (
-        _face_key,
-        configure_parser,
-        resolve_detector,
-        resolve_splits,
-        train_config_from_args,
-    )
+    from flows.train_attributes import configure_parser, resolve_detector, resolve_splits, train_config_from_args
+    from pipeline.attributes import wider_face_key as _face_key
 
     with pytest.raises(FileNotFoundError, match="train annotation file"):
         resolve_splits(str(tmp_path))
@@ -310,7 +305,7 @@ def trained(prefect_harness, tmp_path_factory) -> dict:
     out = train_attributes_flow(
         wider_root=str(root),
         workspace=str(base / "ws"),
-        net_config="tiny",
+        model_config="tiny",
         train_config={"epochs": 8, "batch_size": 32, "lr": 3e-3, "warmup_epochs": 0.5},
         detector="none",
         shard_images=80,
@@ -376,7 +371,8 @@ def test_flow_trains_and_beats_chance(trained: dict) -> None:
 def test_label_stage_equals_direct_forward(trained: dict) -> None:
     ws = trained["data_ws"]
     shard = catalog.query(
-        ws, "SELECT sample_id, crop_file, crop_index FROM faces WHERE crop_file LIKE '%part-00002%' ORDER BY crop_index"
+        ws, "SELECT sample_id, crop_file, crop_index FROM faces WHERE crop_file LIKE '%part-val-00000%' "
+            "ORDER BY crop_index"
     ).to_pylist()
     assert len(shard) > 50
     crops = read_crops(ws, shard[0]["crop_file"], [r["crop_index"] for r in shard])

@@ -130,13 +130,16 @@ def test_score_address_reaches_the_task_runner(prefect_harness, workspace, tiny_
         S.ScoreOptions(checkpoint=tiny_checkpoint, address="tcp://127.0.0.1:8786")
 
 
-@pytest.mark.parametrize(("module", "cls"), [("flows.score", "ScoreOptions"), ("flows.anchors", "AnchorsOptions")])
+@pytest.mark.parametrize(("module", "cls"), [
+    ("flows.score", "ScoreOptions"), ("flows.anchors", "AnchorsOptions"), ("flows.evaluate", "EvaluateOptions"),
+    ("flows.train", "TrainOptions"), ("flows.train_attributes", "TrainAttributesOptions")])
 def test_every_option_field_is_a_cli_option(module, cls):
+    """The CLI sets every field of the flow's options (progress: API only; train_config: built from several)."""
     mod = importlib.import_module(module)
     p = argparse.ArgumentParser()
     mod.configure_parser(p)
     missing = sharded.unknown_fields(getattr(mod, cls), p)
-    assert missing in ([], ["progress"]), missing
+    assert set(missing) <= {"progress", "train_config"}, missing
 
 
 def test_options_validate_once_and_name_the_bad_value(tmp_path):
@@ -157,3 +160,79 @@ def test_options_validate_once_and_name_the_bad_value(tmp_path):
         ScoreOptions(checkpoint=str(tmp_path / "missing.pt"))
     with pytest.raises(ValueError, match="unknown task runner 'fibers'"):
         ScoreOptions(runner="fibers")
+
+
+class _FakeRecognizer:
+    """A deterministic 8-D 'recogniser' (channel means of image quadrants), so the anchors flow runs in seconds."""
+
+    model_id = "fake-quadrants/1"
+    embedding_dim = 8
+
+    def embed(self, crops: np.ndarray) -> np.ndarray:
+        x = crops.astype(np.float32) / 255.0
+        q = [x[:, :56, :56], x[:, :56, 56:], x[:, 56:, :56], x[:, 56:, 56:]]
+        v = np.concatenate([np.stack([b.mean(axis=(1, 2, 3)), b.std(axis=(1, 2, 3))], 1) for b in q], 1) - 0.3
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def test_anchors_resume_after_a_failed_shard_equals_an_uninterrupted_run(prefect_harness, workspace, monkeypatch):
+    from flows import anchors as F
+
+    _seed(workspace)
+    monkeypatch.setattr(F, "_recognizer", lambda *a: _FakeRecognizer())
+    kw = {"workspace": str(workspace.root), "fr_model": "fake", "shard_size": 4, "device": "cpu",
+          "progress": False}
+    whole = F.anchors_flow(**kw)
+    assert whole["selected"] == N and whole["shards"] == 3 and whole["ok"] >= 6
+    real = F.embed_rows
+    monkeypatch.setattr(F, "embed_rows", lambda ws, items, *a, **k: (_ for _ in ()).throw(OSError("gone"))
+                        if items[0]["sample_id"] == "s04" else real(ws, items, *a, **k))
+    with pytest.raises(runtime.ShardFailures, match="1 of 3 shards failed"):
+        F.anchors_flow(**kw, run_id="anchors-resume")
+    monkeypatch.setattr(F, "embed_rows", real)
+    with pytest.raises(ValueError, match="started with mode='ratio'"):
+        F.anchors_flow(**kw, mode="shifted", run_id="anchors-resume")
+    F.anchors_flow(**kw, run_id="anchors-resume")
+    want = _rows(workspace, "anchors", whole["run_id"])
+    assert len({r["anchor"] for r in want if r["anchor"] is not None}) >= 6
+    assert _rows(workspace, "anchors", "anchors-resume") == want
+    assert _rows(workspace, "embeddings", "anchors-resume") == _rows(workspace, "embeddings", whole["run_id"])
+
+
+def test_train_attributes_resume_after_a_failed_shard_equals_an_uninterrupted_run(prefect_harness, tmp_path,
+                                                                                   monkeypatch):
+    from data_manifest import Workspace
+    from flows import train_attributes as T
+    from pipeline.wider_synthetic import SyntheticSpec, make_dataset
+
+    root = make_dataset(tmp_path / "wider", SyntheticSpec(images=12), seed=1)
+    kw = {"wider_root": str(root), "model_config": "tiny", "detector": "none", "shard_images": 4,
+          "train_config": {"epochs": 1, "batch_size": 8}, "calibration_fraction": 0.0, "device": "cpu",
+          "torch_threads": 1, "progress": False}
+    whole = T.train_attributes_flow(workspace=str(tmp_path / "a"), **kw)
+    from pipeline.wider import parse, split_layout
+
+    real = T.wider_rows
+    first_val = next(iter(parse(split_layout(root, "val")[0], min_size=20))).path
+
+    def flaky(items, *a, **k):
+        if any(split == "val" and rec.path == first_val for split, rec in items):  # shard val-00000
+            raise OSError("disk went away")
+        return real(items, *a, **k)
+
+    monkeypatch.setattr(T, "wider_rows", flaky)
+    ws_b = str(tmp_path / "b")
+    with pytest.raises(runtime.ShardFailures, match="1 of 6 shards failed"):
+        T.train_attributes_flow(workspace=ws_b, run_id="attr-resume", **kw)
+    monkeypatch.setattr(T, "wider_rows", real)
+    with pytest.raises(ValueError, match="started with margin=0.15"):
+        T.train_attributes_flow(workspace=ws_b, run_id="attr-resume", **{**kw, "margin": 0.3})
+    resumed = T.train_attributes_flow(workspace=ws_b, run_id="attr-resume", **kw)
+    assert resumed["data"]["val"]["crops"] == whole["data"]["val"]["crops"] > 0
+    a, b = Workspace(whole["data_workspace"]), Workspace(resumed["data_workspace"])
+    for table in ("samples", "faces", "factors"):
+        got = [{k: (v.replace("attr-resume", "RUN") if isinstance(v, str) else v) for k, v in r.items()}
+               for r in _rows(b, table, "attr-resume", drop=("run_id", "created_at"))]
+        want = [{k: (v.replace(whole["run_id"], "RUN") if isinstance(v, str) else v) for k, v in r.items()}
+                for r in _rows(a, table, whole["run_id"], drop=("run_id", "created_at"))]
+        assert got == want, table

@@ -10,7 +10,7 @@ ENV_WORKSPACE = "FIQA_WORKSPACE"
 
 
 class Workspace:
-    """A workspace root with its fixed layout (see DESIGN.md, "The workspace and manifests")."""
+    """A workspace root with its fixed layout (see docs/architecture.md, "Workspace")."""
 
     def __init__(self, root: str | os.PathLike[str] | None = None, *, create: bool = True) -> None:
         raw = root if root is not None else os.environ.get(ENV_WORKSPACE, DEFAULT_WORKSPACE)

@@ -1,0 +1,83 @@
+"""Every bundled .sql file runs on a small catalog: the `fiqa stats` reports and the flows' own queries."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+
+from data_manifest import ShardWriter, catalog
+
+REPORTS = sorted(p.stem for p in catalog.SQL_DIR.glob("*.sql"))
+FLOW_QUERIES = sorted(p.stem for p in (catalog.SQL_DIR / "flows").glob("*.sql"))
+# Parameters of the flow queries, as the flows pass them.
+FLOW_PARAMS = {
+    "anchors_reuse": ["dlib", "this-run"],
+    "cached_embeddings": ["dlib"],
+    "stored_scores": {"method": "clib-fiqa", "dataset": None},
+    "wider_crops": {"run": "ingest-1", "labeller": "wider_face_gt"},
+    "wider_crop_counts": {"run": "ingest-1"},
+}
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    """Two samples with faces, factor labels of every factor, an anchor, an embedding and a score."""
+    from data_manifest import Workspace
+    from pipeline.factors import FACTOR_CLASSES
+
+    ws = Workspace(tmp_path_factory.mktemp("sql") / "ws")
+    ShardWriter(ws, "samples", "ingest-1").write(0, [
+        {"sample_id": s, "dataset": "d", "source_kind": "list", "source": f"/x/{s}.png", "status": "ok",
+         "identity": i} for i, s in enumerate(("a", "b"))])
+    ShardWriter(ws, "faces", "align-1").write(0, [
+        {"sample_id": s, "crop_file": "crops/x.npy", "crop_index": i, "status": "ok", "aligned_mode": "detect"}
+        for i, s in enumerate(("a", "b"))])
+    ShardWriter(ws, "factors", "label-1").write(0, [
+        {"sample_id": s, "factor": f, "class_index": 0, "class_name": classes[0], "labeller": "t",
+         "labeller_version": "1", "status": "ok", "value": 0.5}
+        for s in ("a", "b") for f, classes in FACTOR_CLASSES.items()])
+    ShardWriter(ws, "anchors", "anchors-1").write(0, [
+        {"sample_id": s, "model_id": "dlib", "anchor": 0.25 + 0.5 * i, "status": "ok"} for i, s in enumerate("ab")])
+    ShardWriter(ws, "embeddings", "anchors-1").write(0, [
+        {"sample_id": "a", "model_id": "dlib", "embedding": [1.0, 0.0], "status": "ok"}])
+    ShardWriter(ws, "scores", "score-1").write(0, [
+        {"sample_id": "a", "method": "clib-fiqa", "quality": 0.7, "status": "ok"}])
+    catalog.refresh(ws)
+    return ws
+
+
+def test_the_bundled_files_are_the_expected_ones():
+    assert "joint_factors" in REPORTS and "factor_distribution" in REPORTS
+    assert set(FLOW_QUERIES) >= set(FLOW_PARAMS) and "anchors_selection" in FLOW_QUERIES
+
+
+@pytest.mark.parametrize("name", REPORTS)
+def test_every_report_query_runs(ws, name):
+    con = catalog.connect(ws)
+    try:
+        table = con.sql(catalog.bundled_sql(name)).to_arrow_table()
+    finally:
+        con.close()
+    assert table.num_columns > 0
+    if name == "joint_factors":  # both samples share one combination of the first class of every factor
+        assert table.column("n").to_pylist() == [2]
+
+
+@pytest.mark.parametrize("name", FLOW_QUERIES)
+def test_every_flow_query_runs(ws, name):
+    from flows.sharded import flow_sql
+
+    sql = flow_sql(name)
+    con = catalog.connect(ws)
+    try:
+        if name == "anchors_reuse":
+            con.register("_anchors_selection", pa.table({"sample_id": ["a", "b"], "shard": [0, 0]}))
+        if name.endswith("_selection"):
+            sql = catalog.selection_sql(sql)
+        table = con.sql(sql, params=FLOW_PARAMS.get(name)).to_arrow_table()
+    finally:
+        con.close()
+    expected = {"anchors_selection": 2, "score_selection": 2, "anchors_reuse": 1, "cached_embeddings": 1,
+                "stored_scores": 1}
+    if name in expected:
+        assert table.num_rows == expected[name], name

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from data_manifest.workspace import Workspace
-from data_manifest.writer import atomic_write, check_name
+from data_manifest.writer import atomic_write, check_name, shard_name
 
 CROP_SIZE = 112
 
@@ -22,8 +22,8 @@ def write_pack(ws: Workspace, run_id: str, shard: str | int, crops: np.ndarray, 
     arr = np.asarray(crops)
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
         raise ValueError(f"write_pack: expected (N, H, W, 3) uint8 crops, got {arr.dtype} {arr.shape}")
-    name = f"{shard:05d}" if isinstance(shard, int) else check_name(shard, "shard name")
-    rel = Path("crops") / check_name(kind, "pack kind") / check_name(run_id, "run id") / f"part-{name}.npy"
+    rel = (Path("crops") / check_name(kind, "pack kind") / check_name(run_id, "run id")
+           / f"part-{shard_name(shard)}.npy")
 
     def _save(tmp: Path) -> None:
         with open(tmp, "wb") as fh:

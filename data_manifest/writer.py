@@ -26,6 +26,12 @@ def check_name(value: str, what: str) -> str:
     return value
 
 
+def shard_name(shard: str | int, prefix: str | None = None) -> str:
+    """The one shard-name format: shard k is ``00000``-style (``<prefix>-00003`` with a prefix); names pass through."""
+    name = f"{shard:05d}" if isinstance(shard, int) else check_name(shard, "shard name")
+    return f"{check_name(prefix, 'shard prefix')}-{name}" if prefix else name
+
+
 def atomic_write(path: Path, write: Any) -> Path:
     """Call write(tmp_path), then rename tmp into `path`: readers never see a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -75,8 +81,7 @@ class ShardWriter:
         self.dir = ws.table_dir(table, run_id)
 
     def path(self, shard: str | int) -> Path:
-        name = f"{shard:05d}" if isinstance(shard, int) else check_name(shard, "shard name")
-        return self.dir / f"part-{name}.parquet"
+        return self.dir / f"part-{shard_name(shard)}.parquet"
 
     def write(self, shard: str | int, rows: Iterable[Mapping[str, Any]] | pa.Table) -> Path | None:
         """Write (or atomically replace) one shard; returns its path, or None for no rows."""

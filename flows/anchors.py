@@ -28,7 +28,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from data_manifest import ShardWriter, Workspace, catalog, runs
-from data_manifest.writer import atomic_write
+from data_manifest.writer import atomic_write, shard_name
 from flows import runtime
 from flows.sharded import (
     RunOptions,
@@ -218,7 +218,7 @@ def _stage_reused(ws: Workspace, run_id: str, model_id: str, selected: pa.Table,
     def flush() -> None:
         if current is not None and parts:
             t = pa.Table.from_batches(parts).select(["sample_id", "embedding"]).cast(_REUSED_SCHEMA)
-            atomic_write(_reused_path(ws, run_id, runtime.shard_name(current)), lambda tmp: pq.write_table(t, tmp))
+            atomic_write(_reused_path(ws, run_id, shard_name(current)), lambda tmp: pq.write_table(t, tmp))
 
     con = catalog.connect(ws)
     try:

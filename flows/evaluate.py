@@ -27,6 +27,7 @@ from prefect.cache_policies import NO_CACHE
 
 import flows  # noqa: F401  (Prefect defaults before prefect is imported)
 from data_manifest import ShardWriter, Workspace, catalog
+from data_manifest.writer import shard_name
 from flows.runtime import add_common_args, main_for, tracked_run
 from flows.sharded import flow_sql, options_from_args
 from pipeline.benchmarks import (
@@ -151,7 +152,7 @@ def embed_benchmark(
             vectors[ok_idx] = emb
             rows += [{"sample_id": sids[i], "model_id": recognizer.model_id, "embedding": e.tolist(),
                       "status": "ok", "error": None} for i, e in zip(ok_idx, emb, strict=True)]
-        writer.write(f"{safe_name(bench.name)}-{n:05d}", rows)
+        writer.write(shard_name(n, safe_name(bench.name)), rows)
     return Embedded(keys=keys, vectors=vectors, failures=failures, model_id=recognizer.model_id, cached=len(cache))
 
 

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_manifest import Workspace, catalog, runs
-from data_manifest.writer import atomic_write
+from data_manifest.writer import atomic_write, shard_name
 from flows import runtime
 
 OptionsT = TypeVar("OptionsT")
@@ -110,7 +110,7 @@ def table_shards(table: pa.Table, size: int) -> dict[str, pa.Table]:
     """Consecutive slices of at most `size` rows, named 00000, 00001, ..."""
     if size < 1:
         raise ValueError(f"shard size must be >= 1, got {size}")
-    return {runtime.shard_name(i): table.slice(s, size) for i, s in enumerate(range(0, table.num_rows, size))}
+    return {shard_name(i): table.slice(s, size) for i, s in enumerate(range(0, table.num_rows, size))}
 
 
 def run_named_shards(task: Any, shards: Mapping[str, Any], *, ws: Workspace, run_id: str, desc: str,

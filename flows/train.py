@@ -20,6 +20,7 @@ import numpy as np
 from prefect import flow
 
 from data_manifest import ShardWriter, Workspace, catalog
+from data_manifest.writer import shard_name
 from flows import runtime
 from flows.sharded import config_overrides, options_from_args
 from pipeline.factors import FACTORS
@@ -89,7 +90,7 @@ def confidence_writer(ws: Workspace, run_id: str, sample_ids: list[str], model_i
                      "error": None if np.isfinite(r) else "no confidence computed"}
                     for sid, r in zip(sample_ids[i:i + CONFIDENCE_SHARD_ROWS], rho[i:i + CONFIDENCE_SHARD_ROWS],
                                       strict=True)]
-            writer.write(f"confidence-{i // CONFIDENCE_SHARD_ROWS:05d}", rows)
+            writer.write(shard_name(i // CONFIDENCE_SHARD_ROWS, "confidence"), rows)
 
     return _write
 

@@ -25,6 +25,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from data_manifest import ShardWriter, Workspace, catalog, crops
+from data_manifest.writer import shard_name
 from flows import runtime
 from flows.sharded import (
     RunOptions,
@@ -331,7 +332,7 @@ def train_attributes_run(opts: TrainAttributesOptions) -> dict[str, Any]:
     with runtime.tracked_run(ws, "train_attributes", params, opts.run_id) as state:
         rid = state["run_id"]
         parsed, data = _parse_splits(splits, opts)
-        shards = {f"{split}-{runtime.shard_name(i)}": [(split, r) for r in chunk]
+        shards = {shard_name(i, split): [(split, r) for r in chunk]
                   for split in splits for i, chunk in enumerate(runtime.chunks(parsed[split], opts.shard_images))}
         outcomes = run_named_shards(extract_shard, shards, ws=data_ws, run_id=rid, desc="wider crops",
                                     progress=opts.progress, images_dirs={s: str(p[1]) for s, p in splits.items()},

@@ -53,7 +53,8 @@ def tiny_checkpoint(tmp_path):
 
 def _rows(ws, table: str, run_id: str, drop: tuple[str, ...] = ("run_id", "created_at")) -> list[dict]:
     rows = catalog.query(ws, f"SELECT * FROM {table}_history WHERE run_id = '{run_id}' ORDER BY sample_id")
-    return [{k: v for k, v in r.items() if k not in drop} for r in rows.to_pylist()]
+    out = [{k: v for k, v in r.items() if k not in drop} for r in rows.to_pylist()]
+    return sorted(out, key=lambda r: (r["sample_id"], r.get("factor") or ""))  # factors: one row per factor
 
 
 def test_score_resume_after_a_failed_shard_equals_an_uninterrupted_run(prefect_harness, workspace, tiny_checkpoint,

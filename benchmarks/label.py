@@ -145,7 +145,6 @@ def _child(n: int, stages: str, detector: str, pose_backend: str, shard_size: in
     """Build an N-image RecordIO, write its samples rows shard by shard, run the label flow; peak RSS."""
     from data_manifest import ShardWriter, Workspace
     from flows import label as L
-    from flows import runtime
     from pipeline.readers import open_reader
     from pipeline.recordio import FaceRecWriter
     from pipeline.samples import sample_rows
@@ -162,10 +161,9 @@ def _child(n: int, stages: str, detector: str, pose_backend: str, shard_size: in
             ShardWriter(ws, "samples", "ingest-bench").write(s.name, sample_rows("bench", reader.read(s)))
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         options = {"detector": detector, "align_mode": "already_aligned", "pose_backend": pose_backend}
-        flow = L.label.with_options(task_runner=runtime.make_task_runner("threads", workers))
         t0 = time.perf_counter()
-        result = flow(stages=stages.split(","), options=options, workspace=str(ws.root), shard_size=shard_size,
-                      progress=False)
+        result = L.label(stages=stages.split(","), options=options, workspace=str(ws.root), shard_size=shard_size,
+                         progress=False, runner="threads", workers=workers)
         elapsed = time.perf_counter() - t0
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"images": n, "stages": stages, "detector": detector, "pose_backend": pose_backend,

@@ -30,21 +30,11 @@ from prefect.cache_policies import NO_CACHE
 from data_manifest import ShardWriter, Workspace, catalog, runs
 from data_manifest.writer import atomic_write, shard_name
 from flows import runtime
-from flows.sharded import (
-    RunOptions,
-    check_resume,
-    flow_sql,
-    freeze_selection,
-    options_from_args,
-    run_named_shards,
-    table_shards,
-    with_runner,
-)
 from pipeline import anchors as A
 
-DEFAULT_FR_MODEL = "insightface"
-SELECT_SQL = flow_sql("anchors_selection")
-REUSE_SQL = flow_sql("anchors_reuse")
+DEFAULT_FR_MODEL = "dlib"  # installed with the project; insightface needs its model pack on disk
+SELECT_SQL = runtime.flow_sql("anchors_selection")
+REUSE_SQL = runtime.flow_sql("anchors_reuse")
 REQUIRED = ("sample_id", "identity", "crop_file", "crop_index")
 _LOCK = threading.Lock()
 NO_EMBEDDING = A.NO_EMBEDDING
@@ -58,7 +48,7 @@ def selection_sql(where: str | None = None, query: str | None = None) -> str:
 
 
 @dataclass(frozen=True)
-class AnchorsOptions(RunOptions):
+class AnchorsOptions(runtime.RunOptions):
     """Everything one `anchors` run needs, validated once here."""
 
     fr_model: str = DEFAULT_FR_MODEL  # recogniser spec (models.recognition.build_recognizer)
@@ -269,18 +259,18 @@ def anchors_run(opts: AnchorsOptions) -> dict[str, Any]:
     params = {"fr_model": opts.fr_model, "model_id": model_id, "head": opts.head, "mode": opts.mode,
               "nnccs_floor": opts.nnccs_floor, "query": sql, "shard_size": opts.shard_size,
               "reuse_embeddings": opts.reuse_embeddings}
-    check_resume(ws, opts.run_id, params)
+    runtime.check_resume(ws, opts.run_id, params)
     with runtime.tracked_run(ws, "anchors", {**opts.recorded(), **params}, opts.run_id) as state:
         rid = state["run_id"]
-        selected = freeze_selection(ws, rid, sql, REQUIRED)
-        shards = table_shards(selected, opts.shard_size)
+        selected = runtime.freeze_selection(ws, rid, sql, REQUIRED)
+        shards = runtime.table_shards(selected, opts.shard_size)
         # 0. reuse: stage the stored embeddings of this model (once per run; redone if interrupted)
         if opts.reuse_embeddings and shards and not runs.shard_done(ws, rid, REUSE_STAGE):
             staged = _stage_reused(ws, rid, model_id, selected, opts.shard_size)
             runs.mark_shard_done(ws, rid, REUSE_STAGE, {"reused": staged})
         # 1. embed the samples without a staged embedding
         todo = {name: _still_to_embed(ws, rid, name, sel) for name, sel in shards.items()}
-        outcomes = run_named_shards(embed_shard, todo, ws=ws, run_id=rid, stage="embed", desc="anchors: embed",
+        outcomes = runtime.run_shards(embed_shard, todo, ws=ws, run_id=rid, stage="embed", desc="anchors: embed",
                                     progress=opts.progress, fr_model=opts.fr_model, device=opts.device,
                                     batch_size=opts.batch_size)
         runtime.check_shard_failures(outcomes, rid)
@@ -340,7 +330,7 @@ def anchors_run(opts: AnchorsOptions) -> dict[str, Any]:
 def run(opts: AnchorsOptions) -> dict[str, Any]:
     """Build the recogniser (a bad spec fails before Prefect starts), then run the flow on its task runner."""
     _recognizer(opts.fr_model, opts.device, opts.batch_size)
-    return with_runner(anchors_run, opts)(opts)
+    return runtime.with_runner(anchors_run, opts)(opts)
 
 
 def anchors_flow(**kwargs: Any) -> dict[str, Any]:
@@ -352,7 +342,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     runtime.add_common_args(p)
     p.add_argument("--fr-model", default=DEFAULT_FR_MODEL,
                    help="recogniser spec: dlib | insightface[:PACK_OR_ONNX] | onnx:PATH?size=112&bgr=0&mean=127.5"
-                        "&std=127.5 | iresnet50:PATH.pth | iresnet100:PATH.pth (default: insightface buffalo_l)")
+                        "&std=127.5 | iresnet50:PATH.pth | iresnet100:PATH.pth (default: dlib, no download)")
     p.add_argument("--head", default=None,
                    help="classifier head checkpoint for classification-space centers (row k = identity k); "
                         "default: normalised mean embedding per identity")
@@ -373,7 +363,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                         "selected samples without one (centers still use the current identities)")
 
 def run_cli(args: argparse.Namespace) -> int:
-    out = run(options_from_args(AnchorsOptions, args, workers=args.workers or 1))
+    out = run(runtime.options_from_args(AnchorsOptions, args, workers=args.workers or 1))
     print(json.dumps(out, indent=2, default=str))
     return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import Any
 
 # name -> (module, one-line help). Modules are imported lazily so `fiqa --help`,
 # `fiqa sql` and `fiqa stats` never import Prefect or torch.
@@ -50,19 +51,29 @@ def main(argv: list[str] | None = None) -> int:
     mod = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"fiqa {name}", description=help_text)
     mod.configure_parser(parser)
-    args = parser.parse_args(argv[1:])
-    try:
-        from flows.runtime import cli_guard  # a usable --workspace and a free --run-id, before any flow starts
+    return run_command(parser.prog, mod, parser.parse_args(argv[1:]))
 
+
+# What a user can fix: a bad value, a missing or unreadable file, a busy run id, a missing optional package.
+INPUT_ERRORS = (ValueError, OSError, RuntimeError)
+
+
+def run_command(prog: str, mod: Any, args: argparse.Namespace) -> int:
+    """The one CLI error path: run_cli raises; failed shards exit 1, bad input exits 2, each with one message."""
+    from flows.runtime import ShardFailures, cli_guard  # a usable --workspace and a free --run-id first
+
+    try:
         with cli_guard(args):
             return int(mod.run_cli(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, RuntimeError) as e:
-        print(f"fiqa {name}: error: {e}", file=sys.stderr)
+    except ShardFailures as e:  # the run is recorded as failed; the message says how to resume it
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    except INPUT_ERRORS as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

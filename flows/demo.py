@@ -219,7 +219,7 @@ def run_demo(workspace: str | None = None, quick: bool = False, train_steps_epoc
         anchors = anchors_flow(workspace=str(ws.root), fr_model="dlib", where=IN_DEMO, shard_size=64, progress=False)
     epochs = train_steps_epochs or (2 if quick else 8)
     with _step("train CLIB-FIQA (tiny, CPU)", timings):
-        trained = train_flow(workspace=str(ws.root), model="clib-tiny", where=IN_DEMO,
+        trained = train_flow(workspace=str(ws.root), model_config="clib-tiny", where=IN_DEMO,
                              train_config={"stage1_epochs": epochs, "stage2_epochs": epochs, "batch_size": 32,
                                            "lr": 1e-3, "num_workers": 0, "device": "cpu"})
     with _step("score", timings):

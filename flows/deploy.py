@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -237,18 +236,13 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    prog = "fiqa deploy"
     if args.action == "commands":
         print("\n".join(setup_commands(args.cpu_pool, args.gpu_pool, args.api_url)))
         return 0
-    try:
-        if args.action == "serve":
-            serve(args)
-            return 0
-        names = register(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"{prog} {args.action}: error: {e}", file=sys.stderr)
-        return 2
+    if args.action == "serve":
+        serve(args)
+        return 0
+    names = register(args)
     print("registered " + ", ".join(names))
     pools = [args.cpu_pool] + ([] if args.no_train else [args.gpu_pool])
     print("start the workers with:\n  " + "\n  ".join(c for c in setup_commands(args.cpu_pool, args.gpu_pool)

@@ -28,8 +28,8 @@ from prefect.cache_policies import NO_CACHE
 import flows  # noqa: F401  (Prefect defaults before prefect is imported)
 from data_manifest import ShardWriter, Workspace, catalog
 from data_manifest.writer import shard_name
+from flows import runtime
 from flows.runtime import add_common_args, main_for, tracked_run
-from flows.sharded import flow_sql, options_from_args
 from pipeline.benchmarks import (
     Benchmark,
     Embedded,
@@ -106,7 +106,7 @@ def _cached_embeddings(ws: Workspace, ids: list[str], model_id: str) -> dict[str
     """Latest OK embeddings of these samples for this model from the manifest."""
     if not ids:
         return {}
-    tbl = catalog.query(ws, flow_sql("cached_embeddings"), [model_id])
+    tbl = catalog.query(ws, runtime.flow_sql("cached_embeddings"), [model_id])
     wanted = set(ids)
     out = {}
     for sid, emb in zip(tbl.column("sample_id").to_pylist(), tbl.column("embedding").to_pylist(), strict=True):
@@ -202,7 +202,8 @@ def stored_scores(ws: Workspace, method: str, dataset: str | None = None, name: 
     The source key lets benchmark keys find them: `lfw.bin#12` matches the .bin index
     12, `/data/lfw/A/A_0001.jpg` matches the pair-list key `A/A_0001`.
     """
-    rows = catalog.query(ws, flow_sql("stored_scores"), {"method": method, "dataset": dataset or None}).to_pylist()
+    params = {"method": method, "dataset": dataset or None}
+    rows = catalog.query(ws, runtime.flow_sql("stored_scores"), params).to_pylist()
     if not rows:
         where = f" of dataset {dataset!r}" if dataset else ""
         raise ValueError(f"no ok scores of method {method!r}{where} in workspace {ws.root} (run 'fiqa score')")
@@ -368,7 +369,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 def run_cli(args: argparse.Namespace) -> int:
     """Run the evaluate flow from parsed options and print where the report went."""
-    result = evaluate_run(options_from_args(EvaluateOptions, args))
+    result = evaluate_run(runtime.options_from_args(EvaluateOptions, args))
     print(json.dumps({k: result[k] for k in ("run_id", "output", "results", "plots", "counts")}, indent=1))
     return 0
 

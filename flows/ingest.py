@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from prefect import flow, task
@@ -19,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from data_manifest import ShardWriter, Workspace, runs
 from flows import runtime
 from pipeline import images
-from pipeline.readers import KINDS, DatasetError, DatasetReader, Shard, open_reader
+from pipeline.readers import KINDS, DatasetReader, Shard, open_reader
 from pipeline.samples import sample_rows, status_counts
 
 FORMATS = ("auto", *KINDS)
@@ -34,63 +35,77 @@ def build_reader(path: str, format: str = "auto", shard_size: int = 1000) -> Dat
     return reader
 
 
+@dataclass(frozen=True)
+class IngestOptions(runtime.RunOptions):
+    """Everything one `ingest` run needs, validated once here."""
+
+    path: str = ""  # image folder, train.rec (or its folder), verification .bin, CSV/TSV list
+    dataset: str = ""  # dataset name (part of every sample_id)
+    format: str = "auto"  # reader (auto: detect from the path)
+    shard_size: int = 1000  # records per shard
+    max_pixels: int = images.MAX_PIXELS  # refuse images declaring more pixels
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.path:
+            raise ValueError("ingest needs a dataset PATH")
+        if not self.dataset.strip():
+            raise ValueError("--dataset must be a non-empty name")
+        if self.format not in FORMATS:
+            raise ValueError(f"unknown --format {self.format!r}; choose one of {', '.join(FORMATS)}")
+        for name in ("shard_size", "max_pixels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
 @task(name="ingest-shard", cache_policy=NO_CACHE)
-def ingest_shard(ws_root: str, run_id: str, shard: str, items: list[Shard], *, reader: DatasetReader,
+def ingest_shard(ws_root: str, run_id: str, shard: str, item: Shard, *, reader: DatasetReader,
                  dataset: str, max_pixels: int) -> dict[str, int]:
-    """Read, validate and write one shard of samples rows, then commit the shard."""
+    """Read, validate and write one shard of samples rows (the runtime commits it)."""
     ws = Workspace(ws_root)
-    rows = [row for s in items for row in sample_rows(dataset, reader.read(s), max_pixels=max_pixels)]
+    rows = sample_rows(dataset, reader.read(item), max_pixels=max_pixels)
     ShardWriter(ws, "samples", run_id).write(shard, rows)
-    counts = status_counts(rows)
-    runs.mark_shard_done(ws, run_id, shard, counts)
-    return counts
+    return status_counts(rows)
 
 
 @flow(name="ingest")
-def ingest(path: str, dataset: str, format: str = "auto", shard_size: int = 1000, workspace: str | None = None,
-           run_id: str | None = None, max_pixels: int = images.MAX_PIXELS,
-           progress: bool | None = None) -> dict[str, Any]:
-    """Ingest one dataset into `samples`; returns the run id and the summed per-status counts."""
-    if not dataset:
-        raise ValueError("--dataset must be a non-empty name")
-    if max_pixels < 1:
-        raise ValueError(f"max_pixels must be >= 1, got {max_pixels}")
-    reader = build_reader(path, format, shard_size)
-    ws = Workspace(workspace)
-    if progress is not False:
-        print(f"ingest {dataset}: {reader.kind} dataset {str(reader.path)!r}: {len(reader)} records in "
-              f"{len(reader.plan())} shards", file=sys.stderr)
-    params = {"path": str(reader.path), "dataset": dataset, "format": reader.kind, "shard_size": shard_size,
-              "max_pixels": max_pixels}
-    check_resume(ws, run_id, params)
+def ingest_run(opts: IngestOptions) -> dict[str, Any]:
+    """Plan the reader's shards, read each one into `samples` rows; returns the run id and per-status counts."""
+    reader = build_reader(opts.path, opts.format, opts.shard_size)
+    ws = Workspace(opts.workspace)
+    plan = reader.plan()
+    if opts.progress is not False:
+        print(f"ingest {opts.dataset}: {reader.kind} dataset {str(reader.path)!r}: {len(reader)} records in "
+              f"{len(plan)} shards", file=sys.stderr)
+    params = {"path": str(reader.path), "dataset": opts.dataset, "format": reader.kind,
+              "shard_size": opts.shard_size, "max_pixels": opts.max_pixels}
+    runtime.check_resume(ws, opts.run_id, params)
     t0 = time.perf_counter()
-    with runtime.tracked_run(ws, "ingest", params, run_id) as state:
+    with runtime.tracked_run(ws, "ingest", params, opts.run_id) as state:
         rid = state["run_id"]
-        outcomes = runtime.run_shards(ingest_shard, [[s] for s in reader.plan()], ws=ws, run_id=rid,
-                                      desc=f"ingest {dataset}", progress=progress, reader=reader,
-                                      dataset=dataset, max_pixels=max_pixels)
+        outcomes = runtime.run_shards(ingest_shard, {s.name: s for s in plan}, ws=ws, run_id=rid,
+                                      desc=f"ingest {opts.dataset}", progress=opts.progress, reader=reader,
+                                      dataset=opts.dataset, max_pixels=opts.max_pixels)
         summary = runtime.summarize(outcomes)
         elapsed = time.perf_counter() - t0
         state["metrics"] = {"seconds": round(elapsed, 3), "records_this_attempt": summary.get("rows", 0),
                             "records_per_s": round(summary.get("rows", 0) / max(elapsed, 1e-9), 1)}
         runtime.check_shard_failures(outcomes, rid)
     totals = runs.shard_counts(ws, rid)
-    return {"run_id": rid, "dataset": dataset, "format": reader.kind, "records": len(reader),
+    return {"run_id": rid, "dataset": opts.dataset, "format": reader.kind, "records": len(reader),
             "shards": summary["shards"], "skipped_shards": summary["skipped_shards"], "counts": totals,
             **state["metrics"]}
 
 
-def check_resume(ws: Workspace, run_id: str | None, params: dict[str, Any]) -> None:
-    """Refuse to resume a run with different data or sharding: its committed shards would not line up."""
-    info = runs.run_info(ws, run_id) if run_id else None
-    if info is None:
-        return
-    before = info.get("parameters", {})
-    changed = {k: (before.get(k), v) for k, v in params.items() if before.get(k) != v}
-    if changed:
-        diff = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
-        raise ValueError(f"run {run_id!r} was started with other parameters ({diff}); resume it with the same "
-                         "ones, or start a new run")
+def run(opts: IngestOptions) -> dict[str, Any]:
+    """Open the dataset (a bad path or format fails before Prefect starts), then run the flow on its runner."""
+    build_reader(opts.path, opts.format, opts.shard_size)
+    return runtime.with_runner(ingest_run, opts)(opts)
+
+
+def ingest(**kwargs: Any) -> dict[str, Any]:
+    """Run the `ingest` flow from keyword options (the fields of IngestOptions)."""
+    return run(IngestOptions(**kwargs))
 
 
 def _positive_int(text: str) -> int:
@@ -115,22 +130,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    prog = "fiqa ingest"
-    try:
-        with runtime.cli_guard(args):  # workspace usable and run id free, before Prefect starts
-            if not args.dataset.strip():
-                raise ValueError("--dataset must be a non-empty name")
-            reader = build_reader(args.path, args.format, args.shard_size)  # dataset-level errors surface here
-            runner = runtime.with_runner(ingest, args)
-            result = runner(path=str(reader.path), dataset=args.dataset, format=reader.kind,
-                            shard_size=args.shard_size, workspace=args.workspace, run_id=args.run_id,
-                            max_pixels=args.max_pixels, progress=False if args.no_progress else None)
-    except runtime.ShardFailures as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 1
-    except (OSError, DatasetError, ValueError, RuntimeError) as e:  # bad path, dataset, resume or a running run id
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
+    result = run(runtime.options_from_args(IngestOptions, args, progress=False if args.no_progress else None))
     counts = result["counts"]
     statuses = ", ".join(f"{k.removeprefix('status_')} {v}" for k, v in counts.items() if k.startswith("status_"))
     print(f"run {result['run_id']}: {counts.get('rows', 0)} rows ({statuses}); "

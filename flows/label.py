@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import threading
 import time
 from collections import Counter
@@ -30,8 +29,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
 
 from data_manifest import ShardWriter, Workspace, catalog, crops, runs
+from data_manifest.writer import shard_name
 from flows import runtime
 from pipeline.factors import BLUR_THRESHOLDS, parse_blur_thresholds
 from pipeline.records import ERROR, OK, SKIPPED, FaceCrop
@@ -67,6 +69,15 @@ class LabelOptions:
     attributes_checkpoint: str | None = None  # WIDER attribute CNN for `attributes`; None: the real-face labellers
     device: str = "cpu"
     extra: dict[str, Any] = field(default_factory=dict)  # settings of stages registered by others
+
+    def __post_init__(self) -> None:
+        for key in ("pose_thresholds", "blur_thresholds"):
+            lo, hi = (float(v) for v in getattr(self, key))
+            if not lo <= hi:
+                raise ValueError(f"{key} must be ordered (low <= high), got {getattr(self, key)}")
+            object.__setattr__(self, key, (lo, hi))
+        if self.align_mode not in ("detect", "already_aligned"):
+            raise ValueError(f"align_mode must be 'detect' or 'already_aligned', got {self.align_mode!r}")
 
     def to_params(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self), default=str))
@@ -336,50 +347,61 @@ def label_rows(ws: Workspace, run_id: str, shard: str, rows: list[dict[str, Any]
     return face_rows, factor_rows, counts
 
 
-def _label_shard_impl(ws_root: str, run_id: str, shard: str, items: list[int], *, selection: str,
-                      stages: list[str], options: LabelOptions) -> dict[str, Any]:
+@task(name="label-shard", cache_policy=NO_CACHE)
+def label_shard(ws_root: str, run_id: str, shard: str, row_group: int, *, selection: str, stages: list[str],
+                options: LabelOptions) -> dict[str, Any]:
+    """Label one row group of the frozen selection and write its rows (the runtime commits it)."""
     ws = Workspace(ws_root)
-    rows = pq.ParquetFile(selection).read_row_group(items[0]).to_pylist()
+    rows = pq.ParquetFile(selection).read_row_group(row_group).to_pylist()
     face_rows, factor_rows, counts = label_rows(ws, run_id, shard, rows, stages, options)
     # Same file names on a re-run: a shard that failed half-way is overwritten, never duplicated.
     if ALIGN in stages:
         ShardWriter(ws, "faces", run_id).write(shard, face_rows)
     if factor_rows:
         ShardWriter(ws, "factors", run_id).write(shard, factor_rows)
-    runs.mark_shard_done(ws, run_id, shard, counts)
     return counts
 
 
-def _task():
-    from prefect import task
-    from prefect.cache_policies import NO_CACHE
+@dataclass(frozen=True)
+class LabelRunOptions(runtime.RunOptions):
+    """Everything one `label` / `relabel` run needs, validated once here."""
 
-    return task(name="label-shard", cache_policy=NO_CACHE)(_label_shard_impl)
+    stages: tuple[str, ...] = DEFAULT_STAGES  # registered stage names, in run order
+    where: str | None = None  # SQL condition on the `labels` view; None: every sample
+    shard_size: int = 1000  # samples per shard
+    options: LabelOptions = field(default_factory=LabelOptions)  # labeller settings
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "stages", tuple(parse_stages(self.stages)))
+        object.__setattr__(self, "options", options_from(self.options))
+        if self.shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
+        if self.where is not None and not self.where.strip():
+            raise ValueError("--where is empty")
+
+    def check(self) -> None:
+        """Build every stage: a bad configuration (missing weights, checkpoint) fails before any work."""
+        for name in self.stages:
+            get_stage(name, self.options)
 
 
-label_shard = _task()
-
-
-def run_label(stages: str | Sequence[str] = DEFAULT_STAGES, where: str | None = None, *,
-              options: LabelOptions | None = None, workspace: str | None = None, run_id: str | None = None,
-              shard_size: int = 1000, progress: bool | None = None, flow_name: str = "label") -> dict[str, Any]:
-    """The label run (called inside a flow): select, build stages, label every shard, record timings."""
-    options = options or LabelOptions()
-    names = parse_stages(stages)
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    ws = Workspace(workspace)
-    for name in names:  # a bad configuration fails before any work starts
-        get_stage(name, options)
-    params = {"stages": names, "where": where, "shard_size": shard_size, "options": options.to_params()}
+def run_label(opts: LabelRunOptions, flow_name: str = "label") -> dict[str, Any]:
+    """The label run (inside the label or relabel flow): freeze the selection, label every shard, record timings."""
+    ws = Workspace(opts.workspace)
+    names = list(opts.stages)
+    opts.check()
+    params = {"stages": names, "where": opts.where, "shard_size": opts.shard_size,
+              "options": opts.options.to_params()}
+    runtime.check_resume(ws, opts.run_id, params)
     t0 = time.perf_counter()
-    with runtime.tracked_run(ws, flow_name, params, run_id) as state:
+    with runtime.tracked_run(ws, flow_name, params, opts.run_id) as state:
         rid = state["run_id"]
-        selection = freeze_selection(ws, rid, where, shard_size)
-        n_groups = pq.ParquetFile(selection).num_row_groups
-        outcomes = runtime.run_shards(label_shard, [[i] for i in range(n_groups)], ws=ws, run_id=rid,
-                                      desc=f"{flow_name} {','.join(names)}", progress=progress,
-                                      selection=str(selection), stages=names, options=options)
+        selection = freeze_selection(ws, rid, opts.where, opts.shard_size)
+        shards = {shard_name(i): i for i in range(pq.ParquetFile(selection).num_row_groups)}
+        outcomes = runtime.run_shards(label_shard, shards, ws=ws, run_id=rid, desc=f"{flow_name} {','.join(names)}",
+                                      progress=opts.progress, selection=str(selection), stages=names,
+                                      options=opts.options)
         summary = runtime.summarize(outcomes)
         totals = runs.shard_counts(ws, rid)
         state["metrics"] = _metrics(totals, time.perf_counter() - t0, summary)
@@ -390,6 +412,23 @@ def run_label(stages: str | Sequence[str] = DEFAULT_STAGES, where: str | None = 
             **state["metrics"]}
 
 
+@flow(name="label")
+def label_run(opts: LabelRunOptions) -> dict[str, Any]:
+    """Align and label the selected samples (see the module docstring)."""
+    return run_label(opts, "label")
+
+
+def run(opts: LabelRunOptions, flow_obj: Any = label_run) -> dict[str, Any]:
+    """Build the stages (before Prefect starts), then run the flow on the task runner the options ask for."""
+    opts.check()
+    return runtime.with_runner(flow_obj, opts)(opts)
+
+
+def label(**kwargs: Any) -> dict[str, Any]:
+    """Run the `label` flow from keyword options (the fields of LabelRunOptions; `options` may be a dict)."""
+    return run(LabelRunOptions(**kwargs))
+
+
 def _metrics(totals: dict[str, Any], elapsed: float, summary: dict[str, Any]) -> dict[str, Any]:
     n = totals.get("samples", 0)
     seconds = {k.removeprefix("seconds_"): round(v, 3) for k, v in totals.items() if k.startswith("seconds_")}
@@ -397,20 +436,6 @@ def _metrics(totals: dict[str, Any], elapsed: float, summary: dict[str, Any]) ->
             "stage_images_per_s": {k: round(n / v, 1) for k, v in seconds.items() if v > 0},
             "samples_this_attempt": summary.get("samples", 0),
             "images_per_s": round(summary.get("samples", 0) / max(elapsed, 1e-9), 2)}
-
-
-def _flow():
-    from prefect import flow
-
-    @flow(name="label")
-    def label(stages: list[str] | str = list(DEFAULT_STAGES), where: str | None = None,  # noqa: B006
-              options: dict[str, Any] | None = None, workspace: str | None = None, run_id: str | None = None,
-              shard_size: int = 1000, progress: bool | None = None) -> dict[str, Any]:
-        """Align and label the selected samples (see the module docstring)."""
-        return run_label(stages, where, options=options_from(options), workspace=workspace, run_id=run_id,
-                         shard_size=shard_size, progress=progress)
-
-    return label
 
 
 def options_from(raw: dict[str, Any] | LabelOptions | None) -> LabelOptions:
@@ -424,18 +449,8 @@ def options_from(raw: dict[str, Any] | LabelOptions | None) -> LabelOptions:
         raise ValueError(f"unknown label option(s) {sorted(unknown)}; known: {sorted(known)}")
     if isinstance(raw.get("blur_thresholds"), str):  # 'calibrated', 'paper' or 'LOW,HIGH'
         raw["blur_thresholds"] = parse_blur_thresholds(raw["blur_thresholds"])
-    for key in ("pose_thresholds", "blur_thresholds"):
-        if key in raw:
-            lo, hi = (float(v) for v in raw[key])
-            if not lo <= hi:
-                raise ValueError(f"{key} must be ordered (low <= high), got {raw[key]}")
-            raw[key] = (lo, hi)
-    if raw.get("align_mode", "detect") not in ("detect", "already_aligned"):
-        raise ValueError(f"align_mode must be 'detect' or 'already_aligned', got {raw['align_mode']!r}")
-    return LabelOptions(**raw)
+    return LabelOptions(**raw)  # validated in LabelOptions.__post_init__
 
-
-label = _flow()
 
 
 def _pair(text: str) -> tuple[float, float]:
@@ -448,11 +463,15 @@ def _pair(text: str) -> tuple[float, float]:
     return lo, hi
 
 
-def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--stages", default=",".join(DEFAULT_STAGES),
+def configure_parser(p: argparse.ArgumentParser, *, stages_default: str = ",".join(DEFAULT_STAGES),
+                     where: bool = True) -> None:
+    """Options of `fiqa label` (relabel adds its own required --where and another stages default)."""
+    p.add_argument("--stages", default=stages_default,
                    help=f"comma-separated stages to run (registered: {', '.join(STAGES)}; default: %(default)s)")
-    p.add_argument("--where", default=None,
-                   help="SQL condition on the catalog's `labels` view choosing the samples, e.g. \"dataset = 'lfw'\"")
+    if where:
+        p.add_argument("--where", default=None,
+                       help="SQL condition on the catalog's `labels` view choosing the samples, e.g. "
+                            "\"dataset = 'lfw'\"")
     p.add_argument("--detector", choices=("auto", "mtcnn", "scrfd", "none"), default="auto",
                    help="face detector (auto: SCRFD when the insightface pack is present, else MTCNN; "
                         "none: with --aligned, measure no 5 landmarks)")
@@ -485,24 +504,14 @@ def options_from_args(args: argparse.Namespace) -> LabelOptions:
                         attributes_checkpoint=args.attributes_checkpoint, device=args.device)
 
 
+def run_options(args: argparse.Namespace) -> LabelRunOptions:
+    """The run's options from parsed CLI arguments (label and relabel)."""
+    return runtime.options_from_args(LabelRunOptions, args, stages=args.stages, options=options_from_args(args),
+                                     progress=False if args.no_progress else None)
+
+
 def run_cli(args: argparse.Namespace) -> int:
-    prog = "fiqa label"
-    try:
-        stages = parse_stages(args.stages)
-        options = options_from_args(args)
-        runner = runtime.with_runner(label, args)
-    except (ValueError, RuntimeError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    try:
-        result = runner(stages=stages, where=args.where, options=options.to_params(), workspace=args.workspace,
-                        run_id=args.run_id, shard_size=args.shard_size, progress=False if args.no_progress else None)
-    except runtime.ShardFailures as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 1
-    except (ValueError, FileNotFoundError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
+    result = run(run_options(args))
     counts = result["counts"]
     statuses = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())
                          if not k.startswith("seconds_") and k not in ("samples", "faces_rows", "factors_rows"))

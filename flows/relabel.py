@@ -14,57 +14,43 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
+
+from prefect import flow
 
 from flows import label as L
 from flows import runtime
 
-
-def _relabel_flow():
-    from prefect import flow
-
-    @flow(name="relabel")
-    def relabel(where: str, stages: list[str] | str = "blur,pose", options: dict[str, Any] | None = None,
-                workspace: str | None = None, run_id: str | None = None, shard_size: int = 1000,
-                progress: bool | None = None) -> dict[str, Any]:
-        """Re-label the samples matching `where` (SQL on the `labels` view) with the given stages."""
-        if not where or not where.strip():
-            raise ValueError("relabel needs a --where condition (use 'fiqa label' to label everything)")
-        return L.run_label(stages, where, options=L.options_from(options), workspace=workspace, run_id=run_id,
-                           shard_size=shard_size, progress=progress, flow_name="relabel")
-
-    return relabel
+DEFAULT_STAGES = "blur,pose"
 
 
-relabel = _relabel_flow()
+@flow(name="relabel")
+def relabel_run(opts: L.LabelRunOptions) -> dict[str, Any]:
+    """Re-label the samples matching `opts.where` (SQL on the `labels` view) with the given stages."""
+    return L.run_label(opts, "relabel")
+
+
+def relabel_options(**kwargs: Any) -> L.LabelRunOptions:
+    """Label-run options that must name a subset: relabel never re-labels everything by accident."""
+    opts = L.LabelRunOptions(**{"stages": DEFAULT_STAGES, **kwargs})
+    if not opts.where:
+        raise ValueError("relabel needs a --where condition (use 'fiqa label' to label everything)")
+    return opts
+
+
+def relabel(**kwargs: Any) -> dict[str, Any]:
+    """Run the `relabel` flow from keyword options (the fields of flows.label.LabelRunOptions)."""
+    return L.run(relabel_options(**kwargs), relabel_run)
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    L.configure_parser(p)
-    for action in p._actions:
-        if action.dest == "where":
-            action.required = True
-            action.help = "SQL condition on the `labels` view choosing the samples to re-label (required)"
-        if action.dest == "stages":
-            action.default = "blur,pose"
+    p.add_argument("--where", required=True,
+                   help="SQL condition on the `labels` view choosing the samples to re-label (required)")
+    L.configure_parser(p, stages_default=DEFAULT_STAGES, where=False)
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    try:
-        stages = L.parse_stages(args.stages)
-        options = L.options_from_args(args)
-        flow_obj = runtime.with_runner(relabel, args)
-    except (ValueError, RuntimeError) as e:
-        print(f"fiqa relabel: error: {e}", file=sys.stderr)
-        return 2
-    try:
-        result = flow_obj(where=args.where, stages=stages, options=options.to_params(), workspace=args.workspace,
-                          run_id=args.run_id, shard_size=args.shard_size,
-                          progress=False if args.no_progress else None)
-    except runtime.ShardFailures as e:
-        print(f"fiqa relabel: error: {e}", file=sys.stderr)
-        return 1
+    result = L.run(L.run_options(args), relabel_run)  # --where is required by the parser
     print(f"run {result['run_id']}: re-labelled {result['selected']} samples with {','.join(result['stages'])}")
     print(json.dumps({"counts": result["counts"], "seconds": result["seconds"]}, default=str))
     return 0

@@ -56,12 +56,6 @@ def parse_steps(steps: str | Sequence[str]) -> list[str]:
     return [s for s in STEPS if s in names]
 
 
-def _runner(runner: str, workers: int | None, address: str | None) -> Any:
-    from flows import runtime
-
-    return runtime.make_task_runner(runner, workers, address)
-
-
 @flow(name="refresh-dataset", log_prints=True)
 def refresh_dataset(dataset_path: str, dataset: str, workspace: str | None = None, format: str = "auto",
                     steps: list[str] = list(STEPS),  # noqa: B006
@@ -80,20 +74,18 @@ def refresh_dataset(dataset_path: str, dataset: str, workspace: str | None = Non
     ws = Workspace(workspace)
     logger = get_run_logger()
     result: dict[str, Any] = {"dataset": dataset, "workspace": str(ws.root), "steps": todo}
-    task_runner = _runner(runner, workers, address)
+    runner_opts = {"runner": runner, "workers": workers, "address": address}
 
     if "ingest" in todo:
-        out = ingest.with_options(task_runner=task_runner)(
-            path=dataset_path, dataset=dataset, format=format, shard_size=shard_size, workspace=str(ws.root),
-            progress=False)
+        out = ingest(path=dataset_path, dataset=dataset, format=format, shard_size=shard_size,
+                     workspace=str(ws.root), progress=False, **runner_opts)
         result["ingest"] = {"run_id": out["run_id"], "records": out["records"], "counts": out["counts"]}
     if "label" in todo:
         where = new_samples_where(dataset)
         result["new_samples"] = n_new = count_where(ws, where)
         if n_new:
-            out = label.with_options(task_runner=task_runner)(
-                stages=stages, where=where, options=label_options, workspace=str(ws.root), shard_size=shard_size,
-                progress=False)
+            out = label(stages=stages, where=where, options=label_options, workspace=str(ws.root),
+                        shard_size=shard_size, progress=False, **runner_opts)
             result["label"] = {"run_id": out["run_id"], "selected": out["selected"], "counts": out["counts"]}
         logger.info("%s: %d new sample(s) labelled", dataset, n_new)
     if "anchors" in todo:

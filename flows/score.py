@@ -22,19 +22,9 @@ from prefect.cache_policies import NO_CACHE
 
 from data_manifest import ShardWriter, Workspace, catalog
 from flows import runtime
-from flows.sharded import (
-    RunOptions,
-    check_resume,
-    flow_sql,
-    freeze_selection,
-    options_from_args,
-    run_named_shards,
-    table_shards,
-    with_runner,
-)
 
 DEFAULT_METHOD = "clib-fiqa"
-SELECT_SQL = flow_sql("score_selection")
+SELECT_SQL = runtime.flow_sql("score_selection")
 _LOCK = threading.Lock()
 
 
@@ -44,7 +34,7 @@ def selection_sql(where: str | None = None, query: str | None = None) -> str:
 
 
 @dataclass(frozen=True)
-class ScoreOptions(RunOptions):
+class ScoreOptions(runtime.RunOptions):
     """Everything one `score` run needs, validated once here."""
 
     checkpoint: str = ""  # a CLIB-FIQA checkpoint (.pt), stored as an absolute path
@@ -129,11 +119,11 @@ def score_run(opts: ScoreOptions) -> dict[str, Any]:
     ws = Workspace(opts.workspace)
     sql = opts.selection_sql()
     params = {"checkpoint": opts.checkpoint, "query": sql, "method": opts.method, "shard_size": opts.shard_size}
-    check_resume(ws, opts.run_id, params)
+    runtime.check_resume(ws, opts.run_id, params)
     with runtime.tracked_run(ws, "score", {**opts.recorded(), **params}, opts.run_id) as state:
         rid = state["run_id"]
-        selected = freeze_selection(ws, rid, sql)
-        outcomes = run_named_shards(score_shard, table_shards(selected, opts.shard_size), ws=ws, run_id=rid,
+        selected = runtime.freeze_selection(ws, rid, sql)
+        outcomes = runtime.run_shards(score_shard, runtime.table_shards(selected, opts.shard_size), ws=ws, run_id=rid,
                                     desc="score", progress=opts.progress, checkpoint=opts.checkpoint,
                                     method=opts.method, device=opts.device, batch_size=opts.batch_size)
         state["counts"] = runtime.summarize(outcomes)
@@ -146,7 +136,7 @@ def run(opts: ScoreOptions) -> dict[str, Any]:
     from models.train import load_checkpoint
 
     load_checkpoint(opts.checkpoint)
-    return with_runner(score_run, opts)(opts)
+    return runtime.with_runner(score_run, opts)(opts)
 
 
 def score_flow(**kwargs: Any) -> dict[str, Any]:
@@ -167,7 +157,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    out = run(options_from_args(ScoreOptions, args, workers=args.workers or 1))
+    out = run(runtime.options_from_args(ScoreOptions, args, workers=args.workers or 1))
     print(json.dumps(out, indent=2, default=str))
     return 0
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import duckdb
@@ -73,6 +72,15 @@ def format_table(tbl: pa.Table, max_rows: int = 50) -> str:
     return "\n".join(out)
 
 
+def csv_ready(tbl: pa.Table) -> pa.Table:
+    """CSV has no lists or structs: such columns (landmarks, embeddings, ...) become JSON text cells."""
+    for i, f in enumerate(tbl.schema):
+        if pa.types.is_nested(f.type) or pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type):
+            cells = [None if v is None else json.dumps(v, default=str) for v in tbl.column(i).to_pylist()]
+            tbl = tbl.set_column(i, pa.field(f.name, pa.string()), pa.array(cells, pa.string()))
+    return tbl
+
+
 def write_result(tbl: pa.Table, fmt: str, output: Path | None, max_rows: int = 50) -> str | None:
     """Write or render a result in the chosen format; returns text to print (or None)."""
     if fmt == "parquet":
@@ -85,6 +93,7 @@ def write_result(tbl: pa.Table, fmt: str, output: Path | None, max_rows: int = 5
     if fmt == "csv":
         import pyarrow.csv as pcsv
 
+        tbl = csv_ready(tbl)
         if output is not None:
             pcsv.write_csv(tbl, output)
             return None
@@ -116,14 +125,12 @@ def run_cli(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"no manifests in workspace {ws.root} (run 'fiqa ingest' or 'fiqa demo' first)")
     try:
         tbl = catalog.query(ws, sql, allow_external_read=args.allow_external_read)
-    except (duckdb.Error, ValueError) as e:  # refusals and SQL errors: the message, not a traceback
-        print(f"fiqa sql: {e}", file=sys.stderr)
-        return 2
+    except duckdb.Error as e:  # SQL errors: the message, not a traceback
+        raise ValueError(str(e)) from e
     try:
         text = write_result(tbl, args.format, args.output, args.max_rows)
     except OSError as e:
-        print(f"fiqa sql: cannot write {args.output}: {e}", file=sys.stderr)
-        return 2
+        raise OSError(f"cannot write {args.output}: {e}") from e
     if text is not None:
         print(text)
     return 0

@@ -20,7 +20,8 @@ QUERIES = ("status_summary", "factor_distribution", "factor_crosstab", "per_data
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workspace", default=None, help="workspace directory (default: $FIQA_WORKSPACE or ./workspace)")
     p.add_argument("--query", action="append", choices=QUERIES + ("joint_factors",),
-                   help="only these bundled queries (repeatable; default: all)")
+                   help=f"only these bundled queries (repeatable; default: {', '.join(QUERIES)}; "
+                        "joint_factors, the long table of every factor combination, only when asked)")
     p.add_argument("--plots", type=Path, default=None,
                    help="directory for PNG plots (default: <workspace>/reports/stats)")
     p.add_argument("--no-plots", action="store_true", help="print tables only")

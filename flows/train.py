@@ -22,7 +22,6 @@ from prefect import flow
 from data_manifest import ShardWriter, Workspace, catalog
 from data_manifest.writer import shard_name
 from flows import runtime
-from flows.sharded import config_overrides, options_from_args
 from pipeline.factors import FACTORS
 
 CONFIDENCE_METHOD = "clib-fiqa-confidence"
@@ -201,9 +200,7 @@ def run(opts: TrainOptions) -> dict[str, Any]:
 
 
 def train_flow(**kwargs: Any) -> dict[str, Any]:
-    """Run the `train` flow from keyword options (the fields of TrainOptions; `model` is model_config)."""
-    if "model" in kwargs:
-        kwargs["model_config"] = kwargs.pop("model")
+    """Run the `train` flow from keyword options (the fields of TrainOptions)."""
     return run(TrainOptions(**kwargs))
 
 
@@ -230,7 +227,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 def train_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """TrainConfig overrides from --config-json, the training options and --official."""
-    cfg = config_overrides(args, TRAIN_KEYS)
+    cfg = runtime.config_overrides(args, TRAIN_KEYS)
     if args.official:
         cfg.update(official_losses=True, official_js=True, schedule="official", distance="squared",
                    logit_scale_max=None, freeze_visual_positional_embedding=True)
@@ -238,7 +235,7 @@ def train_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    out = run(options_from_args(TrainOptions, args, train_config=train_config_from_args(args)))
+    out = run(runtime.options_from_args(TrainOptions, args, train_config=train_config_from_args(args)))
     print(json.dumps(out, indent=2, default=str))
     return 0
 

@@ -27,15 +27,6 @@ from prefect.cache_policies import NO_CACHE
 from data_manifest import ShardWriter, Workspace, catalog, crops
 from data_manifest.writer import shard_name
 from flows import runtime
-from flows.sharded import (
-    RunOptions,
-    check_resume,
-    config_overrides,
-    flow_sql,
-    options_from_args,
-    run_named_shards,
-    with_runner,
-)
 from pipeline.attributes import WIDER_DATASET, WIDER_GT_LABELLER, wider_rows
 
 log = logging.getLogger(__name__)
@@ -52,7 +43,7 @@ TRAIN_OPTIONS: tuple[tuple[str, type], ...] = (
 
 
 @dataclass(frozen=True)
-class TrainAttributesOptions(RunOptions):
+class TrainAttributesOptions(runtime.RunOptions):
     """Everything one `train-attributes` run needs, validated once here (paths checked when the run starts)."""
 
     wider_root: str | None = None  # the WIDER FACE release layout
@@ -182,7 +173,7 @@ def crop_counts(ws: Workspace, run_id: str) -> dict[str, dict[str, int]]:
     """Per split: crops written (aligned / box) and faces that failed, read from the run's manifests."""
     con = catalog.connect(ws)
     try:
-        rows = con.sql(flow_sql("wider_crop_counts"), params={"run": run_id}).to_arrow_table().to_pylist()
+        rows = con.sql(runtime.flow_sql("wider_crop_counts"), params={"run": run_id}).to_arrow_table().to_pylist()
     finally:
         con.close()
     return {r.pop("dataset").split("/", 1)[1]: r for r in rows}
@@ -194,7 +185,7 @@ def load_crops(ws: Workspace, run_id: str) -> dict[str, dict[str, Any]]:
 
     con = catalog.connect(ws)
     try:
-        tbl = con.sql(flow_sql("wider_crops"), params={"run": run_id, "labeller": WIDER_GT_LABELLER}
+        tbl = con.sql(runtime.flow_sql("wider_crops"), params={"run": run_id, "labeller": WIDER_GT_LABELLER}
                       ).to_arrow_table().to_pydict()
     finally:
         con.close()
@@ -328,13 +319,13 @@ def train_attributes_run(opts: TrainAttributesOptions) -> dict[str, Any]:
     data_ws = Workspace(opts.data_workspace or ws.root / DATA_WORKSPACE)
     params = {**opts.recorded(), "splits": {s: [str(a), str(b)] for s, (a, b) in splits.items()}}
     decisive = {k: params[k] for k in ("splits", "min_size", "margin", "detector", "shard_images", "max_images")}
-    check_resume(ws, opts.run_id, decisive)
+    runtime.check_resume(ws, opts.run_id, decisive)
     with runtime.tracked_run(ws, "train_attributes", params, opts.run_id) as state:
         rid = state["run_id"]
         parsed, data = _parse_splits(splits, opts)
         shards = {shard_name(i, split): [(split, r) for r in chunk]
                   for split in splits for i, chunk in enumerate(runtime.chunks(parsed[split], opts.shard_images))}
-        outcomes = run_named_shards(extract_shard, shards, ws=data_ws, run_id=rid, desc="wider crops",
+        outcomes = runtime.run_shards(extract_shard, shards, ws=data_ws, run_id=rid, desc="wider crops",
                                     progress=opts.progress, images_dirs={s: str(p[1]) for s, p in splits.items()},
                                     detector=det_kind, device=opts.crop_device, margin=opts.margin)
         runtime.check_shard_failures(outcomes, rid)
@@ -362,7 +353,7 @@ def train_attributes_run(opts: TrainAttributesOptions) -> dict[str, Any]:
 def run(opts: TrainAttributesOptions) -> dict[str, Any]:
     """Check the model and training configs (before Prefect starts), then run the flow on its task runner."""
     opts.check()
-    return with_runner(train_attributes_run, opts)(opts)
+    return runtime.with_runner(train_attributes_run, opts)(opts)
 
 
 def train_attributes_flow(**kwargs: Any) -> dict[str, Any]:
@@ -406,7 +397,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 def train_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """TrainConfig overrides from --config-json and the training options."""
-    cfg = config_overrides(args, [name.replace("-", "_") for name, _ in TRAIN_OPTIONS])
+    cfg = runtime.config_overrides(args, [name.replace("-", "_") for name, _ in TRAIN_OPTIONS])
     if args.no_amp:
         cfg["amp"] = False
     return cfg
@@ -419,7 +410,7 @@ def run_cli(args: argparse.Namespace) -> int:
 
         wider_root = str(make_dataset(Workspace(args.workspace).root / "synthetic_wider",
                                       SyntheticSpec(images=args.synthetic)))
-    opts = options_from_args(TrainAttributesOptions, args, wider_root=wider_root,
+    opts = runtime.options_from_args(TrainAttributesOptions, args, wider_root=wider_root,
                              train_config=train_config_from_args(args))
     print(json.dumps(run(opts), indent=2, default=str))
     return 0

@@ -65,7 +65,7 @@ def test_every_report_query_runs(ws, name):
 
 @pytest.mark.parametrize("name", FLOW_QUERIES)
 def test_every_flow_query_runs(ws, name):
-    from flows.sharded import flow_sql
+    from flows.runtime import flow_sql
 
     sql = flow_sql(name)
     con = catalog.connect(ws)
@@ -81,3 +81,19 @@ def test_every_flow_query_runs(ws, name):
                 "stored_scores": 1}
     if name in expected:
         assert table.num_rows == expected[name], name
+
+
+def test_sql_csv_writes_list_columns_as_json(ws, capsys):
+    """`fiqa sql --format csv` on a table with list columns (faces.box, embeddings.embedding)."""
+    import csv
+    import io
+    import json
+
+    from flows.cli import main
+
+    assert main(["sql", "--workspace", str(ws.root), "--format", "csv",
+                 "SELECT sample_id, embedding FROM embeddings"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert rows == [{"sample_id": "a", "embedding": "[1.0, 0.0]"}] and json.loads(rows[0]["embedding"]) == [1.0, 0.0]
+    assert main(["sql", "--workspace", str(ws.root), "--format", "csv", "SELECT * FROM faces"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 3  # header + two faces

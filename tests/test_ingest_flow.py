@@ -157,7 +157,7 @@ def test_resume_after_a_failed_shard(tmp_path, prefect_harness, monkeypatch, fai
         ingest(path=str(data), dataset="toy", shard_size=3, workspace=str(ws.root), run_id=rid, progress=False)
     assert runs.run_info(ws, rid)["status"] == runs.FAILED
     failing["shard"] = -1
-    with pytest.raises(ValueError, match="shard_size: 3 -> 4"):
+    with pytest.raises(ValueError, match="started with shard_size=3; resuming with 4"):
         ingest(path=str(data), dataset="toy", shard_size=4, workspace=str(ws.root), run_id=rid, progress=False)
     result = ingest(path=str(data), dataset="toy", shard_size=3, workspace=str(ws.root), run_id=rid, progress=False)
     assert result["skipped_shards"] == 3 and result["shards"] == 4

@@ -166,8 +166,8 @@ def test_bad_configuration_fails_before_any_work(workspace):
     with pytest.raises(ValueError, match="'attributes' and 'lighting' both label 'lighting'"):
         L.parse_stages("align,attributes,lighting")
     with pytest.raises(FileNotFoundError, match="absent.pt"):
-        L.run_label(["attributes"], options=L.LabelOptions(attributes_checkpoint=str(workspace.root / "absent.pt")),
-                    workspace=str(workspace.root), progress=False)
+        L.label(stages=["attributes"], options=L.LabelOptions(attributes_checkpoint=str(workspace.root / "absent.pt")),
+                workspace=str(workspace.root), progress=False)
     with pytest.raises(ValueError, match="blur thresholds must be"):
         L.options_from({"blur_thresholds": "sharpest"})
     assert L.parse_stages("pose,align,blur,pose") == ["align", "pose", "blur"]

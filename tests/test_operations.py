@@ -128,12 +128,9 @@ def test_relabel_moves_from_the_attribute_cnn_to_the_real_labellers_and_keeps_bo
 
 def test_dask_runner_gives_the_same_rows_as_threads(labelled):
     pytest.importorskip("prefect_dask")
-    from flows.runtime import make_task_runner
-
     ws = labelled
-    flow_dask = L.label.with_options(task_runner=make_task_runner("dask", max_workers=2))
-    flow_dask(stages=["align", "blur", "pose"], options=OPTIONS, workspace=str(ws.root), run_id="label-dask",
-              shard_size=4, progress=False)
+    L.label(stages=["align", "blur", "pose"], options=OPTIONS, workspace=str(ws.root), run_id="label-dask",
+            shard_size=4, progress=False, runner="dask", workers=2)
     q = ("SELECT sample_id, factor, round(value, 9) AS v, class_name, status, error FROM factors_history "
          "WHERE run_id = '{}' ORDER BY sample_id, factor")
     threads = _rows(ws, q.format("label-base"))

@@ -11,7 +11,7 @@ import pytest
 
 from data_manifest import ShardWriter, catalog, runs
 from data_manifest.crops import write_pack
-from flows import runtime, sharded
+from flows import runtime
 
 N = 10  # samples: 9 with a crop, one without a face
 
@@ -139,7 +139,7 @@ def test_every_option_field_is_a_cli_option(module, cls):
     mod = importlib.import_module(module)
     p = argparse.ArgumentParser()
     mod.configure_parser(p)
-    missing = sharded.unknown_fields(getattr(mod, cls), p)
+    missing = runtime.unknown_fields(getattr(mod, cls), p)
     assert set(missing) <= {"progress", "train_config"}, missing
 
 

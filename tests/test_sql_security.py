@@ -168,8 +168,8 @@ def test_every_write_is_refused_everywhere_and_nothing_changes(setting, capsys):
         for flag in ([], ["--allow-external-read"]):
             assert cli.main(["sql", "--workspace", str(ws.root), *flag, stmt]) == 2, stmt
             err = capsys.readouterr().err
-            assert err.startswith(("fiqa sql: refused: ", "fiqa sql: cannot parse SQL: ")), (stmt, err)
-        by_checks += err.startswith("fiqa sql: refused: ")
+            assert err.startswith(("fiqa sql: error: refused: ", "fiqa sql: error: cannot parse SQL: ")), (stmt, err)
+        by_checks += err.startswith("fiqa sql: error: refused: ")
         with pytest.raises(ValueError, match=refusal):  # --where of anchors and score
             catalog.query(ws, anchors.selection_sql(where=_where_injection(stmt)))
         with pytest.raises(ValueError, match=refusal):  # --query of anchors and score

@@ -163,7 +163,7 @@ def test_train_score_export_flows(prefect_harness, workspace, tmp_path, capsys):
 
     ids = _write_catalog(workspace)
     cfg = {"stage1_epochs": 1, "stage2_epochs": 1, "batch_size": 16, "lr": 1e-3, "num_workers": 1}
-    out = train_flow(workspace=str(workspace.root), model="clib-tiny", train_config=cfg,
+    out = train_flow(workspace=str(workspace.root), model_config="clib-tiny", train_config=cfg,
                      where="sample_id <> 'gen-039'")
     assert out["samples"] == len(ids) - 1
     ckpt = load_checkpoint(out["checkpoint"])

@@ -406,12 +406,6 @@ def options_from_args(cls: type[OptionsT], args: argparse.Namespace, **overrides
     return cls(**{**values, **overrides})
 
 
-def unknown_fields(cls: type[RunOptions], parser: argparse.ArgumentParser) -> list[str]:
-    """Option fields the parser does not set (a check that a flow's CLI and its dataclass agree)."""
-    dests = {a.dest for a in parser._actions}  # noqa: SLF001 - read-only look at the parser's options
-    return sorted(f.name for f in dataclasses.fields(cls) if f.name not in dests)
-
-
 def check_resume(ws: Workspace, run_id: str | None, params: dict[str, Any]) -> None:
     """Refuse to resume a run with parameters that differ from those it was started with."""
     if not run_id:

@@ -27,7 +27,7 @@ from prefect.cache_policies import NO_CACHE
 from data_manifest import ShardWriter, Workspace, catalog, crops
 from data_manifest.writer import shard_name
 from flows import runtime
-from pipeline.attributes import WIDER_DATASET, WIDER_GT_LABELLER, wider_rows
+from pipeline.attributes import WIDER_DATASET, WIDER_GT_LABELLER, split_calibration, wider_rows
 
 log = logging.getLogger(__name__)
 
@@ -199,18 +199,6 @@ def load_crops(ws: Workspace, run_id: str) -> dict[str, dict[str, Any]]:
             "targets": np.array([[tbl[h][i] for h in HEADS] for i in rows], dtype=np.float32).reshape(-1, len(HEADS)),
         }
     return out
-
-
-def split_calibration(images: list[str], fraction: float, seed: int) -> np.ndarray:
-    """Boolean mask of the rows held out for threshold calibration, whole source images at a time."""
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"calibration fraction must be in [0, 1), got {fraction}")
-    unique = sorted(set(images))
-    rng = np.random.default_rng(seed)
-    n_cal = int(round(fraction * len(unique)))
-    held = set(rng.permutation(len(unique))[:n_cal].tolist())
-    held_names = {unique[i] for i in held}
-    return np.array([im in held_names for im in images], dtype=bool)
 
 
 @task(name="train-attributes-model", cache_policy=NO_CACHE)

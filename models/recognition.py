@@ -269,16 +269,17 @@ def insightface_recognizer(pack: str | os.PathLike[str] | None = None, *, device
     """insightface ArcFace ONNX (e.g. buffalo_l's w600k_r50.onnx): RGB input, normalisation as insightface.
 
     insightface feeds RGB (it swaps its BGR images) and uses mean = std = 127.5 unless the graph
-    begins with its own Sub/Mul nodes, then mean 0 and std 1. ``pack`` defaults to
-    ``$INSIGHTFACE_HOME/models/buffalo_l`` (``~/.insightface/models/buffalo_l``); nothing is downloaded.
+    begins with its own Sub/Mul nodes, then mean 0 and std 1. ``pack`` is a pack directory, an .onnx
+    file or a pack name (default ``buffalo_l``) found by :func:`models.weights.insightface_pack`, the
+    same lookup the labellers use; nothing is downloaded.
     """
-    if pack is None:
-        home = Path(os.environ.get("INSIGHTFACE_HOME", Path.home() / ".insightface"))
-        pack = home / "models" / "buffalo_l"
-        if not pack.exists():
-            raise FileNotFoundError(f"no insightface model pack at {pack} (nothing is downloaded): place "
-                                    "buffalo_l there, give insightface:/path/to/pack_or_model.onnx, or use dlib")
-    model = find_insightface_model(pack)
+    from models.weights import insightface_pack
+
+    spec = "buffalo_l" if pack is None else pack
+    text = str(spec)
+    if not (Path(text).expanduser().is_absolute() or os.sep in text or text.endswith(".onnx")):
+        spec = insightface_pack(text)  # a pack name
+    model = find_insightface_model(spec)
     baked = _onnx_bakes_normalisation(model)
     return OnnxRecognizer(model, size=CROP_SIZE, bgr=False, mean=0.0 if baked else 127.5,
                           std=1.0 if baked else 127.5, device=device, batch_size=batch_size,

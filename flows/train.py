@@ -28,7 +28,7 @@ CONFIDENCE_METHOD = "clib-fiqa-confidence"
 DEFAULT_MODEL_CONFIG = "clib-rn50"
 TRAIN_OPTIONS: tuple[tuple[str, type], ...] = (
     ("stage1-epochs", int), ("stage2-epochs", int), ("batch-size", int), ("lr", float), ("num-workers", int),
-    ("seed", int), ("device", str),
+    ("seed", int), ("device", str), ("keep-epochs", int),
 )
 TRAIN_KEYS = tuple(name.replace("-", "_") for name, _ in TRAIN_OPTIONS)
 CONFIDENCE_SHARD_ROWS = 100_000

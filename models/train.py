@@ -74,8 +74,11 @@ class TrainConfig:
     bf16: bool = True  # bf16 autocast on GPU (ignored on CPU)
     channels_last: bool = True
     deterministic: bool = True  # deterministic kernels on CPU
+    keep_epochs: int | None = None  # per-epoch checkpoints kept (the newest); None: all; last.pt is always kept
 
     def __post_init__(self) -> None:
+        if self.keep_epochs is not None and self.keep_epochs < 0:
+            raise ValueError(f"keep_epochs must be >= 0 or None, got {self.keep_epochs}")
         if self.distance not in ("abs", "squared"):
             raise ValueError(f"distance must be 'abs' or 'squared', got {self.distance!r}")
         if self.schedule not in SCHEDULES:
@@ -279,6 +282,17 @@ class _Dist:
             dist.barrier()
 
 
+def prune_epoch_checkpoints(folder: Path, keep: int | None) -> list[Path]:
+    """Delete all but the newest `keep` epoch-NNN.pt files of a run (None keeps every one); returns the deleted."""
+    if keep is None:
+        return []
+    epochs = sorted(Path(folder).glob("epoch-[0-9][0-9][0-9].pt"))
+    doomed = epochs[: max(len(epochs) - keep, 0)]
+    for path in doomed:
+        path.unlink(missing_ok=True)
+    return doomed
+
+
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> Path:
     """Write a checkpoint atomically (temp file + rename)."""
     return checkpoints.save(payload, path)
@@ -407,6 +421,7 @@ def _train(model_config: ClibConfig, data: TrainingData, config: TrainConfig, ou
             payload = _payload(epoch + 1)
             save_checkpoint(out / f"epoch-{epoch + 1:03d}.pt", payload)
             save_checkpoint(last, payload)
+            prune_epoch_checkpoints(out, config.keep_epochs)
         dist.barrier()
 
     finished = stop_after_epoch is None or stop_after_epoch >= config.total_epochs
@@ -435,7 +450,7 @@ def _check_resume(ckpt: dict[str, Any], model_config: ClibConfig, config: TrainC
         raise ValueError(f"--resume: model config differs from the checkpoint's {ckpt['model_config']}")
     mine = asdict(config)
     saved = asdict(TrainConfig()) | dict(ckpt["train_config"])  # a key added since the checkpoint: its default
-    volatile = ("num_workers", "device")
+    volatile = ("num_workers", "device", "keep_epochs")
     diff = {k: (saved.get(k), mine[k]) for k in mine if k not in volatile and saved.get(k) != mine[k]}
     if diff:
         raise ValueError(f"--resume: run config differs from the checkpoint (saved, given): {diff}")

@@ -78,6 +78,11 @@ def test_learns_a_visible_quality_property_and_resume_is_exact(tmp_path):
         train(TINY, other, _tc(), tmp_path / "x", resume=full.checkpoint, log=None)
     with pytest.raises(ValueError, match="run config"):
         train(TINY, data, _tc(lr=1e-4), tmp_path / "x", resume=full.checkpoint, log=None)
+    # --keep-epochs 1: only the newest epoch checkpoint stays next to last.pt (a resume may change it)
+    kept = train(TINY, data, _tc(keep_epochs=1), tmp_path / "kept", resume=tmp_path / "full" / "epoch-003.pt",
+                 log=None)
+    assert sorted(p.name for p in (tmp_path / "kept").glob("*.pt")) == ["epoch-005.pt", "last.pt"]
+    assert load_checkpoint(kept.checkpoint)["epoch"] == 5
     # a checkpoint written before a config key existed resumes with that key's default
     from models.train import save_checkpoint
 

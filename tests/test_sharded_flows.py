@@ -143,6 +143,14 @@ def test_every_option_field_is_a_cli_option(module, cls):
     dests = {a.dest for a in p._actions}  # noqa: SLF001 - a read-only look at the parser's options
     missing = sorted(f.name for f in dataclasses.fields(getattr(mod, cls)) if f.name not in dests)
     assert set(missing) <= {"progress", "train_config"}, missing
+    # and one default per option: the parser's default is the dataclass's (or None: "keep the dataclass's")
+    fields = {f.name: f for f in dataclasses.fields(getattr(mod, cls))}
+    for action in p._actions:  # noqa: SLF001
+        f = fields.get(action.dest)
+        if f is None or action.default is None or f.default is dataclasses.MISSING:
+            continue
+        want = f.default if not isinstance(f.default, tuple) else list(f.default)
+        assert action.default in (f.default, want), (action.dest, action.default, f.default)
 
 
 def test_options_validate_once_and_name_the_bad_value(tmp_path):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import os
 import sys
@@ -173,12 +174,23 @@ def synthesize(crops: Sequence[np.ndarray], landmarks: Sequence[np.ndarray | Non
 # ----------------------------------------------------------------------------------------------- train / save / load
 
 
+def source_digest() -> str:
+    """SHA-256 of the code that makes the training data and trains (this module and pipeline/occluders.py)."""
+    digest = hashlib.sha256()
+    for path in (Path(__file__), Path(occ.__file__)):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def config_digest(config: TrainConfig) -> str:
-    """Short digest of the training config, the pinned fit photos and the architecture: the version suffix."""
+    """Short digest of the training config, the pinned fit photos and the training code: the version suffix.
+
+    Any change to the occluder synthesis or the trainer gives a new version, so setup retrains.
+    """
     from pipeline.face_sets import FACE_API_PHOTOS
 
     blob = json.dumps({"config": asdict(config), "photos": FACE_API_PHOTOS, "arch": ARCH_VERSION,
-                       "format": OCCLUSION_FORMAT}, sort_keys=True)
+                       "format": OCCLUSION_FORMAT, "source": source_digest()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
@@ -239,15 +251,19 @@ def model_path(path: str | os.PathLike[str] | None = None) -> Path:
 def save_model(model: OcclusionNet, config: TrainConfig, face_ids: Sequence[str], info: dict[str, Any],
                path: str | os.PathLike[str] | None = None, threshold: float = 0.5) -> dict[str, Any]:
     """Write the checkpoint atomically and a JSON sidecar (version, sha256, config); returns the sidecar dict."""
-    from models import checkpoints
+    from data_manifest.writer import atomic_write
     from models.weights import sha256_file
 
     target = model_path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     version = model_version(config)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    checkpoints.save({"format": OCCLUSION_FORMAT, "version": version, "threshold": float(threshold),
-                      "config": json.dumps(asdict(config)), "faces": list(face_ids), "state_dict": state}, target)
+    # Serialised in memory first: torch names the archive after the file it writes, and the atomic write goes
+    # through a randomly named temporary file, so saving to the path directly would change the bytes per run.
+    buf = io.BytesIO()
+    torch.save({"format": OCCLUSION_FORMAT, "version": version, "threshold": float(threshold),
+                "config": json.dumps(asdict(config)), "faces": list(face_ids), "state_dict": state}, buf)
+    atomic_write(target, lambda tmp: tmp.write_bytes(buf.getvalue()))
     meta = {"version": version, "sha256": sha256_file(target), "threshold": threshold, "config": asdict(config),
             "faces": list(face_ids), "torch": torch.__version__, **info}
     target.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
@@ -323,7 +339,12 @@ def build(out: str | os.PathLike[str] | None = None, config: TrainConfig | None 
           photos: str | Path | None = None, store: str | Path | None = None, log: Any = None) -> dict[str, Any]:
     """Train on the fit faces and save: the setup step. Returns the sidecar dict."""
     config = config or TrainConfig()
-    crops, landmarks, names = fit_faces(photos, store)
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)  # the detector's float sums, hence the crops, depend on the thread count
+    try:
+        crops, landmarks, names = fit_faces(photos, store)
+    finally:
+        torch.set_num_threads(prev_threads)
     model, info = train(crops, landmarks, config, log=log)
     return save_model(model, config, names, info, out)
 

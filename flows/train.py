@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from prefect import flow
+from prefect import flow, get_run_logger
 
 from data_manifest import ShardWriter, Workspace, catalog
 from data_manifest.writer import shard_name
@@ -165,7 +165,7 @@ def train_run(opts: TrainOptions) -> dict[str, Any]:
         ckpt_dir = ws.checkpoints / rid
         data = load_training_set(ws, opts.where, opts.query)
         resume_from = opts.resume_from(ws) or (ckpt_dir / "last.pt" if (ckpt_dir / "last.pt").exists() else None)
-        result = train(mcfg, data, tcfg, ckpt_dir, resume=resume_from,
+        result = train(mcfg, data, tcfg, ckpt_dir, resume=resume_from, log=get_run_logger().info,
                        on_confidence=confidence_writer(ws, rid, data.sample_ids, f"{rid}/last.pt"))
         final = result.history[-1] if result.history else {}
         rho = result.rho[np.isfinite(result.rho)]

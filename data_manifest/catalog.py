@@ -134,8 +134,10 @@ def connect(ws: Workspace, *, read_paths: Iterable[str] = (),
     """An in-memory query connection: catalog views over Arrow datasets, no file access, locked configuration.
 
     `read_paths` / `read_dirs` are the only files / directories a query on it may read
-    (the views need none); nothing on it can write a file.
+    (the views need none); nothing on it can write a file. A moved or copied workspace first gets
+    its catalog.duckdb views rewritten for where it now is (for the DuckDB CLI and other tools).
     """
+    refresh_if_moved(ws)
     con = duckdb.connect(":memory:")
     try:
         for t in TABLES:
@@ -163,6 +165,9 @@ def refresh(ws: Workspace, retries: int = 20, wait_s: float = 0.25) -> bool:
             with duckdb.connect(str(ws.catalog_path)) as con:
                 for s in stmts:
                     con.execute(s)
+            tmp = ws.catalog_root_path.with_name(ws.catalog_root_path.name + ".tmp")
+            tmp.write_text(str(ws.root) + "\n", encoding="utf-8")
+            os.replace(tmp, ws.catalog_root_path)
             return True
         except duckdb.IOException as e:
             if "lock" not in str(e).lower() or attempt == retries - 1:
@@ -170,6 +175,34 @@ def refresh(ws: Workspace, retries: int = 20, wait_s: float = 0.25) -> bool:
                 return False
             time.sleep(wait_s)
     return False
+
+
+def catalog_moved(ws: Workspace) -> bool:
+    """True when catalog.duckdb exists but its views were written for another location (a moved or copied
+    workspace, or one written before the location was recorded): its absolute paths would read the old place."""
+    if not ws.catalog_path.is_file():
+        return False
+    try:
+        recorded = ws.catalog_root_path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return True
+    return recorded != str(ws.root)
+
+
+def refresh_if_moved(ws: Workspace) -> bool:
+    """Rewrite catalog.duckdb's views when the workspace was moved or copied; True when it rewrote them.
+
+    A workspace that cannot be written (a read-only copy) keeps its stale file, with a warning;
+    queries through `connect` never read that file, so they are unaffected.
+    """
+    if not catalog_moved(ws):
+        return False
+    try:
+        return refresh(ws)
+    except (OSError, duckdb.Error) as e:
+        warnings.warn(f"catalog {ws.catalog_path} was written for another location and could not be "
+                      f"rewritten here: {e}", stacklevel=2)
+        return False
 
 
 # ---------------------------------------------------------------- statement checks

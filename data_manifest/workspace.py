@@ -45,6 +45,11 @@ class Workspace:
     def catalog_path(self) -> Path:
         return self.root / "catalog.duckdb"
 
+    @property
+    def catalog_root_path(self) -> Path:
+        """The workspace root the views in catalog.duckdb were written for (their paths are absolute)."""
+        return self.root / "catalog.root"
+
     def table_dir(self, table: str, run_id: str) -> Path:
         """Directory holding one run's shards of a table (hive-partitioned by run)."""
         return self.manifests / table / f"run={run_id}"

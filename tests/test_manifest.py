@@ -101,6 +101,27 @@ def test_catalog_file_views_use_absolute_paths(workspace, tmp_path, monkeypatch)
         assert con.execute("SELECT count(*) FROM samples").fetchone() == (2,)
 
 
+def test_moved_workspace_catalog_follows_on_the_next_query(workspace, tmp_path):
+    """The catalog file's views hold absolute paths; a copied workspace rewrites them on its first query."""
+    import shutil
+
+    from data_manifest.workspace import Workspace
+
+    ShardWriter(workspace, "samples", "r1").write(0, [_sample("a"), _sample("b")])
+    assert catalog.refresh(workspace) and not catalog.catalog_moved(workspace)
+    moved = Workspace(tmp_path / "moved")
+    shutil.copytree(workspace.root, moved.root, dirs_exist_ok=True)
+    ShardWriter(workspace, "samples", "r2").write(0, [_sample("c")])  # only the original gets "c"
+    assert catalog.catalog_moved(moved)
+    with duckdb.connect(str(moved.catalog_path), read_only=True) as con:  # still reads the old place
+        assert con.execute("SELECT count(*) FROM samples").fetchone() == (3,)
+    assert catalog.query(moved, "SELECT count(*) AS n FROM samples").to_pylist() == [{"n": 2}]
+    assert not catalog.catalog_moved(moved)
+    with duckdb.connect(str(moved.catalog_path), read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM samples").fetchone() == (2,)
+    assert moved.catalog_root_path.read_text().strip() == str(moved.root)
+
+
 def test_refresh_survives_a_concurrent_reader(workspace):
     ShardWriter(workspace, "samples", "r1").write(0, [_sample("a")])
     catalog.refresh(workspace)

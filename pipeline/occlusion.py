@@ -14,25 +14,11 @@ from typing import Any
 import numpy as np
 
 from models.occlusion import OcclusionModel, load_model, predict_proba, predict_views
-from pipeline.align import CROP_SIZE
 from pipeline.factors import binary_class
-from pipeline.records import ERROR, OK, FaceCrop, factor_row
+from pipeline.records import ERROR, FaceCrop, crop_problem, factor_row
 
 LABELLER = "occlusion-cnn-pasted"
 CPU_FORWARD_BATCH = 32
-
-
-def crop_problem(rec: FaceCrop) -> tuple[str, str] | None:
-    """(status, reason) when a record has no usable 112x112 RGB uint8 crop, else None."""
-    if rec.status != OK or rec.crop is None:
-        return (rec.status if rec.status != OK else ERROR, rec.error or "no crop")
-    crop = rec.crop
-    if not isinstance(crop, np.ndarray) or crop.dtype != np.uint8 or crop.ndim != 3 or crop.shape[2] != 3:
-        got = f"{crop.dtype} {crop.shape}" if isinstance(crop, np.ndarray) else type(crop).__name__
-        return (ERROR, f"crop must be uint8 (H, W, 3) RGB, got {got}")
-    if crop.shape[:2] != (CROP_SIZE, CROP_SIZE):
-        return (ERROR, f"crop must be {CROP_SIZE}x{CROP_SIZE}, got {crop.shape[1]}x{crop.shape[0]}")
-    return None
 
 
 class OcclusionStage:

@@ -32,6 +32,28 @@ class FaceCrop:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+CROP_SIDE = 112  # the aligned ArcFace crop every label stage reads (pipeline.align.CROP_SIZE)
+
+
+def crop_problem(rec: FaceCrop, size: int = CROP_SIDE) -> tuple[str, str] | None:
+    """(status, reason) when a record has no usable size x size RGB uint8 crop, else None."""
+    if rec.status != OK or rec.crop is None:
+        return (rec.status if rec.status != OK else ERROR, rec.error or "no crop")
+    crop = rec.crop
+    if not isinstance(crop, np.ndarray) or crop.dtype != np.uint8 or crop.ndim != 3 or crop.shape[2] != 3:
+        got = f"{crop.dtype} {crop.shape}" if isinstance(crop, np.ndarray) else type(crop).__name__
+        return (ERROR, f"crop must be uint8 (H, W, 3) RGB, got {got}")
+    if crop.shape[:2] != (size, size):
+        return (ERROR, f"crop must be {size}x{size}, got {crop.shape[1]}x{crop.shape[0]}")
+    return None
+
+
+def split_usable(batch: list[FaceCrop], size: int = CROP_SIDE) -> tuple[list[int], dict[int, tuple[str, str]]]:
+    """Indices of the records with a usable crop, and (status, reason) of the others by index."""
+    problems = {i: crop_problem(rec, size) for i, rec in enumerate(batch)}
+    return [i for i, p in problems.items() if p is None], {i: p for i, p in problems.items() if p is not None}
+
+
 class FactorStage(Protocol):
     """A label stage: a batch of crops in, one factors row per (crop, factor) out."""
 

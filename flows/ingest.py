@@ -19,6 +19,7 @@ from prefect.cache_policies import NO_CACHE
 
 from data_manifest import ShardWriter, Workspace, runs
 from flows import runtime
+from flows.arguments import int_at_least
 from pipeline import images
 from pipeline.readers import KINDS, DatasetReader, Shard, open_reader
 from pipeline.samples import sample_rows, status_counts
@@ -108,22 +109,12 @@ def ingest(**kwargs: Any) -> dict[str, Any]:
     return run(IngestOptions(**kwargs))
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="dataset: image folder, train.rec (or its folder), verification .bin, CSV/TSV list")
     p.add_argument("--dataset", required=True, help="dataset name (part of every sample_id)")
     p.add_argument("--format", choices=FORMATS, default="auto", help="reader to use (default: detect from the path)")
-    p.add_argument("--shard-size", type=_positive_int, default=1000, help="records per shard (default: 1000)")
-    p.add_argument("--max-pixels", type=_positive_int, default=images.MAX_PIXELS,
+    p.add_argument("--shard-size", type=int_at_least(1), default=1000, help="records per shard (default: 1000)")
+    p.add_argument("--max-pixels", type=int_at_least(1), default=images.MAX_PIXELS,
                    help=f"refuse images declaring more pixels (default: {images.MAX_PIXELS})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     runtime.add_common_args(p)

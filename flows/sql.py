@@ -15,6 +15,7 @@ import duckdb
 import pyarrow as pa
 
 from data_manifest import Workspace, catalog
+from flows.arguments import int_at_least
 
 FORMATS = ("table", "csv", "json", "parquet")
 
@@ -24,21 +25,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--file", type=Path, help="read the SQL from this file")
     p.add_argument("--format", choices=FORMATS, default="table")
     p.add_argument("--output", type=Path, help="write the result here (required for parquet)")
-    p.add_argument("--max-rows", type=_count, default=50, help="rows shown in table format (default 50)")
+    p.add_argument("--max-rows", type=int_at_least(0), default=50, help="rows shown in table format (default 50)")
     p.add_argument("--allow-external-read", action="store_true",
                    help="also let the query read files outside the workspace that it names literally "
                         "(writing stays impossible)")
     p.add_argument("--workspace", default=None, help="workspace directory (default: $FIQA_WORKSPACE or ./workspace)")
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of rows, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number of rows >= 0, got {value}")
-    return value
 
 
 def printable(text: str) -> str:

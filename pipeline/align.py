@@ -26,7 +26,8 @@ DETECT, ALREADY_ALIGNED = "detect", "already_aligned"
 ALIGN_MODES = (DETECT, ALREADY_ALIGNED)
 
 
-def _check_points(points: Any, what: str) -> np.ndarray:
+def check_points(points: Any, what: str = "landmarks") -> np.ndarray:
+    """5 finite (x, y) points as a (5, 2) float64 array, or a ValueError naming `what`."""
     arr = np.asarray(points, dtype=np.float64)
     if arr.shape != (5, 2):
         raise ValueError(f"{what} must be 5 (x, y) points of shape (5, 2), got shape {arr.shape}")
@@ -64,8 +65,8 @@ def umeyama(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
 
 def similarity_transform(landmarks5: Any, template: Any = ARCFACE_TEMPLATE) -> np.ndarray:
     """The 2x3 similarity matrix mapping the 5 landmarks onto the template (Umeyama least squares, not RANSAC)."""
-    src = _check_points(landmarks5, "landmarks")
-    dst = _check_points(template, "template")
+    src = check_points(landmarks5, "landmarks")
+    dst = check_points(template, "template")
     return umeyama(src, dst)[:2]
 
 

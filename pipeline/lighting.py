@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.align import ARCFACE_TEMPLATE
+from pipeline.align import ARCFACE_TEMPLATE, check_points
 from pipeline.factors import FactorClass, binary_class
 from pipeline.records import ERROR, OK, FaceCrop, factor_row
 
@@ -79,21 +79,12 @@ def luminance(rgb: np.ndarray) -> np.ndarray:
     return np.floor(y * 255.0 + 0.5).astype(np.uint8)
 
 
-def _check_landmarks(landmarks: Any) -> np.ndarray:
-    pts = np.asarray(landmarks, dtype=np.float64)
-    if pts.shape != (5, 2):
-        raise ValueError(f"landmarks must be 5 (x, y) points of shape (5, 2), got shape {pts.shape}")
-    if not np.isfinite(pts).all():
-        raise ValueError(f"landmarks contain non-finite values: {pts.tolist()}")
-    return pts
-
-
 def face_frame(landmarks: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float]:
     """Centre, across-unit vector (image left -> right eye), along-unit vector (eyes -> mouth), IED, eye-mouth distance.
 
     Landmark order as the ArcFace template: left eye, right eye, nose, left and right mouth corners.
     """
-    pts = _check_landmarks(landmarks)
+    pts = check_points(landmarks)
     eyes = (pts[0] + pts[1]) / 2.0
     mouth = (pts[3] + pts[4]) / 2.0
     across = pts[1] - pts[0]

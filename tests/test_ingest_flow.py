@@ -220,7 +220,7 @@ def test_missing_path_and_bad_options_fail_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err
     assert str(missing) in err and "does not exist" in err
     assert not ws.exists(), "nothing may be created before the inputs are valid"
-    for bad, message in ((["--format", "zip"], "invalid choice: 'zip'"), (["--shard-size", "0"], "positive integer"),
+    for bad, message in ((["--format", "zip"], "invalid choice: 'zip'"), (["--shard-size", "0"], "integer >= 1"),
                          (["--runner", "gpu"], "invalid choice: 'gpu'")):
         with pytest.raises(SystemExit) as e:
             cli.main(["ingest", str(tmp_path), "--dataset", "x", "--workspace", str(ws), *bad])

@@ -51,11 +51,7 @@ from pipeline.stages import (  # noqa: F401  (the registry, re-exported for call
 )
 
 SELECTION_FILE = "selection.parquet"
-SELECT_SQL = (
-    "SELECT l.sample_id, l.source_kind, l.source, l.sample_status, l.sample_error, "
-    "f.status AS face_status, f.error AS face_error, f.crop_file, f.crop_index, f.landmarks, f.transform "
-    "FROM (SELECT * FROM labels{where}) AS l LEFT JOIN faces AS f USING (sample_id) ORDER BY l.sample_id"
-)
+SELECT_SQL = runtime.flow_sql("label_selection")
 SELECTION_SCHEMA = pa.schema([
     ("sample_id", pa.string()), ("source_kind", pa.string()), ("source", pa.string()),
     ("sample_status", pa.string()), ("sample_error", pa.string()), ("face_status", pa.string()),
@@ -66,9 +62,7 @@ SELECTION_SCHEMA = pa.schema([
 
 def selection_sql(where: str | None) -> str:
     """The selection query; `where` is a SQL condition on the catalog's `labels` view columns."""
-    if where is not None and not where.strip():
-        raise ValueError("--where is empty")
-    return SELECT_SQL.format(where=f" WHERE {where}" if where else "")
+    return catalog.selection_sql(SELECT_SQL, where)
 
 
 def freeze_selection(ws: Workspace, run_id: str, where: str | None, shard_size: int) -> Path:

@@ -22,7 +22,7 @@ from prefect import flow, get_run_logger, tags
 from data_manifest import Workspace, catalog
 
 STEPS = ("ingest", "label", "anchors")
-DEFAULT_LABEL_STAGES = ("align", "blur", "pose")
+DEFAULT_LABEL_STAGES = ("align", "blur", "pose", "attributes")  # all five factors, real-face labellers
 GPU_TAG = "gpu"
 # The anchors-flow option that reuses stored embeddings of the same model (embedding only what is missing).
 

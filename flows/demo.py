@@ -244,6 +244,11 @@ def run_demo(workspace: str | None = None, quick: bool = False, train_steps_epoc
         "label_validity": label_validity(rows),
         "correlations": correlations(rows),
     }
+    from flows.gallery import publish_gallery
+    from pipeline.gallery import write_gallery
+
+    summary["gallery"] = str(write_gallery(ws))  # after "total": the page shows the finished run
+    publish_gallery(Path(summary["gallery"]))
     (reports / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
 
@@ -295,6 +300,8 @@ def print_summary(ws: Workspace, summary: dict[str, Any]) -> None:
         print(f"plot:   {p}")
     print(f"checkpoint: {summary['checkpoint']}")
     print(f"summary: {Path(summary['workspace']) / 'reports' / 'demo' / 'summary.json'}")
+    if summary.get("gallery"):
+        print(f"gallery: {summary['gallery']}")
     print(f"inspect: fiqa sql --workspace {summary['workspace']} \"SELECT * FROM labels LIMIT 5\"")
 
 

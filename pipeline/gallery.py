@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import numpy as np
 
 from data_manifest import Workspace, catalog
@@ -119,30 +120,59 @@ def png_data_uri(path: Path) -> str:
 
 # ---------------------------------------------------------------- SQL
 
+SEL_COLS = ("sample_id, dataset, source, crop_file, crop_index, anchor, "
+            + ", ".join(f"{f}_value, {f}_class" for f in FACTORS))
+SAMPLE_COLS = "x.*, sc.score"
+SAMPLE_JOIN = "LEFT JOIN sel_score sc USING (sample_id)"
 
-def _sel(opts: GalleryOptions, alias: str = "sel") -> str:
-    """The selected `labels` rows (the one --where of every command), as a subquery."""
-    return f"({catalog.selection_sql('SELECT * FROM labels', opts.where)}) AS {alias}"
 
+class Selection:
+    """One locked, in-memory query connection (`catalog.connect`) with the selection materialised once.
 
-SAMPLE_COLS = ("sample_id, dataset, source, crop_file, crop_index, anchor, "
-               + ", ".join(f"{f}_value, {f}_class" for f in FACTORS)
-               + ", (SELECT string_agg(sc.method || '=' || CAST(round(sc.quality, 4) AS VARCHAR), ', ' "
-                 "ORDER BY sc.method) FROM scores sc WHERE sc.sample_id = x.sample_id) AS score")
+    The user's `--where` reaches DuckDB only inside the one selecting statement, which passes
+    `catalog.inspect_sql` (a single read-only query) before it runs; every later query is this module's
+    own text over the temporary tables `sel` (the selected `labels` columns) and `sel_score`.
+    """
+
+    def __init__(self, ws: Workspace, where: str | None) -> None:
+        selecting = f"SELECT {SEL_COLS} FROM ({catalog.selection_sql('SELECT * FROM labels', where)}) AS t"
+        checked = catalog.inspect_sql(selecting)
+        if len(checked.statements) != 1:
+            raise catalog.ReadOnlyError(f"refused: --where {where!r} must be one condition, not several statements")
+        files, dirs = catalog.file_grants(ws, checked.paths)
+        self.con = catalog.connect(ws, read_paths=files, read_dirs=dirs)
+        try:
+            self.con.execute(f"CREATE TEMP TABLE sel AS {checked.statements[0]}")
+            self.con.execute("CREATE TEMP TABLE sel_q AS SELECT sample_id, method, quality FROM scores "
+                             "WHERE sample_id IN (SELECT sample_id FROM sel)")
+            self.con.execute("CREATE TEMP TABLE sel_score AS SELECT sample_id, string_agg(method || '=' || "
+                             "CAST(round(quality, 4) AS VARCHAR), ', ' ORDER BY method) AS score FROM sel_q GROUP BY 1")
+        except duckdb.PermissionException as e:
+            self.con.close()
+            raise catalog.ReadOnlyError(f"refused: --where {where!r} reads a file it may not read: {e}") from e
+        except BaseException:
+            self.con.close()
+            raise
+
+    def rows(self, sql: str) -> list[dict[str, Any]]:
+        return self.con.sql(sql).to_arrow_table().to_pylist()
+
+    def close(self) -> None:
+        self.con.close()
 
 
 def _seed_order(seed: int) -> str:
     return f"hash(sample_id, {int(seed)})"
 
 
-def factor_counts(ws: Workspace, opts: GalleryOptions) -> list[dict[str, Any]]:
+def factor_counts(db: Selection) -> list[dict[str, Any]]:
     """Rows (factor, class_name, n) of the selection; unlabelled samples under NO_CLASS."""
     parts = [f"SELECT '{f}' AS factor, coalesce({f}_class, '{NO_CLASS}') AS class_name, count(*) AS n "
-             f"FROM {_sel(opts)} GROUP BY 1, 2" for f in FACTORS]
-    return catalog.query(ws, " UNION ALL ".join(parts)).to_pylist()
+             f"FROM sel GROUP BY 1, 2" for f in FACTORS]
+    return db.rows(" UNION ALL ".join(parts))
 
 
-def factor_histograms(ws: Workspace, opts: GalleryOptions) -> list[dict[str, Any]]:
+def factor_histograms(db: Selection) -> list[dict[str, Any]]:
     """Rows (factor, lo, hi, bin, class_name, n): HIST_BINS value bins per factor, split by class."""
     parts = []
     for f in FACTORS:
@@ -150,10 +180,9 @@ def factor_histograms(ws: Workspace, opts: GalleryOptions) -> list[dict[str, Any
             f"SELECT '{f}' AS factor, r.lo, r.hi, "
             f"least(CAST(floor((v.{f}_value - r.lo) / nullif(r.hi - r.lo, 0) * {HIST_BINS}) AS INTEGER), "
             f"{HIST_BINS - 1}) AS bin, coalesce(v.{f}_class, '{NO_CLASS}') AS class_name, count(*) AS n "
-            f"FROM {_sel(opts, 'v')}, "
-            f"(SELECT min({f}_value) AS lo, max({f}_value) AS hi FROM {_sel(opts)}) r "
-            f"WHERE v.{f}_value IS NOT NULL AND isfinite(v.{f}_value) GROUP BY ALL")
-    rows = catalog.query(ws, " UNION ALL ".join(parts)).to_pylist()
+            f"FROM sel v, (SELECT min({f}_value) AS lo, max({f}_value) AS hi FROM sel "
+            f"WHERE isfinite({f}_value)) r WHERE isfinite(v.{f}_value) GROUP BY ALL")
+    rows = db.rows(" UNION ALL ".join(parts))
     for r in rows:
         r["bin"] = 0 if r["bin"] is None else r["bin"]
     return rows
@@ -171,10 +200,10 @@ def _numbers(obj: Any) -> list[float]:
     return []
 
 
-def class_boundaries(ws: Workspace) -> dict[str, list[float]]:
+def class_boundaries(db: Selection) -> dict[str, list[float]]:
     """Per factor, the thresholds its labeller used most often (from the `thresholds` JSON of `factors`)."""
-    rows = catalog.query(ws, "SELECT factor, thresholds, count(*) AS n FROM factors WHERE thresholds IS NOT NULL "
-                             "GROUP BY 1, 2 ORDER BY factor, n DESC, thresholds").to_pylist()
+    rows = db.rows("SELECT factor, thresholds, count(*) AS n FROM factors WHERE thresholds IS NOT NULL "
+                   "AND sample_id IN (SELECT sample_id FROM sel) GROUP BY 1, 2 ORDER BY factor, n DESC, thresholds")
     out: dict[str, list[float]] = {}
     for r in rows:
         if r["factor"] in out:
@@ -194,29 +223,28 @@ def _boundary_distance(factor: str, bounds: list[float]) -> str:
     return f"least({terms})" if len(bounds) > 1 else terms
 
 
-def class_samples(ws: Workspace, opts: GalleryOptions) -> list[dict[str, Any]]:
+def class_samples(db: Selection, opts: GalleryOptions) -> list[dict[str, Any]]:
     """Up to per_class sample rows per (factor, class), picked in DuckDB (random with the seed, or boundary)."""
-    bounds = class_boundaries(ws) if opts.pick == "boundary" else {}
+    bounds = class_boundaries(db) if opts.pick == "boundary" else {}
     parts = []
     for f in FACTORS:
         order = (f"{_boundary_distance(f, bounds[f])} NULLS LAST, sample_id" if f in bounds
                  else f"{_seed_order(opts.seed)}, sample_id")
-        parts.append(f"SELECT '{f}' AS g_factor, coalesce({f}_class, '{NO_CLASS}') AS g_class, * FROM {_sel(opts)} "
+        parts.append(f"SELECT '{f}' AS g_factor, coalesce({f}_class, '{NO_CLASS}') AS g_class, * FROM sel "
                      f"QUALIFY row_number() OVER (PARTITION BY coalesce({f}_class, '{NO_CLASS}') "
                      f"ORDER BY {order}) <= {int(opts.per_class)}")
-    sql = (f"WITH picked AS ({' UNION ALL '.join(parts)}) "
-           f"SELECT g_factor, g_class, {SAMPLE_COLS} FROM picked x ORDER BY g_factor, g_class, "
+    sql = (f"SELECT {SAMPLE_COLS} FROM ({' UNION ALL '.join(parts)}) x {SAMPLE_JOIN} ORDER BY g_factor, g_class, "
            f"{_seed_order(opts.seed) if opts.pick == 'random' else 'sample_id'}")
-    return catalog.query(ws, sql).to_pylist()
+    return db.rows(sql)
 
 
-def quality_sources(ws: Workspace) -> list[tuple[str, str, str]]:
-    """(label, SQL of sample_id + value, description) of each quality source: every score method, anchors, CPBD."""
-    methods = [r["method"] for r in catalog.query(ws, "SELECT DISTINCT method FROM scores ORDER BY 1").to_pylist()]
-    out = [(f"score: {m}", f"SELECT sample_id, quality AS value FROM scores WHERE method = {_lit(m)}",
+def quality_sources(db: Selection) -> list[tuple[str, str, str]]:
+    """(label, SQL of sample_id + value over the selection, description): every score method, anchors, CPBD."""
+    methods = [r["method"] for r in db.rows("SELECT DISTINCT method FROM sel_q ORDER BY 1")]
+    out = [(f"score: {m}", f"SELECT sample_id, quality AS value FROM sel_q WHERE method = {_lit(m)}",
             f"CLIB-FIQA scores, method {m}") for m in methods]
-    out.append(("anchor", "SELECT sample_id, anchor AS value FROM anchors", "quality anchors (normalised)"))
-    out.append(("CPBD blur_value", "SELECT sample_id, blur_value AS value FROM labels",
+    out.append(("anchor", "SELECT sample_id, anchor AS value FROM sel", "quality anchors (normalised)"))
+    out.append(("CPBD blur_value", "SELECT sample_id, blur_value AS value FROM sel",
                 "CPBD sharpness of the aligned crop"))
     return out
 
@@ -225,51 +253,48 @@ def _lit(s: str) -> str:
     return "'" + s.replace("'", "''") + "'"
 
 
-def decile_samples(ws: Workspace, opts: GalleryOptions, source_sql: str) -> dict[str, Any]:
+def decile_samples(db: Selection, opts: GalleryOptions, source_sql: str) -> dict[str, Any]:
     """For one quality source over the selection: the lowest, the highest and a sample of each decile."""
     n = int(opts.per_class)
-    base = (f"WITH q AS (SELECT src.sample_id, src.value FROM ({source_sql}) src "
-            f"WHERE src.value IS NOT NULL AND isfinite(src.value) "
-            f"AND src.sample_id IN (SELECT sample_id FROM {_sel(opts)})), "
-            f"d AS (SELECT *, ntile(10) OVER (ORDER BY value, sample_id) AS decile FROM q), "
-            f"picked AS ("
-            f"(SELECT 'lowest' AS g, 0 AS decile, sample_id, value FROM q ORDER BY value, sample_id LIMIT {n}) "
-            f"UNION ALL (SELECT 'highest', 11, sample_id, value FROM q ORDER BY value DESC, sample_id LIMIT {n}) "
-            f"UNION ALL (SELECT 'decile', decile, sample_id, value FROM d QUALIFY row_number() OVER "
-            f"(PARTITION BY decile ORDER BY {_seed_order(opts.seed)}) <= {n})) "
-            f"SELECT p.g, p.decile, p.value AS qvalue, x.* FROM picked p JOIN "
-            f"(SELECT {SAMPLE_COLS} FROM labels x) x USING (sample_id) ORDER BY p.decile, "
-            f"CASE WHEN p.g = 'highest' THEN -p.value ELSE p.value END, sample_id")
-    rows = catalog.query(ws, base).to_pylist()
-    stats = catalog.query(ws, f"SELECT count(*) AS n, min(value) AS lo, max(value) AS hi, "
-                              f"quantile_cont(value, [0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9]) AS edges "
-                              f"FROM ({source_sql}) src WHERE src.value IS NOT NULL AND isfinite(src.value) "
-                              f"AND src.sample_id IN (SELECT sample_id FROM {_sel(opts)})").to_pylist()[0]
+    q = f"(SELECT sample_id, CAST(value AS DOUBLE) AS value FROM ({source_sql}) src WHERE isfinite(src.value))"
+    rows = db.rows(
+        f"WITH q AS {q}, d AS (SELECT *, ntile(10) OVER (ORDER BY value, sample_id) AS decile FROM q), "
+        f"picked AS ("
+        f"(SELECT 'lowest' AS g, 0 AS decile, sample_id, value FROM q ORDER BY value, sample_id LIMIT {n}) "
+        f"UNION ALL (SELECT 'highest', 11, sample_id, value FROM q ORDER BY value DESC, sample_id LIMIT {n}) "
+        f"UNION ALL (SELECT 'decile', decile, sample_id, value FROM d QUALIFY row_number() OVER "
+        f"(PARTITION BY decile ORDER BY {_seed_order(opts.seed)}) <= {n})) "
+        f"SELECT p.g, p.decile, p.value AS qvalue, {SAMPLE_COLS} FROM picked p JOIN sel x USING (sample_id) "
+        f"{SAMPLE_JOIN} ORDER BY p.decile, CASE WHEN p.g = 'highest' THEN -p.value ELSE p.value END, sample_id")
+    stats = db.rows(f"SELECT count(*) AS n, min(value) AS lo, max(value) AS hi, "
+                    f"quantile_cont(value, [0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9]) AS edges FROM {q}")[0]
     return {"rows": rows, **stats}
 
 
-def relabel_changes(ws: Workspace, opts: GalleryOptions) -> list[dict[str, Any]]:
+def relabel_changes(db: Selection, opts: GalleryOptions) -> list[dict[str, Any]]:
     """Per relabel run: count and up to per_class samples whose class changed (old vs new, from factors_history)."""
     n = int(opts.per_class)
-    sql = (f"WITH h AS (SELECT sample_id, factor, run_id, created_at, value, class_name, "
+    sql = (f"WITH rr AS (SELECT DISTINCT run_id FROM runs_history WHERE flow = 'relabel'), "
+           f"touched AS (SELECT DISTINCT sample_id, factor FROM factors_history "
+           f"WHERE run_id IN (SELECT run_id FROM rr) AND sample_id IN (SELECT sample_id FROM sel)), "
+           f"h AS (SELECT sample_id, factor, run_id, created_at, value, class_name, "
            f"lag(class_name) OVER w AS old_class, lag(value) OVER w AS old_value, lag(run_id) OVER w AS old_run "
-           f"FROM factors_history WINDOW w AS (PARTITION BY sample_id, factor ORDER BY created_at, run_id)), "
-           f"c AS (SELECT h.* FROM h WHERE h.run_id IN (SELECT run_id FROM runs WHERE flow = 'relabel') "
-           f"AND h.old_run IS NOT NULL AND h.old_class IS DISTINCT FROM h.class_name "
-           f"AND h.sample_id IN (SELECT sample_id FROM {_sel(opts)})), "
+           f"FROM factors_history SEMI JOIN touched USING (sample_id, factor) "
+           f"WINDOW w AS (PARTITION BY sample_id, factor ORDER BY created_at, run_id)), "
+           f"c AS (SELECT * FROM h WHERE run_id IN (SELECT run_id FROM rr) AND old_run IS NOT NULL "
+           f"AND old_class IS DISTINCT FROM class_name), "
            f"k AS (SELECT run_id, count(*) AS changed FROM c GROUP BY 1), "
            f"p AS (SELECT * FROM c QUALIFY row_number() OVER (PARTITION BY run_id ORDER BY "
            f"{_seed_order(opts.seed)}, factor) <= {n}) "
            f"SELECT p.run_id, k.changed, p.factor, p.old_class, p.class_name AS new_class, p.old_value, "
-           f"p.value AS new_value, p.old_run, x.* FROM p JOIN k USING (run_id) JOIN "
-           f"(SELECT {SAMPLE_COLS} FROM labels x) x USING (sample_id) ORDER BY p.run_id, p.factor, sample_id")
-    return catalog.query(ws, sql).to_pylist()
+           f"p.value AS new_value, p.old_run, {SAMPLE_COLS} FROM p JOIN k USING (run_id) JOIN sel x USING (sample_id) "
+           f"{SAMPLE_JOIN} ORDER BY p.run_id, p.factor, sample_id")
+    return db.rows(sql)
 
 
-def run_rows(ws: Workspace, opts: GalleryOptions) -> list[dict[str, Any]]:
-    return catalog.query(ws, f"SELECT run_id, flow, status, parameters, code_version, started_at, ended_at, counts, "
-                             f"metrics, error FROM runs ORDER BY started_at DESC NULLS LAST, run_id "
-                             f"LIMIT {int(opts.max_runs)}").to_pylist()
+def run_rows(db: Selection, opts: GalleryOptions) -> list[dict[str, Any]]:
+    return db.rows(f"SELECT run_id, flow, status, parameters, code_version, started_at, ended_at, counts, "
+                   f"metrics, error FROM runs ORDER BY started_at DESC NULLS LAST, run_id LIMIT {int(opts.max_runs)}")
 
 
 def last_evaluation_plots(ws: Workspace) -> list[Path]:
@@ -338,10 +363,10 @@ def _classes(factor: str, present: Iterable[str]) -> list[str]:
     return known + sorted(c for c in set(present) if c not in known)
 
 
-def _factor_sections(ws: Workspace, opts: GalleryOptions, enc: CropEncoder) -> str:
-    counts = factor_counts(ws, opts)
-    hists = factor_histograms(ws, opts)
-    samples = class_samples(ws, opts)
+def _factor_sections(db: Selection, opts: GalleryOptions, enc: CropEncoder) -> str:
+    counts = factor_counts(db)
+    hists = factor_histograms(db)
+    samples = class_samples(db, opts)
     how = ("nearest the class thresholds" if opts.pick == "boundary"
            else f"at random (seed {opts.seed})")
     out = ['<section id="factors"><h2>Factors and classes</h2>'
@@ -371,12 +396,12 @@ def _factor_sections(ws: Workspace, opts: GalleryOptions, enc: CropEncoder) -> s
     return "".join(out)
 
 
-def _quality_sections(ws: Workspace, opts: GalleryOptions, enc: CropEncoder) -> str:
+def _quality_sections(ws: Workspace, db: Selection, opts: GalleryOptions, enc: CropEncoder) -> str:
     out = ['<section id="quality"><h2>Quality by decile</h2>'
            '<p>Per quality source: the lowest and the highest first, then a sample of each decile '
            '(1 = lowest). Hover a crop for its values.</p>']
-    for label, sql, desc in quality_sources(ws):
-        d = decile_samples(ws, opts, sql)
+    for label, sql, desc in quality_sources(db):
+        d = decile_samples(db, opts, sql)
         out.append(f'<section class="quality" id="{_anchor_id("q", label)}" data-source="{esc(label)}" '
                    f'data-count="{d["n"]}"><h3>{esc(label)} <span class="muted">({esc(desc)}; {d["n"]} samples, '
                    f'{esc(_num(d["lo"]))} .. {esc(_num(d["hi"]))})</span></h3>')
@@ -410,8 +435,8 @@ def _quality_sections(ws: Workspace, opts: GalleryOptions, enc: CropEncoder) -> 
     return "".join(out)
 
 
-def _relabel_section(ws: Workspace, opts: GalleryOptions, enc: CropEncoder) -> str:
-    rows = relabel_changes(ws, opts)
+def _relabel_section(db: Selection, opts: GalleryOptions, enc: CropEncoder) -> str:
+    rows = relabel_changes(db, opts)
     out = ['<section id="relabels"><h2>Relabel runs: changed classes</h2>']
     if not rows:
         out.append('<p class="muted">no relabel run changed a class of the selected samples</p>')
@@ -430,8 +455,8 @@ def _relabel_section(ws: Workspace, opts: GalleryOptions, enc: CropEncoder) -> s
     return "".join(out)
 
 
-def _runs_section(ws: Workspace, opts: GalleryOptions) -> str:
-    rows = run_rows(ws, opts)
+def _runs_section(ws: Workspace, db: Selection, opts: GalleryOptions) -> str:
+    rows = run_rows(db, opts)
     out = [f'<section id="runs"><h2>Runs</h2><p>The newest {len(rows)} runs (at most {opts.max_runs}).</p>']
     reports = (ws.reports / "runs").resolve()
     for r in rows:
@@ -457,9 +482,13 @@ def build_html(ws: Workspace, opts: GalleryOptions | None = None) -> str:
     """The whole page as one HTML string."""
     opts = opts or GalleryOptions()
     enc = CropEncoder(ws)
-    n = catalog.query(ws, f"SELECT count(*) AS n FROM {_sel(opts)}").column(0)[0].as_py()
-    body = [_factor_sections(ws, opts, enc), _quality_sections(ws, opts, enc), _relabel_section(ws, opts, enc),
-            _runs_section(ws, opts)]
+    db = Selection(ws, opts.where)
+    try:
+        n = db.rows("SELECT count(*) AS n FROM sel")[0]["n"]
+        body = [_factor_sections(db, opts, enc), _quality_sections(ws, db, opts, enc), _relabel_section(db, opts, enc),
+                _runs_section(ws, db, opts)]
+    finally:
+        db.close()
     where = esc(opts.where) if opts.where else "all samples"
     built = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"

@@ -112,6 +112,41 @@ def browser_load_ms(page: Path) -> float | None:
     return float(html.unescape(part[1].split("</pre>", 1)[0])) if len(part) == 2 else None
 
 
+# docs/gallery/*.png: one screenshot per section (a copy of the page showing only that section)
+SECTIONS: dict[str, str] = {
+    "factors": "body>section:not(#factors){display:none}",
+    "quality": "body>section:not(#quality){display:none}#evaluation{display:none}",
+    "evaluation": "body>section:not(#quality){display:none}#quality>h2,#quality>p,#quality>section.quality"
+                  "{display:none}",
+    "relabels": "body>section:not(#relabels){display:none}",
+    "runs": "body>section:not(#runs){display:none}",
+}
+OPEN_RUNS = "<script>addEventListener('load',function(){document.querySelectorAll('details.run').forEach(" \
+            "function(d,i){if(i<2)d.open=true})})</script>"
+
+
+def screenshots(page: Path, out_dir: Path, width: int = 1200, height: int = 1100) -> list[Path]:
+    """One PNG per page section, rendered by headless Chromium."""
+    if not CHROMIUM.exists():
+        raise FileNotFoundError(f"{CHROMIUM} is missing: install Debian's chromium package for screenshots")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    text = page.read_text()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, css in SECTIONS.items():
+            one = Path(tmp) / f"{name}.html"
+            extra = f"<style>{css}</style>" + (OPEN_RUNS if name == "runs" else "")
+            one.write_text(text.replace("</head>", extra + "</head>", 1))
+            shot = out_dir / f"gallery_{name}.png"
+            subprocess.run([str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                            "--no-first-run", f"--user-data-dir={tmp}/profile", "--virtual-time-budget=5000",
+                            f"--window-size={width},{height}", f"--screenshot={shot}", one.as_uri()],
+                           capture_output=True, timeout=120, check=True)
+            written.append(shot)
+    return written
+
+
 def measure(ws: Workspace, out: Path, per_class: int) -> dict[str, Any]:
     c0, w0 = time.process_time(), time.perf_counter()
     page = write_gallery(ws, out, GalleryOptions(per_class=per_class))
@@ -129,7 +164,14 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=1_000_000, help="samples of the synthetic workspace (0: none)")
     p.add_argument("--per-class", type=int, default=12)
     p.add_argument("--keep", type=Path, default=None, help="write the synthetic workspace and pages here")
+    p.add_argument("--screenshots", type=Path, default=None,
+                   help="only write one screenshot per section of the first --workspace's page into this folder")
     args = p.parse_args()
+    if args.screenshots:
+        page = write_gallery(Workspace(args.workspace[0], create=False), None, GalleryOptions(per_class=8))
+        for shot in screenshots(page, args.screenshots):
+            print(shot)
+        return
     root = args.keep or Path(tempfile.mkdtemp(prefix="gallery-bench-"))
     results = []
     for w in args.workspace:

@@ -228,13 +228,15 @@ def class_samples(db: Selection, opts: GalleryOptions) -> list[dict[str, Any]]:
     bounds = class_boundaries(db) if opts.pick == "boundary" else {}
     parts = []
     for f in FACTORS:
-        order = (f"{_boundary_distance(f, bounds[f])} NULLS LAST, sample_id" if f in bounds
-                 else f"{_seed_order(opts.seed)}, sample_id")
-        parts.append(f"SELECT '{f}' AS g_factor, coalesce({f}_class, '{NO_CLASS}') AS g_class, * FROM sel "
-                     f"QUALIFY row_number() OVER (PARTITION BY coalesce({f}_class, '{NO_CLASS}') "
-                     f"ORDER BY {order}) <= {int(opts.per_class)}")
-    sql = (f"SELECT {SAMPLE_COLS} FROM ({' UNION ALL '.join(parts)}) x {SAMPLE_JOIN} ORDER BY g_factor, g_class, "
-           f"{_seed_order(opts.seed) if opts.pick == 'random' else 'sample_id'}")
+        key = (f"({_boundary_distance(f, bounds[f])}, sample_id)" if f in bounds
+               else f"({_seed_order(opts.seed)}, sample_id)")
+        # min_by(..., n): the n smallest keys per class in one streaming aggregate, no sort of the selection
+        parts.append(f"SELECT '{f}' AS g_factor, g_class, unnest(ids) AS sample_id FROM ("
+                     f"SELECT coalesce({f}_class, '{NO_CLASS}') AS g_class, "
+                     f"min_by(sample_id, {key}, {int(opts.per_class)}) AS ids FROM sel GROUP BY 1)")
+    sql = (f"SELECT p.g_factor, p.g_class, {SAMPLE_COLS} FROM ({' UNION ALL '.join(parts)}) p "
+           f"JOIN sel x USING (sample_id) {SAMPLE_JOIN} ORDER BY p.g_factor, p.g_class, "
+           f"{_seed_order(opts.seed) if opts.pick == 'random' else 'sample_id'}, sample_id")
     return db.rows(sql)
 
 

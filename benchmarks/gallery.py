@@ -1,9 +1,11 @@
 """Gallery build time, page size and browser load time: the demo workspace and a synthetic large one.
 
-``python -m benchmarks.gallery [--workspace W] [--samples 1000000] [--per-class 12] [--keep DIR]`` prints JSON:
+``python -m benchmarks.gallery [--workspace W] [--samples 1000000] [--per-class 12] [--keep DIR]`` prints JSON
+(a synthetic workspace kept in DIR by an earlier run is reused):
 for each workspace (the given one, e.g. the demo's, and a synthetic one of `--samples` samples written
 straight as Parquet: samples, faces, 5 factors, anchors, one score method, one run), the selected sample
-count, the page build time (wall and process CPU, `pipeline.gallery.write_gallery`), the page size and
+count, the time of the selecting SQL alone (materialising the selection), the page build time (wall and
+process CPU, `pipeline.gallery.write_gallery`, selection included), the page size and
 the number of embedded images, and, where /usr/bin/chromium exists, the page's load time in headless
 Chromium (navigation start to the end of the load event, from the page's own `performance` timing).
 
@@ -34,7 +36,7 @@ from data_manifest import Workspace, runs
 from data_manifest.crops import write_pack
 from data_manifest.schemas import schema
 from pipeline.factors import FACTOR_CLASSES
-from pipeline.gallery import GalleryOptions, write_gallery
+from pipeline.gallery import GalleryOptions, Selection, write_gallery
 
 PACK = 1000
 CHROMIUM = Path("/usr/bin/chromium")
@@ -148,12 +150,16 @@ def screenshots(page: Path, out_dir: Path, width: int = 1200, height: int = 1100
 
 
 def measure(ws: Workspace, out: Path, per_class: int) -> dict[str, Any]:
+    w0 = time.perf_counter()
+    Selection(ws, None).close()  # the selecting SQL alone: the part of the build that grows with the dataset
+    selection = time.perf_counter() - w0
     c0, w0 = time.process_time(), time.perf_counter()
     page = write_gallery(ws, out, GalleryOptions(per_class=per_class))
     wall, cpu = time.perf_counter() - w0, time.process_time() - c0
     text = page.read_text()
     n = int(text.split('id="n-selected" data-count="', 1)[1].split('"', 1)[0])
-    return {"workspace": str(ws.root), "selected_samples": n, "build_s": round(wall, 2),
+    return {"workspace": str(ws.root), "selected_samples": n, "selection_s": round(selection, 2),
+            "build_s": round(wall, 2),
             "build_cpu_s": round(cpu, 2), "page_bytes": page.stat().st_size, "images": text.count("<img "),
             "browser_load_ms": browser_load_ms(page)}
 
@@ -179,8 +185,12 @@ def main() -> None:
         results.append({"kind": "given", **measure(ws, root / f"gallery-{len(results)}.html", args.per_class)})
     if args.samples:
         t0 = time.perf_counter()
-        ws = synthetic_workspace(root / f"synthetic-{args.samples}", args.samples)
-        made = round(time.perf_counter() - t0, 1)
+        where = root / f"synthetic-{args.samples}"
+        if (where / "manifests" / "samples").is_dir():  # kept from an earlier run with --keep: reuse it
+            ws, made = Workspace(where, create=False), None
+        else:
+            ws = synthetic_workspace(where, args.samples)
+            made = round(time.perf_counter() - t0, 1)
         results.append({"kind": "synthetic", "write_s": made,
                         **measure(ws, root / "gallery-synthetic.html", args.per_class)})
     print(json.dumps({"python": platform.python_version(), "cpus": os.cpu_count(),

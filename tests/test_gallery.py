@@ -339,3 +339,24 @@ def test_page_in_a_real_browser(ws, tmp_path):
         Path(keep).mkdir(parents=True, exist_ok=True)
         shutil.copy(shot, Path(keep) / "gallery_test.png")
     print(f"screenshot: {shot}")
+
+
+def test_a_flow_publishes_the_page_as_an_artifact(prefect_harness, ws, tmp_path):
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.gallery import publish_gallery
+
+    @flow(name="gallery-test")
+    def make_page() -> Path:
+        page = write_gallery(ws, tmp_path / "flow gallery.html", GalleryOptions(per_class=2))
+        publish_gallery(page)
+        return page
+
+    page = make_page()
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["gallery"])))
+    assert arts and arts[-1].type == "markdown"
+    assert f"]({page.as_uri()})" in arts[-1].data and str(page) in arts[-1].data
+    publish_gallery(page)  # outside a flow: nothing published, nothing raised

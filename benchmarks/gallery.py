@@ -5,7 +5,7 @@
 for each workspace (the given one, e.g. the demo's, and a synthetic one of `--samples` samples written
 straight as Parquet: samples, faces, 5 factors, anchors, one score method, one run), the selected sample
 count, the time of the selecting SQL alone (materialising the selection), the page build time (wall and
-process CPU, `pipeline.gallery.write_gallery`, selection included), the page size and
+process CPU, `data_manifest.gallery.write_gallery`, selection included), the page size and
 the number of embedded images, and, where /usr/bin/chromium exists, the page's load time in headless
 Chromium (navigation start to the end of the load event, from the page's own `performance` timing).
 
@@ -34,9 +34,9 @@ import pyarrow.parquet as pq
 
 from data_manifest import Workspace, runs
 from data_manifest.crops import write_pack
+from data_manifest.gallery import GalleryOptions, Selection, write_gallery
 from data_manifest.schemas import schema
 from pipeline.factors import FACTOR_CLASSES
-from pipeline.gallery import GalleryOptions, Selection, write_gallery
 
 PACK = 1000
 CHROMIUM = Path("/usr/bin/chromium")

@@ -244,8 +244,8 @@ def run_demo(workspace: str | None = None, quick: bool = False, train_steps_epoc
         "label_validity": label_validity(rows),
         "correlations": correlations(rows),
     }
+    from data_manifest.gallery import write_gallery
     from flows.gallery import publish_gallery
-    from pipeline.gallery import write_gallery
 
     summary["gallery"] = str(write_gallery(ws))  # after "total": the page shows the finished run
     publish_gallery(Path(summary["gallery"]))

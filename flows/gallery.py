@@ -14,8 +14,8 @@ from pathlib import Path
 import duckdb
 
 from data_manifest import Workspace
+from data_manifest.gallery import PICKS, GalleryOptions, write_gallery
 from flows.arguments import int_at_least
-from pipeline.gallery import PICKS, GalleryOptions, write_gallery
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:

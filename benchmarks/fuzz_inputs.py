@@ -42,8 +42,6 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "ERROR")
-
 from data_manifest import ShardWriter, Workspace  # noqa: E402
 from pipeline.ids import content_hash  # noqa: E402
 from pipeline.readers import DatasetError  # noqa: E402
@@ -619,7 +617,7 @@ def ingest_rows(case: Case, fmt: str, ws: Workspace, run_id: str) -> list[dict[s
     except CLEAR_ERRORS as e:
         raise Refused(str(e)) from e
     for s in reader.plan():
-        ingest_shard.fn(str(ws.root), run_id, s.name, [s], reader=reader, dataset=f"fuzz-{fmt}",
+        ingest_shard.fn(str(ws.root), run_id, s.name, s, reader=reader, dataset=f"fuzz-{fmt}",
                         max_pixels=4096 * 4096)
     rows = [r for p in ShardWriter(ws, "samples", run_id).shards() for r in pq.read_table(p).to_pylist()]
     if len(rows) != len(reader):
@@ -734,6 +732,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
     p.add_argument("--max-failures", type=int, default=20, help="failures listed in the report (default: 20)")
     args = p.parse_args(argv)
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "ERROR")  # before the ingest path first imports Prefect
     t0 = time.perf_counter()
     pool = image_pool(np.random.default_rng(args.seed), 40)
     tallies = {f: Tally() for f in args.formats}

@@ -133,12 +133,11 @@ def naive_loop(rec_dir: Path, out: Path) -> dict:
 
 def run_flow(rec_dir: Path, ws: Path, dataset: str, runner: str, workers: int, shard_size: int) -> dict:
     from flows.ingest import ingest
-    from flows.runtime import make_task_runner
 
-    flow = ingest.with_options(task_runner=make_task_runner(runner, max_workers=workers))
     t0 = time.perf_counter()
     with RssSampler() as rss:
-        result = flow(path=str(rec_dir), dataset=dataset, shard_size=shard_size, workspace=str(ws), progress=False)
+        result = ingest(path=str(rec_dir), dataset=dataset, shard_size=shard_size, workspace=str(ws), progress=False,
+                        runner=runner, workers=workers)
     wall = time.perf_counter() - t0
     return {"records": result["counts"]["rows"], "ok": result["counts"].get("status_ok", 0),
             "seconds": result["seconds"], "records_per_s": result["records_per_s"], "wall_s_with_startup":

@@ -80,6 +80,19 @@ def run_report_markdown(info: dict[str, Any]) -> str:
                       block("Parameters", info.get("last_parameters", info.get("parameters")))])
 
 
+def publish_markdown(markdown: str, key: str, description: str) -> None:
+    """Inside a Prefect flow run, publish markdown as an artifact; outside one, nothing (never fails the run)."""
+    try:
+        from prefect.artifacts import create_markdown_artifact
+        from prefect.context import FlowRunContext
+
+        if FlowRunContext.get() is not None:
+            key = "".join(c if c.isalnum() else "-" for c in key.lower())[:100]
+            create_markdown_artifact(markdown=markdown, key=key, description=description)
+    except Exception as e:  # noqa: BLE001 - a report must never fail the run it describes
+        warnings.warn(f"{description} artifact not published: {e}", stacklevel=2)
+
+
 def publish_run_report(ws: Workspace, run_id: str) -> Path | None:
     """Write reports/runs/<run_id>.md and, inside a Prefect flow run, publish it as a markdown artifact."""
     info = runs.run_info(ws, run_id)
@@ -89,13 +102,5 @@ def publish_run_report(ws: Workspace, run_id: str) -> Path | None:
     path = ws.reports / "runs" / f"{run_id}.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(md)
-    try:
-        from prefect.artifacts import create_markdown_artifact
-        from prefect.context import FlowRunContext
-
-        if FlowRunContext.get() is not None:
-            key = "".join(c if c.isalnum() else "-" for c in f"run-{run_id}".lower())[:100]
-            create_markdown_artifact(markdown=md, key=key, description=f"{info['flow']} run report")
-    except Exception as e:  # noqa: BLE001 - a report must never fail the run it describes
-        warnings.warn(f"run report artifact not published: {e}", stacklevel=2)
+    publish_markdown(md, f"run-{run_id}", f"{info['flow']} run report")
     return path

@@ -8,7 +8,6 @@ Builds pipeline/gallery.py's one self-contained page from the catalog (read-only
 from __future__ import annotations
 
 import argparse
-import warnings
 from pathlib import Path
 
 import duckdb
@@ -32,16 +31,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 def publish_gallery(path: Path) -> None:
     """Inside a Prefect flow run, publish a markdown artifact pointing at the page (never fails the run)."""
-    try:
-        from prefect.artifacts import create_markdown_artifact
-        from prefect.context import FlowRunContext
+    from flows.bookkeeping import publish_markdown
 
-        if FlowRunContext.get() is not None:
-            md = (f"## Gallery\n\nFace crops per factor class, quality decile and run: "
-                  f"[{path.name}]({path.as_uri()})\n\n`{path}` (one self-contained HTML file; open it from disk)\n")
-            create_markdown_artifact(markdown=md, key="gallery", description="browsable gallery of the labels")
-    except Exception as e:  # noqa: BLE001 - a report must never fail the run it describes
-        warnings.warn(f"gallery artifact not published: {e}", stacklevel=2)
+    md = (f"## Gallery\n\nFace crops per factor class, quality decile and run: "
+          f"[{path.name}]({path.as_uri()})\n\n`{path}` (one self-contained HTML file; open it from disk)\n")
+    publish_markdown(md, "gallery", "browsable gallery of the labels")
 
 
 def run_cli(args: argparse.Namespace) -> int:

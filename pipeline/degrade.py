@@ -14,6 +14,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from pipeline.colour import REC709, to_linear, to_srgb
+
 SEVERITY_LEVELS = (0, 1, 2, 3)
 
 
@@ -124,19 +126,6 @@ OVEREXPOSE_STOPS = (1.0, 2.0, 3.0)  # exposure added in linear light, in stops, 
 SIDE_LIGHT_SHADOW = (0.25, 0.1, 0.03)  # linear-light gain of the shadowed side for levels 1..3
 
 
-def _to_linear(img: np.ndarray) -> np.ndarray:
-    """sRGB uint8 -> linear light in 0..1 (IEC 61966-2-1)."""
-    v = img.astype(np.float64) / 255.0
-    return np.where(v <= 0.04045, v / 12.92, ((v + 0.055) / 1.055) ** 2.4)
-
-
-def _to_srgb(lin: np.ndarray) -> np.ndarray:
-    """Linear light (clipped to 0..1) -> sRGB uint8, rounded."""
-    v = np.clip(lin, 0.0, 1.0)
-    s = np.where(v <= 0.0031308, 12.92 * v, 1.055 * v ** (1 / 2.4) - 0.055)
-    return np.clip(np.rint(s * 255.0), 0, 255).astype(np.uint8)
-
-
 def _level(level: int, table: tuple[Any, ...], kind: str) -> Any:
     """The parameters of a level 1..len(table), with an error naming the degradation otherwise."""
     if not 1 <= level <= len(table):
@@ -157,7 +146,7 @@ def overexpose(img: np.ndarray, level: int) -> np.ndarray:
     """Over-exposure: linear light times 2 ** stops (1, 2, 3 stops), clipped at white."""
     if level == 0:
         return img.copy()
-    return _to_srgb(_to_linear(img) * 2.0 ** _level(level, OVEREXPOSE_STOPS, "overexpose"))
+    return to_srgb(to_linear(img) * 2.0 ** _level(level, OVEREXPOSE_STOPS, "overexpose"))
 
 
 def side_light(img: np.ndarray, level: int) -> np.ndarray:
@@ -171,7 +160,7 @@ def side_light(img: np.ndarray, level: int) -> np.ndarray:
     w = img.shape[1]
     x = (np.arange(w, dtype=np.float64) + 0.5 - w / 2) / (0.05 * w)
     gain = shadow + (1.0 - shadow) / (1.0 + np.exp(x))
-    return _to_srgb(_to_linear(img) * gain[None, :, None])
+    return to_srgb(to_linear(img) * gain[None, :, None])
 
 
 def rotation(img: np.ndarray, level: int) -> np.ndarray:
@@ -206,15 +195,15 @@ def darker_skin(img: np.ndarray, region: np.ndarray, albedo: float = 0.25) -> np
     mask = np.asarray(region, dtype=bool)
     if mask.shape != img.shape[:2] or not mask.any():
         raise ValueError(f"region must be a non-empty {img.shape[:2]} mask, got {mask.shape}")
-    lin = _to_linear(img)
-    y = lin @ np.array([0.2126, 0.7152, 0.0722])
+    lin = to_linear(img)
+    y = lin @ REC709
     chroma = lin[..., :2] / np.maximum(lin.sum(axis=-1, keepdims=True), 1e-6)
     dist = np.linalg.norm(chroma - np.median(chroma[mask], axis=0), axis=-1)
     skin = cv2.GaussianBlur(np.exp(-((dist / SKIN_CHROMA_SCALE) ** 2)), (0, 0), 2.0)
     q90, q99 = np.percentile(y[mask], [90.0, 99.0])
     highlight = np.clip((y - q90) / max(q99 - q90, 1e-6), 0.0, 1.0)
     gain = 1.0 - (1.0 - albedo) * skin * (1.0 - highlight)
-    return _to_srgb(lin * gain[..., None])
+    return to_srgb(lin * gain[..., None])
 
 
 DEGRADATIONS: dict[str, Callable[[np.ndarray, int], np.ndarray]] = {

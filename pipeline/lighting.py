@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.align import ARCFACE_TEMPLATE, check_points
+from pipeline.colour import REC709, SRGB_TO_LINEAR
 from pipeline.factors import FactorClass, binary_class
 from pipeline.records import ERROR, OK, FaceCrop, factor_row
 
@@ -61,21 +62,12 @@ MEASURES: tuple[str, ...] = (
 )
 
 
-def _srgb_to_linear(v: np.ndarray) -> np.ndarray:
-    """IEC 61966-2-1 sRGB decoding of values in 0..1."""
-    return np.where(v <= 0.04045, v / 12.92, ((v + 0.055) / 1.055) ** 2.4)
-
-
-_LINEAR_LUT = _srgb_to_linear(np.arange(256, dtype=np.float64) / 255.0)
-_REC709 = np.array([0.2126, 0.7152, 0.0722])
-
-
 def luminance(rgb: np.ndarray) -> np.ndarray:
     """uint8 RGB (H, W, 3) -> uint8 luminance floor(255 Y + 0.5), Y of linear sRGB with Rec. 709 weights (OFIQ)."""
     arr = np.asarray(rgb)
     if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
         raise ValueError(f"luminance needs a uint8 (H, W, 3) RGB image, got {arr.dtype} {arr.shape}")
-    y = _LINEAR_LUT[arr] @ _REC709
+    y = SRGB_TO_LINEAR[arr] @ REC709
     return np.floor(y * 255.0 + 0.5).astype(np.uint8)
 
 

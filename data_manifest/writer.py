@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from data_manifest.schemas import schema
@@ -45,11 +46,24 @@ def atomic_write(path: Path, write: Any) -> Path:
     return path
 
 
-def to_table(table: str, rows: Iterable[Mapping[str, Any]] | pa.Table, run_id: str) -> pa.Table:
-    """Validate rows against the table schema, filling run_id and created_at."""
+Rows = Iterable[Mapping[str, Any]] | pa.Table | pa.RecordBatch
+
+
+def to_table(table: str, rows: Rows, run_id: str) -> pa.Table:
+    """Validate rows against the table schema, filling run_id and created_at.
+
+    Arrow tables and record batches are checked and cast column by column (no Python row objects);
+    an iterable of dicts is checked row by row.
+    """
     sch = schema(table)
+    if isinstance(rows, pa.RecordBatch):
+        rows = pa.Table.from_batches([rows])
     if isinstance(rows, pa.Table):
-        rows = rows.to_pylist()
+        return _arrow_table(table, sch, rows, run_id)
+    return _dict_table(table, sch, rows, run_id)
+
+
+def _dict_table(table: str, sch: pa.Schema, rows: Iterable[Mapping[str, Any]], run_id: str) -> pa.Table:
     now = datetime.now(UTC)
     filled = []
     known = set(sch.names)
@@ -70,6 +84,37 @@ def to_table(table: str, rows: Iterable[Mapping[str, Any]] | pa.Table, run_id: s
         raise ValueError(f"{table}: rows do not fit the schema: {e}") from e
 
 
+def _arrow_table(table: str, sch: pa.Schema, tbl: pa.Table, run_id: str) -> pa.Table:
+    """The Arrow path of to_table: the same checks and messages as the dict path, computed per column."""
+    names = tbl.column_names
+    extra = sorted(set(names) - set(sch.names))
+    if extra:
+        raise ValueError(f"{table}: unknown column(s) {extra}; schema has {sch.names}")
+    dup = sorted({c for c in names if names.count(c) > 1})
+    if dup:
+        raise ValueError(f"{table}: duplicate column(s) {dup}")
+    n = tbl.num_rows
+    cols: list[pa.ChunkedArray | pa.Array] = []
+    for f in sch:
+        if f.name == "run_id":
+            col: pa.ChunkedArray | pa.Array = pa.repeat(pa.scalar(run_id, f.type), n)
+        elif f.name not in names:
+            col = pa.repeat(pa.scalar(datetime.now(UTC), f.type), n) if f.name == "created_at" else pa.nulls(n, f.type)
+        else:
+            col = tbl.column(f.name)
+            if not col.type.equals(f.type):
+                try:
+                    col = col.cast(f.type)
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
+                    raise ValueError(f"{table}: column {f.name!r} of type {col.type} cannot be cast to "
+                                     f"{f.type}: {e}") from e
+        if not f.nullable and n and col.null_count:
+            first = pc.index(pc.is_null(col), True).as_py()
+            raise ValueError(f"{table} row {first}: required column {f.name!r} is missing or null")
+        cols.append(col)
+    return pa.Table.from_arrays(cols, schema=sch)
+
+
 class ShardWriter:
     """Writes one run's shards of one table as manifests/<table>/run=<run_id>/part-<shard>.parquet."""
 
@@ -83,8 +128,8 @@ class ShardWriter:
     def path(self, shard: str | int) -> Path:
         return self.dir / f"part-{shard_name(shard)}.parquet"
 
-    def write(self, shard: str | int, rows: Iterable[Mapping[str, Any]] | pa.Table) -> Path | None:
-        """Write (or atomically replace) one shard; returns its path, or None for no rows."""
+    def write(self, shard: str | int, rows: Rows) -> Path | None:
+        """Write (or atomically replace) one shard of dict rows, an Arrow table or a record batch; None for no rows."""
         tbl = to_table(self.table, rows, self.run_id)
         if tbl.num_rows == 0:
             return None

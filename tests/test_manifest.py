@@ -172,3 +172,84 @@ def test_crop_pack_round_trip(workspace):
         crops.write_pack(workspace, "r1", 1, arr.astype(np.float32))
     with pytest.raises(ValueError, match="outside the workspace"):
         reader.read("../../etc/passwd", 0)
+
+
+def _arrow_samples(n: int):
+    """n `samples` rows as an Arrow table built column-wise (no Python row objects)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    idx = pa.array(np.arange(n, dtype=np.int64))
+    return pa.table({
+        "sample_id": pc.binary_join_element_wise("s", pc.cast(idx, pa.string()), ""),
+        "dataset": pa.repeat("d", n), "source_kind": pa.repeat("folder", n),
+        "source": pc.binary_join_element_wise("/x/", pc.cast(idx, pa.string()), ".jpg", ""),
+        "identity": pc.divide(idx, 7), "width": pa.array(np.full(n, 112, dtype=np.int64)),  # int64 -> int32
+        "status": pa.repeat("ok", n),
+    })
+
+
+def test_writer_arrow_table_equals_the_dict_path(workspace):
+    import pyarrow as pa
+
+    rows = [_sample("a", width=10, height=12, identity=4, bytes=99, error=None),
+            _sample("b", status="error", error="bad", identity=None, width=None, height=None, bytes=None)]
+    by_dict = pq.read_table(ShardWriter(workspace, "samples", "r1").write(0, rows))
+    tbl = pa.Table.from_pylist(rows)  # int64 width/height: cast to the schema's int32
+    by_arrow = pq.read_table(ShardWriter(workspace, "samples", "r1").write(1, tbl))
+    by_batch = pq.read_table(ShardWriter(workspace, "samples", "r1").write(2, tbl.to_batches()[0]))
+    assert by_arrow.schema.equals(schemas.SCHEMAS["samples"], check_metadata=False)
+    drop = ["created_at"]  # the time of writing
+    assert by_arrow.drop_columns(drop).equals(by_dict.drop_columns(drop))
+    assert by_batch.drop_columns(drop).equals(by_dict.drop_columns(drop))
+    assert by_arrow.column("created_at").null_count == 0 and set(by_arrow.column("run_id").to_pylist()) == {"r1"}
+    # A given created_at is kept, as in the dict path; an empty table writes nothing.
+    stamp = by_dict.column("created_at")
+    kept = pq.read_table(ShardWriter(workspace, "samples", "r1").write(3, tbl.append_column("created_at", stamp)))
+    assert kept.column("created_at").equals(stamp)
+    assert ShardWriter(workspace, "samples", "r1").write(4, tbl.slice(0, 0)) is None
+
+
+def test_writer_arrow_table_rejects_bad_columns(workspace):
+    import pyarrow as pa
+
+    w = ShardWriter(workspace, "samples", "r1")
+    tbl = pa.Table.from_pylist([_sample("a"), _sample("b")])
+    with pytest.raises(ValueError, match=r"samples: unknown column\(s\) \['colour'\]"):
+        w.write(0, tbl.append_column("colour", pa.array(["red", "blue"])))
+    with pytest.raises(ValueError, match="samples row 1: required column 'dataset' is missing or null"):
+        w.write(0, tbl.set_column(tbl.column_names.index("dataset"), "dataset", pa.array(["d", None])))
+    with pytest.raises(ValueError, match="samples row 0: required column 'dataset' is missing or null"):
+        w.write(0, tbl.drop_columns(["dataset"]))
+    with pytest.raises(ValueError, match="column 'width' of type string cannot be cast to int32"):
+        w.write(0, tbl.append_column("width", pa.array(["wide", "narrow"])))
+    with pytest.raises(ValueError, match="column 'width' of type double cannot be cast to int32"):
+        w.write(0, tbl.append_column("width", pa.array([1.5, 2.0])))  # a lossy cast is refused
+    with pytest.raises(ValueError, match="column 'box' .* cannot be cast to fixed_size_list"):
+        ShardWriter(workspace, "faces", "r1").write(0, pa.table({"sample_id": ["a"], "status": ["ok"],
+                                                                  "box": [[1.0, 2.0, 3.0]]}))
+    assert not list(w.dir.glob("*.parquet")), "a refused table writes nothing"
+
+
+def test_writer_million_row_arrow_table_without_python_rows(workspace, monkeypatch):
+    """A 1M-row table never takes the dict path, allocates no per-row Python objects and reads back exactly."""
+    import tracemalloc
+
+    from data_manifest import writer
+
+    n = 1_000_000
+    tbl = _arrow_samples(n)
+    monkeypatch.setattr(writer, "_dict_table", lambda *a: pytest.fail("the dict path was used"))
+    tracemalloc.start()
+    try:
+        path = ShardWriter(workspace, "samples", "big").write(0, tbl)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20, f"{peak / 2**20:.1f} MiB of Python objects for {n} rows"  # dicts would take > 500 MiB
+    back = pq.read_table(path)
+    assert back.num_rows == n and back.schema.equals(schemas.SCHEMAS["samples"], check_metadata=False)
+    assert back.column("sample_id").equals(tbl.column("sample_id"))
+    np.testing.assert_array_equal(back.column("identity").to_numpy(), np.arange(n) // 7)
+    assert back.column("width").type == schemas.SCHEMAS["samples"].field("width").type
+    assert int(np.asarray(back.column("width")).sum()) == 112 * n

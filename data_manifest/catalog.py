@@ -17,7 +17,7 @@ import re
 import threading
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,9 +25,9 @@ import duckdb
 import pyarrow as pa
 import pyarrow.dataset as pads
 
-from data_manifest.schemas import KEYS, SCHEMAS, TABLES
+from data_manifest import snapshots
+from data_manifest.schemas import SCHEMAS, TABLES, duck_type
 from data_manifest.workspace import Workspace
-from pipeline.factors import FACTORS
 
 SQL_DIR = Path(__file__).with_name("sql")
 EXTERNAL_READ_HINT = "pass --allow-external-read to 'fiqa sql' to read other files"
@@ -37,80 +37,69 @@ class ReadOnlyError(ValueError):
     """A statement that would change the catalog, write files or read outside what it may read was refused."""
 
 
-def _duck_type(t: pa.DataType) -> str:
-    if pa.types.is_string(t):
-        return "VARCHAR"
-    if pa.types.is_timestamp(t):
-        return "TIMESTAMP WITH TIME ZONE" if t.tz else "TIMESTAMP"
-    if pa.types.is_list(t) or pa.types.is_fixed_size_list(t):
-        return f"{_duck_type(t.value_type)}[]"
-    simple = {pa.int8(): "TINYINT", pa.int16(): "SMALLINT", pa.int32(): "INTEGER", pa.int64(): "BIGINT",
-              pa.float32(): "FLOAT", pa.float64(): "DOUBLE", pa.bool_(): "BOOLEAN"}
-    if t in simple:
-        return simple[t]
-    raise TypeError(f"no DuckDB type mapping for {t}")
-
-
 def _sql_str(s: str) -> str:
     return "'" + s.replace("'", "''") + "'"
-
-
-def _shards(ws: Workspace, table: str) -> list[Path]:
-    return sorted((ws.manifests / table).glob("run=*/part-*.parquet"))
 
 
 def history_sql(ws: Workspace, table: str) -> str:
     """SELECT over every committed shard of a table (an empty, typed relation when there is none)."""
     base = ws.manifests / table
-    if _shards(ws, table):
+    if snapshots.shard_files(ws, table):
         glob = _sql_str((base / "run=*" / "part-*.parquet").as_posix())
         return f"SELECT * FROM read_parquet({glob}, union_by_name = true, hive_partitioning = false)"
-    cols = ", ".join(f"CAST(NULL AS {_duck_type(f.type)}) AS {f.name}" for f in SCHEMAS[table])
+    cols = ", ".join(f"CAST(NULL AS {duck_type(f.type)}) AS {f.name}" for f in SCHEMAS[table])
     return f"SELECT {cols} WHERE false"
 
 
 def latest_sql(table: str) -> str:
-    keys = ", ".join(KEYS[table])
-    return (f"SELECT * FROM {table}_history "
-            f"QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY created_at DESC, run_id DESC) = 1")
-
-
-def labels_sql() -> str:
-    """One wide row per sample: sample info, alignment, each factor's value/class/index, anchor."""
-    pivots = []
-    for f in FACTORS:
-        pivots += [f"max(value) FILTER (WHERE factor = '{f}') AS {f}_value",
-                   f"max(class_name) FILTER (WHERE factor = '{f}') AS {f}_class",
-                   f"max(class_index) FILTER (WHERE factor = '{f}') AS {f}_index",
-                   f"max(status) FILTER (WHERE factor = '{f}') AS {f}_status"]
-    return (
-        "SELECT s.sample_id, s.dataset, s.source_kind, s.source, s.identity, s.identity_name, "
-        "s.status AS sample_status, s.error AS sample_error, "
-        "fc.status AS face_status, fc.error AS face_error, fc.n_faces, fc.crop_file, fc.crop_index, "
-        + ", ".join(f"fx.{f}_value, fx.{f}_class, fx.{f}_index, fx.{f}_status" for f in FACTORS)
-        + ", a.anchor, a.raw AS anchor_raw, a.model_id AS anchor_model "
-        "FROM samples s LEFT JOIN faces fc USING (sample_id) "
-        f"LEFT JOIN (SELECT sample_id, {', '.join(pivots)} FROM factors GROUP BY sample_id) fx USING (sample_id) "
-        "LEFT JOIN anchors a USING (sample_id)"
-    )
+    """The latest view computed from the whole history (when there is no usable snapshot)."""
+    return f"SELECT * FROM {table}_history {snapshots.newest_first(table)}"
 
 
 VIEW_NAMES: frozenset[str] = frozenset([*TABLES, *(f"{t}_history" for t in TABLES), "labels"])
 
 
-def view_statements(ws: Workspace) -> list[str]:
-    """CREATE OR REPLACE VIEW statements (reading the Parquet files) for catalog.duckdb."""
+def latest_statements(states: dict[str, snapshots.TableState], snap: str,
+                      pending: Callable[[str, list[Path]], str]) -> list[str]:
+    """CREATE VIEW statements of the latest views: from the snapshots where usable, else from the history.
+
+    `snap` prefixes the snapshot tables (the attached catalog's alias and a dot, or nothing inside
+    catalog.duckdb); `pending(table, files)` is a relation over shards the snapshot has not folded yet.
+    """
     stmts = []
     for t in TABLES:
-        stmts.append(f"CREATE OR REPLACE VIEW {t}_history AS {history_sql(ws, t)}")
-        stmts.append(f"CREATE OR REPLACE VIEW {t} AS {latest_sql(t)}")
-    stmts.append(f"CREATE OR REPLACE VIEW labels AS {labels_sql()}")
+        st = states.get(t)
+        if st is None or not st.usable:
+            body = latest_sql(t)
+        elif not st.pending:
+            body = f"SELECT * FROM {snap}{snapshots.snapshot_name(t)}"
+        else:
+            body = snapshots.overlay_sql(t, snap + snapshots.snapshot_name(t), pending(t, st.pending))
+        stmts.append(f"CREATE OR REPLACE VIEW {t} AS {body}")
+    lab = states.get("labels")
+    touched = [t for t in snapshots.LABEL_INPUTS if lab is not None and states[t].pending]
+    if lab is None or not lab.usable:
+        body = snapshots.labels_sql()
+    elif not touched:
+        body = f"SELECT * FROM {snap}{snapshots.snapshot_name('labels')}"
+    else:
+        ids = "(" + " UNION ".join(f"SELECT sample_id FROM {pending(t, states[t].pending)}" for t in touched) + ")"
+        body = snapshots.labels_overlay_sql(snap + snapshots.snapshot_name("labels"), ids,
+                                            {t: t for t in snapshots.LABEL_INPUTS})
+    stmts.append(f"CREATE OR REPLACE VIEW labels AS {body}")
     return stmts
 
 
-def history_dataset(ws: Workspace, table: str) -> pads.Dataset:
-    """Every committed shard of a table as one Arrow dataset with the table schema (older shards: missing = null)."""
-    files = [p.as_posix() for p in _shards(ws, table)]
+def view_statements(ws: Workspace, states: dict[str, snapshots.TableState] | None = None) -> list[str]:
+    """CREATE OR REPLACE VIEW statements (reading the Parquet files and snapshot tables) for catalog.duckdb."""
+    stmts = [f"CREATE OR REPLACE VIEW {t}_history AS {history_sql(ws, t)}" for t in TABLES]
+    return stmts + latest_statements(states or {}, "",
+                                     lambda t, files: f"({snapshots.read_shards_sql(t, files)})")
+
+
+def history_dataset(ws: Workspace, table: str, shards: Sequence[Path] | None = None) -> pads.Dataset:
+    """Shards of a table (default: all) as one Arrow dataset with the table schema (older shards: missing = null)."""
+    files = [p.as_posix() for p in (snapshots.shard_files(ws, table) if shards is None else shards)]
     sch = SCHEMAS[table]
     if not files:
         return pads.dataset(sch.empty_table())
@@ -140,10 +129,14 @@ def connect(ws: Workspace, *, read_paths: Iterable[str] = (),
     refresh_if_moved(ws)
     con = duckdb.connect(":memory:")
     try:
+        states = _attach_snapshots(con, ws)
         for t in TABLES:
             con.register(f"{t}_history", history_dataset(ws, t))
-            con.execute(f"CREATE VIEW {t} AS {latest_sql(t)}")
-        con.execute(f"CREATE VIEW labels AS {labels_sql()}")
+        for t, st in states.items():
+            if st.usable and st.pending:
+                con.register(f"_pending_{t}", history_dataset(ws, t, st.pending))
+        for stmt in latest_statements(states, f"{SNAPSHOT_ALIAS}.", lambda t, _files: f"_pending_{t}"):
+            con.execute(stmt)
         paths, dirs = sorted(set(read_paths)), sorted(set(read_dirs))
         if paths:
             con.execute("SET allowed_paths = ?", [paths])
@@ -157,24 +150,74 @@ def connect(ws: Workspace, *, read_paths: Iterable[str] = (),
     return con
 
 
-def refresh(ws: Workspace, retries: int = 20, wait_s: float = 0.25) -> bool:
-    """Rewrite the views in catalog.duckdb; returns False (with a warning) if the file stays locked."""
-    stmts = view_statements(ws)
+SNAPSHOT_ALIAS = "snapshot"  # catalog.duckdb, attached read-only to a query connection
+
+
+def _attach_snapshots(con: duckdb.DuckDBPyConnection, ws: Workspace, retries: int = 8,
+                      wait_s: float = 0.25) -> dict[str, snapshots.TableState]:
+    """Attach catalog.duckdb read-only and say which snapshots a query can use ({} without one).
+
+    While a flow folds new shards into it the file is locked for writing: the query waits briefly,
+    then answers from the shards themselves (exact, only slower), with a warning.
+    """
+    if not ws.catalog_path.is_file():
+        return {}
     for attempt in range(retries):
         try:
-            with duckdb.connect(str(ws.catalog_path)) as con:
-                for s in stmts:
-                    con.execute(s)
-            tmp = ws.catalog_root_path.with_name(ws.catalog_root_path.name + ".tmp")
-            tmp.write_text(str(ws.root) + "\n", encoding="utf-8")
-            os.replace(tmp, ws.catalog_root_path)
-            return True
+            con.execute(f"ATTACH {_sql_str(str(ws.catalog_path))} AS {SNAPSHOT_ALIAS} (READ_ONLY)")
+            break
+        except duckdb.Error as e:
+            if "lock" in str(e).lower() and attempt < retries - 1:
+                time.sleep(wait_s)
+                continue
+            warnings.warn(f"catalog {ws.catalog_path} cannot be read now ({type(e).__name__}: {e}); answering "
+                          "from the manifest shards, which is slower on a large workspace", stacklevel=3)
+            return {}
+    return snapshots.table_states(ws, con, SNAPSHOT_ALIAS)
+
+
+def _open_catalog(ws: Workspace, retries: int, wait_s: float) -> duckdb.DuckDBPyConnection | None:
+    for attempt in range(retries):
+        try:
+            return duckdb.connect(str(ws.catalog_path))
         except duckdb.IOException as e:
             if "lock" not in str(e).lower() or attempt == retries - 1:
-                warnings.warn(f"catalog {ws.catalog_path} not refreshed: {e}", stacklevel=2)
-                return False
+                warnings.warn(f"catalog {ws.catalog_path} not refreshed: {e}", stacklevel=3)
+                return None
             time.sleep(wait_s)
-    return False
+    return None
+
+
+def refresh(ws: Workspace, retries: int = 20, wait_s: float = 0.25, *, fold: bool = True, rebuild: bool = False,
+            log: Callable[[str], None] | None = None) -> bool:
+    """Fold new shards into the snapshots and rewrite the views in catalog.duckdb.
+
+    Returns False (with a warning) if the file stays locked. A failed fold (out of memory, disk
+    full) is a warning too: the shards are committed and queries still answer exactly from them.
+    With `rebuild`, every snapshot is recomputed from all shards (what `fiqa compact` does).
+    """
+    con = _open_catalog(ws, retries, wait_s)
+    if con is None:
+        return False
+    try:
+        if fold or rebuild:
+            try:
+                report = snapshots.update(con, ws, rebuild=rebuild, log=log)
+                if log is not None:
+                    log(f"snapshots: {json.dumps(report.as_dict())}")
+            except duckdb.Error as e:
+                if rebuild:
+                    raise
+                warnings.warn(f"snapshots in {ws.catalog_path} not updated ({type(e).__name__}: {e}); queries "
+                              "read the new shards directly until the next refresh or 'fiqa compact'", stacklevel=2)
+        for stmt in view_statements(ws, snapshots.table_states(ws, con)):
+            con.execute(stmt)
+    finally:
+        con.close()
+    tmp = ws.catalog_root_path.with_name(ws.catalog_root_path.name + ".tmp")
+    tmp.write_text(str(ws.root) + "\n", encoding="utf-8")
+    os.replace(tmp, ws.catalog_root_path)
+    return True
 
 
 def catalog_moved(ws: Workspace) -> bool:
@@ -198,7 +241,7 @@ def refresh_if_moved(ws: Workspace) -> bool:
     if not catalog_moved(ws):
         return False
     try:
-        return refresh(ws)
+        return refresh(ws, fold=False)
     except (OSError, duckdb.Error) as e:
         warnings.warn(f"catalog {ws.catalog_path} was written for another location and could not be "
                       f"rewritten here: {e}", stacklevel=2)

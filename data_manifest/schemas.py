@@ -118,6 +118,21 @@ KEYS: dict[str, tuple[str, ...]] = {
 TABLES: tuple[str, ...] = tuple(SCHEMAS)
 
 
+def duck_type(t: pa.DataType) -> str:
+    """The DuckDB column type of an Arrow type of the schemas."""
+    if pa.types.is_string(t):
+        return "VARCHAR"
+    if pa.types.is_timestamp(t):
+        return "TIMESTAMP WITH TIME ZONE" if t.tz else "TIMESTAMP"
+    if pa.types.is_list(t) or pa.types.is_fixed_size_list(t):
+        return f"{duck_type(t.value_type)}[]"
+    simple = {pa.int8(): "TINYINT", pa.int16(): "SMALLINT", pa.int32(): "INTEGER", pa.int64(): "BIGINT",
+              pa.float32(): "FLOAT", pa.float64(): "DOUBLE", pa.bool_(): "BOOLEAN"}
+    if t in simple:
+        return simple[t]
+    raise TypeError(f"no DuckDB type mapping for {t}")
+
+
 def schema(table: str) -> pa.Schema:
     """The schema of a manifest table, with a clear error for an unknown name."""
     try:

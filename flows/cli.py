@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("flows.evaluate", "EDC/ERC evaluation of quality methods on verification benchmarks"),
     "sql": ("flows.sql", "run read-only SQL on the catalog"),
     "stats": ("flows.stats", "factor distributions, cross-tabs and anchor histograms"),
+    "compact": ("flows.compact", "rebuild the snapshots behind the latest views from every shard"),
     "gallery": ("flows.gallery", "one HTML page of face crops per factor class, quality decile and run"),
     "deploy": ("flows.deploy", "register or serve scheduled deployments"),
 }

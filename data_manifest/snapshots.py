@@ -1,0 +1,365 @@
+"""Compacted snapshots of the latest views, kept as tables in catalog.duckdb.
+
+`<table>` (latest row per key) and `labels` (one wide row per sample) are
+computed from every shard of every run: a window over the whole history and a
+factor pivot. At MS1MV2 size (5.8M samples, 29M factor rows per labelling) that
+is 10-30 s a question. Instead each latest view is materialised once as
+`snapshot_<table>` (and `snapshot_labels`), and every refresh folds only the
+shards it has not seen yet into them:
+
+- a fold reads the new shards, keeps their newest row per key, drops the rows
+  older than what the snapshot already holds for that key, deletes the keys it
+  replaces and inserts the rest, then recomputes the `labels` rows of exactly
+  the samples it touched; its cost follows the size of the change;
+- `snapshot_sources` records every folded shard (path relative to the root,
+  size, mtime), so a shard that changed or vanished since is detected, and
+  that table is rebuilt from its history;
+- shards of a run that has not completed (running, or failed and not yet
+  resumed) are not folded: queries see them as *pending* and overlay them on
+  the snapshot exactly (`overlay_sql`), so a query always equals the window
+  over the history, folded or not.
+
+`fiqa compact` rebuilds every snapshot from the manifests, folding every shard
+there is, so a workspace written before snapshots existed, or by another tool
+that follows the manifest layout, gets them too. `<table>_history` is never
+materialised: it keeps reading the shards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+import pyarrow.parquet as pq
+
+from data_manifest.schemas import KEYS, SCHEMAS, duck_type
+from data_manifest.workspace import Workspace
+from pipeline.factors import FACTORS
+
+FORMAT = 1  # bump when the snapshot tables change shape: a refresh then rebuilds them
+SNAPSHOT_TABLES: tuple[str, ...] = ("samples", "faces", "factors", "anchors", "scores")
+LABEL_INPUTS: tuple[str, ...] = ("samples", "faces", "factors", "anchors")  # what a `labels` row is made of
+SOURCES = "snapshot_sources"
+META = "snapshot_meta"
+BUILT = "snapshot_tables"  # the snapshot tables built so far (a rebuild interrupted midway leaves none)
+ENV_MEMORY = "FIQA_DUCKDB_MEMORY"  # memory limit of a snapshot build (DuckDB spills to disk beyond it)
+DEFAULT_MEMORY = "4GB"
+
+
+def snapshot_name(table: str) -> str:
+    """The catalog.duckdb table that holds the latest rows of `table` (or `labels`)."""
+    return f"snapshot_{table}"
+
+
+def shard_files(ws: Workspace, table: str) -> list[Path]:
+    """Every shard of a table, over all runs, in path order."""
+    return sorted((ws.manifests / table).glob("run=*/part-*.parquet"))
+
+
+def rel(ws: Workspace, path: Path) -> str:
+    return path.relative_to(ws.root).as_posix()
+
+
+def file_stamp(path: Path) -> tuple[int, int] | None:
+    """(size, mtime_ns) of a file, None when it is gone: a shard is replaced only by an atomic rename."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def run_of(path: Path) -> str:
+    return path.parent.name.removeprefix("run=")
+
+
+def run_completed(ws: Workspace, run_id: str, cache: dict[str, bool]) -> bool:
+    """True when the run completed, or was written by another tool (no run record): its shards may be folded."""
+    if run_id not in cache:
+        p = ws.runs_dir / run_id / "run.json"
+        try:
+            cache[run_id] = json.loads(p.read_text()).get("status") == "completed"
+        except FileNotFoundError:
+            cache[run_id] = not p.parent.exists()
+        except (OSError, ValueError):
+            cache[run_id] = False
+    return cache[run_id]
+
+
+# ---------------------------------------------------------------- SQL shared by folds and queries
+
+
+def key_list(table: str) -> str:
+    return ", ".join(KEYS.get(table, ("sample_id",)))
+
+
+def newest_first(table: str) -> str:
+    """The QUALIFY clause that keeps the newest row per key (the definition of the latest views)."""
+    return (f"QUALIFY row_number() OVER (PARTITION BY {key_list(table)} "
+            f"ORDER BY created_at DESC, run_id DESC) = 1")
+
+
+def labels_sql(samples: str = "samples", faces: str = "faces", factors: str = "factors",
+               anchors: str = "anchors") -> str:
+    """One wide row per sample: sample info, alignment, each factor's value/class/index/status, anchor.
+
+    The arguments name the relations to read (the latest views, snapshot tables, or those restricted to some
+    samples), so the view, the snapshot build and the snapshot fold are one query.
+    """
+    pivots = []
+    for f in FACTORS:
+        pivots += [f"max(value) FILTER (WHERE factor = '{f}') AS {f}_value",
+                   f"max(class_name) FILTER (WHERE factor = '{f}') AS {f}_class",
+                   f"max(class_index) FILTER (WHERE factor = '{f}') AS {f}_index",
+                   f"max(status) FILTER (WHERE factor = '{f}') AS {f}_status"]
+    return (
+        "SELECT s.sample_id, s.dataset, s.source_kind, s.source, s.identity, s.identity_name, "
+        "s.status AS sample_status, s.error AS sample_error, "
+        "fc.status AS face_status, fc.error AS face_error, fc.n_faces, fc.crop_file, fc.crop_index, "
+        + ", ".join(f"fx.{f}_value, fx.{f}_class, fx.{f}_index, fx.{f}_status" for f in FACTORS)
+        + ", a.anchor, a.raw AS anchor_raw, a.model_id AS anchor_model "
+        f"FROM {samples} s LEFT JOIN {faces} fc USING (sample_id) "
+        f"LEFT JOIN (SELECT sample_id, {', '.join(pivots)} FROM {factors} GROUP BY sample_id) fx USING (sample_id) "
+        f"LEFT JOIN {anchors} a USING (sample_id)"
+    )
+
+
+def only(relation: str, ids: str) -> str:
+    """`relation` restricted to the sample ids of the relation `ids` (a column sample_id)."""
+    return f"(SELECT * FROM {relation} WHERE sample_id IN (SELECT sample_id FROM {ids}))"
+
+
+def overlay_sql(table: str, snapshot: str, pending: str) -> str:
+    """The latest view of `table` from its snapshot plus rows not folded yet, exactly as the history window.
+
+    A key the pending rows do not name keeps its snapshot row; for a key they name, the newest of the
+    snapshot row and the pending rows wins (pending rows may be older: a run that started earlier).
+    """
+    keys = key_list(table)
+    return (f"WITH p AS (SELECT * FROM {pending} {newest_first(table)}), "
+            f"w AS (SELECT * FROM (SELECT * FROM p UNION ALL SELECT s.* FROM {snapshot} s SEMI JOIN p USING ({keys})) "
+            f"{newest_first(table)}) "
+            f"SELECT * FROM {snapshot} ANTI JOIN p USING ({keys}) UNION ALL SELECT * FROM w")
+
+
+def labels_overlay_sql(snapshot: str, changed_ids: str, sources: dict[str, str]) -> str:
+    """`labels` from its snapshot, with the rows of the samples that pending rows touch recomputed."""
+    restricted = {t: only(rel_, changed_ids) for t, rel_ in sources.items()}
+    return (f"SELECT * FROM {snapshot} WHERE sample_id NOT IN (SELECT sample_id FROM {changed_ids}) "
+            f"UNION ALL {labels_sql(**restricted)}")
+
+
+# ---------------------------------------------------------------- what the snapshot holds
+
+
+@dataclass
+class TableState:
+    """One table's snapshot against its shards: usable or not, and the shards it has not folded."""
+
+    table: str
+    usable: bool  # the snapshot exists and every shard it folded is still there, unchanged
+    pending: list[Path] = field(default_factory=list)
+    reason: str = ""
+
+
+def _folded(con: duckdb.DuckDBPyConnection, schema: str = "") -> dict[str, dict[str, tuple[int, int]]] | None:
+    """table -> {relative path: (size, mtime_ns)} of every folded shard, or None without a current snapshot."""
+    pre = f"{schema}." if schema else ""
+    try:
+        meta = dict(con.execute(f"SELECT key, value FROM {pre}{META}").fetchall())
+        if meta.get("format") != str(FORMAT):
+            return None
+        rows = con.execute(f"SELECT tbl, path, size, mtime_ns FROM {pre}{SOURCES}").fetchall()
+    except duckdb.CatalogException:
+        return None
+    out: dict[str, dict[str, tuple[int, int]]] = {}
+    for t, p, size, mtime in rows:
+        out.setdefault(t, {})[p] = (size, mtime)
+    built = {t for t, in con.execute(f"SELECT tbl FROM {pre}{BUILT}").fetchall()}
+    return {t: out.get(t, {}) for t in built}
+
+
+def table_states(ws: Workspace, con: duckdb.DuckDBPyConnection, schema: str = "") -> dict[str, TableState]:
+    """The state of every snapshot table (and `labels`), read through `con` (catalog.duckdb attached as `schema`)."""
+    folded = _folded(con, schema)
+    states: dict[str, TableState] = {}
+    for t in SNAPSHOT_TABLES:
+        if folded is None or t not in folded:
+            states[t] = TableState(t, False, reason="no snapshot")
+            continue
+        seen = folded[t]
+        files = shard_files(ws, t)
+        names = {rel(ws, p): p for p in files}
+        gone = [p for p in seen if p not in names or file_stamp(names[p]) != seen[p]]
+        if gone:
+            states[t] = TableState(t, False, reason=f"{len(gone)} folded shard(s) changed or removed, e.g. {gone[0]}")
+            continue
+        states[t] = TableState(t, True, [p for r, p in names.items() if r not in seen])
+    ok = all(states[t].usable for t in LABEL_INPUTS) and folded is not None and "labels" in folded
+    states["labels"] = TableState("labels", ok, reason="" if ok else "a snapshot it is made of is not usable")
+    return states
+
+
+# ---------------------------------------------------------------- folding shards into the snapshot
+
+
+@contextlib.contextmanager
+def _exclusive(ws: Workspace) -> Iterator[None]:
+    """One snapshot writer per workspace at a time (folds of two finishing runs queue here)."""
+    fd = os.open(ws.root / ".snapshots.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _configure(con: duckdb.DuckDBPyConnection, ws: Workspace) -> None:
+    spill = ws.root / ".tmp" / "duckdb"
+    spill.mkdir(parents=True, exist_ok=True)
+    con.execute("SET preserve_insertion_order = false")
+    con.execute(f"SET temp_directory = '{spill.as_posix()}'")
+    con.execute("SET memory_limit = ?", [os.environ.get(ENV_MEMORY, DEFAULT_MEMORY)])
+
+
+def _column_sql(table: str) -> str:
+    return ", ".join(f"{f.name} {duck_type(f.type)}" for f in SCHEMAS[table])
+
+
+def _file_list(files: Sequence[Path]) -> str:
+    return "[" + ", ".join("'" + p.as_posix().replace("'", "''") + "'" for p in files) + "]"
+
+
+def read_shards_sql(table: str, files: Sequence[Path]) -> str:
+    """SELECT of the schema's columns from some shards (a column an older shard lacks reads as NULL)."""
+    present: set[str] = set()
+    for p in files:
+        present.update(pq.read_schema(p).names)
+    cols = ", ".join(f.name if f.name in present else f"CAST(NULL AS {duck_type(f.type)}) AS {f.name}"
+                     for f in SCHEMAS[table])
+    return (f"SELECT {cols} FROM read_parquet({_file_list(files)}, union_by_name = true, "
+            "hive_partitioning = false)")
+
+
+def _key_match(table: str, a: str, b: str) -> str:
+    return " AND ".join(f"{a}.{k} = {b}.{k}" for k in KEYS[table])
+
+
+def _fold(con: duckdb.DuckDBPyConnection, table: str, files: Sequence[Path], fresh: bool) -> int:
+    """Fold shards into snapshot_<table>; the sample ids whose latest row changed go to _changed. Rows kept."""
+    snap = snapshot_name(table)
+    con.execute(f"CREATE OR REPLACE TEMP TABLE _delta AS {read_shards_sql(table, files)} {newest_first(table)}")
+    if fresh:
+        con.execute(f"INSERT INTO {snap} SELECT * FROM _delta ORDER BY {key_list(table)}")
+    else:
+        older = ("s.created_at > d.created_at OR (s.created_at = d.created_at AND s.run_id > d.run_id)")
+        con.execute(f"DELETE FROM _delta d USING {snap} s WHERE {_key_match(table, 's', 'd')} AND ({older})")
+        con.execute(f"DELETE FROM {snap} s USING _delta d WHERE {_key_match(table, 's', 'd')}")
+        con.execute(f"INSERT INTO {snap} SELECT * FROM _delta")
+    n = con.execute("SELECT count(*) FROM _delta").fetchone()[0]
+    if table in LABEL_INPUTS:
+        con.execute("INSERT INTO _changed SELECT DISTINCT sample_id FROM _delta")
+    con.execute("DROP TABLE _delta")
+    return int(n)
+
+
+def _record(con: duckdb.DuckDBPyConnection, ws: Workspace, table: str, files: Sequence[Path]) -> None:
+    rows = []
+    for p in files:
+        stamp = file_stamp(p)
+        if stamp is not None:
+            rows.append((table, rel(ws, p), *stamp))
+    if rows:
+        con.executemany(f"INSERT INTO {SOURCES} VALUES (?, ?, ?, ?)", rows)
+
+
+@dataclass
+class FoldReport:
+    """What a refresh did to the snapshots: per table, shards and rows folded, and whether it rebuilt."""
+
+    tables: dict[str, dict] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {"seconds": round(self.seconds, 3), "tables": self.tables}
+
+
+def update(con: duckdb.DuckDBPyConnection, ws: Workspace, *, rebuild: bool = False,
+           log: Callable[[str], None] | None = None) -> FoldReport:
+    """Fold new shards into the snapshots on a read-write connection to catalog.duckdb.
+
+    Shards of completed runs (and of runs no flow recorded) are folded; with `rebuild` every snapshot is
+    recomputed from all shards there are, whatever their run's state (`fiqa compact`). A snapshot whose
+    folded shards changed is rebuilt, as is any snapshot of an older format.
+    """
+    t0 = time.perf_counter()
+    report = FoldReport()
+    say = log or (lambda _m: None)
+    with _exclusive(ws):
+        _configure(con, ws)
+        states = None if rebuild else table_states(ws, con)
+        reset = rebuild or _folded(con) is None
+        con.execute("BEGIN TRANSACTION")
+        try:
+            _ensure_meta(con, reset=reset)
+            con.execute("CREATE OR REPLACE TEMP TABLE _changed (sample_id VARCHAR)")
+            done: dict[str, bool] = {}
+            relabel_all = False
+            for t in SNAPSHOT_TABLES:
+                st = None if states is None else states[t]
+                fresh = st is None or not st.usable
+                if fresh:
+                    if st is not None and st.reason != "no snapshot":
+                        say(f"snapshot of {t}: {st.reason}; rebuilding it from its shards")
+                    files = shard_files(ws, t) if rebuild else [
+                        p for p in shard_files(ws, t) if run_completed(ws, run_of(p), done)]
+                    con.execute(f"CREATE OR REPLACE TABLE {snapshot_name(t)} ({_column_sql(t)})")
+                    con.execute(f"DELETE FROM {SOURCES} WHERE tbl = ?", [t])
+                    con.execute(f"INSERT OR IGNORE INTO {BUILT} VALUES (?)", [t])
+                    relabel_all = relabel_all or t in LABEL_INPUTS
+                else:
+                    files = [p for p in st.pending if run_completed(ws, run_of(p), done)]
+                rows = _fold(con, t, files, fresh) if files else 0
+                _record(con, ws, t, files)
+                report.tables[t] = {"shards": len(files), "rows": rows, "rebuilt": fresh}
+            n_changed = con.execute("SELECT count(DISTINCT sample_id) FROM _changed").fetchone()[0]
+            labels_ready = states is not None and states["labels"].usable
+            if relabel_all or not labels_ready:
+                con.execute(f"CREATE OR REPLACE TABLE {snapshot_name('labels')} AS "
+                            f"{labels_sql(*(snapshot_name(t) for t in LABEL_INPUTS))} ORDER BY sample_id")
+                con.execute(f"INSERT OR IGNORE INTO {BUILT} VALUES ('labels')")
+                n_all = con.execute(f"SELECT count(*) FROM {snapshot_name('labels')}").fetchone()[0]
+                report.tables["labels"] = {"samples": int(n_all), "rebuilt": True}
+            elif n_changed:
+                con.execute("CREATE OR REPLACE TEMP TABLE _ids AS SELECT DISTINCT sample_id FROM _changed")
+                lab = snapshot_name("labels")
+                con.execute(f"DELETE FROM {lab} WHERE sample_id IN (SELECT sample_id FROM _ids)")
+                con.execute(f"INSERT INTO {lab} {labels_sql(*(only(snapshot_name(t), '_ids') for t in LABEL_INPUTS))}")
+                report.tables["labels"] = {"samples": int(n_changed), "rebuilt": False}
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        con.execute("CHECKPOINT")
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _ensure_meta(con: duckdb.DuckDBPyConnection, reset: bool) -> None:
+    if reset:
+        for t in (*SNAPSHOT_TABLES, "labels"):
+            con.execute(f"DROP TABLE IF EXISTS {snapshot_name(t)}")
+        con.execute(f"DROP TABLE IF EXISTS {SOURCES}")
+        con.execute(f"DROP TABLE IF EXISTS {META}")
+        con.execute(f"DROP TABLE IF EXISTS {BUILT}")
+    con.execute(f"CREATE TABLE IF NOT EXISTS {META} (key VARCHAR PRIMARY KEY, value VARCHAR)")
+    con.execute(f"INSERT OR REPLACE INTO {META} VALUES ('format', '{FORMAT}')")
+    con.execute(f"CREATE TABLE IF NOT EXISTS {SOURCES} (tbl VARCHAR, path VARCHAR, size BIGINT, mtime_ns BIGINT)")
+    con.execute(f"CREATE TABLE IF NOT EXISTS {BUILT} (tbl VARCHAR PRIMARY KEY)")

@@ -1,0 +1,199 @@
+"""Compacted snapshots: every latest view read through them equals the window over the whole history,
+after ingest, label, relabel, a failed run and its resume, and for rows written out of order or replaced."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import duckdb
+import numpy as np
+import pytest
+
+from data_manifest import ShardWriter, Workspace, catalog, runs, snapshots
+from data_manifest.schemas import KEYS, TABLES
+from flows import runtime
+
+LATEST = (*TABLES, "labels")
+
+
+def history_answer(ws: Workspace, view: str) -> list[tuple]:
+    """The view computed from the shards alone (no snapshot): every latest view by definition."""
+    con = duckdb.connect(":memory:")
+    try:
+        for t in TABLES:
+            con.register(f"{t}_history", catalog.history_dataset(ws, t))
+            con.execute(f"CREATE VIEW {t} AS {catalog.latest_sql(t)}")
+        con.execute(f"CREATE VIEW labels AS {snapshots.labels_sql()}")
+        return sorted(con.execute(f"SELECT * FROM {view}").fetchall(), key=repr)
+    finally:
+        con.close()
+
+
+def snapshot_answer(ws: Workspace, view: str) -> list[tuple]:
+    con = catalog.connect(ws)
+    try:
+        return sorted(con.execute(f"SELECT * FROM {view}").fetchall(), key=repr)
+    finally:
+        con.close()
+
+
+def assert_views_match_history(ws: Workspace) -> dict[str, snapshots.TableState]:
+    """Every latest view through catalog.connect equals the history window; returns the snapshot states used."""
+    for view in LATEST:
+        got, want = snapshot_answer(ws, view), history_answer(ws, view)
+        assert got == want, f"{view}: {len(got)} rows from the snapshot, {len(want)} from the history"
+    with duckdb.connect(str(ws.catalog_path), read_only=True) as con:
+        return snapshots.table_states(ws, con)
+
+
+def _sample(i: int, **kw) -> dict:
+    return {"sample_id": f"s{i:03d}", "dataset": "gen", "source_kind": "list", "source": f"/gen/{i}.png",
+            "status": "ok", "identity": i % 4, **kw}
+
+
+def _factor(i: int, factor: str, value: float, **kw) -> dict:
+    return {"sample_id": f"s{i:03d}", "factor": factor, "value": value, "class_index": int(value > 0.5),
+            "class_name": "high" if value > 0.5 else "low", "labeller": "t", "labeller_version": "1",
+            "status": "ok", **kw}
+
+
+def _run(ws: Workspace, flow: str, writes: dict[str, list[dict]], status: str | None = runs.COMPLETED) -> str:
+    """A registered run writing one shard per table; finished with `status` (None: still running)."""
+    rid = runs.start_run(ws, flow, {})
+    for table, rows in writes.items():
+        ShardWriter(ws, table, rid).write(0, rows)
+    if status is not None:
+        runs.finish_run(ws, rid, status)
+    return rid
+
+
+def test_fold_equals_history_and_touches_only_the_change(workspace):
+    ws = workspace
+    _run(ws, "ingest", {"samples": [_sample(i) for i in range(40)]})
+    _run(ws, "label", {"factors": [_factor(i, f, (i * 7 % 10) / 10) for i in range(40) for f in ("blur", "pose")],
+                       "faces": [{"sample_id": f"s{i:03d}", "status": "ok", "n_faces": 1} for i in range(40)]})
+    catalog.refresh(ws)
+    states = assert_views_match_history(ws)
+    assert all(states[t].usable and not states[t].pending for t in (*snapshots.SNAPSHOT_TABLES, "labels"))
+
+    # A relabel of 5 samples folds 10 factor rows and recomputes 5 labels rows, nothing else.
+    _run(ws, "relabel", {"factors": [_factor(i, "blur", 0.99) for i in range(0, 10, 2)]})
+    logs: list[str] = []
+    catalog.refresh(ws, log=logs.append)
+    report = json.loads(logs[-1].removeprefix("snapshots: "))["tables"]
+    assert report["factors"] == {"shards": 1, "rows": 5, "rebuilt": False}
+    assert report["labels"] == {"samples": 5, "rebuilt": False}
+    assert report["samples"] == {"shards": 0, "rows": 0, "rebuilt": False}
+    assert_views_match_history(ws)
+    got = catalog.query(ws, "SELECT blur_value FROM labels WHERE sample_id = 's004'").column(0).to_pylist()
+    assert got == [0.99]
+
+
+def test_pending_rows_of_running_and_failed_runs_are_overlaid_exactly(workspace):
+    ws = workspace
+    _run(ws, "ingest", {"samples": [_sample(i) for i in range(12)]})
+    _run(ws, "label", {"factors": [_factor(i, "blur", 0.2) for i in range(12)]})
+    catalog.refresh(ws)
+    failed = _run(ws, "label", {"factors": [_factor(i, "blur", 0.9) for i in range(3)]}, status=runs.FAILED)
+    running = _run(ws, "label", {"factors": [_factor(i, "pose", 0.7) for i in range(2, 6)],
+                                 "samples": [_sample(20)]}, status=None)
+    catalog.refresh(ws)  # neither run completed: their shards stay pending, not folded
+    states = assert_views_match_history(ws)
+    assert sorted(p.parent.name for p in states["factors"].pending) == sorted([f"run={failed}", f"run={running}"])
+    assert states["labels"].usable and len(states["samples"].pending) == 1
+    assert catalog.query(ws, "SELECT count(*) FROM labels").column(0)[0].as_py() == 13
+
+    # The failed run resumes and completes, the running one completes: both fold, nothing stays pending.
+    runs.start_run(ws, "label", {}, failed)
+    runs.finish_run(ws, failed, runs.COMPLETED)
+    runs.finish_run(ws, running, runs.COMPLETED)
+    catalog.refresh(ws)
+    states = assert_views_match_history(ws)
+    assert not any(states[t].pending for t in snapshots.SNAPSHOT_TABLES)
+
+
+def test_an_older_row_folded_later_does_not_replace_a_newer_one(workspace):
+    """A run that started earlier but commits later: the latest row is the newest by created_at, as in history."""
+    ws = workspace
+    _run(ws, "ingest", {"samples": [_sample(i) for i in range(4)]})
+    new = datetime.now(UTC)
+    _run(ws, "label", {"factors": [_factor(i, "blur", 0.8, created_at=new) for i in range(4)]})
+    catalog.refresh(ws)
+    old = new - timedelta(hours=1)
+    late = _run(ws, "label", {"factors": [_factor(i, "blur", 0.1, created_at=old) for i in range(2)]
+                              + [_factor(3, "pose", 0.3, created_at=old)]}, status=None)
+    assert_views_match_history(ws)  # as pending rows
+    runs.finish_run(ws, late, runs.COMPLETED)
+    catalog.refresh(ws)  # and folded
+    states = assert_views_match_history(ws)
+    assert not states["factors"].pending
+    rows = catalog.query(ws, "SELECT sample_id, blur_value, pose_value FROM labels ORDER BY 1").to_pylist()
+    assert [r["blur_value"] for r in rows] == [0.8] * 4 and rows[3]["pose_value"] == 0.3
+
+
+def test_a_replaced_or_removed_shard_rebuilds_its_snapshot(workspace):
+    ws = workspace
+    rid = _run(ws, "ingest", {"samples": [_sample(i) for i in range(6)]})
+    _run(ws, "label", {"factors": [_factor(i, "blur", 0.4) for i in range(6)]})
+    catalog.refresh(ws)
+    ShardWriter(ws, "samples", rid).write(0, [_sample(i, identity=9) for i in range(3)])  # replaced in place
+    states = assert_views_match_history(ws)  # answered from the history meanwhile
+    assert not states["samples"].usable and not states["labels"].usable and states["factors"].usable
+    logs: list[str] = []
+    catalog.refresh(ws, log=logs.append)
+    assert any("changed or removed" in m for m in logs)
+    states = assert_views_match_history(ws)
+    assert states["samples"].usable and states["labels"].usable
+    assert catalog.query(ws, "SELECT count(*) FROM labels").column(0)[0].as_py() == 3
+
+
+def test_compact_builds_snapshots_for_a_workspace_written_without_them(workspace, capsys):
+    """Shards laid out by another tool (no run records, no catalog): `fiqa compact` folds them all."""
+    from flows import cli
+
+    ws = workspace
+    ShardWriter(ws, "samples", "other-tool-1").write("a", [_sample(i) for i in range(8)])
+    ShardWriter(ws, "factors", "other-tool-1").write("a", [_factor(i, "pose", 0.6) for i in range(8)])
+    ShardWriter(ws, "factors", "other-tool-2").write("a", [_factor(i, "pose", 0.1) for i in range(4)])
+    assert not ws.catalog_path.exists()
+    assert cli.main(["compact", "--workspace", str(ws.root)]) == 0
+    out = capsys.readouterr().out
+    assert "factors  8 latest rows from 2 shards" in out and "labels   8 samples" in out
+    states = assert_views_match_history(ws)
+    assert all(states[t].usable and not states[t].pending for t in (*snapshots.SNAPSHOT_TABLES, "labels"))
+    assert catalog.query(ws, "SELECT sum(pose_value) FROM labels").column(0)[0].as_py() == pytest.approx(0.4 + 2.4)
+
+
+def test_snapshot_keys_are_the_latest_view_keys():
+    assert set(snapshots.SNAPSHOT_TABLES) <= set(KEYS) and set(snapshots.LABEL_INPUTS) <= set(snapshots.SNAPSHOT_TABLES)
+
+
+def test_flows_keep_snapshots_equal_to_history(prefect_harness, workspace, monkeypatch):
+    """Label, a relabel of a subset, a failed label run and its resume, through the real flows."""
+    from data_manifest.crops import write_pack
+    from flows import label as L
+    from flows import relabel as R
+
+    ws = workspace
+    rng = np.random.default_rng(1)
+    rel = write_pack(ws, "align-t", 0, rng.integers(0, 255, size=(9, 112, 112, 3), dtype=np.uint8))
+    _run(ws, "ingest", {"samples": [_sample(i) for i in range(10)],
+                        "faces": [{"sample_id": f"s{i:03d}", "crop_file": rel, "crop_index": i, "status": "ok"}
+                                  for i in range(9)] + [{"sample_id": "s009", "status": "no_face"}]})
+    kw = {"workspace": str(ws.root), "shard_size": 3, "progress": False}
+    L.label(stages=["blur"], **kw)
+    assert_views_match_history(ws)
+    R.relabel(stages=["blur"], where="sample_id IN ('s001', 's004')", options={"blur_thresholds": "paper"}, **kw)
+    assert_views_match_history(ws)
+    real = L.label_rows
+    monkeypatch.setattr(L, "label_rows", lambda ws_, rid, shard, rows, *a: (_ for _ in ()).throw(OSError("gone"))
+                        if shard == "00001" else real(ws_, rid, shard, rows, *a))
+    with pytest.raises(runtime.ShardFailures):
+        L.label(stages=["blur"], **kw, run_id="label-again")
+    states = assert_views_match_history(ws)
+    assert states["factors"].pending  # the failed run's committed shards: not folded, overlaid
+    monkeypatch.setattr(L, "label_rows", real)
+    L.label(stages=["blur"], **kw, run_id="label-again")
+    states = assert_views_match_history(ws)
+    assert not states["factors"].pending and states["labels"].usable

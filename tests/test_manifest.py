@@ -114,10 +114,11 @@ def test_moved_workspace_catalog_follows_on_the_next_query(workspace, tmp_path):
     ShardWriter(workspace, "samples", "r2").write(0, [_sample("c")])  # only the original gets "c"
     assert catalog.catalog_moved(moved)
     with duckdb.connect(str(moved.catalog_path), read_only=True) as con:  # still reads the old place
-        assert con.execute("SELECT count(*) FROM samples").fetchone() == (3,)
+        assert con.execute("SELECT count(*) FROM samples_history").fetchone() == (3,)
     assert catalog.query(moved, "SELECT count(*) AS n FROM samples").to_pylist() == [{"n": 2}]
     assert not catalog.catalog_moved(moved)
     with duckdb.connect(str(moved.catalog_path), read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM samples_history").fetchone() == (2,)
         assert con.execute("SELECT count(*) FROM samples").fetchone() == (2,)
     assert moved.catalog_root_path.read_text().strip() == str(moved.root)
 

@@ -1,10 +1,12 @@
 """The DuckDB catalog: `<table>_history` (all rows) and `<table>` (latest per key) views over the manifests.
 
-Two ways in: `refresh(ws)` rewrites the views in `catalog.duckdb` (a short
-read-write open, for the DuckDB CLI and other tools), and `connect(ws)` /
-`query(ws, sql)` give an in-memory, read-only query connection: the views are
-Arrow datasets registered from Python, so the connection itself is opened
-with file access switched off and its configuration locked. User SQL is
+Two ways in: `refresh(ws)` folds new shards into the snapshot tables of the
+latest views and rewrites the views in `catalog.duckdb` (a short read-write
+open, for the DuckDB CLI and other tools), and `connect(ws)` / `query(ws, sql)`
+give an in-memory, read-only query connection: the history views are Arrow
+datasets registered from Python, the snapshots come from `catalog.duckdb`
+attached read-only (data_manifest/snapshots.py), and the connection itself is
+opened with file access switched off and its configuration locked. User SQL is
 checked statement by statement against an allowlist of its parsed tree
 before anything runs (see docs/architecture.md, "Read-only inspection").
 """

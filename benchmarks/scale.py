@@ -1,0 +1,276 @@
+"""SQL inspection at MS1MV2 scale: the bundled questions on snapshots vs the history window, and refresh cost.
+
+Builds a synthetic workspace of N samples with the project's own writers and
+run registry (an ingest run: samples; two label runs: faces + blur/pose/
+occlusion, then expression/lighting, so 5 factor rows per sample; an anchors
+run), builds the snapshots, then, each in a fresh child process that reports
+its own peak RSS:
+
+- `queries`: the bundled `factor_distribution.sql` and `factor_crosstab.sql`,
+  a two-factor filter count on `labels` and point lookups, through
+  `catalog.query` (the `fiqa sql` path) on the snapshots; the peer is the same
+  questions on the latest views computed from the history (the window over
+  every shard and the factor pivot: what every query cost before snapshots);
+- `refresh`: a relabel run of R random samples (5 factors each) is written and
+  the catalog refreshed (its new shards folded into the snapshots); the peer is
+  `fiqa compact`, rebuilding every snapshot from all shards;
+- the queries again, on the snapshots with that relabel folded in.
+
+Optionally (`--label-images`) it adds the label-pass throughput and scaling
+figures of benchmarks/label.py and the MS1MV2 projection. Prints one JSON object.
+
+    python benchmarks/scale.py                       # 1M samples
+    python benchmarks/scale.py --samples 5822653     # MS1MV2 size (about 15 min and 3 GB of disk here)
+    python benchmarks/scale.py --samples 200000 --skip-peer   # a quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+MS1MV2_SAMPLES = 5_822_653
+MS1MV2_IDENTITIES = 85_742
+TWO_FACTOR = "SELECT count(*) AS n FROM labels WHERE blur_class = 'hazy' AND pose_class = 'frontal'"
+LOOKUP_LABELS = "SELECT * FROM labels WHERE sample_id = ?"
+LOOKUP_FACTORS = "SELECT * FROM factors WHERE sample_id = ?"
+
+
+def _ids(start: int, stop: int) -> pa.Array:
+    from pipeline.ids import sample_id
+
+    return pa.array([sample_id("ms1m-synthetic", str(i)) for i in range(start, stop)], pa.string())
+
+
+def _factor_table(ids: pa.Array, factors: tuple[str, ...], rng: np.random.Generator, version: str) -> pa.Table:
+    """Long factor rows for `ids`: per factor a value, its class and labeller columns."""
+    from pipeline.factors import FACTOR_CLASSES
+
+    parts = []
+    n = len(ids)
+    for f in factors:
+        classes = FACTOR_CLASSES[f]
+        idx = rng.integers(0, len(classes), n).astype(np.int8)
+        parts.append(pa.table({
+            "sample_id": ids, "factor": pa.array([f] * n), "value": rng.random(n),
+            "class_index": idx, "class_name": pa.array(np.asarray(classes, dtype=object)[idx]),
+            "labeller": pa.array([f"synthetic-{f}"] * n), "labeller_version": pa.array([version] * n),
+            "thresholds": pa.array(['{"lo": 0.018, "hi": 0.083}'] * n),
+            "details": pa.array(np.char.add('{"score": ', rng.random(n).round(4).astype(str)).astype(object) + "}"),
+            "status": pa.array(["ok"] * n), "error": pa.nulls(n, pa.string())}))
+    return pa.concat_tables(parts)
+
+
+def build(ws_root: Path, n: int, shard: int, seed: int = 0) -> dict:
+    """Write the synthetic workspace run by run, shard by shard (nothing of size N is held in memory)."""
+    from data_manifest import ShardWriter, Workspace, runs
+
+    ws = Workspace(ws_root)
+    rng = np.random.default_rng(seed)
+    t0 = time.perf_counter()
+    plan = {"ingest": ("samples",), "label": ("faces", "factors"), "label2": ("factors",), "anchors": ("anchors",)}
+    for flow, tables in plan.items():
+        rid = runs.start_run(ws, "label" if flow == "label2" else flow, {"synthetic": True})
+        writers = {t: ShardWriter(ws, t, rid) for t in tables}
+        for k, start in enumerate(range(0, n, shard)):
+            stop = min(n, start + shard)
+            ids = _ids(start, stop)
+            m = stop - start
+            if flow == "ingest":
+                ident = np.arange(start, stop) * MS1MV2_IDENTITIES // max(n, 1)
+                writers["samples"].write(k, pa.table({
+                    "sample_id": ids, "dataset": pa.array(["ms1m-synthetic"] * m),
+                    "source_kind": pa.array(["recordio"] * m),
+                    "source": pa.array([f"/data/ms1m/train.rec#{i}" for i in range(start, stop)]),
+                    "identity": pa.array(ident, pa.int64()), "width": pa.array([112] * m, pa.int32()),
+                    "height": pa.array([112] * m, pa.int32()), "status": pa.array(["ok"] * m)}))
+            elif flow == "label":
+                writers["faces"].write(k, pa.table({
+                    "sample_id": ids, "detector": pa.array(["none"] * m), "n_faces": pa.array([1] * m, pa.int32()),
+                    "crop_file": pa.array([f"crops/run=label/pack-{k:05d}.npy"] * m),
+                    "crop_index": pa.array(np.arange(m, dtype=np.int32)), "aligned_mode": pa.array(["already_aligned"] * m),
+                    "status": pa.array(["ok"] * m)}))
+                writers["factors"].write(k, _factor_table(ids, ("blur", "pose", "occlusion"), rng, "1"))
+            elif flow == "label2":
+                writers["factors"].write(k, _factor_table(ids, ("expression", "lighting"), rng, "1"))
+            else:
+                raw = rng.random(m).astype(np.float32)
+                writers["anchors"].write(k, pa.table({
+                    "sample_id": ids, "model_id": pa.array(["r100-synthetic"] * m),
+                    "identity": pa.array(np.arange(start, stop) * MS1MV2_IDENTITIES // max(n, 1), pa.int64()),
+                    "raw": raw, "anchor": (0.1 + 0.8 * raw).astype(np.float32), "status": pa.array(["ok"] * m)}))
+        runs.finish_run(ws, rid, runs.COMPLETED)
+    return {"seconds": round(time.perf_counter() - t0, 1)}
+
+
+def relabel(ws_root: Path, n: int, count: int, seed: int = 1) -> tuple[str, list[str]]:
+    """A completed relabel run of `count` random samples, all five factors (a new labeller version)."""
+    from data_manifest import ShardWriter, Workspace, runs
+    from pipeline.factors import FACTORS
+
+    ws = Workspace(ws_root)
+    rng = np.random.default_rng(seed)
+    picked = np.sort(rng.choice(n, size=min(count, n), replace=False))
+    from pipeline.ids import sample_id
+
+    ids = pa.array([sample_id("ms1m-synthetic", str(i)) for i in picked], pa.string())
+    rid = runs.start_run(ws, "relabel", {"synthetic": True, "samples": len(picked)})
+    w = ShardWriter(ws, "factors", rid)
+    for k, start in enumerate(range(0, len(ids), 100_000)):
+        w.write(k, _factor_table(ids[start:start + 100_000], FACTORS, rng, "2"))
+    runs.finish_run(ws, rid, runs.COMPLETED)
+    return rid, ids[:3].to_pylist()
+
+
+# ---------------------------------------------------------------- child processes
+
+
+def _peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def child_queries(ws_root: Path, mode: str, lookup_id: str, repeats: int) -> dict:
+    """Seconds of each question (first call, best of `repeats`), answered the way `mode` says."""
+    import duckdb
+
+    from data_manifest import Workspace, catalog, snapshots
+    from data_manifest.schemas import TABLES
+
+    ws = Workspace(ws_root, create=False)
+    questions = {"factor_distribution": (catalog.bundled_sql("factor_distribution"), None),
+                 "factor_crosstab": (catalog.bundled_sql("factor_crosstab"), None),
+                 "two_factor_count": (TWO_FACTOR, None),
+                 "lookup_labels": (LOOKUP_LABELS, [lookup_id]),
+                 "lookup_factors": (LOOKUP_FACTORS, [lookup_id])}
+
+    def history_query(sql: str, params: list | None) -> pa.Table:  # the latest views computed from the shards
+        con = duckdb.connect(":memory:")
+        try:
+            for t in TABLES:
+                con.register(f"{t}_history", catalog.history_dataset(ws, t))
+                con.execute(f"CREATE VIEW {t} AS {catalog.latest_sql(t)}")
+            con.execute(f"CREATE VIEW labels AS {snapshots.labels_sql()}")
+            return con.sql(sql, params=params).to_arrow_table()
+        finally:
+            con.close()
+
+    run = (lambda s, p: catalog.query(ws, s, p)) if mode == "snapshot" else history_query
+    out: dict = {}
+    for name, (sql, params) in questions.items():
+        times, rows = [], None
+        for _ in range(1 + repeats):
+            t0 = time.perf_counter()
+            res = run(sql, params)
+            times.append(time.perf_counter() - t0)
+            rows = res.num_rows
+        out[name] = {"first_s": round(times[0], 3), "best_s": round(min(times[1:] or times), 3), "rows": rows}
+    out["peak_rss_mb"] = _peak_rss_mb()
+    return out
+
+
+def child_refresh(ws_root: Path, rebuild: bool) -> dict:
+    from data_manifest import Workspace, catalog
+
+    ws = Workspace(ws_root, create=False)
+    logs: list[str] = []
+    t0 = time.perf_counter()
+    ok = catalog.refresh(ws, rebuild=rebuild, log=logs.append)
+    out = {"seconds": round(time.perf_counter() - t0, 2), "ok": ok, "peak_rss_mb": _peak_rss_mb()}
+    if logs:
+        out["snapshots"] = json.loads(logs[-1].removeprefix("snapshots: "))
+    return out
+
+
+def _child(*args: str, timeout: float = 3600) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    if res.returncode != 0:
+        raise RuntimeError(f"child {' '.join(args)} failed:\n{res.stderr[-4000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _dir_mb(path: Path) -> float:
+    return round(sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6, 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--samples", type=int, default=1_000_000)
+    p.add_argument("--shard-size", type=int, default=100_000)
+    p.add_argument("--relabel", type=int, default=100_000, help="samples in the relabel run whose refresh is timed")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--skip-peer", action="store_true", help="skip the history-window peer (slow at MS1MV2 size)")
+    p.add_argument("--workspace", type=Path, default=None, help="build here and keep it (default: a temp dir)")
+    p.add_argument("--label-images", type=int, default=0,
+                   help="also measure the label pass on this many crops (benchmarks/label.py scaling) and project "
+                        "the MS1MV2 label pass")
+    p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.child:
+        kind, ws_root, *rest = args.child
+        if kind == "queries":
+            out = child_queries(Path(ws_root), rest[0], rest[1], int(rest[2]))
+        elif kind == "refresh":
+            out = child_refresh(Path(ws_root), rest[0] == "rebuild")
+        else:
+            raise SystemExit(f"unknown child {kind}")
+        print(json.dumps(out))
+        return 0
+
+    keep = args.workspace is not None
+    root = args.workspace or Path(tempfile.mkdtemp(prefix="fiqa-scale-"))
+    try:
+        report: dict = {"samples": args.samples, "factor_rows": 5 * args.samples, "shard_size": args.shard_size,
+                        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
+        report["build"] = build(root, args.samples, args.shard_size)
+        report["snapshot_build"] = _child("refresh", str(root), "fold")
+        from data_manifest import Workspace, catalog
+
+        lookup = catalog.query(Workspace(root, create=False), "SELECT sample_id FROM samples LIMIT 1").column(0)[0]
+        lookup_id = lookup.as_py()
+        report["queries"] = _child("queries", str(root), "snapshot", lookup_id, str(args.repeats))
+        if not args.skip_peer:
+            report["peer_history_window"] = _child("queries", str(root), "history", lookup_id, "0")
+            report["speedup_vs_history"] = {
+                k: round(report["peer_history_window"][k]["first_s"] / max(v["best_s"], 1e-6), 1)
+                for k, v in report["queries"].items() if isinstance(v, dict)}
+        rid, ids = relabel(root, args.samples, args.relabel)
+        report["refresh_after_relabel"] = {"samples": args.relabel, "run_id": rid,
+                                           **_child("refresh", str(root), "fold")}
+        report["queries_after_relabel"] = _child("queries", str(root), "snapshot", ids[0], str(args.repeats))
+        report["peer_compact"] = _child("refresh", str(root), "rebuild")
+        report["refresh_vs_compact"] = round(report["refresh_after_relabel"]["seconds"]
+                                             / max(report["peer_compact"]["seconds"], 1e-6), 3)
+        report["disk_mb"] = {"manifests": _dir_mb(root / "manifests"),
+                             "catalog_duckdb": round((root / "catalog.duckdb").stat().st_size / 1e6, 1)}
+        worst = max(v["best_s"] for v in report["queries"].values() if isinstance(v, dict))
+        report["worst_query_s"] = worst
+        if args.label_images:
+            from benchmarks.label import scaling_report
+
+            report["label_pass"] = scaling_report(args.label_images, MS1MV2_SAMPLES)
+        print(json.dumps(report, indent=2))
+    finally:
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -178,12 +178,19 @@ def _attach_snapshots(con: duckdb.DuckDBPyConnection, ws: Workspace, retries: in
     return snapshots.table_states(ws, con, SNAPSHOT_ALIAS)
 
 
+_BUSY = ("lock", "already attached", "in use")  # another process, or a query connection of this one, has the file
+
+
 def _open_catalog(ws: Workspace, retries: int, wait_s: float) -> duckdb.DuckDBPyConnection | None:
+    """catalog.duckdb opened read-write, waiting while it is busy; None (with a warning) if it stays busy."""
     for attempt in range(retries):
         try:
             return duckdb.connect(str(ws.catalog_path))
-        except duckdb.IOException as e:
-            if "lock" not in str(e).lower() or attempt == retries - 1:
+        except duckdb.Error as e:
+            busy = any(w in str(e).lower() for w in _BUSY)
+            if not busy and not isinstance(e, duckdb.IOException):
+                raise
+            if not busy or attempt == retries - 1:
                 warnings.warn(f"catalog {ws.catalog_path} not refreshed: {e}", stacklevel=3)
                 return None
             time.sleep(wait_s)

@@ -197,3 +197,20 @@ def test_flows_keep_snapshots_equal_to_history(prefect_harness, workspace, monke
     L.label(stages=["blur"], **kw, run_id="label-again")
     states = assert_views_match_history(ws)
     assert not states["factors"].pending and states["labels"].usable
+
+
+def test_a_refresh_blocked_by_an_open_query_warns_and_the_next_one_folds(workspace):
+    ws = workspace
+    _run(ws, "ingest", {"samples": [_sample(i) for i in range(3)]})
+    catalog.refresh(ws)
+    con = catalog.connect(ws)  # holds catalog.duckdb attached read-only
+    try:
+        _run(ws, "label", {"factors": [_factor(0, "blur", 0.9)]})
+        with pytest.warns(UserWarning, match="not refreshed"):
+            assert not catalog.refresh(ws, retries=2, wait_s=0.05)
+    finally:
+        con.close()
+    states = assert_views_match_history(ws)
+    assert len(states["factors"].pending) == 1  # not folded yet, still answered exactly
+    assert catalog.refresh(ws)
+    assert not assert_views_match_history(ws)["factors"].pending

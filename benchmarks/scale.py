@@ -103,7 +103,8 @@ def build(ws_root: Path, n: int, shard: int, seed: int = 0) -> dict:
                 writers["faces"].write(k, pa.table({
                     "sample_id": ids, "detector": pa.array(["none"] * m), "n_faces": pa.array([1] * m, pa.int32()),
                     "crop_file": pa.array([f"crops/run=label/pack-{k:05d}.npy"] * m),
-                    "crop_index": pa.array(np.arange(m, dtype=np.int32)), "aligned_mode": pa.array(["already_aligned"] * m),
+                    "crop_index": pa.array(np.arange(m, dtype=np.int32)),
+                    "aligned_mode": pa.array(["already_aligned"] * m),
                     "status": pa.array(["ok"] * m)}))
                 writers["factors"].write(k, _factor_table(ids, ("blur", "pose", "occlusion"), rng, "1"))
             elif flow == "label2":

@@ -261,13 +261,34 @@ def _fold(con: duckdb.DuckDBPyConnection, table: str, files: Sequence[Path], fre
     else:
         older = ("s.created_at > d.created_at OR (s.created_at = d.created_at AND s.run_id > d.run_id)")
         con.execute(f"DELETE FROM _delta d USING {snap} s WHERE {_key_match(table, 's', 'd')} AND ({older})")
-        con.execute(f"DELETE FROM {snap} s USING _delta d WHERE {_key_match(table, 's', 'd')}")
+        replaced = con.execute(f"DELETE FROM {snap} s USING _delta d WHERE {_key_match(table, 's', 'd')}").fetchone()[0]
         con.execute(f"INSERT INTO {snap} SELECT * FROM _delta")
+        _after_replacing(con, snap, key_list(table), int(replaced))
     n = con.execute("SELECT count(*) FROM _delta").fetchone()[0]
     if table in LABEL_INPUTS:
         con.execute("INSERT INTO _changed SELECT DISTINCT sample_id FROM _delta")
     con.execute("DROP TABLE _delta")
     return int(n)
+
+
+REWRITE_FRACTION = 0.1  # rewrite a snapshot table once this share of its rows was replaced since it was written
+
+
+def _after_replacing(con: duckdb.DuckDBPyConnection, snap: str, keys: str, replaced: int) -> None:
+    """Count rows replaced in a snapshot table; past REWRITE_FRACTION of it, rewrite it in key order.
+
+    Replaced rows stay in the table file as deleted rows that every scan has to skip, and appended rows
+    break the key order that point lookups prune on; an occasional rewrite keeps scans as fast as after a
+    build, at a cost amortised over the folds that caused it (each pays in proportion to its change).
+    """
+    key = f"replaced_{snap}"
+    got = con.execute(f"SELECT value FROM {META} WHERE key = ?", [key]).fetchone()
+    total = int(got[0]) + replaced if got else replaced
+    size = con.execute(f"SELECT count(*) FROM {snap}").fetchone()[0]
+    if total > REWRITE_FRACTION * max(size, 1):
+        con.execute(f"CREATE OR REPLACE TABLE {snap} AS SELECT * FROM {snap} ORDER BY {keys}")
+        total = 0
+    con.execute(f"INSERT OR REPLACE INTO {META} VALUES (?, ?)", [key, str(total)])
 
 
 def _record(con: duckdb.DuckDBPyConnection, ws: Workspace, table: str, files: Sequence[Path]) -> None:
@@ -322,6 +343,7 @@ def update(con: duckdb.DuckDBPyConnection, ws: Workspace, *, rebuild: bool = Fal
                         p for p in shard_files(ws, t) if run_completed(ws, run_of(p), done)]
                     con.execute(f"CREATE OR REPLACE TABLE {snapshot_name(t)} ({_column_sql(t)})")
                     con.execute(f"DELETE FROM {SOURCES} WHERE tbl = ?", [t])
+                    con.execute(f"DELETE FROM {META} WHERE key = ?", [f"replaced_{snapshot_name(t)}"])
                     con.execute(f"INSERT OR IGNORE INTO {BUILT} VALUES (?)", [t])
                     relabel_all = relabel_all or t in LABEL_INPUTS
                 else:
@@ -335,13 +357,16 @@ def update(con: duckdb.DuckDBPyConnection, ws: Workspace, *, rebuild: bool = Fal
                 con.execute(f"CREATE OR REPLACE TABLE {snapshot_name('labels')} AS "
                             f"{labels_sql(*(snapshot_name(t) for t in LABEL_INPUTS))} ORDER BY sample_id")
                 con.execute(f"INSERT OR IGNORE INTO {BUILT} VALUES ('labels')")
+                con.execute(f"DELETE FROM {META} WHERE key = 'replaced_{snapshot_name('labels')}'")
                 n_all = con.execute(f"SELECT count(*) FROM {snapshot_name('labels')}").fetchone()[0]
                 report.tables["labels"] = {"samples": int(n_all), "rebuilt": True}
             elif n_changed:
                 con.execute("CREATE OR REPLACE TEMP TABLE _ids AS SELECT DISTINCT sample_id FROM _changed")
                 lab = snapshot_name("labels")
-                con.execute(f"DELETE FROM {lab} WHERE sample_id IN (SELECT sample_id FROM _ids)")
+                replaced = con.execute(f"DELETE FROM {lab} WHERE sample_id IN (SELECT sample_id FROM _ids)"
+                                       ).fetchone()[0]
                 con.execute(f"INSERT INTO {lab} {labels_sql(*(only(snapshot_name(t), '_ids') for t in LABEL_INPUTS))}")
+                _after_replacing(con, lab, "sample_id", int(replaced))
                 report.tables["labels"] = {"samples": int(n_changed), "rebuilt": False}
             con.execute("COMMIT")
         except BaseException:

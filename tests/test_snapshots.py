@@ -88,6 +88,10 @@ def test_fold_equals_history_and_touches_only_the_change(workspace):
     assert_views_match_history(ws)
     got = catalog.query(ws, "SELECT blur_value FROM labels WHERE sample_id = 's004'").column(0).to_pylist()
     assert got == [0.99]
+    # 5 of 80 factor rows replaced: kept as deletions; 5 of 40 labels rows: past 10%, rewritten in key order.
+    with duckdb.connect(str(ws.catalog_path), read_only=True) as con:
+        meta = dict(con.execute("SELECT key, value FROM snapshot_meta").fetchall())
+    assert meta["replaced_snapshot_factors"] == "5" and meta["replaced_snapshot_labels"] == "0"
 
 
 def test_pending_rows_of_running_and_failed_runs_are_overlaid_exactly(workspace):

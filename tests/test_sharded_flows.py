@@ -9,6 +9,7 @@ import importlib
 
 import numpy as np
 import pytest
+from test_snapshots import assert_views_match_history  # the latest views equal the history window
 
 from data_manifest import ShardWriter, catalog, runs
 from data_manifest.crops import write_pack
@@ -314,6 +315,7 @@ def test_ingest_resume_after_a_failed_shard_equals_an_uninterrupted_run(prefect_
                         if s.index == 1 else real(self, s))
     with pytest.raises(runtime.ShardFailures, match="shard 00001"):
         I.ingest(**kw, run_id="ingest-resume")
+    assert assert_views_match_history(ws)["samples"].pending  # the failed run's shards: overlaid, not folded
     monkeypatch.setattr(FolderReader, "read", real)
     with pytest.raises(ValueError, match="started with dataset='toy'"):
         I.ingest(**{**kw, "dataset": "other"}, run_id="ingest-resume")
@@ -322,3 +324,4 @@ def test_ingest_resume_after_a_failed_shard_equals_an_uninterrupted_run(prefect_
     want = _rows(ws, "samples", whole["run_id"])
     assert len(want) == 9 and {r["status"] for r in want} >= {"ok"} and len({r["status"] for r in want}) == 2
     assert _rows(ws, "samples", "ingest-resume") == want
+    assert not assert_views_match_history(ws)["samples"].pending

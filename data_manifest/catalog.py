@@ -39,15 +39,11 @@ class ReadOnlyError(ValueError):
     """A statement that would change the catalog, write files or read outside what it may read was refused."""
 
 
-def _sql_str(s: str) -> str:
-    return "'" + s.replace("'", "''") + "'"
-
-
 def history_sql(ws: Workspace, table: str) -> str:
     """SELECT over every committed shard of a table (an empty, typed relation when there is none)."""
     base = ws.manifests / table
     if snapshots.shard_files(ws, table):
-        glob = _sql_str((base / "run=*" / "part-*.parquet").as_posix())
+        glob = snapshots.sql_str((base / "run=*" / "part-*.parquet").as_posix())
         return f"SELECT * FROM read_parquet({glob}, union_by_name = true, hive_partitioning = false)"
     cols = ", ".join(f"CAST(NULL AS {duck_type(f.type)}) AS {f.name}" for f in SCHEMAS[table])
     return f"SELECT {cols} WHERE false"
@@ -166,7 +162,7 @@ def _attach_snapshots(con: duckdb.DuckDBPyConnection, ws: Workspace, retries: in
         return {}
     for attempt in range(retries):
         try:
-            con.execute(f"ATTACH {_sql_str(str(ws.catalog_path))} AS {SNAPSHOT_ALIAS} (READ_ONLY)")
+            con.execute(f"ATTACH {snapshots.sql_str(str(ws.catalog_path))} AS {SNAPSHOT_ALIAS} (READ_ONLY)")
             break
         except duckdb.Error as e:
             if "lock" in str(e).lower() and attempt < retries - 1:

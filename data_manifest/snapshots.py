@@ -53,6 +53,11 @@ ENV_MEMORY = "FIQA_DUCKDB_MEMORY"  # memory limit of a snapshot build (DuckDB sp
 DEFAULT_MEMORY = "4GB"
 
 
+def sql_str(text: str) -> str:
+    """A SQL string literal."""
+    return "'" + text.replace("'", "''") + "'"
+
+
 def snapshot_name(table: str) -> str:
     """The catalog.duckdb table that holds the latest rows of `table` (or `labels`)."""
     return f"snapshot_{table}"
@@ -234,7 +239,7 @@ def _column_sql(table: str) -> str:
 
 
 def _file_list(files: Sequence[Path]) -> str:
-    return "[" + ", ".join("'" + p.as_posix().replace("'", "''") + "'" for p in files) + "]"
+    return "[" + ", ".join(sql_str(p.as_posix()) for p in files) + "]"
 
 
 def read_shards_sql(table: str, files: Sequence[Path]) -> str:
@@ -327,54 +332,79 @@ def update(con: duckdb.DuckDBPyConnection, ws: Workspace, *, rebuild: bool = Fal
         _configure(con, ws)
         states = None if rebuild else table_states(ws, con)
         reset = rebuild or _folded(con) is None
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with _transaction(con):  # `labels` is unusable until it is consistent with its inputs again
             _ensure_meta(con, reset=reset)
-            con.execute("CREATE OR REPLACE TEMP TABLE _changed (sample_id VARCHAR)")
-            done: dict[str, bool] = {}
-            relabel_all = False
-            for t in SNAPSHOT_TABLES:
-                st = None if states is None else states[t]
-                fresh = st is None or not st.usable
+            con.execute(f"DELETE FROM {BUILT} WHERE tbl = 'labels'")
+        con.execute("CREATE OR REPLACE TEMP TABLE _changed (sample_id VARCHAR)")
+        done: dict[str, bool] = {}
+        relabel_all = states is None or not states["labels"].usable
+        for t in SNAPSHOT_TABLES:  # one transaction per table: a fold never holds all of them in memory
+            st = None if states is None else states[t]
+            fresh = st is None or not st.usable
+            if fresh and st is not None and st.reason != "no snapshot":
+                say(f"snapshot of {t}: {st.reason}; rebuilding it from its shards")
+            if fresh:
+                files = shard_files(ws, t) if rebuild else [
+                    p for p in shard_files(ws, t) if run_completed(ws, run_of(p), done)]
+            else:
+                files = [p for p in st.pending if run_completed(ws, run_of(p), done)]
+            with _transaction(con):
                 if fresh:
-                    if st is not None and st.reason != "no snapshot":
-                        say(f"snapshot of {t}: {st.reason}; rebuilding it from its shards")
-                    files = shard_files(ws, t) if rebuild else [
-                        p for p in shard_files(ws, t) if run_completed(ws, run_of(p), done)]
                     con.execute(f"CREATE OR REPLACE TABLE {snapshot_name(t)} ({_column_sql(t)})")
                     con.execute(f"DELETE FROM {SOURCES} WHERE tbl = ?", [t])
                     con.execute(f"DELETE FROM {META} WHERE key = ?", [f"replaced_{snapshot_name(t)}"])
                     con.execute(f"INSERT OR IGNORE INTO {BUILT} VALUES (?)", [t])
                     relabel_all = relabel_all or t in LABEL_INPUTS
-                else:
-                    files = [p for p in st.pending if run_completed(ws, run_of(p), done)]
                 rows = _fold(con, t, files, fresh) if files else 0
                 _record(con, ws, t, files)
-                report.tables[t] = {"shards": len(files), "rows": rows, "rebuilt": fresh}
-            n_changed = con.execute("SELECT count(DISTINCT sample_id) FROM _changed").fetchone()[0]
-            labels_ready = states is not None and states["labels"].usable
-            if relabel_all or not labels_ready:
-                con.execute(f"CREATE OR REPLACE TABLE {snapshot_name('labels')} AS "
-                            f"{labels_sql(*(snapshot_name(t) for t in LABEL_INPUTS))} ORDER BY sample_id")
-                con.execute(f"INSERT OR IGNORE INTO {BUILT} VALUES ('labels')")
-                con.execute(f"DELETE FROM {META} WHERE key = 'replaced_{snapshot_name('labels')}'")
-                n_all = con.execute(f"SELECT count(*) FROM {snapshot_name('labels')}").fetchone()[0]
-                report.tables["labels"] = {"samples": int(n_all), "rebuilt": True}
-            elif n_changed:
-                con.execute("CREATE OR REPLACE TEMP TABLE _ids AS SELECT DISTINCT sample_id FROM _changed")
-                lab = snapshot_name("labels")
-                replaced = con.execute(f"DELETE FROM {lab} WHERE sample_id IN (SELECT sample_id FROM _ids)"
-                                       ).fetchone()[0]
-                con.execute(f"INSERT INTO {lab} {labels_sql(*(only(snapshot_name(t), '_ids') for t in LABEL_INPUTS))}")
-                _after_replacing(con, lab, "sample_id", int(replaced))
-                report.tables["labels"] = {"samples": int(n_changed), "rebuilt": False}
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
+            report.tables[t] = {"shards": len(files), "rows": rows, "rebuilt": fresh}
+        with _transaction(con):
+            report.tables["labels"] = _update_labels(con, relabel_all)
+            con.execute(f"INSERT OR IGNORE INTO {BUILT} VALUES ('labels')")
         con.execute("CHECKPOINT")
     report.seconds = time.perf_counter() - t0
     return report
+
+
+@contextlib.contextmanager
+def _transaction(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
+    con.execute("BEGIN TRANSACTION")
+    try:
+        yield
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
+
+
+LABELS_PART = 1_000_000  # samples per pass of a full `labels` build (bounds the pivot's memory)
+
+
+def _update_labels(con: duckdb.DuckDBPyConnection, rebuild: bool) -> dict:
+    """Recompute the `labels` rows of the samples in _changed, or all of them (in sample-id ranges)."""
+    lab = snapshot_name("labels")
+    inputs = [snapshot_name(t) for t in LABEL_INPUTS]
+    if rebuild:
+        con.execute(f"CREATE OR REPLACE TABLE {lab} AS {labels_sql(*inputs)} LIMIT 0")
+        con.execute(f"DELETE FROM {META} WHERE key = 'replaced_{lab}'")
+        n = con.execute(f"SELECT count(*) FROM {inputs[0]}").fetchone()[0]
+        parts = -(-n // LABELS_PART)
+        cuts = [] if parts <= 1 else con.execute(
+            f"SELECT quantile_disc(sample_id, {[i / parts for i in range(1, parts)]}) FROM {inputs[0]}").fetchone()[0]
+        bounds = [None, *sorted(set(cuts)), None]
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+            cond = " AND ".join([*([f"sample_id >= {sql_str(lo)}"] if lo is not None else []),
+                                 *([f"sample_id < {sql_str(hi)}"] if hi is not None else [])]) or "true"
+            part = [f"(SELECT * FROM {t} WHERE {cond})" for t in inputs]
+            con.execute(f"INSERT INTO {lab} {labels_sql(*part)} ORDER BY sample_id")
+        return {"samples": int(con.execute(f"SELECT count(*) FROM {lab}").fetchone()[0]), "rebuilt": True}
+    n_changed = con.execute("SELECT count(DISTINCT sample_id) FROM _changed").fetchone()[0]
+    if n_changed:
+        con.execute("CREATE OR REPLACE TEMP TABLE _ids AS SELECT DISTINCT sample_id FROM _changed")
+        replaced = con.execute(f"DELETE FROM {lab} WHERE sample_id IN (SELECT sample_id FROM _ids)").fetchone()[0]
+        con.execute(f"INSERT INTO {lab} {labels_sql(*(only(t, '_ids') for t in inputs))}")
+        _after_replacing(con, lab, "sample_id", int(replaced))
+    return {"samples": int(n_changed), "rebuilt": False}
 
 
 def _ensure_meta(con: duckdb.DuckDBPyConnection, reset: bool) -> None:

@@ -7,7 +7,8 @@ its shape checked; the loader fails when a stored tensor is left unused or a
 parameter is left unset. Keras semantics are kept exactly: channels-last
 kernels are transposed, BatchNormalization uses the stored epsilon (1e-3),
 and 'same' padding is TensorFlow's (the odd pixel goes right/bottom; max
-pooling ignores the padding). Input: (N, 1, 64, 64) grey in [-1, 1].
+pooling ignores the padding), fixed for the model's input size when the
+network is built. Input: (N, 1, 64, 64) grey in [-1, 1].
 """
 
 from __future__ import annotations
@@ -40,27 +41,44 @@ def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
-def _pad_same(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], value: float = 0.0) -> torch.Tensor:
-    top, bottom = same_padding(x.shape[-2], kernel[0], stride[0])
-    left, right = same_padding(x.shape[-1], kernel[1], stride[1])
-    if top == bottom == left == right == 0:
-        return x
-    return F.pad(x, (left, right, top, bottom), value=value)
+def _static_same_pads(size: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int]
+                      ) -> tuple[tuple[int, int], tuple[int, int]]:
+    """TF 'same' padding ((top, bottom), (left, right)) of a (H, W) map."""
+    return same_padding(size[0], kernel[0], stride[0]), same_padding(size[1], kernel[1], stride[1])
+
+
+def conv_out_size(size: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int], padding: str
+                  ) -> tuple[int, int]:
+    """Output (H, W) of a Keras conv or pooling layer with 'valid' or 'same' padding."""
+    if padding == "same":
+        return math.ceil(size[0] / stride[0]), math.ceil(size[1] / stride[1])
+    return (size[0] - kernel[0]) // stride[0] + 1, (size[1] - kernel[1]) // stride[1] + 1
 
 
 class KerasConv(nn.Module):
-    """Keras Conv2D (or the two halves of SeparableConv2D): cross-correlation with 'valid' or TF 'same' padding."""
+    """Keras Conv2D (or the two halves of SeparableConv2D): cross-correlation with 'valid' or TF 'same' padding.
 
-    def __init__(self, conv: nn.Conv2d, padding: str) -> None:
+    The padding is fixed for the layer's input size `size` (H, W): a symmetric one is the convolution's own
+    zero padding, an asymmetric one (the odd pixel after) an explicit constant pad.
+    """
+
+    def __init__(self, conv: nn.Conv2d, padding: str, size: tuple[int, int]) -> None:
         super().__init__()
         if padding not in ("valid", "same"):
             raise ExpressionWeightsError(f"unsupported Keras padding {padding!r}")
         self.conv = conv
-        self.same = padding == "same"
+        self.pad: tuple[int, int, int, int] | None = None  # (left, right, top, bottom) when asymmetric
+        if padding == "same":
+            (top, bottom), (left, right) = _static_same_pads(size, conv.kernel_size, conv.stride)
+            if top == bottom and left == right:
+                conv.padding = (top, left)
+            else:
+                self.pad = (left, right, top, bottom)
+        self.out_size = conv_out_size(size, conv.kernel_size, conv.stride, padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.same:
-            x = _pad_same(x, self.conv.kernel_size, self.conv.stride)
+        if self.pad is not None:
+            x = F.pad(x, self.pad)
         return self.conv(x)
 
 
@@ -68,26 +86,46 @@ class SeparableConv(nn.Module):
     """Keras SeparableConv2D: depthwise (groups = in) then pointwise 1x1, bias after the pointwise step."""
 
     def __init__(self, cin: int, cout: int, kernel: tuple[int, int], stride: tuple[int, int], multiplier: int,
-                 padding: str, bias: bool) -> None:
+                 padding: str, bias: bool, size: tuple[int, int]) -> None:
         super().__init__()
-        self.depthwise = KerasConv(nn.Conv2d(cin, cin * multiplier, kernel, stride, groups=cin, bias=False), padding)
+        self.depthwise = KerasConv(nn.Conv2d(cin, cin * multiplier, kernel, stride, groups=cin, bias=False), padding,
+                                   size)
         self.pointwise = nn.Conv2d(cin * multiplier, cout, 1, bias=bias)
+        self.out_size = self.depthwise.out_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pointwise(self.depthwise(x))
 
 
 class KerasMaxPool(nn.Module):
-    """Keras MaxPooling2D; with 'same' padding the padded cells are -inf, so they never win."""
+    """Keras MaxPooling2D; with 'same' padding the padded cells never win (they are -inf).
 
-    def __init__(self, pool: tuple[int, int], stride: tuple[int, int], padding: str) -> None:
+    The padding is fixed for the input size `size`: symmetric -> the pooling's own padding; only after ->
+    ceil-mode pooling (the last window runs off the edge); otherwise an explicit -inf pad.
+    """
+
+    def __init__(self, pool: tuple[int, int], stride: tuple[int, int], padding: str, size: tuple[int, int]) -> None:
         super().__init__()
-        self.pool, self.stride, self.same = pool, stride, padding == "same"
+        if padding not in ("valid", "same"):
+            raise ExpressionWeightsError(f"unsupported Keras padding {padding!r}")
+        self.pool, self.stride = pool, stride
+        self.padding, self.ceil_mode = (0, 0), False
+        self.pad: tuple[int, int, int, int] | None = None
+        self.out_size = conv_out_size(size, pool, stride, padding)
+        if padding == "same":
+            (top, bottom), (left, right) = _static_same_pads(size, pool, stride)
+            ceil_size = tuple(math.ceil((s - k) / st) + 1 for s, k, st in zip(size, pool, stride, strict=True))
+            if top == bottom and left == right and 2 * top <= pool[0] and 2 * left <= pool[1]:
+                self.padding = (top, left)
+            elif top == left == 0 and min(size) >= max(pool) and ceil_size == self.out_size:
+                self.ceil_mode = True
+            else:
+                self.pad = (left, right, top, bottom)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.same:
-            x = _pad_same(x, self.pool, self.stride, value=-math.inf)
-        return F.max_pool2d(x, self.pool, self.stride)
+        if self.pad is not None:
+            x = F.pad(x, self.pad, value=-math.inf)
+        return F.max_pool2d(x, self.pool, self.stride, self.padding, ceil_mode=self.ceil_mode)
 
 
 class Activation(nn.Module):
@@ -166,17 +204,22 @@ class KerasGraphNet(nn.Module):
         self.input_shape = (int(shape[3]), int(shape[1]), int(shape[2]))  # (C, H, W)
         self.specs = layers
         self.layer_modules = nn.ModuleDict()
-        channels: dict[str, int] = {self.input_name: self.input_shape[0]}
+        # (C, H, W) of every layer's output, (C,) after global pooling: paddings are fixed for the input size.
+        shapes: dict[str, tuple[int, ...]] = {self.input_name: self.input_shape}
         for spec in layers[1:]:
-            cin = channels[spec.inputs[0]] if spec.inputs else 0
-            module, cout = self._build(spec, cin, [channels[n] for n in spec.inputs])
+            if not spec.inputs or any(n not in shapes for n in spec.inputs):
+                raise ExpressionWeightsError(f"layer {spec.name!r}: inputs {spec.inputs} are not earlier layers")
+            module, shapes[spec.name] = self._build(spec, [shapes[n] for n in spec.inputs])
             self.layer_modules[spec.name] = module
-            channels[spec.name] = cout
         self.output_name = layers[-1].name
 
     @staticmethod
-    def _build(spec: LayerSpec, cin: int, in_channels: list[int]) -> tuple[nn.Module, int]:
+    def _build(spec: LayerSpec, in_shapes: list[tuple[int, ...]]) -> tuple[nn.Module, tuple[int, ...]]:
         c = spec.config
+        shape = in_shapes[0]
+        cin, size = shape[0], (shape[1], shape[2]) if len(shape) == 3 else None
+        if size is None and spec.kind not in ("Activation",):
+            raise ExpressionWeightsError(f"layer {spec.name!r}: {spec.kind} after global pooling is not supported")
         if c.get("data_format", "channels_last") != "channels_last":
             raise ExpressionWeightsError(f"layer {spec.name!r}: only channels_last Keras models are supported")
         if spec.kind in ("Conv2D", "SeparableConv2D"):
@@ -185,27 +228,35 @@ class KerasGraphNet(nn.Module):
             if c.get("activation", "linear") != "linear":
                 raise ExpressionWeightsError(f"layer {spec.name!r}: fused activation {c['activation']!r} unsupported")
             kernel, stride, cout = _pair(c["kernel_size"]), _pair(c["strides"]), int(c["filters"])
+            if min(size) < max(kernel):
+                raise ExpressionWeightsError(f"layer {spec.name!r}: {kernel} kernel on a {size} map")
+            conv: KerasConv | SeparableConv
             if spec.kind == "Conv2D":
-                return KerasConv(nn.Conv2d(cin, cout, kernel, stride, bias=bool(c["use_bias"])), c["padding"]), cout
-            return SeparableConv(cin, cout, kernel, stride, int(c["depth_multiplier"]), c["padding"],
-                                 bool(c["use_bias"])), cout
+                conv = KerasConv(nn.Conv2d(cin, cout, kernel, stride, bias=bool(c["use_bias"])), c["padding"], size)
+            else:
+                conv = SeparableConv(cin, cout, kernel, stride, int(c["depth_multiplier"]), c["padding"],
+                                     bool(c["use_bias"]), size)
+            return conv, (cout, *conv.out_size)
         if spec.kind == "BatchNormalization":
             if c.get("axis", -1) not in (-1, 3) or not c.get("center", True) or not c.get("scale", True):
                 raise ExpressionWeightsError(f"layer {spec.name!r}: only channel-axis BN with scale and centre")
-            return nn.BatchNorm2d(cin, eps=float(c["epsilon"])), cin
+            return nn.BatchNorm2d(cin, eps=float(c["epsilon"])), shape
         if spec.kind == "Activation":
-            return Activation(c["activation"]), cin
+            return Activation(c["activation"]), shape
         if spec.kind == "MaxPooling2D":
-            return KerasMaxPool(_pair(c["pool_size"]), _pair(c["strides"]), c["padding"]), cin
+            pool = KerasMaxPool(_pair(c["pool_size"]), _pair(c["strides"]), c["padding"], size)
+            return pool, (cin, *pool.out_size)
         if spec.kind == "Add":
-            if len(set(in_channels)) != 1:
-                raise ExpressionWeightsError(f"layer {spec.name!r}: Add of unequal channels {in_channels}")
-            return Add(), cin
+            if len(set(in_shapes)) != 1:
+                raise ExpressionWeightsError(f"layer {spec.name!r}: Add of unequal shapes {in_shapes}")
+            return Add(), shape
         if spec.kind == "GlobalAveragePooling2D":
-            return GlobalAveragePool(), cin
+            return GlobalAveragePool(), (cin,)
         raise ExpressionWeightsError(f"layer {spec.name!r}: unsupported Keras layer type {spec.kind!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[1:]) != self.input_shape:  # the paddings are fixed for this size
+            raise ValueError(f"expected input (N, {', '.join(map(str, self.input_shape))}), got {tuple(x.shape)}")
         values: dict[str, torch.Tensor] = {self.input_name: x}
         for spec in self.specs[1:]:
             values[spec.name] = self.layer_modules[spec.name](*(values[n] for n in spec.inputs))

@@ -25,6 +25,7 @@ class with `LightingRule`, whose defaults were calibrated on real faces
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -62,13 +63,18 @@ MEASURES: tuple[str, ...] = (
 )
 
 
+def _luma(pixels: np.ndarray) -> np.ndarray:
+    """uint8 RGB (..., 3) -> uint8 floor(255 Y + 0.5), Y of linear sRGB with Rec. 709 weights."""
+    y = SRGB_TO_LINEAR[pixels] @ REC709
+    return np.floor(y * 255.0 + 0.5).astype(np.uint8)
+
+
 def luminance(rgb: np.ndarray) -> np.ndarray:
     """uint8 RGB (H, W, 3) -> uint8 luminance floor(255 Y + 0.5), Y of linear sRGB with Rec. 709 weights (OFIQ)."""
     arr = np.asarray(rgb)
     if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
         raise ValueError(f"luminance needs a uint8 (H, W, 3) RGB image, got {arr.dtype} {arr.shape}")
-    y = SRGB_TO_LINEAR[arr] @ REC709
-    return np.floor(y * 255.0 + 0.5).astype(np.uint8)
+    return _luma(arr)
 
 
 def face_frame(landmarks: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float]:
@@ -105,11 +111,48 @@ def face_region(landmarks: Any, shape: tuple[int, int] = (CROP_SIZE, CROP_SIZE))
     return inside, inside & (u < 0)
 
 
-def _histogram(values: np.ndarray) -> np.ndarray:
-    """Normalised 256-bin histogram of uint8 values (all zeros when empty)."""
-    h = np.bincount(values, minlength=256).astype(np.float64)
-    total = h.sum()
-    return h / total if total else h
+@dataclass(frozen=True)
+class RegionIndex:
+    """Raster-order pixel indices of a face region in a flattened crop, and the positions of its two halves."""
+
+    pixels: np.ndarray  # (n,) indices into H * W
+    left: np.ndarray  # positions within `pixels` of the image-left half
+    right: np.ndarray  # positions within `pixels` of the image-right half
+    shape: tuple[int, int]
+
+
+@functools.lru_cache(maxsize=64)
+def _region_index(points: bytes, shape: tuple[int, int]) -> RegionIndex:
+    region, left = face_region(np.frombuffer(points, dtype=np.float64).reshape(5, 2), shape)
+    n = int(region.sum())
+    if n < MIN_REGION_PIXELS:
+        raise ValueError(
+            f"face region from the landmarks covers {n} pixels of the {shape[1]}x{shape[0]} crop "
+            f"(< {MIN_REGION_PIXELS}); landmarks outside the crop or too close together"
+        )
+    pixels = np.flatnonzero(region)
+    is_left = left.reshape(-1)[pixels]
+    if is_left.all() or not is_left.any():
+        raise ValueError("face region has an empty left or right half; landmarks are not a face")
+    out = RegionIndex(pixels, np.flatnonzero(is_left), np.flatnonzero(~is_left), shape)
+    for a in (out.pixels, out.left, out.right):
+        a.setflags(write=False)  # shared through the cache
+    return out
+
+
+def region_index(landmarks: Any, shape: tuple[int, int] = (CROP_SIZE, CROP_SIZE)) -> RegionIndex:
+    """The face region of `face_region` as pixel indices (cached per landmarks and shape); ValueError when it is
+    too small (< MIN_REGION_PIXELS) or a half is empty."""
+    points = np.ascontiguousarray(check_points(landmarks), dtype=np.float64)
+    return _region_index(points.tobytes(), (int(shape[0]), int(shape[1])))
+
+
+def _histograms(values: np.ndarray) -> np.ndarray:
+    """Normalised 256-bin histograms (N, 256) of the rows of uint8 values (N, n), n > 0."""
+    rows, n = values.shape
+    offset = (np.arange(rows, dtype=np.intp) * 256)[:, None]
+    counts = np.bincount((values + offset).reshape(-1), minlength=rows * 256).reshape(rows, 256)
+    return counts.astype(np.float64) / n
 
 
 def _entropy_bits(hist: np.ndarray) -> float:
@@ -117,41 +160,50 @@ def _entropy_bits(hist: np.ndarray) -> float:
     return float(-(p * np.log2(p)).sum())
 
 
-def lighting_measures(crop: np.ndarray, landmarks: Any) -> dict[str, float]:
-    """OFIQ-style lighting measures of the face region of an aligned RGB uint8 crop (see the module docstring)."""
-    lum = luminance(crop)
-    region, left = face_region(landmarks, lum.shape)
-    right = region & ~left
-    n = int(region.sum())
-    if n < MIN_REGION_PIXELS:
-        raise ValueError(
-            f"face region from the landmarks covers {n} pixels of the {lum.shape[1]}x{lum.shape[0]} crop "
-            f"(< {MIN_REGION_PIXELS}); landmarks outside the crop or too close together"
-        )
-    if not left.any() or not right.any():
-        raise ValueError("face region has an empty left or right half; landmarks are not a face")
-    y = lum[region]
-    hist = _histogram(y)
+def batch_lighting_measures(crops: np.ndarray, landmarks: Any) -> dict[str, np.ndarray]:
+    """`lighting_measures` of N uint8 RGB crops (N, H, W, 3) that share one set of landmarks: (N,) per measure.
+
+    The face region is found once; every measure is computed for all crops at once.
+    """
+    arr = np.asarray(crops)
+    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[3] != 3:
+        raise ValueError(f"lighting measures need uint8 (N, H, W, 3) RGB crops, got {arr.dtype} {arr.shape}")
+    index = region_index(landmarks, arr.shape[1:3])
+    y = _luma(arr.reshape(len(arr), -1, 3)[:, index.pixels])  # (N, n) face-pixel luminance, raster order
+    n = y.shape[1]
+    hist = _histograms(y)
     levels = np.arange(256) / 255.0
-    mean = float((hist * levels).sum())
-    variance = float((hist * (levels - mean) ** 2).sum())
-    yl, yr = lum[left], lum[right]
-    ml, mr = float(yl.mean()), float(yr.mean())
-    dl, dr = float(np.median(yl)), float(np.median(yr))
-    p01, p99 = np.percentile(y, [1.0, 99.0]) / 255.0
+    mean = (hist * levels).sum(axis=1)
+    variance = (hist * (levels - mean[:, None]) ** 2).sum(axis=1)
+    yl, yr = y[:, index.left], y[:, index.right]
+    ml, mr = yl.mean(axis=1), yr.mean(axis=1)
+    dl, dr = np.median(yl, axis=1), np.median(yr, axis=1)
+    p01, p99 = np.percentile(y, [1.0, 99.0], axis=1) / 255.0
+    hi_mean, hi_median = np.maximum(ml, mr), np.maximum(dl, dr)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean_ratio = np.where(hi_mean == 0, 1.0, np.minimum(ml, mr) / hi_mean)
+        median_ratio = np.where(hi_median == 0, 1.0, np.minimum(dl, dr) / hi_median)
     return {
         "luminance_mean": mean,
         "luminance_variance": variance,
-        "illumination_uniformity": float(np.minimum(_histogram(yl), _histogram(yr)).sum()),
-        "half_mean_ratio": 1.0 if max(ml, mr) == 0 else min(ml, mr) / max(ml, mr),
-        "half_median_ratio": 1.0 if max(dl, dr) == 0 else min(dl, dr) / max(dl, dr),
-        "dynamic_range_bits": _entropy_bits(hist),
-        "luminance_p01": float(p01),
-        "luminance_p99": float(p99),
-        "under_exposure": float(np.count_nonzero(y <= UNDER_EXPOSURE_MAX) / n),
-        "over_exposure": float(np.count_nonzero(y >= OVER_EXPOSURE_MIN) / n),
-        "face_pixels": float(n),
+        "illumination_uniformity": np.minimum(_histograms(yl), _histograms(yr)).sum(axis=1),
+        "half_mean_ratio": mean_ratio,
+        "half_median_ratio": median_ratio,
+        "dynamic_range_bits": np.array([_entropy_bits(h) for h in hist]),
+        "luminance_p01": p01,
+        "luminance_p99": p99,
+        "under_exposure": np.count_nonzero(y <= UNDER_EXPOSURE_MAX, axis=1) / n,
+        "over_exposure": np.count_nonzero(y >= OVER_EXPOSURE_MIN, axis=1) / n,
+        "face_pixels": np.full(len(arr), float(n)),
     }
+
+
+def lighting_measures(crop: np.ndarray, landmarks: Any) -> dict[str, float]:
+    """OFIQ-style lighting measures of the face region of an aligned RGB uint8 crop (see the module docstring)."""
+    arr = np.asarray(crop)
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"luminance needs a uint8 (H, W, 3) RGB image, got {arr.dtype} {arr.shape}")
+    return {k: float(v[0]) for k, v in batch_lighting_measures(arr[None], landmarks).items()}
 
 
 @dataclass(frozen=True)
@@ -245,8 +297,8 @@ class LightingStage:
         return factor_row(sample_id, "lighting", labeller=self.labeller, labeller_version=self.version,
                           thresholds=self.rule.to_dict(), **kw)
 
-    def label(self, face: FaceCrop) -> dict[str, Any]:
-        """One factors row for one crop; unusable crops or landmarks give a row with a status and reason."""
+    def _prepare(self, face: FaceCrop) -> dict[str, Any] | tuple[np.ndarray, np.ndarray, str]:
+        """(crop, landmarks (5, 2), their source) of a usable record, or the row that says why it is not."""
         if face.status != OK:
             return self._row(face.sample_id, status=face.status, error=face.error or f"no crop (status {face.status})")
         if face.crop is None:
@@ -261,14 +313,45 @@ class LightingStage:
                              f"{crop.shape[0]} crop is not on the {CROP_SIZE}x{CROP_SIZE} template")
         landmarks, source = (ARCFACE_TEMPLATE, "template") if face.landmarks is None else (face.landmarks, "measured")
         try:
-            measures = lighting_measures(crop, landmarks)
-            score, decision = lighting_decision(measures, self.rule)
-            criteria = criterion_scores(measures, self.rule)
+            points = np.ascontiguousarray(check_points(landmarks), dtype=np.float64)
         except ValueError as e:
             return self._row(face.sample_id, status=ERROR, error=f"lighting measures failed: {e}")
+        return crop, points, source
+
+    def _measured_row(self, sample_id: str, measures: dict[str, float], source: str) -> dict[str, Any]:
+        try:
+            criteria = criterion_scores(measures, self.rule)
+        except ValueError as e:
+            return self._row(sample_id, status=ERROR, error=f"lighting measures failed: {e}")
+        score = max(criteria.values())  # as lighting_decision
         details = {**measures, "criteria": criteria, "strongest": max(criteria, key=criteria.__getitem__),
                    "landmarks": source}
-        return self._row(face.sample_id, value=score, decision=decision, details=details)
+        return self._row(sample_id, value=score, decision=binary_class("lighting", score, 0.5), details=details)
+
+    def label(self, face: FaceCrop) -> dict[str, Any]:
+        """One factors row for one crop; unusable crops or landmarks give a row with a status and reason."""
+        return self([face])[0]
 
     def __call__(self, batch: list[FaceCrop]) -> list[dict[str, Any]]:
-        return [self.label(face) for face in batch]
+        """One row per record, in order. Crops that share their landmarks and size (every already-aligned crop
+        uses the template) are measured together, the face region found once."""
+        rows: list[dict[str, Any] | None] = [None] * len(batch)
+        groups: dict[tuple[tuple[int, ...], bytes], list[tuple[int, np.ndarray, np.ndarray, str]]] = {}
+        for i, face in enumerate(batch):
+            prepared = self._prepare(face)
+            if isinstance(prepared, dict):
+                rows[i] = prepared
+                continue
+            crop, points, source = prepared
+            groups.setdefault((crop.shape, points.tobytes()), []).append((i, crop, points, source))
+        for members in groups.values():
+            try:
+                found = batch_lighting_measures(np.stack([m[1] for m in members]), members[0][2])
+            except ValueError as e:
+                for i, *_ in members:
+                    rows[i] = self._row(batch[i].sample_id, status=ERROR, error=f"lighting measures failed: {e}")
+                continue
+            for k, (i, _, _, source) in enumerate(members):
+                measures = {name: float(found[name][k]) for name in MEASURES}
+                rows[i] = self._measured_row(batch[i].sample_id, measures, source)
+        return [r for r in rows if r is not None]

@@ -12,13 +12,53 @@ import os
 from typing import Any
 
 import numpy as np
+import torch
+from torch import nn
 
-from models.occlusion import OcclusionModel, load_model, predict_proba, predict_views
+from models.fast_forward import AUTO, ONNX, TORCH, FastForward, batched, resolve_backend
+from models.occlusion import (
+    INPUT_SIZE,
+    OcclusionModel,
+    OcclusionNet,
+    load_model,
+    predict_proba,
+    predict_views,
+    to_input,
+)
 from pipeline.factors import binary_class
 from pipeline.records import ERROR, FaceCrop, crop_problem, factor_row
 
 LABELLER = "occlusion-cnn-pasted"
-CPU_FORWARD_BATCH = 32
+CPU_FORWARD_BATCH = 32  # crops per CPU forward (each forward holds the crops and their mirror images)
+CPU_BACKEND = ONNX  # measured fastest on one core (benchmarks/attributes.py): ~2x eager torch
+
+
+def adaptive_pool_matrix(size: int, out: int) -> torch.Tensor:
+    """(out, size) averaging matrix of torch's adaptive average pooling along one axis (windows may overlap)."""
+    m = torch.zeros(out, size)
+    for i in range(out):
+        start, end = (i * size) // out, -(-((i + 1) * size) // out)
+        m[i, start:end] = 1.0 / (end - start)
+    return m
+
+
+class OcclusionProbability(nn.Module):
+    """P(obstructed) (N,) of an OcclusionNet for its input, with the adaptive pooling written as two matrix
+    products (ONNX has no adaptive pooling to a size that does not divide the map: 7 -> 4 here)."""
+
+    def __init__(self, net: OcclusionNet) -> None:
+        super().__init__()
+        self.net = net.eval()
+        with torch.no_grad():
+            side = int(net.features(torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE)).shape[-1])
+        out = net.pool.output_size
+        out = out if isinstance(out, int) else out[0]
+        self.register_buffer("pool_matrix", adaptive_pool_matrix(side, int(out)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.net.features(x)
+        pooled = torch.matmul(torch.matmul(self.pool_matrix, f), self.pool_matrix.t())
+        return torch.sigmoid(self.net.head(torch.flatten(pooled, 1)).squeeze(1))
 
 
 class OcclusionStage:
@@ -27,26 +67,44 @@ class OcclusionStage:
     name = "occlusion"
 
     def __init__(self, device: str = "cpu", model_path: str | os.PathLike[str] | None = None,
-                 threshold: float | None = None, forward_batch: int = CPU_FORWARD_BATCH) -> None:
-        """`model_path`: a checkpoint (default: the model store's); `threshold`: override the stored one."""
+                 threshold: float | None = None, forward_batch: int = CPU_FORWARD_BATCH, backend: str = AUTO) -> None:
+        """`model_path`: a checkpoint (default: the model store's); `threshold`: override the stored one;
+        `backend`: `auto` (CPU_BACKEND on CPU, eager torch elsewhere), `torch`, `onnx` or `torchscript`
+        (the last two CPU only, checked against eager torch when built)."""
         if forward_batch < 1:
             raise ValueError(f"forward_batch must be >= 1, got {forward_batch}")
         if threshold is not None and not 0.0 < threshold < 1.0:
             raise ValueError(f"occlusion threshold must be in (0, 1), got {threshold}")
         self.device = device
         self.forward_batch = forward_batch
+        self.backend = resolve_backend(backend, device, CPU_BACKEND)
         self.model: OcclusionModel = load_model(model_path, device)
+        self.fast = (None if self.backend == TORCH else
+                     FastForward(OcclusionProbability(self.model.net), (3, INPUT_SIZE, INPUT_SIZE), self.backend))
         self.version = self.model.version
         self.threshold = float(self.model.threshold if threshold is None else threshold)
         self.labeller = LABELLER
 
     def probabilities(self, crops: np.ndarray) -> np.ndarray:
         """P(obstructed) (N,) for uint8 RGB crops (N, 112, 112, 3)."""
+        if self.fast is not None:
+            return self.measures(crops)["p_obstructed"]
         return predict_proba(self.model, crops, batch_size=self.forward_batch, device=self.device)
+
+    def views(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """P(obstructed) of each crop and of its mirror image, (N,) each."""
+        if self.fast is None or len(crops) == 0:
+            return predict_views(self.model, crops, batch_size=self.forward_batch, device=self.device)
+        x = to_input(crops).numpy()
+        n = len(x)
+        both = np.empty((n, 2, *x.shape[1:]), np.float32)  # crop k and its mirror side by side in one forward
+        both[:, 0], both[:, 1] = x, x[..., ::-1]
+        p = batched(self.fast, both.reshape(2 * n, *x.shape[1:]), 2 * self.forward_batch).reshape(n, 2)
+        return p[:, 0].copy(), p[:, 1].copy()
 
     def measures(self, crops: np.ndarray) -> dict[str, np.ndarray]:
         """Every measure of a row, (N,) each: P(obstructed) and the P of the crop and of its mirror image."""
-        plain, mirror = predict_views(self.model, crops, batch_size=self.forward_batch, device=self.device)
+        plain, mirror = self.views(crops)
         return {"p_obstructed": (plain + mirror) / 2, "p_crop": plain, "p_mirror": mirror}
 
     def _row(self, sample_id: str, **kwargs: Any) -> dict[str, Any]:

@@ -230,6 +230,7 @@ def _configure(con: duckdb.DuckDBPyConnection, ws: Workspace) -> None:
     spill = ws.root / ".tmp" / "duckdb"
     spill.mkdir(parents=True, exist_ok=True)
     con.execute("SET preserve_insertion_order = false")
+    con.execute("SET enable_progress_bar = false")
     con.execute("SET temp_directory = ?", [spill.as_posix()])
     con.execute("SET memory_limit = ?", [os.environ.get(ENV_MEMORY, DEFAULT_MEMORY)])
 

@@ -219,3 +219,23 @@ def test_a_refresh_blocked_by_an_open_query_warns_and_the_next_one_folds(workspa
     assert len(states["factors"].pending) == 1  # not folded yet, still answered exactly
     assert catalog.refresh(ws)
     assert not assert_views_match_history(ws)["factors"].pending
+
+
+def test_scale_benchmark_runs_small_and_folds_only_the_relabel():
+    """benchmarks/scale.py end to end on 3,000 samples: the relabel refresh touches exactly the relabelled samples."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    res = subprocess.run([sys.executable, "benchmarks/scale.py", "--samples", "3000", "--shard-size", "1000",
+                          "--relabel", "250", "--repeats", "1"], cwd=root, capture_output=True, text=True,
+                         timeout=300, check=True)
+    out = json.loads(res.stdout)
+    assert out["snapshot_build"]["snapshots"]["tables"]["factors"] == {"shards": 6, "rows": 15000, "rebuilt": True}
+    folded = out["refresh_after_relabel"]["snapshots"]["tables"]
+    assert folded["factors"] == {"shards": 1, "rows": 1250, "rebuilt": False}
+    assert folded["labels"] == {"samples": 250, "rebuilt": False}
+    assert out["queries"]["factor_distribution"]["rows"] == 12 and out["queries"]["lookup_labels"]["rows"] == 1
+    assert out["queries"]["lookup_factors"]["rows"] == 5
+    assert out["peer_history_window"]["factor_crosstab"]["rows"] == out["queries"]["factor_crosstab"]["rows"] == 9

@@ -16,8 +16,9 @@ its own peak RSS:
   `fiqa compact`, rebuilding every snapshot from all shards;
 - the queries again, on the snapshots with that relabel folded in.
 
-Optionally (`--label-images`) it adds the label-pass throughput and scaling
-figures of benchmarks/label.py and the MS1MV2 projection. Prints one JSON object.
+Optionally (`--label-images N`) it adds the label-pass throughput, 1 -> 2 worker
+scaling and MS1MV2 projection of `benchmarks/label.py --scaling-only`. Prints
+one JSON object.
 
     python benchmarks/scale.py                       # 1M samples
     python benchmarks/scale.py --samples 5822653     # MS1MV2 size (about 15 min and 3 GB of disk here)
@@ -262,10 +263,11 @@ def main(argv: list[str] | None = None) -> int:
                              "catalog_duckdb": round((root / "catalog.duckdb").stat().st_size / 1e6, 1)}
         worst = max(v["best_s"] for v in report["queries"].values() if isinstance(v, dict))
         report["worst_query_s"] = worst
-        if args.label_images:
-            from benchmarks.label import scaling_report
-
-            report["label_pass"] = scaling_report(args.label_images, MS1MV2_SAMPLES)
+        if args.label_images:  # benchmarks/label.py's scaling part, its own JSON, as it prints it
+            res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "label.py"), "--scaling-only",
+                                  "--scaling-images", str(args.label_images)], capture_output=True, text=True,
+                                 cwd=ROOT, check=True)
+            report["label_pass"] = json.loads(res.stdout)
         print(json.dumps(report, indent=2))
     finally:
         if not keep:

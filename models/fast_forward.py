@@ -98,7 +98,8 @@ class FastForward:
     def _torchscript(module: nn.Module, probe: torch.Tensor) -> Callable[[np.ndarray], np.ndarray]:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # tracer notices
-            frozen = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(module, probe)))
+            traced = torch.jit.trace(module, probe, check_trace=False)  # checked below against eager torch
+            frozen = torch.jit.optimize_for_inference(torch.jit.freeze(traced))
 
         def run(x: np.ndarray) -> np.ndarray:
             with torch.inference_mode():

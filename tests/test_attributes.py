@@ -399,3 +399,38 @@ def test_label_stage_equals_direct_forward(trained: dict) -> None:
     no_face, small = rows[-6:-3], rows[-3:]
     assert all(r["status"] == NO_FACE and r["value"] is None and r["error"] == "no face found" for r in no_face)
     assert all(r["status"] == "error" and r["value"] is None and "100x100" in r["error"] for r in small)
+
+
+@pytest.mark.parametrize("arch", ["tiny", "resnet18"])
+def test_stage_engines_equal_eager_torch(tmp_path, arch) -> None:
+    """The CPU default (frozen TorchScript) and onnxruntime give eager torch's probabilities and classes."""
+    cfg = load_config(arch) if arch == "tiny" else AttributeNetConfig(
+        name="small_resnet", arch="resnet18", input_size=32, stem_channels=8, blocks=[[8, 1, 1], [16, 1, 2]],
+        embedding_dim=16)
+    torch.manual_seed(4)
+    net = AttributeNet(cfg).eval()
+    with torch.no_grad():  # non-trivial BN statistics and PReLU slopes, so a wrong fold would show
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d | torch.nn.BatchNorm1d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+            if isinstance(m, torch.nn.PReLU):
+                m.weight.uniform_(0.05, 0.4)
+    ckpt = tmp_path / "net.pt"
+    save_checkpoint(ckpt, net, thresholds={"occlusion": 0.3})
+    crops = np.random.default_rng(2).integers(0, 256, (7, 112, 112, 3), dtype=np.uint8)
+    batch = [FaceCrop(f"c{i}", c) for i, c in enumerate(crops)] + [FaceCrop("none", None, status=NO_FACE)]
+    eager = AttributeStage(ckpt, backend="torch")
+    want = eager(batch)
+    assert AttributeStage(ckpt).backend == "torchscript" and eager.fast is None
+    for backend in ("torchscript", "onnx"):
+        stage = AttributeStage(ckpt, backend=backend, forward_batch=3)
+        assert stage.fast is not None and stage.fast.engine == backend
+        got = stage(batch)
+        assert [(r["sample_id"], r["factor"], r["status"], r["class_index"]) for r in got] == \
+            [(r["sample_id"], r["factor"], r["status"], r["class_index"]) for r in want]
+        np.testing.assert_allclose([r["value"] for r in got[:-3]], [r["value"] for r in want[:-3]], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(stage.probabilities(crops), eager.probabilities(crops), rtol=0, atol=1e-6)
+    assert np.ptp([r["value"] for r in want[:-3]]) > 1e-3  # the crops do not all give one value
+    with pytest.raises(ValueError, match="CPU only"):
+        AttributeStage(ckpt, device="cuda", backend="onnx")

@@ -396,3 +396,55 @@ def test_a_changed_model_file_in_the_store_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("FIQA_MODELS", str(store))
     with pytest.raises(MissingWeightsError, match=r"expected 59534287.*fetch_weights --force"):
         ExpressionStage(device="cpu")
+
+
+def test_fixed_paddings_equal_tensorflow_same_padding():
+    """Paddings fixed at build (conv padding, ceil-mode or explicit -inf pools) equal padding the map at run time."""
+    import math
+
+    import torch.nn.functional as F
+
+    from models.expression import KerasConv, KerasMaxPool
+
+    g = torch.Generator().manual_seed(0)
+    for size in (60, 15, 8, 7, 4):
+        x = torch.randn(2, 3, size, size, generator=g)
+        for kernel, stride in (((3, 3), (2, 2)), ((3, 3), (1, 1)), ((4, 4), (1, 1)), ((1, 1), (2, 2))):
+            (top, bottom), (left, right) = (same_padding(size, kernel[0], stride[0]),
+                                            same_padding(size, kernel[1], stride[1]))
+            pool = KerasMaxPool(kernel, stride, "same", (size, size))
+            want = F.max_pool2d(F.pad(x, (left, right, top, bottom), value=-math.inf), kernel, stride)
+            torch.testing.assert_close(pool(x), want, rtol=0, atol=0)
+            assert tuple(want.shape[2:]) == pool.out_size
+            conv = KerasConv(torch.nn.Conv2d(3, 4, kernel, stride, bias=False), "same", (size, size))
+            padded = F.conv2d(F.pad(x, (left, right, top, bottom)), conv.conv.weight, stride=stride)
+            torch.testing.assert_close(conv(x), padded, rtol=0, atol=1e-5)
+    assert KerasMaxPool((3, 3), (2, 2), "same", (60, 60)).ceil_mode  # the model's pools: pad after only
+    assert KerasMaxPool((3, 3), (2, 2), "same", (15, 15)).padding == (1, 1)
+    net, _ = load_keras_hdf5(_weights())
+    with pytest.raises(ValueError, match=r"expected input \(N, 1, 64, 64\)"):
+        net(torch.zeros(1, 1, 48, 48))
+
+
+@pytest.mark.parametrize("backend", ["onnx", "torchscript"])
+def test_fast_paths_equal_the_numpy_reference_and_eager_torch(backend):
+    """onnxruntime (the CPU default) and frozen TorchScript give the Keras model's probabilities to 1e-5."""
+    from pipeline.expression import ExpressionStage
+
+    path = _weights()
+    x = np.random.default_rng(13).uniform(-1.0, 1.0, (3, 64, 64, 1)).astype(np.float32)
+    x[2] = preprocess(_package_crops()["astronaut"][None])[0, 0][..., None]
+    ref = _ref_forward(path, x)
+    stage = ExpressionStage(device="cpu", backend=backend, forward_batch=2)
+    assert stage.fast is not None and stage.fast.engine == backend and stage.fast.max_probe_diff <= 1e-5
+    np.testing.assert_allclose(stage.fast(np.ascontiguousarray(x.transpose(0, 3, 1, 2))), ref, atol=1e-5, rtol=0)
+    crops = _package_crops()
+    batch = [FaceCrop(k, crops[k]) for k in HAND_LABELS]
+    eager = ExpressionStage(device="cpu", backend="torch")
+    assert eager.fast is None and _stage().backend == "onnx"  # the CPU default
+    got, want = stage(batch), eager(batch)
+    assert [r["class_index"] for r in got] == [r["class_index"] for r in want]
+    assert [r["value"] for r in got] == pytest.approx([r["value"] for r in want], abs=1e-5)
+    assert [json.loads(r["details"])["top"] for r in got] == [json.loads(r["details"])["top"] for r in want]
+    with pytest.raises(ValueError, match="CPU only"):
+        ExpressionStage(device="cuda", backend=backend)

@@ -297,3 +297,83 @@ def test_degradations_are_recorded_and_bounded():
     assert degrade.overexpose(img, 3)[0, 0, 0] == 255  # 8 x 0.216 clips at white
     lit = degrade.side_light(img, 3)
     assert lit[50, 0, 0] == 128 and lit[50, 111, 0] < 128 * 0.3  # left untouched, right in shadow
+
+
+# --- batched measures ---------------------------------------------------------
+
+
+def _reference_measures(crop: np.ndarray, landmarks: np.ndarray) -> dict[str, float]:
+    """The measures crop by crop, straight from the definitions (masks, not indices; no batching)."""
+    lum = luminance(crop)
+    region, left = face_region(landmarks, lum.shape)
+    y, yl, yr = lum[region], lum[left], lum[region & ~left]
+    hist = np.bincount(y, minlength=256) / y.size
+    levels = np.arange(256) / 255.0
+    mean = float((hist * levels).sum())
+    ml, mr, dl, dr = float(yl.mean()), float(yr.mean()), float(np.median(yl)), float(np.median(yr))
+    p = hist[hist > 0]
+    return {
+        "luminance_mean": mean,
+        "luminance_variance": float((hist * (levels - mean) ** 2).sum()),
+        "illumination_uniformity": float(np.minimum(np.bincount(yl, minlength=256) / yl.size,
+                                                    np.bincount(yr, minlength=256) / yr.size).sum()),
+        "half_mean_ratio": min(ml, mr) / max(ml, mr) if max(ml, mr) else 1.0,
+        "half_median_ratio": min(dl, dr) / max(dl, dr) if max(dl, dr) else 1.0,
+        "dynamic_range_bits": float(-(p * np.log2(p)).sum()),
+        "luminance_p01": float(np.percentile(y, 1.0) / 255.0),
+        "luminance_p99": float(np.percentile(y, 99.0) / 255.0),
+        "under_exposure": float(np.count_nonzero(y <= 25) / y.size),
+        "over_exposure": float(np.count_nonzero(y >= 247) / y.size),
+        "face_pixels": float(y.size),
+    }
+
+
+def test_batched_measures_equal_the_crop_by_crop_definitions():
+    from pipeline.lighting import batch_lighting_measures
+
+    rng = np.random.default_rng(5)
+    face = degrade.shipped_images()["tom_hanks"]
+    crops = [face, grey(0), halves(10, 255), *(degrade.degrade(face, k, 2) for k in ("dark", "overexpose",
+                                                                                      "side_light"))]
+    crops += list(rng.integers(0, 256, (4, 112, 112, 3), dtype=np.uint8))
+    found = batch_lighting_measures(np.stack(crops), ARCFACE_TEMPLATE)
+    assert list(found) == list(MEASURES) and all(v.shape == (len(crops),) for v in found.values())
+    for k, crop in enumerate(crops):
+        want = _reference_measures(crop, ARCFACE_TEMPLATE)
+        assert {m: float(found[m][k]) for m in MEASURES} == pytest.approx(want, rel=1e-12, abs=1e-15), k
+        assert lighting_measures(crop, ARCFACE_TEMPLATE) == {m: float(found[m][k]) for m in MEASURES}
+    assert len({float(v) for v in found["luminance_mean"]}) == len(crops)  # distinct crops, distinct measures
+    with pytest.raises(ValueError, match=r"uint8 \(N, H, W, 3\)"):
+        batch_lighting_measures(np.stack(crops)[0], ARCFACE_TEMPLATE)
+    with pytest.raises(ValueError, match="covers"):
+        batch_lighting_measures(np.stack(crops), SYMMETRIC + 500.0)
+
+
+def test_stage_groups_crops_by_landmarks_and_keeps_the_order():
+    """A batch mixing template crops, measured landmarks and failures gives the rows of crop-by-crop labelling."""
+    rng = np.random.default_rng(8)
+    face = degrade.shipped_images()["tom_hanks"]
+    moved = ARCFACE_TEMPLATE + rng.normal(0, 1.5, (5, 2))
+    batch = [
+        FaceCrop("t0", face),
+        FaceCrop("m0", degrade.degrade(face, "dark", 1), landmarks=moved),
+        FaceCrop("bad", grey(128), landmarks=SYMMETRIC + 500.0),
+        FaceCrop("t1", degrade.degrade(face, "side_light", 3)),
+        FaceCrop("none", None, status=NO_FACE, error="no face"),
+        FaceCrop("m1", face, landmarks=moved.copy()),
+        FaceCrop("s0", halves(40, 200), landmarks=SYMMETRIC),
+        FaceCrop("t2", rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)),
+    ]
+    stage = LightingStage()
+    rows = stage(batch)
+    assert [r["sample_id"] for r in rows] == [f.sample_id for f in batch]
+    assert rows == [stage.label(f) for f in batch]
+    assert [r["status"] for r in rows] == [OK, OK, ERROR, OK, NO_FACE, OK, OK, OK]
+    for face_crop, row in zip(batch, rows, strict=True):
+        if row["status"] != OK:
+            continue
+        lm = ARCFACE_TEMPLATE if face_crop.landmarks is None else face_crop.landmarks
+        details = json.loads(row["details"])
+        assert {k: details[k] for k in MEASURES} == pytest.approx(_reference_measures(face_crop.crop, lm), rel=1e-12)
+        assert details["landmarks"] == ("template" if face_crop.landmarks is None else "measured")
+        assert row["value"] == lighting_decision({k: details[k] for k in MEASURES})[0]

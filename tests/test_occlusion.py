@@ -279,3 +279,57 @@ def test_setup_skips_a_current_model_and_survives_missing_photos(tmp_path, monke
     monkeypatch.setattr(mo, "ensure", offline)
     summary = fetch_weights.build_occlusion(tmp_path)
     assert summary["status"] == "not built" and "offline" in summary["error"]
+
+
+def test_adaptive_pool_as_matrices_equals_torchs():
+    """The exported form of the 4x4 adaptive pooling (overlapping windows on a 7x7 map) is torch's pooling."""
+    from pipeline.occlusion import OcclusionProbability, adaptive_pool_matrix
+
+    x = torch.randn(2, 5, 8, 8, generator=torch.Generator().manual_seed(0))
+    for size, out in ((7, 4), (8, 4), (5, 3), (4, 4)):
+        m = adaptive_pool_matrix(size, out)
+        got = m @ x[..., :size, :size] @ m.T
+        torch.testing.assert_close(got, torch.nn.functional.adaptive_avg_pool2d(x[..., :size, :size], out))
+    assert adaptive_pool_matrix(7, 4)[1].nonzero().flatten().tolist() == [1, 2, 3]  # windows overlap
+    torch.manual_seed(3)
+    net = mo.OcclusionNet().eval()
+    for m in net.modules():  # non-trivial BN statistics, so the check can fail
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(3, 3, mo.INPUT_SIZE, mo.INPUT_SIZE)
+    with torch.inference_mode():
+        torch.testing.assert_close(OcclusionProbability(net)(x), torch.sigmoid(net(x)), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["onnx", "torchscript"])
+def test_fast_stage_equals_eager_torch(backend):
+    """The CPU fast paths give the eager-torch rows (probabilities to 1e-6) on real and degraded faces."""
+    from pipeline import degrade
+    from pipeline.occlusion import OcclusionStage
+
+    _store_model()
+    crop = _face()
+    band = occ.paste(crop, None, "band", np.random.default_rng(0), top=0.85, grey=90.0).image
+    noise = np.random.default_rng(1).integers(0, 256, (3, CROP_SIZE, CROP_SIZE, 3), dtype=np.uint8)
+    crops = [crop, band, degrade.dark(crop, 3), *noise]
+    batch = [FaceCrop(f"c{i}", c) for i, c in enumerate(crops)] + [FaceCrop("gone", None, status=NO_FACE)]
+    eager = OcclusionStage(backend="torch", forward_batch=2)
+    fast = OcclusionStage(backend=backend, forward_batch=2)  # 6 crops: chunks of 2 (4 views per forward)
+    assert eager.fast is None and fast.fast is not None and fast.fast.engine == backend
+    assert OcclusionStage().backend == "onnx"  # the CPU default
+    a, b = eager(batch), fast(batch)
+    assert [(r["sample_id"], r["status"], r["class_index"]) for r in a] == \
+        [(r["sample_id"], r["status"], r["class_index"]) for r in b]
+    np.testing.assert_allclose([r["value"] for r in b[:-1]], [r["value"] for r in a[:-1]], rtol=0, atol=1e-6)
+    for ra, rb in zip(a[:-1], b[:-1], strict=True):
+        da, db = json.loads(ra["details"]), json.loads(rb["details"])
+        assert db["p_crop"] == pytest.approx(da["p_crop"], abs=1e-6)
+        assert db["p_mirror"] == pytest.approx(da["p_mirror"], abs=1e-6)
+    assert b[0]["class_name"] == "unobstructed" and b[1]["class_name"] == "obstructed"
+    np.testing.assert_allclose(fast.probabilities(np.stack(crops)), eager.probabilities(np.stack(crops)), atol=1e-6)
+    assert fast.probabilities(np.empty((0, CROP_SIZE, CROP_SIZE, 3), np.uint8)).shape == (0,)
+    with pytest.raises(ValueError, match="unknown backend"):
+        OcclusionStage(backend="tensorrt")
+    with pytest.raises(ValueError, match="CPU only"):
+        OcclusionStage(device="cuda", backend=backend)

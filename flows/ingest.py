@@ -14,10 +14,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow as pa
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from data_manifest import ShardWriter, Workspace, runs
+from data_manifest.schemas import schema
 from flows import runtime
 from flows.arguments import int_at_least
 from pipeline import images
@@ -25,9 +27,12 @@ from pipeline.readers import KINDS, DatasetReader, Shard, open_reader
 from pipeline.samples import sample_rows, status_counts
 
 FORMATS = ("auto", *KINDS)
+DEFAULT_SHARD_SIZE = 10_000  # a shard is seconds of work: a task's fixed cost under the runners stays small
+# The columns sample rows carry (the writer adds run_id and created_at and checks the required ones).
+_ROW_SCHEMA = pa.schema([f.with_nullable(True) for f in schema("samples") if f.name not in ("run_id", "created_at")])
 
 
-def build_reader(path: str, format: str = "auto", shard_size: int = 1000) -> DatasetReader:
+def build_reader(path: str, format: str = "auto", shard_size: int = DEFAULT_SHARD_SIZE) -> DatasetReader:
     """Open the dataset and compute its shard plan; raises before any work when the path or format is wrong."""
     if format not in FORMATS:
         raise ValueError(f"unknown --format {format!r}; choose one of {', '.join(FORMATS)}")
@@ -43,7 +48,7 @@ class IngestOptions(runtime.RunOptions):
     path: str = ""  # image folder, train.rec (or its folder), verification .bin, CSV/TSV list
     dataset: str = ""  # dataset name (part of every sample_id)
     format: str = "auto"  # reader (auto: detect from the path)
-    shard_size: int = 1000  # records per shard
+    shard_size: int = DEFAULT_SHARD_SIZE  # records per shard
     max_pixels: int = images.MAX_PIXELS  # refuse images declaring more pixels
 
     def __post_init__(self) -> None:
@@ -63,9 +68,8 @@ class IngestOptions(runtime.RunOptions):
 def ingest_shard(ws_root: str, run_id: str, shard: str, item: Shard, *, reader: DatasetReader,
                  dataset: str, max_pixels: int) -> dict[str, int]:
     """Read, validate and write one shard of samples rows (the runtime commits it)."""
-    ws = Workspace(ws_root)
     rows = sample_rows(dataset, reader.read(item), max_pixels=max_pixels)
-    ShardWriter(ws, "samples", run_id).write(shard, rows)
+    ShardWriter(Workspace(ws_root), "samples", run_id).write(shard, pa.Table.from_pylist(rows, schema=_ROW_SCHEMA))
     return status_counts(rows)
 
 
@@ -113,7 +117,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="dataset: image folder, train.rec (or its folder), verification .bin, CSV/TSV list")
     p.add_argument("--dataset", required=True, help="dataset name (part of every sample_id)")
     p.add_argument("--format", choices=FORMATS, default="auto", help="reader to use (default: detect from the path)")
-    p.add_argument("--shard-size", type=int_at_least(1), default=1000, help="records per shard (default: 1000)")
+    p.add_argument("--shard-size", type=int_at_least(1), default=DEFAULT_SHARD_SIZE,
+                   help=f"records per shard (default: {DEFAULT_SHARD_SIZE})")
     p.add_argument("--max-pixels", type=int_at_least(1), default=images.MAX_PIXELS,
                    help=f"refuse images declaring more pixels (default: {images.MAX_PIXELS})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -114,6 +114,28 @@ class ShardOutcome:
     error: str | None = None
 
 
+@contextlib.contextmanager
+def shared_temporary_server() -> Iterator[None]:
+    """While tasks are submitted, point worker processes at this process's temporary Prefect server.
+
+    Without an API URL, every worker of the processes runner would start a temporary server of its own
+    (seconds each); the runner hands os.environ to its workers when a task is submitted.
+    """
+    from prefect.settings import get_current_settings
+
+    server_module = sys.modules.get("prefect.server.api.server")  # imported by Prefect when it starts one
+    server = server_module.SubprocessASGIServer() if server_module else None  # the instance flows use
+    proc = getattr(server, "server_process", None)
+    if get_current_settings().api.url or "PREFECT_API_URL" in os.environ or proc is None or proc.poll() is not None:
+        yield
+        return
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        yield
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+
+
 def run_shards(task: Any, shards: Mapping[str, Any], *, ws: Workspace, run_id: str, desc: str,
                stage: str | None = None, progress: bool | None = None, **kwargs: Any) -> list[ShardOutcome]:
     """Submit task(ws_root, run_id, name, payload, **kwargs) per shard not yet committed; mark each done here.
@@ -128,11 +150,12 @@ def run_shards(task: Any, shards: Mapping[str, Any], *, ws: Workspace, run_id: s
 
     outcomes: list[ShardOutcome] = []
     pending = {}
-    for name, payload in shards.items():
-        if runs.shard_done(ws, run_id, marker(name)):
-            outcomes.append(ShardOutcome(name, skipped=True))
-            continue
-        pending[task.submit(str(ws.root), run_id, name, payload, **kwargs)] = name
+    with shared_temporary_server():
+        for name, payload in shards.items():
+            if runs.shard_done(ws, run_id, marker(name)):
+                outcomes.append(ShardOutcome(name, skipped=True))
+                continue
+            pending[task.submit(str(ws.root), run_id, name, payload, **kwargs)] = name
     bar = Progress(len(shards), desc, progress)
     bar.update(len(outcomes))
     try:

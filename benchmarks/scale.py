@@ -148,10 +148,7 @@ def _peak_rss_mb() -> float:
 
 def child_queries(ws_root: Path, mode: str, lookup_id: str, repeats: int) -> dict:
     """Seconds of each question (first call, best of `repeats`), answered the way `mode` says."""
-    import duckdb
-
-    from data_manifest import Workspace, catalog, snapshots
-    from data_manifest.schemas import TABLES
+    from data_manifest import Workspace, catalog
 
     ws = Workspace(ws_root, create=False)
     questions = {"factor_distribution": (catalog.bundled_sql("factor_distribution"), None),
@@ -161,15 +158,8 @@ def child_queries(ws_root: Path, mode: str, lookup_id: str, repeats: int) -> dic
                  "lookup_factors": (LOOKUP_FACTORS, [lookup_id])}
 
     def history_query(sql: str, params: list | None) -> pa.Table:  # the latest views computed from the shards
-        con = duckdb.connect(":memory:")
-        try:
-            for t in TABLES:
-                con.register(f"{t}_history", catalog.history_dataset(ws, t))
-                con.execute(f"CREATE VIEW {t} AS {catalog.latest_sql(t)}")
-            con.execute(f"CREATE VIEW labels AS {snapshots.labels_sql()}")
+        with catalog.history_connection(ws) as con:
             return con.sql(sql, params=params).to_arrow_table()
-        finally:
-            con.close()
 
     run = (lambda s, p: catalog.query(ws, s, p)) if mode == "snapshot" else history_query
     out: dict = {}

@@ -193,6 +193,17 @@ def _open_catalog(ws: Workspace, retries: int, wait_s: float) -> duckdb.DuckDBPy
     return None
 
 
+def history_connection(ws: Workspace) -> duckdb.DuckDBPyConnection:
+    """A connection whose latest views are computed from the shards alone (the definition the snapshots must equal;
+    what every question cost before them). For checks and benchmarks, not for user SQL: nothing is locked down."""
+    con = duckdb.connect(":memory:")
+    for t in TABLES:
+        con.register(f"{t}_history", history_dataset(ws, t))
+    for stmt in latest_statements({}, "", lambda t, _files: ""):
+        con.execute(stmt)
+    return con
+
+
 def refresh(ws: Workspace, retries: int = 20, wait_s: float = 0.25, *, fold: bool = True, rebuild: bool = False,
             log: Callable[[str], None] | None = None) -> bool:
     """Fold new shards into the snapshots and rewrite the views in catalog.duckdb.

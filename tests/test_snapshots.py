@@ -19,15 +19,8 @@ LATEST = (*TABLES, "labels")
 
 def history_answer(ws: Workspace, view: str) -> list[tuple]:
     """The view computed from the shards alone (no snapshot): every latest view by definition."""
-    con = duckdb.connect(":memory:")
-    try:
-        for t in TABLES:
-            con.register(f"{t}_history", catalog.history_dataset(ws, t))
-            con.execute(f"CREATE VIEW {t} AS {catalog.latest_sql(t)}")
-        con.execute(f"CREATE VIEW labels AS {snapshots.labels_sql()}")
+    with catalog.history_connection(ws) as con:
         return sorted(con.execute(f"SELECT * FROM {view}").fetchall(), key=repr)
-    finally:
-        con.close()
 
 
 def snapshot_answer(ws: Workspace, view: str) -> list[tuple]:

@@ -123,10 +123,11 @@ def embed_rows(ws: Workspace, items: list[dict[str, Any]], spec: str, *, device:
 
 
 @task(name="anchors-embed-shard", cache_policy=NO_CACHE)
-def embed_shard(ws_root: str, run_id: str, shard: str, items: pa.Table, *, fr_model: str, device: str,
-                batch_size: int) -> dict[str, int]:
-    """Embed one named shard and write its `embeddings` file (the flow commits it)."""
+def embed_shard(ws_root: str, run_id: str, shard: str, row_group: int, *, selection: str, fr_model: str,
+                device: str, batch_size: int) -> dict[str, int]:
+    """Embed one row group of the frozen selection (less any staged reused embeddings); write its `embeddings`."""
     ws = Workspace(ws_root)
+    items = _still_to_embed(ws, run_id, shard, pq.ParquetFile(selection).read_row_group(row_group))
     rows = embed_rows(ws, items.to_pylist(), fr_model, device=device, batch_size=batch_size)
     ShardWriter(ws, "embeddings", run_id).write(shard, rows)
     return {"embedded": sum(r["status"] == "ok" for r in rows), "not_embedded": sum(r["status"] != "ok" for r in rows)}
@@ -192,14 +193,15 @@ def _shard_embeddings(ws: Workspace, run_id: str, shard: str, sel: pa.Table,
     return tbl, emb, ok
 
 
-def _stage_reused(ws: Workspace, run_id: str, model_id: str, selected: pa.Table, shard_size: int) -> int:
+def _stage_reused(ws: Workspace, run_id: str, model_id: str, selection: Path, shard_size: int) -> int:
     """Copy the latest ok stored embeddings of the model for the selection into per-shard scratch files.
 
-    One streamed catalog query, grouped by selection shard, so memory holds one batch; returns the count.
+    One streamed catalog query, grouped by selection shard, so memory holds one batch and the selection's
+    sample ids; returns the count.
     """
-    shard_of = pa.array(np.arange(selected.num_rows, dtype=np.int64) // shard_size)
-    sel = pa.table({"sample_id": selected.column("sample_id"), "shard": shard_of}).group_by(
-        ["sample_id", "shard"]).aggregate([])
+    ids = pq.read_table(selection, columns=["sample_id"]).column("sample_id")
+    shard_of = pa.array(np.arange(len(ids), dtype=np.int64) // shard_size)
+    sel = pa.table({"sample_id": ids, "shard": shard_of}).group_by(["sample_id", "shard"]).aggregate([])
     folder = _reused_path(ws, run_id, "x").parent
     for stale in folder.glob("part-*.parquet"):  # an interrupted staging pass is redone from scratch
         stale.unlink()
@@ -229,6 +231,78 @@ def _stage_reused(ws: Workspace, run_id: str, model_id: str, selected: pa.Table,
     finally:
         con.close()
     return total
+
+
+def freeze_selection(ws: Workspace, run_id: str, sql: str, shard_size: int) -> Path:
+    """The run's selection in runs/<run_id>/selection.parquet, one row group per shard, streamed from the query.
+
+    Written once per run (a resume reads it back); a selection frozen in one row group by an earlier
+    version is re-chunked in a streamed pass. Memory holds one shard of rows, whatever the selection size.
+    """
+    path = runtime.selection_path(ws, run_id)
+    if path.exists():
+        meta = pq.read_metadata(path)
+        sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+        if all(n == shard_size for n in sizes[:-1]) and (not sizes or 0 < sizes[-1] <= shard_size):
+            return path
+        batches = pq.ParquetFile(path).iter_batches(batch_size=shard_size)
+        _write_row_groups(path, pq.read_schema(path), batches, shard_size)
+        return path
+    statements = catalog.inspect_sql(sql).statements  # checked on its own parser connection
+    if len(statements) != 1:
+        raise ValueError(f"the selection must be a single query, got {len(statements)} statements")
+    con = catalog.connect(ws)
+    try:
+        try:
+            reader = con.sql(statements[0]).to_arrow_reader(batch_size=shard_size)
+        except Exception as e:  # duckdb raises its own error classes for bad SQL
+            raise ValueError(f"selection query failed: {e}\nSQL: {sql}") from e
+        missing = [c for c in REQUIRED if c not in reader.schema.names]
+        if missing:
+            raise ValueError(f"the selection query must return {sorted(missing)} too")
+        _write_row_groups(path, reader.schema, reader, shard_size)
+    finally:
+        con.close()
+    return path
+
+
+def _write_row_groups(path: Path, schema: pa.Schema, batches: Any, shard_size: int) -> None:
+    """Atomically write record batches as row groups of exactly shard_size rows (the last may be shorter)."""
+
+    def write(tmp: Path) -> None:
+        pending: list[pa.RecordBatch] = []
+        n_pending = 0
+        with pq.ParquetWriter(tmp, schema) as writer:
+            for batch in batches:
+                pending.append(batch)
+                n_pending += batch.num_rows
+                while n_pending >= shard_size:
+                    tbl = pa.Table.from_batches(pending, schema)
+                    writer.write_table(tbl.slice(0, shard_size), row_group_size=shard_size)
+                    rest = tbl.slice(shard_size)
+                    pending, n_pending = rest.to_batches(), rest.num_rows
+            if n_pending:
+                writer.write_table(pa.Table.from_batches(pending, schema), row_group_size=shard_size)
+
+    atomic_write(path, write)
+
+
+def selection_shards(path: Path) -> dict[str, int]:
+    """Shard name -> row group of the frozen selection."""
+    return {shard_name(i): i for i in range(pq.ParquetFile(path).num_row_groups)}
+
+
+def _read_shard(path: Path, row_group: int) -> pa.Table:
+    return pq.ParquetFile(path).read_row_group(row_group)
+
+
+def _selected_identities(path: Path) -> np.ndarray:
+    """The sorted distinct identities of the selection, one row group at a time (memory: the identities)."""
+    f = pq.ParquetFile(path)
+    seen = np.empty(0, dtype=np.int64)
+    for i in range(f.num_row_groups):
+        seen = np.union1d(seen, _identities(f.read_row_group(i, columns=["identity"])))
+    return seen
 
 
 def _identities(tbl: pa.Table) -> np.ndarray:
@@ -262,49 +336,51 @@ def anchors_run(opts: AnchorsOptions) -> dict[str, Any]:
     runtime.check_resume(ws, opts.run_id, params)
     with runtime.tracked_run(ws, "anchors", {**opts.recorded(), **params}, opts.run_id) as state:
         rid = state["run_id"]
-        selected = runtime.freeze_selection(ws, rid, sql, REQUIRED)
-        shards = runtime.table_shards(selected, opts.shard_size)
+        selection = freeze_selection(ws, rid, sql, opts.shard_size)
+        shards = selection_shards(selection)
         # 0. reuse: stage the stored embeddings of this model (once per run; redone if interrupted)
         if opts.reuse_embeddings and shards and not runs.shard_done(ws, rid, REUSE_STAGE):
-            staged = _stage_reused(ws, rid, model_id, selected, opts.shard_size)
+            staged = _stage_reused(ws, rid, model_id, selection, opts.shard_size)
             runs.mark_shard_done(ws, rid, REUSE_STAGE, {"reused": staged})
-        # 1. embed the samples without a staged embedding
-        todo = {name: _still_to_embed(ws, rid, name, sel) for name, sel in shards.items()}
-        outcomes = runtime.run_shards(embed_shard, todo, ws=ws, run_id=rid, stage="embed", desc="anchors: embed",
-                                    progress=opts.progress, fr_model=opts.fr_model, device=opts.device,
-                                    batch_size=opts.batch_size)
+        # 1. embed the samples without a staged embedding (each task reads its own row group)
+        outcomes = runtime.run_shards(embed_shard, shards, ws=ws, run_id=rid, stage="embed", desc="anchors: embed",
+                                      progress=opts.progress, selection=str(selection), fr_model=opts.fr_model,
+                                      device=opts.device, batch_size=opts.batch_size)
         runtime.check_shard_failures(outcomes, rid)
         # 2. centers: streamed over the embedding shards (current identities), or a classifier head
         steps = A.StreamingAnchors(
-            dim, identities=None if opts.head else _identities(selected),
+            dim, identities=None if opts.head else _selected_identities(selection),
             head=A.centers_from_head(opts.head, dim) if opts.head else None, mode=opts.mode,
             nnccs_floor=opts.nnccs_floor, chunk_size=opts.chunk_size, center_block=opts.center_block,
             device=opts.device)
         if not opts.head:
-            for name, sel in shards.items():
-                tbl, emb, ok = _shard_embeddings(ws, rid, name, sel, dim)
+            for name, group in shards.items():
+                tbl, emb, ok = _shard_embeddings(ws, rid, name, _read_shard(selection, group), dim)
                 steps.add(emb, _identities(tbl), ok)
+                del tbl, emb, ok
         # 3. search: ccs, nnccs, nearest negative and raw per shard, persisted for the normalisation pass
         bar = runtime.Progress(len(shards), "anchors: search", opts.progress)
-        for name, sel in shards.items():
+        for name, group in shards.items():
             out = _stats_path(ws, rid, name)
             if not (runs.shard_done(ws, rid, f"search-{name}") and out.exists()):
-                tbl, emb, ok = _shard_embeddings(ws, rid, name, sel, dim)
+                tbl, emb, ok = _shard_embeddings(ws, rid, name, _read_shard(selection, group), dim)
                 with _LOCK:
                     stats = steps.search(emb, _identities(tbl), ok)
                 table = A.stats_table(tbl.column("sample_id"), _identities(tbl), stats,
                                       tbl.column("error").to_pylist())
                 atomic_write(out, lambda tmp, t=table: pq.write_table(t, tmp))
                 runs.mark_shard_done(ws, rid, f"search-{name}")
+                del tbl, emb, ok, stats, table
             st = pq.read_table(out, columns=["raw", "status"])
-            steps.observe(st.column("raw").to_numpy(zero_copy_only=False), st.column("status").to_pylist())
+            steps.observe(st.column("raw").to_numpy(zero_copy_only=False),
+                          st.column("status").to_numpy(zero_copy_only=False))
             bar.update()
         bar.close()
         lo, hi = steps.norm_range()
         # 4. normalise with the global min/max and write the anchors table
         writer = ShardWriter(ws, "anchors", rid)
         totals: dict[str, int] = {}
-        reused_n = computed_n = 0
+        reused_n = computed_n = selected_n = 0
         for name in shards:
             if _reused_path(ws, rid, name).exists():
                 reused_n += pq.read_metadata(_reused_path(ws, rid, name)).num_rows
@@ -313,16 +389,17 @@ def anchors_run(opts: AnchorsOptions) -> dict[str, Any]:
                 computed_n += int(pc.sum(pc.equal(pq.read_table(emb_path, columns=["status"]).column("status"),
                                                   A.OK)).as_py() or 0)
             st = pq.read_table(_stats_path(ws, rid, name))
-            for s in st.column("status").to_pylist():
-                totals[s] = totals.get(s, 0) + 1
+            selected_n += st.num_rows
+            for s in st.column("status").value_counts().to_pylist():
+                totals[s["values"]] = totals.get(s["values"], 0) + s["counts"]
             if runs.shard_done(ws, rid, f"anchors-{name}"):
                 continue
-            writer.write(name, A.anchor_rows(st, lo, hi, model_id, steps.source))
+            writer.write(name, A.anchor_table(st, lo, hi, model_id, steps.source))
             runs.mark_shard_done(ws, rid, f"anchors-{name}", {"anchors": st.num_rows})
         state["metrics"] = {"norm_min": lo, "norm_max": hi, "model_id": model_id, "center_source": steps.source,
                             "mode": opts.mode, "nnccs_floor": opts.nnccs_floor, "range_rows": steps.range.count,
                             "status_counts": totals, "num_centers": steps.num_centers}
-        state["counts"] = {"selected": selected.num_rows, "shards": len(shards), "embeddings_reused": reused_n,
+        state["counts"] = {"selected": selected_n, "shards": len(shards), "embeddings_reused": reused_n,
                            "embeddings_computed": computed_n, **totals}
         return {"run_id": rid, **state["counts"], "metrics": state["metrics"]}
 

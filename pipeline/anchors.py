@@ -603,18 +603,29 @@ def stats_table(sample_ids: Any, identities: np.ndarray, stats: AnchorStats, err
     }, schema=STATS_SCHEMA)
 
 
+def anchor_table(stats: pa.Table, lo: float, hi: float, model_id: str, source: str) -> pa.Table:
+    """Step 4 for one shard: its `anchors` rows, column-wise, from its persisted measures and the global range."""
+    import pyarrow.compute as pc
+
+    n = stats.num_rows
+    raw = stats.column("raw").to_numpy(zero_copy_only=False).astype(np.float64)  # NaN where null
+    anchor = anchor_values(raw, stats.column("status").to_numpy(zero_copy_only=False), lo, hi)
+    ident = stats.column("identity")
+
+    def scalar(v: float) -> pa.Array:
+        return pa.repeat(pa.scalar(v if np.isfinite(v) else None, pa.float64()), n)
+
+    return pa.table({
+        "sample_id": stats.column("sample_id"), "model_id": pa.repeat(pa.scalar(model_id, pa.string()), n),
+        "identity": pc.if_else(pc.less(ident, 0), pa.scalar(None, pa.int64()), ident),
+        "ccs": stats.column("ccs"), "nnccs": stats.column("nnccs"),
+        "nearest_negative": stats.column("nearest_negative"), "raw": stats.column("raw"),
+        "anchor": pa.array(anchor, pa.float64(), mask=~np.isfinite(anchor)),
+        "norm_min": scalar(lo), "norm_max": scalar(hi), "center_source": pa.repeat(pa.scalar(source, pa.string()), n),
+        "status": stats.column("status"), "error": stats.column("error"),
+    })
+
+
 def anchor_rows(stats: pa.Table, lo: float, hi: float, model_id: str, source: str) -> list[dict[str, Any]]:
-    """Step 4 for one shard: `anchors` table rows from its persisted measures and the global range."""
-    raw = np.array([np.nan if v is None else v for v in stats.column("raw").to_pylist()], dtype=np.float64)
-    anchor = anchor_values(raw, np.asarray(stats.column("status").to_pylist(), dtype=object), lo, hi)
-    rows = []
-    for i, r in enumerate(stats.to_pylist()):
-        ident = r["identity"]
-        rows.append({
-            "sample_id": r["sample_id"], "model_id": model_id, "identity": None if ident < 0 else ident,
-            "ccs": r["ccs"], "nnccs": r["nnccs"], "nearest_negative": r["nearest_negative"], "raw": r["raw"],
-            "anchor": None if not np.isfinite(anchor[i]) else float(anchor[i]),
-            "norm_min": lo if np.isfinite(lo) else None, "norm_max": hi if np.isfinite(hi) else None,
-            "center_source": source, "status": r["status"], "error": r["error"],
-        })
-    return rows
+    """:func:`anchor_table` as Python rows (for small shards and inspection)."""
+    return anchor_table(stats, lo, hi, model_id, source).to_pylist()

@@ -188,3 +188,36 @@ def test_reuse_embeddings_embeds_only_new_samples_and_follows_relabelled_identit
             assert a["anchor"] == pytest.approx(b["anchor"], abs=1e-6), s
     with pytest.raises(ValueError, match="mix results"):
         F.anchors_flow(**kw, run_id=rid)  # a reuse run cannot be resumed without reuse
+
+
+def test_streamed_flow_equals_the_in_memory_computation(workspace, prefect_harness, monkeypatch):
+    """Shard-by-shard selection, centers, search and range give what one in-memory pass over the set gives."""
+    from types import SimpleNamespace
+
+    from benchmarks.anchors import FLOW_RUN, synthetic_embeddings, synthetic_samples
+    from flows import anchors as F
+
+    n, identities, dim, shard = 300, 7, 16, 64
+    synthetic_samples(str(workspace.root), n, identities)
+    path = F.freeze_selection(workspace, FLOW_RUN, F.selection_sql(), shard)
+    meta = pq.read_metadata(path)
+    assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [64, 64, 64, 64, 44]
+    assert synthetic_embeddings(str(workspace.root), dim, identities, shard) == n
+    monkeypatch.setattr(F, "_recognizer", lambda *a, **k: SimpleNamespace(model_id="synthetic", embedding_dim=dim))
+    out = F.anchors_flow(workspace=str(workspace.root), run_id=FLOW_RUN, shard_size=shard, chunk_size=50,
+                         center_block=3, device="cpu", fr_model="synthetic", progress=False)
+    assert out["selected"] == n and out["shards"] == 5 and out["embeddings_computed"] == n
+
+    emb = catalog.query(workspace, "SELECT sample_id, identity, embedding FROM embeddings ORDER BY sample_id")
+    x = np.array(emb.column("embedding").to_pylist(), dtype=np.float32)
+    want = A.compute_anchors(x, emb.column("identity").to_numpy())  # identities 0..6 are their own center rows
+    got = catalog.query(workspace, "SELECT * FROM anchors ORDER BY sample_id")
+    assert got.column("sample_id").to_pylist() == emb.column("sample_id").to_pylist()
+    assert got.column("status").to_pylist() == want.column("status").to_pylist()
+    assert got.column("nearest_negative").to_pylist() == want.column("nearest_negative").to_pylist()
+    for col in ("ccs", "nnccs", "raw", "anchor"):
+        np.testing.assert_allclose(got.column(col).to_numpy(), want.column(col).to_numpy(), rtol=0, atol=2e-6)
+    lo, hi = float(want.schema.metadata[b"norm_min"]), float(want.schema.metadata[b"norm_max"])
+    assert got.column("norm_min")[0].as_py() == pytest.approx(lo, abs=1e-9)
+    assert got.column("norm_max")[0].as_py() == pytest.approx(hi, abs=1e-9)
+    assert min(got.column("anchor").to_pylist()) == 0.0 and max(got.column("anchor").to_pylist()) == 1.0

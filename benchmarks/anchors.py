@@ -9,7 +9,8 @@ number of samples grows 5x (each size in its own subprocess), and the peak RSS (
 the `anchors` flow itself at each of --flow-sizes samples: a synthetic workspace per size (samples
 rows, the flow's own frozen selection, then random embeddings around --flow-identities identity
 centers written as the run's `embeddings` shards with the project's writer and committed), then
-the flow resumed in a fresh child process (centers, search, normalise, anchors written). The
+the flow resumed in a fresh child process (centers, search, normalise, anchors written), with
+its peak both before the run's closing catalog refresh (the flow's own work) and overall. The
 freezing of the selection is measured in a child of its own. The recogniser is never called (its
 shards are committed), so a stub gives the model id and dimension.
 
@@ -206,9 +207,18 @@ def flow_child(ws_root: str, step: str, *, n: int, dim: int, identities: int, sh
         out["embeddings"] = synthetic_embeddings(ws_root, dim, identities, shard_size)
     elif step == "flow":
         stub_recognizer(dim)
+        refresh, seen = catalog.refresh, []
+
+        def timed_refresh(*a: object, **k: object) -> object:  # the run's end: its shards fold into the catalog
+            seen.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+            return refresh(*a, **k)
+
+        catalog.refresh = timed_refresh
         res = F.anchors_flow(workspace=ws_root, run_id=FLOW_RUN, shard_size=shard_size, device="cpu",
                              progress=False, fr_model="synthetic")
-        out.update(selected=res["selected"], ok=res.get("ok", 0), num_centers=res["metrics"]["num_centers"])
+        catalog.refresh = refresh
+        out.update(selected=res["selected"], ok=res.get("ok", 0), num_centers=res["metrics"]["num_centers"],
+                   peak_before_catalog_refresh_mib=round(seen[0], 1) if seen else None)
     out["seconds"] = round(time.perf_counter() - t, 2)
     out["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return out
@@ -230,6 +240,7 @@ def flow_rss(n: int, *, dim: int, identities: int, shard_size: int, workdir: str
             steps[step] = json.loads(proc.stdout.strip().splitlines()[-1])
     return {"n": n, "freeze_peak_rss_mib": steps["freeze"]["peak_rss_mib"], "freeze_s": steps["freeze"]["seconds"],
             "flow_peak_rss_mib": steps["flow"]["peak_rss_mib"], "flow_s": steps["flow"]["seconds"],
+            "flow_peak_rss_before_catalog_refresh_mib": steps["flow"]["peak_before_catalog_refresh_mib"],
             "selected": steps["flow"]["selected"], "ok": steps["flow"]["ok"],
             "build_s": round(steps["samples"]["seconds"] + steps["embeddings"]["seconds"], 1)}
 
@@ -250,6 +261,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flow-shard-size", type=int, default=8192, help="shard size of the flow-RSS runs")
     p.add_argument("--workdir", default=None, help="where the flow-RSS workspaces are built (default: a temp dir)")
     args = p.parse_args(argv)
+    import tempfile
+
+    # First, while this process is small: a child's ru_maxrss starts at its parent's RSS when it is spawned.
+    with tempfile.TemporaryDirectory(dir=args.workdir) as prefect_home:  # one Prefect database for every size
+        flow = [flow_rss(n, dim=args.flow_dim, identities=args.flow_identities, shard_size=args.flow_shard_size,
+                         workdir=args.workdir, prefect_home=prefect_home) for n in args.flow_sizes]
 
     import torch
 
@@ -262,11 +279,6 @@ def main(argv: list[str] | None = None) -> int:
     ms1m_s = MS1MV2_SAMPLES * MS1MV2_CLASSES * args.dim * 2.0 / (search_gflops * 1e9)
     kw = {"dim": args.dim, "centers": args.centers, "chunk": args.chunk, "block": args.block, "device": args.device}
     small, large = rss_growth(args.rss_samples, **kw), rss_growth(5 * args.rss_samples, **kw)
-    import tempfile
-
-    with tempfile.TemporaryDirectory(dir=args.workdir) as prefect_home:  # one Prefect database for every size
-        flow = [flow_rss(n, dim=args.flow_dim, identities=args.flow_identities, shard_size=args.flow_shard_size,
-                         workdir=args.workdir, prefect_home=prefect_home) for n in args.flow_sizes]
     print(json.dumps({
         "benchmark": "anchors.nearest_negative_search",
         "device": args.device, "torch_threads": torch.get_num_threads(),
@@ -285,7 +297,10 @@ def main(argv: list[str] | None = None) -> int:
         "flow_peak_rss": {"dim": args.flow_dim, "identities": args.flow_identities,
                           "shard_size": args.flow_shard_size, "sizes": flow,
                           "ratio_largest_over_smallest": round(flow[-1]["flow_peak_rss_mib"] /
-                                                               flow[0]["flow_peak_rss_mib"], 3) if flow else None},
+                                                               flow[0]["flow_peak_rss_mib"], 3) if flow else None,
+                          "ratio_before_catalog_refresh": round(
+                              flow[-1]["flow_peak_rss_before_catalog_refresh_mib"] /
+                              flow[0]["flow_peak_rss_before_catalog_refresh_mib"], 3) if flow else None},
     }, indent=2))
     return 0
 

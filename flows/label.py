@@ -197,7 +197,12 @@ def label_rows(ws: Workspace, run_id: str, shard: str, rows: list[dict[str, Any]
 @task(name="label-shard", cache_policy=NO_CACHE)
 def label_shard(ws_root: str, run_id: str, shard: str, row_group: int, *, selection: str, stages: list[str],
                 options: LabelOptions) -> dict[str, Any]:
-    """Label one row group of the frozen selection and write its rows (the runtime commits it)."""
+    """Label one row group of the frozen selection and write its rows (the runtime commits it).
+
+    `seconds_shard` in the counts is the task's whole time (read, stages, writes): summed over the
+    shards it gives the `shard` rate of the run's `stage_images_per_s`, the images/s of one worker.
+    """
+    t0 = time.perf_counter()
     ws = Workspace(ws_root)
     rows = pq.ParquetFile(selection).read_row_group(row_group).to_pylist()
     face_rows, factor_rows, counts = label_rows(ws, run_id, shard, rows, stages, options)
@@ -206,6 +211,7 @@ def label_shard(ws_root: str, run_id: str, shard: str, row_group: int, *, select
         ShardWriter(ws, "faces", run_id).write(shard, face_rows)
     if factor_rows:
         ShardWriter(ws, "factors", run_id).write(shard, factor_rows)
+    counts["seconds_shard"] = round(time.perf_counter() - t0, 6)
     return counts
 
 

@@ -49,7 +49,10 @@ def make_task_runner(kind: str = "threads", max_workers: int | None = None, addr
     if kind == "processes":
         from prefect.task_runners import ProcessPoolTaskRunner
 
-        return ProcessPoolTaskRunner(max_workers=max_workers or os.cpu_count() or 1)
+        from flows.worker_threads import one_thread_per_worker
+
+        return ProcessPoolTaskRunner(max_workers=max_workers or os.cpu_count() or 1,
+                                     initializer=one_thread_per_worker)
     if kind == "dask":
         try:
             from prefect_dask import DaskTaskRunner

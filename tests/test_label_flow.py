@@ -101,7 +101,9 @@ def test_label_mixed_folder_rows_statuses_and_reasons(prefect_harness, mixed):
     assert read_crops(ws, crop["crop_file"], crop["crop_index"]).shape == (112, 112, 3)
     run = _table(ws, f"SELECT * FROM runs WHERE run_id = '{result['run_id']}'")[0]
     metrics = json.loads(run["metrics"])
-    assert run["status"] == "completed" and {"decode", "align", "blur", "pose"} <= set(metrics["stage_seconds"])
+    assert run["status"] == "completed"
+    assert {"decode", "align", "blur", "pose", "shard"} <= set(metrics["stage_seconds"])
+    assert metrics["stage_seconds"]["shard"] >= metrics["stage_seconds"]["pose"]  # a shard's whole task time
     # A factor-only run on a WHERE-selected subset reuses the stored crops and landmarks.
     again = L.label(stages=["pose"], where="face_status = 'ok' AND source LIKE '%tom%'",
                     options={**OPTIONS, "pose_thresholds": [5, 15]}, workspace=str(ws.root), progress=False)
@@ -219,3 +221,28 @@ def test_attributes_default_to_the_real_face_labellers():
     assert len(set(labellers.values())) == 3 and all(by[("tom", f)]["labeller_version"] for f in labellers)
     assert all(by[("tom", f)]["status"] == OK and by[("tom", f)]["class_name"] for f in labellers)
     assert all(by[("gone", f)]["status"] == "no_face" and by[("gone", f)]["class_name"] is None for f in labellers)
+
+
+def test_processes_runner_gives_each_worker_one_thread(monkeypatch):
+    import os
+    import sys
+
+    from flows import runtime
+    from flows.worker_threads import THREAD_ENV, one_thread_per_worker
+
+    runner = runtime.make_task_runner("processes", 2)
+    assert runner._initializer is one_thread_per_worker and runner.duplicate()._initializer is one_thread_per_worker
+    for key in THREAD_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MKL_NUM_THREADS", "3")  # a value the user set is kept
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch else None
+    try:
+        one_thread_per_worker()
+        assert os.environ["OMP_NUM_THREADS"] == "1" and os.environ["OPENCV_FOR_THREADS_NUM"] == "1"
+        assert os.environ["MKL_NUM_THREADS"] == "3"
+        if torch:
+            assert torch.get_num_threads() == 1
+    finally:
+        if torch:
+            torch.set_num_threads(before)

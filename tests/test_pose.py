@@ -188,3 +188,127 @@ def test_insightface_1k3d68_backend_with_a_tiny_generated_model(tmp_path, yaw, p
     np.testing.assert_allclose([pose.yaw, pose.pitch, pose.roll], [yaw, pitch, roll], atol=1e-3)
     pts = backend.landmarks3d(crop, None)
     assert pts.shape == (68, 3) and 20 < pts[30, 0] < 92  # nose tip lands inside the crop
+
+
+def _reference_pnp(points68: np.ndarray, size: int = 112) -> tuple[float, float]:
+    """The previous solve: cv2.solvePnP SQPnP, then its iterative refinement; (yaw, cost in px^2)."""
+    model, k = generic_face_68(), camera_matrix(size, size)
+    obj, img = model.reshape(-1, 1, 3), points68.reshape(-1, 1, 2)
+    _, rvec, tvec = cv2.solvePnP(obj, img, k, None, flags=cv2.SOLVEPNP_SQPNP)
+    _, rvec, tvec = cv2.solvePnP(obj, img, k, None, rvec, tvec, useExtrinsicGuess=True,
+                                 flags=cv2.SOLVEPNP_ITERATIVE)
+    cost = float(((cv2.projectPoints(model, rvec, tvec, k, None)[0].reshape(-1, 2) - points68) ** 2).sum())
+    return angles_from_rotation(cv2.Rodrigues(rvec)[0])[0], cost
+
+
+def test_batched_landmarks_equal_dlib_and_yaw_agrees_with_solvepnp_on_real_faces():
+    """The numpy cascade gives dlib's own 68 points; the batched PnP the yaw of cv2.solvePnP (as good a fit)."""
+    dlib = pytest.importorskip("dlib")
+    from models.weights import dlib_model
+    from pipeline.align import ARCFACE_TEMPLATE
+    from tests.face_fixtures import aligned_identities
+
+    crops = list(aligned_identities().values())
+    crops += [np.ascontiguousarray(c[:, ::-1]) for c in crops]
+    crops += [cv2.GaussianBlur(c, (0, 0), 1.5) for c in crops] + [np.clip(c * 0.6, 0, 255).astype(np.uint8)
+                                                                   for c in crops]
+    rng = np.random.default_rng(0)
+    # Half the crops get measured 5 landmarks (their own seed box), half the template's box.
+    marks = [ARCFACE_TEMPLATE + rng.normal(0, 2, (5, 2)) if i % 2 else None for i in range(len(crops))]
+    backend = DlibPnPPose()
+    got = backend.landmarks68_batch(crops, marks)
+    predictor = dlib.shape_predictor(str(dlib_model("shape_predictor_68_face_landmarks.dat")))
+    for crop, lm, pts in zip(crops, marks, got, strict=True):
+        box = dlib.rectangle(*backend._box(lm))
+        want = np.array([[p.x, p.y] for p in predictor(crop, box).parts()], dtype=np.float64)
+        np.testing.assert_array_equal(pts, want)
+    poses = backend.estimate_batch(crops, marks)
+    yaws = []
+    for pts, pose in zip(got, poses, strict=True):
+        yaw, cost = _reference_pnp(pts)
+        assert abs(pose.yaw - yaw) < 0.05, (pose.yaw, yaw)
+        assert pose.details["reprojection_rms_px"] ** 2 * 68 <= cost + 1e-6  # converged at least as far
+        yaws.append(yaw)
+    assert max(yaws) - min(yaws) > 30  # real faces turned both ways, not only frontal ones
+    single = backend.estimate(crops[3], marks[3])
+    assert single.yaw == pytest.approx(poses[3].yaw, abs=1e-9)
+
+
+class _Batched(_Constant):
+    """A backend with estimate_batch: yaw from the crop's first pixel, an error for a black crop."""
+
+    def __init__(self):
+        super().__init__(0.0)
+        self.calls = []
+
+    def estimate_batch(self, crops, landmarks5):
+        self.calls.append(len(crops))
+        return [ValueError("black crop") if c[0, 0, 0] == 0 else HeadPose(float(c[0, 0, 0]), 0.0, 0.0, {})
+                for c in crops]
+
+
+def test_pose_stage_hands_a_batch_to_estimate_batch_in_order():
+    faces = [FaceCrop("a", np.full((112, 112, 3), 30, np.uint8)), FaceCrop("b", None, status=NO_FACE, error="x"),
+             FaceCrop("c", np.zeros((112, 112, 3), np.uint8)), FaceCrop("d", np.full((112, 112, 3), 5, np.uint8))]
+    backend = _Batched()
+    rows = PoseStage(backend)(faces)
+    assert backend.calls == [3]  # one call with the three usable crops
+    assert [r["sample_id"] for r in rows] == ["a", "b", "c", "d"]
+    assert [r["status"] for r in rows] == [OK, NO_FACE, ERROR, OK]
+    assert rows[0]["class_name"] == "profile" and rows[3]["class_name"] == "frontal"
+    assert "black crop" in rows[2]["error"]
+
+
+def _packed(value: int) -> bytes:
+    """dlib's packed integer: a byte with the length (and bit 7 for negatives), then little-endian bytes."""
+    mag = abs(value)
+    body = mag.to_bytes(max(1, (mag.bit_length() + 7) // 8), "little")
+    return bytes([len(body) | (0x80 if value < 0 else 0)]) + body
+
+
+def _float(x: float) -> bytes:
+    import math
+
+    m, e = math.frexp(x)
+    return _packed(int(m * (1 << 53))) + _packed(e - 53)
+
+
+def _tiny_predictor(path) -> None:
+    """A 2-point, 1-level model with one depth-1 tree: left (pixel 0 brighter than pixel 1 by > 10) moves
+    both points by +0.1, right by -0.1. Pixel 0 sits on point 0, pixel 1 at point 0 + (0.5, 0)."""
+    initial = [0.25, 0.5, 0.75, 0.5]
+    out = _packed(1) + _packed(-4) + _packed(-1) + b"".join(_float(v) for v in initial)
+    out += _packed(1) + _packed(1)  # one level of one tree
+    out += _packed(1) + _packed(0) + _packed(1) + _float(10.0)  # one split: pixel 0 - pixel 1 > 10
+    out += _packed(2)
+    for d in (0.1, -0.1):
+        out += _packed(-4) + _packed(-1) + b"".join(_float(d) for _ in range(4))
+    out += _packed(1) + _packed(2) + _packed(0) + _packed(0)  # anchors: both on point 0
+    out += _packed(1) + _packed(2) + _float(0.0) + _float(0.0) + _float(0.5) + _float(0.0)  # deltas
+    path.write_bytes(out)
+
+
+def test_shape_predictor_reads_dlib_files_and_runs_the_cascade(tmp_path, monkeypatch):
+    from models import shape_predictor as sp
+
+    for v in (0, 1, -1, 255, 256, -70000, 2**40, -(2**62)):
+        data = np.frombuffer(_packed(v) * 3, np.uint8)
+        assert sp._decode(data, sp._token_starts(data)).tolist() == [v] * 3
+    _tiny_predictor(tmp_path / "tiny.dat")
+    monkeypatch.setenv("FIQA_MODELS", str(tmp_path / "store"))
+    (tmp_path / "store").mkdir()
+    model = sp.load_shape_model(tmp_path / "tiny.dat")
+    assert list((tmp_path / "store" / "derived").glob("tiny.*.npz"))  # cached for the next load
+    cached = sp.load_shape_model(tmp_path / "tiny.dat")
+    np.testing.assert_array_equal(cached.leaves, model.leaves)
+    assert (model.levels, model.trees, model.splits_per_tree, model.points) == (1, 1, 1, 2)
+    img = np.zeros((2, 40, 40), np.uint8)
+    img[0, :, :20] = 200  # image 0: point 0 (x = 10) is bright, pixel 1 (x = 20) dark -> left leaf
+    pts = sp.ShapePredictor(model).predict(img, np.array([[0, 0, 40, 40], [0, 0, 40, 40]]))
+    np.testing.assert_array_equal(pts[0], [[14, 24], [34, 24]])  # (0.35, 0.6), (0.85, 0.6) * 40
+    np.testing.assert_array_equal(pts[1], [[6, 16], [26, 16]])  # (0.15, 0.4), (0.65, 0.4) * 40
+    (tmp_path / "cut.dat").write_bytes((tmp_path / "tiny.dat").read_bytes()[:-3])
+    with pytest.raises(ValueError, match="truncated"):
+        sp.read_shape_model(tmp_path / "cut.dat")
+    with pytest.raises(ValueError, match="uint8"):
+        sp.ShapePredictor(model).predict(img.astype(np.float32), np.array([[0, 0, 40, 40]] * 2))

@@ -6,17 +6,27 @@ random blur / brightness / noise, encoded as JPEG like an MS1MV2 RecordIO.
 
 Part 1 (in this process): images/s of each stage on --stage-images crops:
 decode, align (already-aligned mode: MTCNN measures the 5 landmarks on the
-crop), blur (CPBD), pose (dlib 68 + solvePnP), pose (5-landmark geometric),
-and the total of decode+align+blur+pose(dlib). Peer in the same run: dlib's
-HOG frontal-face detector (1x upsampled) on the same crops, as a ratio to our
-MTCNN, with both detection rates.
+crop; `align_none`: --detector none), blur (CPBD), pose (dlib 68 + PnP, the
+whole batch at once), pose (5-landmark geometric), the total of
+decode+align+blur+pose(dlib) and the label pass of `--aligned --detector none`
+(decode + align_none + blur + pose). Peers in the same run: dlib's HOG
+frontal-face detector (1x upsampled) on the same crops, as a ratio to our
+MTCNN, with both detection rates; dlib's own shape predictor crop by crop
+against the batched cascade (and whether the points are the same).
 
-Part 2 (one child process per size): the `label` flow (Prefect, thread runner)
+Part 2 (scaling, two child processes): the `label` flow with the processes
+runner, 1 then 2 workers, over one insightface RecordIO of --scaling-images
+crops (stages --rss-stages, detector --detector): steady-state images/s of
+each, their ratio, and the MS1MV2 projection on --project-cores cores
+(formula in the JSON and docs/labelling.md).
+
+Part 3 (one child process per size): the `label` flow (Prefect, thread runner)
 over an insightface RecordIO of N crops with --rss-stages, reporting the
 child's peak RSS and images/s; the peak must stay flat as N grows.
 
-    python benchmarks/label.py                          # 10k and 50k images (long on 2 cores)
+    python benchmarks/label.py                          # all parts: 10k and 50k images (long on 2 cores)
     python benchmarks/label.py --rss-sizes 2000 10000   # a quicker check
+    python benchmarks/label.py --scaling-only --scaling-images 4000   # the 1- vs 2-worker pass only
 """
 
 from __future__ import annotations
@@ -38,9 +48,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 DISTINCT = 256  # distinct degraded crops, cycled: generation stays cheap, every stage still does real work
 PER_IDENTITY = 50
+MS1MV2_IMAGES = 5_822_653  # faces in MS1MV2 (insightface faces_emore)
 
 
 def base_crops() -> list[np.ndarray]:
@@ -96,6 +106,7 @@ def stage_throughput(n: int) -> dict:
 
     from models.detectors import MTCNNDetector
     from models.pose import DlibPnPPose, FiveLandmarkPose
+    from models.weights import dlib_model
     from pipeline import images
     from pipeline.align import ALREADY_ALIGNED, AlignStage
     from pipeline.blur import BlurStage
@@ -119,17 +130,45 @@ def stage_throughput(n: int) -> dict:
         t[name] = time.perf_counter() - t0
         if len(rows) != n:
             raise RuntimeError(f"{name}: {len(rows)} rows for {n} crops")
+    # The pass of `fiqa label --aligned --detector none`: no landmark measurement on the crop.
+    t0 = time.perf_counter()
+    bare = [AlignStage(None, mode=ALREADY_ALIGNED).align(str(i), img) for i, img in enumerate(decoded)]
+    t["align_none"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pose_dlib(bare)
+    t["pose_dlib68_pnp_no_landmarks5"] = time.perf_counter() - t0
+    # Landmarks alone: the batched cascade against dlib's own predictor crop by crop (the same points).
+    backend = pose_dlib.backend
+    crops, marks = [f.crop for f in faces if f.crop is not None], [f.landmarks for f in faces if f.crop is not None]
+    t0 = time.perf_counter()
+    ours = backend.landmarks68_batch(crops, marks)
+    t_ours = time.perf_counter() - t0
+    predictor = dlib.shape_predictor(str(dlib_model("shape_predictor_68_face_landmarks.dat")))
+    t0 = time.perf_counter()
+    theirs = [[(p.x, p.y) for p in predictor(c, dlib.rectangle(*backend._box(lm))).parts()]
+              for c, lm in zip(crops, marks, strict=True)]
+    t_dlib = time.perf_counter() - t0
     hog = dlib.get_frontal_face_detector()
     t0 = time.perf_counter()
     hog_found = sum(len(hog(img, 1)) > 0 for img in decoded)
     t_hog = time.perf_counter() - t0
     total = t["decode"] + t["align_mtcnn_landmarks"] + t["blur_cpbd"] + t["pose_dlib68_pnp"]
     measured = sum(f.landmarks is not None for f in faces)
+    label_pass = t["decode"] + t["align_none"] + t["blur_cpbd"] + t["pose_dlib68_pnp_no_landmarks5"]
     return {
         "images": n,
         "images_per_s": {k: _rate(n, v) for k, v in t.items()},
         "total_images_per_s": _rate(n, total),
         "total_stages": ["decode", "align_mtcnn_landmarks", "blur_cpbd", "pose_dlib68_pnp"],
+        "label_pass_images_per_s": _rate(n, label_pass),
+        "label_pass_stages": ["decode", "align_none", "blur_cpbd", "pose_dlib68_pnp_no_landmarks5"],
+        "landmarks68": {
+            "ours": "numpy cascade over the whole batch (models/shape_predictor.py)",
+            "peer": "dlib.shape_predictor, crop by crop",
+            "images_per_s": _rate(len(crops), t_ours), "peer_images_per_s": _rate(len(crops), t_dlib),
+            "speed_ratio_ours_over_peer": round(t_dlib / t_ours, 2),
+            "same_points": bool(np.array_equal(ours, np.asarray(theirs, dtype=np.float64))),
+        },
         "peer": {
             "name": "dlib HOG frontal face detector (upsample 1)",
             "images_per_s": _rate(n, t_hog),
@@ -141,71 +180,165 @@ def stage_throughput(n: int) -> dict:
     }
 
 
-def _child(n: int, stages: str, detector: str, pose_backend: str, shard_size: int, workers: int) -> dict:
-    """Build an N-image RecordIO, write its samples rows shard by shard, run the label flow; peak RSS."""
-    from data_manifest import ShardWriter, Workspace
-    from flows import label as L
-    from pipeline.readers import open_reader
+def _write_rec(root: Path, n: int) -> Path:
+    """An insightface RecordIO of n degraded JPEG crops (DISTINCT distinct ones, cycled)."""
     from pipeline.recordio import FaceRecWriter
-    from pipeline.samples import sample_rows
 
     jpegs = degraded_jpegs(DISTINCT)
+    with FaceRecWriter(root / "rec") as w:
+        for i in range(n):
+            w.add(i // PER_IDENTITY, jpegs[i % len(jpegs)])
+    return root / "rec"
+
+
+def _ingested(root: Path, rec: Path, shard_size: int):
+    """A workspace whose `samples` rows describe the RecordIO (written shard by shard, as ingest does)."""
+    from data_manifest import ShardWriter, Workspace
+    from pipeline.readers import open_reader
+    from pipeline.samples import sample_rows
+
+    ws = Workspace(root / "ws")
+    reader = open_reader(rec, "recordio", shard_size=shard_size)
+    for s in reader.plan():
+        ShardWriter(ws, "samples", "ingest-bench").write(s.name, sample_rows("bench", reader.read(s)))
+    return ws
+
+
+def _child(n: int, stages: str, detector: str, pose_backend: str, shard_size: int, workers: int,
+           runner: str = "threads", rec: str | None = None) -> dict:
+    """Run the label flow over an N-image RecordIO (built here unless `rec` names one); time and peak RSS."""
+    from flows import label as L
+
     with tempfile.TemporaryDirectory(prefix="fiqa-bench-label-") as tmp:
         root = Path(tmp)
-        with FaceRecWriter(root / "rec") as w:
-            for i in range(n):
-                w.add(i // PER_IDENTITY, jpegs[i % len(jpegs)])
-        ws = Workspace(root / "ws")
-        reader = open_reader(root / "rec", "recordio", shard_size=shard_size)
-        for s in reader.plan():
-            ShardWriter(ws, "samples", "ingest-bench").write(s.name, sample_rows("bench", reader.read(s)))
+        ws = _ingested(root, Path(rec) if rec else _write_rec(root, n), shard_size)
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         options = {"detector": detector, "align_mode": "already_aligned", "pose_backend": pose_backend}
         t0 = time.perf_counter()
         result = L.label(stages=stages.split(","), options=options, workspace=str(ws.root), shard_size=shard_size,
-                         progress=False, runner="threads", workers=workers)
+                         progress=False, runner=runner, workers=workers)
         elapsed = time.perf_counter() - t0
+        n = result["selected"]
+        steady = _steady_state(ws.runs_dir / result["run_id"] / "shards", workers)
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"images": n, "stages": stages, "detector": detector, "pose_backend": pose_backend,
-            "seconds": round(elapsed, 1), "images_per_s": _rate(n, elapsed),
-            "stage_images_per_s": result["stage_images_per_s"],
+    return {"images": n, "stages": stages, "detector": detector, "pose_backend": pose_backend, "runner": runner,
+            "workers": workers, "shard_size": shard_size,
+            "seconds": round(elapsed, 2), "images_per_s": _rate(n, elapsed),
+            "run_seconds": result["seconds"], "run_images_per_s": _rate(n, result["seconds"]),
+            "stage_images_per_s": result["stage_images_per_s"], **steady,
             "peak_rss_mib_before_flow": round(rss_before / 1024, 1), "peak_rss_mib": round(peak_kib / 1024, 1),
             "faces_rows": result["counts"].get("faces_rows"), "factors_rows": result["counts"].get("factors_rows")}
+
+
+def _steady_state(shard_dir: Path, workers: int) -> dict:
+    """Rates once every worker is up, from the shards' commit records (time committed, samples, task seconds).
+
+    `steady_images_per_s`: the least-squares slope of samples committed against commit time, over the
+    commits after the first `workers` ones (each worker's first shard also pays its process start and
+    model loading; the catalog refresh after the last shard is left out too).
+    `busy_images_per_s_per_worker`: samples over the summed task seconds of all shards (read, stages,
+    writes), the rate of one worker while it works.
+    """
+    from datetime import datetime
+
+    recs = sorted((datetime.fromisoformat(r["committed_at"]).timestamp(), r["counts"])
+                  for r in (json.loads(p.read_text()) for p in shard_dir.glob("*.json")))
+    out: dict = {"shards": len(recs)}
+    busy = sum(c.get("seconds_shard", 0.0) for _, c in recs)
+    if busy > 0:
+        out["busy_images_per_s_per_worker"] = _rate(sum(c.get("samples", 0) for _, c in recs), busy)
+    tail = recs[workers - 1:]
+    if len(tail) >= 2:
+        t = np.array([ts for ts, _ in tail])
+        done = np.cumsum([0] + [c.get("samples", 0) for _, c in tail[1:]])
+        out["steady_images_per_s"] = round(float(np.polyfit(t - t[0], done, 1)[0]), 1)
+    return out
+
+
+def _run_child(n: int, args: argparse.Namespace, *, workers: int, runner: str, rec: Path | None = None) -> dict:
+    cmd = [sys.executable, __file__, "--child", str(n), "--rss-stages", args.rss_stages, "--detector",
+           args.detector, "--pose-backend", args.pose_backend, "--shard-size", str(args.shard_size),
+           "--workers", str(workers), "--runner", runner]
+    if rec is not None:
+        cmd += ["--rec", str(rec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT)
+    if proc.returncode != 0:
+        return {"images": n, "runner": runner, "workers": workers, "error": proc.stderr.strip().splitlines()[-3:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def scaling(n: int, args: argparse.Namespace) -> dict:
+    """The label pass with 1 and 2 workers of the processes runner on one N-image RecordIO, and the projection."""
+    with tempfile.TemporaryDirectory(prefix="fiqa-bench-scaling-") as tmp:
+        rec = _write_rec(Path(tmp), n)
+        one = _run_child(n, args, workers=1, runner="processes", rec=rec)
+        two = _run_child(n, args, workers=2, runner="processes", rec=rec)
+    out: dict = {"images": n, "stages": args.rss_stages, "detector": args.detector,
+                 "pose_backend": args.pose_backend, "shard_size": args.shard_size, "runner": "processes",
+                 "one_worker": one, "two_workers": two}
+    if "error" in one or "error" in two or "steady_images_per_s" not in one or "steady_images_per_s" not in two:
+        return out
+    r1, r2 = one["steady_images_per_s"], two["steady_images_per_s"]
+    ratio = r2 / r1
+    efficiency = ratio / 2
+    cores = args.project_cores
+    rate = r1 * cores * efficiency
+    out.update({
+        "images_per_s_per_worker": r1,
+        "images_per_s_two_workers": r2,
+        "ratio_two_over_one": round(ratio, 3),
+        "scaling_efficiency": round(efficiency, 3),
+        "wall_ratio_two_over_one": round(two["run_images_per_s"] / one["run_images_per_s"], 3),
+        "rates": "steady state: samples committed after each worker's first shard over the time from the "
+                 "workers-th commit to the last (no process start, model loading or catalog refresh); "
+                 "wall_ratio: the same ratio of samples over the whole run's seconds",
+        "projection": {
+            "dataset": "MS1MV2", "images": MS1MV2_IMAGES, "cores": cores,
+            "formula": "minutes = images / (images_per_s_per_worker * cores * scaling_efficiency) / 60, "
+                       "scaling_efficiency = ratio_two_over_one / 2 as measured here on 2 workers, assumed to "
+                       "hold up to `cores` workers",
+            "images_per_s": round(rate, 1),
+            "minutes": round(MS1MV2_IMAGES / rate / 60, 1),
+        },
+    })
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--stage-images", type=int, default=300, help="crops for the per-stage figures (0: skip)")
     p.add_argument("--rss-sizes", type=int, nargs="*", default=[10_000, 50_000], help="dataset sizes for peak RSS")
-    p.add_argument("--rss-stages", default="align,blur,pose", help="stages of the flow in the RSS runs")
-    p.add_argument("--detector", default="none", help="detector of the RSS runs (none: crops are aligned)")
-    p.add_argument("--pose-backend", default="dlib", help="pose backend of the RSS runs")
+    p.add_argument("--rss-stages", default="align,blur,pose", help="stages of the flow in the RSS and scaling runs")
+    p.add_argument("--detector", default="none", help="detector of the flow runs (none: crops are aligned)")
+    p.add_argument("--pose-backend", default="dlib", help="pose backend of the flow runs")
     p.add_argument("--shard-size", type=int, default=1000)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2, help="workers of the RSS runs (thread runner)")
+    p.add_argument("--scaling-images", type=int, default=8000,
+                   help="images of the 1- vs 2-worker label pass with the processes runner (0: skip)")
+    p.add_argument("--scaling-only", action="store_true", help="run only the scaling part (and its projection)")
+    p.add_argument("--project-cores", type=int, default=16, help="cores of the MS1MV2 projection")
     p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--runner", default="threads", help=argparse.SUPPRESS)
+    p.add_argument("--rec", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    # One BLAS/OpenMP thread per process: every worker process of the runs inherits it.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     if args.child is not None:
         print(json.dumps(_child(args.child, args.rss_stages, args.detector, args.pose_backend, args.shard_size,
-                                args.workers)))
+                                args.workers, args.runner, args.rec)))
         return 0
     out: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                              "load_avg_1m_at_start": round(os.getloadavg()[0], 2)}}
-    if args.stage_images > 0:
+    if args.stage_images > 0 and not args.scaling_only:
         out["stages"] = stage_throughput(args.stage_images)
-    runs = []
-    for n in args.rss_sizes:
-        cmd = [sys.executable, __file__, "--child", str(n), "--rss-stages", args.rss_stages, "--detector",
-               args.detector, "--pose-backend", args.pose_backend, "--shard-size", str(args.shard_size),
-               "--workers", str(args.workers)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT)
-        if proc.returncode != 0:
-            runs.append({"images": n, "error": proc.stderr.strip().splitlines()[-3:]})
-            continue
-        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    peaks = [r["peak_rss_mib"] for r in runs if "peak_rss_mib" in r]
-    out["flow_memory"] = {"runs": runs,
-                          "peak_rss_growth_ratio_largest_over_smallest": round(peaks[-1] / peaks[0], 3)
-                          if len(peaks) >= 2 else None}
+    if args.scaling_images > 0:
+        out["scaling"] = scaling(args.scaling_images, args)
+    if not args.scaling_only:
+        runs = [_run_child(n, args, workers=args.workers, runner="threads") for n in args.rss_sizes]
+        peaks = [r["peak_rss_mib"] for r in runs if "peak_rss_mib" in r]
+        out["flow_memory"] = {"runs": runs,
+                              "peak_rss_growth_ratio_largest_over_smallest": round(peaks[-1] / peaks[0], 3)
+                              if len(peaks) >= 2 else None}
     print(json.dumps(out, indent=2))
     return 0
 

@@ -246,45 +246,9 @@ def freeze_selection(ws: Workspace, run_id: str, sql: str, shard_size: int) -> P
         if all(n == shard_size for n in sizes[:-1]) and (not sizes or 0 < sizes[-1] <= shard_size):
             return path
         batches = pq.ParquetFile(path).iter_batches(batch_size=shard_size)
-        _write_row_groups(path, pq.read_schema(path), batches, shard_size)
+        runtime.write_row_groups(path, pq.read_schema(path), batches, shard_size)
         return path
-    statements = catalog.inspect_sql(sql).statements  # checked on its own parser connection
-    if len(statements) != 1:
-        raise ValueError(f"the selection must be a single query, got {len(statements)} statements")
-    con = catalog.connect(ws)
-    try:
-        try:
-            reader = con.sql(statements[0]).to_arrow_reader(batch_size=shard_size)
-        except Exception as e:  # duckdb raises its own error classes for bad SQL
-            raise ValueError(f"selection query failed: {e}\nSQL: {sql}") from e
-        missing = [c for c in REQUIRED if c not in reader.schema.names]
-        if missing:
-            raise ValueError(f"the selection query must return {sorted(missing)} too")
-        _write_row_groups(path, reader.schema, reader, shard_size)
-    finally:
-        con.close()
-    return path
-
-
-def _write_row_groups(path: Path, schema: pa.Schema, batches: Any, shard_size: int) -> None:
-    """Atomically write record batches as row groups of exactly shard_size rows (the last may be shorter)."""
-
-    def write(tmp: Path) -> None:
-        pending: list[pa.RecordBatch] = []
-        n_pending = 0
-        with pq.ParquetWriter(tmp, schema) as writer:
-            for batch in batches:
-                pending.append(batch)
-                n_pending += batch.num_rows
-                while n_pending >= shard_size:
-                    tbl = pa.Table.from_batches(pending, schema)
-                    writer.write_table(tbl.slice(0, shard_size), row_group_size=shard_size)
-                    rest = tbl.slice(shard_size)
-                    pending, n_pending = rest.to_batches(), rest.num_rows
-            if n_pending:
-                writer.write_table(pa.Table.from_batches(pending, schema), row_group_size=shard_size)
-
-    atomic_write(path, write)
+    return runtime.stream_selection(ws, path, sql, shard_size, what="the selection query", required=REQUIRED)
 
 
 def selection_shards(path: Path) -> dict[str, int]:

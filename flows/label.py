@@ -70,35 +70,8 @@ def freeze_selection(ws: Workspace, run_id: str, where: str | None, shard_size: 
     path = ws.runs_dir / run_id / SELECTION_FILE
     if path.exists():
         return path
-    sql = selection_sql(where)
-    statements = catalog.inspect_sql(sql).statements  # checked on its own parser connection
-    if len(statements) != 1:
-        raise ValueError(f"--where must be a single condition, got {len(statements)} statements")
-    con = catalog.connect(ws)
-    try:
-        try:
-            reader = con.sql(statements[0]).to_arrow_reader(batch_size=shard_size)
-        except Exception as e:  # duckdb raises its own error classes for bad SQL
-            raise ValueError(f"cannot select samples with WHERE {where!r}: {e}") from e
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        pending: list[pa.RecordBatch] = []
-        with pq.ParquetWriter(tmp, SELECTION_SCHEMA) as writer:
-            n_pending = 0
-            for batch in reader:
-                pending.append(batch.cast(SELECTION_SCHEMA) if batch.schema != SELECTION_SCHEMA else batch)
-                n_pending += batch.num_rows
-                while n_pending >= shard_size:
-                    tbl = pa.Table.from_batches(pending, SELECTION_SCHEMA)
-                    writer.write_table(tbl.slice(0, shard_size), row_group_size=shard_size)
-                    rest = tbl.slice(shard_size)
-                    pending, n_pending = rest.to_batches(), rest.num_rows
-            if n_pending:
-                writer.write_table(pa.Table.from_batches(pending, SELECTION_SCHEMA), row_group_size=shard_size)
-        tmp.replace(path)
-    finally:
-        con.close()
-    return path
+    what = "the label selection" if where is None else f"--where {where!r}"
+    return runtime.stream_selection(ws, path, selection_sql(where), shard_size, what=what, schema=SELECTION_SCHEMA)
 
 
 def _decode(row: dict[str, Any]) -> tuple[np.ndarray | None, str, str | None]:

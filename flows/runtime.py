@@ -381,6 +381,51 @@ def freeze_selection(ws: Workspace, run_id: str, sql: str, required: tuple[str, 
     return table
 
 
+def write_row_groups(path: Path, schema: pa.Schema, batches: Any, shard_size: int) -> None:
+    """Atomically write record batches (cast to `schema`) as row groups of exactly shard_size rows (the last may be
+    shorter): row group k is shard k, and memory holds one shard whatever the total."""
+
+    def write(tmp: Path) -> None:
+        pending: list[pa.RecordBatch] = []
+        n_pending = 0
+        with pq.ParquetWriter(tmp, schema) as writer:
+            for batch in batches:
+                pending.append(batch.cast(schema) if batch.schema != schema else batch)
+                n_pending += batch.num_rows
+                while n_pending >= shard_size:
+                    tbl = pa.Table.from_batches(pending, schema)
+                    writer.write_table(tbl.slice(0, shard_size), row_group_size=shard_size)
+                    rest = tbl.slice(shard_size)
+                    pending, n_pending = rest.to_batches(), rest.num_rows
+            if n_pending:
+                writer.write_table(pa.Table.from_batches(pending, schema), row_group_size=shard_size)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, write)
+
+
+def stream_selection(ws: Workspace, path: Path, sql: str, shard_size: int, *, what: str,
+                     schema: pa.Schema | None = None, required: tuple[str, ...] = ("sample_id",)) -> Path:
+    """Run one checked query on a read-only catalog connection and stream its rows into `path`, one row group per
+    shard (`write_row_groups`); `what` names the query in errors (a bad statement, missing columns)."""
+    statements = catalog.inspect_sql(sql).statements  # checked on its own parser connection
+    if len(statements) != 1:
+        raise ValueError(f"{what} must be a single query, got {len(statements)} statements")
+    con = catalog.connect(ws)
+    try:
+        try:
+            reader = con.sql(statements[0]).to_arrow_reader(batch_size=shard_size)
+        except Exception as e:  # duckdb raises its own error classes for bad SQL
+            raise ValueError(f"{what} failed: {e}\nSQL: {sql}") from e
+        missing = [c for c in required if c not in reader.schema.names]
+        if missing:
+            raise ValueError(f"{what} must return {sorted(missing)} too")
+        write_row_groups(path, schema or reader.schema, reader, shard_size)
+    finally:
+        con.close()
+    return path
+
+
 def table_shards(table: pa.Table, size: int) -> dict[str, pa.Table]:
     """Consecutive slices of at most `size` rows, named 00000, 00001, ..."""
     if size < 1:

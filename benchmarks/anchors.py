@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -125,9 +126,8 @@ def rss_growth(n: int, **kw: object) -> dict:
 
 
 _FLOW_CHILD = """
-import json, os, resource, sys, time
+import json, resource, sys, time
 sys.path.insert(0, {root!r})
-os.environ.setdefault("PREFECT_HOME", {prefect_home!r})
 from benchmarks.anchors import flow_child
 print(json.dumps(flow_child({ws!r}, {step!r}, **{kw!r})))
 """
@@ -233,8 +233,9 @@ def flow_rss(n: int, *, dim: int, identities: int, shard_size: int, workdir: str
     steps = {}
     with tempfile.TemporaryDirectory(dir=workdir) as ws:
         for step in ("samples", "freeze", "embeddings", "flow"):
-            code = _FLOW_CHILD.format(root=str(ROOT), ws=ws, step=step, kw=kw, prefect_home=prefect_home)
-            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+            code = _FLOW_CHILD.format(root=str(ROOT), ws=ws, step=step, kw=kw)
+            env = {"PREFECT_HOME": prefect_home, **os.environ}  # the user's PREFECT_HOME wins
+            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
             if proc.returncode:
                 raise RuntimeError(f"flow step {step} at n={n} failed: {proc.stderr[-2000:]}")
             steps[step] = json.loads(proc.stdout.strip().splitlines()[-1])

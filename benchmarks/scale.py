@@ -176,15 +176,15 @@ def child_queries(ws_root: Path, mode: str, lookup_id: str, repeats: int) -> dic
 
 
 def child_refresh(ws_root: Path, rebuild: bool) -> dict:
-    from data_manifest import Workspace, catalog
+    from data_manifest import Workspace, catalog, snapshots
 
     ws = Workspace(ws_root, create=False)
-    logs: list[str] = []
+    folds: list[snapshots.FoldReport] = []
     t0 = time.perf_counter()
-    ok = catalog.refresh(ws, rebuild=rebuild, log=logs.append)
+    ok = catalog.refresh(ws, rebuild=rebuild, folds=folds)
     out = {"seconds": round(time.perf_counter() - t0, 2), "ok": ok, "peak_rss_mb": _peak_rss_mb()}
-    if logs:
-        out["snapshots"] = json.loads(logs[-1].removeprefix("snapshots: "))
+    if folds:
+        out["snapshots"] = folds[-1].as_dict()
     return out
 
 

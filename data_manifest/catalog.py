@@ -127,9 +127,10 @@ def connect(ws: Workspace, *, read_paths: Iterable[str] = (),
     refresh_if_moved(ws)
     con = duckdb.connect(":memory:")
     try:
-        states = _attach_snapshots(con, ws)
+        files = {t: snapshots.shard_files(ws, t) for t in TABLES}  # listed once per connection
+        states = _attach_snapshots(con, ws, files)
         for t in TABLES:
-            con.register(f"{t}_history", history_dataset(ws, t))
+            con.register(f"{t}_history", history_dataset(ws, t, files[t]))
         for t, st in states.items():
             if st.usable and st.pending:
                 con.register(f"_pending_{t}", history_dataset(ws, t, st.pending))
@@ -151,8 +152,8 @@ def connect(ws: Workspace, *, read_paths: Iterable[str] = (),
 SNAPSHOT_ALIAS = "snapshot"  # catalog.duckdb, attached read-only to a query connection
 
 
-def _attach_snapshots(con: duckdb.DuckDBPyConnection, ws: Workspace, retries: int = 8,
-                      wait_s: float = 0.25) -> dict[str, snapshots.TableState]:
+def _attach_snapshots(con: duckdb.DuckDBPyConnection, ws: Workspace, files: dict[str, list[Path]],
+                      retries: int = 8, wait_s: float = 0.25) -> dict[str, snapshots.TableState]:
     """Attach catalog.duckdb read-only and say which snapshots a query can use ({} without one).
 
     While a flow folds new shards into it the file is locked for writing: the query waits briefly,
@@ -171,7 +172,7 @@ def _attach_snapshots(con: duckdb.DuckDBPyConnection, ws: Workspace, retries: in
             warnings.warn(f"catalog {ws.catalog_path} cannot be read now ({type(e).__name__}: {e}); answering "
                           "from the manifest shards, which is slower on a large workspace", stacklevel=3)
             return {}
-    return snapshots.table_states(ws, con, SNAPSHOT_ALIAS)
+    return snapshots.table_states(ws, con, SNAPSHOT_ALIAS, files=files)
 
 
 _BUSY = ("lock", "already attached", "in use")  # another process, or a query connection of this one, has the file
@@ -205,9 +206,10 @@ def history_connection(ws: Workspace) -> duckdb.DuckDBPyConnection:
 
 
 def refresh(ws: Workspace, retries: int = 20, wait_s: float = 0.25, *, fold: bool = True, rebuild: bool = False,
-            log: Callable[[str], None] | None = None) -> bool:
+            log: Callable[[str], None] | None = None, folds: list[snapshots.FoldReport] | None = None) -> bool:
     """Fold new shards into the snapshots and rewrite the views in catalog.duckdb.
 
+    `log` receives what the fold has to say (a snapshot rebuilt, and why); `folds` gets its FoldReport.
     Returns False (with a warning) if the file stays locked. A failed fold (out of memory, disk
     full) is a warning too: the shards are committed and queries still answer exactly from them.
     With `rebuild`, every snapshot is recomputed from all shards (what `fiqa compact` does).
@@ -219,8 +221,8 @@ def refresh(ws: Workspace, retries: int = 20, wait_s: float = 0.25, *, fold: boo
         if fold or rebuild:
             try:
                 report = snapshots.update(con, ws, rebuild=rebuild, log=log)
-                if log is not None:
-                    log(f"snapshots: {json.dumps(report.as_dict())}")
+                if folds is not None:
+                    folds.append(report)
             except duckdb.Error as e:
                 if rebuild:
                     raise

@@ -174,7 +174,10 @@ class TableState:
     reason: str = ""
 
 
-def _folded(con: duckdb.DuckDBPyConnection, schema: str = "") -> dict[str, dict[str, tuple[int, int]]] | None:
+FoldedSources = dict[str, dict[str, tuple[int, int]]] | None  # table -> {relative path: (size, mtime_ns)}
+
+
+def _folded(con: duckdb.DuckDBPyConnection, schema: str = "") -> FoldedSources:
     """table -> {relative path: (size, mtime_ns)} of every folded shard, or None without a current snapshot."""
     pre = f"{schema}." if schema else ""
     try:
@@ -191,17 +194,21 @@ def _folded(con: duckdb.DuckDBPyConnection, schema: str = "") -> dict[str, dict[
     return {t: out.get(t, {}) for t in built}
 
 
-def table_states(ws: Workspace, con: duckdb.DuckDBPyConnection, schema: str = "") -> dict[str, TableState]:
-    """The state of every snapshot table (and `labels`), read through `con` (catalog.duckdb attached as `schema`)."""
-    folded = _folded(con, schema)
+def table_states(ws: Workspace, con: duckdb.DuckDBPyConnection, schema: str = "", *,
+                 files: dict[str, list[Path]] | None = None, folded: FoldedSources = None,
+                 ) -> dict[str, TableState]:
+    """The state of every snapshot table (and `labels`), read through `con` (catalog.duckdb attached as `schema`).
+
+    `files` (table -> shard_files) and `folded` (`_folded`) save a second listing / read when the caller has them.
+    """
+    folded = _folded(con, schema) if folded is None else folded
     states: dict[str, TableState] = {}
     for t in SNAPSHOT_TABLES:
         if folded is None or t not in folded:
             states[t] = TableState(t, False, reason="no snapshot")
             continue
         seen = folded[t]
-        files = shard_files(ws, t)
-        names = {rel(ws, p): p for p in files}
+        names = {rel(ws, p): p for p in (shard_files(ws, t) if files is None else files[t])}
         gone = [p for p in seen if p not in names or file_stamp(names[p]) != seen[p]]
         if gone:
             states[t] = TableState(t, False, reason=f"{len(gone)} folded shard(s) changed or removed, e.g. {gone[0]}")
@@ -331,8 +338,9 @@ def update(con: duckdb.DuckDBPyConnection, ws: Workspace, *, rebuild: bool = Fal
     say = log or (lambda _m: None)
     with _exclusive(ws):
         _configure(con, ws)
-        states = None if rebuild else table_states(ws, con)
-        reset = rebuild or _folded(con) is None
+        folded = None if rebuild else _folded(con)
+        reset = rebuild or folded is None
+        states = None if reset else table_states(ws, con, folded=folded)  # None: every table is built afresh
         with _transaction(con):  # `labels` is unusable until it is consistent with its inputs again
             _ensure_meta(con, reset=reset)
             con.execute(f"DELETE FROM {BUILT} WHERE tbl = 'labels'")

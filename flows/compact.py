@@ -12,7 +12,7 @@ import json
 import sys
 import time
 
-from data_manifest import Workspace, catalog
+from data_manifest import Workspace, catalog, snapshots
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
@@ -23,11 +23,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 def compact(ws: Workspace) -> dict:
     """Rebuild every snapshot from all shards there are; what each table got, and the seconds it took."""
     t0 = time.perf_counter()
-    reports: list[str] = []
-    if not catalog.refresh(ws, rebuild=True, log=reports.append):
+    folds: list[snapshots.FoldReport] = []
+    if not catalog.refresh(ws, rebuild=True, folds=folds):
         raise RuntimeError(f"catalog {ws.catalog_path} is locked by another process; try again when it is free")
-    folded = json.loads(reports[-1].removeprefix("snapshots: ")) if reports else {}
-    return {"workspace": str(ws.root), "seconds": round(time.perf_counter() - t0, 3), **folded}
+    return {"workspace": str(ws.root), "seconds": round(time.perf_counter() - t0, 3), **folds[-1].as_dict()}
 
 
 def run_cli(args: argparse.Namespace) -> int:

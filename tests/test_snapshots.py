@@ -72,9 +72,9 @@ def test_fold_equals_history_and_touches_only_the_change(workspace):
 
     # A relabel of 5 samples folds 10 factor rows and recomputes 5 labels rows, nothing else.
     _run(ws, "relabel", {"factors": [_factor(i, "blur", 0.99) for i in range(0, 10, 2)]})
-    logs: list[str] = []
-    catalog.refresh(ws, log=logs.append)
-    report = json.loads(logs[-1].removeprefix("snapshots: "))["tables"]
+    folds: list[snapshots.FoldReport] = []
+    catalog.refresh(ws, folds=folds)
+    report = folds[-1].as_dict()["tables"]
     assert report["factors"] == {"shards": 1, "rows": 5, "rebuilt": False}
     assert report["labels"] == {"samples": 5, "rebuilt": False}
     assert report["samples"] == {"shards": 0, "rows": 0, "rebuilt": False}

@@ -4,8 +4,8 @@ For every format (image folders, RecordIO .rec/.idx, verification .bin pickles, 
 lists) each case builds a small valid dataset, applies seeded mutations (bit flips,
 truncation, length/offset/size fields set to extremes, NaN/inf labels, duplicated and
 reordered entries, symlinks, odd file names, BOMs, NUL bytes) and ingests it the way
-`fiqa ingest` does, minus Prefect: `build_reader` plans the shards, the `ingest_shard`
-task function reads, validates and writes each shard to a Parquet manifest, and the rows
+`fiqa ingest` does, minus Prefect: `build_reader` plans the shards, the ingest shard
+body (`flows.shard_work.ingest_samples`) reads, validates and writes each shard to a Parquet manifest, and the rows
 are read back. A case passes when the dataset is either refused with one clear error
 naming the file, or gives exactly one row per entry (never a traceback, never a silent
 duplicate), and no usable row carries another identity than its image's.
@@ -610,15 +610,16 @@ def ingest_rows(case: Case, fmt: str, ws: Workspace, run_id: str) -> list[dict[s
 
     Errors of the planning step are the dataset's refusal (Refused); anything a shard raises is a crash.
     """
-    from flows.ingest import build_reader, ingest_shard
+    from flows.ingest import build_reader
+    from flows.shard_work import ingest_samples
 
     try:
         reader = build_reader(str(case.path), READER_KIND[fmt], shard_size=4)
     except CLEAR_ERRORS as e:
         raise Refused(str(e)) from e
     for s in reader.plan():
-        ingest_shard.fn(str(ws.root), run_id, s.name, s, reader=reader, dataset=f"fuzz-{fmt}",
-                        max_pixels=4096 * 4096)
+        ingest_samples(str(ws.root), run_id, s.name, s, reader=reader, dataset=f"fuzz-{fmt}",
+                       max_pixels=4096 * 4096)
     rows = [r for p in ShardWriter(ws, "samples", run_id).shards() for r in pq.read_table(p).to_pylist()]
     if len(rows) != len(reader):
         raise AssertionError(f"the reader announced {len(reader)} records but {len(rows)} rows were written")

@@ -14,22 +14,17 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import pyarrow as pa
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from data_manifest import ShardWriter, Workspace, runs
-from data_manifest.schemas import schema
-from flows import runtime
+from data_manifest import Workspace, runs
+from flows import runtime, shard_work
 from flows.arguments import int_at_least
 from pipeline import images
 from pipeline.readers import KINDS, DatasetReader, Shard, open_reader
-from pipeline.samples import sample_rows, status_counts
 
 FORMATS = ("auto", *KINDS)
 DEFAULT_SHARD_SIZE = 10_000  # a shard is seconds of work: a task's fixed cost under the runners stays small
-# The columns sample rows carry (the writer adds run_id and created_at and checks the required ones).
-_ROW_SCHEMA = pa.schema([f.with_nullable(True) for f in schema("samples") if f.name not in ("run_id", "created_at")])
 
 
 def build_reader(path: str, format: str = "auto", shard_size: int = DEFAULT_SHARD_SIZE) -> DatasetReader:
@@ -65,12 +60,11 @@ class IngestOptions(runtime.RunOptions):
 
 
 @task(name="ingest-shard", cache_policy=NO_CACHE)
-def ingest_shard(ws_root: str, run_id: str, shard: str, item: Shard, *, reader: DatasetReader,
+def ingest_shard(ws_root: str, run_id: str, shard: str, item: Shard, *, pool: Any, reader: DatasetReader,
                  dataset: str, max_pixels: int) -> dict[str, int]:
-    """Read, validate and write one shard of samples rows (the runtime commits it)."""
-    rows = sample_rows(dataset, reader.read(item), max_pixels=max_pixels)
-    ShardWriter(Workspace(ws_root), "samples", run_id).write(shard, pa.Table.from_pylist(rows, schema=_ROW_SCHEMA))
-    return status_counts(rows)
+    """Read, validate and write one shard of samples rows, in the compute pool when there is one."""
+    return runtime.offload(pool, shard_work.ingest_samples, ws_root, run_id, shard, item, reader=reader,
+                           dataset=dataset, max_pixels=max_pixels)
 
 
 @flow(name="ingest")
@@ -86,11 +80,11 @@ def ingest_run(opts: IngestOptions) -> dict[str, Any]:
               "shard_size": opts.shard_size, "max_pixels": opts.max_pixels}
     runtime.check_resume(ws, opts.run_id, params)
     t0 = time.perf_counter()
-    with runtime.tracked_run(ws, "ingest", params, opts.run_id) as state:
+    with runtime.compute_pool(opts) as pool, runtime.tracked_run(ws, "ingest", params, opts.run_id) as state:
         rid = state["run_id"]
         outcomes = runtime.run_shards(ingest_shard, {s.name: s for s in plan}, ws=ws, run_id=rid,
-                                      desc=f"ingest {opts.dataset}", progress=opts.progress, reader=reader,
-                                      dataset=opts.dataset, max_pixels=opts.max_pixels)
+                                      desc=f"ingest {opts.dataset}", progress=opts.progress, pool=pool,
+                                      reader=reader, dataset=opts.dataset, max_pixels=opts.max_pixels)
         summary = runtime.summarize(outcomes)
         elapsed = time.perf_counter() - t0
         state["metrics"] = {"seconds": round(elapsed, 3), "records_this_attempt": summary.get("rows", 0),
@@ -105,7 +99,7 @@ def ingest_run(opts: IngestOptions) -> dict[str, Any]:
 def run(opts: IngestOptions) -> dict[str, Any]:
     """Open the dataset (a bad path or format fails before Prefect starts), then run the flow on its runner."""
     build_reader(opts.path, opts.format, opts.shard_size)
-    return runtime.with_runner(ingest_run, opts)(opts)
+    return runtime.with_runner(ingest_run, opts, pooled=True)(opts)
 
 
 def ingest(**kwargs: Any) -> dict[str, Any]:

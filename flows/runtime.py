@@ -278,11 +278,54 @@ def add_common_args(p: argparse.ArgumentParser, *, runner: bool = True) -> None:
         p.add_argument("--address", default=None, help="address of an existing Dask/Ray cluster")
 
 
-def with_runner(flow_obj: Any, opts: Any) -> Any:
-    """The flow with the task runner its options ask for (RunOptions or parsed CLI arguments): the one runner helper."""
-    return flow_obj.with_options(task_runner=make_task_runner(getattr(opts, "runner", "threads"),
-                                                              getattr(opts, "workers", None),
-                                                              getattr(opts, "address", None)))
+def with_runner(flow_obj: Any, opts: Any, *, pooled: bool = False) -> Any:
+    """The flow with the task runner its options ask for (RunOptions or parsed CLI arguments): the one runner helper.
+
+    A `pooled` flow runs its shard bodies in a `compute_pool` under `--runner processes`: its Prefect tasks
+    then run on threads of the flow's process, each handing its shard to a pool worker and waiting for it.
+    """
+    kind = getattr(opts, "runner", "threads")
+    workers = getattr(opts, "workers", None)
+    if pooled and kind == "processes":
+        kind, workers = "threads", workers or os.cpu_count() or 1
+    return flow_obj.with_options(task_runner=make_task_runner(kind, workers, getattr(opts, "address", None)))
+
+
+def _worker_ready() -> int:
+    return os.getpid()
+
+
+@contextlib.contextmanager
+def compute_pool(opts: Any) -> Iterator[Any]:
+    """Dataloader-style worker processes for a pooled flow under `--runner processes`, else None.
+
+    Prefect's processes runner starts every worker as a fresh interpreter that imports Prefect and the
+    flow module and reports each task to the API (about 3 s of start-up on 2 cores, per run). Shard
+    bodies that import neither (`flows.shard_work`) run here instead: the workers import only what those
+    bodies need, start while the flow sets up (one compute thread each), and stay until the flow ends.
+    """
+    if getattr(opts, "runner", "threads") != "processes":
+        yield None
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from flows.worker_threads import one_thread_per_worker
+
+    n = getattr(opts, "workers", None) or os.cpu_count() or 1
+    # spawn, like Prefect's runner: the flow's process has threads (Prefect's event loops), so no fork.
+    with ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=one_thread_per_worker) as pool:
+        for _ in range(n):
+            pool.submit(_worker_ready)  # start the workers now, while the flow plans its shards
+        yield pool
+
+
+def offload(pool: Any, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """fn(*args, **kwargs) in a compute_pool worker when there is a pool, else right here."""
+    if pool is None:
+        return fn(*args, **kwargs)
+    return pool.submit(fn, *args, **kwargs).result()
 
 
 def main_for(module_name: str) -> Callable[[list[str] | None], int]:

@@ -236,3 +236,33 @@ def test_runs_as_python_module(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "flows.ingest", str(missing), "--dataset", "x"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and str(missing) in proc.stderr
+
+
+def test_processes_runner_ingests_in_a_light_worker_pool(tmp_path, prefect_harness):
+    """--runner processes: shard bodies run in pool workers that never import Prefect; rows equal the threads run."""
+    from flows import runtime, shard_work
+    from flows.ingest import IngestOptions, build_reader, ingest
+
+    data = tmp_path / "data"
+    expected = make_bad_inputs(data)
+    ws = {r: Workspace(tmp_path / f"ws_{r}") for r in ("threads", "processes")}
+    for runner, w in ws.items():
+        result = ingest(path=str(data), dataset="messy", shard_size=4, workspace=str(w.root), progress=False,
+                        runner=runner, workers=2)
+        assert result["counts"]["rows"] == len(expected)
+    cols = "sample_id, status, error, width, height, channels, format, bytes, content_hash, identity, source"
+    rows = {r: catalog.query(w, f"SELECT {cols} FROM samples ORDER BY sample_id").to_pylist() for r, w in ws.items()}
+    assert rows["processes"] == rows["threads"] and len(rows["threads"]) == len(expected)
+
+    opts = IngestOptions(path=str(data), dataset="messy", runner="processes", workers=1)
+    reader = build_reader(str(data), shard_size=100)
+    with runtime.compute_pool(opts) as pool:  # one worker: the import check runs where the shard ran
+        counts = runtime.offload(pool, shard_work.ingest_samples, str(tmp_path / "ws_pool"), "pool-run", "00000",
+                                 reader.plan()[0], reader=reader, dataset="messy", max_pixels=images.MAX_PIXELS)
+        loaded = runtime.offload(pool, eval, "[m in __import__('sys').modules for m in "
+                                             "('prefect', 'flows.ingest', 'pipeline.samples', 'torch')]")
+        worker_pid = runtime.offload(pool, os.getpid)
+    assert counts["rows"] == len(expected)
+    assert loaded == [False, False, True, False]
+    assert worker_pid != os.getpid()
+    assert runtime.offload(None, os.getpid) == os.getpid()

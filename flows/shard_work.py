@@ -1,0 +1,32 @@
+"""Shard bodies that run in a flow's compute pool (`runtime.compute_pool`).
+
+A pool worker imports this module to run them, so it must not import Prefect or
+any flow module: only the pipeline stages and the manifest writer they need.
+Each body computes one shard, writes it, and returns the counts its commit
+record keeps; the runtime marks the shard done in the flow's process.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+
+from data_manifest.schemas import schema
+from data_manifest.workspace import Workspace
+from data_manifest.writer import ShardWriter
+from pipeline.readers import DatasetReader, Shard
+from pipeline.samples import sample_rows, status_counts
+
+# The columns sample rows carry (the writer adds run_id and created_at and checks the required ones).
+SAMPLE_ROW_SCHEMA = pa.schema([f.with_nullable(True) for f in schema("samples")
+                               if f.name not in ("run_id", "created_at")])
+
+
+def ingest_samples(ws_root: str, run_id: str, shard: str, item: Shard, *, reader: DatasetReader, dataset: str,
+                   max_pixels: int) -> dict[str, Any]:
+    """Read, validate and write one shard of `samples` rows; returns its per-status counts."""
+    rows = sample_rows(dataset, reader.read(item), max_pixels=max_pixels)
+    ShardWriter(Workspace(ws_root), "samples", run_id).write(shard, pa.Table.from_pylist(rows,
+                                                                                         schema=SAMPLE_ROW_SCHEMA))
+    return status_counts(rows)

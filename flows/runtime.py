@@ -314,11 +314,16 @@ def compute_pool(opts: Any) -> Iterator[Any]:
 
     n = getattr(opts, "workers", None) or os.cpu_count() or 1
     # spawn, like Prefect's runner: the flow's process has threads (Prefect's event loops), so no fork.
-    with ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=one_thread_per_worker) as pool:
+    pool = ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=one_thread_per_worker)
+    try:
         for _ in range(n):
             pool.submit(_worker_ready)  # start the workers now, while the flow plans its shards
         yield pool
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)  # a failed or interrupted flow does not wait for queued shards
+        raise
+    pool.shutdown(wait=True)
 
 
 def offload(pool: Any, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

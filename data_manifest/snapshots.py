@@ -51,6 +51,8 @@ META = "snapshot_meta"
 BUILT = "snapshot_tables"  # the snapshot tables built so far (a rebuild interrupted midway leaves none)
 ENV_MEMORY = "FIQA_DUCKDB_MEMORY"  # memory limit of a snapshot build (DuckDB spills to disk beyond it)
 DEFAULT_MEMORY = "4GB"
+ENV_FOLD_ROWS = "FIQA_FOLD_ROWS"  # rows of shards (and samples of `labels`) an incremental fold takes per step
+FOLD_ROWS = int(os.environ.get(ENV_FOLD_ROWS, "262144"))
 
 
 def sql_str(text: str) -> str:
@@ -265,8 +267,29 @@ def _key_match(table: str, a: str, b: str) -> str:
     return " AND ".join(f"{a}.{k} = {b}.{k}" for k in KEYS[table])
 
 
-def _fold(con: duckdb.DuckDBPyConnection, table: str, files: Sequence[Path], fresh: bool) -> int:
-    """Fold shards into snapshot_<table>; the sample ids whose latest row changed go to _changed. Rows kept."""
+def fold_batches(files: Sequence[Path], max_rows: int) -> list[list[Path]]:
+    """Consecutive runs of shards (in path order) of at most `max_rows` rows each (a bigger shard alone)."""
+    batches: list[list[Path]] = []
+    rows = 0
+    for p in files:
+        n = pq.read_metadata(p).num_rows
+        if not batches or rows + n > max_rows:
+            batches.append([])
+            rows = 0
+        batches[-1].append(p)
+        rows += n
+    return batches
+
+
+def _fold(con: duckdb.DuckDBPyConnection, table: str, files: Sequence[Path], fresh: bool) -> tuple[int, int]:
+    """Fold shards into snapshot_<table>; the sample ids whose latest row changed go to _changed.
+
+    Returns the rows kept and the snapshot rows they replaced.
+
+    A build (`fresh`) inserts the newest row per key of its shards. Otherwise the rows older than the
+    snapshot's row for their key are dropped and the rest replace it, so an incremental fold split into
+    steps (`fold_batches`) ends with the newest row per key whatever the split.
+    """
     snap = snapshot_name(table)
     con.execute(f"CREATE OR REPLACE TEMP TABLE _delta AS {read_shards_sql(table, files)} {newest_first(table)}")
     if fresh:
@@ -276,19 +299,18 @@ def _fold(con: duckdb.DuckDBPyConnection, table: str, files: Sequence[Path], fre
         con.execute(f"DELETE FROM _delta d USING {snap} s WHERE {_key_match(table, 's', 'd')} AND ({older})")
         replaced = con.execute(f"DELETE FROM {snap} s USING _delta d WHERE {_key_match(table, 's', 'd')}").fetchone()[0]
         con.execute(f"INSERT INTO {snap} SELECT * FROM _delta")
-        _after_replacing(con, snap, key_list(table), int(replaced))
     n = con.execute("SELECT count(*) FROM _delta").fetchone()[0]
     if table in LABEL_INPUTS:
         con.execute("INSERT INTO _changed SELECT DISTINCT sample_id FROM _delta")
     con.execute("DROP TABLE _delta")
-    return int(n)
+    return int(n), 0 if fresh else int(replaced)
 
 
 REWRITE_FRACTION = 0.1  # rewrite a snapshot table once this share of its rows was replaced since it was written
 
 
-def _after_replacing(con: duckdb.DuckDBPyConnection, snap: str, keys: str, replaced: int) -> None:
-    """Count rows replaced in a snapshot table; past REWRITE_FRACTION of it, rewrite it in key order.
+def _count_replaced(con: duckdb.DuckDBPyConnection, snap: str, replaced: int) -> bool:
+    """Count rows replaced in a snapshot table; True once past REWRITE_FRACTION of it: `_rewrite` it.
 
     Replaced rows stay in the table file as deleted rows that every scan has to skip, and appended rows
     break the key order that point lookups prune on; an occasional rewrite keeps scans as fast as after a
@@ -297,11 +319,39 @@ def _after_replacing(con: duckdb.DuckDBPyConnection, snap: str, keys: str, repla
     key = f"replaced_{snap}"
     got = con.execute(f"SELECT value FROM {META} WHERE key = ?", [key]).fetchone()
     total = int(got[0]) + replaced if got else replaced
-    size = con.execute(f"SELECT count(*) FROM {snap}").fetchone()[0]
-    if total > REWRITE_FRACTION * max(size, 1):
-        con.execute(f"CREATE OR REPLACE TABLE {snap} AS SELECT * FROM {snap} ORDER BY {keys}")
-        total = 0
     con.execute(f"INSERT OR REPLACE INTO {META} VALUES (?, ?)", [key, str(total)])
+    return total > REWRITE_FRACTION * max(con.execute(f"SELECT count(*) FROM {snap}").fetchone()[0], 1)
+
+
+def _rewrite(con: duckdb.DuckDBPyConnection, table: str, part_rows: int) -> None:
+    """snapshot_<table> rewritten in key order, without its deleted rows."""
+    snap = snapshot_name(table)
+    _build_in_ranges(con, snap, snap, part_rows, lambda cond: f"SELECT * FROM {snap} WHERE {cond}", key_list(table))
+
+
+def _build_in_ranges(con: duckdb.DuckDBPyConnection, target: str, cut_source: str, part_rows: int,
+                     select: Callable[[str], str], keys: str) -> None:
+    """(Re)write table `target` from `select(condition)`, in sample-id ranges of about `part_rows` rows of
+    `cut_source`, each sorted by `keys`, committed and checkpointed on its own (so neither the sort nor the
+    rows written stay in memory: the peak does not grow with the table); swapped in at the end."""
+    nxt = f"{target}_next"
+    n = con.execute(f"SELECT count(*) FROM {cut_source}").fetchone()[0]
+    parts = -(-n // part_rows)
+    cuts = [] if parts <= 1 else con.execute(
+        f"SELECT quantile_disc(sample_id, {[i / parts for i in range(1, parts)]}) FROM {cut_source}").fetchone()[0]
+    bounds = [None, *sorted(set(cuts)), None]
+    with _transaction(con):
+        con.execute(f"CREATE OR REPLACE TABLE {nxt} AS {select('false')} LIMIT 0")
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        cond = " AND ".join([*([f"sample_id >= {sql_str(lo)}"] if lo is not None else []),
+                             *([f"sample_id < {sql_str(hi)}"] if hi is not None else [])]) or "true"
+        with _transaction(con):
+            con.execute(f"INSERT INTO {nxt} {select(cond)} ORDER BY {keys}")
+        con.execute("CHECKPOINT")
+    with _transaction(con):
+        con.execute(f"DROP TABLE IF EXISTS {target}")
+        con.execute(f"ALTER TABLE {nxt} RENAME TO {target}")
+        con.execute(f"INSERT OR REPLACE INTO {META} VALUES (?, '0')", [f"replaced_{target}"])
 
 
 def _record(con: duckdb.DuckDBPyConnection, ws: Workspace, table: str, files: Sequence[Path]) -> None:
@@ -357,18 +407,30 @@ def update(con: duckdb.DuckDBPyConnection, ws: Workspace, *, rebuild: bool = Fal
                     p for p in shard_files(ws, t) if run_completed(ws, run_of(p), done)]
             else:
                 files = [p for p in st.pending if run_completed(ws, run_of(p), done)]
-            with _transaction(con):
-                if fresh:
-                    con.execute(f"CREATE OR REPLACE TABLE {snapshot_name(t)} ({_column_sql(t)})")
-                    con.execute(f"DELETE FROM {SOURCES} WHERE tbl = ?", [t])
-                    con.execute(f"DELETE FROM {META} WHERE key = ?", [f"replaced_{snapshot_name(t)}"])
-                    con.execute(f"INSERT OR IGNORE INTO {BUILT} VALUES (?)", [t])
-                    relabel_all = relabel_all or t in LABEL_INPUTS
-                rows = _fold(con, t, files, fresh) if files else 0
-                _record(con, ws, t, files)
+            # A build reads all its shards in one step (DuckDB spills past its memory limit); an incremental fold
+            # takes FOLD_ROWS rows at a time, each step committed with its shards' record and checkpointed, so
+            # neither its working set nor the rows it wrote stay in memory: its peak does not grow with the change.
+            steps = [files] if fresh else fold_batches(files, FOLD_ROWS)
+            rows = 0
+            for i, step in enumerate(steps or [[]]):
+                if i:
+                    con.execute("CHECKPOINT")
+                with _transaction(con):
+                    if fresh:
+                        con.execute(f"CREATE OR REPLACE TABLE {snapshot_name(t)} ({_column_sql(t)})")
+                        con.execute(f"DELETE FROM {SOURCES} WHERE tbl = ?", [t])
+                        con.execute(f"DELETE FROM {META} WHERE key = ?", [f"replaced_{snapshot_name(t)}"])
+                        con.execute(f"INSERT OR IGNORE INTO {BUILT} VALUES (?)", [t])
+                        relabel_all = relabel_all or t in LABEL_INPUTS
+                    kept, replaced = _fold(con, t, step, fresh) if step else (0, 0)
+                    rows += kept
+                    _record(con, ws, t, step)
+                    due = replaced and _count_replaced(con, snapshot_name(t), replaced)
+                if due:
+                    _rewrite(con, t, FOLD_ROWS)
             report.tables[t] = {"shards": len(files), "rows": rows, "rebuilt": fresh}
+        report.tables["labels"] = _update_labels(con, relabel_all)
         with _transaction(con):
-            report.tables["labels"] = _update_labels(con, relabel_all)
             con.execute(f"INSERT OR IGNORE INTO {BUILT} VALUES ('labels')")
         con.execute("CHECKPOINT")
     report.seconds = time.perf_counter() - t0
@@ -390,30 +452,42 @@ LABELS_PART = 1_000_000  # samples per pass of a full `labels` build (bounds the
 
 
 def _update_labels(con: duckdb.DuckDBPyConnection, rebuild: bool) -> dict:
-    """Recompute the `labels` rows of the samples in _changed, or all of them (in sample-id ranges)."""
+    """Recompute the `labels` rows of the samples in _changed, or all of them (in sample-id ranges).
+
+    A change past REWRITE_FRACTION of `labels` rebuilds it in ranges of FOLD_ROWS samples (what replacing
+    its rows and then rewriting the table would cost, in one pass); a smaller one replaces its rows
+    FOLD_ROWS samples a step (split by hash), each step committed and checkpointed.
+    """
     lab = snapshot_name("labels")
     inputs = [snapshot_name(t) for t in LABEL_INPUTS]
-    if rebuild:
-        con.execute(f"CREATE OR REPLACE TABLE {lab} AS {labels_sql(*inputs)} LIMIT 0")
-        con.execute(f"DELETE FROM {META} WHERE key = 'replaced_{lab}'")
-        n = con.execute(f"SELECT count(*) FROM {inputs[0]}").fetchone()[0]
-        parts = -(-n // LABELS_PART)
-        cuts = [] if parts <= 1 else con.execute(
-            f"SELECT quantile_disc(sample_id, {[i / parts for i in range(1, parts)]}) FROM {inputs[0]}").fetchone()[0]
-        bounds = [None, *sorted(set(cuts)), None]
-        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-            cond = " AND ".join([*([f"sample_id >= {sql_str(lo)}"] if lo is not None else []),
-                                 *([f"sample_id < {sql_str(hi)}"] if hi is not None else [])]) or "true"
-            part = [f"(SELECT * FROM {t} WHERE {cond})" for t in inputs]
-            con.execute(f"INSERT INTO {lab} {labels_sql(*part)} ORDER BY sample_id")
-        return {"samples": int(con.execute(f"SELECT count(*) FROM {lab}").fetchone()[0]), "rebuilt": True}
-    n_changed = con.execute("SELECT count(DISTINCT sample_id) FROM _changed").fetchone()[0]
-    if n_changed:
-        con.execute("CREATE OR REPLACE TEMP TABLE _ids AS SELECT DISTINCT sample_id FROM _changed")
-        replaced = con.execute(f"DELETE FROM {lab} WHERE sample_id IN (SELECT sample_id FROM _ids)").fetchone()[0]
-        con.execute(f"INSERT INTO {lab} {labels_sql(*(only(t, '_ids') for t in inputs))}")
-        _after_replacing(con, lab, "sample_id", int(replaced))
-    return {"samples": int(n_changed), "rebuilt": False}
+    n_changed = 0
+    part_rows = LABELS_PART
+    if not rebuild:
+        con.execute("CREATE OR REPLACE TEMP TABLE _all_ids AS SELECT DISTINCT sample_id FROM _changed")
+        n_changed = int(con.execute("SELECT count(*) FROM _all_ids").fetchone()[0])
+        if n_changed > REWRITE_FRACTION * max(con.execute(f"SELECT count(*) FROM {lab}").fetchone()[0], 1):
+            part_rows = FOLD_ROWS
+    if rebuild or part_rows == FOLD_ROWS:
+        _build_in_ranges(con, lab, inputs[0], part_rows,
+                         lambda cond: labels_sql(*(f"(SELECT * FROM {t} WHERE {cond})" for t in inputs)), "sample_id")
+        samples = n_changed if not rebuild else con.execute(f"SELECT count(*) FROM {lab}").fetchone()[0]
+        return {"samples": int(samples), "rebuilt": rebuild}
+    parts = -(-n_changed // FOLD_ROWS)
+    replaced = 0
+    for i in range(parts):
+        if i:
+            con.execute("CHECKPOINT")
+        with _transaction(con):
+            con.execute("CREATE OR REPLACE TEMP TABLE _ids AS SELECT sample_id FROM _all_ids "
+                        f"WHERE hash(sample_id) % {parts} = {i}")
+            replaced += con.execute(f"DELETE FROM {lab} WHERE sample_id IN (SELECT sample_id FROM _ids)").fetchone()[0]
+            con.execute(f"INSERT INTO {lab} {labels_sql(*(only(t, '_ids') for t in inputs))}")
+    if replaced:
+        with _transaction(con):
+            due = _count_replaced(con, lab, replaced)
+        if due:
+            _rewrite(con, "labels", FOLD_ROWS)
+    return {"samples": n_changed, "rebuilt": False}
 
 
 def _ensure_meta(con: duckdb.DuckDBPyConnection, reset: bool) -> None:

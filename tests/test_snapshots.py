@@ -163,6 +163,50 @@ def test_compact_builds_snapshots_for_a_workspace_written_without_them(workspace
     assert catalog.query(ws, "SELECT sum(pose_value) FROM labels").column(0)[0].as_py() == pytest.approx(0.4 + 2.4)
 
 
+def _snapshot_tables(ws: Workspace) -> dict[str, list[tuple]]:
+    with duckdb.connect(str(ws.catalog_path), read_only=True) as con:
+        return {t: sorted(con.execute(f"SELECT * FROM {snapshots.snapshot_name(t)}").fetchall(), key=repr)
+                for t in (*snapshots.SNAPSHOT_TABLES, "labels")}
+
+
+@pytest.mark.parametrize("changed", [20, 2])  # past REWRITE_FRACTION of `labels` (rebuilt in ranges), and not
+def test_a_fold_split_into_steps_equals_one_fold(workspace, monkeypatch, changed):
+    """Shards folded a few rows at a time (newest row per key across steps, older rows never winning, `labels`
+    replaced in several steps) give exactly the snapshot of one fold, and the history window."""
+    import shutil
+
+    ws = workspace
+    _run(ws, "ingest", {"samples": [_sample(i) for i in range(30)]})
+    catalog.refresh(ws)
+    t0 = datetime.now(UTC)
+    ids = range(changed)
+    rid = runs.start_run(ws, "label", {})  # one run, several shards: the same key in two of them
+    w = ShardWriter(ws, "factors", rid)
+    w.write(0, [_factor(i, "blur", 0.3, created_at=t0) for i in ids])
+    w.write(1, [_factor(i, "pose", 0.6, created_at=t0) for i in ids])
+    w.write(2, [_factor(i, "blur", 0.7, created_at=t0 + timedelta(minutes=1)) for i in ids[::2]])
+    ShardWriter(ws, "faces", rid).write(0, [{"sample_id": f"s{i:03d}", "status": "ok", "n_faces": 1} for i in ids])
+    runs.finish_run(ws, rid, runs.COMPLETED)
+    # A run committed later whose rows are older: in a later step, they must not replace the newer ones.
+    _run(ws, "label", {"factors": [_factor(i, "blur", 0.1, created_at=t0 - timedelta(hours=1)) for i in ids]
+                       + [_factor(i, "expression", 0.2, created_at=t0 - timedelta(hours=1)) for i in ids[:1]]})
+    before = ws.catalog_path.with_name("before.duckdb")
+    shutil.copy(ws.catalog_path, before)
+
+    catalog.refresh(ws)  # one step
+    whole = _snapshot_tables(ws)
+    shutil.copy(before, ws.catalog_path)
+    monkeypatch.setattr(snapshots, "FOLD_ROWS", 1)  # a shard a step, one sample of `labels` a step
+    assert len(snapshots.fold_batches(snapshots.shard_files(ws, "factors"), snapshots.FOLD_ROWS)) == 4
+    folds: list[snapshots.FoldReport] = []
+    catalog.refresh(ws, folds=folds)
+    assert _snapshot_tables(ws) == whole
+    assert folds[-1].tables["labels"] == {"samples": changed, "rebuilt": False}
+    assert_views_match_history(ws)
+    got = catalog.query(ws, "SELECT blur_value, pose_value, expression_value FROM labels WHERE sample_id = 's000'")
+    assert got.to_pylist() == [{"blur_value": 0.7, "pose_value": 0.6, "expression_value": 0.2}]
+
+
 def test_snapshot_keys_are_the_latest_view_keys():
     assert set(snapshots.SNAPSHOT_TABLES) <= set(KEYS) and set(snapshots.LABEL_INPUTS) <= set(snapshots.SNAPSHOT_TABLES)
 

@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import cv2
 import numpy as np
 from scipy import ndimage as ndi
 
@@ -42,12 +44,14 @@ JNB_WIDTH_LOW_CONTRAST = 5.0
 JNB_WIDTH_HIGH_CONTRAST = 3.0
 P_JNB_BIN = 63  # CPBD sums the P_blur histogram bins 0..63 (P_blur <= 0.63)
 MAX_MARGIN = 100  # the width search stops after 101 steps on each side
+_ROW_END = 2  # step "sign" at a row's last column: equal to no sign and to neither neighbour
 
 # scikit-image canny() defaults on a float64 image (the port passes 0..255 doubles).
 _CANNY_SIGMA = 1.0
 _CANNY_LOW = float(np.float32(0.1))  # the non-maximum suppression receives it as a C float
 _CANNY_HIGH = 0.2
 _CANNY_REACH = 6  # a Canny candidate depends on the input within this many pixels
+_PROOF_ROW_STEP = 16  # rows apart of the Canny rows that try to prove edge blocks (see _measure_stack)
 # scipy.ndimage.gaussian_filter's kernel for sigma 1, truncate 4 (radius 4), computed as scipy does.
 _GAUSS_X = np.arange(-4, 5)
 _GAUSS_W = np.exp(-0.5 / (_CANNY_SIGMA * _CANNY_SIGMA) * _GAUSS_X**2)
@@ -58,8 +62,12 @@ _SOBEL_V = np.array([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]]) / 8.
 
 # ITU-R BT.601 luma weights as MATLAB's rgb2gray applies them (CPBD_compute.m converts colour this way).
 _RGB2GRAY = np.array([0.298936021293775, 0.587043074451121, 0.114020904255103])
+# The same weights in fixed point (round(w * 2**22), summing to 2**22) for whole-number RGB.
+_RGB2GRAY_BITS = 22
+_RGB2GRAY_FIXED = np.rint(_RGB2GRAY * 2**_RGB2GRAY_BITS).astype(np.int32)
 
 VERSION = "1.0"
+_CHUNK = 16  # images per vectorised pass: bounds the working arrays of `measure_many`
 
 
 @dataclass(frozen=True)
@@ -92,18 +100,27 @@ class BlockGrid:
             raise ValueError(f"block grid {self} reaches ({bottom}, {right}), outside the image of shape {shape}")
 
     def tiles(self, array: np.ndarray) -> np.ndarray:
-        """A view of the grid's pixels of a 2-D array shaped (rows, block_height, cols, block_width)."""
+        """A view of the grid's pixels of a (..., H, W) array shaped (..., rows, block_height, cols, block_width)."""
         bh, bw = self.block_height, self.block_width
-        region = array[self.top : self.top + self.rows * bh, self.left : self.left + self.cols * bw]
-        return region.reshape(self.rows, bh, self.cols, bw)
+        region = array[..., self.top : self.top + self.rows * bh, self.left : self.left + self.cols * bw]
+        return region.reshape(array.shape[:-2] + (self.rows, bh, self.cols, bw))
 
     def blocks(self, array: np.ndarray) -> np.ndarray:
         """The grid's blocks of a 2-D array, shaped (n_blocks, block_height, block_width), row-major."""
         return self.tiles(array).swapaxes(1, 2).reshape(self.n_blocks, self.block_height, self.block_width)
 
     def counts(self, mask: np.ndarray) -> np.ndarray:
-        """Number of True pixels of a 2-D mask in each block, row-major."""
-        return np.add.reduce(np.add.reduce(self.tiles(mask), axis=3, dtype=np.intp), axis=1).ravel()
+        """Number of True pixels of a (..., H, W) mask in each block: shape (..., n_blocks), row-major."""
+        per_block = np.add.reduce(np.add.reduce(self.tiles(mask), axis=-1, dtype=np.intp), axis=-2)
+        return per_block.reshape(mask.shape[:-2] + (self.n_blocks,))
+
+    def contrast(self, img: np.ndarray) -> np.ndarray:
+        """Integer contrast floor(max - min) of each block of a (..., H, W) image: shape (..., n_blocks)."""
+        tiles = self.tiles(img)
+        spread = tiles.max(axis=-1).max(axis=-2) - tiles.min(axis=-1).min(axis=-2)  # max >= min: no wrap-around
+        if spread.dtype.kind == "f":
+            spread = np.floor(spread)
+        return spread.reshape(img.shape[:-2] + (self.n_blocks,))
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -152,8 +169,17 @@ def rgb_to_gray(rgb: np.ndarray) -> np.ndarray:
         raise ValueError(f"expected an RGB array of shape (H, W, 3), got {arr.shape}")
     if arr.size == 0:
         raise ValueError(f"RGB image is empty (shape {arr.shape})")
-    rgb64 = as_gray(arr.reshape(arr.shape[0], -1), "RGB image").reshape(arr.shape)
-    return np.clip(np.rint(rgb64 @ _RGB2GRAY), 0.0, 255.0).astype(np.uint8)
+    rgb64 = as_gray(arr.reshape(arr.shape[0], -1), "RGB image").reshape(arr.shape)  # validates 0..255
+    if arr.dtype.kind not in "ui":
+        return np.clip(np.rint(rgb64 @ _RGB2GRAY), 0.0, 255.0).astype(np.uint8)
+    # Whole numbers: the same result in 22-bit fixed point (equal for all 2**24 RGB triples, see tests).
+    px = arr.reshape(-1, 3).astype(np.uint8, copy=False)
+    acc = px[:, 0] * _RGB2GRAY_FIXED[0]
+    acc += px[:, 1] * _RGB2GRAY_FIXED[1]
+    acc += px[:, 2] * _RGB2GRAY_FIXED[2]
+    acc += 1 << (_RGB2GRAY_BITS - 1)
+    acc >>= _RGB2GRAY_BITS
+    return acc.astype(np.uint8).reshape(arr.shape[:2])
 
 
 @functools.lru_cache(maxsize=8)
@@ -166,17 +192,22 @@ def _canny_bleed_over(shape: tuple[int, int]) -> np.ndarray:
 
 
 def _gaussian(x: np.ndarray) -> np.ndarray:
-    """`ndi.gaussian_filter(x, 1.0, mode="constant")`: the same two 1-D passes, without its per-call set-up."""
+    """`ndi.gaussian_filter(x, 1.0, mode="constant")` on each image of (..., H, W): the same two 1-D passes."""
     out = np.empty_like(x)
-    ndi.correlate1d(x, _GAUSS_W, 0, out, mode="constant", cval=0.0)
-    ndi.correlate1d(out, _GAUSS_W, 1, out, mode="constant", cval=0.0)
+    ndi.correlate1d(x, _GAUSS_W, -2, out, mode="constant", cval=0.0)
+    ndi.correlate1d(out, _GAUSS_W, -1, out, mode="constant", cval=0.0)
     return out
 
 
 def _canny_gradients(img: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """skimage canny's smoothing (border-renormalised Gaussian) and Sobel gradients + magnitude."""
+    """skimage canny's smoothing (border-renormalised Gaussian) and Sobel gradients + magnitude, per (H, W) image."""
     smoothed = _gaussian(img)
-    smoothed /= _canny_bleed_over(img.shape)
+    smoothed /= _canny_bleed_over(img.shape[-2:])
+    return _gradients(smoothed)
+
+
+def _gradients(smoothed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sobel gradients along rows and columns of smoothed (..., H, W) images, and their magnitude."""
     isobel, jsobel = _sobel_pair(smoothed)
     magnitude = isobel * isobel
     magnitude += jsobel * jsobel
@@ -185,49 +216,45 @@ def _canny_gradients(img: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
 
 def _pad_edge(x: np.ndarray) -> np.ndarray:
-    """Pad by one pixel repeating the border (scipy.ndimage 'reflect' mode for a 3-tap filter)."""
-    p = np.empty((x.shape[0] + 2, x.shape[1] + 2))
-    p[1:-1, 1:-1] = x
-    p[0, 1:-1] = x[0]
-    p[-1, 1:-1] = x[-1]
-    p[:, 0] = p[:, 1]
-    p[:, -1] = p[:, -2]
+    """Pad each (H, W) image by one pixel repeating its border (scipy.ndimage 'reflect' mode for a 3-tap filter)."""
+    p = np.empty(x.shape[:-2] + (x.shape[-2] + 2, x.shape[-1] + 2))
+    p[..., 1:-1, 1:-1] = x
+    p[..., 0, 1:-1] = x[..., 0, :]
+    p[..., -1, 1:-1] = x[..., -1, :]
+    p[..., 0] = p[..., 1]
+    p[..., -1] = p[..., -2]
     return p
 
 
 def _sobel_pair(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """`ndi.sobel(x, axis=0)` and `ndi.sobel(x, axis=1)`, bit for bit (same operations in the same order)."""
+    """`ndi.sobel(x, axis=0)` and `ndi.sobel(x, axis=1)` per (H, W) image, bit for bit (same operations, same order)."""
     p = _pad_edge(x)
-    d1 = p[:, 2:] - p[:, :-2]  # [-1, 0, 1] along axis 1 (scipy: 0 * x + (x[-1] - x[1]) * -1)
-    j = d1[:-2] + d1[2:]  # then [1, 2, 1] along axis 0 (scipy: 2 * x + (x[-1] + x[1]))
-    j += 2.0 * d1[1:-1]
-    d0 = p[2:] - p[:-2]
-    i = d0[:, :-2] + d0[:, 2:]
-    i += 2.0 * d0[:, 1:-1]
+    d1 = p[..., 2:] - p[..., :-2]  # [-1, 0, 1] along the columns (scipy: 0 * x + (x[-1] - x[1]) * -1)
+    j = d1[..., :-2, :] + d1[..., 2:, :]  # then [1, 2, 1] along the rows (scipy: 2 * x + (x[-1] + x[1]))
+    j += 2.0 * d1[..., 1:-1, :]
+    d0 = p[..., 2:, :] - p[..., :-2, :]
+    i = d0[..., :-2] + d0[..., 2:]
+    i += 2.0 * d0[..., 1:-1]
     return i, j
 
 
-def _canny_candidates(
-    grads: tuple[np.ndarray, np.ndarray, np.ndarray], row_step: int = 1
-) -> tuple[np.ndarray, np.ndarray]:
-    """Non-maximum-suppressed pixels above the low threshold, and those also above the high one.
-
-    With `row_step` > 1 only every `row_step`-th interior row is evaluated (exactly;
-    the other rows stay False), which is enough to prove that busy blocks are edge blocks.
-    """
+def _canny_candidates(grads: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Non-maximum-suppressed pixels above the low threshold, and those also above the high one."""
     isobel, jsobel, magnitude = grads
     keep = np.zeros(magnitude.shape, dtype=bool)
-    if magnitude.shape[0] >= 3 and magnitude.shape[1] >= 3:
-        keep[1:-1:row_step, 1:-1] = _nonmaximum_suppression(isobel, jsobel, magnitude, row_step)
+    if magnitude.shape[-2] >= 3 and magnitude.shape[-1] >= 3:
+        keep[..., 1:-1, 1:-1] = _nonmaximum_suppression(isobel, jsobel, magnitude)
     strong = keep & (magnitude >= _CANNY_HIGH)
     return keep, strong
 
 
 def _hysteresis(keep: np.ndarray, strong: np.ndarray) -> np.ndarray:
-    """Keep the 8-connected components of `keep` that contain a strong pixel."""
+    """Keep the 8-connected components of `keep` (within each (H, W) image) that contain a strong pixel."""
     if not strong.any():
         return strong
-    labels, count = ndi.label(keep, structure=np.ones((3, 3), dtype=bool))
+    structure = np.zeros((3,) * keep.ndim, dtype=bool)
+    structure[(1,) * (keep.ndim - 2)] = True  # a 3x3 neighbourhood in the image plane only
+    labels, count = ndi.label(keep, structure=structure)
     good = np.zeros(count + 1, dtype=bool)
     good[labels[strong]] = True
     return good[labels]
@@ -238,22 +265,41 @@ def canny_edges(gray: np.ndarray) -> np.ndarray:
     return _hysteresis(*_canny_candidates(_canny_gradients(as_gray(gray))))
 
 
-def _nonmaximum_suppression(isobel: np.ndarray, jsobel: np.ndarray, mag: np.ndarray, row_step: int = 1) -> np.ndarray:
-    """skimage's bilinear non-maximum suppression + low threshold on interior pixels, vectorised.
+def _sampled_strong(imgs: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Canny's strong candidates (before hysteresis) on `rows` of each (H, W) image: (N, len(rows), W) bool.
+
+    Each row equals that row of `_canny_candidates(_canny_gradients(img))[1]`:
+    it is computed from the slab of rows within `_CANNY_REACH` (every row must
+    be at least that far from the image's top and bottom) with the same
+    filters in the same order, on 13 and then 5 rows instead of the whole image.
+    """
+    reach = _CANNY_REACH
+    slabs = imgs[:, rows[:, None] + np.arange(-reach, reach + 1)].astype(np.float64)  # (N, S, 13, W)
+    vertical = np.empty_like(slabs)
+    ndi.correlate1d(slabs, _GAUSS_W, -2, vertical, mode="constant", cval=0.0)  # rows 4..8 use no padding
+    smoothed = np.ascontiguousarray(vertical[:, :, reach - 2 : reach + 3])  # rows r-2..r+2
+    ndi.correlate1d(smoothed, _GAUSS_W, -1, smoothed, mode="constant", cval=0.0)
+    smoothed /= _canny_bleed_over(imgs.shape[-2:])[rows[:, None] + np.arange(-2, 3)]
+    grads = tuple(g[..., 1:4, :] for g in _gradients(smoothed))  # rows r-1..r+1 (5-row Sobel: outer rows unused)
+    return _canny_candidates(grads)[1][..., 1, :]
+
+
+def _nonmaximum_suppression(isobel: np.ndarray, jsobel: np.ndarray, mag: np.ndarray) -> np.ndarray:
+    """skimage's bilinear non-maximum suppression + low threshold on interior pixels of (..., H, W), vectorised.
 
     Each pixel compares its magnitude with two values interpolated (weight
     w = min(|gi|, |gj|) / max(|gi|, |gj|)) between an axis neighbour and a
     diagonal neighbour on either side along the gradient; the axis neighbours
     are vertical when |isobel| dominates. Same arithmetic as the Cython kernel.
     """
-    rows, cols = mag.shape
+    rows, cols = mag.shape[-2:]
 
     def sh(dx: int, dy: int) -> np.ndarray:
-        return mag[1 + dx : rows - 1 + dx : row_step, 1 + dy : cols - 1 + dy]
+        return mag[..., 1 + dx : rows - 1 + dx, 1 + dy : cols - 1 + dy]
 
     m = sh(0, 0)
-    gi = isobel[1 : rows - 1 : row_step, 1:-1]
-    gj = jsobel[1 : rows - 1 : row_step, 1:-1]
+    gi = isobel[..., 1:-1, 1:-1]
+    gj = jsobel[..., 1:-1, 1:-1]
     ai = np.abs(gi)
     aj = np.abs(gj)
     same = (gi > 0) == (gj > 0)  # both gradients positive, or both <= 0
@@ -281,14 +327,14 @@ def _nonmaximum_suppression(isobel: np.ndarray, jsobel: np.ndarray, mag: np.ndar
 
 
 def _vertical_sobel(img: np.ndarray, integral: bool | None = None) -> np.ndarray:
-    """`ndi.convolve(img, _SOBEL_V)` (reflect border); on integer images by exact slicing arithmetic."""
+    """`ndi.convolve(img, _SOBEL_V)` (reflect border) of a 2-D image, or of each integer image of (..., H, W)."""
     if not (_is_integral(img) if integral is None else integral):
         return ndi.convolve(img, _SOBEL_V)
     # Every term is a multiple of 1/8 below 2**10, so any summation order gives the same doubles.
     p = _pad_edge(img)
-    diff = p[:, 2:] - p[:, :-2]
-    out = diff[:-2] + diff[2:]
-    out += 2.0 * diff[1:-1]
+    diff = p[..., 2:] - p[..., :-2]
+    out = diff[..., :-2, :] + diff[..., 2:, :]
+    out += 2.0 * diff[..., 1:-1, :]
     out *= 0.125
     return out
 
@@ -305,17 +351,18 @@ def _sobel_edges(img: np.ndarray) -> np.ndarray:
     return _thin(padded, thresh2)
 
 
-def _thin(padded: np.ndarray, thresh2: float) -> np.ndarray:
-    """Octave's simple thinning of the thresholded strength, for the centre of `padded` (padding not output).
+def _thin(padded: np.ndarray, thresh2: float | np.ndarray) -> np.ndarray:
+    """Octave's simple thinning of the thresholded strength, for the centre of `padded` (..., H + 2, W + 2).
 
     A pixel above the threshold beats a neighbour at or below it anyway, so the
     neighbours need no thresholding: edge = above & (local max across | local max along).
+    `thresh2` is one threshold, or one per image broadcast as (..., 1, 1).
     """
-    centre = padded[1:-1, 1:-1]
-    across = centre > padded[1:-1, :-2]
-    across &= centre > padded[1:-1, 2:]
-    along = centre > padded[:-2, 1:-1]
-    along &= centre > padded[2:, 1:-1]
+    centre = padded[..., 1:-1, 1:-1]
+    across = centre > padded[..., 1:-1, :-2]
+    across &= centre > padded[..., 1:-1, 2:]
+    along = centre > padded[..., :-2, 1:-1]
+    along &= centre > padded[..., 2:, 1:-1]
     across |= along
     across &= centre > thresh2
     return across
@@ -329,29 +376,39 @@ def sobel_edges(gray: np.ndarray) -> np.ndarray:
 def _step_runs(img: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Runs of equal-sign horizontal steps, on the flattened image.
 
-    `sign[k]` is the sign of I.flat[k + 1] - I.flat[k] (NaN where k is a row's
-    last column, so no run crosses rows); `run[k]` numbers the run of equal
-    signs holding k and `bounds[run]` is its first index (`bounds[run + 1] - 1`
-    its last).
+    `sign[k]` is the sign (-1, 0, 1) of I.flat[k + 1] - I.flat[k] (`_ROW_END`
+    where k is a row's last column, so no run crosses rows); `run[k]` numbers
+    the run of equal signs holding k and `bounds[run]` is its first index
+    (`bounds[run + 1] - 1` its last).
     """
     flat = img.ravel()
-    sign = np.sign(flat[1:] - flat[:-1])
-    sign[img.shape[1] - 1 :: img.shape[1]] = np.nan
-    starts = np.empty(sign.size, dtype=bool)
-    starts[0] = True
-    np.not_equal(sign[1:], sign[:-1], out=starts[1:])  # NaN != NaN: row ends are runs of their own
-    run = np.cumsum(starts, dtype=np.int32) - 1
-    bounds = np.append(np.flatnonzero(starts), sign.size)
-    return sign, run, bounds
+    if flat.dtype == np.uint8:
+        sign = np.sign(np.subtract(flat[1:], flat[:-1], dtype=np.int16))
+    else:
+        sign = np.sign(flat[1:] - flat[:-1]).astype(np.int16)
+    sign[img.shape[1] - 1 :: img.shape[1]] = _ROW_END
+    change = np.empty(sign.size, dtype=bool)
+    change[0] = True
+    np.not_equal(sign[1:], sign[:-1], out=change[1:])  # row ends differ from both neighbours: runs of their own
+    run = np.cumsum(change, dtype=np.int32) - 1
+    return sign, run, np.append(np.flatnonzero(change), sign.size)
 
 
 def _widths_at(img: np.ndarray, r: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """Marziliano widths at interior pixels (r, c); 0 where the quantised angle is neither 0 nor +-180."""
+    """Marziliano widths at interior pixels (r, c); 0 where the quantised angle is neither 0 nor +-180.
+
+    `img` may be a stack of images as one (N * H, W) array: the pixels' rows r - 1 and r + 1 must be
+    rows of the same image, and runs never cross rows.
+    """
     cols = img.shape[1]
     flat = img.ravel()
     p = r * cols + c
-    grad_x = (flat[p + 1] - flat[p - 1]) / 2.0  # np.gradient's central difference
-    grad_y = (flat[p + cols] - flat[p - cols]) / 2.0
+
+    def at(q: np.ndarray) -> np.ndarray:
+        return flat[q].astype(np.float64)
+
+    grad_x = (at(p + 1) - at(p - 1)) / 2.0  # np.gradient's central difference
+    grad_y = (at(p + cols) - at(p - cols)) / 2.0
     with np.errstate(invalid="ignore"):
         angle = np.where(
             grad_x != 0,
@@ -368,9 +425,9 @@ def _widths_at(img: np.ndarray, r: np.ndarray, c: np.ndarray) -> np.ndarray:
     first_row = int(r.min()) - 1
     sign, run, bounds = _step_runs(img[first_row : int(r.max()) + 2])
     p = p - first_row * cols
-    want = np.where(rising, 1.0, -1.0)
+    want = np.where(rising, 1, -1).astype(np.int16)
     # Left: consecutive steps at columns c-2, c-3, ... with the wanted sign; right: c+1, c+2, ...
-    # For c = 1 the step left of c - 1 is the previous row's NaN, for c = W-2 the right one is NaN.
+    # For c = 1 the step left of c - 1 is the previous row's end, for c = W-2 the right one is its own.
     lk = p - 2
     left = np.where(sign[lk] == want, lk - bounds[run[lk]] + 1, 0)
     rk = p + 1
@@ -401,19 +458,23 @@ def marziliano_widths(gray: np.ndarray, sobel_edges: np.ndarray) -> np.ndarray:
     return widths
 
 
-def _block_jnb(img: np.ndarray, grid: BlockGrid, which: np.ndarray) -> np.ndarray:
-    """JNB width per selected block: 5 when its integer contrast (max - min) is <= 50, else 3."""
-    tiles = grid.tiles(img)
-    contrast = np.floor(tiles.max(axis=3).max(axis=1) - tiles.min(axis=3).min(axis=1)).ravel()[which]
+def _jnb_width(contrast: np.ndarray) -> np.ndarray:
+    """JNB width of blocks by their integer contrast (max - min): 5 when it is <= 50, else 3."""
     return np.where(contrast <= JNB_LOW_CONTRAST_MAX, JNB_WIDTH_LOW_CONTRAST, JNB_WIDTH_HIGH_CONTRAST)
 
 
-def _pool(widths: np.ndarray, jnb: np.ndarray) -> float:
-    """CPBD from edge widths and their blocks' JNB widths: share of edges with P_blur <= P_JNB."""
+def _pool(widths: np.ndarray, jnb: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
+    """CPBD of `n` images from their edges' widths, JNB widths and image index: share with P_blur <= P_JNB.
+
+    Per image as the reference computes it: a 101-bin histogram of P_blur
+    divided by the image's edge count, bins 0..63 summed (0 for an image
+    without edges).
+    """
     p_blur = 1.0 - np.exp(-(np.abs(widths / jnb) ** BETA))
-    hist = np.bincount(np.rint(p_blur * 100.0).astype(np.intp), minlength=101).astype(np.float64)
-    hist /= widths.size
-    return float(np.sum(hist[: P_JNB_BIN + 1]))
+    bins = np.rint(p_blur * 100.0).astype(np.intp)
+    hist = np.bincount(owner * 101 + bins, minlength=n * 101).reshape(n, 101).astype(np.float64)
+    hist /= np.maximum(np.bincount(owner, minlength=n), 1)[:, None]
+    return hist[:, : P_JNB_BIN + 1].sum(axis=1)
 
 
 def _check_grid(shape: tuple[int, ...], grid: BlockGrid | None) -> BlockGrid:
@@ -443,19 +504,123 @@ def cpbd_details(gray: np.ndarray, canny: np.ndarray, widths: np.ndarray, grid: 
     n_edge_blocks = int(is_edge_block.sum())
     if n_edge_blocks == 0:
         return CpbdResult(0.0, grid.n_blocks, 0, 0)
-    jnb = _block_jnb(img, grid, is_edge_block)
+    jnb = _jnb_width(grid.contrast(img)[is_edge_block])
     block_widths = grid.blocks(width_map)[is_edge_block]
     present = block_widths != 0
     w = block_widths[present]
     if w.size == 0:
         return CpbdResult(0.0, grid.n_blocks, n_edge_blocks, 0)
     w_jnb = np.broadcast_to(jnb[:, None, None], block_widths.shape)[present]
-    return CpbdResult(_pool(w, w_jnb), grid.n_blocks, n_edge_blocks, int(w.size))
+    value = _pool(w, w_jnb, np.zeros(w.size, dtype=np.intp), 1)[0]
+    return CpbdResult(float(value), grid.n_blocks, n_edge_blocks, int(w.size))
 
 
 def cpbd_from_maps(gray: np.ndarray, canny: np.ndarray, widths: np.ndarray, grid: BlockGrid | None = None) -> float:
     """CPBD from precomputed Canny and edge-width maps (e.g. the MATLAB reference matrices)."""
     return cpbd_details(gray, canny, widths, grid).value
+
+
+def _sobel_strength(imgs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Squared vertical Sobel response of each image of (N, H, W) and its Octave threshold, in the same units.
+
+    uint8 images: 64 x the reference strength, as exact int32 (OpenCV's integer Sobel is 8 x
+    `_vertical_sobel`), and 64 x the reference threshold. The reference mean of the squares sums
+    multiples of 1/64 below 2**34, which is exact in any order, so the integer sum gives it bit
+    for bit. Other images: the reference float64 strength and threshold.
+    """
+    n = len(imgs)
+    if imgs.dtype == np.uint8:
+        strength = np.empty(imgs.shape, dtype=np.int32)
+        for img, out in zip(imgs, strength, strict=True):
+            out[...] = cv2.Sobel(img, cv2.CV_16S, 1, 0, ksize=3, borderType=cv2.BORDER_REPLICATE)
+        strength *= strength
+        mean = strength.reshape(n, -1).sum(axis=1, dtype=np.int64) / 64.0 / (imgs.shape[1] * imgs.shape[2])
+        return strength, 64.0 * (2.0 * np.sqrt(mean))
+    strength = np.square(np.stack([_vertical_sobel(img) for img in imgs]))
+    return strength, 2.0 * np.sqrt(strength.reshape(n, -1).mean(axis=1))
+
+
+def _proof_rows(grid: BlockGrid, height: int) -> np.ndarray:
+    """Rows whose Canny pixels try to prove the edge blocks: every `_PROOF_ROW_STEP`-th row of each block."""
+    rows = [grid.top + b * grid.block_height + offset
+            for b in range(grid.rows) for offset in range(_PROOF_ROW_STEP // 2, grid.block_height, _PROOF_ROW_STEP)]
+    return np.array([r for r in rows if _CANNY_REACH <= r < height - _CANNY_REACH], dtype=np.intp)
+
+
+def _proven_counts(imgs: np.ndarray, grid: BlockGrid) -> np.ndarray:
+    """Per image and block, the strong Canny pixels found on the proof rows: (N, n_blocks), a lower bound.
+
+    Strong candidates survive hysteresis, so they are Canny edges of the full map.
+    """
+    rows = _proof_rows(grid, imgs.shape[1])
+    if rows.size == 0:
+        return np.zeros((len(imgs), grid.n_blocks), dtype=np.intp)
+    strong = _sampled_strong(imgs, rows)[..., grid.left : grid.left + grid.cols * grid.block_width]
+    per_row = np.add.reduce(strong.reshape(strong.shape[:2] + (grid.cols, grid.block_width)), axis=-1, dtype=np.intp)
+    in_block = (rows[:, None] - grid.top) // grid.block_height == np.arange(grid.rows)  # (S, rows)
+    return np.einsum("nsc,sb->nbc", per_row, in_block.astype(np.intp)).reshape(len(imgs), grid.n_blocks)
+
+
+def _measure_stack(imgs: np.ndarray, grid: BlockGrid) -> list[CpbdResult]:
+    """CPBD of each image of a (N, H, W) stack over a grid that fits it (see `measure`).
+
+    `imgs` is uint8 (integer images, the exact integer paths) or float64 in 0..255.
+    """
+    n, rows, cols = imgs.shape
+    limit = grid.block_height * grid.block_width * EDGE_BLOCK_FRACTION
+    # Fast exact decision: strong Canny pixels on a few rows of each block are true edges of the
+    # full map. When every block already holds more than `limit` of them the full map is not
+    # needed; otherwise the image gets the full Canny candidates.
+    counts = _proven_counts(imgs, grid)
+    unsure = np.flatnonzero(~(counts > limit).all(axis=1))
+    if unsure.size:
+        keep, strong = _canny_candidates(_canny_gradients(imgs[unsure].astype(np.float64)))
+        full = grid.counts(strong)
+        # Hysteresis only adds weak pixels to strong ones: blocks already above the limit, or
+        # whose candidates cannot reach it, are decided without tracing.
+        trace = np.flatnonzero(((full <= limit) & (grid.counts(keep) > limit)).any(axis=1))
+        if trace.size:
+            full[trace] = grid.counts(_hysteresis(keep[trace], strong[trace]))
+        counts[unsure] = full
+    is_edge_block = counts > limit
+    n_edge_blocks = is_edge_block.sum(axis=1)
+    results = [CpbdResult(0.0, grid.n_blocks, int(k), 0) for k in n_edge_blocks]
+    todo = np.flatnonzero(n_edge_blocks)
+    if todo.size == 0 or rows < 3 or cols < 3:
+        return results
+    if todo.size < n:
+        imgs, is_edge_block = imgs[todo], is_edge_block[todo]
+
+    # Sobel edges inside edge blocks, thinned only there and never on the image border (the
+    # reference measures no width there); the threshold still uses the whole image.
+    strength, thresh = _sobel_strength(imgs)
+    bottom, right = grid.top + grid.rows * grid.block_height, grid.left + grid.cols * grid.block_width
+    ra, rb, ca, cb = max(grid.top, 1), min(bottom, rows - 1), max(grid.left, 1), min(right, cols - 1)
+    selected = np.zeros(imgs.shape, dtype=bool)
+    grid.tiles(selected)[...] = is_edge_block.reshape(-1, grid.rows, 1, grid.cols, 1)
+    edges = selected[:, ra:rb, ca:cb]
+    edges &= _thin(strength[:, ra - 1 : rb + 1, ca - 1 : cb + 1], thresh[:, None, None])
+    k, at = np.divmod(np.flatnonzero(edges), (rb - ra) * (cb - ca))
+    r, c = np.divmod(at, cb - ca)
+    # Widths on the rows ra-1..rb of every image, stacked as one image (no run crosses a row).
+    window = imgs[:, ra - 1 : rb + 1].reshape(-1, cols)
+    widths = _widths_at(window, k * (rb - ra + 2) + r + 1, c + ca)
+    present = widths != 0
+    k, w = k[present], widths[present]
+    block = (r[present] + ra - grid.top) // grid.block_height * grid.cols + (c[present] + ca - grid.left) // grid.block_width
+    values = _pool(w, _jnb_width(grid.contrast(imgs))[k, block], k, len(imgs))
+    n_edges = np.bincount(k, minlength=len(imgs))
+    for j, i in enumerate(todo):
+        if n_edges[j]:
+            results[i] = CpbdResult(float(values[j]), grid.n_blocks, int(n_edge_blocks[i]), int(n_edges[j]))
+    return results
+
+
+def _exact_stack(imgs: np.ndarray, integer_dtype: bool) -> np.ndarray:
+    """A validated float64 stack as uint8 when every image holds whole numbers (the exact integer paths)."""
+    if integer_dtype or _is_integral(imgs):
+        return imgs.astype(np.uint8)
+    return imgs
 
 
 def measure(gray: np.ndarray, grid: BlockGrid | None = None) -> CpbdResult:
@@ -466,56 +631,36 @@ def measure(gray: np.ndarray, grid: BlockGrid | None = None) -> CpbdResult:
     block's decision depends on it and measures widths only inside edge blocks.
     """
     img = as_gray(gray)
-    integral = True if np.asarray(gray).dtype.kind in "ui" else None
     grid = _check_grid(img.shape, grid)
     if grid.n_blocks == 0:
         return CpbdResult(0.0, 0, 0, 0)
-    limit = grid.block_height * grid.block_width * EDGE_BLOCK_FRACTION
-    rows, cols = img.shape
-    # Fast exact decision on the grid's neighbourhood: Canny values at a pixel depend on the
-    # image within 6 px (Gaussian radius 4, Sobel 1, suppression 1), so a crop with that margin
-    # (or the image border) gives the same candidates inside the blocks. Pixels found on every
-    # 8th row are true Canny edges (strong ones survive hysteresis): when every block already
-    # holds more than `limit` of them, the full map is not needed.
-    bottom, right = grid.top + grid.rows * grid.block_height, grid.left + grid.cols * grid.block_width
-    r0, c0 = max(grid.top - _CANNY_REACH, 0), max(grid.left - _CANNY_REACH, 0)
-    r1, c1 = min(bottom + _CANNY_REACH, rows), min(right + _CANNY_REACH, cols)
-    near = np.ascontiguousarray(img[r0:r1, c0:c1])
-    near_grid = BlockGrid(grid.top - r0, grid.left - c0, grid.block_height, grid.block_width, grid.rows, grid.cols)
-    counts = near_grid.counts(_canny_candidates(_canny_gradients(near), row_step=8)[1])
-    if not (counts > limit).all():
-        keep, strong = _canny_candidates(_canny_gradients(img))
-        counts = grid.counts(strong)
-        # Hysteresis only adds weak pixels to strong ones: blocks already above the limit, or
-        # whose candidates cannot reach it, are decided without tracing.
-        if ((counts <= limit) & (grid.counts(keep) > limit)).any():
-            counts = grid.counts(_hysteresis(keep, strong))
-    is_edge_block = counts > limit
-    n_edge_blocks = int(is_edge_block.sum())
-    if n_edge_blocks == 0 or rows < 3 or cols < 3:
-        return CpbdResult(0.0, grid.n_blocks, n_edge_blocks, 0)
+    return _measure_stack(_exact_stack(img[None], np.asarray(gray).dtype.kind in "ui"), grid)[0]
 
-    # Sobel edges inside edge blocks, thinned only there and never on the image border (the
-    # reference measures no width there); the threshold still uses the whole image.
-    strength2 = np.square(_vertical_sobel(img, integral))
-    bh, bw = grid.block_height, grid.block_width
-    ra, rb, ca, cb = max(grid.top, 1), min(bottom, rows - 1), max(grid.left, 1), min(right, cols - 1)
-    selected = np.zeros((rows, cols), dtype=bool)
-    grid.tiles(selected)[...] = is_edge_block.reshape(grid.rows, 1, grid.cols, 1)
-    edges = selected[ra:rb, ca:cb]
-    edges &= _thin(strength2[ra - 1 : rb + 1, ca - 1 : cb + 1], 2.0 * np.sqrt(np.mean(strength2)))
-    r, c = np.divmod(np.flatnonzero(edges), cb - ca)
-    r += ra
-    c += ca
-    widths = _widths_at(img, r, c)
-    present = widths != 0
-    if not present.any():
-        return CpbdResult(0.0, grid.n_blocks, n_edge_blocks, 0)
-    block_index = ((r - grid.top) // bh) * grid.cols + (c - grid.left) // bw
-    jnb_by_block = np.zeros(grid.n_blocks)
-    jnb_by_block[is_edge_block] = _block_jnb(img, grid, is_edge_block)
-    w = widths[present]
-    return CpbdResult(_pool(w, jnb_by_block[block_index[present]]), grid.n_blocks, n_edge_blocks, int(w.size))
+
+def measure_many(grays: np.ndarray | Sequence[np.ndarray], grid: BlockGrid | None = None) -> list[CpbdResult]:
+    """`measure` of each of N same-size grayscale images (a (N, H, W) array or a sequence), vectorised.
+
+    The images go through the pipeline `_CHUNK` at a time as one stack; every
+    step works image by image within it, so each result equals `measure` of
+    that image alone.
+    """
+    n = len(grays)
+    if n == 0:
+        return []
+    shape = np.shape(grays[0])
+    if len(shape) != 2:
+        raise ValueError(f"images must be 2-D grayscale arrays, got shape {shape}")
+    grid = _check_grid(shape, grid)
+    if grid.n_blocks == 0:
+        return [CpbdResult(0.0, 0, 0, 0)] * n
+    out: list[CpbdResult] = []
+    for s in range(0, n, _CHUNK):
+        part = np.stack(grays[s : s + _CHUNK])  # raises on a mix of sizes
+        if part.dtype != np.uint8:
+            imgs = as_gray(part.reshape(-1, part.shape[2]), "images").reshape(part.shape)
+            part = _exact_stack(imgs, part.dtype.kind in "ui")
+        out += _measure_stack(part, grid)
+    return out
 
 
 def cpbd(gray: np.ndarray) -> float:
@@ -530,6 +675,18 @@ def face_measure(crop_rgb: np.ndarray, grid: BlockGrid = FACE_GRID) -> CpbdResul
         raise ValueError(f"face crop must be RGB of shape (H, W, 3), got {arr.shape}")
     gray = rgb_to_gray(arr)
     return measure(gray, grid)
+
+
+def face_measure_many(crops_rgb: np.ndarray | Sequence[np.ndarray], grid: BlockGrid = FACE_GRID) -> list[CpbdResult]:
+    """`face_measure` of each of N same-size RGB face crops, vectorised (each result equals the crop's own)."""
+    out: list[CpbdResult] = []
+    for s in range(0, len(crops_rgb), _CHUNK):
+        part = np.stack(crops_rgb[s : s + _CHUNK])
+        if part.ndim != 4 or part.shape[3] != 3:
+            raise ValueError(f"face crops must be RGB of shape (H, W, 3), got {part.shape[1:]}")
+        n, h, w = part.shape[:3]
+        out += measure_many(rgb_to_gray(part.reshape(n * h, w, 3)).reshape(n, h, w), grid)
+    return out
 
 
 def face_cpbd(crop_rgb_112: np.ndarray, grid: BlockGrid = FACE_GRID) -> float:
@@ -563,6 +720,22 @@ class BlurStage:
             **kw,
         )
 
+    def _measured(self, sample_id: str, result: CpbdResult) -> dict[str, Any]:
+        details = {
+            "grid": self._grid,
+            "n_blocks": result.n_blocks,
+            "n_edge_blocks": result.n_edge_blocks,
+            "n_edges": result.n_edges,
+        }
+        if result.n_edge_blocks == 0:
+            details["no_edge_blocks"] = True
+        return self._row(
+            sample_id,
+            value=result.value,
+            decision=blur_class(result.value, self.thresholds),
+            details=details,
+        )
+
     def label(self, face: FaceCrop) -> dict[str, Any]:
         """One factors row for one crop; failures become rows with a status and a reason."""
         if face.status != OK:
@@ -573,20 +746,25 @@ class BlurStage:
             result = face_measure(face.crop, self.grid)
         except (ValueError, TypeError) as e:
             return self._row(face.sample_id, status=ERROR, error=f"CPBD failed: {e}")
-        details = {
-            "grid": self._grid,
-            "n_blocks": result.n_blocks,
-            "n_edge_blocks": result.n_edge_blocks,
-            "n_edges": result.n_edges,
-        }
-        if result.n_edge_blocks == 0:
-            details["no_edge_blocks"] = True
-        return self._row(
-            face.sample_id,
-            value=result.value,
-            decision=blur_class(result.value, self.thresholds),
-            details=details,
-        )
+        return self._measured(face.sample_id, result)
 
     def __call__(self, batch: list[FaceCrop]) -> list[dict[str, Any]]:
-        return [self.label(face) for face in batch]
+        """Rows of a batch, in order: same-size uint8 RGB crops measured together, the rest one by one."""
+        rows: list[dict[str, Any] | None] = [None] * len(batch)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, face in enumerate(batch):
+            crop = face.crop
+            if (face.status == OK and isinstance(crop, np.ndarray) and crop.dtype == np.uint8 and crop.ndim == 3
+                    and crop.shape[2] == 3 and crop.size > 0):
+                groups.setdefault(crop.shape, []).append(i)
+            else:
+                rows[i] = self.label(face)
+        for idx in groups.values():
+            try:
+                results = face_measure_many([batch[i].crop for i in idx], self.grid)
+            except ValueError:  # e.g. the grid does not fit these crops: each gets its own error row
+                results = [None] * len(idx)
+            for i, result in zip(idx, results, strict=True):
+                face = batch[i]
+                rows[i] = self.label(face) if result is None else self._measured(face.sample_id, result)
+        return rows  # type: ignore[return-value]  (every entry is filled)

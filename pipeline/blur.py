@@ -607,7 +607,8 @@ def _measure_stack(imgs: np.ndarray, grid: BlockGrid) -> list[CpbdResult]:
     widths = _widths_at(window, k * (rb - ra + 2) + r + 1, c + ca)
     present = widths != 0
     k, w = k[present], widths[present]
-    block = (r[present] + ra - grid.top) // grid.block_height * grid.cols + (c[present] + ca - grid.left) // grid.block_width
+    r, c = r[present] + ra, c[present] + ca
+    block = (r - grid.top) // grid.block_height * grid.cols + (c - grid.left) // grid.block_width
     values = _pool(w, _jnb_width(grid.contrast(imgs))[k, block], k, len(imgs))
     n_edges = np.bincount(k, minlength=len(imgs))
     for j, i in enumerate(todo):

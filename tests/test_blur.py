@@ -396,3 +396,97 @@ def test_threshold_fit_rule():
     assert t.method == "best balanced accuracy" and t.value == 0.45 and t.balanced_accuracy == 0.75
     with pytest.raises(ValueError, match="both classes"):
         fit_threshold([], [0.1], bad_above=True)
+
+
+# --- batched CPBD -----------------------------------------------------------
+
+
+def test_fixed_point_gray_equals_the_float_weights_on_every_rgb_triple():
+    """rgb_to_gray on whole numbers (22-bit fixed point) equals rint(rgb @ weights) for all 2**24 triples."""
+    levels = np.arange(256, dtype=np.uint8)
+    g, b = np.meshgrid(levels, levels, indexing="ij")
+    for r in range(256):
+        rgb = np.stack([np.full_like(g, r), g, b], axis=-1)  # (256, 256, 3): every (g, b) with this r
+        reference = np.clip(np.rint(rgb.astype(np.float64) @ blur._RGB2GRAY), 0, 255).astype(np.uint8)
+        np.testing.assert_array_equal(blur.rgb_to_gray(rgb), reference, err_msg=f"r={r}")
+    floats = np.random.default_rng(5).random((40, 30, 3)) * 255  # non-integer RGB keeps the float path
+    np.testing.assert_array_equal(blur.rgb_to_gray(floats), np.rint(floats @ blur._RGB2GRAY).astype(np.uint8))
+
+
+def test_sampled_canny_rows_equal_the_full_map(port_images):
+    images = [*port_images.values(), *(blur.rgb_to_gray(c) for c in aligned_faces().values())]
+    with_edges = 0
+    for img in images:
+        gray = blur.as_gray(img)
+        rows = np.arange(blur._CANNY_REACH, gray.shape[0] - blur._CANNY_REACH, 5)
+        strong = blur._canny_candidates(blur._canny_gradients(gray))[1]
+        sampled = blur._sampled_strong(gray[None], rows)[0]
+        np.testing.assert_array_equal(sampled, strong[rows])
+        with_edges += bool(sampled.any())
+    assert with_edges >= len(images) - 3
+
+
+def _crop_batch() -> list[np.ndarray]:
+    """Real aligned faces, blurred, darkened and noisy, plus flat, noise and half-flat crops."""
+    rng = np.random.default_rng(11)
+    crops = []
+    for crop in aligned_faces().values():
+        for sigma in (0.0, 1.0, 2.5, 5.0):
+            out = gaussian_blurred(crop, sigma).astype(np.float64) * rng.uniform(0.3, 1.2)
+            crops.append(np.clip(np.rint(out + rng.normal(0, 4, out.shape)), 0, 255).astype(np.uint8))
+    half = crops[0].copy()
+    half[:, 56:] = 90
+    crops += [np.full((112, 112, 3), 128, np.uint8), rng.integers(0, 256, (112, 112, 3), dtype=np.uint8), half]
+    return crops
+
+
+def test_batched_face_cpbd_equals_crop_by_crop():
+    crops = _crop_batch()
+    single = [blur.face_measure(c) for c in crops]
+    assert blur.face_measure_many(crops) == single
+    assert blur.face_measure_many(np.stack(crops[:1])) == single[:1]  # a batch of one, as an array
+    values = [r.value for r in single]
+    assert len(set(values)) > len(crops) - 5 and min(values) == 0.0 and max(values) > 0.5
+    assert single[-3] == blur.CpbdResult(0.0, 4, 0, 0)  # flat: no edge block
+    # A chunk boundary inside the batch changes nothing.
+    assert len(crops) > blur._CHUNK and blur.face_measure_many(crops[1:]) == single[1:]
+
+
+def test_measure_many_equals_measure_on_every_image_kind(port_images):
+    by_shape: dict[tuple[int, ...], list[np.ndarray]] = {}
+    for img in port_images.values():
+        by_shape.setdefault(img.shape, []).append(img)
+    by_shape[(112, 112)].append(np.rint(np.random.default_rng(2).random((112, 112)) * 255).astype(np.int64))
+    for faint in (0.04, 0.05):  # a faint step under a strong one: weak Canny pixels that need hysteresis
+        img = np.full((128, 128), 100.0)
+        img[:64, 30:] += 5.0
+        img[64:, 30:] += faint
+        by_shape.setdefault(img.shape, []).append(img)
+        keep, strong = blur._canny_candidates(blur._canny_gradients(img))
+        grid = BlockGrid.reference(img.shape)
+        assert grid.counts(strong)[2] <= 8 < grid.counts(keep)[2]  # this block's decision needs the tracing
+    assert max(len(v) for v in by_shape.values()) >= 5 and len(by_shape[(128, 128)]) >= 3
+    for shape, images in by_shape.items():
+        for grid in (None, FACE_GRID) if shape[0] >= 112 and shape[1] >= 104 else (None,):
+            assert blur.measure_many(images, grid) == [blur.measure(img, grid) for img in images], shape
+    floats = [img for img in port_images.values() if img.dtype == np.float64 and not np.array_equal(img, np.rint(img))]
+    assert floats  # the float (non-integer) path is covered too
+    assert blur.measure_many([]) == []
+    with pytest.raises(ValueError, match="2-D grayscale"):
+        blur.measure_many(np.zeros((2, 8, 8, 3)))
+
+
+def test_stage_batch_rows_equal_rows_one_by_one():
+    crops = _crop_batch()
+    batch = [FaceCrop(f"s{i}", c) for i, c in enumerate(crops)]
+    batch.insert(3, FaceCrop("noface", None, status=NO_FACE, error="no face detected"))
+    batch.insert(7, FaceCrop("float", crops[0].astype(np.float64)))  # not uint8: measured on its own
+    batch.insert(9, FaceCrop("small", np.zeros((60, 60, 3), dtype=np.uint8)))  # grid outside: an error row
+    batch.append(FaceCrop("small2", np.full((60, 60, 3), 7, dtype=np.uint8)))
+    stage = BlurStage()
+    rows = stage(batch)
+    assert rows == [stage.label(face) for face in batch]
+    assert [r["sample_id"] for r in rows] == [f.sample_id for f in batch]
+    assert rows[7]["value"] == rows[0]["value"]  # the float copy of crop 0 measures the same
+    assert rows[9]["status"] == ERROR and "outside the image" in rows[9]["error"]
+    assert stage(batch[:1]) == rows[:1]

@@ -457,6 +457,7 @@ def test_measure_many_equals_measure_on_every_image_kind(port_images):
     for img in port_images.values():
         by_shape.setdefault(img.shape, []).append(img)
     by_shape[(112, 112)].append(np.rint(np.random.default_rng(2).random((112, 112)) * 255).astype(np.int64))
+    traced = 0
     for faint in (0.04, 0.05):  # a faint step under a strong one: weak Canny pixels that need hysteresis
         img = np.full((128, 128), 100.0)
         img[:64, 30:] += 5.0
@@ -464,7 +465,8 @@ def test_measure_many_equals_measure_on_every_image_kind(port_images):
         by_shape.setdefault(img.shape, []).append(img)
         keep, strong = blur._canny_candidates(blur._canny_gradients(img))
         grid = BlockGrid.reference(img.shape)
-        assert grid.counts(strong)[2] <= 8 < grid.counts(keep)[2]  # this block's decision needs the tracing
+        traced += bool(((grid.counts(strong) <= 8) & (grid.counts(keep) > 8)).any())  # decided by the tracing
+    assert traced
     assert max(len(v) for v in by_shape.values()) >= 5 and len(by_shape[(128, 128)]) >= 3
     for shape, images in by_shape.items():
         for grid in (None, FACE_GRID) if shape[0] >= 112 and shape[1] >= 104 else (None,):

@@ -302,8 +302,9 @@ class ShapePredictor:
 
         self.model = model
         s = model.splits_per_tree
-        self._lut = _leaf_table(s).astype(np.uint16)
+        self._lut = _leaf_table(s).astype(np.uint8)  # leaf within a tree: at most 16 leaves
         self._bit = (1 << np.arange(s)).astype(np.uint16)
+        self._anchor_x = 2 * model.anchors  # column of each feature's anchor x in a flattened (P * 2) shape
         self._thresholds = np.clip(np.floor(model.thresholds), -32768, 32767).astype(np.int16)
         ref = model.initial.astype(np.float64)
         self._ref = ref - ref.mean(axis=0)
@@ -340,10 +341,14 @@ class ShapePredictor:
 
         m = self.model
         n, h, w = gray.shape
-        pixels = gray.reshape(-1)
+        # Images with a one-pixel zero border: a feature pixel outside its image, clipped onto the
+        # border, reads 0 as dlib's does.
+        padded = np.zeros((n, h + 2, w + 2), dtype=np.uint8)
+        padded[:, 1:-1, 1:-1] = gray
+        pixels = padded.reshape(-1)
         left, top = box[:, :1], box[:, 1:2]
         width, height = box[:, 2:3] - left, box[:, 3:4] - top
-        first = (np.arange(n) * (h * w))[:, None]
+        origin = (np.arange(n) * padded[0].size + (w + 2) + 1).astype(np.float64)[:, None]  # pixel (0, 0)
         trees, n_leaves = m.trees, m.leaves.shape[1]
         tree_base = (np.arange(trees) * (n_leaves // trees)).astype(np.uint16)[:, None]
         n_cols = _CHUNK + n_leaves
@@ -362,23 +367,33 @@ class ShapePredictor:
             b = ((cur[:, :, 1] @ self._ref[:, 0] - cur[:, :, 0] @ self._ref[:, 1]) / self._ref_ss
                  ).astype(np.float32)[:, None]
             dx, dy = m.deltas[lv, :, 0], m.deltas[lv, :, 1]
-            anchor = shape[:, m.anchors[lv]]
-            u = a * dx - b * dy + anchor[..., 0]
-            v = b * dx + a * dy + anchor[..., 1]
-            x = np.floor(left + width * u + 0.5)
-            y = np.floor(top + height * v + 0.5)
-            inside = (x >= 0) & (x <= w - 1) & (y >= 0) & (y <= h - 1)
-            at = np.where(inside, y * w + x, 0).astype(np.intp) + first
-            values = np.where(inside, pixels[at], 0).astype(np.int16).T.copy()  # (F, n)
+            flat_shape = shape.reshape(n, -1)
+            u = a * dx - b * dy + flat_shape[:, self._anchor_x[lv]]
+            v = b * dx + a * dy + flat_shape[:, self._anchor_x[lv] + 1]
+            x = width * u  # float64: floor(left + width * u + 0.5)
+            x += left
+            x += 0.5
+            np.floor(x, out=x)
+            np.clip(x, -1.0, w, out=x)
+            y = height * v
+            y += top
+            y += 0.5
+            np.floor(y, out=y)
+            np.clip(y, -1.0, h, out=y)
+            y *= w + 2
+            y += x
+            y += origin
+            values = np.ascontiguousarray(pixels[y.astype(np.intp)].T, dtype=np.int16)  # (F, n): feature rows
             diff = np.take(values, m.split_a[lv], axis=0)
             diff -= np.take(values, m.split_b[lv], axis=0)
             go_left = (diff > self._thresholds[lv][:, None]).view(np.uint8).reshape(trees, -1, n)
+            # Bit s of a tree's pattern: its split s goes left; the leaf table maps patterns to leaves.
             pattern = np.einsum("tsn,s->tn", go_left, self._bit, dtype=np.uint16)
-            leaf = (self._lut[pattern] + tree_base).reshape(-1)  # (trees * n,) leaf ids, tree-major
+            in_tree = self._lut[pattern]  # (trees, n): leaf within each tree
             # Column j of the product lists the images that add table row j: their own shape first, then
-            # the leaves in tree order (images sorted by leaf within the ids, a stable counting sort).
-            indptr[_CHUNK + 1:] = n + np.cumsum(np.bincount(leaf, minlength=n_leaves))
-            indices[n:] = np.argsort(leaf, kind="stable") % n
+            # the leaves in tree order (images sorted by leaf within each tree, a stable sort).
+            indptr[_CHUNK + 1:] = n + np.cumsum(np.bincount((in_tree + tree_base).reshape(-1), minlength=n_leaves))
+            indices[n:] = np.argsort(in_tree, axis=1, kind="stable").reshape(-1)
             table = self._table[lv]
             table[:n] = shape.reshape(n, -1)
             by_column = scipy.sparse.csr_matrix((ones, indices, indptr), shape=(n_cols, n))

@@ -234,6 +234,24 @@ def test_batched_landmarks_equal_dlib_and_yaw_agrees_with_solvepnp_on_real_faces
     assert single.yaw == pytest.approx(poses[3].yaw, abs=1e-9)
 
 
+def test_batched_landmarks_equal_dlib_with_boxes_reaching_outside_the_crop():
+    """Feature pixels that fall outside the image read 0 in the batched cascade as in dlib."""
+    dlib = pytest.importorskip("dlib")
+    from models.weights import dlib_model
+    from tests.face_fixtures import aligned_identities
+
+    crops = list(aligned_identities().values())[:4]
+    boxes = np.array([[-30, -20, 90, 100], [40, 30, 150, 140], [-60, 10, 170, 240], [20, -50, 60, -10],
+                      [0, 0, 111, 111], [10, 25, 102, 117]], dtype=np.float64)
+    stack = np.stack([crops[i % len(crops)] for i in range(len(boxes))])
+    got = DlibPnPPose().predictor.predict(stack, boxes)
+    predictor = dlib.shape_predictor(str(dlib_model("shape_predictor_68_face_landmarks.dat")))
+    for crop, box, pts in zip(stack, boxes, got, strict=True):
+        want = [[p.x, p.y] for p in predictor(crop, dlib.rectangle(*(int(v) for v in box))).parts()]
+        np.testing.assert_array_equal(pts, np.array(want, dtype=np.float64))
+    assert (got < 0).any() and (got > 111).any()  # some landmarks land outside the crop
+
+
 class _Batched(_Constant):
     """A backend with estimate_batch: yaw from the crop's first pixel, an error for a black crop."""
 

@@ -169,9 +169,10 @@ def rgb_to_gray(rgb: np.ndarray) -> np.ndarray:
         raise ValueError(f"expected an RGB array of shape (H, W, 3), got {arr.shape}")
     if arr.size == 0:
         raise ValueError(f"RGB image is empty (shape {arr.shape})")
-    rgb64 = as_gray(arr.reshape(arr.shape[0], -1), "RGB image").reshape(arr.shape)  # validates 0..255
-    if arr.dtype.kind not in "ui":
-        return np.clip(np.rint(rgb64 @ _RGB2GRAY), 0.0, 255.0).astype(np.uint8)
+    if arr.dtype != np.uint8:
+        rgb64 = as_gray(arr.reshape(arr.shape[0], -1), "RGB image").reshape(arr.shape)  # validates 0..255
+        if arr.dtype.kind not in "ui":
+            return np.clip(np.rint(rgb64 @ _RGB2GRAY), 0.0, 255.0).astype(np.uint8)
     # Whole numbers: the same result in 22-bit fixed point (equal for all 2**24 RGB triples, see tests).
     px = arr.reshape(-1, 3).astype(np.uint8, copy=False)
     acc = px[:, 0] * _RGB2GRAY_FIXED[0]
@@ -273,11 +274,14 @@ def _sampled_strong(imgs: np.ndarray, rows: np.ndarray) -> np.ndarray:
     be at least that far from the image's top and bottom) with the same
     filters in the same order, on 13 and then 5 rows instead of the whole image.
     """
-    reach = _CANNY_REACH
+    reach, radius = _CANNY_REACH, len(_GAUSS_W) // 2
     slabs = imgs[:, rows[:, None] + np.arange(-reach, reach + 1)].astype(np.float64)  # (N, S, 13, W)
-    vertical = np.empty_like(slabs)
-    ndi.correlate1d(slabs, _GAUSS_W, -2, vertical, mode="constant", cval=0.0)  # rows 4..8 use no padding
-    smoothed = np.ascontiguousarray(vertical[:, :, reach - 2 : reach + 3])  # rows r-2..r+2
+    # The vertical pass at rows r-2..r+2 (slab rows 4..8, no padding reached): correlate1d's loop for a
+    # symmetric kernel, centre tap first, then the pairs from the outermost in, as in `_gaussian`.
+    lo, hi = reach - 2, reach + 3
+    smoothed = slabs[:, :, lo:hi] * _GAUSS_W[radius]
+    for j in range(radius, 0, -1):
+        smoothed += (slabs[:, :, lo - j : hi - j] + slabs[:, :, lo + j : hi + j]) * _GAUSS_W[radius - j]
     ndi.correlate1d(smoothed, _GAUSS_W, -1, smoothed, mode="constant", cval=0.0)
     smoothed /= _canny_bleed_over(imgs.shape[-2:])[rows[:, None] + np.arange(-2, 3)]
     grads = tuple(g[..., 1:4, :] for g in _gradients(smoothed))  # rows r-1..r+1 (5-row Sobel: outer rows unused)
@@ -390,7 +394,8 @@ def _step_runs(img: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     change = np.empty(sign.size, dtype=bool)
     change[0] = True
     np.not_equal(sign[1:], sign[:-1], out=change[1:])  # row ends differ from both neighbours: runs of their own
-    run = np.cumsum(change, dtype=np.int32) - 1
+    run = np.add.accumulate(change, dtype=np.int32)  # (np.cumsum allocates and runs about 2x slower here)
+    run -= 1
     return sign, run, np.append(np.flatnonzero(change), sign.size)
 
 

@@ -4,7 +4,10 @@
 for 112x112 and 512x512 images (package-shipped faces and generated
 textures), the per-image median times of both, the speed ratio (port / ours)
 per size, and the largest absolute difference of the two CPBD values. The
-blur labeller's face measure (`face_cpbd` on a 112x112 RGB crop) is timed too.
+blur labeller's face measure (`face_cpbd` on a 112x112 RGB crop) is timed too,
+and the batched measure the blur stage uses (`face_measure_many` on --batch
+crops: real faces blurred, darkened and noisy) against `face_measure` crop by
+crop, with whether both give the same results.
 
 Calls of the two are interleaved, and both process CPU time and wall time are
 reported (medians, and CPU minima: the least disturbed calls): on a shared
@@ -27,7 +30,7 @@ import cv2
 import numpy as np
 from scipy import ndimage as ndi
 
-from pipeline.blur import cpbd, face_cpbd, rgb_to_gray
+from pipeline.blur import cpbd, face_cpbd, face_measure, face_measure_many, rgb_to_gray
 
 
 def _timed(fn: Callable[[], object]) -> tuple[float, float]:
@@ -88,6 +91,44 @@ def images() -> dict[int, dict[str, np.ndarray]]:
     return by_size
 
 
+def face_crops(n: int, seed: int = 0) -> list[np.ndarray]:
+    """n 112x112 RGB face crops: the shipped faces, Gaussian blur sigma 0-2.5, brightness 0.6-1.3, noise 0-8."""
+    rgb = _shipped_rgb()
+    bases = [rgb["tom_hanks"], cv2.resize(rgb["astronaut"][20:220, 120:320], (112, 112)),
+             cv2.resize(rgb["t1"][280:430, 430:580], (112, 112))]
+    bases += [np.ascontiguousarray(b[:, ::-1]) for b in bases]
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        img = bases[i % len(bases)].astype(np.float32)
+        sigma = rng.uniform(0, 2.5)
+        if sigma > 0.3:
+            img = cv2.GaussianBlur(img, (0, 0), sigma)
+        img = img * rng.uniform(0.6, 1.3) + rng.normal(0, rng.uniform(0, 8), img.shape)
+        out.append(np.clip(np.rint(img), 0, 255).astype(np.uint8))
+    return out
+
+
+def batched(n: int, rounds: int) -> dict:
+    """face_measure_many on n crops against face_measure crop by crop (interleaved rounds, CPU time)."""
+    crops = face_crops(n)
+    same = face_measure_many(crops) == [face_measure(c) for c in crops]
+    times: dict[str, list[float]] = {"batched": [], "crop_by_crop": []}
+    for _ in range(rounds):
+        times["crop_by_crop"].append(_timed(lambda: [face_measure(c) for c in crops])[0])
+        times["batched"].append(_timed(lambda: face_measure_many(crops))[0])
+    best = {k: min(v) for k, v in times.items()}
+    return {
+        "crops": n,
+        "rounds": rounds,
+        "same_results": same,
+        "batched_images_per_s": round(n / best["batched"] * 1e3, 1),
+        "crop_by_crop_images_per_s": round(n / best["crop_by_crop"] * 1e3, 1),
+        "cpu_min_ratio": round(best["crop_by_crop"] / best["batched"], 2),
+        "cpu_median_ratio": round(statistics.median(times["crop_by_crop"]) / statistics.median(times["batched"]), 2),
+    }
+
+
 def run(repeats: int, port_repeats: int) -> dict:
     import cpbd as cpbd_port  # the cpbd-py312 package (test dependency)
 
@@ -138,10 +179,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30, help="timed calls of our CPBD per image")
     parser.add_argument("--port-repeats", type=int, default=3, help="timed calls of the port per image")
+    parser.add_argument("--batch", type=int, default=512, help="crops of the batched face measure (0: skip)")
+    parser.add_argument("--batch-rounds", type=int, default=5, help="timed rounds of the batched comparison")
+    parser.add_argument("--batch-only", action="store_true", help="only the batched comparison (no port needed)")
     args = parser.parse_args(argv)
-    if args.repeats < 1 or args.port_repeats < 1:
-        parser.error("repeats must be >= 1")
-    json.dump(run(args.repeats, args.port_repeats), sys.stdout, indent=2)
+    if args.repeats < 1 or args.port_repeats < 1 or args.batch < 0 or args.batch_rounds < 1:
+        parser.error("repeats, port repeats and batch rounds must be >= 1, batch >= 0")
+    out = {} if args.batch_only else run(args.repeats, args.port_repeats)
+    if args.batch:
+        out["face_measure_batched"] = batched(args.batch, args.batch_rounds)
+    json.dump(out, sys.stdout, indent=2)
     print()
     return 0
 

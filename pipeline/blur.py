@@ -643,6 +643,16 @@ def measure(gray: np.ndarray, grid: BlockGrid | None = None) -> CpbdResult:
     return _measure_stack(_exact_stack(img[None], np.asarray(gray).dtype.kind in "ui"), grid)[0]
 
 
+def _stack(images: np.ndarray | Sequence[np.ndarray], what: str) -> np.ndarray:
+    """One array of same-shape images; a ValueError naming the shapes otherwise."""
+    if isinstance(images, np.ndarray):
+        return np.ascontiguousarray(images)
+    shapes = {np.shape(img) for img in images}
+    if len(shapes) > 1:
+        raise ValueError(f"{what} must all have the same shape, got {sorted(shapes)}")
+    return np.stack(images)
+
+
 def measure_many(grays: np.ndarray | Sequence[np.ndarray], grid: BlockGrid | None = None) -> list[CpbdResult]:
     """`measure` of each of N same-size grayscale images (a (N, H, W) array or a sequence), vectorised.
 
@@ -661,7 +671,7 @@ def measure_many(grays: np.ndarray | Sequence[np.ndarray], grid: BlockGrid | Non
         return [CpbdResult(0.0, 0, 0, 0)] * n
     out: list[CpbdResult] = []
     for s in range(0, n, _CHUNK):
-        part = np.stack(grays[s : s + _CHUNK])  # raises on a mix of sizes
+        part = _stack(grays[s : s + _CHUNK], "images")
         if part.dtype != np.uint8:
             imgs = as_gray(part.reshape(-1, part.shape[2]), "images").reshape(part.shape)
             part = _exact_stack(imgs, part.dtype.kind in "ui")
@@ -687,7 +697,7 @@ def face_measure_many(crops_rgb: np.ndarray | Sequence[np.ndarray], grid: BlockG
     """`face_measure` of each of N same-size RGB face crops, vectorised (each result equals the crop's own)."""
     out: list[CpbdResult] = []
     for s in range(0, len(crops_rgb), _CHUNK):
-        part = np.stack(crops_rgb[s : s + _CHUNK])
+        part = _stack(crops_rgb[s : s + _CHUNK], "face crops")
         if part.ndim != 4 or part.shape[3] != 3:
             raise ValueError(f"face crops must be RGB of shape (H, W, 3), got {part.shape[1:]}")
         n, h, w = part.shape[:3]

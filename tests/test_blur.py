@@ -476,6 +476,10 @@ def test_measure_many_equals_measure_on_every_image_kind(port_images):
     assert blur.measure_many([]) == []
     with pytest.raises(ValueError, match="2-D grayscale"):
         blur.measure_many(np.zeros((2, 8, 8, 3)))
+    with pytest.raises(ValueError, match=r"same shape, got \[\(112, 112\), \(112, 120\)\]"):
+        blur.measure_many([np.zeros((112, 112)), np.zeros((112, 120))])
+    with pytest.raises(ValueError, match="face crops must all have the same shape"):
+        blur.face_measure_many([np.zeros((112, 112, 3), np.uint8), np.zeros((112, 113, 3), np.uint8)])
 
 
 def test_stage_batch_rows_equal_rows_one_by_one():

@@ -3,8 +3,9 @@
 Generates insightface-style RecordIO files of 112x112 JPEGs (default 20k and 100k
 records), ingests the large one with a naive loop and with the flow under each task
 runner (threads, processes; 2 workers on 2 cores) in the same run: records/s and the
-ratio of each runner to the naive loop. The flow's rate counts its whole run (worker
-start-up included). It also samples the peak RSS (this process plus its workers and
+ratio of each runner to the naive loop; the processes runner also ingests the large
+file with one worker (its ratio to one worker is the scaling with cores). The flow's
+rate counts its whole run (worker start-up included). It also samples the peak RSS (this process plus its workers and
 the local Prefect server) while the flow ingests each size: the peak must stay flat
 as the dataset grows. Prints one JSON object.
 
@@ -181,11 +182,19 @@ def main(argv: list[str] | None = None) -> int:
             flows[runner] = {"small": f_small, "large": f_large,
                              "peak_rss_ratio_large_over_small": round(f_large["peak_rss_mb"] / f_small["peak_rss_mb"],
                                                                       3)}
+        one = None
+        if "processes" in args.runners and args.workers > 1:  # the same runner on one worker: scaling 1 -> N
+            one = run_flow(recs[large], root / "ws_large_processes_1", "bench", "processes", 1, args.shard_size)
         naive_runs.append(naive_loop(recs[large], root / "naive.parquet"))
         naive = {"records": naive_runs[0]["records"], "runs": naive_runs,
                  "records_per_s": round(float(np.mean([n["records_per_s"] for n in naive_runs])), 1)}
         for f in flows.values():
             f["speedup_vs_naive"] = round(f["large"]["records_per_s"] / naive["records_per_s"], 2)
+        if one is not None:
+            flows["processes"]["one_worker_large"] = one
+            flows["processes"]["one_worker_vs_naive"] = round(one["records_per_s"] / naive["records_per_s"], 2)
+            flows["processes"]["scaling_vs_one_worker"] = round(
+                flows["processes"]["large"]["records_per_s"] / one["records_per_s"], 2)
         rec_mb = (recs[large] / "train.rec").stat().st_size / 2**20
     print(json.dumps({
         "benchmark": "ingest",

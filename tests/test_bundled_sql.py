@@ -97,3 +97,34 @@ def test_sql_csv_writes_list_columns_as_json(ws, capsys):
     assert rows == [{"sample_id": "a", "embedding": "[1.0, 0.0]"}] and json.loads(rows[0]["embedding"]) == [1.0, 0.0]
     assert main(["sql", "--workspace", str(ws.root), "--format", "csv", "SELECT * FROM faces"]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 3  # header + two faces
+
+
+def test_factor_distribution_counts_the_latest_ok_labels(tmp_path):
+    """Counts and fractions per (factor, class) equal a count in Python over the latest ok rows."""
+    import random
+    from collections import Counter
+
+    from data_manifest import Workspace
+    from pipeline.factors import FACTOR_CLASSES
+
+    rng = random.Random(3)
+    ws = Workspace(tmp_path / "ws")
+    latest: dict[tuple[str, str], tuple[int, str, str]] = {}
+    for k, run in enumerate(("label-1", "label-2")):  # label-2 relabels some samples: its rows win
+        rows = []
+        for s in (f"s{i}" for i in range(40 if k == 0 else 15)):
+            for f, classes in FACTOR_CLASSES.items():
+                idx = rng.randrange(len(classes))
+                status = "error" if rng.random() < 0.1 else "ok"
+                rows.append({"sample_id": s, "factor": f, "class_index": idx, "class_name": classes[idx],
+                             "labeller": "t", "labeller_version": str(k), "status": status, "value": 0.5})
+                latest[(s, f)] = (idx, classes[idx], status)
+        ShardWriter(ws, "factors", run).write(0, rows)
+    catalog.refresh(ws)
+    counts = Counter((f, idx, name) for (_s, f), (idx, name, status) in latest.items() if status == "ok")
+    per_factor = Counter()
+    for (f, _i, _n), n in counts.items():
+        per_factor[f] += n
+    expected = [(f, i, name, n, round(n / per_factor[f], 4)) for (f, i, name), n in sorted(counts.items())]
+    got = catalog.query(ws, catalog.bundled_sql("factor_distribution"))
+    assert list(zip(*(got.column(c).to_pylist() for c in got.column_names), strict=True)) == expected

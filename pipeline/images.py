@@ -11,7 +11,7 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 # Sample statuses (the `status` column of `samples`); everything but OK is unusable.
 OK = "ok"
@@ -31,6 +31,12 @@ MAX_BYTES = 256 * 1024 * 1024  # larger encoded files are refused without being 
 _PNG_SIG = b"\x89PNG\r\n\x1a\n"
 # JPEG start-of-frame markers (SOF0-SOF15 minus DHT, JPG and DAC) carry the frame size.
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM, RST0-7: no length field
+# A "plain" JPEG (see _jpeg_header) has before its first scan only JFIF/APP0, DQT, DHT, DRI and COM segments
+# and one Huffman-coded baseline, extended or progressive frame of 1 or 3 layers (no EXIF/XMP, ICC, MPO,
+# Adobe or other APPn segments): Pillow opens it as an L or RGB JpegImageFile with nothing else to read.
+_PLAIN_FRAMES = frozenset({0xC0, 0xC1, 0xC2})
+_PLAIN_SEGMENTS = frozenset({0xE0, 0xDB, 0xC4, 0xDD, 0xFE}) | _PLAIN_FRAMES
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +78,7 @@ def read_header(data: bytes) -> HeaderInfo:
         w, h, depth = struct.unpack(">IIB", data[16:25])
         return HeaderInfo("PNG", w, h, depth)
     if data.startswith(b"\xff\xd8"):
-        return _jpeg_header(data)
+        return _jpeg_header(data)[0]
     if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:
         w, h = struct.unpack("<HH", data[6:10])
         return HeaderInfo("GIF", w, h, 8)
@@ -82,25 +88,58 @@ def read_header(data: bytes) -> HeaderInfo:
     return HeaderInfo(None, None, None)
 
 
-def _jpeg_header(data: bytes) -> HeaderInfo:
-    """Walk JPEG marker segments up to the first start-of-frame and read its size."""
+def _jpeg_header(data: bytes, *, plain: bool = False) -> tuple[HeaderInfo, int]:
+    """Walk JPEG marker segments: the first start-of-frame's size, and with `plain` the frame's layer count.
+
+    The layer count (1 or 3) is returned only for a plain JPEG: every segment up to the first scan is a
+    complete, well-formed one of _PLAIN_SEGMENTS, with exactly one 8-bit frame; otherwise it is 0.
+    """
     pos, n = 2, len(data)
+    head: HeaderInfo | None = None
+    layers = 0
     while pos + 4 <= n:
         if data[pos] != 0xFF:
             break
         marker = data[pos + 1]
         if marker == 0xFF:  # fill byte
-            pos += 1
+            plain, pos = False, pos + 1
             continue
-        if marker in (0x01, *range(0xD0, 0xD8)):  # stand-alone markers
-            pos += 2
+        if marker in _STANDALONE_MARKERS:
+            plain, pos = False, pos + 2
             continue
-        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
-        if marker in _SOF_MARKERS and pos + 9 <= n:
-            depth, h, w = struct.unpack(">BHH", data[pos + 4 : pos + 9])
-            return HeaderInfo("JPEG", w, h, depth)
+        length = data[pos + 2] << 8 | data[pos + 3]
+        if head is None and marker in _SOF_MARKERS and pos + 9 <= n:
+            depth, h, w = struct.unpack_from(">BHH", data, pos + 4)
+            head = HeaderInfo("JPEG", w, h, depth)
+        if plain:
+            end = pos + 2 + length
+            if length < 2 or end > n or (marker not in _PLAIN_SEGMENTS and marker != 0xDA):
+                plain = False
+            elif marker == 0xDA:  # start of scan: the header part ends here
+                if layers:
+                    return head or HeaderInfo("JPEG", None, None), layers
+                plain = False
+            elif marker in _PLAIN_FRAMES:
+                size = length - 2
+                ok = not layers and size >= 6 and data[pos + 4] == 8 and data[pos + 9] in (1, 3) and (size - 6) % 3 == 0
+                plain, layers = ok, data[pos + 9] if ok else 0
+            elif marker == 0xDB:
+                plain = _dqt_complete(data, pos + 4, end)
+            elif marker == 0xE0:  # a JFIF APP0 must hold its version
+                plain = not (data.startswith(b"JFIF", pos + 4) and length - 2 < 7)
+        if head is not None and not plain:
+            return head, 0
         pos += 2 + length
-    return HeaderInfo("JPEG", None, None)
+    return head or HeaderInfo("JPEG", None, None), 0
+
+
+def _dqt_complete(data: bytes, pos: int, end: int) -> bool:
+    """Whether the DQT segment data[pos:end] holds only complete quantization tables (8- or 16-bit)."""
+    while pos < end:
+        pos += 65 if data[pos] >> 4 == 0 else 129
+        if pos > end:
+            return False
+    return True
 
 
 def decode(data: bytes, *, max_pixels: int = MAX_PIXELS, pixels: bool = True) -> DecodedImage:
@@ -113,13 +152,16 @@ def decode(data: bytes, *, max_pixels: int = MAX_PIXELS, pixels: bool = True) ->
     """
     if len(data) == 0:
         return DecodedImage(EMPTY, "zero-byte file")
-    head = read_header(data)
+    head, layers = _jpeg_header(data, plain=not pixels) if data.startswith(b"\xff\xd8") else (read_header(data), 0)
     if head.width is not None and head.height is not None:
         if head.width == 0 or head.height == 0:
             return DecodedImage(CORRUPT, f"{head.format} header declares {head.width}x{head.height} pixels",
                                 head.format, _dim(head.width), _dim(head.height))
         if head.width * head.height > max_pixels:
             return _too_large(head.format, head.width, head.height, max_pixels)
+        if layers and _plain_jpeg_decodes(data, head.width, head.height, layers):
+            mode = "L" if layers == 1 else "RGB"
+            return DecodedImage(OK, conversion_note(mode), "JPEG", head.width, head.height, _channels(mode), mode)
     try:
         im = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
@@ -157,6 +199,36 @@ def decode(data: bytes, *, max_pixels: int = MAX_PIXELS, pixels: bool = True) ->
         notes.append(note)
     rgb = to_rgb(im) if pixels else None
     return DecodedImage(OK, "; ".join(notes) or None, fmt, w, h, _channels(mode), mode, rgb)
+
+
+def _plain_jpeg_decodes(data: bytes, width: int, height: int, layers: int) -> bool:
+    """Whether Pillow's JPEG decoder runs through all of a plain JPEG at the validation scale without an error.
+
+    The decoder is called exactly as Image.open + draft + load call it for such a file (same mode, raw
+    mode, scale and bytes, in one block), without their Python bookkeeping: every entropy-coded byte is
+    parsed all the same. False means "not shown valid": decode then takes the general path, whose
+    outcome (and error text) is Pillow's own. Files larger than one read block, above Pillow's
+    decompression-bomb warning size, or with LOAD_TRUNCATED_IMAGES set always take the general path.
+    """
+    if ImageFile.LOAD_TRUNCATED_IMAGES or len(data) > ImageFile.MAXBLOCK:
+        return False
+    if Image.MAX_IMAGE_PIXELS is not None and width * height > Image.MAX_IMAGE_PIXELS:
+        return False
+    mode = "L" if layers == 1 else "RGB"
+    # JpegImageFile.draft(mode, (width // 8, height // 8)): the largest libjpeg scale 1/s that fits.
+    fit = min(width // max(1, width // 8), height // max(1, height // 8))
+    scale = next((s for s in (8, 4, 2) if fit >= s), 1)
+    size = ((width + scale - 1) // scale, (height + scale - 1) // scale)
+    try:
+        decoder = Image._getdecoder(mode, "jpeg", (mode, ""), (scale, 0))
+        try:
+            decoder.setimage(Image.core.new(mode, size), (0, 0, *size))
+            consumed, err = decoder.decode(data)
+        finally:
+            decoder.cleanup()
+    except (OSError, ValueError, MemoryError):
+        return False
+    return consumed < 0 and err >= 0  # ImageFile.load's test: the decoder finished, with no error code
 
 
 def _orientation(im: Image.Image) -> int:

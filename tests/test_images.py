@@ -175,3 +175,71 @@ def test_validation_only_agrees_with_full_decode():
             full.status, full.error, full.format, full.width, full.height, full.channels, full.mode)
         if full.ok:
             assert (full.height, full.width) == full.rgb.shape[:2]
+
+
+def _jpeg_edge_cases() -> dict[str, bytes]:
+    """Plain JPEGs (the validation fast path) and everything that must take the general path, with damage."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    tiny = RNG.integers(0, 256, (3, 7, 3), dtype=np.uint8)
+    cases = {
+        "baseline": _encode(SMOOTH, "JPEG"), "noise q95 4:4:4": _encode(RGB, "JPEG", quality=95, subsampling=0),
+        "grayscale": _encode(SMOOTH[..., 0], "JPEG"), "progressive": _encode(SMOOTH, "JPEG", progressive=True),
+        "optimized": _encode(RGB, "JPEG", optimize=True),
+        "restart markers": _encode(RGB, "JPEG", restart_marker_blocks=1),
+        "comment": _encode(SMOOTH, "JPEG", comment=b"a comment"), "7x3": _encode(tiny, "JPEG"),
+        "1x1": _encode(tiny[:1, :1], "JPEG"),
+        "exif orientation 6": _encode(RGB, "JPEG", exif=exif),
+        "icc profile": _encode(RGB, "JPEG", icc_profile=b"\0" * 64),
+        "cmyk": _encode(np.dstack([SMOOTH, SMOOTH[..., :1]]), "JPEG", "CMYK"), "png": _encode(RGB, "PNG"),
+    }
+    plain = cases["baseline"]
+    sof = plain.index(b"\xff\xc0")
+    dqt = plain.index(b"\xff\xdb")
+    scan = plain.index(b"\xff\xda")
+    damaged = {
+        "truncated in the scan": plain[: (scan + len(plain)) // 2], "no EOI": plain[:-2],
+        "truncated in the header": plain[: sof + 6], "trailing bytes": plain + b"\x00garbage",
+        "entropy bit flip": plain[:-20] + bytes([plain[-20] ^ 0x10]) + plain[-19:],
+        "16-bit frame": plain[: sof + 4] + b"\x10" + plain[sof + 5:],
+        "2-layer frame": plain[: sof + 9] + b"\x02" + plain[sof + 10:],
+        "short DQT": plain[: dqt + 2] + b"\x00\x20" + plain[dqt + 4:],
+        "fill bytes": plain[:dqt] + b"\xff\xff" + plain[dqt:],
+        "second frame": plain[:scan] + plain[sof: sof + 2 + int.from_bytes(plain[sof + 2: sof + 4], "big")]
+        + plain[scan:],
+        "progressive truncated": cases["progressive"][: len(cases["progressive"]) * 2 // 3],
+    }
+    return cases | damaged
+
+
+PLAIN = ("baseline", "noise q95 4:4:4", "grayscale", "progressive", "optimized", "restart markers", "comment", "7x3",
+         "1x1", "trailing bytes")
+NOT_PLAIN = ("exif orientation 6", "icc profile", "cmyk", "png", "16-bit frame", "2-layer frame", "short DQT",
+             "fill bytes", "second frame", "truncated in the header")
+
+
+def test_plain_jpeg_fast_path_equals_the_general_path(monkeypatch):
+    """Validating a plain JPEG skips Image.open/draft/load: the outcome must be the general path's, field for field."""
+    fast, calls = images._plain_jpeg_decodes, []
+
+    def counting(*args):
+        calls.append(fast(*args))
+        return calls[-1]
+
+    cases = _jpeg_edge_cases()
+    for name, data in cases.items():
+        calls.clear()
+        monkeypatch.setattr(images, "_plain_jpeg_decodes", counting)
+        quick = images.decode(data, pixels=False)
+        monkeypatch.setattr(images, "_plain_jpeg_decodes", lambda *a: False)
+        assert quick == images.decode(data, pixels=False), name
+        if data.startswith(b"\xff\xd8"):  # the longer marker walk reads the same header
+            assert images._jpeg_header(data, plain=True)[0] == images.read_header(data), name
+        if name in PLAIN:
+            assert calls == [True], name
+        if name in NOT_PLAIN:
+            assert calls == [], name
+    monkeypatch.setattr(images, "_plain_jpeg_decodes", fast)
+    assert images.decode(cases["grayscale"], pixels=False).error == "grayscale converted to RGB"
+    assert images.decode(cases["truncated in the scan"], pixels=False).status == images.TRUNCATED
+    assert images.decode(cases["exif orientation 6"], pixels=False).error == "EXIF orientation 6 applied"

@@ -32,6 +32,7 @@ from pipeline.recordio import (
     IRHeader,
     RecordIOError,
     label_int,
+    plain_image_at,
     pread_file,
     read_idx,
     read_record,
@@ -590,11 +591,12 @@ class RecordIOReader(DatasetReader):
         ix = self.index()
         lo, _, ids = self.layout()
         if ids is None:
-            return [(int(ix.keys[i]), i) for i in range(lo + shard.start, lo + shard.stop)]
+            return list(zip(ix.keys[lo + shard.start:lo + shard.stop].tolist(),
+                            range(lo + shard.start, lo + shard.stop), strict=True))
         ks = np.arange(1 + shard.start, 1 + shard.stop, dtype=np.int64)
         pos = np.searchsorted(ix.keys, ks)
         found = (pos < ix.keys.size) & (ix.keys[np.minimum(pos, max(ix.keys.size - 1, 0))] == ks)
-        return [(int(k), int(p) if f else None) for k, p, f in zip(ks, pos, found, strict=True)]
+        return [(k, p if f else None) for k, p, f in zip(ks.tolist(), pos.tolist(), found.tolist(), strict=True)]
 
     def read(self, shard: Shard) -> Iterator[Record]:
         ix = self.index()
@@ -607,8 +609,10 @@ class RecordIOReader(DatasetReader):
             return
         offs, stops = ix.offsets[listed], ix.ends[listed]
         base, top = int(offs.min()), min(int(stops.max()), ix.size)
+        offsets, firsts = ix.offsets[listed].tolist(), ix.first[listed].tolist()
         fd = os.open(self.rec_path, os.O_RDONLY)
         try:
+            buf = memoryview(b"")
             if 0 <= top - base <= MAX_SPAN_BYTES:
                 buf = memoryview(os.pread(fd, top - base, base))
                 end = base + len(buf)
@@ -618,9 +622,26 @@ class RecordIOReader(DatasetReader):
                         os.pread(fd, n, pos)
             else:
                 read_at = pread_file(fd)
+            j = 0
             for k, i in todo:
-                yield self._unlisted(k, rec_name, rec_str) if i is None else self._record(i, read_at, rec_name,
-                                                                                           rec_str)
+                if i is None:
+                    yield self._unlisted(k, rec_name, rec_str)
+                    continue
+                off, first = offsets[j], firsts[j]
+                j += 1
+                # An image record in the span is read in place; anything else (or any doubt) takes _record.
+                hit = plain_image_at(buf, off - base) if first == i else None
+                if hit is not None:
+                    label, start, stop = hit
+                    try:
+                        ident = label_int(label)
+                    except RecordIOError:
+                        hit = None
+                if hit is None:
+                    yield self._record(i, read_at, rec_name, rec_str)
+                else:
+                    yield Record(self.kind, f"{rec_str}#{off}", f"{rec_name}#{k}", ident, str(ident),
+                                 bytes(buf[start:stop]))
         finally:
             os.close(fd)
 

@@ -98,6 +98,27 @@ def read_record(read_at: Callable[[int, int], bytes], pos: int, *, limit: int | 
         first = False
 
 
+_PART_HEAD = struct.Struct("<II")
+_IR = struct.Struct(IR_FORMAT)
+
+
+def plain_image_at(buf: bytes | memoryview, pos: int) -> tuple[float, int, int] | None:
+    """(label, start, stop) of the image bytes of the record at buf[pos:], read in place, when it is one part
+    with an IRHeader of no extra labels (how image records are written) and lies wholly inside buf.
+
+    None for anything else (several parts or labels, bad framing, a record running past buf):
+    read_record + unpack_ir then read it and say what is wrong.
+    """
+    if pos < 0 or pos + 8 + IR_SIZE > len(buf):
+        return None
+    magic, lrec = _PART_HEAD.unpack_from(buf, pos)
+    stop = pos + 8 + (lrec & _LEN_MASK)
+    if magic != RECORDIO_MAGIC or lrec >> _LEN_BITS or stop > len(buf) or stop < pos + 8 + IR_SIZE:
+        return None
+    flag, label, _, _ = _IR.unpack_from(buf, pos + 8)
+    return (float(label), pos + 8 + IR_SIZE, stop) if flag == 0 else None
+
+
 def unpack_ir(record: bytes) -> tuple[IRHeader, bytes]:
     """Split a record into its IRHeader and the payload (the encoded image)."""
     if len(record) < IR_SIZE:

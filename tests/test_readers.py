@@ -396,3 +396,39 @@ def test_folder_non_utf8_names_become_bad_entries(tmp_path):
     for text in (rec.source, rec.key, rec.identity_name):
         text.encode("utf-8")  # storable in Parquet
     assert "\\xfe" in rec.source and rec.identity == 0
+
+
+def test_recordio_in_place_reads_equal_the_general_record_path(tmp_path, monkeypatch):
+    """Image records read in place from a shard's span give the records read_record + unpack_ir give."""
+    import pipeline.readers as readers_mod
+
+    payloads = [pack_ir(k % 3, _jpeg(k)) for k in range(6)]
+    payloads[1] = pack_ir(1, _png(1) + b"\0" * (-len(_png(1)) % 4) + MAGIC + b"tail")  # two parts
+    payloads[2] = pack_ir([2.0, 0.5], _jpeg(2))  # an extra label
+    payloads[3] = pack_ir(float("nan"), _jpeg(3))  # not an identity: bad_entry
+    payloads[4] = b"short"  # no room for an IRHeader: corrupt
+    payloads.append(pack_ir(7, _jpeg(7)))
+    write_indexed_rec(tmp_path, payloads)
+    idx = (tmp_path / "train.idx").read_text().splitlines()
+    idx[5] = f"5\t{idx[0].split()[1]}"  # shares key 0's offset: bad_entry
+    (tmp_path / "train.idx").write_text("\n".join(idx) + "\n")
+    with open(tmp_path / "train.rec", "r+b") as f:  # the last record runs past the end of the file
+        f.truncate(f.seek(0, os.SEEK_END) - 6)
+
+    def fields(recs):
+        return [(r.kind, r.source, r.key, r.identity, r.identity_name, r.data, r.status, r.error) for r in recs]
+
+    in_place = []
+    real = readers_mod.plain_image_at
+    monkeypatch.setattr(readers_mod, "plain_image_at", lambda buf, pos: in_place.append(real(buf, pos)) or in_place[-1])
+    fast = fields(_all(RecordIOReader(tmp_path, shard_size=3)))
+    assert sum(hit is not None for hit in in_place) == 2  # keys 0 and 3 (whose NaN label then takes _record)
+    monkeypatch.setattr(readers_mod, "plain_image_at", lambda buf, pos: None)
+    assert fast == fields(_all(RecordIOReader(tmp_path, shard_size=3)))
+    monkeypatch.setattr(readers_mod, "MAX_SPAN_BYTES", 0)  # no span in memory: every record from the file
+    monkeypatch.setattr(readers_mod, "plain_image_at", real)
+    assert fast == fields(_all(RecordIOReader(tmp_path, shard_size=3)))
+    assert [r[6] for r in fast] == [None, None, None, images.BAD_ENTRY, images.CORRUPT, images.BAD_ENTRY,
+                                    images.CORRUPT]
+    assert [r[3] for r in fast] == [0, 1, 2, -1, -1, -1, -1]
+    assert fast[0][5] == _jpeg(0) and fast[1][5] == payloads[1][24:] and fast[2][5] == _jpeg(2)

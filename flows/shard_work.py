@@ -16,7 +16,7 @@ from data_manifest.schemas import schema
 from data_manifest.workspace import Workspace
 from data_manifest.writer import ShardWriter
 from pipeline.readers import DatasetReader, Shard
-from pipeline.samples import sample_rows, status_counts
+from pipeline.samples import sample_columns, status_counts
 
 # The columns sample rows carry (the writer adds run_id and created_at and checks the required ones).
 SAMPLE_ROW_SCHEMA = pa.schema([f.with_nullable(True) for f in schema("samples")
@@ -26,7 +26,6 @@ SAMPLE_ROW_SCHEMA = pa.schema([f.with_nullable(True) for f in schema("samples")
 def ingest_samples(ws_root: str, run_id: str, shard: str, item: Shard, *, reader: DatasetReader, dataset: str,
                    max_pixels: int) -> dict[str, Any]:
     """Read, validate and write one shard of `samples` rows; returns its per-status counts."""
-    rows = sample_rows(dataset, reader.read(item), max_pixels=max_pixels)
-    ShardWriter(Workspace(ws_root), "samples", run_id).write(shard, pa.Table.from_pylist(rows,
-                                                                                         schema=SAMPLE_ROW_SCHEMA))
-    return status_counts(rows)
+    cols = sample_columns(dataset, reader.read(item), max_pixels=max_pixels)
+    ShardWriter(Workspace(ws_root), "samples", run_id).write(shard, pa.table(cols, schema=SAMPLE_ROW_SCHEMA))
+    return status_counts(cols["status"])

@@ -31,8 +31,7 @@ MAX_BYTES = 256 * 1024 * 1024  # larger encoded files are refused without being 
 _PNG_SIG = b"\x89PNG\r\n\x1a\n"
 # JPEG start-of-frame markers (SOF0-SOF15 minus DHT, JPG and DAC) carry the frame size.
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
-_STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM, RST0-7: no length field
-# A "plain" JPEG (see _jpeg_header) has before its first scan only JFIF/APP0, DQT, DHT, DRI and COM segments
+# A "plain" JPEG (see _plain_jpeg) has before its first scan only JFIF/APP0, DQT, DHT, DRI and COM segments
 # and one Huffman-coded baseline, extended or progressive frame of 1 or 3 layers (no EXIF/XMP, ICC, MPO,
 # Adobe or other APPn segments): Pillow opens it as an L or RGB JpegImageFile with nothing else to read.
 _PLAIN_FRAMES = frozenset({0xC0, 0xC1, 0xC2})
@@ -78,7 +77,7 @@ def read_header(data: bytes) -> HeaderInfo:
         w, h, depth = struct.unpack(">IIB", data[16:25])
         return HeaderInfo("PNG", w, h, depth)
     if data.startswith(b"\xff\xd8"):
-        return _jpeg_header(data)[0]
+        return _jpeg_header(data)
     if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:
         w, h = struct.unpack("<HH", data[6:10])
         return HeaderInfo("GIF", w, h, 8)
@@ -88,49 +87,55 @@ def read_header(data: bytes) -> HeaderInfo:
     return HeaderInfo(None, None, None)
 
 
-def _jpeg_header(data: bytes, *, plain: bool = False) -> tuple[HeaderInfo, int]:
-    """Walk JPEG marker segments: the first start-of-frame's size, and with `plain` the frame's layer count.
-
-    The layer count (1 or 3) is returned only for a plain JPEG: every segment up to the first scan is a
-    complete, well-formed one of _PLAIN_SEGMENTS, with exactly one 8-bit frame; otherwise it is 0.
-    """
+def _jpeg_header(data: bytes) -> HeaderInfo:
+    """Walk JPEG marker segments up to the first start-of-frame and read its size."""
     pos, n = 2, len(data)
-    head: HeaderInfo | None = None
-    layers = 0
     while pos + 4 <= n:
         if data[pos] != 0xFF:
             break
         marker = data[pos + 1]
         if marker == 0xFF:  # fill byte
-            plain, pos = False, pos + 1
+            pos += 1
             continue
-        if marker in _STANDALONE_MARKERS:
-            plain, pos = False, pos + 2
+        if marker in (0x01, *range(0xD0, 0xD8)):  # stand-alone markers
+            pos += 2
             continue
-        length = data[pos + 2] << 8 | data[pos + 3]
-        if head is None and marker in _SOF_MARKERS and pos + 9 <= n:
-            depth, h, w = struct.unpack_from(">BHH", data, pos + 4)
-            head = HeaderInfo("JPEG", w, h, depth)
-        if plain:
-            end = pos + 2 + length
-            if length < 2 or end > n or (marker not in _PLAIN_SEGMENTS and marker != 0xDA):
-                plain = False
-            elif marker == 0xDA:  # start of scan: the header part ends here
-                if layers:
-                    return head or HeaderInfo("JPEG", None, None), layers
-                plain = False
-            elif marker in _PLAIN_FRAMES:
-                size = length - 2
-                ok = not layers and size >= 6 and data[pos + 4] == 8 and data[pos + 9] in (1, 3) and (size - 6) % 3 == 0
-                plain, layers = ok, data[pos + 9] if ok else 0
-            elif marker == 0xDB:
-                plain = _dqt_complete(data, pos + 4, end)
-            elif marker == 0xE0:  # a JFIF APP0 must hold its version
-                plain = not (data.startswith(b"JFIF", pos + 4) and length - 2 < 7)
-        if head is not None and not plain:
-            return head, 0
+        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
+        if marker in _SOF_MARKERS and pos + 9 <= n:
+            depth, h, w = struct.unpack(">BHH", data[pos + 4 : pos + 9])
+            return HeaderInfo("JPEG", w, h, depth)
         pos += 2 + length
-    return head or HeaderInfo("JPEG", None, None), 0
+    return HeaderInfo("JPEG", None, None)
+
+
+def _plain_jpeg(data: bytes) -> tuple[int, int, int] | None:
+    """(width, height, layers) of a plain JPEG (see _PLAIN_SEGMENTS), None for any other bytes.
+
+    Every segment up to the first scan must be complete and one of _PLAIN_SEGMENTS, right after the
+    previous one (no fill or junk bytes), with exactly one 8-bit frame of 1 or 3 layers, a JFIF APP0
+    long enough for its version and only whole quantization tables: what Pillow's JPEG plugin reads
+    without an error, a warning or anything but the frame's size and mode. The frame is then also the
+    first start-of-frame _jpeg_header finds.
+    """
+    pos, n, frame = 2, len(data), None
+    while pos + 4 <= n and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        end = pos + 2 + (data[pos + 2] << 8 | data[pos + 3])
+        if end < pos + 4 or end > n:  # a length below 2, or a segment running past the data
+            return None
+        if marker == 0xDA:  # start of scan: the header part ends here
+            return frame
+        if marker in _PLAIN_FRAMES:  # precision, height, width, layers, then 3 bytes per layer
+            if frame or end - pos < 10 or data[pos + 4] != 8 or data[pos + 9] not in (1, 3) or (end - pos - 10) % 3:
+                return None
+            frame = (data[pos + 7] << 8 | data[pos + 8], data[pos + 5] << 8 | data[pos + 6], data[pos + 9])
+        elif marker == 0xDB:
+            if not _dqt_complete(data, pos + 4, end):
+                return None
+        elif marker not in _PLAIN_SEGMENTS or (marker == 0xE0 and end - pos < 11 and data.startswith(b"JFIF", pos + 4)):
+            return None
+        pos = end
+    return None
 
 
 def _dqt_complete(data: bytes, pos: int, end: int) -> bool:
@@ -152,15 +157,16 @@ def decode(data: bytes, *, max_pixels: int = MAX_PIXELS, pixels: bool = True) ->
     """
     if len(data) == 0:
         return DecodedImage(EMPTY, "zero-byte file")
-    head, layers = _jpeg_header(data, plain=not pixels) if data.startswith(b"\xff\xd8") else (read_header(data), 0)
+    frame = None if pixels or not data.startswith(b"\xff\xd8") else _plain_jpeg(data)
+    head = HeaderInfo("JPEG", frame[0], frame[1], 8) if frame else read_header(data)
     if head.width is not None and head.height is not None:
         if head.width == 0 or head.height == 0:
             return DecodedImage(CORRUPT, f"{head.format} header declares {head.width}x{head.height} pixels",
                                 head.format, _dim(head.width), _dim(head.height))
         if head.width * head.height > max_pixels:
             return _too_large(head.format, head.width, head.height, max_pixels)
-        if layers and _plain_jpeg_decodes(data, head.width, head.height, layers):
-            mode = "L" if layers == 1 else "RGB"
+        if frame and _plain_jpeg_decodes(data, *frame):
+            mode = "L" if frame[2] == 1 else "RGB"
             return DecodedImage(OK, conversion_note(mode), "JPEG", head.width, head.height, _channels(mode), mode)
     try:
         im = Image.open(io.BytesIO(data))

@@ -153,7 +153,8 @@ def decode(data: bytes, *, max_pixels: int = MAX_PIXELS, pixels: bool = True) ->
     The whole stream is always decoded (that is what proves a JPEG is not truncated).
     `pixels=False` validates only and returns `rgb=None`: a JPEG is then decoded with
     DCT scaling (every entropy-coded byte is still parsed, the inverse DCT runs at 1/8
-    size), which is about twice as fast.
+    size), which is about twice as fast; a plain JPEG (`_plain_jpeg`) goes straight to
+    Pillow's decoder, without Image.open's Python header parsing (about 1.8x faster again).
     """
     if len(data) == 0:
         return DecodedImage(EMPTY, "zero-byte file")

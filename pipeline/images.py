@@ -233,8 +233,8 @@ def _plain_jpeg_decodes(data: bytes, width: int, height: int, layers: int) -> bo
             consumed, err = decoder.decode(data)
         finally:
             decoder.cleanup()
-    except (OSError, ValueError, MemoryError):
-        return False
+    except (OSError, ValueError, MemoryError, TypeError, AttributeError):  # the latter two: a Pillow whose
+        return False  # internal decoder API differs also takes the general path
     return consumed < 0 and err >= 0  # ImageFile.load's test: the decoder finished, with no error code
 
 

@@ -226,15 +226,15 @@ def _plain_jpeg_decodes(data: bytes, width: int, height: int, layers: int) -> bo
     fit = min(width // max(1, width // 8), height // max(1, height // 8))
     scale = next((s for s in (8, 4, 2) if fit >= s), 1)
     size = ((width + scale - 1) // scale, (height + scale - 1) // scale)
-    try:
+    try:  # TypeError/AttributeError below: a Pillow whose internal decoder API differs takes the general path
         decoder = Image._getdecoder(mode, "jpeg", (mode, ""), (scale, 0))
         try:
             decoder.setimage(Image.core.new(mode, size), (0, 0, *size))
             consumed, err = decoder.decode(data)
         finally:
             decoder.cleanup()
-    except (OSError, ValueError, MemoryError, TypeError, AttributeError):  # the latter two: a Pillow whose
-        return False  # internal decoder API differs also takes the general path
+    except (OSError, ValueError, MemoryError, TypeError, AttributeError):
+        return False
     return consumed < 0 and err >= 0  # ImageFile.load's test: the decoder finished, with no error code
 
 

@@ -207,6 +207,46 @@ def test_a_fold_split_into_steps_equals_one_fold(workspace, monkeypatch, changed
     assert got.to_pylist() == [{"blur_value": 0.7, "pose_value": 0.6, "expression_value": 0.2}]
 
 
+def _duck_mib(con: duckdb.DuckDBPyConnection, tag: str) -> float:
+    got = con.execute("SELECT memory_usage_bytes FROM duckdb_memory() WHERE tag = ?", [tag]).fetchone()
+    return got[0] / 2**20
+
+
+def test_a_step_checkpoint_hands_back_the_blocks_it_read(workspace, monkeypatch):
+    """After `_checkpoint` DuckDB no longer holds the table blocks a step read, and the memory limit in use
+    (a build's or a step's) is set again; with more pinned than the brief limit (nothing can be evicted), it
+    still goes on."""
+    monkeypatch.setenv(snapshots.ENV_MEMORY, "3GB")
+    monkeypatch.setenv(snapshots.ENV_FOLD_MEMORY, "300MB")
+
+    def limit(con: duckdb.DuckDBPyConnection) -> str:
+        return con.execute("SELECT current_setting('memory_limit')").fetchone()[0]
+
+    with duckdb.connect(":memory:") as ref:
+        ref.execute("SET memory_limit = '3GB'")
+        build_limit = limit(ref)
+        ref.execute("SET memory_limit = '300MB'")
+        fold_limit = limit(ref)
+    with duckdb.connect(str(workspace.catalog_path)) as con:
+        snapshots._configure(con, workspace)
+        con.execute("CREATE TABLE big AS SELECT range AS i, md5(range::VARCHAR) AS s FROM range(4000000)")
+        snapshots._checkpoint(con)
+        con.execute("SELECT count(DISTINCT s), sum(i) FROM big").fetchall()  # reads every block back
+        held = _duck_mib(con, "BASE_TABLE")
+        snapshots._checkpoint(con)
+        assert held > 40 and _duck_mib(con, "BASE_TABLE") <= 16  # what fits under RELEASE_LIMIT stays
+        assert limit(con) == build_limit
+        snapshots._use_limit(con, build=False)
+        snapshots._checkpoint(con)
+        assert limit(con) == fold_limit
+    with duckdb.connect(":memory:") as con:  # no file, no spill directory: nothing can be evicted
+        snapshots._use_limit(con, build=True)
+        con.execute("CREATE TABLE pinned AS SELECT range AS i, md5(range::VARCHAR) AS s FROM range(1500000)")
+        snapshots._checkpoint(con)
+        assert con.execute("SELECT count(*) FROM pinned").fetchone()[0] == 1_500_000
+        assert limit(con) == build_limit
+
+
 def test_snapshot_keys_are_the_latest_view_keys():
     assert set(snapshots.SNAPSHOT_TABLES) <= set(KEYS) and set(snapshots.LABEL_INPUTS) <= set(snapshots.SNAPSHOT_TABLES)
 

@@ -57,11 +57,6 @@ def sample_rows(dataset: str, records: Iterable[Record], *,
     return [dict(zip(SAMPLE_COLUMNS, values, strict=True)) for values in zip(*cols.values(), strict=True)]
 
 
-def sample_row(dataset: str, rec: Record, *, max_pixels: int = images.MAX_PIXELS) -> dict[str, Any]:
-    """The samples row of one record."""
-    return sample_rows(dataset, [rec], max_pixels=max_pixels)[0]
-
-
 def status_counts(statuses: Iterable[str]) -> dict[str, int]:
     """{'rows': n, 'status_<s>': count} for the statuses of a batch of samples rows."""
     c = Counter(statuses)

@@ -15,7 +15,7 @@ from pipeline import images
 from pipeline.ids import content_hash, sample_id
 from pipeline.readers import Record, RecordIOReader
 from pipeline.recordio import FaceRecWriter
-from pipeline.samples import SAMPLE_COLUMNS, sample_columns, sample_row, sample_rows, status_counts
+from pipeline.samples import SAMPLE_COLUMNS, sample_columns, sample_rows, status_counts
 
 
 def _jpeg(arr: np.ndarray) -> bytes:
@@ -57,7 +57,7 @@ def test_sample_rows_are_the_columns_row_by_row():
     cols = sample_columns("ds", RECORDS)
     rows = sample_rows("ds", RECORDS)
     assert rows == [{c: cols[c][i] for c in SAMPLE_COLUMNS} for i in range(len(RECORDS))]
-    assert sample_row("ds", RECORDS[1]) == rows[1]
+    assert sample_rows("ds", RECORDS[1:2]) == rows[1:2]
     assert sample_columns("ds", []) == {c: [] for c in SAMPLE_COLUMNS} and sample_rows("ds", []) == []
 
 

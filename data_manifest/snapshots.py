@@ -343,9 +343,9 @@ def _fold(con: duckdb.DuckDBPyConnection, table: str, files: Sequence[Path], fre
 
 
 REWRITE_FRACTION = 0.1  # rewrite a snapshot table once this share of its rows was replaced since it was written
-# A rewrite goes in ranges of this many FOLD_ROWS: each range costs a scan of the old table's unsorted tail and a
-# checkpoint, so small ranges make it slow (29M factor rows under the step memory limit: 176 s in 131k-row
-# ranges, 47 s in 524k-row ranges at 0.56 GB peak).
+# A rewrite goes in ranges of this many FOLD_ROWS: each range has a fixed cost (a checkpoint among others), so
+# small ranges make it slow (29M factor rows under the step memory limit: 176 s in 131k-row ranges, 47 s in
+# 524k-row ranges at 0.56 GB peak).
 REWRITE_PART = 4
 
 
@@ -509,14 +509,13 @@ def _update_labels(con: duckdb.DuckDBPyConnection, rebuild: bool) -> dict:
     lab = snapshot_name("labels")
     inputs = [snapshot_name(t) for t in LABEL_INPUTS]
     n_changed = 0
-    part_rows = LABELS_PART
+    large = False  # a change past REWRITE_FRACTION: rebuilt in ranges of FOLD_ROWS
     if not rebuild:
         con.execute("CREATE OR REPLACE TEMP TABLE _all_ids AS SELECT DISTINCT sample_id FROM _changed")
         n_changed = int(con.execute("SELECT count(*) FROM _all_ids").fetchone()[0])
-        if n_changed > REWRITE_FRACTION * max(con.execute(f"SELECT count(*) FROM {lab}").fetchone()[0], 1):
-            part_rows = FOLD_ROWS
-    if rebuild or part_rows == FOLD_ROWS:
-        _build_in_ranges(con, lab, inputs[0], part_rows,
+        large = n_changed > REWRITE_FRACTION * max(con.execute(f"SELECT count(*) FROM {lab}").fetchone()[0], 1)
+    if rebuild or large:
+        _build_in_ranges(con, lab, inputs[0], LABELS_PART if rebuild else FOLD_ROWS,
                          lambda cond: labels_sql(*(f"(SELECT * FROM {t} WHERE {cond})" for t in inputs)), "sample_id")
         samples = n_changed if not rebuild else con.execute(f"SELECT count(*) FROM {lab}").fetchone()[0]
         return {"samples": int(samples), "rebuilt": rebuild}

@@ -609,7 +609,7 @@ class RecordIOReader(DatasetReader):
             return
         offs, stops = ix.offsets[listed], ix.ends[listed]
         base, top = int(offs.min()), min(int(stops.max()), ix.size)
-        offsets, firsts = ix.offsets[listed].tolist(), ix.first[listed].tolist()
+        offsets, firsts = offs.tolist(), ix.first[listed].tolist()
         fd = os.open(self.rec_path, os.O_RDONLY)
         try:
             buf = memoryview(b"")

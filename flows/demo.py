@@ -280,7 +280,7 @@ def print_summary(ws: Workspace, summary: dict[str, Any]) -> None:
         levels = ",".join(str(v) for v in c["levels"])
         missing = f", {c['no_face']} without a face" if c["no_face"] else ""
         print(f"  {c['kind']:<11} {levels:<5} {c['factor']:<10} {c['expected']:<17} {c['hits']:>3}/{c['n']:<3} "
-              f"{c['rate']:.2f} >= {c['target']:.2f}  ({c['rule']}{missing})  [{mark}]")
+              f"{c['rate']:.2f} {c['comparison']} {c['target']:.2f}  ({c['rule']}{missing})  [{mark}]")
     ba = ", ".join(f"{f} {v['balanced_accuracy']:.2f}" for f, v in val["balanced_accuracy"].items()
                    if v["balanced_accuracy"] is not None)
     print(f"  balanced accuracy: {ba}")

@@ -172,3 +172,20 @@ def test_benchmark_scores_the_registered_stages_on_a_real_face(face):
     assert rates[("clean", "lighting")] == 1.0 and rates[("dark", "lighting")] == 1.0
     assert rates[("overexpose", "lighting")] == 1.0 and ("darker_skin", "lighting") in rates
     assert rep["balanced_accuracy"]["blur"]["balanced_accuracy"] == 1.0
+
+
+def test_a_majority_is_strictly_more_than_half():
+    """A rule that asks for the majority fails on a tie (8 of 16) and passes on 9 of 16; a percentage target
+    (>= 80 %) is met exactly at the target."""
+    def run(hits: int, n: int, kind: str, level: int, factor: str, want: str, other: str) -> dict:
+        outcomes = [_outcome(f"f{i}", kind, level, **{factor: want if i < hits else other}) for i in range(n)]
+        (row,) = [c for c in V.checks(outcomes) if c["factor"] == factor]
+        return row
+
+    tie = run(8, 16, V.DARKER_SKIN, 0, "occlusion", "unobstructed", "obstructed")
+    assert (tie["hits"], tie["n"], tie["rate"], tie["target"], tie["comparison"]) == (8, 16, 0.5, 0.5, ">")
+    assert not tie["ok"]
+    assert run(9, 16, V.DARKER_SKIN, 0, "occlusion", "unobstructed", "obstructed")["ok"]
+    assert not V.majority("obstructed", "r").met(0.5) and V.majority("obstructed", "r").met(0.5625)
+    at_target = run(4, 5, "occlusion", 2, "occlusion", "obstructed", "unobstructed")
+    assert (at_target["rate"], at_target["target"], at_target["comparison"], at_target["ok"]) == (0.8, 0.8, ">=", True)

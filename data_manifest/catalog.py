@@ -1,50 +1,46 @@
 """The DuckDB catalog: `<table>_history` (all rows) and `<table>` (latest per key) views over the manifests.
 
 Two ways in: `refresh(ws)` folds new shards into the snapshot tables of the
-latest views and rewrites the views in `catalog.duckdb` (a short read-write
-open, for the DuckDB CLI and other tools), and `connect(ws)` / `query(ws, sql)`
-give an in-memory, read-only query connection: the history views are Arrow
-datasets registered from Python, the snapshots come from `catalog.duckdb`
-attached read-only (data_manifest/snapshots.py), and the connection itself is
-opened with file access switched off and its configuration locked. User SQL is
-checked statement by statement against an allowlist of its parsed tree
-before anything runs (see docs/architecture.md, "Read-only inspection").
+latest views and rewrites the views in `catalog.duckdb` (for the DuckDB CLI and
+other tools), and `connect(ws)` / `query(ws, sql)` give an in-memory query
+connection with no file access at all: the history views are Arrow datasets
+registered from Python, the snapshots come from `catalog.duckdb` attached
+read-only (data_manifest/snapshots.py), and the configuration is locked. User
+SQL passes `sql_guard`'s checks first, which also read the files it names and
+hand them in as tables, and runs under a time and a memory limit (see
+docs/architecture.md, "Read-only inspection").
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
-import re
+import shutil
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
 import pyarrow.dataset as pads
 
-from data_manifest import snapshots
+from data_manifest import snapshots, sql_guard
 from data_manifest.schemas import SCHEMAS, TABLES, duck_type
+from data_manifest.sql_guard import EXTERNAL_READ_HINT, ReadOnlyError
 from data_manifest.workspace import Workspace
 
 SQL_DIR = Path(__file__).with_name("sql")
-EXTERNAL_READ_HINT = "pass --allow-external-read to 'fiqa sql' to read other files"
-
-
-class ReadOnlyError(ValueError):
-    """A statement that would change the catalog, write files or read outside what it may read was refused."""
+__all__ = ["EXTERNAL_READ_HINT", "ReadOnlyError", "UserSQL", "connect", "query", "refresh"]
 
 
 def history_sql(ws: Workspace, table: str) -> str:
     """SELECT over every committed shard of a table (an empty, typed relation when there is none)."""
-    base = ws.manifests / table
-    if snapshots.shard_files(ws, table):
-        glob = snapshots.sql_str((base / "run=*" / "part-*.parquet").as_posix())
-        return f"SELECT * FROM read_parquet({glob}, union_by_name = true, hive_partitioning = false)"
+    files = snapshots.shard_files(ws, table)
+    if files:  # the files by name, never a pattern: a workspace path may hold glob characters
+        return snapshots.read_shards_sql(table, files)
     cols = ", ".join(f"CAST(NULL AS {duck_type(f.type)}) AS {f.name}" for f in SCHEMAS[table])
     return f"SELECT {cols} WHERE false"
 
@@ -111,23 +107,24 @@ _LOCKDOWN = (
     "SET allow_community_extensions = false",
     "SET temp_directory = ''",  # never spill to disk
     "SET python_enable_replacements = false",  # no scanning of Python variables by name
-    "SET enable_external_access = false",  # no file access but the allowed paths
+    "SET enable_external_access = false",  # no file access (a file reader's own connection: its files only)
     "SET lock_configuration = true",  # and none of the above can be SET back
 )
 
 
-def connect(ws: Workspace, *, read_paths: Iterable[str] = (),
-            read_dirs: Iterable[str] = ()) -> duckdb.DuckDBPyConnection:
+def connect(ws: Workspace, *, tables: dict[str, pa.Table] | None = None,
+            memory: str | None = None) -> duckdb.DuckDBPyConnection:
     """An in-memory query connection: catalog views over Arrow datasets, no file access, locked configuration.
 
-    `read_paths` / `read_dirs` are the only files / directories a query on it may read
-    (the views need none); nothing on it can write a file. A moved or copied workspace first gets
-    its catalog.duckdb views rewritten for where it now is (for the DuckDB CLI and other tools).
+    `tables` are registered under their names (the files a user query reads, read by sql_guard); `memory`
+    is DuckDB's memory limit (default: Limits.of()). A moved or copied workspace first gets its
+    catalog.duckdb views rewritten for where it now is (for the DuckDB CLI and other tools).
     """
+    check_catalog_file(ws)
     refresh_if_moved(ws)
     con = duckdb.connect(":memory:")
     try:
-        files = {t: snapshots.shard_files(ws, t) for t in TABLES}  # listed once per connection
+        files = {t: checked_shards(ws, t) for t in TABLES}  # listed once per connection
         states = _attach_snapshots(con, ws, files)
         for t in TABLES:
             con.register(f"{t}_history", history_dataset(ws, t, files[t]))
@@ -136,17 +133,35 @@ def connect(ws: Workspace, *, read_paths: Iterable[str] = (),
                 con.register(f"_pending_{t}", history_dataset(ws, t, st.pending))
         for stmt in latest_statements(states, f"{SNAPSHOT_ALIAS}.", lambda t, _files: f"_pending_{t}"):
             con.execute(stmt)
-        paths, dirs = sorted(set(read_paths)), sorted(set(read_dirs))
-        if paths:
-            con.execute("SET allowed_paths = ?", [paths])
-        if dirs:
-            con.execute("SET allowed_directories = ?", [dirs])
-        for s in _LOCKDOWN:
-            con.execute(s)
+        for name, tbl in (tables or {}).items():
+            con.register(name, tbl)
+        _lock_down(con, memory or Limits.of().memory)
     except BaseException:
         con.close()
         raise
     return con
+
+
+def check_catalog_file(ws: Workspace) -> None:
+    """Refuse a catalog.duckdb that is a symlink (or not a regular file): it would read, and compact rewrite,
+    a file outside the workspace."""
+    p = ws.catalog_path
+    if p.is_symlink() or (p.exists() and not p.is_file()):
+        what = f"a symlink to {os.readlink(p)!r}" if p.is_symlink() else "not a regular file"
+        raise ValueError(f"refused: {p} is {what}; the catalog must be a file of the workspace itself "
+                         "(remove it and run 'fiqa compact' to rebuild it from the manifests)")
+
+
+def checked_shards(ws: Workspace, table: str) -> list[Path]:
+    """Every shard of a table, each resolved with its symlinks; a shard that leads outside the workspace is refused."""
+    root = os.path.realpath(ws.root)
+    out = []
+    for p in snapshots.shard_files(ws, table):
+        real = os.path.realpath(p)
+        if not real.startswith(root.rstrip(os.sep) + os.sep):
+            raise ValueError(f"refused: shard {p} resolves to {real}, outside the workspace {root}")
+        out.append(p)
+    return out
 
 
 SNAPSHOT_ALIAS = "snapshot"  # catalog.duckdb, attached read-only to a query connection
@@ -178,20 +193,58 @@ def _attach_snapshots(con: duckdb.DuckDBPyConnection, ws: Workspace, files: dict
 _BUSY = ("lock", "already attached", "in use")  # another process, or a query connection of this one, has the file
 
 
-def _open_catalog(ws: Workspace, retries: int, wait_s: float) -> duckdb.DuckDBPyConnection | None:
-    """catalog.duckdb opened read-write, waiting while it is busy; None (with a warning) if it stays busy."""
+def _open_catalog(ws: Workspace, retries: int, wait_s: float) -> tuple[duckdb.DuckDBPyConnection, Path | None] | None:
+    """catalog.duckdb opened read-write: (connection, None); or, while queries hold it open read-only, a copy of it
+    to write and swap in: (connection, copy path). None (with a warning) if a writer keeps it busy.
+
+    A query attaches catalog.duckdb read-only for as long as it runs, which would keep a writer out; instead the
+    writer folds into a copy and renames it over the file. The open queries keep reading the file they opened
+    (the old inode), new ones read the new file: a running `fiqa sql` never blocks a flow or `fiqa compact`.
+    """
     for attempt in range(retries):
         try:
-            return duckdb.connect(str(ws.catalog_path))
+            return duckdb.connect(str(ws.catalog_path)), None
         except duckdb.Error as e:
             busy = any(w in str(e).lower() for w in _BUSY)
             if not busy and not isinstance(e, duckdb.IOException):
                 raise
-            if not busy or attempt == retries - 1:
+            if not busy:
+                warnings.warn(f"catalog {ws.catalog_path} not refreshed: {e}", stacklevel=3)
+                return None
+            copy = _copy_if_only_read(ws)
+            if copy is not None:
+                return duckdb.connect(str(copy)), copy
+            if attempt == retries - 1:
                 warnings.warn(f"catalog {ws.catalog_path} not refreshed: {e}", stacklevel=3)
                 return None
             time.sleep(wait_s)
     return None
+
+
+def _swap_path(ws: Workspace) -> Path:
+    return ws.catalog_path.with_name(ws.catalog_path.name + ".swap")
+
+
+def _copy_if_only_read(ws: Workspace) -> Path | None:
+    """A copy of catalog.duckdb (and its WAL) when only readers hold it (it opens read-only); else None."""
+    try:
+        duckdb.connect(str(ws.catalog_path), read_only=True).close()
+    except duckdb.Error:
+        return None  # a writer outside the project's lock (a DuckDB CLI, say) has it
+    swap = _swap_path(ws)
+    for p in (swap, Path(f"{swap}.wal")):
+        p.unlink(missing_ok=True)
+    shutil.copyfile(ws.catalog_path, swap)
+    wal = Path(f"{ws.catalog_path}.wal")
+    if wal.exists():
+        shutil.copyfile(wal, f"{swap}.wal")
+    return swap
+
+
+def _swap_in(ws: Workspace, copy: Path) -> None:
+    """Rename the written copy over catalog.duckdb; the old file's WAL was replayed into the copy."""
+    os.replace(copy, ws.catalog_path)
+    Path(f"{ws.catalog_path}.wal").unlink(missing_ok=True)
 
 
 def history_connection(ws: Workspace) -> duckdb.DuckDBPyConnection:
@@ -210,31 +263,41 @@ def refresh(ws: Workspace, retries: int = 20, wait_s: float = 0.25, *, fold: boo
     """Fold new shards into the snapshots and rewrite the views in catalog.duckdb.
 
     `log` receives what the fold has to say (a snapshot rebuilt, and why); `folds` gets its FoldReport.
-    Returns False (with a warning) if the file stays locked. A failed fold (out of memory, disk
-    full) is a warning too: the shards are committed and queries still answer exactly from them.
-    With `rebuild`, every snapshot is recomputed from all shards (what `fiqa compact` does).
+    Returns False, with a warning, when catalog.duckdb could not be brought up to date: a writer kept it
+    busy, or the fold or the view rewrite failed (disk full, out of memory). The shards are committed
+    either way and queries answer exactly from them; the next refresh or `fiqa compact` repairs it.
+    With `rebuild`, every snapshot is recomputed from all shards (what `fiqa compact` does); its failure raises.
     """
-    con = _open_catalog(ws, retries, wait_s)
-    if con is None:
-        return False
-    try:
-        if fold or rebuild:
-            try:
+    check_catalog_file(ws)
+    with snapshots.exclusive(ws):  # one writer at a time: folds of two finishing runs queue here
+        opened = _open_catalog(ws, retries, wait_s)
+        if opened is None:
+            return False
+        con, copy = opened
+        try:
+            if fold or rebuild:
                 report = snapshots.update(con, ws, rebuild=rebuild, log=log)
                 if folds is not None:
                     folds.append(report)
-            except duckdb.Error as e:
-                if rebuild:
-                    raise
-                warnings.warn(f"snapshots in {ws.catalog_path} not updated ({type(e).__name__}: {e}); queries "
-                              "read the new shards directly until the next refresh or 'fiqa compact'", stacklevel=2)
-        for stmt in view_statements(ws, snapshots.table_states(ws, con)):
-            con.execute(stmt)
-    finally:
-        con.close()
-    tmp = ws.catalog_root_path.with_name(ws.catalog_root_path.name + ".tmp")
-    tmp.write_text(str(ws.root) + "\n", encoding="utf-8")
-    os.replace(tmp, ws.catalog_root_path)
+            for stmt in view_statements(ws, snapshots.table_states(ws, con)):
+                con.execute(stmt)
+            con.close()
+            if copy is not None:
+                _swap_in(ws, copy)
+            tmp = ws.catalog_root_path.with_name(ws.catalog_root_path.name + ".tmp")
+            tmp.write_text(str(ws.root) + "\n", encoding="utf-8")
+            os.replace(tmp, ws.catalog_root_path)
+        except (duckdb.Error, OSError) as e:
+            if rebuild:
+                raise
+            warnings.warn(f"catalog {ws.catalog_path} not brought up to date ({type(e).__name__}: {e}); queries "
+                          "read the new shards directly until the next refresh or 'fiqa compact'", stacklevel=2)
+            return False
+        finally:
+            con.close()
+            if copy is not None:
+                for p in (copy, Path(f"{copy}.wal")):
+                    p.unlink(missing_ok=True)
     return True
 
 
@@ -266,224 +329,149 @@ def refresh_if_moved(ws: Workspace) -> bool:
         return False
 
 
-# ---------------------------------------------------------------- statement checks
+# ---------------------------------------------------------------- user SQL: checked, file-free, bounded
 
-_ALLOWED_NODES = frozenset({"SELECT_NODE", "SET_OPERATION_NODE", "RECURSIVE_CTE_NODE", "CTE_NODE"})
-_EXPLAIN_RE = re.compile(r"\s*EXPLAIN\s+(?:ANALY[SZ]E\s+)?(?=\S)", re.IGNORECASE)
-_GLOB_CHARS = ("*", "?", "[", "{")
-_MAX_DEPTH = 4  # query('...') inside query('...') ...
-_QUERIES_HINT = "only queries (SELECT, WITH, VALUES, FROM, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN) are allowed"
-
-
-@dataclass
-class CheckedSQL:
-    """A script that passed the checks: its statements in order and the file paths its table functions name."""
-
-    statements: list[str]
-    paths: list[str] = field(default_factory=list)
+ENV_TIMEOUT = "FIQA_SQL_TIMEOUT"  # seconds a user query may run (fiqa sql --timeout, --sql-timeout of flows)
+ENV_MEMORY = "FIQA_SQL_MEMORY"  # memory a user query may use (fiqa sql --memory, --sql-memory of flows)
+DEFAULT_TIMEOUT_S = 300.0
+DEFAULT_QUERY_MEMORY = "4GB"
 
 
-def _short(text: str) -> str:
-    flat = " ".join(text.split())
-    return flat if len(flat) <= 80 else flat[:77] + "..."
+class QueryLimitError(ValueError):
+    """A user query ran past its time or memory limit and was stopped."""
 
 
-_PARSERS = threading.local()
+@dataclass(frozen=True)
+class Limits:
+    """What one user query may take: seconds of wall-clock time and DuckDB memory."""
+
+    timeout_s: float
+    memory: str
+
+    @classmethod
+    def of(cls, timeout_s: float | None = None, memory: str | None = None) -> Limits:
+        """Explicit values, else $FIQA_SQL_TIMEOUT / $FIQA_SQL_MEMORY, else the defaults (300 s, 4GB)."""
+        if timeout_s is None:
+            raw = os.environ.get(ENV_TIMEOUT, "")
+            try:
+                timeout_s = float(raw) if raw else DEFAULT_TIMEOUT_S
+            except ValueError:
+                raise ValueError(f"${ENV_TIMEOUT} must be a number of seconds, got {raw!r}") from None
+        if not timeout_s > 0:
+            raise ValueError(f"the query time limit must be more than 0 seconds, got {timeout_s}")
+        return cls(float(timeout_s), memory or os.environ.get(ENV_MEMORY) or DEFAULT_QUERY_MEMORY)
 
 
-def _parser() -> duckdb.DuckDBPyConnection:
-    """This thread's locked scratch connection, used only to parse and serialise statements (never to run them)."""
-    con = getattr(_PARSERS, "con", None)
-    if con is None:
-        con = duckdb.connect(":memory:")
-        for s in _LOCKDOWN:
-            con.execute(s)
-        _PARSERS.con = con
-    return con
+class _Deadline:
+    """One clock for everything a user query runs: each connection is interrupted when the time is up."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.end = time.monotonic() + limits.timeout_s
+
+    @contextlib.contextmanager
+    def watch(self, con: duckdb.DuckDBPyConnection) -> Iterator[None]:
+        left = self.end - time.monotonic()
+        if left <= 0:
+            raise self.error()
+        timer = threading.Timer(left, con.interrupt)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        except duckdb.InterruptException:
+            raise self.error() from None
+        except duckdb.OutOfMemoryException:
+            raise QueryLimitError(f"the query needs more than {self.limits.memory} of memory and was stopped "
+                                  f"(raise the limit with --memory / --sql-memory or ${ENV_MEMORY})") from None
+        finally:
+            timer.cancel()
+
+    def error(self) -> QueryLimitError:
+        return QueryLimitError(f"the query was stopped after {self.limits.timeout_s:g} s, its time limit "
+                               f"(raise it with --timeout / --sql-timeout or ${ENV_TIMEOUT})")
 
 
-def inspect_sql(sql: str, con: duckdb.DuckDBPyConnection | None = None) -> CheckedSQL:
-    """Split a script into statements and check each one; raises ReadOnlyError for anything but a pure query.
-
-    A statement passes only when it is a SELECT (or EXPLAIN of one) whose serialised
-    tree holds nothing but SELECT / set-operation / CTE nodes: COPY, INSERT, UPDATE,
-    DELETE nodes inside CTEs or subqueries, and statements DuckDB cannot serialise
-    as a query (PRAGMA, SET, ATTACH, INSTALL, LOAD, CALL, ...) are refused.
-    """
-    con = _parser() if con is None else con
-    out = CheckedSQL([])
-    for text, kind in _split(con, sql):
-        _check_statement(con, text, kind, out.paths, 0)
-        out.statements.append(text)
-    if not out.statements:
-        raise ValueError("no SQL statement given")
-    return out
-
-
-def _split(con: duckdb.DuckDBPyConnection, sql: str) -> list[tuple[str, duckdb.StatementType]]:
+def _lock_down(con: duckdb.DuckDBPyConnection, memory: str, allowed_files: Sequence[str] = ()) -> None:
     try:
-        return [(st.query, st.type) for st in con.extract_statements(sql)]
+        con.execute("SET memory_limit = ?", [memory])
     except duckdb.Error as e:
-        raise ValueError(f"cannot parse SQL: {e}") from e
+        raise ValueError(f"bad memory limit {memory!r}: {str(e).splitlines()[0]}") from None
+    if allowed_files:
+        con.execute("SET allowed_paths = ?", [list(allowed_files)])
+    for s in _LOCKDOWN:
+        con.execute(s)
 
 
-def _keyword(text: str) -> str:
-    """The first word of a statement after any leading comments (INSTALL, COPY, ...)."""
-    m = re.match(r"(?:\s+|--[^\n]*(?:\n|$)|/\*.*?\*/)*([A-Za-z]+)", text, re.DOTALL)
-    return m.group(1).upper() if m else ""
+def _read_with(limits: Limits, deadline: _Deadline) -> Callable[[list[str], str], pa.Table]:
+    """How a file reference is read: its reader statement on its own connection, allowed exactly its files."""
+    def run(files: list[str], sql: str) -> pa.Table:
+        con = duckdb.connect(":memory:")
+        try:
+            _lock_down(con, limits.memory, sorted({*files, *map(sql_guard.escape_glob, files)}))  # as DuckDB names them
+            with deadline.watch(con):
+                try:
+                    return con.sql(sql).to_arrow_table()
+                except (duckdb.InterruptException, duckdb.OutOfMemoryException):
+                    raise
+                except duckdb.Error as e:
+                    raise ValueError(f"cannot read {', '.join(files[:3])}: {str(e).splitlines()[0]}") from None
+        finally:
+            con.close()
+    return run
 
 
-def _refuse(what: str, text: str) -> ReadOnlyError:
-    return ReadOnlyError(f"refused: {what} ({_short(text)!r}); the catalog is read-only here, {_QUERIES_HINT}")
+class UserSQL:
+    """A checked user script on its own connection: `statements` read no file (sql_guard rewrote their file
+    reads into registered tables) and `con` has no file access at all. Run them inside `watch()`; close it."""
+
+    def __init__(self, ws: Workspace, sql: str, *, allow_external_read: bool = False,
+                 timeout_s: float | None = None, memory: str | None = None) -> None:
+        limits = Limits.of(timeout_s, memory)
+        self.deadline = _Deadline(limits)
+        planned = sql_guard.plan(ws, sql, VIEW_NAMES, allow_external_read=allow_external_read,
+                                 reader=_read_with(limits, self.deadline))
+        self.statements = planned.statements
+        self.con = connect(ws, tables=planned.tables, memory=limits.memory)
+
+    @contextlib.contextmanager
+    def watch(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """The connection, interrupted at the time limit; limit and file-access errors become clear ones."""
+        try:
+            with self.deadline.watch(self.con):
+                yield self.con
+        except duckdb.PermissionException as e:  # a file access that got past the checks meets the closed door
+            raise ReadOnlyError(f"refused: the query tried to reach a file ({str(e).splitlines()[0]}); "
+                                f"{EXTERNAL_READ_HINT}") from e
+
+    def close(self) -> None:
+        self.con.close()
+
+    def __enter__(self) -> UserSQL:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
-def _check_statement(con: duckdb.DuckDBPyConnection, text: str, kind: duckdb.StatementType, paths: list[str],
-                     depth: int) -> None:
-    if depth > _MAX_DEPTH:
-        raise _refuse("query() nested too deeply", text)
-    if kind == duckdb.StatementType.EXPLAIN:
-        m = _EXPLAIN_RE.match(text)
-        inner = _split(con, text[m.end():]) if m else []
-        if len(inner) != 1:
-            raise _refuse("EXPLAIN that is not 'EXPLAIN [ANALYZE] <one query>'", text)
-        _check_statement(con, inner[0][0], inner[0][1], paths, depth + 1)
-        return
-    if kind == duckdb.StatementType.MULTI:
-        raise _refuse("statement that runs as several (PIVOT without an IN list: name the pivot values)", text)
-    if kind != duckdb.StatementType.SELECT:
-        raise _refuse(f"{_keyword(text) or str(kind).split('.')[-1]} statement", text)
-    raw = con.execute("SELECT json_serialize_sql(?)", [text]).fetchone()[0]
-    try:
-        tree = json.loads(raw)
-    except RecursionError:
-        raise _refuse("query nested too deeply to be checked", text) from None
-    if tree.get("error"):
-        raise _refuse(f"statement that cannot be checked as a query ({tree.get('error_message')})", text)
-    statements = tree.get("statements") or []
-    if len(statements) != 1:
-        raise _refuse(f"{len(statements)} statements where one was expected", text)
-    _walk(con, statements[0], text, paths, depth)
-
-
-def _walk(con: duckdb.DuckDBPyConnection, tree: object, text: str, paths: list[str], depth: int) -> None:
-    """Allowlist walk over a serialised statement: only query nodes; collect file paths; check query('...')."""
-    stack = [tree]
-    while stack:
-        obj = stack.pop()
-        if isinstance(obj, list):
-            stack.extend(obj)
-            continue
-        if not isinstance(obj, dict):
-            continue
-        typ = obj.get("type")
-        if isinstance(typ, str) and typ.endswith("_NODE") and typ not in _ALLOWED_NODES:
-            raise _refuse(f"{typ.removesuffix('_QUERY_NODE').removesuffix('_NODE')} inside a query", text)
-        if "info_type" in obj:
-            raise _refuse(f"{obj['info_type']} inside a query", text)
-        if typ == "TABLE_FUNCTION" and isinstance(obj.get("function"), dict):
-            _table_function(con, obj["function"], text, paths, depth)
-        elif typ == "BASE_TABLE":
-            name = obj.get("table_name")
-            if isinstance(name, str) and name.lower() not in VIEW_NAMES and not obj.get("schema_name"):
-                paths.append(name)  # `FROM 'file.csv'` is a replacement scan of a file
-        stack.extend(v for v in obj.values() if isinstance(v, dict | list))
-
-
-def _string_args(fn: dict) -> list[str]:
-    """Constant string arguments of a function call (positional, also inside a list literal)."""
-    out = []
-    for arg in fn.get("arguments") or []:
-        if not isinstance(arg, dict) or arg.get("name"):
-            continue
-        expr = arg.get("expression") or {}
-        lit = expr.get("literal") if expr.get("class") == "CONSTANT" else None
-        if isinstance(lit, dict) and lit.get("kind") == "STRING":
-            out.append(str(lit.get("text")))
-        elif expr.get("class") == "FUNCTION" and expr.get("function_name") == "list_value":
-            out += _string_args(expr)
-    return out
-
-
-def _table_function(con: duckdb.DuckDBPyConnection, fn: dict, text: str, paths: list[str], depth: int) -> None:
-    name = str(fn.get("function_name", "")).lower()
-    if name == "query":  # runs its string argument as SQL: that SQL must pass the same checks
-        args = _string_args(fn)
-        if len(args) != 1:
-            raise _refuse("query() with SQL that is not a constant string", text)
-        inner = _split(con, args[0])
-        if len(inner) != 1:
-            raise _refuse("query() with other than one statement", text)
-        _check_statement(con, inner[0][0], inner[0][1], paths, depth + 1)
-        return
-    paths.extend(_string_args(fn))
-
-
-def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> list[str]:
-    """The statements of a script after the read-only checks (ReadOnlyError / ValueError otherwise)."""
-    return inspect_sql(sql, con).statements
-
-
-# ---------------------------------------------------------------- reading files
-
-
-def _inside(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
-
-
-def file_grants(ws: Workspace, paths: Sequence[str], allow_external_read: bool = False) -> tuple[list[str], list[str]]:
-    """(files, directories) a query may read: literal paths of existing files inside the workspace, or anywhere
-    (glob patterns and directories too) with allow_external_read. Paths computed at run time are never granted."""
-    root = os.path.realpath(ws.root)
-    files: set[str] = set()
-    dirs: set[str] = set()
-    for p in paths:
-        if "://" in p or not p:
-            continue
-        full = os.path.abspath(os.path.expanduser(p))
-        if any(c in p for c in _GLOB_CHARS):
-            if allow_external_read:
-                parts = Path(full).parts
-                cut = next((i for i, part in enumerate(parts) if any(c in part for c in _GLOB_CHARS)), len(parts))
-                dirs.add(os.path.join(*parts[:cut]) + os.sep)
-            continue
-        if allow_external_read and os.path.isdir(full):
-            dirs.add(full + os.sep)
-        elif allow_external_read:
-            files.update([p, full])
-        elif os.path.isfile(full) and _inside(os.path.realpath(full), root):
-            files.update([p, full])
-    return sorted(files), sorted(dirs)
-
-
-def _permission_message(e: duckdb.Error, ws: Workspace, allow_external_read: bool) -> str:
-    m = re.search(r'Cannot access (?:file|directory) "([^"]*)"', str(e))
-    what = f"{m.group(1)!r}" if m else "a file"
-    if allow_external_read:
-        return (f"refused: the query reaches {what}, which it does not name literally or writes to; "
-                "only files named in the query can be read, and nothing can be written")
-    return (f"refused: the query reads {what}, outside what it may read (the catalog views, and single files inside "
-            f"the workspace {ws.root} named literally, not patterns); {EXTERNAL_READ_HINT}")
-
-
-def query(ws: Workspace, sql: str, params: list | dict | None = None, *,
-          allow_external_read: bool = False) -> pa.Table:
+def query(ws: Workspace, sql: str, params: list | dict | None = None, *, allow_external_read: bool = False,
+          timeout_s: float | None = None, memory: str | None = None) -> pa.Table:
     """Run read-only SQL against the catalog views; the result of the last statement as Arrow.
 
-    Every statement passes the same checks and runs in order; `params` bind to the last one.
+    Every statement passes the same checks and runs in order; `params` bind to the last one. The whole script
+    runs under one time limit and one memory limit (`Limits.of`); past either it stops with QueryLimitError.
     """
-    checked = inspect_sql(sql)
-    files, dirs = file_grants(ws, checked.paths, allow_external_read)
-    con = connect(ws, read_paths=files, read_dirs=dirs)
-    try:
-        try:
-            for s in checked.statements[:-1]:
-                con.execute(s)
-                con.complete()
-            return con.sql(checked.statements[-1], params=params).to_arrow_table()
-        except duckdb.PermissionException as e:
-            raise ReadOnlyError(_permission_message(e, ws, allow_external_read)) from e
-    finally:
-        con.close()
+    with UserSQL(ws, sql, allow_external_read=allow_external_read, timeout_s=timeout_s,
+                 memory=memory) as q, q.watch() as con:
+        for s in q.statements[:-1]:
+            con.execute(s)
+            con.complete()
+        return con.sql(q.statements[-1], params=params).to_arrow_table()
+
+
+def inspect_sql(sql: str) -> list[str]:
+    """The statements of a script after the read-only checks (ReadOnlyError / ValueError otherwise)."""
+    return [st.text for st in sql_guard.check(sql, VIEW_NAMES)]
 
 
 def selection_sql(base: str, where: str | None = None, query: str | None = None, *, on_labels: bool = True) -> str:

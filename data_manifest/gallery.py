@@ -20,7 +20,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import numpy as np
 
 from data_manifest import Workspace, catalog
@@ -129,27 +128,26 @@ SAMPLE_JOIN = "LEFT JOIN sel_score sc USING (sample_id)"
 class Selection:
     """One locked, in-memory query connection (`catalog.connect`) with the selection materialised once.
 
-    The user's `--where` reaches DuckDB only inside the one selecting statement, which passes
-    `catalog.inspect_sql` (a single read-only query) before it runs; every later query is this module's
-    own text over the temporary tables `sel` (the selected `labels` columns) and `sel_score`.
+    The user's `--where` reaches DuckDB only inside the one selecting statement, which passes the
+    read-only checks (`catalog.UserSQL`: a single query, on a connection with no file access, under
+    the query limits) before it runs; every later query is this module's own text over the temporary
+    tables `sel` (the selected `labels` columns) and `sel_score`.
     """
 
     def __init__(self, ws: Workspace, where: str | None) -> None:
         selecting = f"SELECT {SEL_COLS} FROM ({catalog.selection_sql('SELECT * FROM labels', where)}) AS t"
-        checked = catalog.inspect_sql(selecting)
-        if len(checked.statements) != 1:
+        self.q = catalog.UserSQL(ws, selecting)
+        self.con = self.q.con
+        if len(self.q.statements) != 1:
+            self.q.close()
             raise catalog.ReadOnlyError(f"refused: --where {where!r} must be one condition, not several statements")
-        files, dirs = catalog.file_grants(ws, checked.paths)
-        self.con = catalog.connect(ws, read_paths=files, read_dirs=dirs)
         try:
-            self.con.execute(f"CREATE TEMP TABLE sel AS {checked.statements[0]}")
+            with self.q.watch():
+                self.con.execute(f"CREATE TEMP TABLE sel AS {self.q.statements[0]}")
             self.con.execute("CREATE TEMP TABLE sel_q AS SELECT sample_id, method, quality FROM scores "
                              "WHERE sample_id IN (SELECT sample_id FROM sel)")
             self.con.execute("CREATE TEMP TABLE sel_score AS SELECT sample_id, string_agg(method || '=' || "
                              "CAST(round(quality, 4) AS VARCHAR), ', ' ORDER BY method) AS score FROM sel_q GROUP BY 1")
-        except duckdb.PermissionException as e:
-            self.con.close()
-            raise catalog.ReadOnlyError(f"refused: --where {where!r} reads a file it may not read: {e}") from e
         except BaseException:
             self.con.close()
             raise

@@ -124,7 +124,9 @@ def duck_type(t: pa.DataType) -> str:
         return "VARCHAR"
     if pa.types.is_timestamp(t):
         return "TIMESTAMP WITH TIME ZONE" if t.tz else "TIMESTAMP"
-    if pa.types.is_list(t) or pa.types.is_fixed_size_list(t):
+    if pa.types.is_fixed_size_list(t):
+        return f"{duck_type(t.value_type)}[{t.list_size}]"
+    if pa.types.is_list(t):
         return f"{duck_type(t.value_type)}[]"
     simple = {pa.int8(): "TINYINT", pa.int16(): "SMALLINT", pa.int32(): "INTEGER", pa.int64(): "BIGINT",
               pa.float32(): "FLOAT", pa.float64(): "DOUBLE", pa.bool_(): "BOOLEAN"}

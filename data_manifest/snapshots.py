@@ -37,13 +37,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_manifest.schemas import KEYS, SCHEMAS, duck_type
+from data_manifest.sql_guard import escape_glob
 from data_manifest.workspace import Workspace
 from pipeline.factors import FACTORS
 
-FORMAT = 1  # bump when the snapshot tables change shape: a refresh then rebuilds them
+FORMAT = 2  # bump when the snapshot tables change shape: a refresh then rebuilds them (2: fixed-size arrays)
 SNAPSHOT_TABLES: tuple[str, ...] = ("samples", "faces", "factors", "anchors", "scores")
 LABEL_INPUTS: tuple[str, ...] = ("samples", "faces", "factors", "anchors")  # what a `labels` row is made of
 SOURCES = "snapshot_sources"
@@ -227,8 +229,8 @@ def table_states(ws: Workspace, con: duckdb.DuckDBPyConnection, schema: str = ""
 
 
 @contextlib.contextmanager
-def _exclusive(ws: Workspace) -> Iterator[None]:
-    """One snapshot writer per workspace at a time (folds of two finishing runs queue here)."""
+def exclusive(ws: Workspace) -> Iterator[None]:
+    """One catalog writer per workspace at a time (folds of two finishing runs queue here); not reentrant."""
     fd = os.open(ws.root / ".snapshots.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -285,7 +287,8 @@ def _column_sql(table: str) -> str:
 
 
 def _file_list(files: Sequence[Path]) -> str:
-    return "[" + ", ".join(sql_str(p.as_posix()) for p in files) + "]"
+    """A list literal of the files, each escaped so that DuckDB reads exactly it, never a glob pattern."""
+    return "[" + ", ".join(sql_str(escape_glob(p.as_posix())) for p in files) + "]"
 
 
 def read_shards_sql(table: str, files: Sequence[Path]) -> str:
@@ -293,8 +296,12 @@ def read_shards_sql(table: str, files: Sequence[Path]) -> str:
     present: set[str] = set()
     for p in files:
         present.update(pq.read_schema(p).names)
-    cols = ", ".join(f.name if f.name in present else f"CAST(NULL AS {duck_type(f.type)}) AS {f.name}"
-                     for f in SCHEMAS[table])
+    def column(f: pa.Field) -> str:  # the schema's type, whatever the reader infers (FLOAT[4], not FLOAT[])
+        if f.name not in present:
+            return f"CAST(NULL AS {duck_type(f.type)}) AS {f.name}"
+        return f"CAST({f.name} AS {duck_type(f.type)}) AS {f.name}" if pa.types.is_fixed_size_list(f.type) else f.name
+
+    cols = ", ".join(column(f) for f in SCHEMAS[table])
     return (f"SELECT {cols} FROM read_parquet({_file_list(files)}, union_by_name = true, "
             "hive_partitioning = false)")
 
@@ -425,62 +432,61 @@ def update(con: duckdb.DuckDBPyConnection, ws: Workspace, *, rebuild: bool = Fal
            log: Callable[[str], None] | None = None) -> FoldReport:
     """Fold new shards into the snapshots on a read-write connection to catalog.duckdb.
 
-    Shards of completed runs (and of runs no flow recorded) are folded; with `rebuild` every snapshot is
-    recomputed from all shards there are, whatever their run's state (`fiqa compact`). A snapshot whose
-    folded shards changed is rebuilt, as is any snapshot of an older format.
+    The caller holds `exclusive(ws)`. Shards of completed runs (and of runs no flow recorded) are folded;
+    with `rebuild` every snapshot is recomputed from all shards there are, whatever their run's state
+    (`fiqa compact`). A snapshot whose folded shards changed is rebuilt, as is any snapshot of an older format.
     """
     t0 = time.perf_counter()
     report = FoldReport()
     say = log or (lambda _m: None)
-    with _exclusive(ws):
-        _configure(con, ws)
-        folded = None if rebuild else _folded(con)
-        reset = rebuild or folded is None
-        states = None if reset else table_states(ws, con, folded=folded)  # None: every table is built afresh
-        with _transaction(con):  # `labels` is unusable until it is consistent with its inputs again
-            _ensure_meta(con, reset=reset)
-            con.execute(f"DELETE FROM {BUILT} WHERE tbl = 'labels'")
-        con.execute("CREATE OR REPLACE TEMP TABLE _changed (sample_id VARCHAR)")
-        done: dict[str, bool] = {}
-        relabel_all = states is None or not states["labels"].usable
-        for t in SNAPSHOT_TABLES:  # one transaction per table: a fold never holds all of them in memory
-            st = None if states is None else states[t]
-            fresh = st is None or not st.usable
-            if fresh and st is not None and st.reason != "no snapshot":
-                say(f"snapshot of {t}: {st.reason}; rebuilding it from its shards")
-            if fresh:
-                files = shard_files(ws, t) if rebuild else [
-                    p for p in shard_files(ws, t) if run_completed(ws, run_of(p), done)]
-            else:
-                files = [p for p in st.pending if run_completed(ws, run_of(p), done)]
-            # A build reads all its shards in one step (DuckDB spills past its memory limit); an incremental fold
-            # takes FOLD_ROWS rows at a time, each step committed with its shards' record and checkpointed, so
-            # neither its working set nor the rows it wrote stay in memory: its peak does not grow with the change.
-            steps = [files] if fresh else fold_batches(files, FOLD_ROWS)
-            _use_limit(con, build=fresh)
-            rows = 0
-            for step in steps or [[]]:
-                with _transaction(con):
-                    if fresh:
-                        con.execute(f"CREATE OR REPLACE TABLE {snapshot_name(t)} ({_column_sql(t)})")
-                        con.execute(f"DELETE FROM {SOURCES} WHERE tbl = ?", [t])
-                        con.execute(f"DELETE FROM {META} WHERE key = ?", [f"replaced_{snapshot_name(t)}"])
-                        con.execute(f"INSERT OR IGNORE INTO {BUILT} VALUES (?)", [t])
-                        relabel_all = relabel_all or t in LABEL_INPUTS
-                    kept, replaced = _fold(con, t, step, fresh) if step else (0, 0)
-                    rows += kept
-                    _record(con, ws, t, step)
-                    due = replaced and _count_replaced(con, snapshot_name(t), replaced)
-                if step:
-                    _checkpoint(con)
-                if due:
-                    _rewrite(con, t, REWRITE_PART * FOLD_ROWS)
-            report.tables[t] = {"shards": len(files), "rows": rows, "rebuilt": fresh}
-        _use_limit(con, build=relabel_all)
-        report.tables["labels"] = _update_labels(con, relabel_all)
-        with _transaction(con):
-            con.execute(f"INSERT OR IGNORE INTO {BUILT} VALUES ('labels')")
-        _checkpoint(con)
+    _configure(con, ws)
+    folded = None if rebuild else _folded(con)
+    reset = rebuild or folded is None
+    states = None if reset else table_states(ws, con, folded=folded)  # None: every table is built afresh
+    with _transaction(con):  # `labels` is unusable until it is consistent with its inputs again
+        _ensure_meta(con, reset=reset)
+        con.execute(f"DELETE FROM {BUILT} WHERE tbl = 'labels'")
+    con.execute("CREATE OR REPLACE TEMP TABLE _changed (sample_id VARCHAR)")
+    done: dict[str, bool] = {}
+    relabel_all = states is None or not states["labels"].usable
+    for t in SNAPSHOT_TABLES:  # one transaction per table: a fold never holds all of them in memory
+        st = None if states is None else states[t]
+        fresh = st is None or not st.usable
+        if fresh and st is not None and st.reason != "no snapshot":
+            say(f"snapshot of {t}: {st.reason}; rebuilding it from its shards")
+        if fresh:
+            files = shard_files(ws, t) if rebuild else [
+                p for p in shard_files(ws, t) if run_completed(ws, run_of(p), done)]
+        else:
+            files = [p for p in st.pending if run_completed(ws, run_of(p), done)]
+        # A build reads all its shards in one step (DuckDB spills past its memory limit); an incremental fold
+        # takes FOLD_ROWS rows at a time, each step committed with its shards' record and checkpointed, so
+        # neither its working set nor the rows it wrote stay in memory: its peak does not grow with the change.
+        steps = [files] if fresh else fold_batches(files, FOLD_ROWS)
+        _use_limit(con, build=fresh)
+        rows = 0
+        for step in steps or [[]]:
+            with _transaction(con):
+                if fresh:
+                    con.execute(f"CREATE OR REPLACE TABLE {snapshot_name(t)} ({_column_sql(t)})")
+                    con.execute(f"DELETE FROM {SOURCES} WHERE tbl = ?", [t])
+                    con.execute(f"DELETE FROM {META} WHERE key = ?", [f"replaced_{snapshot_name(t)}"])
+                    con.execute(f"INSERT OR IGNORE INTO {BUILT} VALUES (?)", [t])
+                    relabel_all = relabel_all or t in LABEL_INPUTS
+                kept, replaced = _fold(con, t, step, fresh) if step else (0, 0)
+                rows += kept
+                _record(con, ws, t, step)
+                due = replaced and _count_replaced(con, snapshot_name(t), replaced)
+            if step:
+                _checkpoint(con)
+            if due:
+                _rewrite(con, t, REWRITE_PART * FOLD_ROWS)
+        report.tables[t] = {"shards": len(files), "rows": rows, "rebuilt": fresh}
+    _use_limit(con, build=relabel_all)
+    report.tables["labels"] = _update_labels(con, relabel_all)
+    with _transaction(con):
+        con.execute(f"INSERT OR IGNORE INTO {BUILT} VALUES ('labels')")
+    _checkpoint(con)
     report.seconds = time.perf_counter() - t0
     return report
 

@@ -15,6 +15,9 @@ class Workspace:
     def __init__(self, root: str | os.PathLike[str] | None = None, *, create: bool = True) -> None:
         raw = root if root is not None else os.environ.get(ENV_WORKSPACE, DEFAULT_WORKSPACE)
         self.root = Path(raw).expanduser().resolve()
+        if "?" in str(self.root):  # DuckDB reads "?" in a database path as the start of URI options
+            raise ValueError(f"workspace path {self.root} contains '?', which DuckDB cannot open catalog.duckdb "
+                             "under; choose a path without it")
         if self.root.exists() and not self.root.is_dir():
             raise NotADirectoryError(f"workspace {self.root} exists and is not a directory")
         if create:

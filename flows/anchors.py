@@ -30,6 +30,7 @@ from prefect.cache_policies import NO_CACHE
 from data_manifest import ShardWriter, Workspace, catalog, runs
 from data_manifest.writer import atomic_write, shard_name
 from flows import runtime
+from flows.arguments import add_sql_limits
 from pipeline import anchors as A
 
 DEFAULT_FR_MODEL = "dlib"  # installed with the project; insightface needs its model pack on disk
@@ -392,6 +393,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nnccs-floor", type=float, default=A.DEFAULT_NNCCS_FLOOR,
                    help="ratio mode: rows with nnccs at or below this are 'clamped' (see docs/anchors.md)")
     p.add_argument("--where", default=None, help="SQL filter over the labels view, e.g. \"dataset = 'ms1mv2'\"")
+    add_sql_limits(p)
     p.add_argument("--query", default=None,
                    help="SQL returning sample_id, identity, crop_file, crop_index (face_status, face_error optional)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (recogniser and search)")

@@ -14,12 +14,13 @@ import duckdb
 
 from data_manifest import Workspace
 from data_manifest.gallery import PICKS, GalleryOptions, write_gallery
-from flows.arguments import int_at_least
+from flows.arguments import add_sql_limits, int_at_least
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workspace", default=None, help="workspace directory (default: $FIQA_WORKSPACE or ./workspace)")
     p.add_argument("--where", default=None, help="SQL condition on the labels view selecting the samples shown")
+    add_sql_limits(p)
     p.add_argument("--per-class", type=int_at_least(1), default=12,
                    help="crops per class grid and per decile (default 12)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random pick of crops (default 0)")

@@ -34,6 +34,7 @@ from prefect.cache_policies import NO_CACHE
 from data_manifest import ShardWriter, Workspace, catalog, crops, runs
 from data_manifest.writer import shard_name
 from flows import runtime
+from flows.arguments import add_sql_limits
 from pipeline.factors import BLUR_THRESHOLDS, parse_blur_thresholds
 from pipeline.records import ERROR, OK, SKIPPED, FaceCrop
 from pipeline.stages import (  # noqa: F401  (the registry, re-exported for callers of the label flow)
@@ -284,6 +285,7 @@ def configure_parser(p: argparse.ArgumentParser, *, stages_default: str = ",".jo
         p.add_argument("--where", default=None,
                        help="SQL condition on the catalog's `labels` view choosing the samples, e.g. "
                             "\"dataset = 'lfw'\"")
+    add_sql_limits(p)
     p.add_argument("--detector", choices=("auto", "mtcnn", "scrfd", "none"), default="auto",
                    help="face detector (auto: SCRFD when the insightface pack is present, else MTCNN; "
                         "none: with --aligned, measure no 5 landmarks)")

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -456,21 +457,20 @@ def stream_selection(ws: Workspace, path: Path, sql: str, shard_size: int, *, wh
                      schema: pa.Schema | None = None, required: tuple[str, ...] = ("sample_id",)) -> Path:
     """Run one checked query on a read-only catalog connection and stream its rows into `path`, one row group per
     shard (`write_row_groups`); `what` names the query in errors (a bad statement, missing columns)."""
-    statements = catalog.inspect_sql(sql).statements  # checked on its own parser connection
-    if len(statements) != 1:
-        raise ValueError(f"{what} must be a single query, got {len(statements)} statements")
-    con = catalog.connect(ws)
-    try:
-        try:
-            reader = con.sql(statements[0]).to_arrow_reader(batch_size=shard_size)
-        except Exception as e:  # duckdb raises its own error classes for bad SQL
-            raise ValueError(f"{what} failed: {e}\nSQL: {sql}") from e
-        missing = [c for c in required if c not in reader.schema.names]
-        if missing:
-            raise ValueError(f"{what} must return {sorted(missing)} too")
-        write_row_groups(path, schema or reader.schema, reader, shard_size)
-    finally:
-        con.close()
+    with catalog.UserSQL(ws, sql) as q:
+        if len(q.statements) != 1:
+            raise ValueError(f"{what} must be a single query, got {len(q.statements)} statements")
+        with q.watch() as con:
+            try:
+                reader = con.sql(q.statements[0]).to_arrow_reader(batch_size=shard_size)
+            except (duckdb.InterruptException, duckdb.OutOfMemoryException):
+                raise  # the time or memory limit: watch() says which
+            except duckdb.Error as e:
+                raise ValueError(f"{what} failed: {e}\nSQL: {sql}") from e
+            missing = [c for c in required if c not in reader.schema.names]
+            if missing:
+                raise ValueError(f"{what} must return {sorted(missing)} too")
+            write_row_groups(path, schema or reader.schema, reader, shard_size)
     return path
 
 

@@ -22,6 +22,7 @@ from prefect.cache_policies import NO_CACHE
 
 from data_manifest import ShardWriter, Workspace, catalog
 from flows import runtime
+from flows.arguments import add_sql_limits
 
 DEFAULT_METHOD = "clib-fiqa"
 SELECT_SQL = runtime.flow_sql("score_selection")
@@ -148,6 +149,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     runtime.add_common_args(p)
     p.add_argument("--checkpoint", required=True, help="a CLIB-FIQA checkpoint (.pt)")
     p.add_argument("--where", default=None, help="SQL filter over the labels view, e.g. \"dataset = 'lfw'\"")
+    add_sql_limits(p)
     p.add_argument("--query", default=None,
                    help="SQL returning sample_id, crop_file, crop_index (face_status, face_error optional)")
     p.add_argument("--method", default=DEFAULT_METHOD, help="method name in the scores table")

@@ -1,23 +1,28 @@
 """`fiqa sql`: read-only SQL over the catalog views, printed as a table or written as CSV/JSON/Parquet.
 
-The query runs on a connection that cannot write any file and reads only the
-catalog views and workspace files the query names (see docs/architecture.md).
-A script of several statements returns the last statement's result.
+The query runs on a connection with no file access: it reads the catalog views,
+and the workspace files it names literally are read for it by the checks (see
+docs/architecture.md). It runs under a time and a memory limit. A script of
+several statements returns the last statement's result.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import stat
+import sys
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
 
 from data_manifest import Workspace, catalog
-from flows.arguments import int_at_least
+from flows.arguments import add_sql_limits, int_at_least
 
 FORMATS = ("table", "csv", "json", "parquet")
+MAX_SQL_FILE = 1 << 20  # bytes of a --file script
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
@@ -29,6 +34,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-external-read", action="store_true",
                    help="also let the query read files outside the workspace that it names literally "
                         "(writing stays impossible)")
+    add_sql_limits(p, prefix="")
     p.add_argument("--workspace", default=None, help="workspace directory (default: $FIQA_WORKSPACE or ./workspace)")
 
 
@@ -101,21 +107,58 @@ def write_result(tbl: pa.Table, fmt: str, output: Path | None, max_rows: int = 5
     return text
 
 
+def read_sql_file(path: Path, limit: int = MAX_SQL_FILE) -> str:
+    """The text of a --file script: a regular file of at most `limit` bytes, UTF-8."""
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise ValueError(f"--file {path} is not a regular file")
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise ValueError(f"cannot read SQL file {path}: {e.strerror or e}") from e
+    if len(data) > limit:
+        raise ValueError(f"--file {path} is larger than {limit} bytes; a SQL script is expected")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--file {path} is not UTF-8 text: {e}") from e
+
+
+def check_output(ws: Workspace, output: Path) -> None:
+    """Refuse an --output that would overwrite the workspace's data: manifests, crops, runs or the catalog."""
+    real = Path(os.path.realpath(output))
+    protected = [ws.manifests, ws.crops, ws.runs_dir]
+    files = [ws.catalog_path, Path(f"{ws.catalog_path}.wal"), ws.catalog_root_path]
+    for d in protected:
+        d_real = Path(os.path.realpath(d))
+        if real == d_real or d_real in real.parents:
+            raise ValueError(f"refused: --output {output} is inside the workspace's {d.name}/, which only flows write")
+    if any(real == Path(os.path.realpath(f)) for f in files):
+        raise ValueError(f"refused: --output {output} is the workspace's catalog, which only flows write")
+
+
+def print_quietly(text: str) -> None:
+    """Print; a reader that closed the pipe (`| head`) ends the output quietly."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's exit flush must not fail again
+
+
 def run_cli(args: argparse.Namespace) -> int:
     if (args.query is None) == (args.file is None):
         raise ValueError("give either a SQL string or --file PATH (exactly one)")
-    if args.file is not None:
-        try:
-            sql = args.file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"cannot read SQL file {args.file}: {e}") from e
-    else:
-        sql = args.query
+    sql = read_sql_file(args.file) if args.file is not None else args.query
     ws = Workspace(args.workspace, create=False)
     if not ws.manifests.is_dir():
         raise FileNotFoundError(f"no manifests in workspace {ws.root} (run 'fiqa ingest' or 'fiqa demo' first)")
+    if args.output is not None:
+        check_output(ws, args.output)
     try:
-        tbl = catalog.query(ws, sql, allow_external_read=args.allow_external_read)
+        tbl = catalog.query(ws, sql, allow_external_read=args.allow_external_read, timeout_s=args.timeout,
+                            memory=args.memory)
     except duckdb.Error as e:  # SQL errors: the message, not a traceback
         raise ValueError(str(e)) from e
     try:
@@ -123,7 +166,7 @@ def run_cli(args: argparse.Namespace) -> int:
     except OSError as e:
         raise OSError(f"cannot write {args.output}: {e}") from e
     if text is not None:
-        print(text)
+        print_quietly(text)
     return 0
 
 

@@ -22,6 +22,7 @@ from prefect import flow, get_run_logger
 from data_manifest import ShardWriter, Workspace, catalog
 from data_manifest.writer import shard_name
 from flows import runtime
+from flows.arguments import add_sql_limits
 from pipeline.factors import FACTORS
 
 CONFIDENCE_METHOD = "clib-fiqa-confidence"
@@ -216,6 +217,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="allow loading a TorchScript archive (e.g. OpenAI's RN50.pt) with torch.jit.load; "
                         "only for a file you trust, since loading it can run code stored in it")
     p.add_argument("--where", default=None, help="SQL filter on the training set, e.g. \"pose_index = 2\"")
+    add_sql_limits(p)
     p.add_argument("--query", default=None, help="a full SQL query returning " + ", ".join(REQUIRED_COLUMNS))
     p.add_argument("--resume", default=None, help="continue from this checkpoint (same data and config)")
     p.add_argument("--config-json", default=None, help="JSON object of TrainConfig overrides")

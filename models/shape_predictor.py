@@ -27,11 +27,15 @@ give the byte count n and whose bit 7 is the sign, then n little-endian bytes);
 a float is two of them (mantissa, exponent: mantissa * 2 ** exponent); a
 matrix is (-rows, -cols, values); a vector is (size, items). The parsed arrays
 are cached as an .npz beside the model store (`$FIQA_MODELS/derived`) when it
-is writable, keyed by the file's size and modification time.
+is writable, keyed by the file's size and modification time and by the digest
+of this module's source (the code that parsed it): a changed parser never
+reads arrays an older one wrote.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import threading
 import zipfile
@@ -241,7 +245,13 @@ def _cache_path(path: Path) -> Path | None:
     if not store.is_dir():
         return None
     st = path.stat()
-    return store / "derived" / f"{path.stem}.{st.st_size}-{st.st_mtime_ns}.v{CACHE_VERSION}.npz"
+    return store / "derived" / f"{path.stem}.{st.st_size}-{st.st_mtime_ns}.v{CACHE_VERSION}-{_code_digest()}.npz"
+
+
+@functools.lru_cache(maxsize=1)
+def _code_digest() -> str:
+    """Short SHA-256 of this module's source: part of the cache key, so the cache follows the parser."""
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
 
 
 def load_shape_model(path: str | os.PathLike[str]) -> ShapeModel:

@@ -51,6 +51,17 @@ FER_FILE = WeightFile(
 )
 
 
+# Occlusion CNN: our own model, trained once by `python -m models.fetch_weights --retrain occlusion` and
+# committed (models/shipped/occlusion_cnn.pt, with its training config and provenance beside it);
+# `python -m models.fetch_weights` checks this SHA-256 and copies the file into the store.
+OCCLUSION_FILE = WeightFile(
+    relpath="occlusion/occlusion_cnn.pt",
+    sha256="3429a4308243e739f9110218b03272d16d4b47901106c4bb29158ebd2e3b6090",
+    source="models/shipped/occlusion_cnn.pt (trained by this project, see models/shipped/README.md)",
+    licence="Apache-2.0 (this project); trained on the face-api demo photos (MIT)",
+)
+
+
 class MissingWeightsError(FileNotFoundError):
     """A weight file or model pack is not where the store says it should be."""
 

@@ -1,7 +1,8 @@
 """Label stage "occlusion": P(obstructed) from the occlusion CNN trained on real faces with pasted occluders.
 
-The model (`models.occlusion`) is built at setup from the face-api photos'
-faces; it is checked on the package faces it never saw (`python -m
+The model (`models.occlusion`) was trained on the face-api photos' faces and
+ships with the project (`models/shipped/`, installed by `make setup`); it is
+checked on the package faces it never saw (`python -m
 benchmarks.occlusion`). Every row names the labeller, the model's version and
 the SHA-256 of its file, so a relabel can tell models apart.
 """

@@ -316,9 +316,12 @@ def test_shape_predictor_reads_dlib_files_and_runs_the_cascade(tmp_path, monkeyp
     monkeypatch.setenv("FIQA_MODELS", str(tmp_path / "store"))
     (tmp_path / "store").mkdir()
     model = sp.load_shape_model(tmp_path / "tiny.dat")
-    assert list((tmp_path / "store" / "derived").glob("tiny.*.npz"))  # cached for the next load
+    (cache,) = (tmp_path / "store" / "derived").glob("tiny.*.npz")  # cached for the next load
+    assert sp._code_digest() in cache.name  # keyed by the parser's code, not only by the file
     cached = sp.load_shape_model(tmp_path / "tiny.dat")
     np.testing.assert_array_equal(cached.leaves, model.leaves)
+    monkeypatch.setattr(sp, "_code_digest", lambda: "0123456789ab")  # another parser: another key
+    assert sp._cache_path(tmp_path / "tiny.dat") != cache
     assert (model.levels, model.trees, model.splits_per_tree, model.points) == (1, 1, 1, 2)
     img = np.zeros((2, 40, 40), np.uint8)
     img[0, :, :20] = 200  # image 0: point 0 (x = 10) is bright, pixel 1 (x = 20) dark -> left leaf

@@ -349,7 +349,7 @@ def _train(model_config: ClibConfig, data: TrainingData, config: TrainConfig, ou
     _seed_everything(config, device)
     ckpt = load_checkpoint(resume) if resume is not None else None
     if ckpt is not None:
-        _check_resume(ckpt, model_config, config, data)
+        _check_resume(ckpt, Path(resume), model_config, config, data)
         model = model_from_checkpoint(ckpt)
     else:
         model = ClibFiqa.from_config(model_config)
@@ -445,17 +445,26 @@ def _seed_everything(config: TrainConfig, device: torch.device) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def _check_resume(ckpt: dict[str, Any], model_config: ClibConfig, config: TrainConfig, data: TrainingData) -> None:
+RESUME_HINT = ("a resumed run (`--resume CKPT`, or `--run-id` of a run that has a last.pt) needs the options and "
+               "training set it was started with")
+
+
+def _check_resume(ckpt: dict[str, Any], path: Path, model_config: ClibConfig, config: TrainConfig,
+                  data: TrainingData) -> None:
+    """Refuse a resume whose model config, run config or training set differs from the checkpoint's."""
     if ClibConfig.from_dict(ckpt["model_config"]).to_dict() != model_config.to_dict():  # missing keys: defaults
-        raise ValueError(f"--resume: model config differs from the checkpoint's {ckpt['model_config']}")
+        raise ValueError(f"cannot resume from {path}: the model config differs from the checkpoint's "
+                         f"{ckpt['model_config']}; {RESUME_HINT}")
     mine = asdict(config)
     saved = asdict(TrainConfig()) | dict(ckpt["train_config"])  # a key added since the checkpoint: its default
     volatile = ("num_workers", "device", "keep_epochs")
     diff = {k: (saved.get(k), mine[k]) for k in mine if k not in volatile and saved.get(k) != mine[k]}
     if diff:
-        raise ValueError(f"--resume: run config differs from the checkpoint (saved, given): {diff}")
+        raise ValueError(f"cannot resume from {path}: the run config differs from the checkpoint's (saved, given): "
+                         f"{diff}; {RESUME_HINT}")
     if ckpt["data"]["fingerprint"] != data.fingerprint():
-        raise ValueError("--resume: the training set (sample order, anchors or labels) differs from the checkpoint's")
+        raise ValueError(f"cannot resume from {path}: the training set (sample order, anchors or labels) differs "
+                         f"from the checkpoint's; {RESUME_HINT}")
 
 
 def crop_loader(images: Any, batch_size: int, *, num_workers: int = 0, shuffle: bool = True, seed: int = 0,

@@ -73,10 +73,10 @@ def test_learns_a_visible_quality_property_and_resume_is_exact(tmp_path):
     part = train(TINY, data, _tc(), tmp_path / "part", resume=tmp_path / "full" / "epoch-004.pt",
                  stop_after_epoch=4, log=None)
     assert part.history == a["history"][:4]
-    with pytest.raises(ValueError, match="training set"):
+    with pytest.raises(ValueError, match=r"cannot resume from .*last\.pt: the training set .* needs the options"):
         other = TrainingData(data.sample_ids, anchors[::-1].copy(), labels, ArrayImages(imgs))
         train(TINY, other, _tc(), tmp_path / "x", resume=full.checkpoint, log=None)
-    with pytest.raises(ValueError, match="run config"):
+    with pytest.raises(ValueError, match=r"cannot resume from .*last\.pt: the run config differs"):
         train(TINY, data, _tc(lr=1e-4), tmp_path / "x", resume=full.checkpoint, log=None)
     # --keep-epochs 1: only the newest epoch checkpoint stays next to last.pt (a resume may change it)
     kept = train(TINY, data, _tc(keep_epochs=1), tmp_path / "kept", resume=tmp_path / "full" / "epoch-003.pt",

@@ -195,6 +195,8 @@ def finish_run(ws: Workspace, run_id: str, status: str, counts: dict[str, Any] |
     if info is None:
         raise ValueError(f"finish_run: unknown run {run_id!r} (start_run was not called)")
     counts = shard_counts(ws, run_id) if counts is None else counts
+    if status == COMPLETED and info.get("status") == COMPLETED and info.get("metrics"):
+        metrics = info["metrics"]  # a resume of a completed run redid nothing: its rates stay those of the work
     info.update(status=status, counts=counts, metrics=metrics, ended_at=datetime.now(UTC).isoformat(), error=error)
     _write_json(_run_dir(ws, run_id) / "run.json", info)
     _registry_row(ws, run_id, info, status, f"end-{info['attempts']:03d}", counts, metrics, error)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+# What a user can fix: a bad value, a missing or unreadable file, a busy run id, a missing optional package.
+INPUT_ERRORS = (ValueError, OSError, RuntimeError)
+
 
 def int_at_least(minimum: int) -> Callable[[str], int]:
     """An argparse type: an integer >= minimum, with a message naming the bad value."""

@@ -40,6 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class DefaultsShown(argparse.HelpFormatter):
+    """Every option's help names its default, unless the help already does or there is none to name."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text.lower() or action.default in (None, False, argparse.SUPPRESS)
+                or not action.option_strings or action.nargs == 0):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     top = build_parser()
@@ -51,18 +62,16 @@ def main(argv: list[str] | None = None) -> int:
         top.error(f"unknown command {name!r}; choose from {', '.join(COMMANDS)}")
     module_name, help_text = COMMANDS[name]
     mod = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"fiqa {name}", description=help_text)
+    parser = argparse.ArgumentParser(prog=f"fiqa {name}", description=help_text, formatter_class=DefaultsShown)
     mod.configure_parser(parser)
     return run_command(parser.prog, mod, parser.parse_args(argv[1:]))
 
 
-# What a user can fix: a bad value, a missing or unreadable file, a busy run id, a missing optional package.
-INPUT_ERRORS = (ValueError, OSError, RuntimeError)
 
 
 def run_command(prog: str, mod: Any, args: argparse.Namespace) -> int:
     """The one CLI error path: run_cli raises; failed shards exit 1, bad input exits 2, each with one message."""
-    from flows.arguments import apply_sql_limits
+    from flows.arguments import INPUT_ERRORS, apply_sql_limits
     from flows.runtime import ShardFailures, cli_guard  # a usable --workspace and a free --run-id first
 
     try:

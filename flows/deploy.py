@@ -214,12 +214,14 @@ def _add_refresh_args(p: argparse.ArgumentParser) -> None:
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
-    s = sub.add_parser("serve", help="serve the refresh deployment from this process (no worker needed)")
+    fmt = p.formatter_class  # each action's help names its defaults too
+    s = sub.add_parser("serve", formatter_class=fmt,
+                       help="serve the refresh deployment from this process (no worker needed)")
     _add_refresh_args(s)
     s.add_argument("--train-cron-serve", default=None,
                    help="also serve train+score on this schedule (this machine must have the GPU)")
     s.add_argument("--limit", type=int, default=None, help="most concurrent flow runs of this process")
-    r = sub.add_parser("register", help="create deployments on work pools (run by workers)")
+    r = sub.add_parser("register", formatter_class=fmt, help="create deployments on work pools (run by workers)")
     _add_refresh_args(r)
     r.add_argument("--cpu-pool", default=DEFAULT_CPU_POOL, help="process pool of the refresh (default: %(default)s)")
     r.add_argument("--gpu-pool", default=DEFAULT_GPU_POOL, help="pool of train+score (default: %(default)s)")
@@ -229,10 +231,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="create missing process pools (GPU pool with concurrency 1) and the 'gpu' tag limit")
     r.add_argument("--source", default=str(PROJECT_ROOT),
                    help="project checkout the workers load the flows from (default: this checkout)")
-    c = sub.add_parser("commands", help="print the commands that start a server, create pools, start workers")
-    c.add_argument("--cpu-pool", default=DEFAULT_CPU_POOL)
-    c.add_argument("--gpu-pool", default=DEFAULT_GPU_POOL)
-    c.add_argument("--api-url", default=DEFAULT_SERVER)
+    c = sub.add_parser("commands", formatter_class=fmt,
+                       help="print the commands that start a server, create pools, start workers")
+    c.add_argument("--cpu-pool", default=DEFAULT_CPU_POOL, help="process pool of the refresh")
+    c.add_argument("--gpu-pool", default=DEFAULT_GPU_POOL, help="pool of train+score")
+    c.add_argument("--api-url", default=DEFAULT_SERVER, help="the Prefect server's API address")
 
 
 def run_cli(args: argparse.Namespace) -> int:

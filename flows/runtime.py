@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 import flows  # noqa: F401  (Prefect defaults before prefect is imported)
 from data_manifest import Workspace, catalog, runs
 from data_manifest.writer import atomic_write, shard_name
+from flows.arguments import INPUT_ERRORS
 from flows.bookkeeping import (  # noqa: F401  (re-exported)
     publish_run_report,
     run_report_markdown,
@@ -229,10 +230,18 @@ def check_workspace_path(path: str | os.PathLike[str] | None) -> None:
 
 
 class _MessageOnly(logging.Filter):
-    """Drops the traceback from Prefect's flow/task failure logs: the CLI prints the error message itself."""
+    """Drops the traceback from Prefect's flow/task failure logs: the CLI prints the error message itself.
+
+    Without a Prefect server of the user's own (no PREFECT_API_URL: the runs go to a temporary server that
+    nobody reads afterwards), a failure that is bad input (INPUT_ERRORS) is not logged at all: the CLI's
+    one-line `error:` is the whole message, not a Prefect ERROR line before it.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and record.levelno >= logging.ERROR:
+            exc = record.exc_info[1]
+            if isinstance(exc, INPUT_ERRORS) and not os.environ.get("PREFECT_API_URL"):
+                return False
             record.exc_info, record.exc_text = None, None
         return True
 
@@ -272,7 +281,9 @@ def check_shard_failures(outcomes: Sequence[ShardOutcome], run_id: str) -> None:
 def add_common_args(p: argparse.ArgumentParser, *, runner: bool = True) -> None:
     """Options every flow command shares: workspace, run id (resume), task runner."""
     p.add_argument("--workspace", default=None, help="workspace directory (default: $FIQA_WORKSPACE or ./workspace)")
-    p.add_argument("--run-id", default=None, help="resume this run (committed shards are skipped)")
+    p.add_argument("--run-id", default=None, help=(
+        "resume this run (committed shards are skipped)" if runner else
+        "name the run; an existing id continues that run (train: from its last checkpoint; give the same options)"))
     if runner:
         p.add_argument("--runner", choices=RUNNERS, default="threads", help="task runner (default: threads)")
         p.add_argument("--workers", type=int, default=None, help="parallel workers of the task runner")

@@ -14,11 +14,14 @@ image tower may run under autocast; similarities and everything after are float3
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import warnings
 import zipfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -197,6 +200,9 @@ def build_clip(model_name: str, pretrained: str | None, *, trust_torchscript: bo
     if src.kind == "torchscript":
         return _clip_from_torchscript(model_name, Path(str(src.value)), src.quick_gelu)
     try:
+        if src.kind == "none":  # a checkpoint's weights follow, or the caller chose random init and says so itself
+            with _quiet_random_init():
+                return open_clip.create_model(model_name, pretrained=None)
         return open_clip.create_model(model_name, pretrained=src.value)
     except Exception as e:
         if src.kind == "tag":
@@ -206,6 +212,25 @@ def build_clip(model_name: str, pretrained: str | None, *, trust_torchscript: bo
         raise PretrainedWeightsError(
             f"could not load {src.describe()} into open_clip {model_name}; tried: safetensors / torch.load "
             f"(weights_only=True) state dict ({type(e).__name__}: {e})") from e
+
+
+@contextlib.contextmanager
+def _quiet_random_init() -> Iterator[None]:
+    """Drop open_clip's "No pretrained weights loaded ... initialized randomly" warning (it goes to the root logger)."""
+    class _Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "No pretrained weights loaded" not in record.getMessage()
+
+    root = logging.getLogger()
+    drop = _Drop()
+    handlers = [root, *root.handlers]
+    for h in handlers:
+        h.addFilter(drop)
+    try:
+        yield
+    finally:
+        for h in handlers:
+            h.removeFilter(drop)
 
 
 def _activation_mismatch(model_name: str, what: str, arch_quick_gelu: bool, weights_quick_gelu: bool) -> str:
@@ -248,7 +273,8 @@ def _clip_from_torchscript(model_name: str, path: Path, quick_gelu: bool) -> nn.
     archived = _archive_activation(archive)
     if archived is not None and archived != quick_gelu:
         raise PretrainedWeightsError(_activation_mismatch(model_name, f"the weights in {path}", quick_gelu, archived))
-    model = open_clip.create_model(model_name, pretrained=None)
+    with _quiet_random_init():  # the archive's weights are loaded next
+        model = open_clip.create_model(model_name, pretrained=None)
     # Drop OpenAI's int entries and buffers the model computes itself (a scripted module saves e.g. attn_mask).
     derived = {n for n, _ in model.named_buffers()} - set(model.state_dict())
     state = {k: v for k, v in archive.state_dict().items()

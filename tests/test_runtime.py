@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from data_manifest import catalog
+from data_manifest import catalog, runs
 from flows import runtime
 from flows.cli import COMMANDS, main
 
@@ -73,3 +73,49 @@ def test_sql_command_refuses_writes(workspace, capsys):
     assert pq.read_table(out).column("sample_id").to_pylist() == ["a"]
     assert main(["sql", "--workspace", str(workspace.root), "SELECT nope FROM samples"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_resuming_a_completed_run_keeps_the_rates_of_the_work(workspace):
+    rid = runs.start_run(workspace, "label", {"stages": "blur"})
+    runs.finish_run(workspace, rid, runs.COMPLETED, metrics={"images_per_s": 812.5})
+    runs.start_run(workspace, "label", {"stages": "blur"}, rid)  # a resume: every shard is already committed
+    runs.finish_run(workspace, rid, runs.COMPLETED, metrics={"images_per_s": 0.0})
+    row = catalog.query(workspace, f"SELECT status, metrics FROM runs WHERE run_id = '{rid}'").to_pylist()
+    assert row[0]["status"] == "completed" and json.loads(row[0]["metrics"]) == {"images_per_s": 812.5}
+    failed = runs.start_run(workspace, "label", {})
+    runs.finish_run(workspace, failed, runs.FAILED, metrics={"images_per_s": 3.0}, error="x")
+    runs.start_run(workspace, "label", {}, failed)
+    runs.finish_run(workspace, failed, runs.COMPLETED, metrics={"images_per_s": 5.0})  # a resume that did work
+    row = catalog.query(workspace, f"SELECT metrics FROM runs WHERE run_id = '{failed}'").to_pylist()
+    assert json.loads(row[0]["metrics"]) == {"images_per_s": 5.0}
+
+
+def test_a_refusal_inside_a_flow_ends_in_one_error_line(workspace, prefect_harness, capfd):
+    from data_manifest import ShardWriter
+
+    ShardWriter(workspace, "samples", "r1").write(0, [{"sample_id": "a", "dataset": "d", "source_kind": "folder",
+                                                       "source": "/x/a.png", "status": "ok"}])
+    catalog.refresh(workspace)
+    capfd.readouterr()
+    rc = main(["label", "--workspace", str(workspace.root), "--stages", "blur",
+               "--where", "sample_id IN (SELECT * FROM json_execute_serialized_sql('x'))"])
+    err = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2 and len(err) == 1 and err[0].startswith("fiqa label: error: refused: table function"), err
+
+
+def test_every_option_help_names_its_default():
+    import argparse
+    import importlib
+
+    from flows.cli import DefaultsShown
+
+    for name, (module, _) in COMMANDS.items():
+        p = argparse.ArgumentParser(prog=f"fiqa {name}", formatter_class=DefaultsShown)
+        importlib.import_module(module).configure_parser(p)
+        actions = [a for a in p._actions if a.option_strings and a.default not in (None, False, argparse.SUPPRESS)
+                   and a.nargs != 0]
+        text = " ".join(p.format_help().split())
+        for a in actions:
+            shown = DefaultsShown(p.prog)._get_help_string(a) % {"default": a.default}
+            assert "default" in shown.lower(), (name, a.option_strings)
+        assert "(default: 8192)" in text or name != "anchors"

@@ -35,17 +35,22 @@ def _samples(n: int, prefix: str = "s") -> list[dict]:
              "status": "ok"} for i in range(n)]
 
 
-@pytest.fixture
-def hostile(tmp_path):
+def workspace_beside_outside(tmp_path: Path, n: int) -> tuple[Workspace, Path, Path]:
+    """A workspace with n samples in one shard, an outside folder with a secret, and a symlink from one to the other."""
     ws = Workspace(tmp_path / "ws")
-    shard = ShardWriter(ws, "samples", "r1").write(0, _samples(34))
+    shard = ShardWriter(ws, "samples", "r1").write(0, _samples(n))
     catalog.refresh(ws)
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "secret.txt").write_text("top secret\n")
-    (tmp_path / "top.txt").write_text("above the link\n")
     os.symlink(outside, ws.root / "link_out")
     return ws, outside, shard
+
+
+@pytest.fixture
+def hostile(tmp_path):
+    (tmp_path / "top.txt").write_text("above the link\n")
+    return workspace_beside_outside(tmp_path, 34)
 
 
 # ---------------------------------------------------------------- reproductions of the report
@@ -399,14 +404,8 @@ def fuzz_statements(n: int, values: dict, seed: int = 0) -> list[str]:
 
 
 def fuzz_setting(tmp_path: Path) -> tuple[Workspace, Path, dict]:
-    ws = Workspace(tmp_path / "ws")
-    shard = ShardWriter(ws, "samples", "r1").write(0, _samples(5))
-    catalog.refresh(ws)
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    (outside / "secret.txt").write_text("top secret\n")
+    ws, outside, shard = workspace_beside_outside(tmp_path, 5)
     pq.write_table(pa.table({"a": [1]}), outside / "t.parquet")
-    os.symlink(outside, ws.root / "link_out")
     values = {"shard": str(shard), "catalog": str(ws.catalog_path), "out": str(outside / "pwned.sh"),
               "secret": str(outside / "secret.txt"), "link": f"{ws.root}/link_out/secret.txt",
               "dotdot": f"{ws.root}/link_out/../outside/t.parquet", "pattern": f"{outside}/*",

@@ -100,18 +100,6 @@ def history_dataset(ws: Workspace, table: str, shards: Sequence[Path] | None = N
     return pads.dataset(files, schema=sch, format="parquet")
 
 
-# Settings of every query connection, applied in this order before the configuration is locked.
-_LOCKDOWN = (
-    "SET autoinstall_known_extensions = false",  # no INSTALL behind a query's back (it writes ~/.duckdb)
-    "SET autoload_known_extensions = false",
-    "SET allow_community_extensions = false",
-    "SET temp_directory = ''",  # never spill to disk
-    "SET python_enable_replacements = false",  # no scanning of Python variables by name
-    "SET enable_external_access = false",  # no file access (a file reader's own connection: its files only)
-    "SET lock_configuration = true",  # and none of the above can be SET back
-)
-
-
 def connect(ws: Workspace, *, tables: dict[str, pa.Table] | None = None,
             memory: str | None = None) -> duckdb.DuckDBPyConnection:
     """An in-memory query connection: catalog views over Arrow datasets, no file access, locked configuration.
@@ -158,7 +146,7 @@ def checked_shards(ws: Workspace, table: str) -> list[Path]:
     out = []
     for p in snapshots.shard_files(ws, table):
         real = os.path.realpath(p)
-        if not real.startswith(root.rstrip(os.sep) + os.sep):
+        if not sql_guard.inside(real, root):
             raise ValueError(f"refused: shard {p} resolves to {real}, outside the workspace {root}")
         out.append(p)
     return out
@@ -281,7 +269,7 @@ def refresh(ws: Workspace, retries: int = 20, wait_s: float = 0.25, *, fold: boo
                     folds.append(report)
             for stmt in view_statements(ws, snapshots.table_states(ws, con)):
                 con.execute(stmt)
-            con.close()
+            con.close()  # checkpointed and released before a copy is renamed over the file
             if copy is not None:
                 _swap_in(ws, copy)
             tmp = ws.catalog_root_path.with_name(ws.catalog_root_path.name + ".tmp")
@@ -399,7 +387,7 @@ def _lock_down(con: duckdb.DuckDBPyConnection, memory: str, allowed_files: Seque
         raise ValueError(f"bad memory limit {memory!r}: {str(e).splitlines()[0]}") from None
     if allowed_files:
         con.execute("SET allowed_paths = ?", [list(allowed_files)])
-    for s in _LOCKDOWN:
+    for s in sql_guard.LOCKDOWN:
         con.execute(s)
 
 
@@ -467,11 +455,6 @@ def query(ws: Workspace, sql: str, params: list | dict | None = None, *, allow_e
             con.execute(s)
             con.complete()
         return con.sql(q.statements[-1], params=params).to_arrow_table()
-
-
-def inspect_sql(sql: str) -> list[str]:
-    """The statements of a script after the read-only checks (ReadOnlyError / ValueError otherwise)."""
-    return [st.text for st in sql_guard.check(sql, VIEW_NAMES)]
 
 
 def selection_sql(base: str, where: str | None = None, query: str | None = None, *, on_labels: bool = True) -> str:

@@ -41,7 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_manifest.schemas import KEYS, SCHEMAS, duck_type
-from data_manifest.sql_guard import escape_glob
+from data_manifest.sql_guard import escape_glob, sql_str  # noqa: F401  (sql_str: used by catalog too)
 from data_manifest.workspace import Workspace
 from pipeline.factors import FACTORS
 
@@ -57,11 +57,6 @@ ENV_FOLD_MEMORY = "FIQA_FOLD_MEMORY"  # memory limit of an incremental fold step
 DEFAULT_FOLD_MEMORY = "512MB"
 ENV_FOLD_ROWS = "FIQA_FOLD_ROWS"  # rows of shards (and samples of `labels`) an incremental fold takes per step
 FOLD_ROWS = int(os.environ.get(ENV_FOLD_ROWS, "131072"))
-
-
-def sql_str(text: str) -> str:
-    """A SQL string literal."""
-    return "'" + text.replace("'", "''") + "'"
 
 
 def snapshot_name(table: str) -> str:

@@ -88,10 +88,15 @@ def refuse(what: str, text: str) -> ReadOnlyError:
 
 
 _PARSERS = threading.local()
-PARSER_LOCKDOWN = (
-    "SET autoinstall_known_extensions = false", "SET autoload_known_extensions = false",
-    "SET allow_community_extensions = false", "SET temp_directory = ''", "SET python_enable_replacements = false",
-    "SET enable_external_access = false", "SET lock_configuration = true",
+# Settings of every connection that sees user SQL (parser, query, file reader), applied in this order.
+LOCKDOWN = (
+    "SET autoinstall_known_extensions = false",  # no INSTALL behind a query's back (it writes ~/.duckdb)
+    "SET autoload_known_extensions = false",
+    "SET allow_community_extensions = false",
+    "SET temp_directory = ''",  # never spill to disk
+    "SET python_enable_replacements = false",  # no scanning of Python variables by name
+    "SET enable_external_access = false",  # no file access (a file reader's own connection: its files only)
+    "SET lock_configuration = true",  # and none of the above can be SET back
 )
 
 
@@ -100,7 +105,7 @@ def parser() -> duckdb.DuckDBPyConnection:
     con = getattr(_PARSERS, "con", None)
     if con is None:
         con = duckdb.connect(":memory:")
-        for s in PARSER_LOCKDOWN:
+        for s in LOCKDOWN:
             con.execute(s)
         _PARSERS.con = con
     return con
@@ -260,7 +265,8 @@ def _nested_query(st: _Statement, fn: dict, views: frozenset[str], depth: int) -
 # ---------------------------------------------------------------- files a statement reads
 
 
-def _inside(path: str, root: str) -> bool:
+def inside(path: str, root: str) -> bool:
+    """True when the (resolved) path is the (resolved) root or lies under it."""
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
@@ -281,7 +287,7 @@ def resolve_paths(ws: Workspace, read: FileRead, allow_external_read: bool, text
             out += [f for f in found if os.path.isfile(f)]
             continue
         real = os.path.realpath(full)
-        if not allow_external_read and not _inside(real, root):
+        if not allow_external_read and not inside(real, root):
             raise ReadOnlyError(f"refused: the query reads {p!r}, outside what it may read (the catalog views, and "
                                 f"single files inside the workspace {ws.root} named literally, not patterns; "
                                 f"{p!r} resolves to {real!r}); {EXTERNAL_READ_HINT}")
@@ -333,6 +339,7 @@ def _deserialize(tree: dict) -> str:
 
 
 def sql_str(text: str) -> str:
+    """A SQL string literal."""
     return "'" + text.replace("'", "''") + "'"
 
 

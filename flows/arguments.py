@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+import contextlib
+import os
+from collections.abc import Callable, Iterator
 
 # What a user can fix: a bad value, a missing or unreadable file, a busy run id, a missing optional package.
 INPUT_ERRORS = (ValueError, OSError, RuntimeError)
@@ -45,13 +47,21 @@ def add_sql_limits(p: argparse.ArgumentParser, prefix: str = "sql-") -> None:
                         "a query never spills to disk")
 
 
-def apply_sql_limits(args: argparse.Namespace) -> None:
-    """Make a flow's --sql-timeout / --sql-memory the limits of every user query of this process and its workers."""
-    import os
-
+@contextlib.contextmanager
+def sql_limits(args: argparse.Namespace) -> Iterator[None]:
+    """While a command runs, its --sql-timeout / --sql-memory are the limits of every user query of the process
+    and of the workers it starts (through $FIQA_SQL_TIMEOUT / $FIQA_SQL_MEMORY); afterwards they are as before."""
     from data_manifest import catalog
 
-    for attr, env in (("sql_timeout", catalog.ENV_TIMEOUT), ("sql_memory", catalog.ENV_MEMORY)):
-        value = getattr(args, attr, None)
-        if value is not None:
-            os.environ[env] = str(value)
+    given = {env: str(value) for attr, env in (("sql_timeout", catalog.ENV_TIMEOUT), ("sql_memory", catalog.ENV_MEMORY))
+             if (value := getattr(args, attr, None)) is not None}
+    before = {env: os.environ.get(env) for env in given}
+    os.environ.update(given)
+    try:
+        yield
+    finally:
+        for env, old in before.items():
+            if old is None:
+                os.environ.pop(env, None)
+            else:
+                os.environ[env] = old

@@ -71,12 +71,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_command(prog: str, mod: Any, args: argparse.Namespace) -> int:
     """The one CLI error path: run_cli raises; failed shards exit 1, bad input exits 2, each with one message."""
-    from flows.arguments import INPUT_ERRORS, apply_sql_limits
+    from flows.arguments import INPUT_ERRORS, sql_limits
     from flows.runtime import ShardFailures, cli_guard  # a usable --workspace and a free --run-id first
 
     try:
-        apply_sql_limits(args)
-        with cli_guard(args):
+        with sql_limits(args), cli_guard(args):
             return int(mod.run_cli(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -232,15 +232,18 @@ def check_workspace_path(path: str | os.PathLike[str] | None) -> None:
 class _MessageOnly(logging.Filter):
     """Drops the traceback from Prefect's flow/task failure logs: the CLI prints the error message itself.
 
-    Without a Prefect server of the user's own (no PREFECT_API_URL: the runs go to a temporary server that
-    nobody reads afterwards), a failure that is bad input (INPUT_ERRORS) is not logged at all: the CLI's
+    With `drop_input_errors` (the user has no Prefect server of their own: the runs go to a temporary server
+    that nobody reads afterwards), a failure that is bad input (INPUT_ERRORS) is not logged at all: the CLI's
     one-line `error:` is the whole message, not a Prefect ERROR line before it.
     """
 
+    def __init__(self, drop_input_errors: bool) -> None:
+        super().__init__()
+        self.drop_input_errors = drop_input_errors
+
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and record.levelno >= logging.ERROR:
-            exc = record.exc_info[1]
-            if isinstance(exc, INPUT_ERRORS) and not os.environ.get("PREFECT_API_URL"):
+            if self.drop_input_errors and isinstance(record.exc_info[1], INPUT_ERRORS):
                 return False
             record.exc_info, record.exc_text = None, None
         return True
@@ -250,10 +253,13 @@ def quiet_failure_tracebacks() -> None:
     """Let bad input end in one error line on the console (set FIQA_DEBUG=1 to keep Prefect's tracebacks)."""
     if os.environ.get("FIQA_DEBUG"):
         return
+    # Decided before any flow runs: a run later points PREFECT_API_URL at its temporary server for its workers.
+    own_server = bool(os.environ.get("PREFECT_API_URL"))
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logger = logging.getLogger(name)
-        if not any(isinstance(f, _MessageOnly) for f in logger.filters):
-            logger.addFilter(_MessageOnly())
+        for f in [f for f in logger.filters if isinstance(f, _MessageOnly)]:
+            logger.removeFilter(f)
+        logger.addFilter(_MessageOnly(drop_input_errors=not own_server))
 
 
 @contextlib.contextmanager

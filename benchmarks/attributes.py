@@ -5,7 +5,7 @@ aligned, so lighting uses the template landmarks, as `fiqa label --aligned`)
 it times, with one torch thread by default (`--threads`):
 
 (a) `combined`: the label flow's default `attributes` stage (occlusion +
-    expression + lighting, built by `pipeline.stages.get_stage`), against the
+    expression + lighting, built by `pipeline.labellers.registry.get_stage`), against the
     same three labellers in plain eager PyTorch with lighting measured crop by
     crop (peer `eager_per_crop`);
 (b) `occlusion`, `expression`, `lighting`: each part alone, the default
@@ -44,12 +44,12 @@ import torch
 
 from models.attributes import AttributeNet, load_config, save_checkpoint
 from models.fast_forward import ONNX, TORCH, TORCHSCRIPT
-from pipeline.attributes import AttributeStage
-from pipeline.expression import ExpressionStage
-from pipeline.lighting import LightingStage
-from pipeline.occlusion import OcclusionStage
-from pipeline.records import FaceCrop
-from pipeline.stages import LabelOptions, StageGroup, get_stage
+from pipeline.labellers.attributes import AttributeStage
+from pipeline.labellers.base import FaceCrop
+from pipeline.labellers.expression import ExpressionStage
+from pipeline.labellers.lighting import LightingStage
+from pipeline.labellers.occlusion import OcclusionStage
+from pipeline.labellers.registry import LabelOptions, StageGroup, get_stage
 
 Stage = Callable[[list[FaceCrop]], list[dict[str, Any]]]
 

@@ -27,8 +27,8 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from benchmarks.calibration import fit_threshold, load_sets, per_variant, rates
-from pipeline.blur import face_cpbd
-from pipeline.factors import CALIBRATED_BLUR_THRESHOLDS, FACTOR_CLASSES, PAPER_BLUR_THRESHOLDS, blur_class
+from data_manifest.vocabulary import CALIBRATED_BLUR_THRESHOLDS, FACTOR_CLASSES, PAPER_BLUR_THRESHOLDS, blur_class
+from pipeline.labellers.blur import face_cpbd
 
 SIGMAS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
 DOWNSCALES = (2, 3, 4)

@@ -1,11 +1,11 @@
-"""Calibrate the analytic lighting rule (`pipeline.lighting.LightingRule`) on real aligned faces.
+"""Calibrate the analytic lighting rule (`pipeline.labellers.lighting.LightingRule`) on real aligned faces.
 
 ``python -m benchmarks.calibrate_lighting [--fit-photos DIR]`` prints JSON: the
 rule fitted on the FIT faces (face-api photos), and per face set and variant
 the spread of every measure and the extreme / normal lighting rates with the
 fitted rule.
 
-Variants of each 112x112 aligned crop (`pipeline.degrade`): clean; `dark`
+Variants of each 112x112 aligned crop (`pipeline.synthetic.degrade`): clean; `dark`
 levels 1-3 (gamma / gain 1.5 / 0.7, 2 / 0.5, 3 / 0.35); `overexpose` levels
 1-3 (+1, +2, +3 stops in linear light, clipped); `side_light` levels 1-3 (the
 image-right half at 0.25, 0.1, 0.03 of its linear light). Each threshold is
@@ -31,9 +31,8 @@ from collections.abc import Callable
 import numpy as np
 
 from benchmarks.calibration import fit_threshold, load_sets, per_variant, rates
-from pipeline.degrade import darker_skin, degrade
-from pipeline.factors import FACTOR_CLASSES
-from pipeline.lighting import (
+from data_manifest.vocabulary import FACTOR_CLASSES
+from pipeline.labellers.lighting import (
     DEFAULT_RULE,
     MEASURES,
     LightingRule,
@@ -41,6 +40,7 @@ from pipeline.lighting import (
     lighting_decision,
     lighting_measures,
 )
+from pipeline.synthetic.degrade import darker_skin, degrade
 
 LEVELS = (1, 2, 3)
 KINDS = ("dark", "overexpose", "side_light")

@@ -1,7 +1,7 @@
 """Shared pieces of the labeller calibrations: the fit / held-out face sets, threshold fitting, class rates.
 
 Thresholds are FIT on the face-api photos' faces and REPORTED on the faces that
-installed packages ship (`pipeline.face_sets`), never the other way round.
+installed packages ship (`models.fit_data.face_sets`), never the other way round.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.face_sets import FIT_SOURCE, HELD_OUT_SOURCE, RealFace, face_set
+from models.fit_data.face_sets import FIT_SOURCE, HELD_OUT_SOURCE, RealFace, face_set
 
 TRIM = 0.1  # each class's most atypical 10 % are ignored when placing a threshold
 

@@ -1,4 +1,4 @@
-"""CPBD speed and agreement: `pipeline.blur.cpbd` against the cpbd-py312 port on the same images.
+"""CPBD speed and agreement: `pipeline.labellers.blur.cpbd` against the cpbd-py312 port on the same images.
 
 ``python -m benchmarks.cpbd [--repeats 30] [--port-repeats 3]`` prints JSON:
 for 112x112 and 512x512 images (package-shipped faces and generated
@@ -30,7 +30,7 @@ import cv2
 import numpy as np
 from scipy import ndimage as ndi
 
-from pipeline.blur import cpbd, face_cpbd, face_measure, face_measure_many, rgb_to_gray
+from pipeline.labellers.blur import cpbd, face_cpbd, face_measure, face_measure_many, rgb_to_gray
 
 
 def _timed(fn: Callable[[], object]) -> tuple[float, float]:

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.benchmarks_io import read_edc_json
-from pipeline.evaluation import edc, erc, pair_quality
+from pipeline.evaluation.formats import read_edc_json
+from pipeline.evaluation.metrics import edc, erc, pair_quality
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "tests" / "data" / "edc" / "example_data.json"
 STEPS = np.round(np.arange(0.0, 1.0, 0.05), 2)

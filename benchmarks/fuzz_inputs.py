@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data_manifest import ShardWriter, Workspace  # noqa: E402
 from pipeline.ids import content_hash  # noqa: E402
 from pipeline.readers import DatasetError  # noqa: E402
-from pipeline.recordio import FaceRecWriter  # noqa: E402
+from pipeline.readers.recordio_format import FaceRecWriter  # noqa: E402
 
 FORMATS = ("images", "recordio", "bin", "list")
 READER_KIND = {"images": "folder", "recordio": "recordio", "bin": "bin", "list": "list"}

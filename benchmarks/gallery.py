@@ -36,7 +36,7 @@ from data_manifest import Workspace, runs
 from data_manifest.crops import write_pack
 from data_manifest.gallery import GalleryOptions, Selection, write_gallery
 from data_manifest.schemas import schema
-from pipeline.factors import FACTOR_CLASSES
+from data_manifest.vocabulary import FACTOR_CLASSES
 
 PACK = 1000
 CHROMIUM = Path("/usr/bin/chromium")

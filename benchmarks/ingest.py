@@ -31,7 +31,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.recordio import FaceRecWriter  # noqa: E402
+from pipeline.readers.recordio_format import FaceRecWriter  # noqa: E402
 
 IMAGES_PER_IDENTITY = 50
 DISTINCT_IMAGES = 512  # encoded once and cycled: generation stays cheap, decoding cost is real
@@ -106,7 +106,7 @@ def naive_loop(rec_dir: Path, out: Path) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.recordio import read_record, unpack_ir
+    from pipeline.readers.recordio_format import read_record, unpack_ir
 
     t0 = time.perf_counter()
     lines = (rec_dir / "train.idx").read_text().splitlines()

@@ -61,7 +61,8 @@ def base_crops() -> list[np.ndarray]:
     from skimage import data
 
     from models.detectors import MTCNNDetector
-    from pipeline.align import AlignStage, similarity_transform, warp
+    from models.geometry import similarity_transform, warp
+    from pipeline.labellers.align import AlignStage
 
     det = MTCNNDetector()
     stage = AlignStage(det)
@@ -109,9 +110,9 @@ def stage_throughput(n: int) -> dict:
     from models.pose import DlibPnPPose, FiveLandmarkPose
     from models.weights import dlib_model
     from pipeline import images
-    from pipeline.align import ALREADY_ALIGNED, AlignStage
-    from pipeline.blur import BlurStage
-    from pipeline.pose import PoseStage
+    from pipeline.labellers.align import ALREADY_ALIGNED, AlignStage
+    from pipeline.labellers.blur import BlurStage
+    from pipeline.labellers.pose import PoseStage
 
     torch.set_num_threads(1)
     jpegs = degraded_jpegs(min(n, DISTINCT))
@@ -195,7 +196,7 @@ def stage_throughput(n: int) -> dict:
 
 def _write_rec(root: Path, n: int) -> Path:
     """An insightface RecordIO of n degraded JPEG crops (DISTINCT distinct ones, cycled)."""
-    from pipeline.recordio import FaceRecWriter
+    from pipeline.readers.recordio_format import FaceRecWriter
 
     jpegs = degraded_jpegs(DISTINCT)
     with FaceRecWriter(root / "rec") as w:

@@ -5,7 +5,7 @@
     python -m benchmarks.label_validity --blur-thresholds paper --attributes-checkpoint CKPT   # other labellers
     python -m benchmarks.label_validity --direct             # the stage classes without the flow (faster)
 
-Every face of the photos is cut out and aligned (`pipeline.face_sets`), then
+Every face of the photos is cut out and aligned (`models.fit_data.face_sets`), then
 `pipeline.validity` makes its clean and degraded variants (Gaussian blur
 sigma 0.8-3.2 px at 112 px, 2x/4x downscale, dark / overexposed / side light,
 pasted occluders with textures the occlusion labeller never saw, a grey patch)
@@ -38,7 +38,7 @@ FACTOR_STAGES = ("blur", "attributes")  # the default; any registered factor sta
 
 def load_faces(photos: str | None) -> tuple[str, list[Any]]:
     """(set name, RealFace list): the package photos by default, else every image in the folder."""
-    from pipeline import face_sets
+    from models.fit_data import face_sets
 
     if photos is None:
         return face_sets.HELD_OUT_SOURCE, face_sets.real_faces(face_sets.package_photos())
@@ -75,7 +75,7 @@ def _outcomes(variants: list[V.Variant], rows: dict[tuple[str, str], list[dict[s
 def label_direct(variants: list[V.Variant], faces: list[Any], options: Any, stages: tuple[str, ...]) -> dict:
     """Factor rows from the registered stages called on the crops (the flow's code path without the flow)."""
     from flows import label as L
-    from pipeline.records import FaceCrop
+    from pipeline.labellers.base import FaceCrop
 
     landmarks = {f.name: f.landmarks for f in faces}
     batch = [FaceCrop(f"{v.name}/{v.face}", v.image, landmarks=landmarks[v.face].astype("float64"))

@@ -29,10 +29,10 @@ import cv2
 import numpy as np
 
 from models import occlusion as mo
-from pipeline import degrade
-from pipeline import occluders as occ
+from models.fit_data import occluders as occ
+from pipeline.synthetic import degrade
 
-GREY_BAND = {"grey": 90.0}  # like pipeline.degrade.occlusion's patch value
+GREY_BAND = {"grey": 90.0}  # like pipeline.synthetic.degrade.occlusion's patch value
 
 
 def variants(crop: np.ndarray, landmarks: np.ndarray | None, rng: np.random.Generator, bank: occ.TextureBank,
@@ -50,7 +50,7 @@ def variants(crop: np.ndarray, landmarks: np.ndarray | None, rng: np.random.Gene
         "grey_band": [(occ.paste(crop, landmarks, "band", rng, bank, top=(nose_v + mouth_v) / 2, edge_sigma=0.0,
                                  **GREY_BAND).image, True)],
     }
-    out["degrade_patch"] = [(degrade.occlusion(crop, 2), True)]  # pipeline.degrade's grey patch, on the crop
+    out["degrade_patch"] = [(degrade.occlusion(crop, 2), True)]  # pipeline.synthetic.degrade's grey patch, on the crop
     out["degrade_mask"] = [(degrade.mask(crop, level), True) for level in (1, 2, 3)]
     for tex in occ.MASK_TEXTURES:
         out[f"mask:{tex}"] = [(occ.paste(crop, landmarks, "mask", rng, bank, texture=tex).image, True)]
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="train one model per family without it and report that family on held-out faces")
     p.add_argument("--no-fit", action="store_true", help="skip the fit-face rates")
     args = p.parse_args(argv)
-    from pipeline.face_sets import FIT_SOURCE, HELD_OUT_SOURCE, face_set
+    from models.fit_data.face_sets import FIT_SOURCE, HELD_OUT_SOURCE, face_set
 
     held = face_set(HELD_OUT_SOURCE)
     model = mo.load_model(args.model)

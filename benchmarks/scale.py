@@ -60,7 +60,7 @@ def _ids(start: int, stop: int) -> pa.Array:
 
 def _factor_table(ids: pa.Array, factors: tuple[str, ...], rng: np.random.Generator, version: str) -> pa.Table:
     """Long factor rows for `ids`: per factor a value, its class and labeller columns."""
-    from pipeline.factors import FACTOR_CLASSES
+    from data_manifest.vocabulary import FACTOR_CLASSES
 
     parts = []
     n = len(ids)
@@ -123,7 +123,7 @@ def build(ws_root: Path, n: int, shard: int, seed: int = 0) -> dict:
 def relabel(ws_root: Path, n: int, count: int, seed: int = 1) -> tuple[str, list[str]]:
     """A completed relabel run of `count` random samples, all five factors (a new labeller version)."""
     from data_manifest import ShardWriter, Workspace, runs
-    from pipeline.factors import FACTORS
+    from data_manifest.vocabulary import FACTORS
 
     ws = Workspace(ws_root)
     rng = np.random.default_rng(seed)

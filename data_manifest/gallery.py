@@ -24,7 +24,7 @@ import numpy as np
 
 from data_manifest import Workspace, catalog
 from data_manifest.crops import PackReader
-from pipeline.factors import FACTOR_CLASSES, FACTORS
+from data_manifest.vocabulary import FACTOR_CLASSES, FACTORS
 
 PICKS = ("random", "boundary")
 HIST_BINS = 20

@@ -50,7 +50,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     "factors": _schema(
         pa.field("factor", pa.string(), nullable=False),  # blur | occlusion | pose | expression | lighting
         pa.field("value", pa.float64()),  # CPBD, yaw in degrees, or adverse-class probability
-        pa.field("class_index", pa.int8()),  # index into pipeline.factors.FACTOR_CLASSES[factor]
+        pa.field("class_index", pa.int8()),  # index into data_manifest.vocabulary.FACTOR_CLASSES[factor]
         pa.field("class_name", pa.string()),
         pa.field("labeller", pa.string(), nullable=False),
         pa.field("labeller_version", pa.string(), nullable=False),

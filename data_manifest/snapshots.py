@@ -42,8 +42,8 @@ import pyarrow.parquet as pq
 
 from data_manifest.schemas import KEYS, SCHEMAS, duck_type
 from data_manifest.sql_guard import escape_glob, sql_str  # noqa: F401  (sql_str: used by catalog too)
+from data_manifest.vocabulary import FACTORS
 from data_manifest.workspace import Workspace
-from pipeline.factors import FACTORS
 
 FORMAT = 2  # bump when the snapshot tables change shape: a refresh then rebuilds them (2: fixed-size arrays)
 SNAPSHOT_TABLES: tuple[str, ...] = ("samples", "faces", "factors", "anchors", "scores")

@@ -1,6 +1,6 @@
 """`fiqa demo` (what `make demo` runs): the whole pipeline on a dataset built from package-shipped faces.
 
-Builds the embedded demo dataset (pipeline/demo_data.py: each real face an
+Builds the embedded demo dataset (pipeline/synthetic/demo_data.py: each real face an
 identity, variants with recorded degradations, a few broken files), then runs
 ingest -> label (align, blur, pose, and the real-face attribute labellers:
 occlusion CNN, FER expression, analytic lighting; `--attributes-checkpoint`
@@ -29,7 +29,7 @@ from data_manifest import Workspace, catalog
 from flows import runtime
 
 DATASET = "demo"
-MIN_FACE_SCORE = 0.95  # as pipeline.face_sets.real_faces: MTCNN also finds a "face" on a hand in t1.jpg
+MIN_FACE_SCORE = 0.95  # as models.fit_data.face_sets.real_faces: MTCNN also finds a "face" on a hand in t1.jpg
 IN_DEMO = f"sample_id IN (SELECT sample_id FROM samples WHERE dataset = '{DATASET}')"
 
 # What each degradation level should move, and in which direction (Spearman over levels, for the summary).
@@ -67,7 +67,7 @@ def _step(name: str, timings: dict[str, float]) -> Iterator[None]:
 def build_dataset(root: Path, quick: bool) -> list:
     """The demo ImageFolder tree (identities from shipped faces, recorded degradations, broken files)."""
     from models.detectors import MTCNNDetector
-    from pipeline import demo_data
+    from pipeline.synthetic import demo_data
 
     if (root / demo_data.MANIFEST).exists():
         return demo_data.read_manifest(root)
@@ -143,8 +143,8 @@ def label_validity(rows: list[dict[str, Any]]) -> dict[str, Any]:
     scale. A variant in which no face was found has no labels: it is counted
     apart (`no_face`), not scored.
     """
-    from pipeline import demo_data
     from pipeline import validity as V
+    from pipeline.synthetic import demo_data
 
     rows = [r for r in rows if r["kind"] not in ("corrupt", "no_face")]
     scales: dict[Any, list[float]] = {}

@@ -1,12 +1,12 @@
 """`fiqa evaluate`: EDC / ERC evaluation of quality methods on verification benchmarks.
 
 Benchmarks (``.bin``, pair lists, comparison tables, the EDC example JSON) are read by
-:mod:`pipeline.benchmarks`; embeddings come from ``--fr-model`` (any spec of
+:mod:`pipeline.evaluation.verification_sets`; embeddings come from ``--fr-model`` (any spec of
 :func:`models.recognition.build_recognizer`) and are cached in the manifest ``embeddings`` table, or
 from ``--embeddings`` (Parquet: ``sample_key, embedding``). Qualities come from ``--quality ours`` (a
 CLIB-FIQA checkpoint, ``--checkpoint``), from stored scores (``scores:METHOD[@DATASET]``) and from
 quality files of any method (``--quality [NAME=]scores.csv``). The metrics and the report come from
-:mod:`pipeline.evaluation_report`. Outputs under ``<workspace>/reports/evaluate/<run_id>/``:
+:mod:`pipeline.evaluation.report`. Outputs under ``<workspace>/reports/evaluate/<run_id>/``:
 ``results.parquet`` and ``results.md`` (benchmark x method x protocol x FMR -> pAUC / AUC),
 ``curves.parquet`` and one PNG per benchmark and FMR; plus Prefect table and markdown artifacts.
 """
@@ -30,7 +30,9 @@ from data_manifest import ShardWriter, Workspace, catalog
 from data_manifest.writer import shard_name
 from flows import runtime
 from flows.runtime import add_common_args, main_for, tracked_run
-from pipeline.benchmarks import (
+from pipeline.evaluation.formats import PairList, QualityScores, read_quality_file
+from pipeline.evaluation.report import PROTOCOLS, compute_metrics, results_markdown
+from pipeline.evaluation.verification_sets import (
     Benchmark,
     Embedded,
     cosine_similarity,
@@ -41,8 +43,6 @@ from pipeline.benchmarks import (
     safe_name,
     split_named,
 )
-from pipeline.benchmarks_io import PairList, QualityScores, read_quality_file
-from pipeline.evaluation_report import PROTOCOLS, compute_metrics, results_markdown
 
 OURS = "ours"
 OURS_LABEL = "CLIB-FIQA (ours)"
@@ -256,7 +256,7 @@ def _similarities(opts: EvaluateOptions, bench: Benchmark, keys: list[str], ws: 
 
 def _plot(curves: dict[str, dict[str, Any]], bench: str, model_label: str, out_dir: Path,
           opts: EvaluateOptions) -> list[str]:
-    from pipeline.plots import plot_edc, plot_erc
+    from pipeline.evaluation.plots import plot_edc, plot_erc
 
     plots = []
     for label, by_method in curves.items():

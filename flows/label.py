@@ -32,12 +32,12 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from data_manifest import ShardWriter, Workspace, catalog, crops, runs
+from data_manifest.vocabulary import BLUR_THRESHOLDS, parse_blur_thresholds
 from data_manifest.writer import shard_name
 from flows import runtime
 from flows.arguments import add_sql_limits
-from pipeline.factors import BLUR_THRESHOLDS, parse_blur_thresholds
-from pipeline.records import ERROR, OK, SKIPPED, FaceCrop
-from pipeline.stages import (  # noqa: F401  (the registry, re-exported for callers of the label flow)
+from pipeline.labellers.base import ERROR, OK, SKIPPED, FaceCrop
+from pipeline.labellers.registry import (  # noqa: F401  (the registry, re-exported for callers of the label flow)
     ALIGN,
     DEFAULT_STAGES,
     REAL_ATTRIBUTE_STAGES,
@@ -95,7 +95,7 @@ def _decode(row: dict[str, Any]) -> tuple[np.ndarray | None, str, str | None]:
 
 def _align(ws: Workspace, run_id: str, shard: str, rows: list[dict[str, Any]], stage: Any,
            timings: Counter) -> tuple[list[FaceCrop], list[dict[str, Any]]]:
-    from pipeline.align import face_row
+    from pipeline.labellers.align import face_row
 
     faces: list[FaceCrop] = []
     for row in rows:
@@ -118,7 +118,7 @@ def _align(ws: Workspace, run_id: str, shard: str, rows: list[dict[str, Any]], s
 def _stored_faces(ws: Workspace, rows: list[dict[str, Any]]) -> list[FaceCrop]:
     """FaceCrops from an earlier align run's `faces` rows and crop packs (factor-only runs)."""
     from data_manifest.crops import PackReader
-    from pipeline.align import transform_points
+    from models.geometry import transform_points
 
     reader = PackReader(ws)
     faces: list[FaceCrop] = []

@@ -20,10 +20,10 @@ import numpy as np
 from prefect import flow, get_run_logger
 
 from data_manifest import ShardWriter, Workspace, catalog
+from data_manifest.vocabulary import FACTORS
 from data_manifest.writer import shard_name
 from flows import runtime
 from flows.arguments import add_sql_limits
-from pipeline.factors import FACTORS
 
 CONFIDENCE_METHOD = "clib-fiqa-confidence"
 DEFAULT_MODEL_CONFIG = "clib-rn50"

@@ -1,7 +1,7 @@
 """`fiqa train-attributes`: train the occlusion / expression / lighting CNN on WIDER FACE.
 
 Read the WIDER annotation files -> shard the images -> per shard, face crops and ground-truth rows
-(:func:`pipeline.attributes.wider_rows`: aligned when the detector finds the landmarks inside the
+(:func:`pipeline.labellers.attributes.wider_rows`: aligned when the detector finds the landmarks inside the
 box, else square box crops) written as a crop pack plus `samples` / `faces` / `factors` rows
 (dataset "wider_face/<split>", labeller "wider_face_gt") in a data workspace of their own (default
 <workspace>/wider_face, so they never mix with the dataset being labelled) -> training ->
@@ -27,7 +27,7 @@ from prefect.cache_policies import NO_CACHE
 from data_manifest import ShardWriter, Workspace, catalog, crops
 from data_manifest.writer import shard_name
 from flows import runtime
-from pipeline.attributes import WIDER_DATASET, WIDER_GT_LABELLER, split_calibration, wider_rows
+from pipeline.labellers.attributes import WIDER_DATASET, WIDER_GT_LABELLER, split_calibration, wider_rows
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def resolve_splits(
     val_images: str | None = None,
 ) -> dict[str, tuple[Path, Path]]:
     """(annotation file, images folder) per split, from the release layout and/or explicit paths; checked now."""
-    from pipeline.wider import SPLITS, split_layout
+    from pipeline.readers.wider import SPLITS, split_layout
 
     given = {"train": (train_annotations, train_images), "val": (val_annotations, val_images)}
     out: dict[str, tuple[Path, Path]] = {}
@@ -281,7 +281,7 @@ def _publish(files: dict[str, Path], trained: dict[str, Any]) -> None:
 
 def _parse_splits(splits: dict[str, tuple[Path, Path]], opts: TrainAttributesOptions) -> tuple[dict, dict]:
     """WIDER records per split (at most max_images) and each split's parse report."""
-    from pipeline.wider import ParseReport, parse
+    from pipeline.readers.wider import ParseReport, parse
 
     parsed: dict[str, list[Any]] = {}
     data: dict[str, dict[str, Any]] = {}
@@ -394,7 +394,7 @@ def train_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
 def run_cli(args: argparse.Namespace) -> int:
     wider_root = args.wider_root
     if args.synthetic is not None:
-        from pipeline.wider_synthetic import SyntheticSpec, make_dataset
+        from pipeline.synthetic.wider_synthetic import SyntheticSpec, make_dataset
 
         wider_root = str(make_dataset(Workspace(args.workspace).root / "synthetic_wider",
                                       SyntheticSpec(images=args.synthetic)))

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from data_manifest.vocabulary import BINARY_THRESHOLD, FACTOR_CLASSES
 from models import checkpoints
 from models.config import from_mapping
-from pipeline.factors import BINARY_THRESHOLD, FACTOR_CLASSES
 
 CONFIG_DIR = Path(__file__).with_name("configs")
 CHECKPOINT_FORMAT = "fiqa-attributes/1"

@@ -22,10 +22,10 @@ from scipy.stats import rankdata
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, WeightedRandomSampler
 
+from data_manifest.vocabulary import BINARY_THRESHOLD
 from models.attributes import HEADS, AttributeNet, AttributeNetConfig, predict_proba, to_input
 from models.config import from_mapping
 from models.crop_sources import ArrayImages, ImageSource  # noqa: F401  (re-exported: the trainer's inputs)
-from pipeline.factors import BINARY_THRESHOLD
 
 log = logging.getLogger(__name__)
 IMBALANCE = ("pos_weight", "sampler", "none")

@@ -3,7 +3,7 @@
 The text tower is frozen, so the 360 prompt embeddings are computed once and
 kept as a buffer (stored in every checkpoint); training then runs only the
 image tower, the learnable temperature and the merged-factor MLP. The axis
-order of the 360 prompts is `pipeline.factors.PROMPT_SHAPE`:
+order of the 360 prompts is `data_manifest.vocabulary.PROMPT_SHAPE`:
 blur 3, occlusion 2, pose 3, expression 2, lighting 2, quality 5 (fastest).
 
 `resolve_pretrained` is the one place that decides how CLIP weights load (open_clip
@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from data_manifest.vocabulary import FACTOR_SHAPE, N_JOINT_FACTORS, N_PROMPTS, PROMPT_SHAPE, QUALITY_ANCHORS, prompts
 from models.config import from_mapping
-from pipeline.factors import FACTOR_SHAPE, N_JOINT_FACTORS, N_PROMPTS, PROMPT_SHAPE, QUALITY_ANCHORS, prompts
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 OPEN_CLIP_CONFIG_DIR = CONFIG_DIR / "open_clip"

@@ -14,8 +14,8 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 
 from models import onnx_session
+from models.arrays import require_rgb
 from models.weights import find_pack, insightface_pack
-from pipeline.images import require_rgb
 
 
 class Detection(NamedTuple):

@@ -146,7 +146,7 @@ def install_occlusion(dest: Path | None = None, force: bool = False) -> dict[str
 def retrain_occlusion(dest: Path | None = None) -> dict[str, object]:
     """Train the occlusion CNN again into the store (`--retrain occlusion`); FetchError without the photos."""
     from models import occlusion
-    from pipeline.face_sets import FaceSetError
+    from models.fit_data.face_sets import FaceSetError
 
     try:
         return occlusion.retrain(dest, log=lambda line: print(f"occlusion: {line}", file=sys.stderr))

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.factors import QUALITY_ANCHORS
+from data_manifest.vocabulary import QUALITY_ANCHORS
 
 BETA = 32.0  # shape parameter of the soft mapping (Eq. 1) and of the confidence sigmoid (Eq. 8)
 LAMBDA_EMD = 10.0  # weight of the quality-fitting term (Eq. 7)

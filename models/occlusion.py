@@ -2,8 +2,8 @@
 
 No real occluded-face data is reachable, so the training set is built here,
 deterministically, from the FIT faces (the face-api photos, see
-`pipeline.face_sets`): each face clean, with a benign paste, or with a random
-occluder of `pipeline.occluders`, then photometrically and geometrically
+`models.fit_data.face_sets`): each face clean, with a benign paste, or with a random
+occluder of `models.fit_data.occluders`, then photometrically and geometrically
 jittered (dark, bright, blurred, downscaled, grey, JPEG, noise, small
 misalignment) so that lighting and sharpness do not read as occlusion. The
 network sees the crop at 56x56 and outputs P(obstructed).
@@ -25,6 +25,7 @@ write `<model store>/occlusion/occlusion_cnn.pt` (format OCCLUSION_FORMAT), or
 from __future__ import annotations
 
 import argparse
+import ast
 import hashlib
 import inspect
 import io
@@ -33,6 +34,7 @@ import os
 import platform
 import shutil
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -45,8 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.fit_data import occluders as occ
 from models.weights import FETCH_COMMAND, OCCLUSION_FILE
-from pipeline import occluders as occ
 
 OCCLUSION_FORMAT = "fiqa-occlusion-cnn-1"
 ARCH_VERSION = "1"
@@ -191,13 +193,27 @@ def _training_code() -> tuple[Any, ...]:
     return (TrainConfig, OcclusionNet, to_input, _jitter, synthesize, train, fit_faces, build)
 
 
+def _code_meaning(source: str) -> str:
+    """The code without its docstrings, comments, imports and layout (`ast.unparse` of the rest): moving a
+    module or reordering its imports keeps the version, a changed statement does not."""
+    tree = ast.parse(textwrap.dedent(source))
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list):
+            body[:] = [n for n in body if not isinstance(n, (ast.Import, ast.ImportFrom))
+                       and not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)
+                                and isinstance(n.value.value, str))] or [ast.Pass()]
+    return ast.unparse(tree)
+
+
 def source_digest() -> str:
     """SHA-256 of the code that makes the training data and trains: the training functions of this module
-    and all of pipeline/occluders.py. Edits elsewhere in this module (loading, installing) keep the version."""
+    and all of models/fit_data/occluders.py, by meaning (`_code_meaning`). Edits elsewhere in this module
+    (loading, installing) keep the version."""
     digest = hashlib.sha256()
     for obj in _training_code():
-        digest.update(inspect.getsource(obj).encode())
-    digest.update(Path(occ.__file__).read_bytes())
+        digest.update(_code_meaning(inspect.getsource(obj)).encode())
+    digest.update(_code_meaning(Path(occ.__file__).read_text(encoding="utf-8")).encode())
     return digest.hexdigest()
 
 
@@ -207,7 +223,7 @@ def config_digest(config: TrainConfig) -> str:
     Any change to the occluder synthesis or the trainer gives a new version: the shipped model then no
     longer carries the version of today's code (a test says so) and has to be retrained and committed again.
     """
-    from pipeline.face_sets import FACE_API_PHOTOS
+    from models.fit_data.face_sets import FACE_API_PHOTOS
 
     blob = json.dumps({"config": asdict(config), "photos": FACE_API_PHOTOS, "arch": ARCH_VERSION,
                        "format": OCCLUSION_FORMAT, "source": source_digest()}, sort_keys=True)
@@ -361,8 +377,8 @@ def fit_faces(photos: str | Path | None = None, store: str | Path | None = None
               ) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
     """Crops, landmarks and names of the FIT faces (face-api photos), detected with the store's MTCNN."""
     from models.detectors import MTCNNDetector
+    from models.fit_data.face_sets import FIT_SOURCE, face_set
     from models.weights import MTCNN_FILES
-    from pipeline.face_sets import FIT_SOURCE, face_set
 
     weights = None if store is None else {net: Path(store) / spec.relpath for net, spec in MTCNN_FILES.items()}
     faces = face_set(FIT_SOURCE, photos, detector=MTCNNDetector(weights=weights))
@@ -441,7 +457,7 @@ def weight_difference(a: OcclusionModel, b: OcclusionModel) -> float:
 def retrain(store: str | Path | None = None, log: Any = None) -> dict[str, Any]:
     """`python -m models.fetch_weights --retrain occlusion`: train the default config into the store and
     compare with the shipped model. Needs the face-api photos (fetched with npm when missing)."""
-    from pipeline.face_sets import FACE_API_PHOTOS, fetch_face_api
+    from models.fit_data.face_sets import FACE_API_PHOTOS, fetch_face_api
 
     root = _store_root(store)
     out, config = root / MODEL_RELPATH, TrainConfig()

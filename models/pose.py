@@ -1,6 +1,6 @@
 """Head-pose backends: dlib 68 landmarks + solvePnP, insightface 1k3d68, and a 5-landmark geometric estimate.
 
-All return pipeline.pose.HeadPose in the convention documented there. The
+All return models.geometry.HeadPose in the convention documented there. The
 generic 3D face is the 68-point mean shape shipped in the insightface package
 (data/objects/meanshape_68.pkl), read with a restricted unpickler.
 """
@@ -18,11 +18,17 @@ import cv2
 import numpy as np
 
 from models import onnx_session
+from models.geometry import (
+    ARCFACE_TEMPLATE,
+    HeadPose,
+    angles_from_rotation,
+    similarity_transform,
+    transform_points,
+    umeyama,
+)
+from models.safe_pickle import RestrictedUnpickler
 from models.shape_predictor import ShapePredictor
 from models.weights import dlib_model, insightface_pack
-from pipeline.align import ARCFACE_TEMPLATE, similarity_transform, transform_points, umeyama
-from pipeline.pose import HeadPose, angles_from_rotation
-from pipeline.safe_pickle import RestrictedUnpickler
 
 # 68-point indices of the 5 alignment landmarks: eye centres, nose tip, mouth corners.
 LEFT_EYE_68 = tuple(range(36, 42))
@@ -32,7 +38,7 @@ NOSE_TIP_68, MOUTH_LEFT_68, MOUTH_RIGHT_68 = 30, 48, 54
 DLIB_BOX_IN_TEMPLATE = (56.0, 70.0, 84.0)
 
 
-# Globals a pickled numpy array needs, and nothing else (pipeline.safe_pickle refuses every other one).
+# Globals a pickled numpy array needs, and nothing else (models.safe_pickle refuses every other one).
 _ARRAY_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
     ("numpy._core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,

@@ -1,7 +1,7 @@
 """Face recognition backends behind one interface: aligned 112x112 RGB crops -> unit embeddings.
 
 Every backend is a :class:`Recognizer`: ``embed(crops)`` takes a (N, 112, 112, 3) uint8 RGB batch
-(ArcFace-template aligned, as `pipeline.align` and the `faces` crop packs produce) and returns
+(ArcFace-template aligned, as `pipeline.labellers.align` and the `faces` crop packs produce) and returns
 (N, D) float32 L2-normalised embeddings; ``model_id`` names the model and its weights (a content
 hash), so every embedding row says which model made it. Build one from a spec string with
 :func:`build_recognizer`:
@@ -26,9 +26,9 @@ from urllib.parse import parse_qsl
 import numpy as np
 
 from models import onnx_session
+from models.arrays import l2_normalize
 from models.devices import resolve_device
-from pipeline.align import ARCFACE_TEMPLATE, CROP_SIZE, umeyama
-from pipeline.anchors import l2_normalize
+from models.geometry import ARCFACE_TEMPLATE, CROP_SIZE, umeyama
 
 # dlib's mean face (get_face_chip_details, 68-point convention, unit square) at the same five
 # points: centres of eye points 36-41 and 42-47, nose tip 30, mouth corners 48 and 54.

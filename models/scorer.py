@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from data_manifest.vocabulary import FACTORS, N_PROMPTS, PROMPT_SHAPE, QUALITY_ANCHORS
 from models.clib import ClibFiqa
 from models.devices import resolve_device
 from models.scorer_onnx import ONNX_INPUT, ONNX_OUTPUTS, ScoreResult, as_batch
 from models.train import load_checkpoint, model_from_checkpoint
-from pipeline.factors import FACTORS, N_PROMPTS, PROMPT_SHAPE, QUALITY_ANCHORS
 
 ONNX_OPSET = 17
 

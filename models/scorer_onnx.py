@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from data_manifest.vocabulary import FACTORS, N_PROMPTS, PROMPT_SHAPE
 from models.onnx_session import open_session
-from pipeline.factors import FACTORS, N_PROMPTS, PROMPT_SHAPE
 
 ONNX_INPUT = "images"  # uint8 (B, H, W, 3) RGB
 ONNX_OUTPUTS = ("score", "quality", "probs")

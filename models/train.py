@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from data_manifest.vocabulary import FACTOR_CLASSES, FACTORS, QUALITY_ANCHORS, QUALITY_LEVELS, prompts
 from models import checkpoints
 from models.clib import MAX_LOGIT_SCALE, ClibConfig, ClibFiqa
 from models.config import from_mapping
@@ -41,7 +42,6 @@ from models.losses import (
     official_js,
     soft_quality_targets,
 )
-from pipeline.factors import FACTOR_CLASSES, FACTORS, QUALITY_ANCHORS, QUALITY_LEVELS, prompts
 
 CHECKPOINT_FORMAT = "clib-fiqa/1"
 SCHEDULES = ("cosine", "official")
@@ -312,7 +312,7 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> ClibFiqa:
         raise ValueError(f"checkpoint weights do not fit {cfg.model_name}: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
     if ckpt.get("prompts") is not None and list(ckpt["prompts"]) != prompts():
-        raise ValueError("checkpoint prompt order differs from pipeline.factors.prompts()")
+        raise ValueError("checkpoint prompt order differs from data_manifest.vocabulary.prompts()")
     return model
 
 

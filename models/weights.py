@@ -56,7 +56,7 @@ FER_FILE = WeightFile(
 # `python -m models.fetch_weights` checks this SHA-256 and copies the file into the store.
 OCCLUSION_FILE = WeightFile(
     relpath="occlusion/occlusion_cnn.pt",
-    sha256="3429a4308243e739f9110218b03272d16d4b47901106c4bb29158ebd2e3b6090",
+    sha256="7f8a7d84586267c0c7b968cfd236dafab658d93d201e0ac1b3d59836b7a04f8b",
     source="models/shipped/occlusion_cnn.pt (trained by this project, see models/shipped/README.md)",
     licence="Apache-2.0 (this project); trained on the face-api demo photos (MIT)",
 )

@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from models.arrays import l2_normalize
+
 OK = "ok"
 CLAMPED = "clamped"
 SINGLE_SAMPLE = "single_sample"
@@ -71,13 +73,6 @@ def _as_labels(x: Any, n: int) -> np.ndarray:
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(f"labels must be integers (identity index per sample), got dtype {arr.dtype}")
     return arr.astype(np.int64, copy=False)
-
-
-def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    """Row-wise L2 normalisation in float32; zero rows stay zero."""
-    x = np.asarray(x, dtype=np.float32)
-    n = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(n, eps)
 
 
 class CenterAccumulator:

@@ -308,9 +308,3 @@ def _failure(e: BaseException, fmt: str | None, w: int | None, h: int | None) ->
     return DecodedImage(status, f"{what}decode failed: {type(e).__name__}: {msg}", fmt, _dim(w), _dim(h))
 
 
-def require_rgb(image: object, what: str = "image") -> np.ndarray:
-    """The image itself if it is an (H, W, 3) uint8 RGB array, else a ValueError naming what was given."""
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        desc = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
-        raise ValueError(f"{what} must be an RGB uint8 image (H, W, 3), got {desc}")
-    return image

@@ -12,9 +12,9 @@ a recorded degradation, and with which minimum rate. The rules, in crop pixels
 - dark (levels 2, 3) and overexposed (+2, +3 stops): extreme lighting (>= 90 %);
   strong side light (levels 2, 3) and the demo's gradient (level 3): extreme
   lighting (majority);
-- pasted lower-face occluders and masks (`pipeline.occluders` families with
+- pasted lower-face occluders and masks (`models.fit_data.occluders` families with
   held-out textures, the grey patch (level >= 2) and mask (level >= 2) of
-  `pipeline.degrade`): obstructed
+  `pipeline.synthetic.degrade`): obstructed
   (>= 80 %); upper-face occluders (sunglasses, hair, cap, objects): obstructed
   (majority); benign pastes (hats above the brows, clear glasses): unobstructed (majority);
 - a darker skin under the same light (skin albedo x0.25): normal lighting and
@@ -45,10 +45,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.degrade import DEGRADATIONS, degrade
+from pipeline.synthetic.degrade import DEGRADATIONS, degrade
 
 CROP = 112  # the labellers' input side; sigmas and resolution losses are measured at this scale
-BLUR_SIGMA_PER_LEVEL = 0.8  # pipeline.degrade.gaussian_blur: sigma = 0.8 * level * short side / 112
+BLUR_SIGMA_PER_LEVEL = 0.8  # pipeline.synthetic.degrade.gaussian_blur: sigma = 0.8 * level * short side / 112
 NOT_CLEAR_SIGMA = 1.5  # Gaussian sigma (px at 112) from which a face must not be "clear"
 NOT_CLEAR_DOWNSCALE = 4.0  # resolution loss (x at 112) from which a face must not be "clear"
 MAJORITY = 0.5  # the target of a rule the issue gives no number for: a rate strictly above it
@@ -105,14 +105,14 @@ def majority(group: str, rule: str) -> Expectation:
     return Expectation(group, MAJORITY, rule, strict=True)
 
 
-DARKER_SKIN = "darker_skin"  # skin albedo x0.25 under the same light (`pipeline.degrade.darker_skin`): no degradation
-OCCLUDER_PREFIX = "occluder_"  # variant kinds pasted by `pipeline.occluders`: occluder_<family>
+DARKER_SKIN = "darker_skin"  # skin albedo x0.25, same light (`pipeline.synthetic.degrade.darker_skin`): no degradation
+OCCLUDER_PREFIX = "occluder_"  # variant kinds pasted by `models.fit_data.occluders`: occluder_<family>
 LOWER_FACE_TARGET = 0.8  # pasted lower-face occluders and masks: obstructed at least this often
 
 
 def _occluders() -> Any | None:
     try:
-        from pipeline import occluders
+        from models.fit_data import occluders
     except ImportError:  # the occluder synthesis is optional for the rules
         return None
     return occluders
@@ -124,7 +124,7 @@ def expectations(kind: str, level: int, *, crop_scale: float = 1.0, image_short:
 
     `crop_scale`: crop pixels per pixel of the degraded image (1 for variants
     made on the crop; the alignment's scale for loose images); `image_short`:
-    the degraded image's short side (the blur sigma of `pipeline.degrade`
+    the degraded image's short side (the blur sigma of `pipeline.synthetic.degrade`
     scales with it).
     """
     if crop_scale <= 0 or not math.isfinite(crop_scale):
@@ -206,7 +206,7 @@ CROP_VARIANTS: tuple[tuple[str, int], ...] = (
 
 
 def pasted_occluders(crop: np.ndarray, landmarks: np.ndarray | None, seed: int) -> list[tuple[str, np.ndarray]]:
-    """One paste per `pipeline.occluders` family plus a benign one, with held-out textures: (kind, image)."""
+    """One paste per `models.fit_data.occluders` family plus a benign one, with held-out textures: (kind, image)."""
     occ = _occluders()
     if occ is None:
         return []
@@ -234,9 +234,9 @@ def make_variants(face: str, crop: np.ndarray, landmarks: np.ndarray | None = No
         out.append(Variant(face, kind, level, img, expectations(kind, level, hand_expression=hand)))
     lm = None if landmarks is None else np.asarray(landmarks, np.float64)
     if darker:
-        from pipeline.align import ARCFACE_TEMPLATE
-        from pipeline.degrade import darker_skin
-        from pipeline.lighting import face_region
+        from models.geometry import ARCFACE_TEMPLATE
+        from pipeline.labellers.lighting import face_region
+        from pipeline.synthetic.degrade import darker_skin
 
         region = face_region(ARCFACE_TEMPLATE if lm is None else lm)[0]
         out.append(Variant(face, DARKER_SKIN, 1, darker_skin(arr, region), expectations(DARKER_SKIN, 1)))

@@ -7,8 +7,8 @@ from functools import lru_cache
 import numpy as np
 import pytest
 
+from models.fit_data.face_sets import shipped_images
 from models.weights import MissingWeightsError, mtcnn_paths
-from pipeline.degrade import shipped_images
 
 REAL_FACES = {name: (lambda name=name: shipped_images()[name]) for name in ("t1", "tom_hanks", "astronaut")}
 

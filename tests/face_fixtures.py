@@ -12,8 +12,8 @@ import pytest
 def _build() -> tuple[tuple[str, np.ndarray], ...]:
     dlib = pytest.importorskip("dlib")
     frm = pytest.importorskip("face_recognition_models")
-    from pipeline.align import similarity_transform, warp
-    from pipeline.degrade import shipped_images
+    from models.fit_data.face_sets import shipped_images
+    from models.geometry import similarity_transform, warp
 
     imgs = shipped_images()
     det = dlib.get_frontal_face_detector()

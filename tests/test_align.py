@@ -9,17 +9,9 @@ import pytest
 
 from data_manifest.writer import to_table
 from models.detectors import Detection
-from pipeline.align import (
-    ALREADY_ALIGNED,
-    ARCFACE_TEMPLATE,
-    AlignStage,
-    choose_face,
-    face_row,
-    similarity_transform,
-    transform_points,
-    warp,
-)
-from pipeline.records import ERROR, NO_FACE, OK
+from models.geometry import ARCFACE_TEMPLATE, similarity_transform, transform_points, warp
+from pipeline.labellers.align import ALREADY_ALIGNED, AlignStage, choose_face, face_row
+from pipeline.labellers.base import ERROR, NO_FACE, OK
 from tests._faces import mtcnn_detector, mtcnn_result, real_face
 
 

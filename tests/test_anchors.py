@@ -202,7 +202,7 @@ def test_dlib_anchor_falls_as_degradation_grows():
     from scipy.stats import spearmanr
 
     from models.recognition import DlibRecognizer
-    from pipeline.degrade import degrade
+    from pipeline.synthetic.degrade import degrade
 
     faces = aligned_identities()
     assert len(faces) >= 7, sorted(faces)

@@ -10,7 +10,7 @@ import pytest
 
 from data_manifest import ShardWriter, catalog, crops, runs
 from pipeline import anchors as A
-from pipeline.degrade import degrade
+from pipeline.synthetic.degrade import degrade
 from tests.face_fixtures import aligned_identities
 
 pytest.importorskip("dlib")

@@ -12,6 +12,8 @@ import torch
 
 from data_manifest import Workspace, catalog
 from data_manifest.crops import read_crops
+from data_manifest.vocabulary import FACTOR_CLASSES
+from models import geometry
 from models.attributes import (
     HEADS,
     AttributeNet,
@@ -35,8 +37,7 @@ from models.attributes_train import (
     positive_weights,
 )
 from models.detectors import Detection
-from pipeline import align
-from pipeline.attributes import (
+from pipeline.labellers.attributes import (
     ALIGNED,
     BOX,
     AttributeStage,
@@ -46,9 +47,8 @@ from pipeline.attributes import (
     training_crop,
     wider_targets,
 )
-from pipeline.factors import FACTOR_CLASSES
-from pipeline.records import NO_FACE, FaceCrop
-from pipeline.wider import WiderFace, parse, split_layout
+from pipeline.labellers.base import NO_FACE, FaceCrop
+from pipeline.readers.wider import WiderFace, parse, split_layout
 
 torch.set_num_threads(1)  # robust timing on a shared 2-core machine
 
@@ -81,9 +81,9 @@ def test_box_transform_geometry() -> None:
     scale = 112 / (60 * 1.5)
     np.testing.assert_allclose(m[:, :2], np.diag([scale, scale]))
     centre = np.array([100 + 39 / 2, 50 + 59 / 2])
-    np.testing.assert_allclose(align.transform_points(centre[None], m)[0], [55.5, 55.5])
+    np.testing.assert_allclose(geometry.transform_points(centre[None], m)[0], [55.5, 55.5])
     # the box's top edge lands margin * side below the crop top
-    top = align.transform_points(np.array([[centre[0], 50 - 0.5]]), m)[0, 1]
+    top = geometry.transform_points(np.array([[centre[0], 50 - 0.5]]), m)[0, 1]
     assert top == pytest.approx(-0.5 + 0.25 * 60 * scale, abs=1e-9)
     with pytest.raises(ValueError, match="no area"):
         box_transform((0, 0, 0, 10))
@@ -110,17 +110,17 @@ def test_antialiased_warp_matches_plain_warp_geometry() -> None:
     img[450:470, 300:320] = 255
     m = box_transform((200, 200, 500, 500), margin=0.1)  # about 5x downscale
     fine = antialiased_warp(img, m)
-    plain = align.warp(img, m)
+    plain = geometry.warp(img, m)
     # the white square lands in the same place with and without the area pre-filter
     def centroid(c: np.ndarray) -> np.ndarray:
         ys, xs = np.nonzero(c.min(axis=-1) > 200)
         return np.array([xs.mean(), ys.mean()])
 
     np.testing.assert_allclose(centroid(fine), centroid(plain), atol=0.6)
-    np.testing.assert_allclose(centroid(fine), align.transform_points(np.array([[309.5, 459.5]]), m)[0], atol=0.6)
-    small = box_transform((10, 10, 40, 40))  # upscaling: identical to align.warp
+    np.testing.assert_allclose(centroid(fine), geometry.transform_points(np.array([[309.5, 459.5]]), m)[0], atol=0.6)
+    small = box_transform((10, 10, 40, 40))  # upscaling: identical to geometry.warp
     noise = rng.integers(0, 255, (80, 80, 3), dtype=np.uint8)
-    np.testing.assert_array_equal(antialiased_warp(noise, small), align.warp(noise, small))
+    np.testing.assert_array_equal(antialiased_warp(noise, small), geometry.warp(noise, small))
 
 
 class StubDetector:
@@ -141,13 +141,13 @@ def test_training_crop_aligns_when_landmarks_fall_inside_the_box() -> None:
     img = np.random.default_rng(1).integers(0, 255, (300, 400, 3), dtype=np.uint8)
     box = (150, 100, 80, 100)  # x, y, w, h
     # the detector sees the box enlarged by 0.5 on each side: region origin (110, 50)
-    lm_src = align.ARCFACE_TEMPLATE * 0.7 + np.array([150.0, 110.0])
+    lm_src = geometry.ARCFACE_TEMPLATE * 0.7 + np.array([150.0, 110.0])
     det = Detection(np.array([150, 105, 229, 199], float) - [110, 50, 110, 50], 0.99, lm_src - [110, 50])
     tc = training_crop(img, box, detector=StubDetector([det]))
     assert tc.method == ALIGNED
     np.testing.assert_allclose(tc.landmarks, lm_src, atol=1e-4)
-    np.testing.assert_allclose(align.transform_points(lm_src, tc.transform), align.ARCFACE_TEMPLATE, atol=1e-6)
-    np.testing.assert_array_equal(tc.crop, align.warp(img, tc.transform))
+    np.testing.assert_allclose(geometry.transform_points(lm_src, tc.transform), geometry.ARCFACE_TEMPLATE, atol=1e-6)
+    np.testing.assert_array_equal(tc.crop, geometry.warp(img, tc.transform))
 
     outside = Detection(det.box, 0.99, det.landmarks + [0, 90])  # mouth below the box
     stub = StubDetector([outside])
@@ -259,15 +259,15 @@ def test_training_crop_with_mtcnn_on_a_real_face() -> None:
     tc = training_crop(img, box, detector=det)
     assert tc.method == ALIGNED and tc.score > 0.9
     np.testing.assert_allclose(tc.landmarks, full.landmarks, atol=3.0)
-    np.testing.assert_allclose(tc.transform, align.similarity_transform(tc.landmarks), atol=1e-5)
-    residual = np.linalg.norm(align.transform_points(tc.landmarks, tc.transform) - align.ARCFACE_TEMPLATE, axis=1)
+    np.testing.assert_allclose(tc.transform, geometry.similarity_transform(tc.landmarks), atol=1e-5)
+    residual = np.linalg.norm(geometry.transform_points(tc.landmarks, tc.transform) - geometry.ARCFACE_TEMPLATE, axis=1)
     assert residual.max() < 8.0  # a real face fits the template up to a few pixels
     assert training_crop(img, (20, 400, 60, 60), detector=det).method == BOX  # no face in this box
 
 
 def test_flow_rejects_bad_inputs_before_work(tmp_path: Path) -> None:
     from flows.train_attributes import configure_parser, resolve_detector, resolve_splits, train_config_from_args
-    from pipeline.attributes import wider_face_key as _face_key
+    from pipeline.labellers.attributes import wider_face_key as _face_key
 
     with pytest.raises(FileNotFoundError, match="train annotation file"):
         resolve_splits(str(tmp_path))
@@ -293,7 +293,7 @@ def test_flow_rejects_bad_inputs_before_work(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def trained(prefect_harness, tmp_path_factory) -> dict:
     from flows.train_attributes import train_attributes_flow
-    from pipeline.wider_synthetic import SyntheticSpec, make_dataset
+    from pipeline.synthetic.wider_synthetic import SyntheticSpec, make_dataset
 
     base = tmp_path_factory.mktemp("attr")
     root = make_dataset(base / "wider", SyntheticSpec(images=160), seed=3)

@@ -8,9 +8,9 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline import benchmarks as B
-from pipeline.benchmarks_io import QualityScores, read_edc_json
-from pipeline.evaluation_report import compute_metrics, results_markdown
+from pipeline.evaluation import verification_sets as B
+from pipeline.evaluation.formats import QualityScores, read_edc_json
+from pipeline.evaluation.report import compute_metrics, results_markdown
 
 EDC_EXAMPLE = Path(__file__).parent / "data" / "edc" / "example_data.json"
 

@@ -13,16 +13,16 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from pipeline import blur
-from pipeline.blur import FACE_GRID, BlockGrid, BlurStage
-from pipeline.factors import (
+from data_manifest.vocabulary import (
     BLUR_THRESHOLDS,
     CALIBRATED_BLUR_THRESHOLDS,
     PAPER_BLUR_THRESHOLDS,
     blur_class,
     parse_blur_thresholds,
 )
-from pipeline.records import ERROR, NO_FACE, OK, FaceCrop
+from pipeline.labellers import blur
+from pipeline.labellers.base import ERROR, NO_FACE, OK, FaceCrop
+from pipeline.labellers.blur import FACE_GRID, BlockGrid, BlurStage
 from tests._faces import REAL_FACES
 
 DATA = Path(__file__).parent / "data" / "cpbd-matlab"

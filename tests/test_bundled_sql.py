@@ -23,7 +23,7 @@ FLOW_PARAMS = {
 def ws(tmp_path_factory):
     """Two samples with faces, factor labels of every factor, an anchor, an embedding and a score."""
     from data_manifest import Workspace
-    from pipeline.factors import FACTOR_CLASSES
+    from data_manifest.vocabulary import FACTOR_CLASSES
 
     ws = Workspace(tmp_path_factory.mktemp("sql") / "ws")
     ShardWriter(ws, "samples", "ingest-1").write(0, [
@@ -105,7 +105,7 @@ def test_factor_distribution_counts_the_latest_ok_labels(tmp_path):
     from collections import Counter
 
     from data_manifest import Workspace
-    from pipeline.factors import FACTOR_CLASSES
+    from data_manifest.vocabulary import FACTOR_CLASSES
 
     rng = random.Random(3)
     ws = Workspace(tmp_path / "ws")

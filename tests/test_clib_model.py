@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from data_manifest.vocabulary import N_PROMPTS, prompts
 from models.clib import ClibConfig, ClibFiqa, PretrainedWeightsError, build_clip, encode_prompts
 from models.losses import emd_loss, focal_loss, soft_quality_targets
-from pipeline.factors import N_PROMPTS, prompts
 
 torch.set_num_threads(1)  # the CPU is shared: one thread avoids OpenMP oversubscription stalls
 TINY = "TinyRN-test"

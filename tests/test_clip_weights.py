@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from data_manifest.vocabulary import N_PROMPTS, QUALITY_ANCHORS
 from models.clib import (
     CONFIG_DIR,
     ClibConfig,
@@ -24,7 +25,6 @@ from models.clib import (
     resolve_pretrained,
     uses_quick_gelu,
 )
-from pipeline.factors import N_PROMPTS, QUALITY_ANCHORS
 
 torch.set_num_threads(1)  # the CPU is shared: one thread avoids OpenMP oversubscription stalls
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from face_fixtures import aligned_identities
 
-from pipeline.benchmarks_io import PairList, QualityScores, write_pair_list, write_quality_file
+from pipeline.evaluation.formats import PairList, QualityScores, write_pair_list, write_quality_file
 
 # Probe variants and the oracle quality that orders them by how much they hurt recognition.
 PROBES = [("blur", 2, 0.8), ("noise", 3, 0.6), ("downscale", 2, 0.5), ("downscale", 3, 0.3), ("occlusion", 3, 0.1)]
@@ -21,7 +21,7 @@ N_IDENTITIES = 6
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory):
     """Gallery-probe pairs (clean reference vs degraded probe) as aligned PNG crops, plus three quality files."""
-    from pipeline.degrade import degrade
+    from pipeline.synthetic.degrade import degrade
 
     root = tmp_path_factory.mktemp("bench")
     faces = dict(sorted(aligned_identities().items())[:N_IDENTITIES])
@@ -169,11 +169,11 @@ def test_quality_ours_from_a_checkpoint_with_precomputed_embeddings(generated, w
     import pyarrow as pa
     import torch
 
+    from data_manifest.vocabulary import prompts
     from flows.evaluate import evaluate
     from models.clib import ClibConfig, ClibFiqa
     from models.scorer import load
     from models.train import CHECKPOINT_FORMAT
-    from pipeline.factors import prompts
 
     torch.manual_seed(0)
     cfg = ClibConfig(model_name="TinyRN-test", pretrained=None)

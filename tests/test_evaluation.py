@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import evaluation as ev
-from pipeline.benchmarks_io import (
+from pipeline.evaluation import metrics as ev
+from pipeline.evaluation.formats import (
     PairList,
     QualityScores,
     bin_pairs,
@@ -352,7 +352,7 @@ def test_erc_steps_without_mated_pairs_are_nan():
 def test_edc_plot_png(example, tmp_path):
     import matplotlib.image as mpimg
 
-    from pipeline.plots import plot_edc, plot_erc
+    from pipeline.evaluation.plots import plot_edc, plot_erc
 
     curves = {m: ev.edc(example.similarity, _pair_q(example, m), starting_error=0.1)
               for m in ("QA algorithm 1", "QA algorithm 2")}

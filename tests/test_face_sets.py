@@ -7,7 +7,8 @@ import hashlib
 import numpy as np
 import pytest
 
-from pipeline import align, face_sets
+from models import geometry
+from models.fit_data import face_sets
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +24,8 @@ def test_package_faces_found_and_aligned(package_faces: list[face_sets.RealFace]
         assert f.crop.shape == (112, 112, 3) and f.crop.dtype == np.uint8
         # A least-squares similarity maps the landmark centroid exactly onto the template's centroid,
         # and leaves every point within ~10 px of its template position (turned heads, smiles).
-        assert np.allclose(f.landmarks.mean(0), align.ARCFACE_TEMPLATE.mean(0), atol=1e-3)
-        assert np.linalg.norm(f.landmarks - align.ARCFACE_TEMPLATE, axis=1).max() < 12.0
+        assert np.allclose(f.landmarks.mean(0), geometry.ARCFACE_TEMPLATE.mean(0), atol=1e-3)
+        assert np.linalg.norm(f.landmarks - geometry.ARCFACE_TEMPLATE, axis=1).max() < 12.0
         assert f.score >= 0.95
 
 

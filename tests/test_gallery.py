@@ -20,8 +20,8 @@ from PIL import Image
 from data_manifest import ShardWriter, Workspace, catalog, runs
 from data_manifest.crops import write_pack
 from data_manifest.gallery import NO_CLASS, GalleryOptions, build_html, write_gallery
+from data_manifest.vocabulary import FACTORS
 from flows.bookkeeping import run_report_markdown
-from pipeline.factors import FACTORS
 
 N = 30
 HOSTILE = 'evil <script>alert("x")</script> & \'q\'.png'

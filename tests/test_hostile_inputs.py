@@ -22,7 +22,7 @@ from data_manifest import ShardWriter, Workspace, catalog, runs
 from flows import cli, runtime
 from pipeline import images
 from pipeline.readers import BinReader, DatasetError, FolderReader, ListReader, RecordIOReader, open_reader
-from pipeline.recordio import FaceRecWriter, encode_record, pack_ir
+from pipeline.readers.recordio_format import FaceRecWriter, encode_record, pack_ir
 from pipeline.samples import sample_rows
 
 ROOT = Path(__file__).resolve().parent.parent

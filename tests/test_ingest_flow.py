@@ -20,7 +20,7 @@ from flows import cli
 from pipeline import images
 from pipeline.ids import sample_id
 from pipeline.readers import FolderReader
-from pipeline.recordio import FaceRecWriter
+from pipeline.readers.recordio_format import FaceRecWriter
 
 ROOT = Path(__file__).resolve().parent.parent
 

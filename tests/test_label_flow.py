@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 
 from data_manifest import ShardWriter, Workspace, catalog
+from data_manifest.vocabulary import BLUR_THRESHOLDS, CALIBRATED_BLUR_THRESHOLDS, FactorClass
 from flows import label as L
-from pipeline.factors import BLUR_THRESHOLDS, CALIBRATED_BLUR_THRESHOLDS, FactorClass
+from pipeline.labellers.base import OK, FaceCrop, factor_row
 from pipeline.readers import FolderReader
-from pipeline.records import OK, FaceCrop, factor_row
 from pipeline.samples import sample_rows
 from tests._faces import mtcnn_detector, real_face
 

@@ -8,10 +8,11 @@ import math
 import numpy as np
 import pytest
 
-from pipeline import degrade
-from pipeline.align import ARCFACE_TEMPLATE
-from pipeline.factors import FACTOR_CLASSES
-from pipeline.lighting import (
+from data_manifest.vocabulary import FACTOR_CLASSES
+from models.fit_data.face_sets import shipped_images
+from models.geometry import ARCFACE_TEMPLATE
+from pipeline.labellers.base import ERROR, NO_FACE, OK, FaceCrop
+from pipeline.labellers.lighting import (
     CRITERIA,
     DEFAULT_RULE,
     MEASURES,
@@ -24,7 +25,7 @@ from pipeline.lighting import (
     luminance,
     ramp,
 )
-from pipeline.records import ERROR, NO_FACE, OK, FaceCrop
+from pipeline.synthetic import degrade
 
 # Symmetric landmarks: the face's vertical axis is the pixel column x = 56.
 SYMMETRIC = np.array([[38.0, 52.0], [74.0, 52.0], [56.0, 72.0], [42.0, 92.0], [70.0, 92.0]])
@@ -219,7 +220,7 @@ def test_rule_validation():
 
 def test_darker_skin_under_good_light_stays_normal_while_a_dim_exposure_is_extreme():
     """Dark skin lowers the mean and raises the dark-pixel share like a dim exposure, but keeps the highlights."""
-    face = degrade.shipped_images()["tom_hanks"]
+    face = shipped_images()["tom_hanks"]
     region = face_region(ARCFACE_TEMPLATE)[0]
     darker = degrade.darker_skin(face, region, albedo=0.25)
     m_clean, m_darker = lighting_measures(face, ARCFACE_TEMPLATE), lighting_measures(darker, ARCFACE_TEMPLATE)
@@ -237,7 +238,7 @@ def test_darker_skin_under_good_light_stays_normal_while_a_dim_exposure_is_extre
 
 
 def test_stage_rows_on_a_real_face_and_its_degradations():
-    face = degrade.shipped_images()["tom_hanks"]  # already aligned to the 112x112 ArcFace template
+    face = shipped_images()["tom_hanks"]  # already aligned to the 112x112 ArcFace template
     stage = LightingStage()
     assert stage.name == "lighting" and stage.labeller == "analytic-lighting"
     batch = [FaceCrop("clean", face, landmarks=ARCFACE_TEMPLATE.copy())]
@@ -329,10 +330,10 @@ def _reference_measures(crop: np.ndarray, landmarks: np.ndarray) -> dict[str, fl
 
 
 def test_batched_measures_equal_the_crop_by_crop_definitions():
-    from pipeline.lighting import batch_lighting_measures
+    from pipeline.labellers.lighting import batch_lighting_measures
 
     rng = np.random.default_rng(5)
-    face = degrade.shipped_images()["tom_hanks"]
+    face = shipped_images()["tom_hanks"]
     crops = [face, grey(0), halves(10, 255), *(degrade.degrade(face, k, 2) for k in ("dark", "overexpose",
                                                                                       "side_light"))]
     crops += list(rng.integers(0, 256, (4, 112, 112, 3), dtype=np.uint8))
@@ -352,7 +353,7 @@ def test_batched_measures_equal_the_crop_by_crop_definitions():
 def test_stage_groups_crops_by_landmarks_and_keeps_the_order():
     """A batch mixing template crops, measured landmarks and failures gives the rows of crop-by-crop labelling."""
     rng = np.random.default_rng(8)
-    face = degrade.shipped_images()["tom_hanks"]
+    face = shipped_images()["tom_hanks"]
     moved = ARCFACE_TEMPLATE + rng.normal(0, 1.5, (5, 2))
     batch = [
         FaceCrop("t0", face),

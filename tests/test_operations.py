@@ -16,8 +16,8 @@ from data_manifest import Workspace, catalog
 from flows import label as L
 from flows import relabel as R
 from flows.ingest import ingest
-from pipeline.degrade import shipped_images
-from pipeline.demo_data import build
+from models.fit_data.face_sets import shipped_images
+from pipeline.synthetic.demo_data import build
 
 OPTIONS = {"detector": "mtcnn", "pose_backend": "dlib"}
 COLS = "sample_id, factor, value, class_index, class_name, status"

@@ -9,6 +9,14 @@ import cv2
 import numpy as np
 import pytest
 
+from models.geometry import (
+    HeadPose,
+    angles_from_rotation,
+    rotation_from_angles,
+    similarity_transform,
+    transform_points,
+    warp,
+)
 from models.pose import (
     DlibPnPPose,
     FiveLandmarkPose,
@@ -18,9 +26,9 @@ from models.pose import (
     generic_five,
     pnp_pose,
 )
-from pipeline.align import choose_face, similarity_transform, transform_points, warp
-from pipeline.pose import HeadPose, PoseStage, angles_from_rotation, rotation_from_angles
-from pipeline.records import ERROR, NO_FACE, OK, FaceCrop
+from pipeline.labellers.align import choose_face
+from pipeline.labellers.base import ERROR, NO_FACE, OK, FaceCrop
+from pipeline.labellers.pose import PoseStage
 from tests._faces import mtcnn_detector, mtcnn_result, real_face
 
 
@@ -204,8 +212,8 @@ def _reference_pnp(points68: np.ndarray, size: int = 112) -> tuple[float, float]
 def test_batched_landmarks_equal_dlib_and_yaw_agrees_with_solvepnp_on_real_faces():
     """The numpy cascade gives dlib's own 68 points; the batched PnP the yaw of cv2.solvePnP (as good a fit)."""
     dlib = pytest.importorskip("dlib")
+    from models.geometry import ARCFACE_TEMPLATE
     from models.weights import dlib_model
-    from pipeline.align import ARCFACE_TEMPLATE
     from tests.face_fixtures import aligned_identities
 
     crops = list(aligned_identities().values())

@@ -370,7 +370,7 @@ def _write_bin_bytes(path: Path, data: bytes) -> Path:
 
 
 def test_library_writer_matches_the_independent_writer(tmp_path):
-    from pipeline.recordio import FaceRecWriter, encode_record
+    from pipeline.readers.recordio_format import FaceRecWriter, encode_record
 
     payloads = [b"", b"abc", MAGIC, b"xxxx" + MAGIC + b"yy" + MAGIC + b"z", b"x" + MAGIC + b"abc", _png(1)]
     for p in payloads:

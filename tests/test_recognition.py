@@ -38,7 +38,7 @@ def test_spec_parsing_and_errors():
 
 @pytest.fixture(scope="module")
 def tom():
-    from pipeline.degrade import shipped_images
+    from models.fit_data.face_sets import shipped_images
 
     return shipped_images()["tom_hanks"]
 
@@ -69,7 +69,7 @@ def test_dlib_template_chip_matches_dlibs_own_alignment(tom):
 
 def test_dlib_batches_equal_singles_and_separate_identities(tom):
     pytest.importorskip("dlib")
-    from pipeline.degrade import shipped_images
+    from models.fit_data.face_sets import shipped_images
 
     ast = shipped_images()["astronaut"]
     import cv2

@@ -14,7 +14,7 @@ from flows.shard_work import SAMPLE_ROW_SCHEMA, ingest_samples
 from pipeline import images
 from pipeline.ids import content_hash, sample_id
 from pipeline.readers import Record, RecordIOReader
-from pipeline.recordio import FaceRecWriter
+from pipeline.readers.recordio_format import FaceRecWriter
 from pipeline.samples import SAMPLE_COLUMNS, sample_columns, sample_rows, status_counts
 
 

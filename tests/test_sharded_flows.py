@@ -215,14 +215,14 @@ def test_train_attributes_resume_after_a_failed_shard_equals_an_uninterrupted_ru
                                                                                    monkeypatch):
     from data_manifest import Workspace
     from flows import train_attributes as T
-    from pipeline.wider_synthetic import SyntheticSpec, make_dataset
+    from pipeline.synthetic.wider_synthetic import SyntheticSpec, make_dataset
 
     root = make_dataset(tmp_path / "wider", SyntheticSpec(images=12), seed=1)
     kw = {"wider_root": str(root), "model_config": "tiny", "detector": "none", "shard_images": 4,
           "train_config": {"epochs": 1, "batch_size": 8}, "calibration_fraction": 0.0, "device": "cpu",
           "torch_threads": 1, "progress": False}
     whole = T.train_attributes_flow(workspace=str(tmp_path / "a"), **kw)
-    from pipeline.wider import parse, split_layout
+    from pipeline.readers.wider import parse, split_layout
 
     real = T.wider_rows
     first_val = next(iter(parse(split_layout(root, "val")[0], min_size=20))).path

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import stages as S
-from pipeline.attributes import split_calibration
+from pipeline.labellers import registry as S
+from pipeline.labellers.attributes import split_calibration
 
 
 def test_stage_names_are_validated_ordered_and_exclusive_per_factor():

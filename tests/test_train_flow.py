@@ -9,9 +9,9 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
+from data_manifest.vocabulary import FACTORS
 from models.clib import ClibConfig
 from models.train import ArrayImages, TrainConfig, TrainingData, load_checkpoint, train
-from pipeline.factors import FACTORS
 
 torch.set_num_threads(1)  # the CPU is shared: one thread avoids OpenMP oversubscription stalls
 TINY = ClibConfig(model_name="TinyRN-test", pretrained=None)

@@ -8,9 +8,9 @@ import cv2
 import numpy as np
 import pytest
 
+from models.fit_data.face_sets import shipped_images
+from models.geometry import ARCFACE_TEMPLATE
 from pipeline import validity as V
-from pipeline.align import ARCFACE_TEMPLATE
-from pipeline.degrade import shipped_images
 
 NOT_CLEAR = ("blur", "not clear", 0.9)
 EXTREME = ("lighting", "extreme lighting")
@@ -63,7 +63,7 @@ def test_variants_carry_the_expected_labels_table(face):
 
 
 def test_pasted_occluders_are_expected_obstructed_and_benign_ones_not(face):
-    occ = pytest.importorskip("pipeline.occluders")
+    occ = pytest.importorskip("models.fit_data.occluders")
     variants = [v for v in V.make_variants("x", face, ARCFACE_TEMPLATE) if v.kind.startswith(V.OCCLUDER_PREFIX)]
     assert {v.kind.removeprefix(V.OCCLUDER_PREFIX) for v in variants} == {*occ.FAMILIES, occ.BENIGN}
     for v in variants:

@@ -6,14 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.wider import (
-    ATTRIBUTES,
-    SKIP_INVALID,
-    SKIP_TOO_SMALL,
-    ParseReport,
-    WiderFormatError,
-    parse,
-)
+from pipeline.readers.wider import ATTRIBUTES, SKIP_INVALID, SKIP_TOO_SMALL, ParseReport, WiderFormatError, parse
 
 # Written by hand in the layout of wider_face_train_bbx_gt.txt (trailing spaces included).
 GT = (

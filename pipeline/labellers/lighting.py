@@ -32,10 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.align import ARCFACE_TEMPLATE, check_points
+from data_manifest.vocabulary import FactorClass, binary_class
+from models.geometry import ARCFACE_TEMPLATE, check_points
 from pipeline.colour import REC709, SRGB_TO_LINEAR
-from pipeline.factors import FactorClass, binary_class
-from pipeline.records import ERROR, OK, FaceCrop, factor_row
+from pipeline.labellers.base import ERROR, OK, FaceCrop, factor_row
 
 VERSION = "2"  # 2: dark on the 99th percentile, uneven on half medians (1: mean and under-exposure)
 LABELLER = "analytic-lighting"

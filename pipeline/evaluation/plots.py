@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.evaluation import EdcCurve, ErcCurve
+from pipeline.evaluation.metrics import EdcCurve, ErcCurve
 
 
 def _pyplot():

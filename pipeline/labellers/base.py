@@ -8,7 +8,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from pipeline.factors import FACTOR_CLASSES, FactorClass
+from data_manifest.vocabulary import FACTOR_CLASSES, FactorClass
+from models.geometry import CROP_SIZE
 
 OK = "ok"
 ERROR = "error"
@@ -32,10 +33,10 @@ class FaceCrop:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-CROP_SIDE = 112  # the aligned ArcFace crop every label stage reads (pipeline.align.CROP_SIZE)
 
 
-def crop_problem(rec: FaceCrop, size: int = CROP_SIDE) -> tuple[str, str] | None:
+
+def crop_problem(rec: FaceCrop, size: int = CROP_SIZE) -> tuple[str, str] | None:
     """(status, reason) when a record has no usable size x size RGB uint8 crop, else None."""
     if rec.status != OK or rec.crop is None:
         return (rec.status if rec.status != OK else ERROR, rec.error or "no crop")
@@ -48,7 +49,7 @@ def crop_problem(rec: FaceCrop, size: int = CROP_SIDE) -> tuple[str, str] | None
     return None
 
 
-def split_usable(batch: list[FaceCrop], size: int = CROP_SIDE) -> tuple[list[int], dict[int, tuple[str, str]]]:
+def split_usable(batch: list[FaceCrop], size: int = CROP_SIZE) -> tuple[list[int], dict[int, tuple[str, str]]]:
     """Indices of the records with a usable crop, and (status, reason) of the others by index."""
     problems = {i: crop_problem(rec, size) for i, rec in enumerate(batch)}
     return [i for i, p in problems.items() if p is None], {i: p for i, p in problems.items() if p is not None}

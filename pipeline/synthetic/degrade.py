@@ -1,4 +1,4 @@
-"""Controlled, recorded image degradations and the real face images that installed packages ship.
+"""Controlled, recorded image degradations (the package-shipped faces are `models.fit_data.face_sets.shipped_images`).
 
 Used to build the demo dataset and the test identities: every variant records
 its degradation kind and level, so a label or an anchor can be checked against
@@ -8,7 +8,6 @@ a known cause.
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import cv2
@@ -17,35 +16,6 @@ import numpy as np
 from pipeline.colour import REC709, to_linear, to_srgb
 
 SEVERITY_LEVELS = (0, 1, 2, 3)
-
-
-def _insightface_image(name: str) -> Path:
-    try:
-        import insightface
-    except ImportError as e:
-        raise RuntimeError("the package-shipped faces need the 'insightface' package") from e
-    p = Path(insightface.__file__).parent / "data" / "images" / name
-    if not p.exists():
-        raise FileNotFoundError(f"insightface does not ship {p}")
-    return p
-
-
-def _read_rgb(path: Path) -> np.ndarray:
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise ValueError(f"cannot decode {path}")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-
-
-def shipped_images() -> dict[str, np.ndarray]:
-    """Real face images from installed packages (RGB uint8): name -> image."""
-    from skimage import data
-
-    return {
-        "tom_hanks": _read_rgb(_insightface_image("Tom_Hanks_54745.png")),  # aligned 112x112
-        "t1": _read_rgb(_insightface_image("t1.jpg")),  # group photo, several faces
-        "astronaut": np.ascontiguousarray(data.astronaut()),  # 512x512 portrait
-    }
 
 
 def gaussian_blur(img: np.ndarray, level: int) -> np.ndarray:

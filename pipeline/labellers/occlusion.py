@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from data_manifest.vocabulary import binary_class
 from models.fast_forward import AUTO, ONNX, TORCH, FastForward, batched, resolve_backend
 from models.occlusion import (
     INPUT_SIZE,
@@ -26,8 +27,7 @@ from models.occlusion import (
     predict_views,
     to_input,
 )
-from pipeline.factors import binary_class
-from pipeline.records import ERROR, FaceCrop, crop_problem, factor_row
+from pipeline.labellers.base import ERROR, FaceCrop, crop_problem, factor_row
 
 LABELLER = "occlusion-cnn-pasted"
 CPU_FORWARD_BATCH = 32  # crops per CPU forward (each forward holds the crops and their mirror images)

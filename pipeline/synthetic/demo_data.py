@@ -16,7 +16,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipeline.degrade import DEGRADATIONS, degrade, shipped_images
+from models.fit_data.face_sets import shipped_images
+from pipeline.synthetic.degrade import DEGRADATIONS, degrade
 
 SOURCE_SIZE = 224  # side of each identity's loose face image
 FULL_LEVELS = (1, 2, 3)

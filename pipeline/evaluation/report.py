@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import evaluation as ev
+from pipeline.evaluation import metrics as ev
 
 PROTOCOLS = ("edc", "erc")
 

@@ -25,8 +25,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from models.safe_pickle import RestrictedUnpickler
 from pipeline import images
-from pipeline.recordio import (
+from pipeline.readers.recordio_format import (
     RECORDIO_MAGIC,
     DatasetError,
     IRHeader,
@@ -39,7 +40,6 @@ from pipeline.recordio import (
     scan_rec,
     unpack_ir,
 )
-from pipeline.safe_pickle import RestrictedUnpickler
 
 KINDS: tuple[str, ...] = ("folder", "recordio", "bin", "list")
 DEFAULT_SHARD_SIZE = 1000

@@ -19,15 +19,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from data_manifest.vocabulary import binary_class
+from models import geometry
 from models.attributes import HEADS, AttributeNet, load_checkpoint, predict_proba, to_input
 from models.detectors import Detection, Detector
 from models.fast_forward import AUTO, TORCH, TORCHSCRIPT, FastForward, batched, resolve_backend
-from pipeline import align
-from pipeline.factors import binary_class
-from pipeline.records import ERROR, OK, FaceCrop, factor_row, split_usable
-from pipeline.wider import WiderFace
+from pipeline.labellers import align
+from pipeline.labellers.base import ERROR, OK, FaceCrop, factor_row, split_usable
+from pipeline.readers.wider import WiderFace
 
-CROP_SIZE = align.CROP_SIZE
+CROP_SIZE = geometry.CROP_SIZE
 DEFAULT_MARGIN = 0.15  # box crop: extra context on each side, as a fraction of the box's longer side
 MIN_LANDMARK_IOU = 0.3  # a detection is matched to a WIDER box only above this IoU
 CPU_FORWARD_BATCH = 8  # on CPU the stage forwards its batch in chunks this size: ~3x faster than 256 at once
@@ -64,7 +65,7 @@ def box_transform(
 ) -> np.ndarray:
     """2x3 matrix: source pixels -> a square size x size crop centred on box (x, y, w, h), with margin.
 
-    Pixel-index coordinates (pixel centres at integers), as `pipeline.align`:
+    Pixel-index coordinates (pixel centres at integers), as `pipeline.labellers.align`:
     the box covers pixels x .. x + w - 1, its centre maps to the crop centre.
     """
     x, y, w, h = (float(v) for v in box)
@@ -78,7 +79,7 @@ def box_transform(
 
 
 def antialiased_warp(image: np.ndarray, matrix: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
-    """`pipeline.align.warp`, after area-downsampling the source when the crop shrinks it by over 1.5x.
+    """`models.geometry.warp`, after area-downsampling the source when the crop shrinks it by over 1.5x.
 
     WIDER faces can be several hundred pixels wide; bilinear warping straight
     to 112x112 would alias. The matrix is adjusted to the downsampled source.
@@ -98,7 +99,7 @@ def antialiased_warp(image: np.ndarray, matrix: np.ndarray, size: int = CROP_SIZ
         adj[:, 1] = m[:, 1] / sy
         adj[:, 2] = m[:, 2] + m[:, 0] * (0.5 / sx - 0.5) + m[:, 1] * (0.5 / sy - 0.5)
         m = adj
-    return align.warp(np.ascontiguousarray(src), m, size)
+    return geometry.warp(np.ascontiguousarray(src), m, size)
 
 
 def box_crop(image: np.ndarray, box: tuple[float, float, float, float], margin: float = DEFAULT_MARGIN) -> TrainingCrop:
@@ -160,7 +161,7 @@ def training_crop(
     i = match_detection(found, box)
     if i is None:
         return box_crop(image, box, margin)
-    m = align.similarity_transform(found[i].landmarks)
+    m = geometry.similarity_transform(found[i].landmarks)
     return TrainingCrop(antialiased_warp(image, m), ALIGNED, m, landmarks=found[i].landmarks.astype(np.float32),
                         score=found[i].score)
 

@@ -13,8 +13,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pipeline.factors import BLUR_THRESHOLDS, parse_blur_thresholds
-from pipeline.records import FaceCrop
+from data_manifest.vocabulary import BLUR_THRESHOLDS, parse_blur_thresholds
+from pipeline.labellers.base import FaceCrop
 
 ALIGN = "align"
 DEFAULT_STAGES = ("align", "blur", "pose", "attributes")
@@ -60,7 +60,7 @@ class StageSpec:
 
 def _build_align(o: LabelOptions) -> Any:
     from models.detectors import make_detector
-    from pipeline.align import ALREADY_ALIGNED, AlignStage
+    from pipeline.labellers.align import ALREADY_ALIGNED, AlignStage
 
     if o.detector == "none":
         if o.align_mode != ALREADY_ALIGNED:
@@ -77,32 +77,32 @@ def _build_align(o: LabelOptions) -> Any:
 
 
 def _build_blur(o: LabelOptions) -> Any:
-    from pipeline.blur import BlurStage
+    from pipeline.labellers.blur import BlurStage
 
     return BlurStage(thresholds=o.blur_thresholds)
 
 
 def _build_pose(o: LabelOptions) -> Any:
     from models.pose import make_pose_backend
-    from pipeline.pose import PoseStage
+    from pipeline.labellers.pose import PoseStage
 
     return PoseStage(make_pose_backend(o.pose_backend, pack=o.pack, device=o.device), thresholds=o.pose_thresholds)
 
 
 def _build_occlusion(o: LabelOptions) -> Any:
-    from pipeline.occlusion import OcclusionStage
+    from pipeline.labellers.occlusion import OcclusionStage
 
     return OcclusionStage(device=o.device)
 
 
 def _build_expression(o: LabelOptions) -> Any:
-    from pipeline.expression import ExpressionStage
+    from pipeline.labellers.expression import ExpressionStage
 
     return ExpressionStage(device=o.device)
 
 
 def _build_lighting(o: LabelOptions) -> Any:
-    from pipeline.lighting import LightingStage
+    from pipeline.labellers.lighting import LightingStage
 
     return LightingStage()  # analytic: no model, no device
 
@@ -122,7 +122,7 @@ class StageGroup:
 def _build_attributes(o: LabelOptions) -> Any:
     """The WIDER-trained CNN with a checkpoint, else the real-face labellers (the default)."""
     if o.attributes_checkpoint:
-        from pipeline.attributes import AttributeStage
+        from pipeline.labellers.attributes import AttributeStage
 
         return AttributeStage(o.attributes_checkpoint, device=o.device)
     return StageGroup("attributes", [get_stage(name, o) for name in REAL_ATTRIBUTE_STAGES])

@@ -26,7 +26,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipeline.align import ARCFACE_TEMPLATE, CROP_SIZE
+from models.geometry import ARCFACE_TEMPLATE, CROP_SIZE
 
 OBSTRUCTED_COVERAGE = 0.5  # mean occluder opacity over a key region that makes the face obstructed
 KEY_REGIONS = ("left_eye", "right_eye", "nose", "mouth")

@@ -5,7 +5,7 @@ set and REPORTED on another it never saw:
 
 - ``face-api`` (FIT_SOURCE): the six group photos of the npm package
   ``@vladmandic/face-api`` 1.7.15 (MIT), fetched on request with
-  ``python -m pipeline.face_sets --fetch-face-api [DEST]`` (the one network step;
+  ``python -m models.fit_data.face_sets --fetch-face-api [DEST]`` (the one network step;
   never at test time).
 - ``package`` (HELD_OUT_SOURCE): the photos that installed PyPI packages ship
   (insightface ``t1.jpg`` and ``Tom_Hanks_54745.png``, scikit-image's astronaut,
@@ -31,8 +31,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipeline import align
-from pipeline.degrade import shipped_images
+from models import geometry
 
 FIT_SOURCE = "face-api"
 HELD_OUT_SOURCE = "package"
@@ -48,6 +47,35 @@ FACE_API_PHOTOS: dict[str, str] = {
 }
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 ALIGNED_INPUT = "tom_hanks"  # already an aligned 112x112 crop: padded before detection
+
+
+def _insightface_image(name: str) -> Path:
+    try:
+        import insightface
+    except ImportError as e:
+        raise RuntimeError("the package-shipped faces need the 'insightface' package") from e
+    p = Path(insightface.__file__).parent / "data" / "images" / name
+    if not p.exists():
+        raise FileNotFoundError(f"insightface does not ship {p}")
+    return p
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ValueError(f"cannot decode {path}")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def shipped_images() -> dict[str, np.ndarray]:
+    """Real face images from installed packages (RGB uint8): name -> image."""
+    from skimage import data
+
+    return {
+        "tom_hanks": _read_rgb(_insightface_image("Tom_Hanks_54745.png")),  # aligned 112x112
+        "t1": _read_rgb(_insightface_image("t1.jpg")),  # group photo, several faces
+        "astronaut": np.ascontiguousarray(data.astronaut()),  # 512x512 portrait
+    }
 
 
 class FaceSetError(RuntimeError):
@@ -94,7 +122,7 @@ def extra_photos(folder: str | Path) -> dict[str, np.ndarray]:
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise FaceSetError(f"photo folder {root} does not exist; for the face-api set run "
-                           f"`python -m pipeline.face_sets --fetch-face-api {root}`")
+                           f"`python -m models.fit_data.face_sets --fetch-face-api {root}`")
     out: dict[str, np.ndarray] = {}
     for p in sorted(root.iterdir()):
         if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
@@ -113,7 +141,7 @@ def face_api_photos(folder: str | Path | None = None) -> dict[str, np.ndarray]:
     for name, sha in FACE_API_PHOTOS.items():
         p = root / name
         if not p.is_file():
-            raise FaceSetError(f"{p} is missing; run `python -m pipeline.face_sets --fetch-face-api {root}`")
+            raise FaceSetError(f"{p} is missing; run `python -m models.fit_data.face_sets --fetch-face-api {root}`")
         if hashlib.sha256(p.read_bytes()).hexdigest() != sha:
             raise FaceSetError(f"{p} does not match its pinned SHA-256 {sha[:12]}...")
     return extra_photos(root)
@@ -170,10 +198,10 @@ def real_faces(photos: Mapping[str, np.ndarray], detector: object | None = None,
             dets = sorted(dets, key=lambda d: -d.score)[:1]
         dets.sort(key=lambda d: float(d.box[0]))
         for k, det in enumerate(dets):
-            m = align.similarity_transform(det.landmarks)
-            crop = align.warp(src, m)
+            m = geometry.similarity_transform(det.landmarks)
+            crop = geometry.warp(src, m)
             name = photo if len(dets) == 1 else f"{photo}_face{k}"
-            out.append(RealFace(name, photo, crop, align.transform_points(det.landmarks, m).astype(np.float32),
+            out.append(RealFace(name, photo, crop, geometry.transform_points(det.landmarks, m).astype(np.float32),
                                 np.asarray(det.box, np.float64), float(det.score)))
     return out
 
@@ -201,7 +229,7 @@ def save_crops(faces: Iterable[RealFace], folder: str | Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.face_sets", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m models.fit_data.face_sets", description=__doc__.splitlines()[0])
     p.add_argument("--fetch-face-api", nargs="?", const="", default=None, metavar="DEST",
                    help="download the face-api demo photos (npm) into DEST (default: $FIQA_MODELS/photos/face-api)")
     p.add_argument("--list", default=None, metavar="SOURCE", help="list the faces of 'package', 'face-api' or a folder")

@@ -13,74 +13,12 @@ from typing import Any
 import cv2
 import numpy as np
 
-from pipeline.images import require_rgb
-from pipeline.records import CROP_SIDE, ERROR, NO_FACE, FaceCrop
+from models.arrays import require_rgb
+from models.geometry import ARCFACE_TEMPLATE, CROP_SIZE, similarity_transform, transform_points, warp
+from pipeline.labellers.base import ERROR, NO_FACE, FaceCrop
 
-CROP_SIZE = CROP_SIDE  # 112: the aligned crop side, defined beside the record type
-# ArcFace 112x112 template: left eye, right eye, nose tip, left mouth corner, right mouth corner (image left/right).
-ARCFACE_TEMPLATE = np.array(
-    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
-    dtype=np.float64,
-)
 DETECT, ALREADY_ALIGNED = "detect", "already_aligned"
 ALIGN_MODES = (DETECT, ALREADY_ALIGNED)
-
-
-def check_points(points: Any, what: str = "landmarks") -> np.ndarray:
-    """5 finite (x, y) points as a (5, 2) float64 array, or a ValueError naming `what`."""
-    arr = np.asarray(points, dtype=np.float64)
-    if arr.shape != (5, 2):
-        raise ValueError(f"{what} must be 5 (x, y) points of shape (5, 2), got shape {arr.shape}")
-    if not np.isfinite(arr).all():
-        raise ValueError(f"{what} contain non-finite values: {arr.tolist()}")
-    return arr
-
-
-def umeyama(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """Least-squares similarity (rotation, uniform scale, translation) mapping src to dst, as a 3x3 matrix.
-
-    Umeyama (1991), "Least-squares estimation of transformation parameters
-    between two point patterns", eq. 34-43; reflections are excluded.
-    """
-    src = np.asarray(src, dtype=np.float64)
-    dst = np.asarray(dst, dtype=np.float64)
-    n, dim = src.shape
-    mu_s, mu_d = src.mean(axis=0), dst.mean(axis=0)
-    s_c, d_c = src - mu_s, dst - mu_d
-    var_s = (s_c**2).sum() / n
-    if var_s <= 1e-12:
-        raise ValueError(f"degenerate landmarks (all points coincide): {src.tolist()}")
-    cov = d_c.T @ s_c / n
-    u, sig, vt = np.linalg.svd(cov)
-    d = np.ones(dim)
-    if np.linalg.det(cov) < 0:
-        d[-1] = -1.0
-    rot = u @ np.diag(d) @ vt
-    scale = float((sig * d).sum() / var_s)
-    out = np.eye(dim + 1)
-    out[:dim, :dim] = scale * rot
-    out[:dim, dim] = mu_d - scale * rot @ mu_s
-    return out
-
-
-def similarity_transform(landmarks5: Any, template: Any = ARCFACE_TEMPLATE) -> np.ndarray:
-    """The 2x3 similarity matrix mapping the 5 landmarks onto the template (Umeyama least squares, not RANSAC)."""
-    src = check_points(landmarks5, "landmarks")
-    dst = check_points(template, "template")
-    return umeyama(src, dst)[:2]
-
-
-def warp(image: np.ndarray, matrix: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
-    """Apply a 2x3 transform to an RGB uint8 image: a (size, size, 3) crop, black outside the source."""
-    return cv2.warpAffine(image, np.asarray(matrix, dtype=np.float64), (size, size), flags=cv2.INTER_LINEAR,
-                          borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
-
-
-def transform_points(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
-    """Map (N, 2) points through a 2x3 affine matrix."""
-    pts = np.asarray(points, dtype=np.float64)
-    m = np.asarray(matrix, dtype=np.float64)
-    return pts @ m[:, :2].T + m[:, 2]
 
 
 def choose_face(detections: Sequence[Any]) -> int:

@@ -32,8 +32,8 @@ import cv2
 import numpy as np
 from scipy import ndimage as ndi
 
-from pipeline.factors import BLUR_THRESHOLDS, blur_class
-from pipeline.records import ERROR, OK, FaceCrop, factor_row
+from data_manifest.vocabulary import BLUR_THRESHOLDS, blur_class
+from pipeline.labellers.base import ERROR, OK, FaceCrop, factor_row
 
 # Reference constants (CPBD_compute.m).
 EDGE_BLOCK_FRACTION = 0.002  # a block is an edge block if its Canny edge count > fraction * block area

@@ -10,6 +10,7 @@ import argparse
 import itertools
 import math
 from dataclasses import dataclass
+from typing import Any
 
 # Quality levels h^q and their anchors A (Eq. 1-2).
 QUALITY_LEVELS: tuple[str, ...] = ("bad", "poor", "fair", "good", "perfect")
@@ -60,15 +61,17 @@ class FactorClass:
         return FACTOR_CLASSES[self.factor][self.index]
 
 
-def _check_thresholds(lo: float, hi: float, what: str) -> None:
+def ordered_thresholds(values: Any, what: str) -> tuple[float, float]:
+    """(low, high) as floats, or a ValueError naming `what` when they are not two ordered numbers."""
+    lo, hi = (float(v) for v in values)
     if not lo <= hi:
         raise ValueError(f"{what} thresholds must be ordered (low <= high), got ({lo}, {hi})")
+    return lo, hi
 
 
 def blur_class(cpbd: float, thresholds: tuple[float, float] = BLUR_THRESHOLDS) -> FactorClass:
     """CPBD -> hazy (< low), blurry (low..high, both inclusive), clear (> high)."""
-    lo, hi = thresholds
-    _check_thresholds(lo, hi, "blur")
+    lo, hi = ordered_thresholds(thresholds, "blur")
     if math.isnan(cpbd):
         raise ValueError("blur_class: CPBD value is NaN")
     if cpbd < lo:
@@ -100,8 +103,7 @@ def parse_blur_thresholds(text: str) -> tuple[float, float]:
 
 def pose_class(yaw_degrees: float, thresholds: tuple[float, float] = POSE_THRESHOLDS) -> FactorClass:
     """|yaw| -> frontal (< low), slight angle (low..high, both inclusive), profile (> high)."""
-    lo, hi = thresholds
-    _check_thresholds(lo, hi, "pose")
+    lo, hi = ordered_thresholds(thresholds, "pose")
     if math.isnan(yaw_degrees):
         raise ValueError("pose_class: yaw is NaN")
     a = abs(yaw_degrees)

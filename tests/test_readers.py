@@ -400,7 +400,7 @@ def test_folder_non_utf8_names_become_bad_entries(tmp_path):
 
 def test_recordio_in_place_reads_equal_the_general_record_path(tmp_path, monkeypatch):
     """Image records read in place from a shard's span give the records read_record + unpack_ir give."""
-    import pipeline.readers as readers_mod
+    import pipeline.readers.recordio as readers_mod
 
     payloads = [pack_ir(k % 3, _jpeg(k)) for k in range(6)]
     payloads[1] = pack_ir(1, _png(1) + b"\0" * (-len(_png(1)) % 4) + MAGIC + b"tail")  # two parts

@@ -23,7 +23,7 @@ def test_stage_names_are_validated_ordered_and_exclusive_per_factor():
 def test_label_options_validate_once_and_parse_threshold_names():
     assert S.options_from({"blur_thresholds": "paper"}).blur_thresholds == (0.35, 0.7)
     assert S.options_from({"pose_thresholds": [12, 30]}).pose_thresholds == (12.0, 30.0)
-    with pytest.raises(ValueError, match="pose_thresholds must be ordered"):
+    with pytest.raises(ValueError, match="pose thresholds must be ordered"):
         S.LabelOptions(pose_thresholds=(25.0, 10.0))
     with pytest.raises(ValueError, match="align_mode must be"):
         S.options_from({"align_mode": "rotated"})

@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 from scipy import ndimage as ndi
 
-from data_manifest.vocabulary import BLUR_THRESHOLDS, blur_class
+from data_manifest.vocabulary import BLUR_THRESHOLDS, blur_class, ordered_thresholds
 from pipeline.labellers.base import ERROR, OK, FaceCrop, factor_row
 
 # Reference constants (CPBD_compute.m).
@@ -717,10 +717,7 @@ class BlurStage:
     labeller = "cpbd"
 
     def __init__(self, thresholds: tuple[float, float] = BLUR_THRESHOLDS, grid: BlockGrid = FACE_GRID) -> None:
-        lo, hi = (float(t) for t in thresholds)
-        if not lo <= hi:
-            raise ValueError(f"blur thresholds must be ordered (low <= high), got {thresholds}")
-        self.thresholds = (lo, hi)
+        self.thresholds = ordered_thresholds(thresholds, "blur")
         self.grid = grid
         g = grid
         self.version = f"{VERSION};grid={g.top},{g.left},{g.block_height}x{g.block_width},{g.rows}x{g.cols}"

@@ -3,17 +3,25 @@
 A stage maps a batch of FaceCrop to rows (`align` makes the crops; factor stages make `factors` rows).
 Stages are chosen by name (`--stages align,blur,pose,attributes`), so new labellers plug in with
 :func:`register_stage` without touching the flow; a built stage is cached per process and options.
+
+Adding a labeller for an existing factor is one new file and one line: a module with a stage class (a
+callable from a list of FaceCrop to factors rows, with `name` and `version`) and a `build(options)` function,
+and `register_stage("my_blur", ("blur",), "pipeline.labellers.my_blur:build")` below. The builder is named
+as "module:function" and imported only when the stage is first built, so a registered labeller costs nothing
+to runs that do not use it (docs/labelling.md, "Adding a labeller").
 """
 
 from __future__ import annotations
 
+import importlib
 import json
+import re
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from data_manifest.vocabulary import BLUR_THRESHOLDS, parse_blur_thresholds
+from data_manifest.vocabulary import BLUR_THRESHOLDS, FACTOR_CLASSES, ordered_thresholds, parse_blur_thresholds
 from pipeline.labellers.base import FaceCrop
 
 ALIGN = "align"
@@ -38,10 +46,7 @@ class LabelOptions:
 
     def __post_init__(self) -> None:
         for key in ("pose_thresholds", "blur_thresholds"):
-            lo, hi = (float(v) for v in getattr(self, key))
-            if not lo <= hi:
-                raise ValueError(f"{key} must be ordered (low <= high), got {getattr(self, key)}")
-            object.__setattr__(self, key, (lo, hi))
+            object.__setattr__(self, key, ordered_thresholds(getattr(self, key), key.removesuffix("_thresholds")))
         if self.align_mode not in ("detect", "already_aligned"):
             raise ValueError(f"align_mode must be 'detect' or 'already_aligned', got {self.align_mode!r}")
 
@@ -55,7 +60,17 @@ class StageSpec:
 
     name: str
     factors: tuple[str, ...]
-    build: Callable[[LabelOptions], Any]
+    build: Callable[[LabelOptions], Any] | str  # a callable, or "module:function" imported when first built
+
+    def builder(self) -> Callable[[LabelOptions], Any]:
+        """The build function; a "module:function" reference is imported here, with an error naming it."""
+        if callable(self.build):
+            return self.build
+        module, _, func = self.build.partition(":")
+        try:
+            return getattr(importlib.import_module(module), func)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"stage {self.name!r}: cannot load its builder {self.build!r}: {e}") from e
 
 
 def _build_align(o: LabelOptions) -> Any:
@@ -133,8 +148,15 @@ _CACHE: dict[tuple[str, str], Any] = {}  # built stages per (name, options), sha
 _CACHE_LOCK = threading.RLock()  # re-entrant: a group stage builds its members through get_stage
 
 
-def register_stage(name: str, factors: Sequence[str], build: Callable[[LabelOptions], Any]) -> None:
-    """Add (or replace) a label stage by name; factor stages map a list of FaceCrop to factors rows."""
+def register_stage(name: str, factors: Sequence[str], build: Callable[[LabelOptions], Any] | str) -> None:
+    """Add (or replace) a label stage by name; factor stages map a list of FaceCrop to factors rows.
+
+    `build` makes the stage from LabelOptions: a function, or "module:function" (imported on first use)."""
+    unknown = [f for f in factors if f not in FACTOR_CLASSES]
+    if unknown:
+        raise ValueError(f"stage {name!r} labels unknown factor(s) {unknown}; known: {list(FACTOR_CLASSES)}")
+    if isinstance(build, str) and not re.fullmatch(r"[\w.]+:\w+", build):
+        raise ValueError(f"stage {name!r}: builder must be a function or 'module:function', got {build!r}")
     STAGES[name] = StageSpec(name, tuple(factors), build)
     with _CACHE_LOCK:
         for key in [k for k in _CACHE if k[0] == name]:
@@ -173,7 +195,7 @@ def get_stage(name: str, options: LabelOptions) -> Any:
     key = (name, json.dumps(options.to_params(), sort_keys=True))
     with _CACHE_LOCK:
         if key not in _CACHE:
-            _CACHE[key] = STAGES[name].build(options)
+            _CACHE[key] = STAGES[name].builder()(options)
         return _CACHE[key]
 
 

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup test demo lint bench clean-workspace
+.PHONY: setup test demo lint bench docs-check clean-workspace
 
 setup: $(STAMP)
 
@@ -22,6 +22,10 @@ test: setup
 
 demo: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/fiqa demo
+
+# The cheap docs figures recomputed and compared with the docs (docs/figures.md); about 1 min on 2 cores.
+docs-check: setup
+	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.docs_figures --failures-only
 
 lint: setup
 	$(VENV)/bin/ruff check pipeline models flows data_manifest tests benchmarks

@@ -81,11 +81,9 @@ def spread(values: dict[str, list[float]]) -> dict[str, list[float]]:
     return {v: [round(min(xs), 4), round(statistics.median(xs), 4), round(max(xs), 4)] for v, xs in values.items()}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.calibrate_blur", description=__doc__.splitlines()[0])
-    p.add_argument("--fit-photos", default=None, help="folder of the face-api photos (default: the model store)")
-    args = p.parse_args(argv)
-    sets = load_sets(args.fit_photos)
+def run(fit_photos: str | None = None) -> dict[str, object]:
+    """The calibration report printed by `main`: the fitted thresholds and, per face set, spreads and rates."""
+    sets = load_sets(fit_photos)
     cpbd = {name: per_variant(faces, variants(), lambda f, crop: face_cpbd(crop)) for name, faces in sets.items()}
     fitted = fit(cpbd["fit"])
     calibrated = tuple(fitted["thresholds"])
@@ -105,7 +103,14 @@ def main(argv: list[str] | None = None) -> int:
                 "sigma_ge_1.5_not_clear": round(sum(x <= calibrated[1] for x in not_clear) / len(not_clear), 4),
             },
         }
-    print(json.dumps(out, indent=1))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.calibrate_blur", description=__doc__.splitlines()[0])
+    p.add_argument("--fit-photos", default=None, help="folder of the face-api photos (default: the model store)")
+    args = p.parse_args(argv)
+    print(json.dumps(run(args.fit_photos), indent=1))
     return 0
 
 

@@ -91,11 +91,9 @@ def spread(measures: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, l
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.calibrate_lighting", description=__doc__.splitlines()[0])
-    p.add_argument("--fit-photos", default=None, help="folder of the face-api photos (default: the model store)")
-    args = p.parse_args(argv)
-    sets = load_sets(args.fit_photos)
+def run(fit_photos: str | None = None) -> dict[str, object]:
+    """The calibration report printed by `main`: the fitted rule and, per face set, rates, targets and spreads."""
+    sets = load_sets(fit_photos)
     measures = {name: per_variant(faces, variants(), lambda f, crop: lighting_measures(crop, f.landmarks))
                 for name, faces in sets.items()}
     for name, faces in sets.items():  # reported, never fitted: a darker skin under the same light stays "normal"
@@ -119,7 +117,14 @@ def main(argv: list[str] | None = None) -> int:
             },
             "measures_min_median_max": spread(ms),
         }
-    print(json.dumps(out, indent=1))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.calibrate_lighting", description=__doc__.splitlines()[0])
+    p.add_argument("--fit-photos", default=None, help="folder of the face-api photos (default: the model store)")
+    args = p.parse_args(argv)
+    print(json.dumps(run(args.fit_photos), indent=1))
     return 0
 
 

@@ -2,8 +2,9 @@
 
 Benchmarks (``.bin``, pair lists, comparison tables, the EDC example JSON) are read by
 :mod:`pipeline.evaluation.verification_sets`; embeddings come from ``--fr-model`` (any spec of
-:func:`models.recognition.build_recognizer`) and are cached in the manifest ``embeddings`` table, or
-from ``--embeddings`` (Parquet: ``sample_key, embedding``). Qualities come from ``--quality ours`` (a
+:func:`models.recognition.build_recognizer`) and are cached in the manifest ``embeddings`` table
+(:mod:`pipeline.evaluation.benchmark_embedding`), or from ``--embeddings`` (Parquet: ``sample_key,
+embedding``). Qualities (:mod:`pipeline.evaluation.quality_specs`) come from ``--quality ours`` (a
 CLIB-FIQA checkpoint, ``--checkpoint``), from stored scores (``scores:METHOD[@DATASET]``) and from
 quality files of any method (``--quality [NAME=]scores.csv``). The metrics and the report come from
 :mod:`pipeline.evaluation.report`. Outputs under ``<workspace>/reports/evaluate/<run_id>/``:
@@ -16,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,29 +26,24 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 import flows  # noqa: F401  (Prefect defaults before prefect is imported)
-from data_manifest import ShardWriter, Workspace, catalog
-from data_manifest.writer import shard_name
+from data_manifest import Workspace
 from flows import runtime
 from flows.runtime import add_common_args, main_for, tracked_run
-from pipeline.evaluation.formats import PairList, QualityScores, read_quality_file
-from pipeline.evaluation.report import PROTOCOLS, compute_metrics, results_markdown
+from pipeline.evaluation.benchmark_embedding import embed_benchmark, score_benchmark
+from pipeline.evaluation.plots import plot_curves
+from pipeline.evaluation.quality_specs import method_pair_qualities, names_ours, parse_qualities
+from pipeline.evaluation.report import PROTOCOLS, compute_metrics, results_markdown, write_rows
 from pipeline.evaluation.verification_sets import (
     Benchmark,
-    Embedded,
     cosine_similarity,
-    crop_batches,
+    finite_pairs,
     load_benchmark,
-    pair_qualities,
     read_embeddings_file,
     safe_name,
-    split_named,
 )
 
-OURS = "ours"
-OURS_LABEL = "CLIB-FIQA (ours)"
-SCORES_PREFIX = "scores:"
 PAIR_QUALITY = ("min", "max", "mean", "product", "geometric")
-__all__ = ["EvaluateOptions", "evaluate", "evaluate_run", "load_benchmark", "stored_scores"]
+__all__ = ["EvaluateOptions", "evaluate", "evaluate_run"]
 
 
 @dataclass(frozen=True)
@@ -99,85 +94,7 @@ class EvaluateOptions:
     @property
     def ours(self) -> bool:
         """Whether our CLIB-FIQA checkpoint is one of the methods."""
-        return any(split_named(q)[1] == OURS for q in self.qualities)
-
-
-def _cached_embeddings(ws: Workspace, ids: list[str], model_id: str) -> dict[str, np.ndarray]:
-    """Latest OK embeddings of these samples for this model from the manifest."""
-    if not ids:
-        return {}
-    tbl = catalog.query(ws, runtime.flow_sql("cached_embeddings"), [model_id])
-    wanted = set(ids)
-    out = {}
-    for sid, emb in zip(tbl.column("sample_id").to_pylist(), tbl.column("embedding").to_pylist(), strict=True):
-        if sid in wanted:
-            out[sid] = np.asarray(emb, dtype=np.float32)
-    return out
-
-
-def embed_benchmark(
-    bench: Benchmark,
-    keys: list[str],
-    *,
-    ws: Workspace,
-    run_id: str,
-    fr_model: str,
-    device: str = "auto",
-    batch_size: int = 64,
-    use_cache: bool = True,
-) -> Embedded:
-    """Embed every sample, reusing embeddings cached in the manifest and writing the new ones (failures too)."""
-    from models.recognition import build_recognizer
-    from pipeline.ids import sample_id
-
-    recognizer = build_recognizer(fr_model, device=device)
-    dim = recognizer.embedding_dim
-    sids = [sample_id(f"eval:{bench.name}", k) for k in keys]
-    cache = _cached_embeddings(ws, sids, recognizer.model_id) if use_cache else {}
-    cache = {s: v for s, v in cache.items() if v.size == dim}
-    vectors = np.full((len(keys), dim), np.nan, dtype=np.float32)
-    for i, s in enumerate(sids):
-        if s in cache:
-            vectors[i] = cache[s]
-    failures: dict[str, str] = {}
-    writer = ShardWriter(ws, "embeddings", run_id)
-    todo = [i for i, s in enumerate(sids) if s not in cache]
-    for n, (ok_idx, batch, failed) in enumerate(crop_batches(bench, keys, todo, batch_size)):
-        rows = []
-        for i, reason in failed.items():
-            failures[keys[i]] = reason
-            rows.append({"sample_id": sids[i], "model_id": recognizer.model_id, "status": "error", "error": reason})
-        if batch is not None:
-            emb = recognizer.embed(batch)
-            vectors[ok_idx] = emb
-            rows += [{"sample_id": sids[i], "model_id": recognizer.model_id, "embedding": e.tolist(),
-                      "status": "ok", "error": None} for i, e in zip(ok_idx, emb, strict=True)]
-        writer.write(shard_name(n, safe_name(bench.name)), rows)
-    return Embedded(keys=keys, vectors=vectors, failures=failures, model_id=recognizer.model_id, cached=len(cache))
-
-
-def score_benchmark(
-    bench: Benchmark, keys: list[str], *, checkpoint: str, device: str = "auto", batch_size: int = 64
-) -> np.ndarray:
-    """Our CLIB-FIQA quality per sample key (NaN where the image cannot be read)."""
-    from models.scorer import load
-
-    scorer = load(checkpoint, device=device, batch_size=batch_size)
-    out = np.full(len(keys), np.nan)
-    for ok_idx, batch, _ in crop_batches(bench, keys, list(range(len(keys))), batch_size):
-        if batch is not None:
-            out[ok_idx] = scorer.score(batch).score
-    return out
-
-
-def _write_parquet(rows: list[dict[str, Any]], path: Path) -> Path:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from data_manifest.writer import atomic_write
-
-    table = pa.Table.from_pylist(rows) if rows else pa.table({})
-    return atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+        return names_ours(self.qualities)
 
 
 def _artifacts(rows: list[dict[str, Any]], md: str, run_id: str) -> None:
@@ -194,43 +111,6 @@ def _artifacts(rows: list[dict[str, Any]], md: str, run_id: str) -> None:
     slim = [{k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in r.items()} for r in rows]
     create_table_artifact(slim, key=f"{key}-results"[:100], description="EDC/ERC results")
     create_markdown_artifact(md, key=f"{key}-report"[:100], description="EDC/ERC report")
-
-
-def stored_scores(ws: Workspace, method: str, dataset: str | None = None, name: str | None = None) -> QualityScores:
-    """A method's latest scores from the workspace's `scores` table, keyed by sample_id and by source.
-
-    The source key lets benchmark keys find them: `lfw.bin#12` matches the .bin index
-    12, `/data/lfw/A/A_0001.jpg` matches the pair-list key `A/A_0001`.
-    """
-    params = {"method": method, "dataset": dataset or None}
-    rows = catalog.query(ws, runtime.flow_sql("stored_scores"), params).to_pylist()
-    if not rows:
-        where = f" of dataset {dataset!r}" if dataset else ""
-        raise ValueError(f"no ok scores of method {method!r}{where} in workspace {ws.root} (run 'fiqa score')")
-    keys = [r["sample_id"] for r in rows] + [r["source"] for r in rows]
-    values = np.array([r["quality"] for r in rows] * 2, dtype=np.float64)
-    return QualityScores(method=name or method, keys=keys, values=values, source=f"scores:{method}")
-
-
-def _parse_qualities(specs: Sequence[str], checkpoint: str | None,
-                     ws: Workspace | None = None) -> tuple[bool, list[QualityScores]]:
-    """Split quality specs into 'ours', stored scores and external files (all read before any work)."""
-    ours = False
-    files = []
-    for spec in specs:
-        name, raw = split_named(spec)
-        if raw == OURS:
-            ours = True
-        elif raw.startswith(SCORES_PREFIX):
-            method, _, dataset = raw.removeprefix(SCORES_PREFIX).partition("@")
-            if not method:
-                raise ValueError(f"--quality {spec!r}: give a method, e.g. scores:clib-fiqa[@DATASET]")
-            files.append(stored_scores(ws or Workspace(), method, dataset or None, name))
-        else:
-            files.append(read_quality_file(raw, method=name))
-    if ours and checkpoint is None:
-        raise ValueError("--quality ours needs --checkpoint PATH (a CLIB-FIQA checkpoint)")
-    return ours, files
 
 
 load_t = task(load_benchmark, name="load-benchmark", retries=1, cache_policy=NO_CACHE)
@@ -254,27 +134,11 @@ def _similarities(opts: EvaluateOptions, bench: Benchmark, keys: list[str], ws: 
     return cosine_similarity(emb, bench.pairs), emb.model_id, emb.failures
 
 
-def _plot(curves: dict[str, dict[str, Any]], bench: str, model_label: str, out_dir: Path,
-          opts: EvaluateOptions) -> list[str]:
-    from pipeline.evaluation.plots import plot_edc, plot_erc
-
-    plots = []
-    for label, by_method in curves.items():
-        png = out_dir / f"{safe_name(bench)}_{label}.png"
-        title = f"{bench} - {label.replace('_', ' ')} - {model_label}"
-        if label.startswith("edc"):
-            plot_edc(by_method, png, limit=opts.pauc_limit, title=title)
-        else:
-            plot_erc(by_method, png, limit=opts.auc_limit, title=title)
-        plots.append(str(png))
-    return plots
-
-
 @flow(name="evaluate", log_prints=True)
 def evaluate_run(opts: EvaluateOptions) -> dict[str, Any]:
     """Per benchmark: read, similarities, pair qualities, EDC / ERC metrics, plots; then the report."""
     ws = Workspace(opts.workspace)
-    _, files = _parse_qualities(opts.qualities, opts.checkpoint, ws)
+    _, files = parse_qualities(opts.qualities, opts.checkpoint, ws)
     params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(opts).items()
               if k not in ("workspace", "run_id", "device", "batch_size", "use_cache", "output", "images_root")}
     with tracked_run(ws, "evaluate", params, opts.run_id) as state:
@@ -295,14 +159,8 @@ def evaluate_run(opts: EvaluateOptions) -> dict[str, Any]:
                                  batch_size=opts.batch_size)
             ok = np.isfinite(sims)
             excluded = int((~ok).sum())
-            pairs = PairList(a=[k for k, g in zip(bench.pairs.a, ok, strict=True) if g],
-                             b=[k for k, g in zip(bench.pairs.b, ok, strict=True) if g], mated=bench.pairs.mated[ok])
-            method_q = {name: pair_qualities(q, keys, pairs, opts.pair_quality)
-                        for name, q in {**bench.qualities, **{f.method: f for f in files}}.items()}
-            if ours_q is not None:
-                method_q[OURS_LABEL] = pair_qualities(ours_q, keys, pairs, opts.pair_quality)
-            if not method_q:
-                raise ValueError(f"no quality method to evaluate on {bench.name}: give --quality")
+            pairs = finite_pairs(bench.pairs, sims)
+            method_q = method_pair_qualities(bench, keys, pairs, files, ours_q, opts.pair_quality)
             if pairs.mated.sum() == 0:
                 raise ValueError(f"benchmark {bench.name} has no usable mated pair")
             if pairs.mated.all() and not opts.starting_errors:
@@ -312,15 +170,16 @@ def evaluate_run(opts: EvaluateOptions) -> dict[str, Any]:
                                              fmrs=opts.fmrs, starting_errors=opts.starting_errors,
                                              protocols=opts.protocols, pauc_limit=opts.pauc_limit,
                                              auc_limit=opts.auc_limit, excluded=excluded)
-            plots += _plot(curves, bench.name, model_label, out_dir, opts)
+            plots += plot_curves(curves, bench.name, model_label, out_dir, pauc_limit=opts.pauc_limit,
+                                 auc_limit=opts.auc_limit, file_stem=safe_name(bench.name))
             all_rows += rows
             all_points += points
             counts["benchmarks"] += 1
             counts["pairs"] += len(bench.pairs)
             counts["excluded_pairs"] += excluded
             counts["failed_samples"] += len(failures)
-        results = _write_parquet(all_rows, out_dir / "results.parquet")
-        _write_parquet(all_points, out_dir / "curves.parquet")
+        results = write_rows(all_rows, out_dir / "results.parquet")
+        write_rows(all_points, out_dir / "curves.parquet")
         md = results_markdown(all_rows, [Path(p).name for p in plots])
         (out_dir / "results.md").write_text(md, encoding="utf-8")
         _artifacts(all_rows, md, rid)

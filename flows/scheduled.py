@@ -20,26 +20,21 @@ from typing import Any
 from prefect import flow, get_run_logger, tags
 
 from data_manifest import Workspace, catalog
+from data_manifest.sql_guard import sql_str
 
 STEPS = ("ingest", "label", "anchors")
 DEFAULT_LABEL_STAGES = ("align", "blur", "pose", "attributes")  # all five factors, real-face labellers
 GPU_TAG = "gpu"
-# The anchors-flow option that reuses stored embeddings of the same model (embedding only what is missing).
-
-
-def sql_literal(text: str) -> str:
-    """A SQL string literal (single quotes doubled)."""
-    return "'" + text.replace("'", "''") + "'"
 
 
 def new_samples_where(dataset: str) -> str:
     """Condition on the `labels` view: samples of the dataset that have never been aligned (no `faces` row)."""
-    return f"dataset = {sql_literal(dataset)} AND sample_id NOT IN (SELECT sample_id FROM faces)"
+    return f"dataset = {sql_str(dataset)} AND sample_id NOT IN (SELECT sample_id FROM faces)"
 
 
 def missing_anchors_where(dataset: str) -> str:
     """Condition on the `labels` view: samples of the dataset without an `anchors` row."""
-    return f"dataset = {sql_literal(dataset)} AND sample_id NOT IN (SELECT sample_id FROM anchors)"
+    return f"dataset = {sql_str(dataset)} AND sample_id NOT IN (SELECT sample_id FROM anchors)"
 
 
 def count_where(ws: Workspace, where: str) -> int:
@@ -108,7 +103,7 @@ def _refresh_anchors(ws: Workspace, dataset: str, *, fr_model: str | None, devic
     from flows.anchors import DEFAULT_FR_MODEL, anchors_flow
 
     out = anchors_flow(workspace=str(ws.root), fr_model=fr_model or DEFAULT_FR_MODEL,
-                       where=f"dataset = {sql_literal(dataset)}", device=device, runner=runner,
+                       where=f"dataset = {sql_str(dataset)}", device=device, runner=runner,
                        workers=workers or 1, address=address, progress=False, reuse_embeddings=True)
     return {"run_id": out["run_id"], "selected": out.get("selected"), "embeddings_reused": True}
 

@@ -1,7 +1,7 @@
 """`fiqa stats`: factor distributions, cross-tabs, per-dataset/per-run breakdowns and anchor histograms.
 
 Runs the bundled queries in data_manifest/sql/ (the same files work in the
-DuckDB CLI against catalog.duckdb) and draws PNG plots. Starts no flow.
+DuckDB CLI against catalog.duckdb) and draws PNG plots (:mod:`pipeline.stats_report`). Starts no flow.
 """
 
 from __future__ import annotations
@@ -9,12 +9,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import pyarrow as pa
-
-from data_manifest import Workspace, catalog
-from flows.sql import format_table
-
-QUERIES = ("status_summary", "factor_distribution", "factor_crosstab", "per_dataset", "per_run", "anchor_histogram")
+from data_manifest import Workspace
+from pipeline.query_results import format_table
+from pipeline.stats_report import QUERIES, collect, plot
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
@@ -26,57 +23,6 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="directory for PNG plots (default: <workspace>/reports/stats)")
     p.add_argument("--no-plots", action="store_true", help="print tables only")
     p.add_argument("--max-rows", type=int, default=40)
-
-
-def collect(ws: Workspace, names: tuple[str, ...] = QUERIES) -> dict[str, pa.Table]:
-    """Run the bundled queries; name -> result table."""
-    con = catalog.connect(ws)
-    try:
-        return {n: con.sql(catalog.bundled_sql(n)).to_arrow_table() for n in names}
-    finally:
-        con.close()
-
-
-def plot(results: dict[str, pa.Table], out_dir: Path) -> list[Path]:
-    """Bar charts of each factor's class distribution and the anchor histogram."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    dist = results.get("factor_distribution")
-    if dist is not None and dist.num_rows:
-        rows = dist.to_pylist()
-        factors = sorted({r["factor"] for r in rows})
-        fig, axes = plt.subplots(1, len(factors), figsize=(3.2 * len(factors), 3.2), squeeze=False)
-        for ax, f in zip(axes[0], factors, strict=True):
-            sub = [r for r in rows if r["factor"] == f]
-            ax.bar([r["class_name"].replace(" ", "\n") for r in sub], [r["n"] for r in sub], color="#4477aa")
-            ax.set_title(f)
-            ax.tick_params(axis="x", labelsize=7)
-        axes[0][0].set_ylabel("samples")
-        fig.tight_layout()
-        p = out_dir / "factor_distribution.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        written.append(p)
-    hist = results.get("anchor_histogram")
-    if hist is not None and hist.num_rows:
-        rows = hist.to_pylist()
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        ax.bar([r["bin_start"] + 0.05 for r in rows], [r["n"] for r in rows], width=0.09, color="#228833")
-        ax.set_xlim(0, 1)
-        ax.set_xlabel("quality anchor")
-        ax.set_ylabel("samples")
-        ax.set_title("anchor histogram")
-        fig.tight_layout()
-        p = out_dir / "anchor_histogram.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        written.append(p)
-    return written
 
 
 def run_cli(args: argparse.Namespace) -> int:

@@ -1,7 +1,7 @@
 """`fiqa train`: train CLIB-FIQA on the catalog (stage 1, confidence calibration, stage 2).
 
-The training set is a DuckDB query over the catalog: aligned crops (faces)
-joined with the latest anchors and factor labels, with an optional SQL filter.
+The training set is a DuckDB query over the catalog (:mod:`pipeline.training_set`): aligned
+crops (faces) joined with the latest anchors and factor labels, with an optional SQL filter.
 The confidence rho of every training sample is written to the `scores` table
 (method "clib-fiqa-confidence"); checkpoints go to <workspace>/checkpoints/<run_id>/.
 On a GPU work pool the same flow runs on the worker; `torchrun` gives DDP.
@@ -19,103 +19,19 @@ from typing import Any
 import numpy as np
 from prefect import flow, get_run_logger
 
-from data_manifest import ShardWriter, Workspace, catalog
-from data_manifest.vocabulary import FACTORS
-from data_manifest.writer import shard_name
+from data_manifest import Workspace
 from flows import runtime
 from flows.arguments import add_sql_limits
+from models.clib_overrides import check_weights, model_config_with
+from pipeline.confidence_scores import confidence_writer
+from pipeline.training_set import REQUIRED_COLUMNS, load_training_set, training_set_sql
 
-CONFIDENCE_METHOD = "clib-fiqa-confidence"
 DEFAULT_MODEL_CONFIG = "clib-rn50"
 TRAIN_OPTIONS: tuple[tuple[str, type], ...] = (
     ("stage1-epochs", int), ("stage2-epochs", int), ("batch-size", int), ("lr", float), ("num-workers", int),
     ("seed", int), ("device", str), ("keep-epochs", int),
 )
 TRAIN_KEYS = tuple(name.replace("-", "_") for name, _ in TRAIN_OPTIONS)
-CONFIDENCE_SHARD_ROWS = 100_000
-_FACTOR_COLS = ", ".join(
-    f"max(class_index) FILTER (WHERE factor = '{f}' AND status = 'ok') AS {f}_index" for f in FACTORS)
-
-TRAINING_SET_SQL = f"""
-WITH fx AS (SELECT sample_id, {_FACTOR_COLS} FROM factors GROUP BY sample_id)
-SELECT fc.sample_id, fc.crop_file, fc.crop_index, a.anchor, a.model_id AS anchor_model, a.run_id AS anchor_run,
-       {", ".join(f"fx.{f}_index" for f in FACTORS)}
-FROM faces fc
-JOIN anchors a USING (sample_id)
-LEFT JOIN fx USING (sample_id)
-WHERE fc.status = 'ok' AND fc.crop_file IS NOT NULL AND fc.crop_index IS NOT NULL
-  AND a.status = 'ok' AND a.anchor IS NOT NULL AND isfinite(a.anchor)
-"""
-REQUIRED_COLUMNS = ("sample_id", "crop_file", "crop_index", "anchor", *(f"{f}_index" for f in FACTORS))
-
-
-def training_set_sql(where: str | None = None, query: str | None = None) -> str:
-    """The SQL selecting the training set: the default join (filtered on its own columns) or a user query."""
-    return catalog.selection_sql(TRAINING_SET_SQL, where, query, on_labels=False)
-
-
-def load_training_set(ws: Workspace, where: str | None = None, query: str | None = None) -> Any:
-    """Run the training-set query and build a TrainingData over the packed crops."""
-    from models.losses import IGNORE_INDEX
-    from models.train import PackedCrops, TrainingData
-
-    sql = training_set_sql(where, query)
-    try:
-        tbl = catalog.query(ws, sql)
-    except Exception as e:
-        raise ValueError(f"training-set query failed: {e}\nSQL: {sql}") from e
-    missing = [c for c in REQUIRED_COLUMNS if c not in tbl.column_names]
-    if missing:
-        raise ValueError(f"training-set query must return columns {list(REQUIRED_COLUMNS)}; missing {missing}")
-    if tbl.num_rows == 0:
-        raise ValueError("the training-set query selected no samples (need aligned crops with anchors)")
-    cols = tbl.to_pydict()
-    labels = np.stack([np.asarray([IGNORE_INDEX if v is None else int(v) for v in cols[f"{f}_index"]])
-                       for f in FACTORS], axis=1)
-    anchor_runs = sorted({r for r in cols.get("anchor_run", []) if r})
-    meta = {"query": sql, "anchor_runs": anchor_runs,
-            "anchor_models": sorted({m for m in cols.get("anchor_model", []) if m})}
-    images = PackedCrops(ws.root, cols["crop_file"], cols["crop_index"])
-    return TrainingData(list(cols["sample_id"]), np.asarray(cols["anchor"], dtype=np.float32), labels, images, meta)
-
-
-def confidence_writer(ws: Workspace, run_id: str, sample_ids: list[str], model_id: str):
-    """A callback writing rho per training sample to `scores` (method clib-fiqa-confidence)."""
-
-    def _write(rho: np.ndarray) -> None:
-        writer = ShardWriter(ws, "scores", run_id)
-        for i in range(0, len(sample_ids), CONFIDENCE_SHARD_ROWS):
-            rows = [{"sample_id": sid, "method": CONFIDENCE_METHOD, "model_id": model_id,
-                     "confidence": float(r), "status": "ok" if np.isfinite(r) else "error",
-                     "error": None if np.isfinite(r) else "no confidence computed"}
-                    for sid, r in zip(sample_ids[i:i + CONFIDENCE_SHARD_ROWS], rho[i:i + CONFIDENCE_SHARD_ROWS],
-                                      strict=True)]
-            writer.write(shard_name(i // CONFIDENCE_SHARD_ROWS, "confidence"), rows)
-
-    return _write
-
-
-def model_config_with(model_config: str, pretrained: str | None = None, trust_torchscript: bool = False) -> Any:
-    """The model config (bundled name or JSON file); `pretrained` ("none": random init) overrides its weights."""
-    from dataclasses import replace
-
-    from models.clib import ClibConfig
-
-    mcfg = ClibConfig.from_json(model_config)
-    if pretrained is not None:
-        mcfg = replace(mcfg, pretrained=None if pretrained.lower() == "none" else pretrained)
-    if trust_torchscript:
-        mcfg = replace(mcfg, trust_torchscript=True)
-    return mcfg
-
-
-def check_weights(mcfg: Any) -> None:
-    """Fail before any work when the pretrained weights cannot be had (offline tag, missing file, mismatch)."""
-    from models.clib import resolve_pretrained
-
-    resolve_pretrained(mcfg.model_name, mcfg.pretrained, trust_torchscript=mcfg.trust_torchscript)
-
-
 @dataclass(frozen=True)
 class TrainOptions:
     """Everything one `train` run needs, validated once here."""

@@ -1,12 +1,12 @@
 """`fiqa train-attributes`: train the occlusion / expression / lighting CNN on WIDER FACE.
 
 Read the WIDER annotation files -> shard the images -> per shard, face crops and ground-truth rows
-(:func:`pipeline.labellers.attributes.wider_rows`: aligned when the detector finds the landmarks inside the
-box, else square box crops) written as a crop pack plus `samples` / `faces` / `factors` rows
+(:mod:`pipeline.wider_crops`) written as a crop pack plus `samples` / `faces` / `factors` rows
 (dataset "wider_face/<split>", labeller "wider_face_gt") in a data workspace of their own (default
 <workspace>/wider_face, so they never mix with the dataset being labelled) -> training ->
 evaluation on the val split -> checkpoint in <workspace>/checkpoints/, report (markdown +
 confusion-matrix PNGs) in <workspace>/reports/<run_id>/ and as Prefect artifacts.
+Training is :mod:`pipeline.attributes_training`, the report :mod:`pipeline.attributes_report`.
 Re-running with the same --run-id skips committed crop shards.
 """
 
@@ -14,26 +14,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from data_manifest import ShardWriter, Workspace, catalog, crops
+from data_manifest import Workspace, catalog
 from data_manifest.writer import shard_name
 from flows import runtime
-from pipeline.labellers.attributes import WIDER_DATASET, WIDER_GT_LABELLER, split_calibration, wider_rows
+from pipeline.attributes_report import write_report
+from pipeline.attributes_training import train_and_evaluate
+from pipeline.wider_crops import (
+    DETECTOR_CHOICES,
+    crop_counts,
+    parse_splits,
+    resolve_detector,
+    resolve_splits,
+    write_crop_shard,
+)
 
-log = logging.getLogger(__name__)
-
-PACK_KIND = "attributes"
-DETECTOR_CHOICES = ("auto", "none", "mtcnn", "scrfd")
-REPORT_NAME = "attributes_report.md"
 DATA_WORKSPACE = "wider_face"  # default data workspace, inside the main workspace
 DEFAULT_MODEL_CONFIG = "mobilefacenet"
 TRAIN_OPTIONS: tuple[tuple[str, type], ...] = (
@@ -88,179 +89,18 @@ class TrainAttributesOptions(runtime.RunOptions):
         TrainConfig.from_dict(self.train_config)
 
 
-_detectors: dict[tuple[str, str], Any] = {}
-_detector_lock = threading.Lock()
-
-
-def _detector(kind: str, device: str) -> Any:
-    """One detector per process and kind (tasks on a thread runner share it)."""
-    if kind == "none":
-        return None
-    with _detector_lock:
-        if (kind, device) not in _detectors:
-            from models.detectors import make_detector
-
-            _detectors[(kind, device)] = make_detector(kind, device=device)
-        return _detectors[(kind, device)]
-
-
-def resolve_detector(kind: str, device: str) -> tuple[str, str]:
-    """Check the detector choice before any work; 'auto' falls back to box crops when no weights are present."""
-    if kind not in DETECTOR_CHOICES:
-        raise ValueError(f"unknown detector {kind!r}; choose one of {DETECTOR_CHOICES}")
-    if kind == "none":
-        return "none", "none: every crop is a square box crop"
-    from models.weights import MissingWeightsError
-
-    try:
-        det = _detector(kind, device)
-    except (MissingWeightsError, FileNotFoundError, RuntimeError) as e:
-        if kind != "auto":
-            raise ValueError(f"detector {kind!r} is not usable: {e}") from e
-        note = f"no detector weights ({e}); every crop is a square box crop"
-        log.warning("train-attributes: %s", note)
-        return "none", note
-    return kind, f"{det.name} {det.version}"
-
-
-def resolve_splits(
-    wider_root: str | None,
-    train_annotations: str | None = None,
-    train_images: str | None = None,
-    val_annotations: str | None = None,
-    val_images: str | None = None,
-) -> dict[str, tuple[Path, Path]]:
-    """(annotation file, images folder) per split, from the release layout and/or explicit paths; checked now."""
-    from pipeline.readers.wider import SPLITS, split_layout
-
-    given = {"train": (train_annotations, train_images), "val": (val_annotations, val_images)}
-    out: dict[str, tuple[Path, Path]] = {}
-    for split in SPLITS:
-        gt, images = given[split]
-        if wider_root is not None:
-            default_gt, default_images = split_layout(wider_root, split)
-            gt, images = gt or default_gt, images or default_images
-        if gt is None or images is None:
-            raise ValueError(f"the {split} split needs --wider-root or both --{split}-annotations and --{split}-images")
-        gt, images = Path(gt).expanduser().resolve(), Path(images).expanduser().resolve()
-        if not gt.is_file():
-            raise FileNotFoundError(f"WIDER FACE {split} annotation file not found: {gt}")
-        if not images.is_dir():
-            raise NotADirectoryError(f"WIDER FACE {split} images folder not found: {images}")
-        out[split] = (gt, images)
-    return out
-
-
 @task(name="wider-crops", cache_policy=NO_CACHE)
-def extract_shard(ws_root: str, run_id: str, shard: str, items: list[tuple[str, Any]], *,
-                  images_dirs: dict[str, str], detector: str = "none", device: str = "cpu",
-                  margin: float = 0.15) -> dict[str, int]:
-    """Crop every kept face of a shard of (split, WiderImage) items; write the pack and the rows."""
-    ws = Workspace(ws_root)
-    out = wider_rows(items, images_dirs, detector=_detector(detector, device), margin=margin)
-    if out.crops:
-        rel = crops.write_pack(ws, run_id, shard, np.stack(out.crops), kind=PACK_KIND)
-        for row in out.faces:
-            if row.get("crop_index") is not None:
-                row["crop_file"] = rel
-    ShardWriter(ws, "samples", run_id).write(shard, out.samples)
-    ShardWriter(ws, "faces", run_id).write(shard, out.faces)
-    ShardWriter(ws, "factors", run_id).write(shard, out.factors)
-    return out.counts
-
-
-def crop_counts(ws: Workspace, run_id: str) -> dict[str, dict[str, int]]:
-    """Per split: crops written (aligned / box) and faces that failed, read from the run's manifests."""
-    con = catalog.connect(ws)
-    try:
-        rows = con.sql(runtime.flow_sql("wider_crop_counts"), params={"run": run_id}).to_arrow_table().to_pylist()
-    finally:
-        con.close()
-    return {r.pop("dataset").split("/", 1)[1]: r for r in rows}
-
-
-def load_crops(ws: Workspace, run_id: str) -> dict[str, dict[str, Any]]:
-    """Per split: crop files, indices, targets (HEADS order) and source images of a run's crops."""
-    from models.attributes import HEADS
-
-    con = catalog.connect(ws)
-    try:
-        tbl = con.sql(runtime.flow_sql("wider_crops"), params={"run": run_id, "labeller": WIDER_GT_LABELLER}
-                      ).to_arrow_table().to_pydict()
-    finally:
-        con.close()
-    out: dict[str, dict[str, Any]] = {}
-    for split in ("train", "val"):
-        rows = [i for i, d in enumerate(tbl["dataset"]) if d == f"{WIDER_DATASET}/{split}"]
-        out[split] = {
-            "files": [tbl["crop_file"][i] for i in rows],
-            "indices": [tbl["crop_index"][i] for i in rows],
-            "images": [tbl["source"][i].rsplit("#", 1)[0] for i in rows],
-            "targets": np.array([[tbl[h][i] for h in HEADS] for i in rows], dtype=np.float32).reshape(-1, len(HEADS)),
-        }
-    return out
+def extract_shard(ws_root: str, run_id: str, shard: str, items: list[tuple[str, Any]], **kwargs: Any
+                  ) -> dict[str, int]:
+    """One shard of WIDER crops and rows (:func:`pipeline.wider_crops.write_crop_shard`) as a task."""
+    return write_crop_shard(Workspace(ws_root), run_id, shard, items, **kwargs)
 
 
 @task(name="train-attributes-model", cache_policy=NO_CACHE)
-def train_and_evaluate(
-    ws_root: str, data_root: str, run_id: str, model_config: str, train_config: dict[str, Any], *,
-    calibration_fraction: float, device: str, torch_threads: int | None = None,
-) -> dict[str, Any]:
-    """Train on the run's train crops (in the data workspace), choose thresholds on the held-out slice,
-    evaluate on val, save the checkpoint in the main workspace."""
-    import torch
-
-    from models.attributes import load_config, model_id, save_checkpoint
-    from models.attributes_train import LabelledCrops, Subset, TrainConfig, evaluate, fit, predict
-    from models.devices import resolve_device
-    from models.train import PackedCrops
-
-    if torch_threads:
-        torch.set_num_threads(torch_threads)
-    ws, data_ws = Workspace(ws_root), Workspace(data_root)
-    mcfg = load_config(model_config)
-    tcfg = TrainConfig.from_dict(train_config)
-    data = load_crops(data_ws, run_id)
-    tr, va = data["train"], data["val"]
-    if not tr["files"]:
-        raise ValueError(f"run {run_id}: no usable train crops (check the images folder and the parse report)")
-    if not va["files"]:
-        raise ValueError(f"run {run_id}: no usable val crops")
-    train_all = LabelledCrops(PackedCrops(data_ws.root, tr["files"], tr["indices"]), tr["targets"])
-    held = split_calibration(tr["images"], calibration_fraction, tcfg.seed)
-    train_src = Subset(train_all, np.flatnonzero(~held))
-    calib_src = Subset(train_all, np.flatnonzero(held)) if held.any() else None
-    val_src = LabelledCrops(PackedCrops(data_ws.root, va["files"], va["indices"]), va["targets"])
-    dev = str(resolve_device(device))
-    result = fit(mcfg, train_src, tcfg, calibration=calib_src, device=dev)
-    probs = predict(result.model, val_src, tcfg.batch_size, dev)
-    metrics = evaluate(probs, val_src.targets, result.thresholds)
-    ckpt_path = ws.checkpoints / f"attributes-{run_id}.pt"
-    info = {**result.info, "history": result.history, "run_id": run_id, "val_samples": len(val_src)}
-    save_checkpoint(ckpt_path, result.model, thresholds=result.thresholds, metrics=metrics, train=info,
-                    version=run_id)
-    return {"checkpoint": str(ckpt_path), "model_id": model_id(result.model), "metrics": metrics,
-            "thresholds": result.thresholds, "train_info": info}
-
-
-def write_report(ws: Workspace, run_id: str, trained: dict[str, Any], data: dict[str, Any],
-                 notes: dict[str, Any] | None = None) -> dict[str, Path]:
-    """Report markdown, metrics JSON and one confusion-matrix PNG per head under reports/<run_id>/."""
-    from pipeline.attributes_report import plot_confusion, report_markdown
-
-    out_dir = ws.reports / run_id
-    pngs = {h: plot_confusion(m["confusion"], h, out_dir / f"confusion_{h}.png", threshold=m["threshold"])
-            for h, m in trained["metrics"].items()}
-    text = report_markdown(run_id=run_id, model_id=trained["model_id"], checkpoint=trained["checkpoint"],
-                           metrics=trained["metrics"], train_info=trained["train_info"], data=data,
-                           images={h: p.name for h, p in pngs.items()}, notes=notes)
-    report = out_dir / REPORT_NAME
-    report.write_text(text)
-    metrics_json = out_dir / "attributes_metrics.json"
-    metrics_json.write_text(json.dumps({"run_id": run_id, "model_id": trained["model_id"],
-                                        "checkpoint": trained["checkpoint"], "metrics": trained["metrics"],
-                                        "data": data}, indent=2, default=float))
-    return {"report": report, "metrics": metrics_json, **{f"confusion_{h}": p for h, p in pngs.items()}}
+def train_task(ws_root: str, data_root: str, run_id: str, model_config: str, train_config: dict[str, Any],
+               **kwargs: Any) -> dict[str, Any]:
+    """Training and validation (:func:`pipeline.attributes_training.train_and_evaluate`) as a task."""
+    return train_and_evaluate(Workspace(ws_root), Workspace(data_root), run_id, model_config, train_config, **kwargs)
 
 
 def _publish(files: dict[str, Path], trained: dict[str, Any]) -> None:
@@ -279,24 +119,6 @@ def _publish(files: dict[str, Path], trained: dict[str, Any]) -> None:
                                   description=f"validation confusion matrix: {name.removeprefix('confusion_')}")
 
 
-def _parse_splits(splits: dict[str, tuple[Path, Path]], opts: TrainAttributesOptions) -> tuple[dict, dict]:
-    """WIDER records per split (at most max_images) and each split's parse report."""
-    from pipeline.readers.wider import ParseReport, parse
-
-    parsed: dict[str, list[Any]] = {}
-    data: dict[str, dict[str, Any]] = {}
-    for split, (gt, _) in splits.items():
-        rep = ParseReport()
-        recs = []
-        for rec in parse(gt, min_size=opts.min_size, report=rep):
-            recs.append(rec)
-            if opts.max_images and len(recs) >= opts.max_images:
-                break
-        parsed[split] = recs
-        data[split] = rep.as_dict()
-    return parsed, data
-
-
 @flow(name="train_attributes", log_prints=True)
 def train_attributes_run(opts: TrainAttributesOptions) -> dict[str, Any]:
     """Read WIDER, shard, crop (tasks), train, evaluate on val, write the checkpoint and report."""
@@ -310,21 +132,21 @@ def train_attributes_run(opts: TrainAttributesOptions) -> dict[str, Any]:
     runtime.check_resume(ws, opts.run_id, decisive)
     with runtime.tracked_run(ws, "train_attributes", params, opts.run_id) as state:
         rid = state["run_id"]
-        parsed, data = _parse_splits(splits, opts)
+        parsed, data = parse_splits(splits, opts.min_size, opts.max_images)
         shards = {shard_name(i, split): [(split, r) for r in chunk]
                   for split in splits for i, chunk in enumerate(runtime.chunks(parsed[split], opts.shard_images))}
         outcomes = runtime.run_shards(extract_shard, shards, ws=data_ws, run_id=rid, desc="wider crops",
-                                    progress=opts.progress, images_dirs={s: str(p[1]) for s, p in splits.items()},
-                                    detector=det_kind, device=opts.crop_device, margin=opts.margin)
+                                      progress=opts.progress, images_dirs={s: str(p[1]) for s, p in splits.items()},
+                                      detector=det_kind, device=opts.crop_device, margin=opts.margin)
         runtime.check_shard_failures(outcomes, rid)
         per_split = crop_counts(data_ws, rid)
         for split in splits:
             data[split].update(per_split.get(split, {}))
-        trained = train_and_evaluate(str(ws.root), str(data_ws.root), rid, opts.model_config, opts.train_config,
-                                     calibration_fraction=opts.calibration_fraction, device=opts.device,
-                                     torch_threads=opts.torch_threads)
-        files = write_report(ws, rid, trained, data, notes={"landmark detector": det_note,
-                                                            "crops and manifests": str(data_ws.root)})
+        trained = train_task(str(ws.root), str(data_ws.root), rid, opts.model_config, opts.train_config,
+                             calibration_fraction=opts.calibration_fraction, device=opts.device,
+                             torch_threads=opts.torch_threads)
+        files = write_report(ws.reports / rid, rid, trained, data,
+                             notes={"landmark detector": det_note, "crops and manifests": str(data_ws.root)})
         _publish(files, trained)
         summary = {h: {k: m[k] for k in ("balanced_accuracy", "auroc", "threshold")}
                    for h, m in trained["metrics"].items()}
@@ -399,7 +221,7 @@ def run_cli(args: argparse.Namespace) -> int:
         wider_root = str(make_dataset(Workspace(args.workspace).root / "synthetic_wider",
                                       SyntheticSpec(images=args.synthetic)))
     opts = runtime.options_from_args(TrainAttributesOptions, args, wider_root=wider_root,
-                             train_config=train_config_from_args(args))
+                                     train_config=train_config_from_args(args))
     print(json.dumps(run(opts), indent=2, default=str))
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Mapping
@@ -11,6 +12,8 @@ from typing import Any
 import numpy as np
 
 from models.attributes import LABEL_SEMANTICS
+
+REPORT_NAME = "attributes_report.md"
 
 
 def plot_confusion(cm: Any, head: str, path: str | os.PathLike[str], *, threshold: float | None = None) -> Path:
@@ -115,3 +118,20 @@ def report_markdown(
     lines += ["", "## Confusion matrices (validation)", ""]
     lines += [f"![{h}]({name})" for h, name in images.items()]
     return "\n".join(lines) + "\n"
+
+
+def write_report(out_dir: Path, run_id: str, trained: Mapping[str, Any], data: Mapping[str, Any],
+                 notes: Mapping[str, Any] | None = None) -> dict[str, Path]:
+    """Report markdown, metrics JSON and one confusion-matrix PNG per head in `out_dir`."""
+    pngs = {h: plot_confusion(m["confusion"], h, out_dir / f"confusion_{h}.png", threshold=m["threshold"])
+            for h, m in trained["metrics"].items()}
+    text = report_markdown(run_id=run_id, model_id=trained["model_id"], checkpoint=trained["checkpoint"],
+                           metrics=trained["metrics"], train_info=trained["train_info"], data=data,
+                           images={h: p.name for h, p in pngs.items()}, notes=notes)
+    report = out_dir / REPORT_NAME
+    report.write_text(text)
+    metrics_json = out_dir / "attributes_metrics.json"
+    metrics_json.write_text(json.dumps({"run_id": run_id, "model_id": trained["model_id"],
+                                        "checkpoint": trained["checkpoint"], "metrics": trained["metrics"],
+                                        "data": data}, indent=2, default=float))
+    return {"report": report, "metrics": metrics_json, **{f"confusion_{h}": p for h, p in pngs.items()}}

@@ -107,7 +107,8 @@ def test_evaluate_flow_end_to_end(generated, workspace, prefect_harness):
 
 
 def test_bin_benchmark_and_unsafe_pickle(generated, workspace, prefect_harness, tmp_path):
-    from flows.evaluate import evaluate, load_benchmark
+    from flows.evaluate import evaluate
+    from pipeline.evaluation.verification_sets import load_benchmark
 
     crops, ids = generated["crops"], generated["ident"]
     per = 1 + len(PROBES)
@@ -206,7 +207,7 @@ def test_quality_ours_from_a_checkpoint_with_precomputed_embeddings(generated, w
 
 def test_stored_scores_are_found_by_benchmark_keys(workspace):
     from data_manifest import ShardWriter
-    from flows.evaluate import _parse_qualities, stored_scores
+    from pipeline.evaluation.quality_specs import parse_qualities, stored_scores
 
     srcs = {"s0": "/data/lfw.bin#0", "s1": "/data/lfw.bin#1", "s2": "/data/faces/Aaron/Aaron_0001.jpg"}
     ShardWriter(workspace, "samples", "ing").write(0, [
@@ -224,7 +225,7 @@ def test_stored_scores_are_found_by_benchmark_keys(workspace):
     assert np.isnan(got[4])
     only_lfw = stored_scores(workspace, "clib-fiqa", dataset="lfw", name="ours")
     assert only_lfw.method == "ours" and np.isnan(only_lfw.lookup(["Aaron/Aaron_0001"])[0])
-    ours, files = _parse_qualities(["mine=scores:clib-fiqa@lfw"], None, workspace)
+    ours, files = parse_qualities(["mine=scores:clib-fiqa@lfw"], None, workspace)
     assert not ours and files[0].method == "mine" and files[0].lookup(["0"])[0] == 0.25
     with pytest.raises(ValueError, match="no ok scores of method 'missing'"):
         stored_scores(workspace, "missing")

@@ -215,6 +215,7 @@ def test_train_attributes_resume_after_a_failed_shard_equals_an_uninterrupted_ru
                                                                                    monkeypatch):
     from data_manifest import Workspace
     from flows import train_attributes as T
+    from pipeline import wider_crops
     from pipeline.synthetic.wider_synthetic import SyntheticSpec, make_dataset
 
     root = make_dataset(tmp_path / "wider", SyntheticSpec(images=12), seed=1)
@@ -224,7 +225,7 @@ def test_train_attributes_resume_after_a_failed_shard_equals_an_uninterrupted_ru
     whole = T.train_attributes_flow(workspace=str(tmp_path / "a"), **kw)
     from pipeline.readers.wider import parse, split_layout
 
-    real = T.wider_rows
+    real = wider_crops.wider_rows
     first_val = next(iter(parse(split_layout(root, "val")[0], min_size=20))).path
 
     def flaky(items, *a, **k):
@@ -232,11 +233,11 @@ def test_train_attributes_resume_after_a_failed_shard_equals_an_uninterrupted_ru
             raise OSError("disk went away")
         return real(items, *a, **k)
 
-    monkeypatch.setattr(T, "wider_rows", flaky)
+    monkeypatch.setattr(wider_crops, "wider_rows", flaky)
     ws_b = str(tmp_path / "b")
     with pytest.raises(runtime.ShardFailures, match="1 of 6 shards failed"):
         T.train_attributes_flow(workspace=ws_b, run_id="attr-resume", **kw)
-    monkeypatch.setattr(T, "wider_rows", real)
+    monkeypatch.setattr(wider_crops, "wider_rows", real)
     with pytest.raises(ValueError, match="started with margin=0.15"):
         T.train_attributes_flow(workspace=ws_b, run_id="attr-resume", **{**kw, "margin": 0.3})
     resumed = T.train_attributes_flow(workspace=ws_b, run_id="attr-resume", **kw)

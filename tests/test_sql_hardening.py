@@ -24,7 +24,8 @@ import pytest
 
 from data_manifest import ShardWriter, Workspace, catalog, runs, snapshots, sql_functions
 from data_manifest.gallery import GalleryOptions, write_gallery
-from flows import anchors, cli, runtime, train
+from flows import anchors, cli, runtime
+from pipeline.training_set import training_set_sql
 from tests.test_sql_security import _hashes, _query_injection, _where_injection
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -326,7 +327,7 @@ def test_every_file_or_sql_function_is_refused_or_reads_only(hostile, tmp_path, 
                 continue
             for wrapped in (lambda s: catalog.query(ws, anchors.selection_sql(where=_where_injection(s))),
                             lambda s: catalog.query(ws, anchors.selection_sql(query=_query_injection(s))),
-                            lambda s: catalog.query(ws, train.training_set_sql(query=_query_injection(s))),
+                            lambda s: catalog.query(ws, training_set_sql(query=_query_injection(s))),
                             lambda s: freeze_selection(ws, f"corpus-{abs(hash(s))}",
                                                        f"sample_id IN (SELECT 's0' FROM ({s}) x)", 10),
                             lambda s: write_gallery(ws, tmp_path / "g.html", GalleryOptions(

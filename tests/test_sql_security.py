@@ -17,7 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_manifest import ShardWriter, Workspace, catalog
-from flows import anchors, cli, train
+from flows import anchors, cli
+from pipeline.training_set import training_set_sql
 
 WRITES = [
     "COPY samples TO '{out}'",
@@ -175,7 +176,7 @@ def test_every_write_is_refused_everywhere_and_nothing_changes(setting, capsys):
         with pytest.raises(ValueError, match=refusal):  # --query of anchors and score
             catalog.query(ws, anchors.selection_sql(query=_query_injection(stmt)))
         with pytest.raises(ValueError, match=refusal):  # --where of train
-            catalog.query(ws, train.training_set_sql(where=f"true; {stmt}; SELECT * FROM anchors WHERE true"))
+            catalog.query(ws, training_set_sql(where=f"true; {stmt}; SELECT * FROM anchors WHERE true"))
         with pytest.raises(ValueError, match=refusal):  # --where of label and relabel
             freeze_selection(ws, "label-run", f"true) AS l; {stmt}; SELECT * FROM (SELECT * FROM labels", 10)
     assert by_checks >= 50, f"only {by_checks} statements reached the read-only checks"

@@ -162,9 +162,10 @@ def test_train_score_export_flows(prefect_harness, workspace, tmp_path, capsys):
     from data_manifest import catalog
     from flows.export import main as export_main
     from flows.score import score_flow
-    from flows.train import CONFIDENCE_METHOD, train_flow
+    from flows.train import train_flow
     from models.scorer import load
     from models.scorer_onnx import OnnxScorer
+    from pipeline.confidence_scores import CONFIDENCE_METHOD
 
     ids = _write_catalog(workspace)
     cfg = {"stage1_epochs": 1, "stage2_epochs": 1, "batch_size": 16, "lr": 1e-3, "num_workers": 1}

@@ -106,3 +106,18 @@ def plot_erc(
         return _save(fig, ax, path)
     finally:
         plt.close(fig)
+
+
+def plot_curves(curves: Mapping[str, Mapping[str, Any]], bench: str, model_label: str, out_dir: Path, *,
+                pauc_limit: float, auc_limit: float, file_stem: str) -> list[str]:
+    """One PNG per curve set of a benchmark (`edc*` sets as EDC plots, the others as ERC): the paths written."""
+    plots = []
+    for label, by_method in curves.items():
+        png = out_dir / f"{file_stem}_{label}.png"
+        title = f"{bench} - {label.replace('_', ' ')} - {model_label}"
+        if label.startswith("edc"):
+            plot_edc(by_method, png, limit=pauc_limit, title=title)
+        else:
+            plot_erc(by_method, png, limit=auc_limit, title=title)
+        plots.append(str(png))
+    return plots

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -98,3 +99,14 @@ def results_markdown(rows: list[dict[str, Any]], plots: list[str]) -> str:
     if plots:
         out += ["## Plots", ""] + [f"- `{p}`" for p in plots] + [""]
     return "\n".join(out)
+
+
+def write_rows(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Rows as one Parquet file, written atomically (an empty table when there are none)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data_manifest.writer import atomic_write
+
+    table = pa.Table.from_pylist(rows) if rows else pa.table({})
+    return atomic_write(path, lambda tmp: pq.write_table(table, tmp))

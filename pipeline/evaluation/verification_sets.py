@@ -223,6 +223,13 @@ def cosine_similarity(emb: Embedded, pairs: PairList) -> np.ndarray:
     return np.sum(a.astype(np.float64) * b, axis=1)
 
 
+def finite_pairs(pairs: PairList, similarity: np.ndarray) -> PairList:
+    """The comparisons with a finite similarity (a pair with a failed sample has NaN)."""
+    ok = np.isfinite(similarity)
+    return PairList(a=[k for k, g in zip(pairs.a, ok, strict=True) if g],
+                    b=[k for k, g in zip(pairs.b, ok, strict=True) if g], mated=pairs.mated[ok])
+
+
 def pair_qualities(scores: QualityScores | np.ndarray, keys: list[str], pairs: PairList,
                    how: str) -> tuple[np.ndarray, int]:
     """Pair quality; a pair with a missing side gets -inf (discarded first) and is counted."""

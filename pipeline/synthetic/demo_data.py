@@ -23,6 +23,9 @@ SOURCE_SIZE = 224  # side of each identity's loose face image
 FULL_LEVELS = (1, 2, 3)
 QUICK_LEVELS = (1, 3)
 MANIFEST = "degradations.csv"
+DATASET = "demo"  # the dataset name the demo ingests it under
+IN_DEMO = f"sample_id IN (SELECT sample_id FROM samples WHERE dataset = '{DATASET}')"
+MIN_FACE_SCORE = 0.95  # as models.fit_data.face_sets.real_faces: MTCNN also finds a "face" on a hand in t1.jpg
 # The grey `occlusion` patch hides most of a loose face from detectors; the demo uses `mask` instead.
 DEMO_KINDS = tuple(k for k in DEGRADATIONS if k != "occlusion")
 
@@ -109,3 +112,15 @@ def read_manifest(root: Path) -> list[Variant]:
     """The variants recorded in a built demo dataset."""
     with open(root / MANIFEST, newline="") as fh:
         return [Variant(r["path"], r["identity"], r["kind"], int(r["level"])) for r in csv.DictReader(fh)]
+
+
+def build_or_read(root: Path, quick: bool) -> list[Variant]:
+    """The demo dataset under root: read when already built, else built from the MTCNN-found shipped faces."""
+    from models.detectors import MTCNNDetector
+
+    if (root / MANIFEST).exists():
+        return read_manifest(root)
+    det = MTCNNDetector()
+    faces = identity_faces(lambda im: [(d.box, d.score) for d in det.detect(im) if d.score >= MIN_FACE_SCORE],
+                           max_identities=6 if quick else None)
+    return build(root, faces, levels=QUICK_LEVELS if quick else FULL_LEVELS)

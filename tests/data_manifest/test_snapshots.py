@@ -13,33 +13,8 @@ import numpy as np
 import pytest
 
 from data_manifest import ShardWriter, Workspace, catalog, runs, snapshots
-from data_manifest.schemas import KEYS, TABLES
+from data_manifest.schemas import KEYS
 from flows import runtime
-
-LATEST = (*TABLES, "labels")
-
-
-def history_answer(ws: Workspace, view: str) -> list[tuple]:
-    """The view computed from the shards alone (no snapshot): every latest view by definition."""
-    with catalog.history_connection(ws) as con:
-        return sorted(con.execute(f"SELECT * FROM {view}").fetchall(), key=repr)
-
-
-def snapshot_answer(ws: Workspace, view: str) -> list[tuple]:
-    con = catalog.connect(ws)
-    try:
-        return sorted(con.execute(f"SELECT * FROM {view}").fetchall(), key=repr)
-    finally:
-        con.close()
-
-
-def assert_views_match_history(ws: Workspace) -> dict[str, snapshots.TableState]:
-    """Every latest view through catalog.connect equals the history window; returns the snapshot states used."""
-    for view in LATEST:
-        got, want = snapshot_answer(ws, view), history_answer(ws, view)
-        assert got == want, f"{view}: {len(got)} rows from the snapshot, {len(want)} from the history"
-    with duckdb.connect(str(ws.catalog_path), read_only=True) as con:
-        return snapshots.table_states(ws, con)
 
 
 def _sample(i: int, **kw) -> dict:
@@ -63,7 +38,7 @@ def _run(ws: Workspace, flow: str, writes: dict[str, list[dict]], status: str | 
     return rid
 
 
-def test_fold_equals_history_and_touches_only_the_change(workspace):
+def test_fold_equals_history_and_touches_only_the_change(workspace, assert_views_match_history):
     ws = workspace
     _run(ws, "ingest", {"samples": [_sample(i) for i in range(40)]})
     _run(ws, "label", {"factors": [_factor(i, f, (i * 7 % 10) / 10) for i in range(40) for f in ("blur", "pose")],
@@ -89,7 +64,7 @@ def test_fold_equals_history_and_touches_only_the_change(workspace):
     assert meta["replaced_snapshot_factors"] == "5" and meta["replaced_snapshot_labels"] == "0"
 
 
-def test_pending_rows_of_running_and_failed_runs_are_overlaid_exactly(workspace):
+def test_pending_rows_of_running_and_failed_runs_are_overlaid_exactly(workspace, assert_views_match_history):
     ws = workspace
     _run(ws, "ingest", {"samples": [_sample(i) for i in range(12)]})
     _run(ws, "label", {"factors": [_factor(i, "blur", 0.2) for i in range(12)]})
@@ -112,7 +87,7 @@ def test_pending_rows_of_running_and_failed_runs_are_overlaid_exactly(workspace)
     assert not any(states[t].pending for t in snapshots.SNAPSHOT_TABLES)
 
 
-def test_an_older_row_folded_later_does_not_replace_a_newer_one(workspace):
+def test_an_older_row_folded_later_does_not_replace_a_newer_one(workspace, assert_views_match_history):
     """A run that started earlier but commits later: the latest row is the newest by created_at, as in history."""
     ws = workspace
     _run(ws, "ingest", {"samples": [_sample(i) for i in range(4)]})
@@ -131,7 +106,7 @@ def test_an_older_row_folded_later_does_not_replace_a_newer_one(workspace):
     assert [r["blur_value"] for r in rows] == [0.8] * 4 and rows[3]["pose_value"] == 0.3
 
 
-def test_a_replaced_or_removed_shard_rebuilds_its_snapshot(workspace):
+def test_a_replaced_or_removed_shard_rebuilds_its_snapshot(workspace, assert_views_match_history):
     ws = workspace
     rid = _run(ws, "ingest", {"samples": [_sample(i) for i in range(6)]})
     _run(ws, "label", {"factors": [_factor(i, "blur", 0.4) for i in range(6)]})
@@ -147,7 +122,8 @@ def test_a_replaced_or_removed_shard_rebuilds_its_snapshot(workspace):
     assert catalog.query(ws, "SELECT count(*) FROM labels").column(0)[0].as_py() == 3
 
 
-def test_compact_builds_snapshots_for_a_workspace_written_without_them(workspace, capsys, monkeypatch):
+def test_compact_builds_snapshots_for_a_workspace_written_without_them(workspace, capsys, monkeypatch,
+                                                                       assert_views_match_history):
     """Shards laid out by another tool (no run records, no catalog): `fiqa compact` folds them all."""
     from flows import cli
 
@@ -172,7 +148,7 @@ def _snapshot_tables(ws: Workspace) -> dict[str, list[tuple]]:
 
 
 @pytest.mark.parametrize("changed", [20, 2])  # past REWRITE_FRACTION of `labels` (rebuilt in ranges), and not
-def test_a_fold_split_into_steps_equals_one_fold(workspace, monkeypatch, changed):
+def test_a_fold_split_into_steps_equals_one_fold(workspace, monkeypatch, changed, assert_views_match_history):
     """Shards folded a few rows at a time (newest row per key across steps, older rows never winning, `labels`
     replaced in several steps) give exactly the snapshot of one fold, and the history window."""
     import shutil
@@ -253,7 +229,7 @@ def test_snapshot_keys_are_the_latest_view_keys():
     assert set(snapshots.SNAPSHOT_TABLES) <= set(KEYS) and set(snapshots.LABEL_INPUTS) <= set(snapshots.SNAPSHOT_TABLES)
 
 
-def test_flows_keep_snapshots_equal_to_history(prefect_harness, workspace, monkeypatch):
+def test_flows_keep_snapshots_equal_to_history(prefect_harness, workspace, monkeypatch, assert_views_match_history):
     """Label, a relabel of a subset, a failed label run and its resume, through the real flows."""
     from data_manifest.crops import write_pack
     from flows import label as L
@@ -283,7 +259,7 @@ def test_flows_keep_snapshots_equal_to_history(prefect_harness, workspace, monke
     assert not states["factors"].pending and states["labels"].usable
 
 
-def test_an_open_query_does_not_block_a_refresh_and_keeps_its_answers(workspace):
+def test_an_open_query_does_not_block_a_refresh_and_keeps_its_answers(workspace, assert_views_match_history):
     ws = workspace
     _run(ws, "ingest", {"samples": [_sample(i) for i in range(3)]})
     catalog.refresh(ws)
@@ -300,7 +276,7 @@ def test_an_open_query_does_not_block_a_refresh_and_keeps_its_answers(workspace)
     assert not assert_views_match_history(ws)["factors"].pending
 
 
-def test_a_refresh_blocked_by_a_writer_warns_and_the_next_one_folds(workspace):
+def test_a_refresh_blocked_by_a_writer_warns_and_the_next_one_folds(workspace, assert_views_match_history):
     ws = workspace
     _run(ws, "ingest", {"samples": [_sample(i) for i in range(3)]})
     catalog.refresh(ws)
@@ -326,7 +302,7 @@ def test_scale_benchmark_runs_small_and_folds_only_the_relabel():
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     res = subprocess.run([sys.executable, "benchmarks/scale.py", "--samples", "3000", "--shard-size", "1000",
                           "--relabel", "250", "--repeats", "1"], cwd=root, capture_output=True, text=True,
                          timeout=300, check=True)

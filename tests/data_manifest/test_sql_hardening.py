@@ -25,9 +25,8 @@ import pytest
 from data_manifest import ShardWriter, Workspace, catalog, runs, snapshots, sql_functions
 from data_manifest.gallery import GalleryOptions, write_gallery
 from flows import anchors, cli, runtime, train
-from tests.test_sql_security import _hashes, _query_injection, _where_injection
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _samples(n: int, prefix: str = "s") -> list[dict]:
@@ -56,9 +55,9 @@ def hostile(tmp_path):
 # ---------------------------------------------------------------- reproductions of the report
 
 
-def test_json_execute_serialized_sql_cannot_overwrite_a_shard(hostile, capsys):
+def test_json_execute_serialized_sql_cannot_overwrite_a_shard(hostile, capsys, file_hashes):
     ws, outside, shard = hostile
-    before = _hashes(ws.root, outside)
+    before = file_hashes(ws.root, outside)
     ser = ("json_serialize_sql('WITH c AS (COPY (SELECT 1 AS x) TO ''" + str(shard) +
            "'' (FORMAT parquet)) SELECT 1')")
     for stmt in (f"SELECT * FROM json_execute_serialized_sql({ser}), read_parquet('{shard}')",
@@ -70,7 +69,7 @@ def test_json_execute_serialized_sql_cannot_overwrite_a_shard(hostile, capsys):
             assert "refused: " in capsys.readouterr().err
         with pytest.raises(catalog.ReadOnlyError):
             write_gallery(ws, None, GalleryOptions(where=f"sample_id IN (SELECT 's0' FROM ({stmt}))"))
-    assert _hashes(ws.root, outside) == before
+    assert file_hashes(ws.root, outside) == before
     assert catalog.query(ws, "SELECT count(*) AS n FROM samples").to_pylist() == [{"n": 34}]
 
 
@@ -236,16 +235,16 @@ def test_a_running_query_blocks_neither_compaction_nor_a_fold(hostile):
         assert con.execute("SELECT count(*) FROM snapshot_samples").fetchone() == (36,)
 
 
-def test_output_never_overwrites_workspace_data(hostile, capsys):
+def test_output_never_overwrites_workspace_data(hostile, capsys, file_hashes):
     ws, outside, shard = hostile
-    before = _hashes(ws.root, outside)
+    before = file_hashes(ws.root, outside)
     for target in (shard, ws.catalog_path, ws.manifests / "samples" / "new.parquet", ws.root / "link_out" / ".." /
                    "ws" / "manifests" / "x.csv", ws.runs_dir / "r1" / "run.json"):
         for fmt in ("parquet", "csv"):
             assert cli.main(["sql", "--workspace", str(ws.root), "--format", fmt, "--output", str(target),
                              "SELECT 1 AS x"]) == 2
             assert "refused: --output" in capsys.readouterr().err
-    assert _hashes(ws.root, outside) == before
+    assert file_hashes(ws.root, outside) == before
     ok = ws.reports / "q.csv"
     assert cli.main(["sql", "--workspace", str(ws.root), "--format", "csv", "--output", str(ok),
                      "SELECT count(*) AS n FROM samples"]) == 0
@@ -303,7 +302,8 @@ def _corpus_statements(fn: str, kind: str, values: dict) -> list[str]:
     return [f"SELECT {c}" for c in call] + [f"SELECT {fn}()"]
 
 
-def test_every_file_or_sql_function_is_refused_or_reads_only(hostile, tmp_path, capsys):
+def test_every_file_or_sql_function_is_refused_or_reads_only(hostile, tmp_path, capsys, file_hashes, query_injection,
+                                                             where_injection):
     from flows.label import freeze_selection
 
     ws, outside, shard = hostile
@@ -311,7 +311,7 @@ def test_every_file_or_sql_function_is_refused_or_reads_only(hostile, tmp_path, 
     corpus = file_or_sql_functions()
     assert len(corpus) >= 100 and {"json_execute_serialized_sql", "read_text", "glob", "query_table"} <= {
         n for n, _ in corpus}
-    before = _hashes(ws.root, outside)
+    before = file_hashes(ws.root, outside)
     outcomes = {"refused": 0, "read": 0}
     for fn, kind in corpus:
         for stmt in _corpus_statements(fn, kind, values):
@@ -324,9 +324,9 @@ def test_every_file_or_sql_function_is_refused_or_reads_only(hostile, tmp_path, 
                     outcomes["refused"] += 1
             if kind == "pragma":
                 continue
-            for wrapped in (lambda s: catalog.query(ws, anchors.selection_sql(where=_where_injection(s))),
-                            lambda s: catalog.query(ws, anchors.selection_sql(query=_query_injection(s))),
-                            lambda s: catalog.query(ws, train.training_set_sql(query=_query_injection(s))),
+            for wrapped in (lambda s: catalog.query(ws, anchors.selection_sql(where=where_injection(s))),
+                            lambda s: catalog.query(ws, anchors.selection_sql(query=query_injection(s))),
+                            lambda s: catalog.query(ws, train.training_set_sql(query=query_injection(s))),
                             lambda s: freeze_selection(ws, f"corpus-{abs(hash(s))}",
                                                        f"sample_id IN (SELECT 's0' FROM ({s}) x)", 10),
                             lambda s: write_gallery(ws, tmp_path / "g.html", GalleryOptions(
@@ -343,7 +343,7 @@ def test_every_file_or_sql_function_is_refused_or_reads_only(hostile, tmp_path, 
             f.unlink()
         p.rmdir()
     (tmp_path / "g.html").unlink(missing_ok=True)
-    assert _hashes(ws.root, outside) == before
+    assert file_hashes(ws.root, outside) == before
     assert outcomes["refused"] > outcomes["read"] > 0
 
 
@@ -427,10 +427,10 @@ def run_fuzz(ws: Workspace, statements: list[str]) -> dict[str, int]:
     return counts
 
 
-def test_generated_hostile_sql_changes_nothing(tmp_path):
+def test_generated_hostile_sql_changes_nothing(tmp_path, file_hashes):
     ws, outside, values = fuzz_setting(tmp_path)
-    before = _hashes(ws.root, outside)
+    before = file_hashes(ws.root, outside)
     statements = fuzz_statements(600, values)
     counts = run_fuzz(ws, statements)
-    assert _hashes(ws.root, outside) == before
+    assert file_hashes(ws.root, outside) == before
     assert counts["refused"] > 300 and counts["ran"] > 0, counts

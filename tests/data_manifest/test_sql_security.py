@@ -8,9 +8,7 @@ only with it; the workspace and the outside folder must be byte-identical afterw
 
 from __future__ import annotations
 
-import hashlib
 import os
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -109,20 +107,6 @@ COMPUTED_READS = [
 ]
 
 
-def _hashes(*roots: Path) -> dict[str, str]:
-    """sha256 of every file (and the target of every link) under the roots."""
-    out = {}
-    for root in roots:
-        for dirpath, dirnames, filenames in os.walk(root):
-            for name in dirnames + filenames:
-                p = Path(dirpath) / name
-                if p.is_symlink():
-                    out[str(p)] = "link:" + os.readlink(p)
-                elif p.is_file():
-                    out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
-
-
 @pytest.fixture
 def setting(tmp_path):
     ws = Workspace(tmp_path / "ws")
@@ -144,23 +128,16 @@ def setting(tmp_path):
     return ws, outside, values
 
 
-def _where_injection(stmt: str) -> str:
-    return f"true); {stmt}; SELECT * FROM labels WHERE (true"
-
-
-def _query_injection(stmt: str) -> str:
-    return f"SELECT * FROM labels) AS t; {stmt}; SELECT * FROM (SELECT * FROM labels"
-
-
 def test_corpus_is_large_enough():
     assert len(WRITES) >= 50 and len(WRITES) + len(OUTSIDE_READS) + len(COMPUTED_READS) >= 70
 
 
-def test_every_write_is_refused_everywhere_and_nothing_changes(setting, capsys):
+def test_every_write_is_refused_everywhere_and_nothing_changes(setting, capsys, file_hashes, query_injection,
+                                                               where_injection):
     from flows.label import freeze_selection
 
     ws, outside, values = setting
-    before = _hashes(ws.root, outside)
+    before = file_hashes(ws.root, outside)
     by_checks = 0
     refusal = "^(refused: |cannot parse SQL: )"  # refused by the checks, or not even valid SQL: nothing ran
     for template in WRITES:
@@ -171,33 +148,33 @@ def test_every_write_is_refused_everywhere_and_nothing_changes(setting, capsys):
             assert err.startswith(("fiqa sql: error: refused: ", "fiqa sql: error: cannot parse SQL: ")), (stmt, err)
         by_checks += err.startswith("fiqa sql: error: refused: ")
         with pytest.raises(ValueError, match=refusal):  # --where of anchors and score
-            catalog.query(ws, anchors.selection_sql(where=_where_injection(stmt)))
+            catalog.query(ws, anchors.selection_sql(where=where_injection(stmt)))
         with pytest.raises(ValueError, match=refusal):  # --query of anchors and score
-            catalog.query(ws, anchors.selection_sql(query=_query_injection(stmt)))
+            catalog.query(ws, anchors.selection_sql(query=query_injection(stmt)))
         with pytest.raises(ValueError, match=refusal):  # --where of train
             catalog.query(ws, train.training_set_sql(where=f"true; {stmt}; SELECT * FROM anchors WHERE true"))
         with pytest.raises(ValueError, match=refusal):  # --where of label and relabel
             freeze_selection(ws, "label-run", f"true) AS l; {stmt}; SELECT * FROM (SELECT * FROM labels", 10)
     assert by_checks >= 50, f"only {by_checks} statements reached the read-only checks"
-    assert _hashes(ws.root, outside) == before, "a refused statement changed a file"
+    assert file_hashes(ws.root, outside) == before, "a refused statement changed a file"
 
 
-def test_outside_reads_need_the_explicit_flag(setting, capsys):
+def test_outside_reads_need_the_explicit_flag(setting, capsys, file_hashes, query_injection, where_injection):
     ws, outside, values = setting
-    before = _hashes(ws.root, outside)
+    before = file_hashes(ws.root, outside)
     for template, expected in OUTSIDE_READS:
         stmt = template.format(**values)
         assert cli.main(["sql", "--workspace", str(ws.root), "--format", "csv", stmt]) == 2, stmt
         err = capsys.readouterr().err
         assert "refused: the query reads" in err and "--allow-external-read" in err, (stmt, err)
         with pytest.raises(catalog.ReadOnlyError, match="outside what it may read"):
-            catalog.query(ws, anchors.selection_sql(where=_where_injection(stmt)))
+            catalog.query(ws, anchors.selection_sql(where=where_injection(stmt)))
         with pytest.raises(catalog.ReadOnlyError, match="outside what it may read"):
-            catalog.query(ws, anchors.selection_sql(query=_query_injection(stmt)))
+            catalog.query(ws, anchors.selection_sql(query=query_injection(stmt)))
         assert cli.main(["sql", "--workspace", str(ws.root), "--format", "csv", "--allow-external-read", stmt]) == 0
         out = capsys.readouterr().out
         assert expected in out, (stmt, out)
-    assert _hashes(ws.root, outside) == before
+    assert file_hashes(ws.root, outside) == before
 
 
 def test_computed_paths_are_never_readable(setting, capsys):
@@ -257,9 +234,9 @@ def duckdb_errors() -> type[Exception]:
     return duckdb.Error
 
 
-def test_sql_files_get_the_same_checks(setting, tmp_path, capsys):
+def test_sql_files_get_the_same_checks(setting, tmp_path, capsys, file_hashes):
     ws, outside, values = setting
-    before = _hashes(ws.root, outside)
+    before = file_hashes(ws.root, outside)
     bad = tmp_path / "bad.sql"
     bad.write_text(f"-- looks harmless\nSELECT 1;\n/* then */ WITH c AS (COPY (SELECT 1) TO '{values['shard']}') "
                    "SELECT 1;\n")
@@ -269,4 +246,4 @@ def test_sql_files_get_the_same_checks(setting, tmp_path, capsys):
     good.write_text("-- two queries\nSELECT 1 AS one;\nSELECT count(*) AS n FROM samples; -- the last one wins\n")
     assert cli.main(["sql", "--workspace", str(ws.root), "--file", str(good), "--format", "csv"]) == 0
     assert capsys.readouterr().out.split() == ['"n"', "5"]
-    assert _hashes(ws.root, outside) == before
+    assert file_hashes(ws.root, outside) == before

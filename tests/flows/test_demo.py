@@ -7,11 +7,9 @@ import pytest
 from data_manifest import Workspace, catalog
 
 
-def test_quick_demo_runs_every_stage(prefect_harness, tmp_path):
-    from tests._faces import mtcnn_detector
+def test_quick_demo_runs_every_stage(prefect_harness, tmp_path, mtcnn_detector, real_labellers):
 
     mtcnn_detector()  # skips with a reason when the MTCNN weights are not fetched
-    from tests.test_label_flow import real_labellers
 
     real_labellers()  # skips with a reason when the real labellers' weights are missing
     from flows.demo import run_demo

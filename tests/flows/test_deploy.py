@@ -20,7 +20,7 @@ from PIL import Image
 from data_manifest import Workspace, catalog
 from flows import deploy, scheduled
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 120.0
 DATASET = "watched"
 # Cheap labelling for the test: inputs are already-aligned 112x112 crops, so no detector model runs.
@@ -205,12 +205,11 @@ def test_refresh_recomputes_anchors_for_all(prefect_server, tmp_path):
     assert min(r["anchor"] for r in latest) == 0.0 and max(r["anchor"] for r in latest) == 1.0
 
 
-def test_train_and_score_tags_gpu_work(prefect_server, workspace):
+def test_train_and_score_tags_gpu_work(prefect_server, workspace, write_train_catalog):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
-    from test_train_flow import _write_catalog  # generated crops, factors and anchors (tests/test_train_flow.py)
 
-    ids = _write_catalog(workspace, n=24)
+    ids = write_train_catalog(workspace, n=24)
     config = {"stage1_epochs": 1, "stage2_epochs": 1, "batch_size": 12, "lr": 1e-3, "num_workers": 0}
     with _api(prefect_server["api_url"]):
         out = scheduled.train_and_score(workspace=str(workspace.root), model="clib-tiny", train_config=config,

@@ -10,7 +10,7 @@ import pytest
 
 from flows.cli import COMMANDS, main
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 _EXAMPLE = re.compile(r"(?:`|^\s*)(fiqa [a-z][a-z-]*(?: [^`\n#]*)?)", re.M)
 

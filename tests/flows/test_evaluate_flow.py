@@ -9,7 +9,6 @@ import cv2
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from face_fixtures import aligned_identities
 
 from pipeline.evaluation.formats import PairList, QualityScores, write_pair_list, write_quality_file
 
@@ -19,7 +18,7 @@ N_IDENTITIES = 6
 
 
 @pytest.fixture(scope="module")
-def generated(tmp_path_factory):
+def generated(tmp_path_factory, aligned_identities):
     """Gallery-probe pairs (clean reference vs degraded probe) as aligned PNG crops, plus three quality files."""
     from pipeline.synthetic.degrade import degrade
 
@@ -151,7 +150,7 @@ def test_cli_on_edc_json(workspace, prefect_harness, capsys):
     """`fiqa evaluate` on the EDC example JSON: qualities come with the file, starting-error mode."""
     from flows.cli import main
 
-    example = Path(__file__).parent / "data" / "edc" / "example_data.json"
+    example = Path(__file__).resolve().parents[1] / "data" / "edc" / "example_data.json"
     rc = main(["evaluate", "--benchmark", str(example), "--starting-error", "0.05", "--protocol", "edc",
                "--pauc-limit", "0.2", "--workspace", str(workspace.root)])
     assert rc == 0

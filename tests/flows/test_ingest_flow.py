@@ -22,7 +22,7 @@ from pipeline.ids import sample_id
 from pipeline.readers import FolderReader
 from pipeline.readers.recordio_format import FaceRecWriter
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _save(path: Path, arr: np.ndarray, fmt: str, mode: str | None = None) -> bytes:

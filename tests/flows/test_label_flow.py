@@ -17,7 +17,6 @@ from flows import label as L
 from pipeline.labellers.base import OK, FaceCrop, factor_row
 from pipeline.readers import FolderReader
 from pipeline.samples import sample_rows
-from tests._faces import mtcnn_detector, real_face
 
 
 def _save(path: Path, arr: np.ndarray, fmt: str) -> None:
@@ -27,7 +26,7 @@ def _save(path: Path, arr: np.ndarray, fmt: str) -> None:
     path.write_bytes(buf.getvalue())
 
 
-def _mixed_folder(root: Path) -> dict[str, str]:
+def _mixed_folder(root: Path, real_face) -> dict[str, str]:
     """Faces, face-free images and broken files; file name -> expected faces status."""
     rng = np.random.default_rng(1)
     _save(root / "astro" / "astronaut.png", np.asarray(real_face("astronaut"))[::2, ::2].copy(), "PNG")
@@ -55,9 +54,9 @@ def _table(ws: Workspace, sql: str) -> list[dict]:
 
 
 @pytest.fixture
-def mixed(workspace, tmp_path):
+def mixed(workspace, tmp_path, real_face, mtcnn_detector):
     mtcnn_detector()  # skips with a reason when the MTCNN weights are not fetched
-    expected = _mixed_folder(tmp_path / "data")
+    expected = _mixed_folder(tmp_path / "data", real_face)
     _ingest(workspace, tmp_path / "data")
     return workspace, expected
 
@@ -197,17 +196,7 @@ def test_cli_parses_options():
             p.parse_args(bad)
 
 
-def real_labellers() -> object:
-    """The default `attributes` stage (occlusion CNN, FER expression, analytic lighting), or a skip naming why."""
-    from models.weights import MissingWeightsError
-
-    try:
-        return L.get_stage("attributes", L.LabelOptions())
-    except MissingWeightsError as e:
-        pytest.skip(f"real-face labeller weights missing: {e}")
-
-
-def test_attributes_default_to_the_real_face_labellers():
+def test_attributes_default_to_the_real_face_labellers(real_face, real_labellers):
     group = real_labellers()
     assert [s.name for s in group.stages] == ["occlusion", "expression", "lighting"]
     # Each member is the same object the single-factor stage of the same options gets (models load once).

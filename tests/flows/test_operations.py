@@ -28,9 +28,8 @@ def _rows(ws: Workspace, sql: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
+def dataset(tmp_path_factory, mtcnn_detector) -> Path:
     """Two identities, each clean and blurred at three levels, plus three broken files (11 samples)."""
-    from tests._faces import mtcnn_detector
 
     mtcnn_detector()  # skips with a reason when the MTCNN weights are not fetched
     imgs = shipped_images()
@@ -82,11 +81,10 @@ def test_relabel_changes_exactly_the_selected_samples(labelled, tmp_path):
     assert clear_before.isdisjoint({r["sample_id"] for r in new})
 
 
-def test_relabel_moves_from_the_attribute_cnn_to_the_real_labellers_and_keeps_both(labelled, tmp_path):
+def test_relabel_moves_from_the_attribute_cnn_to_the_real_labellers_and_keeps_both(labelled, tmp_path, real_labellers):
     import torch
 
     from models.attributes import AttributeNet, load_checkpoint, load_config, save_checkpoint
-    from tests.test_label_flow import real_labellers
 
     real_labellers()  # skips with a reason when the real labellers' weights are missing
     ws = labelled

@@ -9,7 +9,6 @@ import importlib
 
 import numpy as np
 import pytest
-from test_snapshots import assert_views_match_history  # the latest views equal the history window
 
 from data_manifest import ShardWriter, catalog, runs
 from data_manifest.crops import write_pack
@@ -295,7 +294,8 @@ def test_label_resume_after_a_failed_shard_equals_an_uninterrupted_run(prefect_h
     assert _rows(workspace, "factors", "label-resume") == want
 
 
-def test_ingest_resume_after_a_failed_shard_equals_an_uninterrupted_run(prefect_harness, tmp_path, monkeypatch):
+def test_ingest_resume_after_a_failed_shard_equals_an_uninterrupted_run(prefect_harness, tmp_path, monkeypatch,
+                                                                        assert_views_match_history):
     from PIL import Image
 
     from data_manifest import Workspace

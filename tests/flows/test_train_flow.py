@@ -17,26 +17,13 @@ torch.set_num_threads(1)  # the CPU is shared: one thread avoids OpenMP oversubs
 TINY = ClibConfig(model_name="TinyRN-test", pretrained=None)
 
 
-def brightness_faces(n: int, seed: int, size: int = 112) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Textured crops whose mean brightness b sets the anchor (0.1 + 0.8 b) and the lighting label."""
-    rng = np.random.default_rng(seed)
-    b = rng.uniform(0, 1, n).astype(np.float32)
-    texture = rng.integers(0, 256, (n, size, size, 3)).astype(np.float32)
-    imgs = np.clip(texture * 0.25 + 20 + b[:, None, None, None] * 190, 0, 255).astype(np.uint8)
-    labels = rng.integers(0, 2, (n, len(FACTORS)))
-    labels[:, FACTORS.index("blur")] = rng.integers(0, 3, n)
-    labels[:, FACTORS.index("pose")] = rng.integers(0, 3, n)
-    labels[:, FACTORS.index("lighting")] = (b > 0.3).astype(int)  # dark -> extreme lighting
-    return imgs, (0.1 + 0.8 * b).astype(np.float32), labels
-
-
 def _tc(**kw) -> TrainConfig:
     base = {"stage1_epochs": 2, "stage2_epochs": 3, "batch_size": 32, "lr": 3e-3, "mlp_lr": 1e-2, "num_workers": 0,
             "seed": 7}
     return TrainConfig(**(base | kw))
 
 
-def test_learns_a_visible_quality_property_and_resume_is_exact(tmp_path):
+def test_learns_a_visible_quality_property_and_resume_is_exact(tmp_path, brightness_faces):
     imgs, anchors, labels = brightness_faces(128, seed=1, size=64)
     data = TrainingData([f"s{i:04d}" for i in range(len(imgs))], anchors, labels, ArrayImages(imgs))
     seen: list[np.ndarray] = []
@@ -92,7 +79,7 @@ def test_learns_a_visible_quality_property_and_resume_is_exact(tmp_path):
     assert len(train(TINY, data, _tc(), tmp_path / "y", resume=tmp_path / "older.pt", log=None).history) == 5
 
 
-def test_official_options_free_temperature_frozen_positional_embedding_global_batch():
+def test_official_options_free_temperature_frozen_positional_embedding_global_batch(brightness_faces):
     import argparse
 
     from flows.train import configure_parser, train_config_from_args
@@ -132,33 +119,7 @@ def test_official_options_free_temperature_frozen_positional_embedding_global_ba
             assert float(m.logit_scale) == pytest.approx(MAX_LOGIT_SCALE) and moved
 
 
-def _write_catalog(ws, n: int = 40) -> list[str]:
-    """samples + faces (packed crops) + factors + anchors for n generated faces, plus one unaligned sample."""
-    from data_manifest import ShardWriter, catalog
-    from data_manifest.crops import write_pack
-
-    imgs, anchors, labels = brightness_faces(n, seed=3)
-    ids = [f"gen-{i:03d}" for i in range(n)]
-    rel = write_pack(ws, "align-1", 0, imgs)
-    samples = [{"sample_id": s, "dataset": "gen", "source_kind": "list", "source": f"/gen/{s}.png", "status": "ok"}
-               for s in [*ids, "gen-noface"]]
-    ShardWriter(ws, "samples", "ingest-1").write(0, samples)
-    faces = [{"sample_id": s, "crop_file": rel, "crop_index": i, "status": "ok"} for i, s in enumerate(ids)]
-    faces.append({"sample_id": "gen-noface", "status": "no_face", "error": "no face detected"})
-    ShardWriter(ws, "faces", "align-1").write(0, faces)
-    factors = [{"sample_id": s, "factor": f, "class_index": int(labels[i, m]), "labeller": "gen",
-                "labeller_version": "1", "status": "ok"}
-               for i, s in enumerate(ids) for m, f in enumerate(FACTORS)]
-    factors[0] = {**factors[0], "class_index": None, "status": "error", "error": "unreadable"}  # a missing label
-    ShardWriter(ws, "factors", "label-1").write(0, factors)
-    rows = [{"sample_id": s, "model_id": "gen", "anchor": float(anchors[i]), "status": "ok"}
-            for i, s in enumerate(ids)]
-    ShardWriter(ws, "anchors", "anchors-1").write(0, rows)
-    catalog.refresh(ws)
-    return ids
-
-
-def test_train_score_export_flows(prefect_harness, workspace, tmp_path, capsys):
+def test_train_score_export_flows(prefect_harness, workspace, tmp_path, capsys, write_train_catalog, brightness_faces):
     from data_manifest import catalog
     from flows.export import main as export_main
     from flows.score import score_flow
@@ -166,7 +127,7 @@ def test_train_score_export_flows(prefect_harness, workspace, tmp_path, capsys):
     from models.scorer import load
     from models.scorer_onnx import OnnxScorer
 
-    ids = _write_catalog(workspace)
+    ids = write_train_catalog(workspace)
     cfg = {"stage1_epochs": 1, "stage2_epochs": 1, "batch_size": 16, "lr": 1e-3, "num_workers": 1}
     out = train_flow(workspace=str(workspace.root), model_config="clib-tiny", train_config=cfg,
                      where="sample_id <> 'gen-039'")

@@ -247,8 +247,7 @@ def test_fit_with_balanced_sampler_learns_a_separable_toy_problem() -> None:
         assert res.info["calibration_metrics"][h]["balanced_accuracy"] > 0.9, h
 
 
-def test_training_crop_with_mtcnn_on_a_real_face() -> None:
-    from tests._faces import mtcnn_detector, mtcnn_result, real_face
+def test_training_crop_with_mtcnn_on_a_real_face(mtcnn_detector, mtcnn_result, real_face) -> None:
 
     det = mtcnn_detector()
     img = np.ascontiguousarray(real_face("astronaut"))

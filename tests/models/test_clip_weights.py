@@ -27,7 +27,7 @@ from models.clib import (
 )
 
 torch.set_num_threads(1)  # the CPU is shared: one thread avoids OpenMP oversubscription stalls
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TINY = "TinyRN-test"
 TINY_QG = "TinyRN-quickgelu-test"
 

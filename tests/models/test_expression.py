@@ -101,7 +101,7 @@ def _grace_hopper() -> np.ndarray:
     return cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
 
 
-STORED_CROPS = Path(__file__).parent / "data" / "expression"  # <key>.png: the inputs of STORED
+STORED_CROPS = Path(__file__).resolve().parents[1] / "data" / "expression"  # <key>.png: the inputs of STORED
 NETWORK_ATOL = 2e-6  # STORED's 6-decimal rounding (5e-7) plus the measured network spread (<= 4e-7), twice over
 CROP_PATH_ATOL = 2e-3  # measured spread between OpenCV's warpAffine paths (6.2e-4), about three times over
 
@@ -118,7 +118,7 @@ def _stored_crops() -> dict[str, np.ndarray]:
 
 def write_stored_crops(folder: Path = STORED_CROPS) -> None:
     """Write the inputs of STORED: `python -c "import cv2; cv2.setUseOptimized(False);
-    from tests.test_expression import write_stored_crops; write_stored_crops()"` (PNG, lossless)."""
+    from tests.models.test_expression import write_stored_crops; write_stored_crops()"` (PNG, lossless)."""
     folder.mkdir(parents=True, exist_ok=True)
     crops = _package_crops.__wrapped__()
     for key in STORED:

@@ -12,14 +12,14 @@ import torch
 
 from models import fetch_weights
 from models.weights import MTCNN_FILES, MissingWeightsError, mtcnn_paths, weight_path
-from tests._faces import mtcnn_detector, mtcnn_result, real_face
 
-REF = json.loads((Path(__file__).parent / "data" / "mtcnn_reference" / "facenet_pytorch_2.6.0.json").read_text())
+REF = json.loads((Path(__file__).resolve().parents[1] / "data" / "mtcnn_reference" / "facenet_pytorch_2.6.0.json")
+                 .read_text())
 REF_KEYS = {"t1": "insightface/data/images/t1.jpg", "tom_hanks": "insightface/data/images/Tom_Hanks_54745.png",
             "astronaut": "skimage.data.astronaut()"}
 
 
-def test_network_shapes_match_the_shipped_state_dicts():
+def test_network_shapes_match_the_shipped_state_dicts(mtcnn_detector):
     mtcnn_detector()
     from models.mtcnn import ONet, PNet, RNet
 
@@ -34,7 +34,7 @@ def test_network_shapes_match_the_shipped_state_dicts():
 
 
 @pytest.mark.parametrize("name", ["t1", "astronaut"])
-def test_detections_equal_facenet_pytorch(name):
+def test_detections_equal_facenet_pytorch(name, mtcnn_result):
     """Faces away from the border: same boxes, scores and landmarks as facenet-pytorch 2.6.0 (to 0.01 px)."""
     ours = mtcnn_result(name)
     ref = REF[REF_KEYS[name]]
@@ -46,7 +46,7 @@ def test_detections_equal_facenet_pytorch(name):
         assert abs(float(ours.scores[i]) - rscore) < 1e-4
 
 
-def test_face_cut_by_the_border_is_zero_padded_not_stretched():
+def test_face_cut_by_the_border_is_zero_padded_not_stretched(mtcnn_detector, mtcnn_result, real_face):
     """Tom Hanks' box leaves the 112x112 image: we zero-pad like the original MTCNN, facenet-pytorch stretches.
 
     The results stay close (IoU > 0.85, landmarks within 3 px) but are not equal, by design.
@@ -72,7 +72,7 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return inter / (np.prod(a[2:] - a[:2]) + np.prod(b[2:] - b[:2]) - inter)
 
 
-def test_no_face_in_flat_or_noise_images():
+def test_no_face_in_flat_or_noise_images(mtcnn_detector):
     det = mtcnn_detector()
     rng = np.random.default_rng(0)
     assert det.detect(np.full((120, 160, 3), 128, np.uint8)) == []
@@ -80,7 +80,7 @@ def test_no_face_in_flat_or_noise_images():
     assert det.detect(np.zeros((8, 8, 3), np.uint8)) == []  # smaller than any face
 
 
-def test_detector_rejects_non_rgb_input():
+def test_detector_rejects_non_rgb_input(mtcnn_detector):
     det = mtcnn_detector()
     with pytest.raises(ValueError, match="RGB uint8"):
         det.detect(np.zeros((50, 50), np.uint8))
@@ -109,7 +109,7 @@ def test_fetch_rejects_a_wheel_with_wrong_checksums(tmp_path):
     assert not list((tmp_path / "store").rglob("*.pt"))
 
 
-def test_fetch_extracts_and_records_checksums(tmp_path):
+def test_fetch_extracts_and_records_checksums(tmp_path, mtcnn_detector):
     mtcnn_detector()  # needs the real files to build a wheel with the right content
     real = {net: p.read_bytes() for net, p in mtcnn_paths().items()}
     wheel = _fake_wheel(tmp_path / "facenet_pytorch-2.6.0-py3-none-any.whl", real)
@@ -130,7 +130,7 @@ def test_fetch_fails_clearly_when_pip_cannot_reach_an_index(tmp_path, monkeypatc
         fetch_weights.download_wheel(tmp_path, timeout_s=120)
 
 
-def test_huge_images_are_detected_on_a_downscaled_copy():
+def test_huge_images_are_detected_on_a_downscaled_copy(mtcnn_detector, mtcnn_result, real_face):
     from models.detectors import MTCNNDetector
 
     det = mtcnn_detector()

@@ -14,7 +14,6 @@ from models.fit_data import occluders as occ
 from models.geometry import ARCFACE_TEMPLATE, CROP_SIZE
 from models.weights import MissingWeightsError
 from pipeline.labellers.base import NO_FACE, FaceCrop
-from tests._faces import real_face
 
 TEMPLATE = ARCFACE_TEMPLATE.astype(np.float32)
 
@@ -26,9 +25,14 @@ def _rotated_landmarks(angle_deg: float, scale: float, shift: tuple[float, float
     return ((ARCFACE_TEMPLATE - c) @ rot.T + c + np.array(shift)).astype(np.float32)
 
 
+@lru_cache(maxsize=1)
 def _face() -> np.ndarray:
-    """Tom Hanks' aligned 112x112 crop (insightface package data): a real face on the template."""
-    return np.ascontiguousarray(real_face("tom_hanks"))
+    """Tom Hanks' aligned 112x112 crop (insightface package data): a real face on the template (read-only)."""
+    from models.fit_data.face_sets import shipped_images
+
+    img = np.ascontiguousarray(shipped_images()["tom_hanks"])
+    img.setflags(write=False)
+    return img
 
 
 # ----------------------------------------------------------------------------------------------- geometry
@@ -212,16 +216,15 @@ def test_store_model_is_the_shipped_one():
 
 
 @lru_cache(maxsize=1)
-def _astronaut():
+def _astronaut(real_face, mtcnn_detector):
     from models.fit_data.face_sets import real_faces
-    from tests._faces import mtcnn_detector
 
     (face,) = real_faces({"astronaut": real_face("astronaut")}, mtcnn_detector())
     return face.crop, face.landmarks
 
 
 @pytest.mark.parametrize("which", ["tom_hanks", "astronaut"])
-def test_held_out_real_face_classes(which):
+def test_held_out_real_face_classes(which, real_face, mtcnn_detector):
     """Package faces the model never saw: clean, dark and blurred unobstructed; grey band and masks obstructed.
 
     The blur is sigma 1.6 px (where the blur labeller's "not clear" starts); at 2.4 px the astronaut's crop
@@ -232,7 +235,7 @@ def test_held_out_real_face_classes(which):
     from pipeline.synthetic import degrade
 
     model = _shipped_model()
-    crop, lm = (_face(), None) if which == "tom_hanks" else _astronaut()
+    crop, lm = (_face(), None) if which == "tom_hanks" else _astronaut(real_face, mtcnn_detector)
     frame = occ.FaceFrame.from_landmarks(lm)
     top = (frame.point_uv(2)[1] + frame.point_uv(3)[1]) / 2  # between nose tip and mouth
     clean = [crop, degrade.dark(crop, 3), cv2.GaussianBlur(crop, (0, 0), 1.6)]

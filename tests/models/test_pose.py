@@ -29,7 +29,6 @@ from models.pose import (
 from pipeline.labellers.align import choose_face
 from pipeline.labellers.base import ERROR, NO_FACE, OK, FaceCrop
 from pipeline.labellers.pose import PoseStage
-from tests._faces import mtcnn_detector, mtcnn_result, real_face
 
 
 def test_angles_round_trip_and_sign_convention():
@@ -81,7 +80,7 @@ def test_five_point_estimate_on_weak_perspective_projection(yaw):
         FiveLandmarkPose().estimate(np.zeros((112, 112, 3), np.uint8), None)
 
 
-def _regions() -> list[np.ndarray]:
+def _regions(real_face, mtcnn_result) -> list[np.ndarray]:
     """Tom Hanks plus a square region around each large, confident face of t1 (cheap to re-detect)."""
     regions = [np.asarray(real_face("tom_hanks"))]
     t1, img = mtcnn_result("t1"), np.asarray(real_face("t1"))
@@ -95,19 +94,19 @@ def _regions() -> list[np.ndarray]:
     return regions
 
 
-def _aligned(image: np.ndarray):
+def _aligned(image: np.ndarray, mtcnn_detector):
     dets = mtcnn_detector().detect(image)
     lm = dets[choose_face(dets)].landmarks
     m = similarity_transform(lm)
     return warp(image, m), transform_points(lm, m)
 
 
-def test_horizontal_flip_flips_the_sign_of_yaw_on_real_faces():
+def test_horizontal_flip_flips_the_sign_of_yaw_on_real_faces(real_face, mtcnn_result, mtcnn_detector):
     dlib_pose, five = DlibPnPPose(), FiveLandmarkPose()
     checked = 0
-    for region in _regions():
-        crop, lm = _aligned(region)
-        fcrop, flm = _aligned(np.ascontiguousarray(region[:, ::-1]))
+    for region in _regions(real_face, mtcnn_result):
+        crop, lm = _aligned(region, mtcnn_detector)
+        fcrop, flm = _aligned(np.ascontiguousarray(region[:, ::-1]), mtcnn_detector)
         for backend in (dlib_pose, five):
             a, b = backend.estimate(crop, lm), backend.estimate(fcrop, flm)
             if abs(a.yaw) < 8:  # near-frontal: the sign is noise
@@ -117,7 +116,7 @@ def test_horizontal_flip_flips_the_sign_of_yaw_on_real_faces():
             assert abs(a.yaw + b.yaw) < 0.35 * abs(a.yaw) + 3, (backend.name, a.yaw, b.yaw)
     assert checked >= 6
     # Tom Hanks looks to the image's right: positive yaw by the documented convention.
-    crop, lm = _aligned(np.asarray(real_face("tom_hanks")))
+    crop, lm = _aligned(np.asarray(real_face("tom_hanks")), mtcnn_detector)
     assert dlib_pose.estimate(crop, lm).yaw > 10
 
 
@@ -209,12 +208,11 @@ def _reference_pnp(points68: np.ndarray, size: int = 112) -> tuple[float, float]
     return angles_from_rotation(cv2.Rodrigues(rvec)[0])[0], cost
 
 
-def test_batched_landmarks_equal_dlib_and_yaw_agrees_with_solvepnp_on_real_faces():
+def test_batched_landmarks_equal_dlib_and_yaw_agrees_with_solvepnp_on_real_faces(aligned_identities):
     """The numpy cascade gives dlib's own 68 points; the batched PnP the yaw of cv2.solvePnP (as good a fit)."""
     dlib = pytest.importorskip("dlib")
     from models.geometry import ARCFACE_TEMPLATE
     from models.weights import dlib_model
-    from tests.face_fixtures import aligned_identities
 
     crops = list(aligned_identities().values())
     crops += [np.ascontiguousarray(c[:, ::-1]) for c in crops]
@@ -242,11 +240,10 @@ def test_batched_landmarks_equal_dlib_and_yaw_agrees_with_solvepnp_on_real_faces
     assert single.yaw == pytest.approx(poses[3].yaw, abs=1e-9)
 
 
-def test_batched_landmarks_equal_dlib_with_boxes_reaching_outside_the_crop():
+def test_batched_landmarks_equal_dlib_with_boxes_reaching_outside_the_crop(aligned_identities):
     """Feature pixels that fall outside the image read 0 in the batched cascade as in dlib."""
     dlib = pytest.importorskip("dlib")
     from models.weights import dlib_model
-    from tests.face_fixtures import aligned_identities
 
     crops = list(aligned_identities().values())[:4]
     boxes = np.array([[-30, -20, 90, 100], [40, 30, 150, 140], [-60, 10, 170, 240], [20, -50, 60, -10],

@@ -12,7 +12,6 @@ from models.detectors import Detection
 from models.geometry import ARCFACE_TEMPLATE, similarity_transform, transform_points, warp
 from pipeline.labellers.align import ALREADY_ALIGNED, AlignStage, choose_face, face_row
 from pipeline.labellers.base import ERROR, NO_FACE, OK
-from tests._faces import mtcnn_detector, mtcnn_result, real_face
 
 
 def _similarity(scale: float, angle_deg: float, tx: float, ty: float) -> np.ndarray:
@@ -82,7 +81,8 @@ def test_choose_face_by_score_times_area():
 
 
 @pytest.mark.parametrize("name", ["t1", "tom_hanks", "astronaut"])
-def test_real_faces_redetected_on_the_crop_land_where_the_transform_puts_them(name):
+def test_real_faces_redetected_on_the_crop_land_where_the_transform_puts_them(name, mtcnn_detector, mtcnn_result,
+                                                                              real_face):
     """Crop -> re-detect: landmarks within 3 px of the aligned landmarks; the template gap is the fit's own."""
     det = mtcnn_detector()
     res = mtcnn_result(name)
@@ -140,7 +140,7 @@ def test_stage_turns_bad_input_into_rows_with_reasons():
     to_table("faces", rows, "run-1")
 
 
-def test_already_aligned_mode_keeps_the_crop_and_measures_landmarks():
+def test_already_aligned_mode_keeps_the_crop_and_measures_landmarks(mtcnn_detector, real_face):
     tom = np.asarray(real_face("tom_hanks"))
     face = AlignStage(mtcnn_detector(), mode=ALREADY_ALIGNED).align("tom", tom)
     assert face.status == OK

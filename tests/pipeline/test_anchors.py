@@ -13,9 +13,8 @@ import pyarrow as pa
 import pytest
 
 from pipeline import anchors as A
-from tests.face_fixtures import aligned_identities
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _col(tbl, name):
@@ -198,7 +197,7 @@ def test_nearest_negative_peak_rss_is_flat_when_samples_grow_5x():
 # ----------------------------------------------------------------- real faces + dlib
 
 
-def test_dlib_anchor_falls_as_degradation_grows():
+def test_dlib_anchor_falls_as_degradation_grows(aligned_identities):
     from scipy.stats import spearmanr
 
     from models.recognition import DlibRecognizer

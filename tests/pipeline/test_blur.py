@@ -20,12 +20,12 @@ from data_manifest.vocabulary import (
     blur_class,
     parse_blur_thresholds,
 )
+from models.fit_data.face_sets import shipped_images
 from pipeline.labellers import blur
 from pipeline.labellers.base import ERROR, NO_FACE, OK, FaceCrop
 from pipeline.labellers.blur import FACE_GRID, BlockGrid, BlurStage
-from tests._faces import REAL_FACES
 
-DATA = Path(__file__).parent / "data" / "cpbd-matlab"
+DATA = Path(__file__).resolve().parents[1] / "data" / "cpbd-matlab"
 ARCFACE_TEMPLATE = np.array(
     [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]]
 )
@@ -88,7 +88,7 @@ def _real_gray() -> dict[str, np.ndarray]:
     """Package-shipped real images as grayscale, 112 to 512 px."""
     from skimage import data
 
-    faces = {name: blur.rgb_to_gray(load()) for name, load in REAL_FACES.items()}
+    faces = {name: blur.rgb_to_gray(img) for name, img in shipped_images().items()}
     t1 = faces.pop("t1")
     return {
         "tom_hanks112": faces["tom_hanks"],
@@ -217,9 +217,10 @@ def aligned_faces() -> dict[str, np.ndarray]:
 
     detector = dlib.get_frontal_face_detector()
     predictor = dlib.shape_predictor(frm.pose_predictor_model_location())
-    faces = {"tom_hanks": REAL_FACES["tom_hanks"]()}
+    shipped = shipped_images()
+    faces = {"tom_hanks": shipped["tom_hanks"]}
     for name in ("astronaut", "t1"):
-        img = np.ascontiguousarray(REAL_FACES[name]())
+        img = np.ascontiguousarray(shipped[name])
         for i, rect in enumerate(detector(img, 0)):
             p = np.array([[q.x, q.y] for q in predictor(img, rect).parts()], dtype=np.float64)
             five = np.array([p[36:42].mean(0), p[42:48].mean(0), p[30], p[48], p[54]])
@@ -376,26 +377,6 @@ def test_bad_maps_and_grids_raise():
         blur.measure(img, BlockGrid(16, 8, 48, 48, 2, 2))
     with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
         blur.face_cpbd(np.zeros((112, 112)))
-
-
-def test_threshold_fit_rule():
-    """The calibration's rule: midpoint of the facing 10 % / 90 % quantiles, or the best balanced accuracy."""
-    from benchmarks.calibration import fit_threshold
-
-    neg = np.linspace(0.1, 0.5, 11)  # e.g. sharp faces' CPBD; 10 % quantile 0.14
-    pos = np.linspace(0.0, 0.04, 11)  # blurred faces; 90 % quantile 0.036
-    t = fit_threshold(neg, pos, bad_above=False)
-    assert (t.negatives_edge, t.positives_edge) == (pytest.approx(0.14), pytest.approx(0.036))
-    assert t.value == 0.088 and t.method == "quantile midpoint" and t.balanced_accuracy == 1.0
-    # One odd negative deep among the positives moves it only within the gap: 10 % quantile 0.104 -> 0.07.
-    assert fit_threshold([*neg, 0.0], pos, bad_above=False).value == 0.07
-    # Mirrored direction: positives above.
-    assert fit_threshold(1 - neg, 1 - pos, bad_above=True).value == pytest.approx(1 - 0.088)
-    # Overlapping classes: the widest run of best balanced accuracy, (0.3, 0.6) here.
-    t = fit_threshold([0.1, 0.2, 0.3, 0.7], [0.6, 0.8, 0.9, 0.25], bad_above=True)
-    assert t.method == "best balanced accuracy" and t.value == 0.45 and t.balanced_accuracy == 0.75
-    with pytest.raises(ValueError, match="both classes"):
-        fit_threshold([], [0.1], bad_above=True)
 
 
 # --- batched CPBD -----------------------------------------------------------

@@ -22,7 +22,7 @@ from pipeline.evaluation.formats import (
     write_quality_file,
 )
 
-EXAMPLE = Path(__file__).parent / "data" / "edc" / "example_data.json"
+EXAMPLE = Path(__file__).resolve().parents[1] / "data" / "edc" / "example_data.json"
 
 
 # --------------------------------------------------------------------------- independent reference

@@ -25,7 +25,7 @@ from pipeline.readers import BinReader, DatasetError, FolderReader, ListReader, 
 from pipeline.readers.recordio_format import FaceRecWriter, encode_record, pack_ir
 from pipeline.samples import sample_rows
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _png(seed: int) -> bytes:
@@ -376,13 +376,3 @@ def test_runtime_guard_checks_the_workspace(tmp_path):
     with pytest.raises(NotADirectoryError, match="is not a directory"):
         runtime.check_workspace_path(tmp_path / "f")
     runtime.check_workspace_path(tmp_path / "new" / "ws")  # not there yet: fine, it will be created
-
-
-def test_fuzz_harness_runs_the_current_ingest_path_without_failures(capsys):
-    """A few seeded cases per format through the fuzz harness: it must keep calling the real ingest code."""
-    from benchmarks import fuzz_inputs
-
-    assert fuzz_inputs.main(["--cases", "8", "--seed", "3"]) == 0
-    report = json.loads(capsys.readouterr().out)
-    assert report["total"]["cases"] == 32 and report["total"]["rows"] > 0
-    assert report["total"]["crashes"] == 0 and report["failures"] == []

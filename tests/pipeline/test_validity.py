@@ -154,26 +154,6 @@ def test_crop_scale_of_a_similarity_transform():
         V.make_variants("f", np.zeros((100, 100, 3), np.uint8))
 
 
-def test_benchmark_scores_the_registered_stages_on_a_real_face(face):
-    """The benchmark's direct path on one aligned real face: blur and lighting follow their degradations."""
-    from types import SimpleNamespace
-
-    from benchmarks import label_validity as B
-    from flows import label as L
-
-    real = SimpleNamespace(name="tom_hanks", crop=face, landmarks=ARCFACE_TEMPLATE.astype(np.float32))
-    variants = B.build_variants([real], occluders=False)
-    rows = B.label_direct(variants, [real], L.options_from({}), ("blur", "lighting"))
-    assert {r["factor"] for rs in rows.values() for r in rs} == {"blur", "lighting"}
-    rep = V.report(B._outcomes(variants, rows, {"blur", "lighting"}))
-    assert {c["factor"] for c in rep["checks"]} == {"blur", "lighting"}  # occlusion was not labelled: not scored
-    rates = {(c["kind"], c["factor"]): c["rate"] for c in rep["checks"]}
-    assert rates[("clean", "blur")] == 1.0 and rates[("blur", "blur")] == 1.0 and rates[("downscale", "blur")] == 1.0
-    assert rates[("clean", "lighting")] == 1.0 and rates[("dark", "lighting")] == 1.0
-    assert rates[("overexpose", "lighting")] == 1.0 and ("darker_skin", "lighting") in rates
-    assert rep["balanced_accuracy"]["blur"]["balanced_accuracy"] == 1.0
-
-
 def test_a_majority_is_strictly_more_than_half():
     """A rule that asks for the majority fails on a tie (8 of 16) and passes on 9 of 16; a percentage target
     (>= 80 %) is met exactly at the target."""

@@ -12,7 +12,7 @@ from pipeline.evaluation import verification_sets as B
 from pipeline.evaluation.formats import QualityScores, read_edc_json
 from pipeline.evaluation.report import compute_metrics, results_markdown
 
-EDC_EXAMPLE = Path(__file__).parent / "data" / "edc" / "example_data.json"
+EDC_EXAMPLE = Path(__file__).resolve().parents[1] / "data" / "edc" / "example_data.json"
 
 
 def test_edc_example_reference_value_through_compute_metrics():

@@ -313,6 +313,7 @@ def chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
 
 
+@pytest.mark.browser
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium: install Debian's 'chromium' package "
                                                   "(.ci/run does) to run the real-browser check")
 def test_page_in_a_real_browser(ws, tmp_path):

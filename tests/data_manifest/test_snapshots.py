@@ -147,7 +147,8 @@ def _snapshot_tables(ws: Workspace) -> dict[str, list[tuple]]:
                 for t in (*snapshots.SNAPSHOT_TABLES, "labels")}
 
 
-@pytest.mark.parametrize("changed", [20, 2])  # past REWRITE_FRACTION of `labels` (rebuilt in ranges), and not
+# 20 changed rows: past REWRITE_FRACTION of `labels` (rebuilt in ranges); 2: not
+@pytest.mark.parametrize("changed", [pytest.param(20, marks=pytest.mark.slow), 2])
 def test_a_fold_split_into_steps_equals_one_fold(workspace, monkeypatch, changed, assert_views_match_history):
     """Shards folded a few rows at a time (newest row per key across steps, older rows never winning, `labels`
     replaced in several steps) give exactly the snapshot of one fold, and the history window."""
@@ -190,6 +191,7 @@ def _duck_mib(con: duckdb.DuckDBPyConnection, tag: str) -> float:
     return got[0] / 2**20
 
 
+@pytest.mark.slow
 def test_a_step_checkpoint_hands_back_the_blocks_it_read(workspace, monkeypatch):
     """After `_checkpoint` DuckDB no longer holds the table blocks a step read, and the memory limit in use
     (a build's or a step's) is set again; with more pinned than the brief limit (nothing can be evicted), it
@@ -229,6 +231,7 @@ def test_snapshot_keys_are_the_latest_view_keys():
     assert set(snapshots.SNAPSHOT_TABLES) <= set(KEYS) and set(snapshots.LABEL_INPUTS) <= set(snapshots.SNAPSHOT_TABLES)
 
 
+@pytest.mark.slow
 def test_flows_keep_snapshots_equal_to_history(prefect_harness, workspace, monkeypatch, assert_views_match_history):
     """Label, a relabel of a subset, a failed label run and its resume, through the real flows."""
     from data_manifest.crops import write_pack
@@ -296,6 +299,7 @@ def test_a_refresh_blocked_by_a_writer_warns_and_the_next_one_folds(workspace, a
     assert not assert_views_match_history(ws)["factors"].pending
 
 
+@pytest.mark.slow
 def test_scale_benchmark_runs_small_and_folds_only_the_relabel():
     """benchmarks/scale.py end to end on 3,000 samples: the relabel refresh touches exactly the relabelled samples."""
     import subprocess

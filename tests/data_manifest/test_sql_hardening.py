@@ -84,6 +84,7 @@ def test_a_symlink_and_dotdot_do_not_lead_outside(hostile):
                 where=f"sample_id = (SELECT content FROM read_text('{path}'))"))
 
 
+@pytest.mark.slow
 def test_glob_characters_in_a_workspace_path_are_literal(tmp_path):
     for name in ("ws1", "ws2", "wsa"):
         w = Workspace(tmp_path / name)
@@ -136,6 +137,7 @@ def _describe(con_query) -> dict[str, list[tuple]]:
     return {v: [(r[0], r[1]) for r in con_query(f"DESCRIBE {v}")] for v in sorted(catalog.VIEW_NAMES)}
 
 
+@pytest.mark.slow
 def test_every_view_has_one_type_per_column_whatever_the_snapshot_state(tmp_path):
     ws = Workspace(tmp_path / "ws")
     box = [0.0, 0.0, 1.0, 1.0]
@@ -185,6 +187,7 @@ def test_a_failed_closing_refresh_is_a_warning_and_the_next_one_repairs(tmp_path
 CROSS_JOIN = "SELECT count(*) AS n FROM range(100000000) a, range(100000000) b WHERE a.range + b.range = -1"
 
 
+@pytest.mark.slow
 def test_a_query_past_its_time_limit_stops_with_a_clear_message(hostile, capsys, monkeypatch):
     from flows.label import freeze_selection
 
@@ -209,6 +212,7 @@ def test_a_query_past_its_memory_limit_stops_with_a_clear_message(hostile, capsy
     assert "more than 32MB of memory" in err and "--memory" in err
 
 
+@pytest.mark.slow
 def test_a_running_query_blocks_neither_compaction_nor_a_fold(hostile):
     ws, _, _ = hostile
     done: dict = {}
@@ -302,6 +306,7 @@ def _corpus_statements(fn: str, kind: str, values: dict) -> list[str]:
     return [f"SELECT {c}" for c in call] + [f"SELECT {fn}()"]
 
 
+@pytest.mark.slow
 def test_every_file_or_sql_function_is_refused_or_reads_only(hostile, tmp_path, capsys, file_hashes, query_injection,
                                                              where_injection):
     from flows.label import freeze_selection
@@ -427,6 +432,7 @@ def run_fuzz(ws: Workspace, statements: list[str]) -> dict[str, int]:
     return counts
 
 
+@pytest.mark.slow
 def test_generated_hostile_sql_changes_nothing(tmp_path, file_hashes):
     ws, outside, values = fuzz_setting(tmp_path)
     before = file_hashes(ws.root, outside)

@@ -46,6 +46,7 @@ def _latest(ws, table):
     return {r["sample_id"]: r for r in catalog.query(ws, f"SELECT * FROM {table}").to_pylist()}
 
 
+@pytest.mark.slow
 def test_anchors_flow_matches_the_pure_api_and_resumes(workspace, prefect_harness, tmp_path, aligned_identities):
     from flows import anchors as F
 
@@ -135,6 +136,7 @@ def _reingest_with_new_first_identity(ws, aligned_identities) -> dict[str, int]:
     return idents
 
 
+@pytest.mark.slow
 def test_reuse_embeddings_embeds_only_new_samples_and_follows_relabelled_identities(workspace, prefect_harness,
                                                                                      monkeypatch, aligned_identities):
     from flows import anchors as F

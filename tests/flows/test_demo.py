@@ -7,6 +7,7 @@ import pytest
 from data_manifest import Workspace, catalog
 
 
+@pytest.mark.slow
 def test_quick_demo_runs_every_stage(prefect_harness, tmp_path, mtcnn_detector, real_labellers):
 
     mtcnn_detector()  # skips with a reason when the MTCNN weights are not fetched

@@ -129,6 +129,7 @@ def _run(api_url: str, name: str):
         return run_deployment(name, timeout=TIMEOUT, poll_interval=1)
 
 
+@pytest.mark.slow
 def test_serve_refresh_incremental(prefect_server, tmp_path):
     data = tmp_path / "data"
     for i, (ident, stem) in enumerate([("alice", "a0"), ("alice", "a1"), ("bob", "b0")]):
@@ -179,6 +180,7 @@ def test_serve_refresh_incremental(prefect_server, tmp_path):
         _stop(proc)
 
 
+@pytest.mark.slow
 def test_refresh_recomputes_anchors_for_all(prefect_server, tmp_path):
     data = tmp_path / "data"
     for i, (ident, stem) in enumerate([("alice", "a0"), ("alice", "a1"), ("bob", "b0")]):
@@ -205,6 +207,7 @@ def test_refresh_recomputes_anchors_for_all(prefect_server, tmp_path):
     assert min(r["anchor"] for r in latest) == 0.0 and max(r["anchor"] for r in latest) == 1.0
 
 
+@pytest.mark.slow
 def test_train_and_score_tags_gpu_work(prefect_server, workspace, write_train_catalog):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
@@ -295,6 +298,7 @@ def test_where_conditions_select_new_samples(workspace):
         scheduled.parse_steps("ingest,train")
 
 
+@pytest.mark.slow
 def test_prefect_yaml_deploys(prefect_server, tmp_path):
     from prefect.client.orchestration import get_client
 

@@ -60,6 +60,7 @@ def generated(tmp_path_factory, aligned_identities):
             "n_mated": sum(mated)}
 
 
+@pytest.mark.slow
 def test_evaluate_flow_end_to_end(generated, workspace, prefect_harness):
     from flows.evaluate import evaluate
 
@@ -146,6 +147,7 @@ def test_bin_benchmark_and_unsafe_pickle(generated, workspace, prefect_harness, 
         load_benchmark(str(evil))
 
 
+@pytest.mark.slow
 def test_cli_on_edc_json(workspace, prefect_harness, capsys):
     """`fiqa evaluate` on the EDC example JSON: qualities come with the file, starting-error mode."""
     from flows.cli import main

@@ -126,6 +126,7 @@ def _folder_of(n: int, root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fail_at", ["read", "commit"])
 def test_resume_after_a_failed_shard(tmp_path, prefect_harness, monkeypatch, fail_at):
     from flows.ingest import ingest
@@ -231,6 +232,7 @@ def test_missing_path_and_bad_options_fail_before_any_work(tmp_path, capsys):
     assert not ws.exists()
 
 
+@pytest.mark.slow
 def test_runs_as_python_module(tmp_path):
     missing = tmp_path / "gone"
     proc = subprocess.run([sys.executable, "-m", "flows.ingest", str(missing), "--dataset", "x"], cwd=ROOT,
@@ -238,6 +240,7 @@ def test_runs_as_python_module(tmp_path):
     assert proc.returncode == 2 and str(missing) in proc.stderr
 
 
+@pytest.mark.slow
 def test_processes_runner_ingests_in_a_light_worker_pool(tmp_path, prefect_harness):
     """--runner processes: shard bodies run in pool workers that never import Prefect; rows equal the threads run."""
     from flows import runtime, shard_work

@@ -64,6 +64,7 @@ def mixed(workspace, tmp_path, real_face, mtcnn_detector):
 OPTIONS = {"detector": "mtcnn", "pose_backend": "dlib"}
 
 
+@pytest.mark.slow
 def test_label_mixed_folder_rows_statuses_and_reasons(prefect_harness, mixed):
     ws, expected = mixed
     result = L.label(stages=["align", "blur", "pose"], options=OPTIONS, workspace=str(ws.root), shard_size=3,
@@ -131,6 +132,7 @@ class _Flaky:
                            decision=FactorClass("lighting", 1)) for f in batch]
 
 
+@pytest.mark.slow
 def test_rerun_after_a_failed_shard_duplicates_nothing(prefect_harness, mixed):
     ws, expected = mixed
     ids = sorted(r["sample_id"] for r in _table(ws, "SELECT sample_id FROM samples"))

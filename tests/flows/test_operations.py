@@ -51,6 +51,7 @@ def labelled(dataset, prefect_harness, tmp_path_factory) -> Workspace:
     return ws
 
 
+@pytest.mark.slow
 def test_relabel_changes_exactly_the_selected_samples(labelled, tmp_path):
     ws = labelled
     before_latest = {(r["sample_id"], r["factor"]): r for r in _rows(ws, f"SELECT {COLS}, run_id FROM factors")}
@@ -81,6 +82,7 @@ def test_relabel_changes_exactly_the_selected_samples(labelled, tmp_path):
     assert clear_before.isdisjoint({r["sample_id"] for r in new})
 
 
+@pytest.mark.slow
 def test_relabel_moves_from_the_attribute_cnn_to_the_real_labellers_and_keeps_both(labelled, tmp_path, real_labellers):
     import torch
 
@@ -124,6 +126,7 @@ def test_relabel_moves_from_the_attribute_cnn_to_the_real_labellers_and_keeps_bo
             assert wide[sid][f"{f}_class"] == latest[(sid, f)]["class_name"] is not None
 
 
+@pytest.mark.slow
 def test_dask_runner_gives_the_same_rows_as_threads(labelled):
     pytest.importorskip("prefect_dask")
     ws = labelled
@@ -144,6 +147,7 @@ def test_dask_runner_gives_the_same_rows_as_threads(labelled):
             assert b["landmarks"] == pytest.approx(a["landmarks"], abs=1e-2)
 
 
+@pytest.mark.slow
 def test_kill_9_mid_run_then_resume_loses_and_duplicates_nothing(labelled, prefect_harness):
     from prefect.settings import PREFECT_API_URL
 

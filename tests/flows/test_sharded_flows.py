@@ -58,6 +58,7 @@ def _rows(ws, table: str, run_id: str, drop: tuple[str, ...] = ("run_id", "creat
     return sorted(out, key=lambda r: (r["sample_id"], r.get("factor") or ""))  # factors: one row per factor
 
 
+@pytest.mark.slow
 def test_score_resume_after_a_failed_shard_equals_an_uninterrupted_run(prefect_harness, workspace, tiny_checkpoint,
                                                                        monkeypatch):
     from flows import score as S
@@ -186,6 +187,7 @@ class _FakeRecognizer:
         return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
+@pytest.mark.slow
 def test_anchors_resume_after_a_failed_shard_equals_an_uninterrupted_run(prefect_harness, workspace, monkeypatch):
     from flows import anchors as F
 
@@ -210,6 +212,7 @@ def test_anchors_resume_after_a_failed_shard_equals_an_uninterrupted_run(prefect
     assert _rows(workspace, "embeddings", "anchors-resume") == _rows(workspace, "embeddings", whole["run_id"])
 
 
+@pytest.mark.slow
 def test_train_attributes_resume_after_a_failed_shard_equals_an_uninterrupted_run(prefect_harness, tmp_path,
                                                                                    monkeypatch):
     from data_manifest import Workspace
@@ -269,6 +272,7 @@ def test_one_cli_error_path_exit_1_for_failed_shards_2_for_bad_input(prefect_har
     assert len(err) == 1 and err[0].startswith("fiqa score: error: checkpoint") and "does not exist" in err[0]
 
 
+@pytest.mark.slow
 def test_label_resume_after_a_failed_shard_equals_an_uninterrupted_run(prefect_harness, workspace, monkeypatch):
     """blur on the stored crops: the resumed run writes exactly the factors rows of an uninterrupted one."""
     from flows import label as L
@@ -294,6 +298,7 @@ def test_label_resume_after_a_failed_shard_equals_an_uninterrupted_run(prefect_h
     assert _rows(workspace, "factors", "label-resume") == want
 
 
+@pytest.mark.slow
 def test_ingest_resume_after_a_failed_shard_equals_an_uninterrupted_run(prefect_harness, tmp_path, monkeypatch,
                                                                         assert_views_match_history):
     from PIL import Image

@@ -23,6 +23,7 @@ def _tc(**kw) -> TrainConfig:
     return TrainConfig(**(base | kw))
 
 
+@pytest.mark.slow
 def test_learns_a_visible_quality_property_and_resume_is_exact(tmp_path, brightness_faces):
     imgs, anchors, labels = brightness_faces(128, seed=1, size=64)
     data = TrainingData([f"s{i:04d}" for i in range(len(imgs))], anchors, labels, ArrayImages(imgs))
@@ -119,6 +120,7 @@ def test_official_options_free_temperature_frozen_positional_embedding_global_ba
             assert float(m.logit_scale) == pytest.approx(MAX_LOGIT_SCALE) and moved
 
 
+@pytest.mark.slow
 def test_train_score_export_flows(prefect_harness, workspace, tmp_path, capsys, write_train_catalog, brightness_faces):
     from data_manifest import catalog
     from flows.export import main as export_main

@@ -231,6 +231,7 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "b.pt")
 
 
+@pytest.mark.slow
 def test_fit_with_balanced_sampler_learns_a_separable_toy_problem() -> None:
     rng = np.random.default_rng(0)
     y = (rng.random((48, 3)) < [0.5, 0.3, 0.25]).astype(np.float32)
@@ -319,6 +320,7 @@ def trained(prefect_harness, tmp_path_factory) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_flow_trains_and_beats_chance(trained: dict) -> None:
     print("train_attributes flow on synthetic WIDER:", json.dumps(trained["metrics"]), f"{trained['seconds']:.1f}s")
     assert trained["seconds"] < 90

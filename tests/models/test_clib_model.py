@@ -139,6 +139,7 @@ def test_checkpoint_carrying_code_is_refused(tmp_path):
         load(other)
 
 
+@pytest.mark.slow
 def test_per_step_text_checkpoint_keeps_the_trained_text_tower():
     from models.train import CHECKPOINT_FORMAT, model_from_checkpoint
 

@@ -209,6 +209,7 @@ def test_unusable_weights_name_everything_tried(tmp_path):
 # --- 4. no environment change at import time; offline training fails first ----------------------------------------
 
 
+@pytest.mark.slow
 def test_importing_flows_leaves_hf_hub_offline_alone():
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
     code = "import os, flows, flows.train, flows.cli; print(os.environ.get('HF_HUB_OFFLINE', '<unset>'))"

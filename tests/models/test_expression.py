@@ -508,6 +508,7 @@ def test_fixed_paddings_equal_tensorflow_same_padding():
         net(torch.zeros(1, 1, 48, 48))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["onnx", "torchscript"])
 def test_fast_paths_equal_the_numpy_reference_and_eager_torch(backend):
     """onnxruntime (the CPU default) and frozen TorchScript give the Keras model's probabilities to 1e-5."""

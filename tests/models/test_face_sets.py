@@ -16,6 +16,7 @@ def package_faces() -> list[face_sets.RealFace]:
     return face_sets.face_set(face_sets.HELD_OUT_SOURCE)
 
 
+@pytest.mark.slow
 def test_package_faces_found_and_aligned(package_faces: list[face_sets.RealFace]) -> None:
     names = [f.name for f in package_faces]
     # t1.jpg holds six faces of >= 40 px; the other three photos one each.

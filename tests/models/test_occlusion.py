@@ -141,6 +141,7 @@ def _tiny_config(**kw) -> mo.TrainConfig:
     return mo.TrainConfig(**{"n_samples": 64, "epochs": 1, "batch_size": 32, **kw})
 
 
+@pytest.mark.slow
 def test_training_is_deterministic_and_round_trips(tmp_path):
     crop = _face()
     crops, lms = [crop, crop[:, ::-1].copy()], [TEMPLATE, None]

@@ -101,6 +101,7 @@ def _aligned(image: np.ndarray, mtcnn_detector):
     return warp(image, m), transform_points(lm, m)
 
 
+@pytest.mark.slow
 def test_horizontal_flip_flips_the_sign_of_yaw_on_real_faces(real_face, mtcnn_result, mtcnn_detector):
     dlib_pose, five = DlibPnPPose(), FiveLandmarkPose()
     checked = 0

@@ -80,6 +80,7 @@ def test_choose_face_by_score_times_area():
         choose_face([])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["t1", "tom_hanks", "astronaut"])
 def test_real_faces_redetected_on_the_crop_land_where_the_transform_puts_them(name, mtcnn_detector, mtcnn_result,
                                                                               real_face):

@@ -186,6 +186,7 @@ def _peak_rss(n: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_nearest_negative_peak_rss_is_flat_when_samples_grow_5x():
     small, large = _peak_rss(10 * 1024), _peak_rss(50 * 1024)
     print("peak RSS (KiB):", small, large)
@@ -197,6 +198,7 @@ def test_nearest_negative_peak_rss_is_flat_when_samples_grow_5x():
 # ----------------------------------------------------------------- real faces + dlib
 
 
+@pytest.mark.slow
 def test_dlib_anchor_falls_as_degradation_grows(aligned_identities):
     from scipy.stats import spearmanr
 

@@ -111,6 +111,7 @@ def test_port_comparison_set_is_wide_enough(port_images):
     assert min(sizes) == 112 and max(sizes) == 512
 
 
+@pytest.mark.slow
 def test_cpbd_equals_port(port_images):
     cpbd_port = port()
     diffs = {}

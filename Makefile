@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup test demo lint bench docs-check clean-workspace
+.PHONY: setup test test-fast test-kernels demo lint bench docs-check clean-workspace
 
 setup: $(STAMP)
 
@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml Makefile
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+# The developer tier: no slow, Prefect-flow or browser tests.
+test-fast: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow and not flows and not browser"
 
 demo: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/fiqa demo

@@ -1,0 +1,322 @@
+"""Scheduled deployments against a real local Prefect server: serve + trigger (twice, incremental) and register."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_manifest import Workspace, catalog
+from flows import deploy, scheduled
+
+ROOT = Path(__file__).resolve().parents[2]
+TIMEOUT = 120.0
+DATASET = "watched"
+# Cheap labelling for the test: inputs are already-aligned 112x112 crops, so no detector model runs.
+LABEL_OPTIONS = {"detector": "none", "align_mode": "already_aligned"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _prefect_env(home: Path, api_url: str | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOGGING_LEVEL="WARNING",
+               PREFECT_RUNNER_POLL_FREQUENCY="2", PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
+               HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    return env
+
+
+def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    with open(log, "wb") as fh:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Kill the whole process group (the server and runners spawn children), then reap."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=15)
+    else:  # the leader exited: make sure no child of its group survives
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _wait_for(check, what: str, proc: subprocess.Popen, log: Path, timeout: float = TIMEOUT):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"{what}: process exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            value = check()
+        except Exception:  # noqa: BLE001 - not ready yet
+            value = None
+        if value:
+            return value
+        time.sleep(1.0)
+    pytest.fail(f"{what}: not ready after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+def _prefect_cli() -> list[str]:
+    exe = Path(sys.executable).with_name("prefect")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "prefect"]
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    """A real `prefect server start` on 127.0.0.1 with its own PREFECT_HOME; the process group dies after."""
+    home = tmp_path_factory.mktemp("prefect_home")
+    port = _free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    log = home / "server.log"
+    env = {**_prefect_env(home, None), "PREFECT_SERVER_UI_ENABLED": "false"}
+    proc = _start([*_prefect_cli(), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, log)
+    try:
+        def healthy() -> bool:
+            with urllib.request.urlopen(f"{api_url}/health", timeout=5) as r:
+                return r.status == 200
+
+        _wait_for(healthy, "prefect server", proc, log)
+        yield {"api_url": api_url, "home": home}
+    finally:
+        _stop(proc)
+
+
+@contextlib.contextmanager
+def _api(url: str):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        yield
+
+
+def _write_face(path: Path, seed: int) -> None:
+    """A 112x112 smooth random texture (an 'already aligned' input) with a sharp edge, saved as PNG."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 255, (14, 14, 3), dtype=np.uint8)
+    img = np.asarray(Image.fromarray(small).resize((112, 112), Image.BICUBIC)).copy()
+    img[40:72, 40:72] = 255 - img[40:72, 40:72]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).save(path)
+
+
+def _run(api_url: str, name: str):
+    from prefect.deployments import run_deployment
+
+    with _api(api_url):
+        return run_deployment(name, timeout=TIMEOUT, poll_interval=1)
+
+
+@pytest.mark.slow
+def test_serve_refresh_incremental(prefect_server, tmp_path):
+    data = tmp_path / "data"
+    for i, (ident, stem) in enumerate([("alice", "a0"), ("alice", "a1"), ("bob", "b0")]):
+        _write_face(data / ident / f"{stem}.png", i)
+    ws = Workspace(tmp_path / "ws")
+    api_url = prefect_server["api_url"]
+    log = tmp_path / "serve.log"
+    cmd = [sys.executable, "-m", "flows.cli", "deploy", "serve", "--dataset-path", str(data), "--dataset", DATASET,
+           "--workspace", str(ws.root), "--name", "served", "--cron", "0 3 * * *", "--steps", "ingest,label",
+           "--label-stages", "align,blur", "--label-options", json.dumps(LABEL_OPTIONS)]
+    proc = _start(cmd, _prefect_env(prefect_server["home"], api_url), log)
+    try:
+        from prefect.client.orchestration import get_client
+
+        def registered():
+            with _api(api_url), get_client(sync_client=True) as c:
+                return c.read_deployment_by_name("refresh-dataset/served")
+
+        dep = _wait_for(registered, "served deployment", proc, log)
+        assert dep.parameters["dataset"] == DATASET and dep.parameters["steps"] == ["ingest", "label"]
+        assert [s.schedule.cron for s in dep.schedules] == ["0 3 * * *"]
+
+        run = _run(api_url, "refresh-dataset/served")
+        assert run.state.is_completed(), f"{run.state}\n{log.read_text()[-3000:]}"
+        rows = catalog.query(ws, "SELECT sample_id, dataset FROM samples ORDER BY sample_id").to_pylist()
+        assert len(rows) == 3 and {r["dataset"] for r in rows} == {DATASET}
+        first = [r["sample_id"] for r in rows]
+        faces = catalog.query(ws, "SELECT sample_id, status FROM faces_history ORDER BY sample_id").to_pylist()
+        assert [f["sample_id"] for f in faces] == first and {f["status"] for f in faces} == {"ok"}
+
+        _write_face(data / "bob" / "b1.png", 99)  # a new file arrives in the watched folder
+        run = _run(api_url, "refresh-dataset/served")
+        assert run.state.is_completed(), f"{run.state}\n{log.read_text()[-3000:]}"
+        samples = catalog.query(ws, "SELECT sample_id, identity_name FROM samples ORDER BY sample_id").to_pylist()
+        assert len(samples) == 4
+        (new,) = [s["sample_id"] for s in samples if s["sample_id"] not in first]
+        assert {s["identity_name"] for s in samples if s["sample_id"] == new} == {"bob"}
+        per_run = catalog.query(ws, "SELECT run_id, list(sample_id ORDER BY sample_id) AS ids FROM faces_history "
+                                    "GROUP BY run_id ORDER BY min(created_at)").to_pylist()
+        assert [r["ids"] for r in per_run] == [first, [new]]  # the second label run touched the new sample only
+        blur = catalog.query(ws, "SELECT sample_id, count(*) AS n FROM factors_history WHERE factor = 'blur' "
+                                 "GROUP BY sample_id ORDER BY sample_id").to_pylist()
+        assert [(b["sample_id"], b["n"]) for b in blur] == [(s["sample_id"], 1) for s in samples]
+        flows_run = catalog.query(ws, "SELECT flow, count(*) AS n FROM runs WHERE status = 'completed' "
+                                      "GROUP BY flow ORDER BY flow").to_pylist()
+        assert flows_run == [{"flow": "ingest", "n": 2}, {"flow": "label", "n": 2}]
+    finally:
+        _stop(proc)
+
+
+@pytest.mark.slow
+def test_refresh_recomputes_anchors_for_all(prefect_server, tmp_path):
+    data = tmp_path / "data"
+    for i, (ident, stem) in enumerate([("alice", "a0"), ("alice", "a1"), ("bob", "b0")]):
+        _write_face(data / ident / f"{stem}.png", i)
+    kwargs = {"dataset_path": str(data), "dataset": DATASET, "workspace": str(tmp_path / "ws"),
+              "label_stages": ["align", "blur"], "label_options": LABEL_OPTIONS, "fr_model": "dlib", "device": "cpu"}
+    ws = Workspace(tmp_path / "ws")
+    with _api(prefect_server["api_url"]):
+        first = scheduled.refresh_dataset(**kwargs)
+        _write_face(data / "bob" / "b1.png", 99)
+        second = scheduled.refresh_dataset(**kwargs)
+        third = scheduled.refresh_dataset(**kwargs)  # nothing new: neither labels nor anchors run
+    assert (first["new_samples"], second["new_samples"], third["new_samples"]) == (3, 1, 0)
+    assert (first["label"]["selected"], second["label"]["selected"]) == (3, 1)
+    assert (first["anchors"]["selected"], second["anchors"]["selected"]) == (3, 4)
+    assert "label" not in third and "anchors" not in third and third["samples_without_anchors"] == 0
+    ids = catalog.query(ws, "SELECT sample_id FROM samples ORDER BY sample_id").column("sample_id").to_pylist()
+    # anchors depend on every sample (centers, min/max): the second run recomputed them for all four
+    per_run = catalog.query(ws, "SELECT run_id, list(sample_id ORDER BY sample_id) AS ids FROM anchors_history "
+                                "GROUP BY run_id ORDER BY min(created_at)").to_pylist()
+    assert [len(r["ids"]) for r in per_run] == [3, 4] and per_run[1]["ids"] == ids
+    latest = catalog.query(ws, "SELECT run_id, status, anchor FROM anchors").to_pylist()
+    assert {r["run_id"] for r in latest} == {second["anchors"]["run_id"]} and {r["status"] for r in latest} == {"ok"}
+    assert min(r["anchor"] for r in latest) == 0.0 and max(r["anchor"] for r in latest) == 1.0
+
+
+@pytest.mark.slow
+def test_train_and_score_tags_gpu_work(prefect_server, workspace, write_train_catalog):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+    ids = write_train_catalog(workspace, n=24)
+    config = {"stage1_epochs": 1, "stage2_epochs": 1, "batch_size": 12, "lr": 1e-3, "num_workers": 0}
+    with _api(prefect_server["api_url"]):
+        out = scheduled.train_and_score(workspace=str(workspace.root), model="clib-tiny", train_config=config,
+                                        device="cpu")
+        with get_client(sync_client=True) as c:
+            tagged = c.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[scheduled.GPU_TAG])))
+            names = {c.read_flow(r.flow_id).name for r in tagged if r.state.is_completed()}
+    assert Path(out["train"]["checkpoint"]).is_file()
+    assert out["score"]["selected"] == len(ids) + 1  # every sample, the faceless one included
+    scores = catalog.query(workspace, "SELECT run_id, status, quality FROM scores "
+                                      "WHERE method = 'clib-fiqa'").to_pylist()
+    assert len(scores) == len(ids) + 1 and {r["run_id"] for r in scores} == {out["score"]["run_id"]}
+    assert sum(r["status"] == "ok" and 0.1 <= r["quality"] <= 0.9 for r in scores) == len(ids)
+    assert {"train", "score"} <= names  # both sub-flows ran under the `gpu` tag
+
+
+def _fiqa(api_url: str, argv: list[str]) -> int:
+    """`fiqa ARGV` in this process against the test server."""
+    from flows.cli import main
+
+    with _api(api_url):
+        return main(argv)
+
+
+def test_register_creates_pool_deployments(prefect_server, tmp_path, capsys):
+    from prefect.client.orchestration import get_client
+
+    data = tmp_path / "data"
+    _write_face(data / "carol" / "c0.png", 7)
+    api_url = prefect_server["api_url"]
+    rc = _fiqa(api_url, ["deploy", "register", "--dataset-path", str(data), "--dataset", "reg", "--workspace",
+                         str(tmp_path / "ws"), "--cpu-pool", "t-cpu", "--gpu-pool", "t-gpu", "--cron", "*/15 * * * *",
+                         "--train-cron", "0 4 * * 0", "--create-pools"])
+    out = capsys.readouterr()
+    assert rc == 0, out.out + out.err
+    assert "registered refresh-dataset/refresh-reg, train-and-score/weekly" in out.out
+    assert "prefect worker start --pool t-cpu" in out.out and "prefect worker start --pool t-gpu" in out.out
+    with _api(api_url), get_client(sync_client=True) as c:
+        cpu, gpu = c.read_work_pool("t-cpu"), c.read_work_pool("t-gpu")
+        assert (cpu.type, cpu.concurrency_limit) == ("process", None)
+        assert (gpu.type, gpu.concurrency_limit) == ("process", 1)
+        assert c.read_concurrency_limit_by_tag(scheduled.GPU_TAG).concurrency_limit == 1
+        refresh = c.read_deployment_by_name("refresh-dataset/refresh-reg")
+        train = c.read_deployment_by_name("train-and-score/weekly")
+    assert refresh.work_pool_name == "t-cpu" and train.work_pool_name == "t-gpu"
+    assert refresh.entrypoint == deploy.REFRESH_ENTRYPOINT and train.entrypoint == deploy.TRAIN_ENTRYPOINT
+    assert [s.schedule.cron for s in refresh.schedules] == ["*/15 * * * *"]
+    assert [s.schedule.cron for s in train.schedules] == ["0 4 * * 0"]
+    assert refresh.parameters["dataset_path"] == str(data.resolve()) and refresh.parameters["dataset"] == "reg"
+    assert refresh.parameters["workspace"] == str((tmp_path / "ws").resolve())
+    assert train.parameters["device"] == "cuda" and scheduled.GPU_TAG in train.tags
+    # a pull step brings the worker into the project checkout
+    assert json.dumps(refresh.pull_steps).count(str(ROOT)) == 1
+
+
+def test_register_refuses_missing_pool(prefect_server, tmp_path, capsys):
+    data = tmp_path / "d"
+    data.mkdir()
+    rc = _fiqa(prefect_server["api_url"], ["deploy", "register", "--dataset-path", str(data), "--dataset", "x",
+                                           "--cpu-pool", "absent-pool", "--no-train"])
+    assert rc == 2
+    assert "prefect work-pool create absent-pool --type process" in capsys.readouterr().err
+    # a bad configuration fails at registration, not at the first scheduled run
+    base = ["deploy", "register", "--dataset-path", str(data), "--dataset", "x", "--no-train"]
+    for extra, message in ((["--label-stages", "blur"], "must include 'align'"),
+                           (["--label-options", '{"detectr": "mtcnn"}'], "unknown label option(s) ['detectr']"),
+                           (["--steps", "ingest,train"], "unknown or no refresh steps")):
+        assert _fiqa(prefect_server["api_url"], base + extra) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_where_conditions_select_new_samples(workspace):
+    from data_manifest import ShardWriter
+
+    ShardWriter(workspace, "samples", "r1").write("00000", [
+        {"sample_id": sid, "dataset": ds, "source_kind": "folder", "source": f"/x/{sid}", "status": "ok"}
+        for sid, ds in (("d:a", "o'k"), ("d:b", "o'k"), ("e:c", "other"))])
+    ShardWriter(workspace, "faces", "r2").write("00000", [{"sample_id": "d:a", "status": "ok"}])
+    assert scheduled.count_where(workspace, scheduled.new_samples_where("o'k")) == 1
+    assert scheduled.count_where(workspace, scheduled.missing_anchors_where("o'k")) == 2
+    assert scheduled.parse_steps("anchors,ingest") == ["ingest", "anchors"]
+    with pytest.raises(ValueError, match="unknown or no refresh steps"):
+        scheduled.parse_steps("ingest,train")
+
+
+@pytest.mark.slow
+def test_prefect_yaml_deploys(prefect_server, tmp_path):
+    from prefect.client.orchestration import get_client
+
+    api_url = prefect_server["api_url"]
+    with _api(api_url):
+        deploy.ensure_pools(deploy.DEFAULT_CPU_POOL, deploy.DEFAULT_GPU_POOL)
+    env = {**_prefect_env(prefect_server["home"], api_url), "FIQA_PROJECT_ROOT": str(ROOT),
+           "FIQA_WATCH_PATH": str(tmp_path / "incoming"), "FIQA_WATCH_DATASET": "incoming",
+           "FIQA_WORKSPACE": str(tmp_path / "ws")}
+    out = subprocess.run([*_prefect_cli(), "--no-prompt", "deploy", "--all"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=TIMEOUT, start_new_session=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    with _api(api_url), get_client(sync_client=True) as c:
+        refresh = c.read_deployment_by_name("refresh-dataset/refresh")
+        train = c.read_deployment_by_name("train-and-score/weekly")
+    assert (refresh.work_pool_name, train.work_pool_name) == (deploy.DEFAULT_CPU_POOL, deploy.DEFAULT_GPU_POOL)
+    assert refresh.parameters["dataset"] == "incoming" and refresh.parameters["workspace"] == str(tmp_path / "ws")
+    assert [s.schedule.cron for s in refresh.schedules] == ["0 * * * *"]
+    assert [s.schedule.cron for s in train.schedules] == ["0 3 * * 0"]
+    assert train.parameters == {"workspace": str(tmp_path / "ws"), "model": "clib-rn50", "device": "cuda"}
+    assert json.dumps(refresh.pull_steps).count(str(ROOT)) == 1

@@ -4,7 +4,7 @@ A function a user query calls must be named here: the table functions one by one
 aggregate, window and macro functions in `sql/allowed_functions.txt`, which is written by
 `python -m data_manifest.sql_functions --write` from `duckdb_functions()` minus `EXCLUDED`.
 A function DuckDB adds in a later release is therefore refused until someone classifies it:
-`tests/test_sql_security.py` fails while any function of the installed DuckDB is neither allowed
+`tests/data_manifest/test_sql_security.py` fails while any function of the installed DuckDB is neither allowed
 nor excluded, and again when the file differs from what the generator writes.
 
 File readers (`read_parquet`, `read_text`, `glob`, ...) are not run on the query connection at

@@ -8,8 +8,8 @@ labels the attributes with a WIDER-trained CNN instead) -> anchors (dlib) ->
 train (tiny config, CPU) with the confidence pass -> score -> evaluate, and
 prints a summary: counts per table, factor distributions from SQL, each label
 against its known degradation (the rules and targets of `pipeline.validity`),
-how anchors and scores move with the degradation level (pipeline/demo_checks.py),
-the EDC table, and where the report and plots are (pipeline/demo_summary.py).
+how anchors and scores move with the degradation level (pipeline/demo/checks.py),
+the EDC table, and where the report and plots are (pipeline/demo/summary.py).
 Nothing is downloaded.
 """
 
@@ -26,9 +26,9 @@ from typing import Any
 
 from data_manifest import Workspace, catalog
 from flows import runtime
-from pipeline.demo_checks import correlations, demo_rows, label_validity, labellers
-from pipeline.demo_edc_inputs import comparisons, quality_files
-from pipeline.demo_summary import print_summary
+from pipeline.demo.checks import correlations, demo_rows, label_validity, labellers
+from pipeline.demo.edc_inputs import comparisons, quality_files
+from pipeline.demo.summary import print_summary
 from pipeline.synthetic.demo_data import DATASET, IN_DEMO, build_or_read
 
 

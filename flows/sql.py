@@ -18,7 +18,7 @@ import duckdb
 
 from data_manifest import Workspace, catalog
 from flows.arguments import add_sql_limits, int_at_least
-from pipeline.query_results import FORMATS, write_result
+from pipeline.reports.query_results import FORMATS, write_result
 
 MAX_SQL_FILE = 1 << 20  # bytes of a --file script
 

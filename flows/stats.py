@@ -1,7 +1,7 @@
 """`fiqa stats`: factor distributions, cross-tabs, per-dataset/per-run breakdowns and anchor histograms.
 
 Runs the bundled queries in data_manifest/sql/ (the same files work in the
-DuckDB CLI against catalog.duckdb) and draws PNG plots (:mod:`pipeline.stats_report`). Starts no flow.
+DuckDB CLI against catalog.duckdb) and draws PNG plots (:mod:`pipeline.reports.stats`). Starts no flow.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import argparse
 from pathlib import Path
 
 from data_manifest import Workspace
-from pipeline.query_results import format_table
-from pipeline.stats_report import QUERIES, collect, plot
+from pipeline.reports.query_results import format_table
+from pipeline.reports.stats import QUERIES, collect, plot
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:

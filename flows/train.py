@@ -1,6 +1,6 @@
 """`fiqa train`: train CLIB-FIQA on the catalog (stage 1, confidence calibration, stage 2).
 
-The training set is a DuckDB query over the catalog (:mod:`pipeline.training_set`): aligned
+The training set is a DuckDB query over the catalog (:mod:`pipeline.training.training_set`): aligned
 crops (faces) joined with the latest anchors and factor labels, with an optional SQL filter.
 The confidence rho of every training sample is written to the `scores` table
 (method "clib-fiqa-confidence"); checkpoints go to <workspace>/checkpoints/<run_id>/.
@@ -23,8 +23,8 @@ from data_manifest import Workspace
 from flows import runtime
 from flows.arguments import add_sql_limits
 from models.clib_overrides import check_weights, model_config_with
-from pipeline.confidence_scores import confidence_writer
-from pipeline.training_set import REQUIRED_COLUMNS, load_training_set, training_set_sql
+from pipeline.training.confidence_scores import confidence_writer
+from pipeline.training.training_set import REQUIRED_COLUMNS, load_training_set, training_set_sql
 
 DEFAULT_MODEL_CONFIG = "clib-rn50"
 TRAIN_OPTIONS: tuple[tuple[str, type], ...] = (

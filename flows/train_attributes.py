@@ -1,12 +1,12 @@
 """`fiqa train-attributes`: train the occlusion / expression / lighting CNN on WIDER FACE.
 
 Read the WIDER annotation files -> shard the images -> per shard, face crops and ground-truth rows
-(:mod:`pipeline.wider_crops`) written as a crop pack plus `samples` / `faces` / `factors` rows
+(:mod:`pipeline.attribute_training.crops`) written as a crop pack plus `samples` / `faces` / `factors` rows
 (dataset "wider_face/<split>", labeller "wider_face_gt") in a data workspace of their own (default
 <workspace>/wider_face, so they never mix with the dataset being labelled) -> training ->
 evaluation on the val split -> checkpoint in <workspace>/checkpoints/, report (markdown +
 confusion-matrix PNGs) in <workspace>/reports/<run_id>/ and as Prefect artifacts.
-Training is :mod:`pipeline.attributes_training`, the report :mod:`pipeline.attributes_report`.
+Training is :mod:`pipeline.attribute_training.train`, the report :mod:`pipeline.attribute_training.report`.
 Re-running with the same --run-id skips committed crop shards.
 """
 
@@ -24,9 +24,7 @@ from prefect.cache_policies import NO_CACHE
 from data_manifest import Workspace, catalog
 from data_manifest.writer import shard_name
 from flows import runtime
-from pipeline.attributes_report import write_report
-from pipeline.attributes_training import train_and_evaluate
-from pipeline.wider_crops import (
+from pipeline.attribute_training.crops import (
     DETECTOR_CHOICES,
     crop_counts,
     parse_splits,
@@ -34,6 +32,8 @@ from pipeline.wider_crops import (
     resolve_splits,
     write_crop_shard,
 )
+from pipeline.attribute_training.report import write_report
+from pipeline.attribute_training.train import train_and_evaluate
 
 DATA_WORKSPACE = "wider_face"  # default data workspace, inside the main workspace
 DEFAULT_MODEL_CONFIG = "mobilefacenet"
@@ -92,14 +92,14 @@ class TrainAttributesOptions(runtime.RunOptions):
 @task(name="wider-crops", cache_policy=NO_CACHE)
 def extract_shard(ws_root: str, run_id: str, shard: str, items: list[tuple[str, Any]], **kwargs: Any
                   ) -> dict[str, int]:
-    """One shard of WIDER crops and rows (:func:`pipeline.wider_crops.write_crop_shard`) as a task."""
+    """One shard of WIDER crops and rows (:func:`pipeline.attribute_training.crops.write_crop_shard`) as a task."""
     return write_crop_shard(Workspace(ws_root), run_id, shard, items, **kwargs)
 
 
 @task(name="train-attributes-model", cache_policy=NO_CACHE)
 def train_task(ws_root: str, data_root: str, run_id: str, model_config: str, train_config: dict[str, Any],
                **kwargs: Any) -> dict[str, Any]:
-    """Training and validation (:func:`pipeline.attributes_training.train_and_evaluate`) as a task."""
+    """Training and validation (:func:`pipeline.attribute_training.train.train_and_evaluate`) as a task."""
     return train_and_evaluate(Workspace(ws_root), Workspace(data_root), run_id, model_config, train_config, **kwargs)
 
 
@@ -107,7 +107,7 @@ def _publish(files: dict[str, Path], trained: dict[str, Any]) -> None:
     """The report as Prefect artifacts: markdown, a metrics table and the confusion-matrix images."""
     from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
 
-    from pipeline.attributes_report import metrics_table
+    from pipeline.attribute_training.report import metrics_table
 
     create_markdown_artifact(files["report"].read_text(), key="attributes-report",
                              description="attribute CNN training report")

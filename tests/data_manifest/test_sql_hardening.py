@@ -23,7 +23,7 @@ import pytest
 from data_manifest import ShardWriter, Workspace, catalog, runs, snapshots, sql_functions
 from data_manifest.gallery import GalleryOptions, write_gallery
 from flows import anchors, cli, runtime
-from pipeline.training_set import training_set_sql
+from pipeline.training.training_set import training_set_sql
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -16,7 +16,7 @@ import pytest
 
 from data_manifest import ShardWriter, Workspace, catalog
 from flows import anchors, cli
-from pipeline.training_set import training_set_sql
+from pipeline.training.training_set import training_set_sql
 
 WRITES = [
     "COPY samples TO '{out}'",

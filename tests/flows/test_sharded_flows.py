@@ -217,7 +217,7 @@ def test_train_attributes_resume_after_a_failed_shard_equals_an_uninterrupted_ru
                                                                                    monkeypatch):
     from data_manifest import Workspace
     from flows import train_attributes as T
-    from pipeline import wider_crops
+    from pipeline.attribute_training import crops as wider_crops
     from pipeline.synthetic.wider_synthetic import SyntheticSpec, make_dataset
 
     root = make_dataset(tmp_path / "wider", SyntheticSpec(images=12), seed=1)

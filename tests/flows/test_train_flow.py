@@ -128,7 +128,7 @@ def test_train_score_export_flows(prefect_harness, workspace, tmp_path, capsys, 
     from flows.train import train_flow
     from models.scorer import load
     from models.scorer_onnx import OnnxScorer
-    from pipeline.confidence_scores import CONFIDENCE_METHOD
+    from pipeline.training.confidence_scores import CONFIDENCE_METHOD
 
     ids = write_train_catalog(workspace)
     cfg = {"stage1_epochs": 1, "stage2_epochs": 1, "batch_size": 16, "lr": 1e-3, "num_workers": 1}

@@ -267,8 +267,8 @@ def test_training_crop_with_mtcnn_on_a_real_face(mtcnn_detector, mtcnn_result, r
 
 def test_flow_rejects_bad_inputs_before_work(tmp_path: Path) -> None:
     from flows.train_attributes import configure_parser, train_config_from_args
+    from pipeline.attribute_training.crops import resolve_detector, resolve_splits
     from pipeline.labellers.attributes import wider_face_key as _face_key
-    from pipeline.wider_crops import resolve_detector, resolve_splits
 
     with pytest.raises(FileNotFoundError, match="train annotation file"):
         resolve_splits(str(tmp_path))

@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from data_manifest import Workspace, catalog
-from pipeline.query_results import format_table
-from pipeline.stats_report import collect
+from pipeline.reports.query_results import format_table
+from pipeline.reports.stats import collect
 
 
 def print_summary(ws: Workspace, summary: dict[str, Any]) -> None:

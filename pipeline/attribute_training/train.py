@@ -7,8 +7,8 @@ from typing import Any
 import numpy as np
 
 from data_manifest import Workspace
+from pipeline.attribute_training.crops import load_crops
 from pipeline.labellers.attributes import split_calibration
-from pipeline.wider_crops import load_crops
 
 
 def train_and_evaluate(

@@ -139,7 +139,7 @@ def _reingest_with_new_first_identity(ws) -> dict[str, int]:
 def test_reuse_embeddings_embeds_only_new_samples_and_follows_relabelled_identities(workspace, prefect_harness,
                                                                                      monkeypatch):
     from flows import anchors as F
-    from flows import runtime
+    from flows import runners
 
     _seed_workspace(workspace)
     kw = {"workspace": str(workspace.root), "fr_model": "dlib", "shard_size": 5, "chunk_size": 4,
@@ -171,8 +171,8 @@ def test_reuse_embeddings_embeds_only_new_samples_and_follows_relabelled_identit
 
     # A full recompute (CLI, no reuse; --address reaches the task runner) gives the same anchors.
     seen = []
-    real = runtime.make_task_runner
-    monkeypatch.setattr(runtime, "make_task_runner", lambda *a: seen.append(a) or real("threads", 1))
+    real = runners.make_task_runner
+    monkeypatch.setattr(runners, "make_task_runner", lambda *a: seen.append(a) or real("threads", 1))
     assert F.main(["--workspace", str(workspace.root), "--fr-model", "dlib", "--shard-size", "5", "--chunk-size",
                    "4", "--center-block", "3", "--device", "cpu", "--runner", "dask",
                    "--address", "tcp://127.0.0.1:8786"]) == 0
@@ -204,15 +204,18 @@ def test_streamed_flow_equals_the_in_memory_computation(workspace, prefect_harne
     from types import SimpleNamespace
 
     from benchmarks.anchors import FLOW_RUN, synthetic_embeddings, synthetic_samples
+    from data_manifest.selection import freeze_selection
     from flows import anchors as F
+    from pipeline import anchors_embed
 
     n, identities, dim, shard = 300, 7, 16, 64
     synthetic_samples(str(workspace.root), n, identities)
-    path = F.freeze_selection(workspace, FLOW_RUN, F.selection_sql(), shard)
+    path = freeze_selection(workspace, FLOW_RUN, F.selection_sql(), shard, required=F.REQUIRED)
     meta = pq.read_metadata(path)
     assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [64, 64, 64, 64, 44]
     assert synthetic_embeddings(str(workspace.root), dim, identities, shard) == n
-    monkeypatch.setattr(F, "_recognizer", lambda *a, **k: SimpleNamespace(model_id="synthetic", embedding_dim=dim))
+    monkeypatch.setattr(anchors_embed, "recognizer",
+                        lambda *a, **k: SimpleNamespace(model_id="synthetic", embedding_dim=dim))
     out = F.anchors_flow(workspace=str(workspace.root), run_id=FLOW_RUN, shard_size=shard, chunk_size=50,
                          center_block=3, device="cpu", fr_model="synthetic", progress=False)
     assert out["selected"] == n and out["shards"] == 5 and out["embeddings_computed"] == n

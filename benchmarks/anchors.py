@@ -159,14 +159,14 @@ def synthetic_embeddings(ws_root: str, dim: int, identities: int, shard_size: in
     import pyarrow.parquet as pq
 
     from data_manifest import ShardWriter, Workspace, runs
-    from flows import anchors as F
+    from data_manifest.selection import selection_path, selection_shards
 
     ws = Workspace(ws_root)
     centers = np.random.default_rng(seed).normal(size=(identities, dim)).astype(np.float32)
     writer = ShardWriter(ws, "embeddings", FLOW_RUN)
-    path = F.runtime.selection_path(ws, FLOW_RUN)
+    path = selection_path(ws, FLOW_RUN)
     total = 0
-    for name, group in F.selection_shards(path).items():
+    for name, group in selection_shards(path).items():
         sel = pq.ParquetFile(path).read_row_group(group, columns=["sample_id", "identity"])
         ident = sel.column("identity").to_numpy()
         rng = np.random.default_rng([seed, group])
@@ -184,9 +184,9 @@ def stub_recognizer(dim: int) -> None:
     """The flow's recogniser replaced by its model id and dimension (its embedding shards are all committed)."""
     from types import SimpleNamespace
 
-    from flows import anchors as F
+    from pipeline import anchors_embed
 
-    F._recognizer = lambda *a, **k: SimpleNamespace(model_id="synthetic", embedding_dim=dim)
+    anchors_embed.recognizer = lambda *a, **k: SimpleNamespace(model_id="synthetic", embedding_dim=dim)
 
 
 def flow_child(ws_root: str, step: str, *, n: int, dim: int, identities: int, shard_size: int) -> dict:
@@ -194,6 +194,7 @@ def flow_child(ws_root: str, step: str, *, n: int, dim: int, identities: int, sh
     import resource
 
     from data_manifest import Workspace, catalog
+    from data_manifest.selection import freeze_selection
     from flows import anchors as F
 
     t = time.perf_counter()
@@ -202,7 +203,7 @@ def flow_child(ws_root: str, step: str, *, n: int, dim: int, identities: int, sh
         synthetic_samples(ws_root, n, identities)
         catalog.refresh(Workspace(ws_root))
     elif step == "freeze":
-        F.freeze_selection(Workspace(ws_root), FLOW_RUN, F.selection_sql(), shard_size)
+        freeze_selection(Workspace(ws_root), FLOW_RUN, F.selection_sql(), shard_size, required=F.REQUIRED)
     elif step == "embeddings":
         out["embeddings"] = synthetic_embeddings(ws_root, dim, identities, shard_size)
     elif step == "flow":

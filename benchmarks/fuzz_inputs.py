@@ -5,7 +5,7 @@ lists) each case builds a small valid dataset, applies seeded mutations (bit fli
 truncation, length/offset/size fields set to extremes, NaN/inf labels, duplicated and
 reordered entries, symlinks, odd file names, BOMs, NUL bytes) and ingests it the way
 `fiqa ingest` does, minus Prefect: `build_reader` plans the shards, the ingest shard
-body (`flows.shard_work.ingest_samples`) reads, validates and writes each shard to a Parquet manifest, and the rows
+body (`pipeline.ingest_shard.ingest_samples`) reads, validates and writes each shard to a Parquet manifest, and the rows
 are read back. A case passes when the dataset is either refused with one clear error
 naming the file, or gives exactly one row per entry (never a traceback, never a silent
 duplicate), and no usable row carries another identity than its image's.
@@ -611,7 +611,7 @@ def ingest_rows(case: Case, fmt: str, ws: Workspace, run_id: str) -> list[dict[s
     Errors of the planning step are the dataset's refusal (Refused); anything a shard raises is a crash.
     """
     from flows.ingest import build_reader
-    from flows.shard_work import ingest_samples
+    from pipeline.ingest_shard import ingest_samples
 
     try:
         reader = build_reader(str(case.path), READER_KIND[fmt], shard_size=4)

@@ -13,7 +13,7 @@ with the labels each should get. By default the variants go through the real
 label flow on a temporary workspace, as 112x112 already-aligned inputs
 (`fiqa label --aligned --stages align,blur,attributes`): the detector measures
 the landmarks, the stages label. `--direct` calls the same registered stages
-(`flows.label.get_stage`) on the crops with the landmarks found on the clean
+(`pipeline.labellers.registry.get_stage`) on the crops with the landmarks found on the clean
 photo. Prints JSON: per variant the rate of each class, per factor the balanced
 accuracy against the expected labels, and each rule's rate against its target.
 """
@@ -74,7 +74,7 @@ def _outcomes(variants: list[V.Variant], rows: dict[tuple[str, str], list[dict[s
 
 def label_direct(variants: list[V.Variant], faces: list[Any], options: Any, stages: tuple[str, ...]) -> dict:
     """Factor rows from the registered stages called on the crops (the flow's code path without the flow)."""
-    from flows import label as L
+    from pipeline.labellers import registry as L
     from pipeline.labellers.base import FaceCrop
 
     landmarks = {f.name: f.landmarks for f in faces}
@@ -118,7 +118,7 @@ def run(photos: str | None = None, *, direct: bool = False, blur_thresholds: str
         attributes_checkpoint: str | None = None, detector: str = "mtcnn", occluders: bool = True,
         workdir: str | None = None, stages: tuple[str, ...] = FACTOR_STAGES) -> dict[str, Any]:
     """The validity report of the label stages on the faces of `photos` (see the module docstring)."""
-    from flows import label as L
+    from pipeline.labellers import registry as L
 
     t0 = time.perf_counter()
     options = L.options_from({"align_mode": "already_aligned", "detector": detector,

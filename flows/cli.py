@@ -1,11 +1,12 @@
-"""The `fiqa` command line: one sub-command per flow, imported only when it is run."""
+"""The `fiqa` command line: one sub-command per flow, imported only when it is run (errors: flows.command)."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
-from typing import Any
+
+from flows.command import run_command
 
 # name -> (module, one-line help). Modules are imported lazily so `fiqa --help`,
 # `fiqa sql` and `fiqa stats` never import Prefect or torch.
@@ -66,26 +67,6 @@ def main(argv: list[str] | None = None) -> int:
     mod.configure_parser(parser)
     return run_command(parser.prog, mod, parser.parse_args(argv[1:]))
 
-
-
-
-def run_command(prog: str, mod: Any, args: argparse.Namespace) -> int:
-    """The one CLI error path: run_cli raises; failed shards exit 1, bad input exits 2, each with one message."""
-    from flows.arguments import INPUT_ERRORS, sql_limits
-    from flows.runtime import ShardFailures, cli_guard  # a usable --workspace and a free --run-id first
-
-    try:
-        with sql_limits(args), cli_guard(args):
-            return int(mod.run_cli(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except ShardFailures as e:  # the run is recorded as failed; the message says how to resume it
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 1
-    except INPUT_ERRORS as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from data_manifest import Workspace, catalog
-from flows import runtime
+from flows import command
 from pipeline.demo.checks import correlations, demo_rows, label_validity, labellers
 from pipeline.demo.edc_inputs import comparisons, quality_files
 from pipeline.demo.summary import print_summary
@@ -130,4 +130,4 @@ def run_cli(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(runtime.main_for("flows.demo")())
+    raise SystemExit(command.main_for("flows.demo")())

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from flows import scheduled
+from flows import command, scheduled
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 REFRESH_ENTRYPOINT = "flows/scheduled.py:refresh_dataset"
@@ -41,7 +41,7 @@ def refresh_parameters(args: argparse.Namespace) -> dict[str, Any]:
     path = Path(args.dataset_path).expanduser().resolve()
     if not path.exists():
         raise FileNotFoundError(f"--dataset-path {path} does not exist")
-    from flows.label import ALIGN, options_from, parse_stages
+    from pipeline.labellers.registry import ALIGN, options_from, parse_stages
 
     steps = scheduled.parse_steps(args.steps)
     stages = parse_stages(args.label_stages)
@@ -254,6 +254,5 @@ def run_cli(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    from flows import runtime
 
-    raise SystemExit(runtime.main_for("flows.deploy")())
+    raise SystemExit(command.main_for("flows.deploy")())

@@ -27,8 +27,9 @@ from prefect.cache_policies import NO_CACHE
 
 import flows  # noqa: F401  (Prefect defaults before prefect is imported)
 from data_manifest import Workspace
-from flows import runtime
-from flows.runtime import add_common_args, main_for, tracked_run
+from flows import command
+from flows.command import add_common_args, main_for
+from flows.runtime import tracked_run
 from pipeline.evaluation.benchmark_embedding import embed_benchmark, score_benchmark
 from pipeline.evaluation.plots import plot_curves
 from pipeline.evaluation.quality_specs import method_pair_qualities, names_ours, parse_qualities
@@ -228,7 +229,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 def run_cli(args: argparse.Namespace) -> int:
     """Run the evaluate flow from parsed options and print where the report went."""
-    result = evaluate_run(runtime.options_from_args(EvaluateOptions, args))
+    result = evaluate_run(command.options_from_args(EvaluateOptions, args))
     print(json.dumps({k: result[k] for k in ("run_id", "output", "results", "plots", "counts")}, indent=1))
     return 0
 

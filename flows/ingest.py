@@ -18,9 +18,10 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from data_manifest import Workspace, runs
-from flows import runtime, shard_work
+from flows import command, runners, runtime
 from flows.arguments import int_at_least
 from pipeline import images
+from pipeline.ingest_shard import ingest_samples
 from pipeline.readers import KINDS, DatasetReader, Shard, open_reader
 
 FORMATS = ("auto", *KINDS)
@@ -37,7 +38,7 @@ def build_reader(path: str, format: str = "auto", shard_size: int = DEFAULT_SHAR
 
 
 @dataclass(frozen=True)
-class IngestOptions(runtime.RunOptions):
+class IngestOptions(command.RunOptions):
     """Everything one `ingest` run needs, validated once here."""
 
     path: str = ""  # image folder, train.rec (or its folder), verification .bin, CSV/TSV list
@@ -63,7 +64,7 @@ class IngestOptions(runtime.RunOptions):
 def ingest_shard(ws_root: str, run_id: str, shard: str, item: Shard, *, pool: Any, reader: DatasetReader,
                  dataset: str, max_pixels: int) -> dict[str, int]:
     """Read, validate and write one shard of samples rows, in the compute pool when there is one."""
-    return runtime.offload(pool, shard_work.ingest_samples, ws_root, run_id, shard, item, reader=reader,
+    return runners.offload(pool, ingest_samples, ws_root, run_id, shard, item, reader=reader,
                            dataset=dataset, max_pixels=max_pixels)
 
 
@@ -80,7 +81,7 @@ def ingest_run(opts: IngestOptions) -> dict[str, Any]:
               "shard_size": opts.shard_size, "max_pixels": opts.max_pixels}
     runtime.check_resume(ws, opts.run_id, params)
     t0 = time.perf_counter()
-    with runtime.compute_pool(opts) as pool, runtime.tracked_run(ws, "ingest", params, opts.run_id) as state:
+    with runners.compute_pool(opts) as pool, runtime.tracked_run(ws, "ingest", params, opts.run_id) as state:
         rid = state["run_id"]
         outcomes = runtime.run_shards(ingest_shard, {s.name: s for s in plan}, ws=ws, run_id=rid,
                                       desc=f"ingest {opts.dataset}", progress=opts.progress, pool=pool,
@@ -99,7 +100,7 @@ def ingest_run(opts: IngestOptions) -> dict[str, Any]:
 def run(opts: IngestOptions) -> dict[str, Any]:
     """Open the dataset (a bad path or format fails before Prefect starts), then run the flow on its runner."""
     build_reader(opts.path, opts.format, opts.shard_size)
-    return runtime.with_runner(ingest_run, opts, pooled=True)(opts)
+    return runners.with_runner(ingest_run, opts, pooled=True)(opts)
 
 
 def ingest(**kwargs: Any) -> dict[str, Any]:
@@ -116,11 +117,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-pixels", type=int_at_least(1), default=images.MAX_PIXELS,
                    help=f"refuse images declaring more pixels (default: {images.MAX_PIXELS})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    runtime.add_common_args(p)
+    command.add_common_args(p)
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    result = run(runtime.options_from_args(IngestOptions, args, progress=False if args.no_progress else None))
+    result = run(command.options_from_args(IngestOptions, args, progress=False if args.no_progress else None))
     counts = result["counts"]
     statuses = ", ".join(f"{k.removeprefix('status_')} {v}" for k, v in counts.items() if k.startswith("status_"))
     print(f"run {result['run_id']}: {counts.get('rows', 0)} rows ({statuses}); "
@@ -130,4 +131,4 @@ def run_cli(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(runtime.main_for("flows.ingest")())
+    raise SystemExit(command.main_for("flows.ingest")())

@@ -19,46 +19,21 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from data_manifest import ShardWriter, Workspace, catalog, crops, runs
+from data_manifest import Workspace, catalog, runs, selection
+from data_manifest.flow_queries import flow_sql
 from data_manifest.vocabulary import BLUR_THRESHOLDS, parse_blur_thresholds
-from data_manifest.writer import shard_name
-from flows import runtime
+from flows import command, runners, runtime
 from flows.arguments import add_sql_limits
-from pipeline.labellers.base import ERROR, OK, SKIPPED, FaceCrop
-from pipeline.labellers.registry import (  # noqa: F401  (the registry, re-exported for callers of the label flow)
-    ALIGN,
-    DEFAULT_STAGES,
-    REAL_ATTRIBUTE_STAGES,
-    STAGES,
-    LabelOptions,
-    StageGroup,
-    StageSpec,
-    get_stage,
-    options_from,
-    parse_stages,
-    register_stage,
-)
+from pipeline.labellers import batch
+from pipeline.labellers.registry import DEFAULT_STAGES, STAGES, LabelOptions, get_stage, options_from, parse_stages
 
-SELECTION_FILE = "selection.parquet"
-SELECT_SQL = runtime.flow_sql("label_selection")
-SELECTION_SCHEMA = pa.schema([
-    ("sample_id", pa.string()), ("source_kind", pa.string()), ("source", pa.string()),
-    ("sample_status", pa.string()), ("sample_error", pa.string()), ("face_status", pa.string()),
-    ("face_error", pa.string()), ("crop_file", pa.string()), ("crop_index", pa.int32()),
-    ("landmarks", pa.list_(pa.float32())), ("transform", pa.list_(pa.float32())),
-])
+SELECT_SQL = flow_sql("label_selection")
 
 
 def selection_sql(where: str | None) -> str:
@@ -66,110 +41,8 @@ def selection_sql(where: str | None) -> str:
     return catalog.selection_sql(SELECT_SQL, where)
 
 
-def freeze_selection(ws: Workspace, run_id: str, where: str | None, shard_size: int) -> Path:
-    """Write the selected rows to runs/<run_id>/selection.parquet, one row group per shard (once per run)."""
-    path = ws.runs_dir / run_id / SELECTION_FILE
-    if path.exists():
-        return path
-    what = "the label selection" if where is None else f"--where {where!r}"
-    return runtime.stream_selection(ws, path, selection_sql(where), shard_size, what=what, schema=SELECTION_SCHEMA)
-
-
-def _decode(row: dict[str, Any]) -> tuple[np.ndarray | None, str, str | None]:
-    from pipeline import images
-    from pipeline.readers import open_source
-
-    if row.get("sample_status") not in (None, OK):
-        return None, row["sample_status"], f"sample is {row['sample_status']}: {row.get('sample_error')}"
-    if row.get("source_kind") is None:
-        return None, ERROR, "sample has no samples row"
-    try:
-        data = open_source(row)
-    except (OSError, ValueError) as e:
-        return None, ERROR, f"cannot read source: {e}"
-    dec = images.decode(data)
-    if not dec.ok:
-        return None, dec.status, dec.error
-    return dec.rgb, OK, None
-
-
-def _align(ws: Workspace, run_id: str, shard: str, rows: list[dict[str, Any]], stage: Any,
-           timings: Counter) -> tuple[list[FaceCrop], list[dict[str, Any]]]:
-    from pipeline.labellers.align import face_row
-
-    faces: list[FaceCrop] = []
-    for row in rows:
-        t0 = time.perf_counter()
-        img, status, error = _decode(row)
-        t1 = time.perf_counter()
-        face = stage.align(row["sample_id"], img) if img is not None else FaceCrop(row["sample_id"], None,
-                                                                                      status=status, error=error)
-        timings["decode"] += t1 - t0
-        timings[ALIGN] += time.perf_counter() - t1
-        faces.append(face)
-    ok = [f for f in faces if f.status == OK and f.crop is not None]
-    rel = crops.write_pack(ws, run_id, shard, np.stack([f.crop for f in ok])) if ok else None
-    index = {id(f): i for i, f in enumerate(ok)}
-    face_rows = [face_row(f, detector=stage.detector_name, detector_version=stage.detector_version,
-                          crop_file=rel if id(f) in index else None, crop_index=index.get(id(f))) for f in faces]
-    return faces, face_rows
-
-
-def _stored_faces(ws: Workspace, rows: list[dict[str, Any]]) -> list[FaceCrop]:
-    """FaceCrops from an earlier align run's `faces` rows and crop packs (factor-only runs)."""
-    from data_manifest.crops import PackReader
-    from models.geometry import transform_points
-
-    reader = PackReader(ws)
-    faces: list[FaceCrop] = []
-    for row in rows:
-        sid = row["sample_id"]
-        if row.get("face_status") is None:
-            faces.append(FaceCrop(sid, None, status=SKIPPED, error="not aligned yet: run the align stage first"))
-            continue
-        if row["face_status"] != OK or row.get("crop_file") is None:
-            faces.append(FaceCrop(sid, None, status=row["face_status"], error=row.get("face_error")))
-            continue
-        try:
-            crop = reader.read(row["crop_file"], int(row["crop_index"]))
-        except (OSError, ValueError, IndexError) as e:
-            faces.append(FaceCrop(sid, None, status=ERROR, error=f"cannot read crop: {e}"))
-            continue
-        lm = None
-        if row.get("landmarks") is not None and row.get("transform") is not None:
-            lm = transform_points(np.asarray(row["landmarks"], np.float64).reshape(5, 2),
-                                  np.asarray(row["transform"], np.float64).reshape(2, 3))
-        faces.append(FaceCrop(sid, crop, landmarks=lm))
-    return faces
-
-
-def label_rows(ws: Workspace, run_id: str, shard: str, rows: list[dict[str, Any]], stages: Sequence[str],
-               options: LabelOptions) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
-    """Run the stages over one shard's selected rows: (faces rows, factors rows, counts with timings)."""
-    timings: Counter = Counter()
-    face_rows: list[dict[str, Any]] = []
-    if ALIGN in stages:
-        faces, face_rows = _align(ws, run_id, shard, rows, get_stage(ALIGN, options), timings)
-    else:
-        t0 = time.perf_counter()
-        faces = _stored_faces(ws, rows)
-        timings["read_crops"] += time.perf_counter() - t0
-    factor_rows: list[dict[str, Any]] = []
-    for name in stages:
-        if name == ALIGN:
-            continue
-        t0 = time.perf_counter()
-        factor_rows += get_stage(name, options)(faces)
-        timings[name] += time.perf_counter() - t0
-    counts: dict[str, Any] = {"samples": len(rows), "faces_rows": len(face_rows), "factors_rows": len(factor_rows)}
-    counts.update({f"faces_{k}": v for k, v in Counter(r["status"] for r in face_rows).items()})
-    counts.update({f"{k[0]}_{k[1]}": v for k, v in Counter((r["factor"], r["status"]) for r in factor_rows).items()})
-    counts.update({f"seconds_{k}": round(v, 6) for k, v in timings.items()})
-    return face_rows, factor_rows, counts
-
-
 @task(name="label-shard", cache_policy=NO_CACHE)
-def label_shard(ws_root: str, run_id: str, shard: str, row_group: int, *, selection: str, stages: list[str],
+def label_shard(ws_root: str, run_id: str, shard: str, row_group: int, *, selection_file: str, stages: list[str],
                 options: LabelOptions) -> dict[str, Any]:
     """Label one row group of the frozen selection and write its rows (the runtime commits it).
 
@@ -177,20 +50,14 @@ def label_shard(ws_root: str, run_id: str, shard: str, row_group: int, *, select
     shards it gives the `shard` rate of the run's `stage_images_per_s`, the images/s of one worker.
     """
     t0 = time.perf_counter()
-    ws = Workspace(ws_root)
-    rows = pq.ParquetFile(selection).read_row_group(row_group).to_pylist()
-    face_rows, factor_rows, counts = label_rows(ws, run_id, shard, rows, stages, options)
-    # Same file names on a re-run: a shard that failed half-way is overwritten, never duplicated.
-    if ALIGN in stages:
-        ShardWriter(ws, "faces", run_id).write(shard, face_rows)
-    if factor_rows:
-        ShardWriter(ws, "factors", run_id).write(shard, factor_rows)
+    rows = selection.read_shard(selection_file, row_group).to_pylist()
+    counts = batch.label_shard(Workspace(ws_root), run_id, shard, rows, stages, options)
     counts["seconds_shard"] = round(time.perf_counter() - t0, 6)
     return counts
 
 
 @dataclass(frozen=True)
-class LabelRunOptions(runtime.RunOptions):
+class LabelRunOptions(command.RunOptions):
     """Everything one `label` / `relabel` run needs, validated once here."""
 
     stages: tuple[str, ...] = DEFAULT_STAGES  # registered stage names, in run order
@@ -217,24 +84,24 @@ def run_label(opts: LabelRunOptions, flow_name: str = "label") -> dict[str, Any]
     """The label run (inside the label or relabel flow): freeze the selection, label every shard, record timings."""
     ws = Workspace(opts.workspace)
     names = list(opts.stages)
-    opts.check()
     params = {"stages": names, "where": opts.where, "shard_size": opts.shard_size,
               "options": opts.options.to_params()}
     runtime.check_resume(ws, opts.run_id, params)
     t0 = time.perf_counter()
     with runtime.tracked_run(ws, flow_name, params, opts.run_id) as state:
         rid = state["run_id"]
-        selection = freeze_selection(ws, rid, opts.where, opts.shard_size)
-        shards = {shard_name(i): i for i in range(pq.ParquetFile(selection).num_row_groups)}
-        outcomes = runtime.run_shards(label_shard, shards, ws=ws, run_id=rid, desc=f"{flow_name} {','.join(names)}",
-                                      progress=opts.progress, selection=str(selection), stages=names,
-                                      options=opts.options)
+        what = "the label selection" if opts.where is None else f"--where {opts.where!r}"
+        frozen = selection.freeze_selection(ws, rid, selection_sql(opts.where), opts.shard_size, what=what,
+                                            schema=batch.SELECTION_SCHEMA)
+        outcomes = runtime.run_shards(label_shard, selection.selection_shards(frozen), ws=ws, run_id=rid,
+                                      desc=f"{flow_name} {','.join(names)}", progress=opts.progress,
+                                      selection_file=str(frozen), stages=names, options=opts.options)
         summary = runtime.summarize(outcomes)
         totals = runs.shard_counts(ws, rid)
-        state["metrics"] = _metrics(totals, time.perf_counter() - t0, summary)
+        state["metrics"] = batch.run_metrics(totals, time.perf_counter() - t0, summary)
         state["counts"] = totals
         runtime.check_shard_failures(outcomes, rid)
-    return {"run_id": rid, "stages": names, "selected": pq.ParquetFile(selection).metadata.num_rows,
+    return {"run_id": rid, "stages": names, "selected": selection.selected_rows(frozen),
             "shards": summary["shards"], "skipped_shards": summary["skipped_shards"], "counts": totals,
             **state["metrics"]}
 
@@ -246,24 +113,14 @@ def label_run(opts: LabelRunOptions) -> dict[str, Any]:
 
 
 def run(opts: LabelRunOptions, flow_obj: Any = label_run) -> dict[str, Any]:
-    """Build the stages (before Prefect starts), then run the flow on the task runner the options ask for."""
+    """Build the stages once (before Prefect starts), then run the flow on the task runner the options ask for."""
     opts.check()
-    return runtime.with_runner(flow_obj, opts)(opts)
+    return runners.with_runner(flow_obj, opts)(opts)
 
 
 def label(**kwargs: Any) -> dict[str, Any]:
     """Run the `label` flow from keyword options (the fields of LabelRunOptions; `options` may be a dict)."""
     return run(LabelRunOptions(**kwargs))
-
-
-def _metrics(totals: dict[str, Any], elapsed: float, summary: dict[str, Any]) -> dict[str, Any]:
-    n = totals.get("samples", 0)
-    seconds = {k.removeprefix("seconds_"): round(v, 3) for k, v in totals.items() if k.startswith("seconds_")}
-    return {"seconds": round(elapsed, 3), "stage_seconds": seconds,
-            "stage_images_per_s": {k: round(n / v, 1) for k, v in seconds.items() if v > 0},
-            "samples_this_attempt": summary.get("samples", 0),
-            "images_per_s": round(summary.get("samples", 0) / max(elapsed, 1e-9), 2)}
-
 
 
 def _pair(text: str) -> tuple[float, float]:
@@ -306,11 +163,11 @@ def configure_parser(p: argparse.ArgumentParser, *, stages_default: str = ",".jo
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default: 1000)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    runtime.add_common_args(p)
+    command.add_common_args(p)
 
 
-def options_from_args(args: argparse.Namespace) -> LabelOptions:
-    """LabelOptions from parsed CLI arguments."""
+def labeller_options(args: argparse.Namespace) -> LabelOptions:
+    """The labeller settings (LabelOptions) from parsed CLI arguments."""
     mode = "already_aligned" if args.aligned else "detect"
     return LabelOptions(detector=args.detector, pack=args.pack, align_mode=mode,
                         min_face_size=args.min_face_size, pose_backend=args.pose_backend,
@@ -320,7 +177,7 @@ def options_from_args(args: argparse.Namespace) -> LabelOptions:
 
 def run_options(args: argparse.Namespace) -> LabelRunOptions:
     """The run's options from parsed CLI arguments (label and relabel)."""
-    return runtime.options_from_args(LabelRunOptions, args, stages=args.stages, options=options_from_args(args),
+    return command.options_from_args(LabelRunOptions, args, stages=args.stages, options=labeller_options(args),
                                      progress=False if args.no_progress else None)
 
 
@@ -338,4 +195,4 @@ def run_cli(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(runtime.main_for("flows.label")())
+    raise SystemExit(command.main_for("flows.label")())

@@ -18,8 +18,8 @@ from typing import Any
 
 from prefect import flow
 
+from flows import command
 from flows import label as L
-from flows import runtime
 
 DEFAULT_STAGES = "blur,pose"
 
@@ -57,4 +57,4 @@ def run_cli(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(runtime.main_for("flows.relabel")())
+    raise SystemExit(command.main_for("flows.relabel")())

@@ -60,7 +60,8 @@ def refresh_dataset(dataset_path: str, dataset: str, workspace: str | None = Non
                     workers: int | None = None, address: str | None = None) -> dict[str, Any]:
     """Ingest the watched dataset, label its new samples, refresh its anchors when some are missing."""
     from flows.ingest import ingest
-    from flows.label import ALIGN, label, parse_stages
+    from flows.label import label
+    from pipeline.labellers.registry import ALIGN, parse_stages
 
     todo = parse_steps(steps)
     stages = parse_stages(label_stages)

@@ -9,24 +9,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import threading
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from data_manifest import ShardWriter, Workspace, catalog
-from flows import runtime
+from data_manifest import Workspace, catalog, selection
+from data_manifest.flow_queries import flow_sql
+from flows import command, runners, runtime
 from flows.arguments import add_sql_limits
+from pipeline import scoring
 
 DEFAULT_METHOD = "clib-fiqa"
-SELECT_SQL = runtime.flow_sql("score_selection")
-_LOCK = threading.Lock()
+SELECT_SQL = flow_sql("score_selection")
 
 
 def selection_sql(where: str | None = None, query: str | None = None) -> str:
@@ -35,7 +32,7 @@ def selection_sql(where: str | None = None, query: str | None = None) -> str:
 
 
 @dataclass(frozen=True)
-class ScoreOptions(runtime.RunOptions):
+class ScoreOptions(command.RunOptions):
     """Everything one `score` run needs, validated once here."""
 
     checkpoint: str = ""  # a CLIB-FIQA checkpoint (.pt), stored as an absolute path
@@ -66,52 +63,13 @@ class ScoreOptions(runtime.RunOptions):
         return selection_sql(self.where, self.query)
 
 
-@lru_cache(maxsize=4)
-def _scorer(checkpoint: str, mtime_ns: int, device: str, batch_size: int) -> Any:
-    from models.scorer import load
-
-    return load(checkpoint, device=device, batch_size=batch_size)
-
-
-def score_rows(ws: Workspace, items: list[dict[str, Any]], checkpoint: str, *, method: str, device: str,
-               batch_size: int) -> list[dict[str, Any]]:
-    """Score one shard of selected samples; one `scores` row per sample."""
-    from data_manifest.crops import PackReader
-
-    model_id = f"{Path(checkpoint).parent.name}/{Path(checkpoint).name}"
-    reader = PackReader(ws)
-    rows: list[dict[str, Any]] = []
-    good, crops = [], []
-    for it in items:
-        base = {"sample_id": it["sample_id"], "method": method, "model_id": model_id}
-        if it.get("crop_file") is None or it.get("crop_index") is None:
-            reason = it.get("face_error") or f"no aligned crop (face status: {it.get('face_status') or 'not aligned'})"
-            rows.append({**base, "status": "skipped", "error": reason})
-            continue
-        try:
-            crops.append(reader.read(it["crop_file"], int(it["crop_index"])))
-            good.append(base)
-        except (OSError, ValueError, IndexError) as e:
-            rows.append({**base, "status": "error", "error": f"cannot read crop: {e}"})
-    if good:
-        with _LOCK:  # one model per process; batches from concurrent shards run one at a time
-            scorer = _scorer(checkpoint, Path(checkpoint).stat().st_mtime_ns, device, batch_size)
-            res = scorer.score(np.stack(crops))
-        for i, base in enumerate(good):
-            rows.append({**base, "quality": float(res.score[i]), "quality_probs": res.quality[i].tolist(),
-                         "marginals": json.dumps({f: v[i].round(6).tolist() for f, v in res.factors.items()}),
-                         "status": "ok", "error": None})
-    return rows
-
-
 @task(name="score-shard", cache_policy=NO_CACHE)
-def score_shard(ws_root: str, run_id: str, shard: str, items: pa.Table, *, checkpoint: str, method: str,
-                device: str, batch_size: int) -> dict[str, int]:
-    """Score one named shard and write its `scores` file (the flow commits it)."""
-    ws = Workspace(ws_root)
-    rows = score_rows(ws, items.to_pylist(), checkpoint, method=method, device=device, batch_size=batch_size)
-    ShardWriter(ws, "scores", run_id).write(shard, rows)
-    return {"rows": len(rows), "ok": sum(r["status"] == "ok" for r in rows)}
+def score_shard(ws_root: str, run_id: str, shard: str, row_group: int, *, selection_file: str, checkpoint: str,
+                method: str, device: str, batch_size: int) -> dict[str, int]:
+    """Score one row group of the frozen selection and write its `scores` file (the runtime commits it)."""
+    items = selection.read_shard(selection_file, row_group).to_pylist()
+    return scoring.score_shard(Workspace(ws_root), run_id, shard, items, checkpoint=checkpoint, method=method,
+                               device=device, batch_size=batch_size)
 
 
 @flow(name="score")
@@ -123,13 +81,14 @@ def score_run(opts: ScoreOptions) -> dict[str, Any]:
     runtime.check_resume(ws, opts.run_id, params)
     with runtime.tracked_run(ws, "score", {**opts.recorded(), **params}, opts.run_id) as state:
         rid = state["run_id"]
-        selected = runtime.freeze_selection(ws, rid, sql)
-        outcomes = runtime.run_shards(score_shard, runtime.table_shards(selected, opts.shard_size), ws=ws, run_id=rid,
-                                    desc="score", progress=opts.progress, checkpoint=opts.checkpoint,
-                                    method=opts.method, device=opts.device, batch_size=opts.batch_size)
+        frozen = selection.freeze_selection(ws, rid, sql, opts.shard_size)
+        outcomes = runtime.run_shards(score_shard, selection.selection_shards(frozen), ws=ws, run_id=rid,
+                                      desc="score", progress=opts.progress, selection_file=str(frozen),
+                                      checkpoint=opts.checkpoint, method=opts.method, device=opts.device,
+                                      batch_size=opts.batch_size)
         state["counts"] = runtime.summarize(outcomes)
         runtime.check_shard_failures(outcomes, rid)
-        return {"run_id": rid, "selected": selected.num_rows, **state["counts"]}
+        return {"run_id": rid, "selected": selection.selected_rows(frozen), **state["counts"]}
 
 
 def run(opts: ScoreOptions) -> dict[str, Any]:
@@ -137,7 +96,7 @@ def run(opts: ScoreOptions) -> dict[str, Any]:
     from models.train import load_checkpoint
 
     load_checkpoint(opts.checkpoint)
-    return runtime.with_runner(score_run, opts)(opts)
+    return runners.with_runner(score_run, opts)(opts)
 
 
 def score_flow(**kwargs: Any) -> dict[str, Any]:
@@ -146,7 +105,7 @@ def score_flow(**kwargs: Any) -> dict[str, Any]:
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    runtime.add_common_args(p)
+    command.add_common_args(p)
     p.add_argument("--checkpoint", required=True, help="a CLIB-FIQA checkpoint (.pt)")
     p.add_argument("--where", default=None, help="SQL filter over the labels view, e.g. \"dataset = 'lfw'\"")
     add_sql_limits(p)
@@ -159,12 +118,12 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    out = run(runtime.options_from_args(ScoreOptions, args, workers=args.workers or 1))
+    out = run(command.options_from_args(ScoreOptions, args, workers=args.workers or 1))
     print(json.dumps(out, indent=2, default=str))
     return 0
 
 
-main = runtime.main_for(__name__)
+main = command.main_for(__name__)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -42,6 +42,6 @@ def run_cli(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    from flows.runtime import main_for
+    from flows.command import main_for
 
     raise SystemExit(main_for("flows.stats")())

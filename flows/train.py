@@ -20,7 +20,7 @@ import numpy as np
 from prefect import flow, get_run_logger
 
 from data_manifest import Workspace
-from flows import runtime
+from flows import command, runtime
 from flows.arguments import add_sql_limits
 from models.clib_overrides import check_weights, model_config_with
 from pipeline.training.confidence_scores import confidence_writer
@@ -122,7 +122,7 @@ def train_flow(**kwargs: Any) -> dict[str, Any]:
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    runtime.add_common_args(p, runner=False)
+    command.add_common_args(p, runner=False)
     p.add_argument("--model-config", default=DEFAULT_MODEL_CONFIG,
                    help="bundled config name (clib-rn50, clib-tiny) or a JSON file (see models/configs)")
     p.add_argument("--pretrained", default=None, metavar="TAG|PATH|none",
@@ -145,7 +145,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 def train_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """TrainConfig overrides from --config-json, the training options and --official."""
-    cfg = runtime.config_overrides(args, TRAIN_KEYS)
+    cfg = command.config_overrides(args, TRAIN_KEYS)
     if args.official:
         cfg.update(official_losses=True, official_js=True, schedule="official", distance="squared",
                    logit_scale_max=None, freeze_visual_positional_embedding=True)
@@ -153,12 +153,12 @@ def train_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    out = run(runtime.options_from_args(TrainOptions, args, train_config=train_config_from_args(args)))
+    out = run(command.options_from_args(TrainOptions, args, train_config=train_config_from_args(args)))
     print(json.dumps(out, indent=2, default=str))
     return 0
 
 
-main = runtime.main_for(__name__)
+main = command.main_for(__name__)
 
 if __name__ == "__main__":
     raise SystemExit(main())

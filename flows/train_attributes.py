@@ -23,7 +23,7 @@ from prefect.cache_policies import NO_CACHE
 
 from data_manifest import Workspace, catalog
 from data_manifest.writer import shard_name
-from flows import runtime
+from flows import command, runners, runtime
 from pipeline.attribute_training.crops import (
     DETECTOR_CHOICES,
     crop_counts,
@@ -44,7 +44,7 @@ TRAIN_OPTIONS: tuple[tuple[str, type], ...] = (
 
 
 @dataclass(frozen=True)
-class TrainAttributesOptions(runtime.RunOptions):
+class TrainAttributesOptions(command.RunOptions):
     """Everything one `train-attributes` run needs, validated once here (paths checked when the run starts)."""
 
     wider_root: str | None = None  # the WIDER FACE release layout
@@ -163,7 +163,7 @@ def train_attributes_run(opts: TrainAttributesOptions) -> dict[str, Any]:
 def run(opts: TrainAttributesOptions) -> dict[str, Any]:
     """Check the model and training configs (before Prefect starts), then run the flow on its task runner."""
     opts.check()
-    return runtime.with_runner(train_attributes_run, opts)(opts)
+    return runners.with_runner(train_attributes_run, opts)(opts)
 
 
 def train_attributes_flow(**kwargs: Any) -> dict[str, Any]:
@@ -172,7 +172,7 @@ def train_attributes_flow(**kwargs: Any) -> dict[str, Any]:
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    runtime.add_common_args(p)
+    command.add_common_args(p)
     g = p.add_argument_group("data")
     g.add_argument("--wider-root", default=None,
                    help="WIDER FACE root with WIDER_train/, WIDER_val/ and wider_face_split/ (the release layout)")
@@ -207,7 +207,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 def train_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """TrainConfig overrides from --config-json and the training options."""
-    cfg = runtime.config_overrides(args, [name.replace("-", "_") for name, _ in TRAIN_OPTIONS])
+    cfg = command.config_overrides(args, [name.replace("-", "_") for name, _ in TRAIN_OPTIONS])
     if args.no_amp:
         cfg["amp"] = False
     return cfg
@@ -220,13 +220,13 @@ def run_cli(args: argparse.Namespace) -> int:
 
         wider_root = str(make_dataset(Workspace(args.workspace).root / "synthetic_wider",
                                       SyntheticSpec(images=args.synthetic)))
-    opts = runtime.options_from_args(TrainAttributesOptions, args, wider_root=wider_root,
+    opts = command.options_from_args(TrainAttributesOptions, args, wider_root=wider_root,
                                      train_config=train_config_from_args(args))
     print(json.dumps(run(opts), indent=2, default=str))
     return 0
 
 
-main = runtime.main_for("flows.train_attributes")
+main = command.main_for("flows.train_attributes")
 
 if __name__ == "__main__":
     raise SystemExit(main())

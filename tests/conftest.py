@@ -153,8 +153,8 @@ def aligned_identities():
 
 def _real_labellers() -> object:
     """The default `attributes` stage (occlusion CNN, FER expression, analytic lighting), or a skip naming why."""
-    from flows import label as L
     from models.weights import MissingWeightsError
+    from pipeline.labellers import registry as L
 
     try:
         return L.get_stage("attributes", L.LabelOptions())

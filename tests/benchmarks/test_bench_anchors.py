@@ -24,15 +24,18 @@ def test_streamed_flow_equals_the_in_memory_computation(workspace, prefect_harne
     from types import SimpleNamespace
 
     from benchmarks.anchors import FLOW_RUN, synthetic_embeddings, synthetic_samples
+    from data_manifest.selection import freeze_selection
     from flows import anchors as F
+    from pipeline import anchors_embed
 
     n, identities, dim, shard = 300, 7, 16, 64
     synthetic_samples(str(workspace.root), n, identities)
-    path = F.freeze_selection(workspace, FLOW_RUN, F.selection_sql(), shard)
+    path = freeze_selection(workspace, FLOW_RUN, F.selection_sql(), shard, required=F.REQUIRED)
     meta = pq.read_metadata(path)
     assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [64, 64, 64, 64, 44]
     assert synthetic_embeddings(str(workspace.root), dim, identities, shard) == n
-    monkeypatch.setattr(F, "_recognizer", lambda *a, **k: SimpleNamespace(model_id="synthetic", embedding_dim=dim))
+    monkeypatch.setattr(anchors_embed, "recognizer",
+                        lambda *a, **k: SimpleNamespace(model_id="synthetic", embedding_dim=dim))
     out = F.anchors_flow(workspace=str(workspace.root), run_id=FLOW_RUN, shard_size=shard, chunk_size=50,
                          center_block=3, device="cpu", fr_model="synthetic", progress=False)
     assert out["selected"] == n and out["shards"] == 5 and out["embeddings_computed"] == n

@@ -20,7 +20,7 @@ def test_benchmark_scores_the_registered_stages_on_a_real_face(face):
     from types import SimpleNamespace
 
     from benchmarks import label_validity as B
-    from flows import label as L
+    from pipeline.labellers import registry as L
 
     real = SimpleNamespace(name="tom_hanks", crop=face, landmarks=ARCFACE_TEMPLATE.astype(np.float32))
     variants = B.build_variants([real], occluders=False)

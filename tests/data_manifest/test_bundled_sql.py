@@ -65,7 +65,7 @@ def test_every_report_query_runs(ws, name):
 
 @pytest.mark.parametrize("name", FLOW_QUERIES)
 def test_every_flow_query_runs(ws, name):
-    from flows.runtime import flow_sql
+    from data_manifest.flow_queries import flow_sql
 
     sql = flow_sql(name)
     con = catalog.connect(ws)

@@ -237,6 +237,7 @@ def test_flows_keep_snapshots_equal_to_history(prefect_harness, workspace, monke
     from data_manifest.crops import write_pack
     from flows import label as L
     from flows import relabel as R
+    from pipeline.labellers import batch
 
     ws = workspace
     rng = np.random.default_rng(1)
@@ -249,14 +250,14 @@ def test_flows_keep_snapshots_equal_to_history(prefect_harness, workspace, monke
     assert_views_match_history(ws)
     R.relabel(stages=["blur"], where="sample_id IN ('s001', 's004')", options={"blur_thresholds": "paper"}, **kw)
     assert_views_match_history(ws)
-    real = L.label_rows
-    monkeypatch.setattr(L, "label_rows", lambda ws_, rid, shard, rows, *a: (_ for _ in ()).throw(OSError("gone"))
+    real = batch.label_rows
+    monkeypatch.setattr(batch, "label_rows", lambda ws_, rid, shard, rows, *a: (_ for _ in ()).throw(OSError("gone"))
                         if shard == "00001" else real(ws_, rid, shard, rows, *a))
     with pytest.raises(runtime.ShardFailures):
         L.label(stages=["blur"], **kw, run_id="label-again")
     states = assert_views_match_history(ws)
     assert states["factors"].pending  # the failed run's committed shards: not folded, overlaid
-    monkeypatch.setattr(L, "label_rows", real)
+    monkeypatch.setattr(batch, "label_rows", real)
     L.label(stages=["blur"], **kw, run_id="label-again")
     states = assert_views_match_history(ws)
     assert not states["factors"].pending and states["labels"].usable

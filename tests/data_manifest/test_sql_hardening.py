@@ -170,7 +170,8 @@ CROSS_JOIN = "SELECT count(*) AS n FROM range(100000000) a, range(100000000) b W
 
 @pytest.mark.slow
 def test_a_query_past_its_time_limit_stops_with_a_clear_message(hostile, capsys, monkeypatch):
-    from flows.label import freeze_selection
+    from data_manifest.selection import freeze_selection
+    from flows.label import selection_sql
 
     ws, _, _ = hostile
     t0 = time.monotonic()
@@ -180,7 +181,7 @@ def test_a_query_past_its_time_limit_stops_with_a_clear_message(hostile, capsys,
     assert "stopped after 1 s" in err and "--timeout" in err and "SET threads" not in err
     monkeypatch.setenv(catalog.ENV_TIMEOUT, "1")  # what --sql-timeout of a flow sets
     with pytest.raises(ValueError, match="stopped after 1 s"):
-        freeze_selection(ws, "label-run", f"sample_id IN (SELECT 's0' FROM ({CROSS_JOIN}))", 10)
+        freeze_selection(ws, "label-run", selection_sql(f"sample_id IN (SELECT 's0' FROM ({CROSS_JOIN}))"), 10)
     with pytest.raises(ValueError, match="stopped after 1 s"):
         write_gallery(ws, None, GalleryOptions(where=f"sample_id IN (SELECT 's0' FROM ({CROSS_JOIN}))"))
 
@@ -290,7 +291,8 @@ def _corpus_statements(fn: str, kind: str, values: dict) -> list[str]:
 @pytest.mark.slow
 def test_every_file_or_sql_function_is_refused_or_reads_only(hostile, tmp_path, capsys, file_hashes, query_injection,
                                                              where_injection):
-    from flows.label import freeze_selection
+    from data_manifest.selection import freeze_selection
+    from flows.label import selection_sql
 
     ws, outside, shard = hostile
     values = {"shard": str(shard), "secret": str(outside / "secret.txt")}
@@ -314,7 +316,7 @@ def test_every_file_or_sql_function_is_refused_or_reads_only(hostile, tmp_path, 
                             lambda s: catalog.query(ws, anchors.selection_sql(query=query_injection(s))),
                             lambda s: catalog.query(ws, training_set_sql(query=query_injection(s))),
                             lambda s: freeze_selection(ws, f"corpus-{abs(hash(s))}",
-                                                       f"sample_id IN (SELECT 's0' FROM ({s}) x)", 10),
+                                                       selection_sql(f"sample_id IN (SELECT 's0' FROM ({s}) x)"), 10),
                             lambda s: write_gallery(ws, tmp_path / "g.html", GalleryOptions(
                                 where=f"sample_id IN (SELECT 's0' FROM ({s}) x)"))):
                 try:

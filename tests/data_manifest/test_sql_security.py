@@ -135,7 +135,8 @@ def test_corpus_is_large_enough():
 
 def test_every_write_is_refused_everywhere_and_nothing_changes(setting, capsys, file_hashes, query_injection,
                                                                where_injection):
-    from flows.label import freeze_selection
+    from data_manifest.selection import freeze_selection
+    from flows.label import selection_sql
 
     ws, outside, values = setting
     before = file_hashes(ws.root, outside)
@@ -155,7 +156,8 @@ def test_every_write_is_refused_everywhere_and_nothing_changes(setting, capsys, 
         with pytest.raises(ValueError, match=refusal):  # --where of train
             catalog.query(ws, training_set_sql(where=f"true; {stmt}; SELECT * FROM anchors WHERE true"))
         with pytest.raises(ValueError, match=refusal):  # --where of label and relabel
-            freeze_selection(ws, "label-run", f"true) AS l; {stmt}; SELECT * FROM (SELECT * FROM labels", 10)
+            where = f"true) AS l; {stmt}; SELECT * FROM (SELECT * FROM labels"
+            freeze_selection(ws, "label-run", selection_sql(where), 10)
     assert by_checks >= 50, f"only {by_checks} statements reached the read-only checks"
     assert file_hashes(ws.root, outside) == before, "a refused statement changed a file"
 

@@ -140,7 +140,7 @@ def _reingest_with_new_first_identity(ws, aligned_identities) -> dict[str, int]:
 def test_reuse_embeddings_embeds_only_new_samples_and_follows_relabelled_identities(workspace, prefect_harness,
                                                                                      monkeypatch, aligned_identities):
     from flows import anchors as F
-    from flows import runtime
+    from flows import runners
 
     _seed_workspace(workspace, aligned_identities)
     kw = {"workspace": str(workspace.root), "fr_model": "dlib", "shard_size": 5, "chunk_size": 4,
@@ -172,8 +172,8 @@ def test_reuse_embeddings_embeds_only_new_samples_and_follows_relabelled_identit
 
     # A full recompute (CLI, no reuse; --address reaches the task runner) gives the same anchors.
     seen = []
-    real = runtime.make_task_runner
-    monkeypatch.setattr(runtime, "make_task_runner", lambda *a: seen.append(a) or real("threads", 1))
+    real = runners.make_task_runner
+    monkeypatch.setattr(runners, "make_task_runner", lambda *a: seen.append(a) or real("threads", 1))
     assert F.main(["--workspace", str(workspace.root), "--fr-model", "dlib", "--shard-size", "5", "--chunk-size",
                    "4", "--center-block", "3", "--device", "cpu", "--runner", "dask",
                    "--address", "tcp://127.0.0.1:8786"]) == 0

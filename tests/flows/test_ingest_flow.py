@@ -243,8 +243,9 @@ def test_runs_as_python_module(tmp_path):
 @pytest.mark.slow
 def test_processes_runner_ingests_in_a_light_worker_pool(tmp_path, prefect_harness):
     """--runner processes: shard bodies run in pool workers that never import Prefect; rows equal the threads run."""
-    from flows import runtime, shard_work
+    from flows import runners
     from flows.ingest import IngestOptions, build_reader, ingest
+    from pipeline import ingest_shard
 
     data = tmp_path / "data"
     expected = make_bad_inputs(data)
@@ -259,13 +260,13 @@ def test_processes_runner_ingests_in_a_light_worker_pool(tmp_path, prefect_harne
 
     opts = IngestOptions(path=str(data), dataset="messy", runner="processes", workers=1)
     reader = build_reader(str(data), shard_size=100)
-    with runtime.compute_pool(opts) as pool:  # one worker: the import check runs where the shard ran
-        counts = runtime.offload(pool, shard_work.ingest_samples, str(tmp_path / "ws_pool"), "pool-run", "00000",
+    with runners.compute_pool(opts) as pool:  # one worker: the import check runs where the shard ran
+        counts = runners.offload(pool, ingest_shard.ingest_samples, str(tmp_path / "ws_pool"), "pool-run", "00000",
                                  reader.plan()[0], reader=reader, dataset="messy", max_pixels=images.MAX_PIXELS)
-        loaded = runtime.offload(pool, eval, "[m in __import__('sys').modules for m in "
+        loaded = runners.offload(pool, eval, "[m in __import__('sys').modules for m in "
                                              "('prefect', 'flows.ingest', 'pipeline.samples', 'torch')]")
-        worker_pid = runtime.offload(pool, os.getpid)
+        worker_pid = runners.offload(pool, os.getpid)
     assert counts["rows"] == len(expected)
     assert loaded == [False, False, True, False]
     assert worker_pid != os.getpid()
-    assert runtime.offload(None, os.getpid) == os.getpid()
+    assert runners.offload(None, os.getpid) == os.getpid()

@@ -14,6 +14,7 @@ from PIL import Image
 from data_manifest import ShardWriter, Workspace, catalog
 from data_manifest.vocabulary import BLUR_THRESHOLDS, CALIBRATED_BLUR_THRESHOLDS, FactorClass
 from flows import label as L
+from pipeline.labellers import registry
 from pipeline.labellers.base import OK, FaceCrop, factor_row
 from pipeline.readers import FolderReader
 from pipeline.samples import sample_rows
@@ -136,7 +137,7 @@ class _Flaky:
 def test_rerun_after_a_failed_shard_duplicates_nothing(prefect_harness, mixed):
     ws, expected = mixed
     ids = sorted(r["sample_id"] for r in _table(ws, "SELECT sample_id FROM samples"))
-    L.register_stage("flaky", ("lighting",), lambda o: _Flaky(ids[4]))  # sample 4 lives in shard 1 (size 3)
+    registry.register_stage("flaky", ("lighting",), lambda o: _Flaky(ids[4]))  # sample 4 lives in shard 1 (size 3)
     try:
         _FAIL.set()
         with pytest.raises(Exception, match="1 of 3 shards failed"):
@@ -148,7 +149,7 @@ def test_rerun_after_a_failed_shard_duplicates_nothing(prefect_harness, mixed):
         result = L.label(stages=["align", "flaky"], options=OPTIONS, workspace=str(ws.root),
                          run_id="label-resume", shard_size=3, progress=False)
     finally:
-        L.STAGES.pop("flaky", None)
+        registry.STAGES.pop("flaky", None)
         _FAIL.clear()
     assert result["skipped_shards"] == 2 and result["shards"] == 3
     faces = _table(ws, "SELECT sample_id FROM faces_history WHERE run_id = 'label-resume'")
@@ -161,20 +162,21 @@ def test_rerun_after_a_failed_shard_duplicates_nothing(prefect_harness, mixed):
 
 def test_bad_configuration_fails_before_any_work(workspace):
     with pytest.raises(ValueError, match="unknown stage"):
-        L.parse_stages("align,sharpness")
+        registry.parse_stages("align,sharpness")
     with pytest.raises(ValueError, match="ordered"):
-        L.options_from({"pose_thresholds": [25, 10]})
+        registry.options_from({"pose_thresholds": [25, 10]})
     with pytest.raises(ValueError, match="unknown label option"):
-        L.options_from({"yaw_limit": 3})
+        registry.options_from({"yaw_limit": 3})
     with pytest.raises(ValueError, match="'attributes' and 'lighting' both label 'lighting'"):
-        L.parse_stages("align,attributes,lighting")
+        registry.parse_stages("align,attributes,lighting")
     with pytest.raises(FileNotFoundError, match="absent.pt"):
-        L.label(stages=["attributes"], options=L.LabelOptions(attributes_checkpoint=str(workspace.root / "absent.pt")),
+        absent = str(workspace.root / "absent.pt")
+        L.label(stages=["attributes"], options=registry.LabelOptions(attributes_checkpoint=absent),
                 workspace=str(workspace.root), progress=False)
     with pytest.raises(ValueError, match="blur thresholds must be"):
-        L.options_from({"blur_thresholds": "sharpest"})
-    assert L.parse_stages("pose,align,blur,pose") == ["align", "pose", "blur"]
-    assert L.parse_stages("lighting,expression") == ["lighting", "expression"]
+        registry.options_from({"blur_thresholds": "sharpest"})
+    assert registry.parse_stages("pose,align,blur,pose") == ["align", "pose", "blur"]
+    assert registry.parse_stages("lighting,expression") == ["lighting", "expression"]
     assert not workspace.runs_dir.exists() or not list(workspace.runs_dir.iterdir())  # no run was started
 
 
@@ -185,14 +187,14 @@ def test_cli_parses_options():
     L.configure_parser(p)
     args = p.parse_args(["--stages", "align,pose", "--aligned", "--pose-thresholds", "12,30", "--detector", "mtcnn",
                          "--where", "dataset = 'lfw'"])
-    opts = L.options_from_args(args)
+    opts = L.labeller_options(args)
     assert opts.align_mode == "already_aligned" and opts.pose_thresholds == (12.0, 30.0)
     assert opts.blur_thresholds == BLUR_THRESHOLDS == CALIBRATED_BLUR_THRESHOLDS  # calibrated by default
     assert opts.attributes_checkpoint is None  # the real-face labellers
     assert p.parse_args([]).stages == "align,blur,pose,attributes"
-    assert L.options_from_args(p.parse_args(["--blur-thresholds", "paper"])).blur_thresholds == (0.35, 0.7)
-    assert L.options_from_args(p.parse_args(["--blur-thresholds", "0.1,0.2"])).blur_thresholds == (0.1, 0.2)
-    assert L.options_from({"blur_thresholds": "paper"}).blur_thresholds == (0.35, 0.7)  # flow parameters too
+    assert L.labeller_options(p.parse_args(["--blur-thresholds", "paper"])).blur_thresholds == (0.35, 0.7)
+    assert L.labeller_options(p.parse_args(["--blur-thresholds", "0.1,0.2"])).blur_thresholds == (0.1, 0.2)
+    assert registry.options_from({"blur_thresholds": "paper"}).blur_thresholds == (0.35, 0.7)  # flow parameters too
     for bad in (["--pose-thresholds", "30,12"], ["--blur-thresholds", "0.7,0.35"], ["--blur-thresholds", "sharp"]):
         with pytest.raises(SystemExit):
             p.parse_args(bad)
@@ -202,7 +204,7 @@ def test_attributes_default_to_the_real_face_labellers(real_face, real_labellers
     group = real_labellers()
     assert [s.name for s in group.stages] == ["occlusion", "expression", "lighting"]
     # Each member is the same object the single-factor stage of the same options gets (models load once).
-    assert group.stages[2] is L.get_stage("lighting", L.LabelOptions())
+    assert group.stages[2] is registry.get_stage("lighting", registry.LabelOptions())
     crop = np.asarray(real_face("tom_hanks"))  # aligned 112x112
     rows = group([FaceCrop("tom", crop), FaceCrop("gone", None, status="no_face", error="no face detected")])
     by = {(r["sample_id"], r["factor"]): r for r in rows}
@@ -218,10 +220,10 @@ def test_processes_runner_gives_each_worker_one_thread(monkeypatch):
     import os
     import sys
 
-    from flows import runtime
+    from flows import runners
     from flows.worker_threads import THREAD_ENV, one_thread_per_worker
 
-    runner = runtime.make_task_runner("processes", 2)
+    runner = runners.make_task_runner("processes", 2)
     assert runner._initializer is one_thread_per_worker and runner.duplicate()._initializer is one_thread_per_worker
     for key in THREAD_ENV:
         monkeypatch.delenv(key, raising=False)

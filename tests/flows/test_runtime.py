@@ -10,7 +10,7 @@ import time
 import pytest
 
 from data_manifest import catalog, runs
-from flows import runtime
+from flows import runners, runtime
 from flows.cli import COMMANDS, main
 
 
@@ -24,7 +24,7 @@ def test_chunks_cover_every_item_once():
 
 def test_unknown_runner_is_refused():
     with pytest.raises(ValueError, match="unknown task runner 'spark'"):
-        runtime.make_task_runner("spark")
+        runners.make_task_runner("spark")
 
 
 def test_tracked_run_records_success_and_failure_with_reports(workspace):

@@ -12,7 +12,9 @@ import pytest
 
 from data_manifest import ShardWriter, catalog, runs
 from data_manifest.crops import write_pack
-from flows import runtime
+from flows import runners, runtime
+from pipeline import anchors_embed, scoring
+from pipeline.labellers import batch
 
 N = 10  # samples: 9 with a crop, one without a face
 
@@ -69,7 +71,7 @@ def test_score_resume_after_a_failed_shard_equals_an_uninterrupted_run(prefect_h
     whole = S.score_flow(**kw)
     assert whole["selected"] == N and whole["shards"] == 4 and whole["ok"] == N - 1
 
-    real = S.score_rows
+    real = scoring.score_rows
     calls: list[str] = []
 
     def flaky(ws, items, *a, **k):
@@ -78,18 +80,18 @@ def test_score_resume_after_a_failed_shard_equals_an_uninterrupted_run(prefect_h
             raise OSError("disk went away")
         return real(ws, items, *a, **k)
 
-    monkeypatch.setattr(S, "score_rows", flaky)
+    monkeypatch.setattr(scoring, "score_rows", flaky)
     with pytest.raises(runtime.ShardFailures, match="1 of 4 shards failed"):
         S.score_flow(**kw, run_id="score-resume")
     assert runs.shard_done(workspace, "score-resume", "00000") and not runs.shard_done(workspace, "score-resume",
                                                                                        "00001")
-    monkeypatch.setattr(S, "score_rows", real)
+    monkeypatch.setattr(scoring, "score_rows", real)
     with pytest.raises(ValueError, match="started with shard_size=3"):  # changed parameters are refused
         S.score_flow(**{**kw, "shard_size": 4}, run_id="score-resume")
     with pytest.raises(ValueError, match="started with method='clib-fiqa'"):
         S.score_flow(**kw, method="other", run_id="score-resume")
     calls.clear()
-    monkeypatch.setattr(S, "score_rows", lambda ws, items, *a, **k: calls.append(items[0]["sample_id"])
+    monkeypatch.setattr(scoring, "score_rows", lambda ws, items, *a, **k: calls.append(items[0]["sample_id"])
                         or real(ws, items, *a, **k))
     resumed = S.score_flow(**kw, run_id="score-resume")
     assert calls == ["s03"] and resumed["skipped_shards"] == 3  # only the failed shard runs again
@@ -103,8 +105,8 @@ def test_score_resume_reads_its_frozen_selection(prefect_harness, workspace, tin
     from flows import score as S
 
     _seed(workspace)
-    real = S.score_rows
-    monkeypatch.setattr(S, "score_rows", lambda ws, items, *a, **k: (_ for _ in ()).throw(OSError("down"))
+    real = scoring.score_rows
+    monkeypatch.setattr(scoring, "score_rows", lambda ws, items, *a, **k: (_ for _ in ()).throw(OSError("down"))
                         if items[0]["sample_id"] == "s06" else real(ws, items, *a, **k))
     kw = {"workspace": str(workspace.root), "checkpoint": tiny_checkpoint, "shard_size": 3, "device": "cpu",
           "progress": False, "run_id": "score-frozen"}
@@ -113,7 +115,7 @@ def test_score_resume_reads_its_frozen_selection(prefect_harness, workspace, tin
     ShardWriter(workspace, "samples", "ingest-late").write(0, [
         {"sample_id": "s05b", "dataset": "gen", "source_kind": "list", "source": "/gen/late.png", "status": "ok"}])
     catalog.refresh(workspace)
-    monkeypatch.setattr(S, "score_rows", real)
+    monkeypatch.setattr(scoring, "score_rows", real)
     out = S.score_flow(**kw)
     assert out["selected"] == N and "s05b" not in [r["sample_id"] for r in _rows(workspace, "scores", "score-frozen")]
 
@@ -124,8 +126,8 @@ def test_score_address_reaches_the_task_runner(prefect_harness, workspace, tiny_
 
     _seed(workspace)
     seen = []
-    real = runtime.make_task_runner
-    monkeypatch.setattr(runtime, "make_task_runner", lambda *a: seen.append(a) or real("threads", 1))
+    real = runners.make_task_runner
+    monkeypatch.setattr(runners, "make_task_runner", lambda *a: seen.append(a) or real("threads", 1))
     assert main(["score", "--workspace", str(workspace.root), "--checkpoint", tiny_checkpoint, "--device", "cpu",
                  "--runner", "dask", "--workers", "2", "--address", "tcp://127.0.0.1:8786"]) == 0
     assert seen == [("dask", 2, "tcp://127.0.0.1:8786")]
@@ -192,17 +194,17 @@ def test_anchors_resume_after_a_failed_shard_equals_an_uninterrupted_run(prefect
     from flows import anchors as F
 
     _seed(workspace)
-    monkeypatch.setattr(F, "_recognizer", lambda *a: _FakeRecognizer())
+    monkeypatch.setattr(anchors_embed, "recognizer", lambda *a: _FakeRecognizer())
     kw = {"workspace": str(workspace.root), "fr_model": "fake", "shard_size": 4, "device": "cpu",
           "progress": False}
     whole = F.anchors_flow(**kw)
     assert whole["selected"] == N and whole["shards"] == 3 and whole["ok"] >= 6
-    real = F.embed_rows
-    monkeypatch.setattr(F, "embed_rows", lambda ws, items, *a, **k: (_ for _ in ()).throw(OSError("gone"))
+    real = anchors_embed.embed_rows
+    monkeypatch.setattr(anchors_embed, "embed_rows", lambda ws, items, *a, **k: (_ for _ in ()).throw(OSError("gone"))
                         if items[0]["sample_id"] == "s04" else real(ws, items, *a, **k))
     with pytest.raises(runtime.ShardFailures, match="1 of 3 shards failed"):
         F.anchors_flow(**kw, run_id="anchors-resume")
-    monkeypatch.setattr(F, "embed_rows", real)
+    monkeypatch.setattr(anchors_embed, "embed_rows", real)
     with pytest.raises(ValueError, match="started with mode='ratio'"):
         F.anchors_flow(**kw, mode="shifted", run_id="anchors-resume")
     F.anchors_flow(**kw, run_id="anchors-resume")
@@ -255,12 +257,11 @@ def test_train_attributes_resume_after_a_failed_shard_equals_an_uninterrupted_ru
 
 def test_one_cli_error_path_exit_1_for_failed_shards_2_for_bad_input(prefect_harness, workspace, tiny_checkpoint,
                                                                      monkeypatch, capsys):
-    from flows import score as S
     from flows.cli import main
 
     _seed(workspace)
-    real = S.score_rows
-    monkeypatch.setattr(S, "score_rows", lambda ws, items, *a, **k: (_ for _ in ()).throw(OSError("disk gone"))
+    real = scoring.score_rows
+    monkeypatch.setattr(scoring, "score_rows", lambda ws, items, *a, **k: (_ for _ in ()).throw(OSError("disk gone"))
                         if items[0]["sample_id"] == "s00" else real(ws, items, *a, **k))
     base = ["score", "--workspace", str(workspace.root), "--device", "cpu", "--shard-size", "5"]
     capsys.readouterr()
@@ -282,12 +283,12 @@ def test_label_resume_after_a_failed_shard_equals_an_uninterrupted_run(prefect_h
     kw = {"stages": ["blur"], "workspace": str(workspace.root), "shard_size": 3, "progress": False}
     whole = L.label(**kw)
     assert whole["selected"] == N and whole["shards"] == 4
-    real = L.label_rows
-    monkeypatch.setattr(L, "label_rows", lambda ws, rid, shard, rows, *a: (_ for _ in ()).throw(OSError("gone"))
+    real = batch.label_rows
+    monkeypatch.setattr(batch, "label_rows", lambda ws, rid, shard, rows, *a: (_ for _ in ()).throw(OSError("gone"))
                         if shard == "00002" else real(ws, rid, shard, rows, *a))
     with pytest.raises(runtime.ShardFailures, match="1 of 4 shards failed"):
         L.label(**kw, run_id="label-resume")
-    monkeypatch.setattr(L, "label_rows", real)
+    monkeypatch.setattr(batch, "label_rows", real)
     with pytest.raises(ValueError, match="started with shard_size=3"):
         L.label(**{**kw, "shard_size": 5}, run_id="label-resume")
     with pytest.raises(ValueError, match="started with options="):

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from data_manifest import ShardWriter, Workspace, catalog, runs
-from flows import cli, runtime
+from flows import cli, command, runners
 from pipeline import images
 from pipeline.readers import BinReader, DatasetError, FolderReader, ListReader, RecordIOReader, open_reader
 from pipeline.readers.recordio_format import FaceRecWriter, encode_record, pack_ir
@@ -305,9 +305,9 @@ def test_same_run_id_twice_at_once_is_refused_and_a_killed_holder_leaves_no_lock
 
 _PARENT = """
 import subprocess, sys, time
-from flows import runtime
+from flows import bookkeeping
 server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
-runtime.spawn_watchdog(server.pid)
+bookkeeping.spawn_watchdog(server.pid)
 print(server.pid, flush=True)
 time.sleep(300)
 """
@@ -355,7 +355,7 @@ def test_workspace_path_that_is_a_file_fails_before_prefect_starts(tmp_path, mon
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "a.png").write_bytes(_png(1))
     (tmp_path / "ws").write_text("a file, not a workspace")
-    monkeypatch.setattr(runtime, "with_runner", lambda *a, **k: pytest.fail("a flow was started"))
+    monkeypatch.setattr(runners, "with_runner", lambda *a, **k: pytest.fail("a flow was started"))
     for ws in (tmp_path / "ws", tmp_path / "ws" / "inner"):
         rc = cli.main(["ingest", str(tmp_path / "data"), "--dataset", "x", "--workspace", str(ws)])
         assert rc == 2
@@ -374,5 +374,5 @@ def test_sql_script_returns_the_last_statement(workspace):
 def test_runtime_guard_checks_the_workspace(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(NotADirectoryError, match="is not a directory"):
-        runtime.check_workspace_path(tmp_path / "f")
-    runtime.check_workspace_path(tmp_path / "new" / "ws")  # not there yet: fine, it will be created
+        command.check_workspace_path(tmp_path / "f")
+    command.check_workspace_path(tmp_path / "new" / "ws")  # not there yet: fine, it will be created

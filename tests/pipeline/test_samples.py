@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from data_manifest import ShardWriter, Workspace
-from flows.shard_work import SAMPLE_ROW_SCHEMA, ingest_samples
 from pipeline import images
 from pipeline.ids import content_hash, sample_id
+from pipeline.ingest_shard import SAMPLE_ROW_SCHEMA, ingest_samples
 from pipeline.readers import Record, RecordIOReader
 from pipeline.readers.recordio_format import FaceRecWriter
 from pipeline.samples import SAMPLE_COLUMNS, sample_columns, sample_rows, status_counts

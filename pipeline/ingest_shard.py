@@ -1,9 +1,8 @@
-"""Shard bodies that run in a flow's compute pool (`runtime.compute_pool`).
+"""One shard of an ingest run: read, validate and write its `samples` rows (runs in a flow's compute pool).
 
-A pool worker imports this module to run them, so it must not import Prefect or
-any flow module: only the pipeline stages and the manifest writer they need.
-Each body computes one shard, writes it, and returns the counts its commit
-record keeps; the runtime marks the shard done in the flow's process.
+A pool worker (`flows.runners.compute_pool`) imports this module to run it, so it imports no Prefect
+and no flow module: only the readers, the sample checks and the manifest writer. It returns the counts
+its commit record keeps; the runtime marks the shard done in the flow's process.
 """
 
 from __future__ import annotations

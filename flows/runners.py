@@ -1,0 +1,122 @@
+"""Task runners and the compute pool: where a flow's shard bodies execute.
+
+Nothing here imports Prefect at module level (the CLI imports RUNNERS to parse `--runner`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+from flows.worker_threads import one_thread_per_worker
+
+T = TypeVar("T")
+RUNNERS = ("threads", "processes", "dask", "ray")
+
+
+def make_task_runner(kind: str = "threads", max_workers: int | None = None, address: str | None = None) -> Any:
+    """Build a Prefect task runner by name; distributed runners need their optional package."""
+    if kind == "threads":
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=max_workers or min(4, os.cpu_count() or 1))
+    if kind == "processes":
+        from prefect.task_runners import ProcessPoolTaskRunner
+
+        return ProcessPoolTaskRunner(max_workers=max_workers or os.cpu_count() or 1,
+                                     initializer=one_thread_per_worker)
+    if kind == "dask":
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError as e:
+            raise RuntimeError("--runner dask needs the 'prefect-dask' package: pip install prefect-dask") from e
+        if address:
+            return DaskTaskRunner(address=address)
+        kwargs = {"n_workers": max_workers or os.cpu_count() or 1, "threads_per_worker": 1, "processes": True,
+                  "dashboard_address": None}
+        return DaskTaskRunner(cluster_kwargs=kwargs)
+    if kind == "ray":
+        try:
+            from prefect_ray import RayTaskRunner
+        except ImportError as e:
+            raise RuntimeError("--runner ray needs the 'prefect-ray' package: pip install prefect-ray") from e
+        return RayTaskRunner(address=address) if address else RayTaskRunner()
+    raise ValueError(f"unknown task runner {kind!r}; choose one of {', '.join(RUNNERS)}")
+
+
+def with_runner(flow_obj: Any, opts: Any, *, pooled: bool = False) -> Any:
+    """The flow with the task runner its options ask for (RunOptions or parsed CLI arguments): the one runner helper.
+
+    A `pooled` flow runs its shard bodies in a `compute_pool` under `--runner processes`: its Prefect tasks
+    then run on threads of the flow's process, each handing its shard to a pool worker and waiting for it.
+    """
+    kind = getattr(opts, "runner", "threads")
+    workers = getattr(opts, "workers", None)
+    if pooled and kind == "processes":
+        kind, workers = "threads", workers or os.cpu_count() or 1
+    return flow_obj.with_options(task_runner=make_task_runner(kind, workers, getattr(opts, "address", None)))
+
+
+@contextlib.contextmanager
+def shared_temporary_server() -> Iterator[None]:
+    """While tasks are submitted, point worker processes at this process's temporary Prefect server.
+
+    Without an API URL, every worker of the processes runner would start a temporary server of its own
+    (seconds each); the runner hands os.environ to its workers when a task is submitted.
+    """
+    from prefect.settings import get_current_settings
+
+    server_module = sys.modules.get("prefect.server.api.server")  # imported by Prefect when it starts one
+    server = server_module.SubprocessASGIServer() if server_module else None  # the instance flows use
+    proc = getattr(server, "server_process", None)
+    if get_current_settings().api.url or "PREFECT_API_URL" in os.environ or proc is None or proc.poll() is not None:
+        yield
+        return
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        yield
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+
+
+def _worker_ready() -> int:
+    return os.getpid()
+
+
+@contextlib.contextmanager
+def compute_pool(opts: Any) -> Iterator[Any]:
+    """Dataloader-style worker processes for a pooled flow under `--runner processes`, else None.
+
+    Prefect's processes runner starts every worker as a fresh interpreter that imports Prefect and the
+    flow module and reports each task to the API (about 3 s of start-up on 2 cores, per run). Shard
+    bodies that import neither (`pipeline.ingest_shard`) run here instead: the workers import only what those
+    bodies need, start while the flow sets up (one compute thread each), and stay until the flow ends.
+    """
+    if getattr(opts, "runner", "threads") != "processes":
+        yield None
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    n = getattr(opts, "workers", None) or os.cpu_count() or 1
+    # spawn, like Prefect's runner: the flow's process has threads (Prefect's event loops), so no fork.
+    pool = ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=one_thread_per_worker)
+    try:
+        for _ in range(n):
+            pool.submit(_worker_ready)  # start the workers now, while the flow plans its shards
+        yield pool
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)  # a failed or interrupted flow does not wait for queued shards
+        raise
+    pool.shutdown(wait=True)
+
+
+def offload(pool: Any, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """fn(*args, **kwargs) in a compute_pool worker when there is a pool, else right here."""
+    if pool is None:
+        return fn(*args, **kwargs)
+    return pool.submit(fn, *args, **kwargs).result()

@@ -33,12 +33,12 @@ def test_label_options_validate_once_and_parse_threshold_names():
 
 def test_built_stages_are_cached_per_options_and_registering_replaces():
     built = []
-    S.register_stage("probe", ("probe_factor",), lambda o: built.append(o.device) or object())
+    S.register_stage("probe", ("blur",), lambda o: built.append(o.device) or object())
     try:
         a = S.get_stage("probe", S.LabelOptions())
         assert S.get_stage("probe", S.LabelOptions()) is a and built == ["cpu"]
         assert S.get_stage("probe", S.LabelOptions(device="cuda")) is not a and built == ["cpu", "cuda"]
-        S.register_stage("probe", ("probe_factor",), lambda o: "rebuilt")
+        S.register_stage("probe", ("blur",), lambda o: "rebuilt")
         assert S.get_stage("probe", S.LabelOptions()) == "rebuilt"
     finally:
         S.STAGES.pop("probe", None)

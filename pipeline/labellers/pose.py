@@ -1,14 +1,6 @@
-"""Head pose: the yaw/pitch/roll convention, rotation <-> angles, and the pose label stage.
+"""The pose label stage: |yaw| of a head-pose backend -> frontal / slight / large.
 
-Sign convention (degrees, camera looking at the subject; OpenCV camera axes
-x right, y down, z forward, and a head frame that coincides with them for a
-frontal face):
-- yaw > 0: the face turns toward the image's right (the nose moves right; the
-  subject turns to their own left). A horizontal flip negates yaw.
-- pitch > 0: the face tilts up (the nose moves up in the image).
-- roll > 0: in-plane rotation clockwise as seen in the image.
-The head-to-camera rotation is R = Rz(roll) @ Rx(-pitch) @ Ry(-yaw), with Rx,
-Ry, Rz the right-handed elementary rotations about the camera axes.
+The yaw/pitch/roll sign convention and rotation <-> angles are in `models.geometry`.
 Only |yaw| decides the pose class (paper Sec. 4.1: faces are already aligned).
 """
 

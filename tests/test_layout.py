@@ -148,7 +148,6 @@ def test_layers_import_only_themselves_and_the_layers_to_their_right(layer):
     assert upward_imports(ROOT, layer) == []
 
 
-@pytest.mark.xfail(strict=False, reason="flows/cli.py and flows/runtime.py import each other (being untangled)")
 def test_no_import_cycle_between_modules_of_flows():
     assert import_cycles(ROOT, "flows") == []
 

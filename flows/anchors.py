@@ -22,7 +22,6 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from data_manifest import Workspace, catalog, selection
-from data_manifest.flow_queries import flow_sql
 from flows import command, runners, runtime
 from flows.arguments import add_sql_limits
 from pipeline import anchors as A
@@ -32,7 +31,7 @@ from pipeline.anchors_inputs import selected_identities
 from pipeline.anchors_reuse import stage_reused
 
 DEFAULT_FR_MODEL = "dlib"  # installed with the project; insightface needs its model pack on disk
-SELECT_SQL = flow_sql("anchors_selection")
+SELECT_SQL = catalog.bundled_sql("flows/anchors_selection")
 REQUIRED = ("sample_id", "identity", "crop_file", "crop_index")
 REUSE_STAGE = "reuse"
 

@@ -26,14 +26,13 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from data_manifest import Workspace, catalog, runs, selection
-from data_manifest.flow_queries import flow_sql
-from data_manifest.vocabulary import BLUR_THRESHOLDS, parse_blur_thresholds
+from data_manifest.vocabulary import BLUR_THRESHOLDS, ordered_thresholds, parse_blur_thresholds
 from flows import command, runners, runtime
 from flows.arguments import add_sql_limits
 from pipeline.labellers import batch
 from pipeline.labellers.registry import DEFAULT_STAGES, STAGES, LabelOptions, get_stage, options_from, parse_stages
 
-SELECT_SQL = flow_sql("label_selection")
+SELECT_SQL = catalog.bundled_sql("flows/label_selection")
 
 
 def selection_sql(where: str | None) -> str:
@@ -124,13 +123,11 @@ def label(**kwargs: Any) -> dict[str, Any]:
 
 
 def _pair(text: str) -> tuple[float, float]:
+    """`--pose-thresholds LOW,HIGH`: two ordered numbers (`vocabulary.ordered_thresholds`), as an argparse type."""
     try:
-        lo, hi = (float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected two numbers 'LOW,HIGH', got {text!r}") from None
-    if not lo <= hi:
-        raise argparse.ArgumentTypeError(f"thresholds must be ordered (LOW <= HIGH), got {text!r}")
-    return lo, hi
+        return ordered_thresholds(text.split(","), "pose")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected two ordered numbers 'LOW,HIGH', got {text!r} ({e})") from None
 
 
 def configure_parser(p: argparse.ArgumentParser, *, stages_default: str = ",".join(DEFAULT_STAGES),

@@ -17,13 +17,12 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from data_manifest import Workspace, catalog, selection
-from data_manifest.flow_queries import flow_sql
 from flows import command, runners, runtime
 from flows.arguments import add_sql_limits
 from pipeline import scoring
 
 DEFAULT_METHOD = "clib-fiqa"
-SELECT_SQL = flow_sql("score_selection")
+SELECT_SQL = catalog.bundled_sql("flows/score_selection")
 
 
 def selection_sql(where: str | None = None, query: str | None = None) -> str:

@@ -14,10 +14,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from data_manifest import Workspace, catalog
-from data_manifest.flow_queries import flow_sql
 from data_manifest.writer import atomic_write, shard_name
 
-REUSE_SQL = flow_sql("anchors_reuse")
+REUSE_SQL = catalog.bundled_sql("flows/anchors_reuse")
 REUSED_SCHEMA = pa.schema([("sample_id", pa.string()), ("embedding", pa.list_(pa.float32()))])
 
 

@@ -65,9 +65,8 @@ def test_every_report_query_runs(ws, name):
 
 @pytest.mark.parametrize("name", FLOW_QUERIES)
 def test_every_flow_query_runs(ws, name):
-    from data_manifest.flow_queries import flow_sql
 
-    sql = flow_sql(name)
+    sql = catalog.bundled_sql(f"flows/{name}")
     con = catalog.connect(ws)
     try:
         if name == "anchors_reuse":

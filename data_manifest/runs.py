@@ -200,3 +200,45 @@ def finish_run(ws: Workspace, run_id: str, status: str, counts: dict[str, Any] |
     info.update(status=status, counts=counts, metrics=metrics, ended_at=datetime.now(UTC).isoformat(), error=error)
     _write_json(_run_dir(ws, run_id) / "run.json", info)
     _registry_row(ws, run_id, info, status, f"end-{info['attempts']:03d}", counts, metrics, error)
+
+
+def run_report_markdown(info: dict[str, Any]) -> str:
+    """A short markdown report of one run: parameters, counts, metrics, status."""
+
+    def block(title: str, value: Any) -> str:
+        return f"### {title}\n\n```json\n{json.dumps(value, indent=2, default=str)}\n```\n"
+
+    head = (f"## Run `{info['run_id']}` ({info['flow']})\n\n"
+            f"- status: **{info.get('status', 'running')}**\n- started: {info.get('started_at')}\n"
+            f"- ended: {info.get('ended_at')}\n- code version: {info.get('code_version')}\n"
+            f"- attempts: {info.get('attempts')}\n")
+    if info.get("error"):
+        head += f"- error: {info['error']}\n"
+    return "\n".join([head, block("Counts", info.get("counts") or {}), block("Metrics", info.get("metrics") or {}),
+                      block("Parameters", info.get("last_parameters", info.get("parameters")))])
+
+
+def write_run_report(ws: Workspace, run_id: str) -> tuple[dict[str, Any], str] | None:
+    """Write reports/runs/<run_id>.md; returns (run info, markdown), or None for an unknown run."""
+    info = run_info(ws, run_id)
+    if info is None:
+        return None
+    md = run_report_markdown(info)
+    path = ws.reports / "runs" / f"{run_id}.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(md)
+    return info, md
+
+
+def check_resume(ws: Workspace, run_id: str | None, params: dict[str, Any]) -> None:
+    """Refuse to resume a run with parameters that differ from those it was started with."""
+    if not run_id:
+        return
+    info = run_info(ws, run_id)
+    if info is None:
+        return
+    first = info.get("parameters") or {}
+    for key, value in params.items():
+        if key in first and first[key] != value:
+            raise ValueError(f"run {run_id} was started with {key}={first[key]!r}; resuming with {value!r} "
+                             "would mix results: start a new run instead")

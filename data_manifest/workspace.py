@@ -57,5 +57,17 @@ class Workspace:
         """Directory holding one run's shards of a table (hive-partitioned by run)."""
         return self.manifests / table / f"run={run_id}"
 
+    def check_output(self, output: str | os.PathLike[str], option: str = "output") -> None:
+        """Refuse an output path that would overwrite the workspace's data: manifests, crops, runs or the catalog."""
+        real = Path(os.path.realpath(output))
+        for d in (self.manifests, self.crops, self.runs_dir):
+            d_real = Path(os.path.realpath(d))
+            if real == d_real or d_real in real.parents:
+                raise ValueError(f"refused: {option} {output} is inside the workspace's {d.name}/, which only "
+                                 "flows write")
+        files = (self.catalog_path, Path(f"{self.catalog_path}.wal"), self.catalog_root_path)
+        if any(real == Path(os.path.realpath(f)) for f in files):
+            raise ValueError(f"refused: {option} {output} is the workspace's catalog, which only flows write")
+
     def __repr__(self) -> str:
         return f"Workspace({str(self.root)!r})"

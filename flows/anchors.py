@@ -1,13 +1,9 @@
 """`fiqa anchors`: embed aligned faces with a recognition model and compute CR-FIQA-style quality anchors.
 
-Select (SQL, frozen with the run) -> shard -> embed (a task per shard -> `embeddings` table) -> the
-streaming anchor steps of :class:`pipeline.anchors.StreamingAnchors` over the embedding shards:
-centers (per-identity sums, or a classifier head), search (nearest negative center, raw ratio,
-persisted per shard), normalise (global min/max -> `anchors` table). The min/max, model id, center
-source and status counts are recorded in the run's metrics. Every selected sample gets an anchors
-row. With `reuse_embeddings`, the stored embeddings of the same model are first copied into the
-run's scratch folder shard by shard and only the samples without one are embedded. Centers and the
-search always use the selection's current identity, never the one stored with an embedding.
+Select (SQL, frozen with the run) -> embed shard by shard (`embeddings`) -> the streaming steps of
+pipeline.anchors: centres, nearest-negative search, global min/max normalisation (`anchors`). Every
+selected sample gets a row; `--reuse-embeddings` embeds only the samples without a stored embedding of
+the same model. See docs/anchors.md.
 """
 
 from __future__ import annotations
@@ -59,13 +55,12 @@ class AnchorsOptions(command.RunOptions):
     reuse_embeddings: bool = False  # reuse stored embeddings of the same model
     workers: int | None = 1  # one recogniser per process: shards take turns on it
 
+    AT_LEAST_ONE = ("batch_size", "shard_size", "chunk_size", "center_block")
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.mode not in A.MODES:
             raise ValueError(f"unknown anchor mode {self.mode!r}; use one of {A.MODES}")
-        for name in ("batch_size", "shard_size", "chunk_size", "center_block"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.head:
             head = Path(self.head).expanduser().resolve()
             if not head.is_file():
@@ -95,8 +90,7 @@ def anchors_run(opts: AnchorsOptions) -> dict[str, Any]:
     params = {"fr_model": opts.fr_model, "model_id": model_id, "head": opts.head, "mode": opts.mode,
               "nnccs_floor": opts.nnccs_floor, "query": sql, "shard_size": opts.shard_size,
               "reuse_embeddings": opts.reuse_embeddings}
-    runtime.check_resume(ws, opts.run_id, params)
-    with runtime.tracked_run(ws, "anchors", {**opts.recorded(), **params}, opts.run_id) as state:
+    with runtime.tracked_run(ws, "anchors", {**opts.recorded(), **params}, opts.run_id, decisive=params) as state:
         rid = state["run_id"]
         frozen = selection.freeze_selection(ws, rid, sql, opts.shard_size, required=REQUIRED)
         shards = selection.selection_shards(frozen)

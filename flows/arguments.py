@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 from collections.abc import Callable, Iterator
+from typing import Any
 
 # What a user can fix: a bad value, a missing or unreadable file, a busy run id, a missing optional package.
 INPUT_ERRORS = (ValueError, OSError, RuntimeError)
@@ -34,6 +36,19 @@ def seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
+def json_object(text: str | None, option: str) -> dict[str, Any] | None:
+    """The JSON object an option gives (None when unset); a clear error naming the option otherwise."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{option} must be a JSON object, got {text!r}: {e}") from e
+    if not isinstance(value, dict):
+        raise ValueError(f"{option} must be a JSON object, got {type(value).__name__}")
     return value
 
 

@@ -1,7 +1,8 @@
-"""Run bookkeeping around the flows: the watchdog of Prefect's temporary server and the per-run report."""
+"""Run bookkeeping around the flows: the watchdog of Prefect's temporary server, artifacts, the per-run report."""
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import warnings
@@ -63,44 +64,36 @@ def watch_temporary_server() -> int | None:
     return proc.pid
 
 
-def run_report_markdown(info: dict[str, Any]) -> str:
-    """A short markdown report of one run: parameters, counts, metrics, status."""
-    import json
-
-    def block(title: str, value: Any) -> str:
-        return f"### {title}\n\n```json\n{json.dumps(value, indent=2, default=str)}\n```\n"
-
-    head = (f"## Run `{info['run_id']}` ({info['flow']})\n\n"
-            f"- status: **{info.get('status', 'running')}**\n- started: {info.get('started_at')}\n"
-            f"- ended: {info.get('ended_at')}\n- code version: {info.get('code_version')}\n"
-            f"- attempts: {info.get('attempts')}\n")
-    if info.get("error"):
-        head += f"- error: {info['error']}\n"
-    return "\n".join([head, block("Counts", info.get("counts") or {}), block("Metrics", info.get("metrics") or {}),
-                      block("Parameters", info.get("last_parameters", info.get("parameters")))])
+def artifact_key(text: str) -> str:
+    """A valid Prefect artifact key: lower-case letters, digits and dashes, at most 100 characters."""
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")[:100]
 
 
-def publish_markdown(markdown: str, key: str, description: str) -> None:
-    """Inside a Prefect flow run, publish markdown as an artifact; outside one, nothing (never fails the run)."""
+def publish_artifacts(description: str, *, markdown: dict[str, str] | None = None,
+                      tables: dict[str, list[dict[str, Any]]] | None = None,
+                      images: dict[str, Path] | None = None) -> None:
+    """Inside a Prefect flow run, publish markdown / table / image artifacts ({key: content}); outside one,
+    nothing. Never fails the run it describes: a publishing error is a warning."""
     try:
-        from prefect.artifacts import create_markdown_artifact
+        from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
         from prefect.context import FlowRunContext
 
-        if FlowRunContext.get() is not None:
-            key = "".join(c if c.isalnum() else "-" for c in key.lower())[:100]
-            create_markdown_artifact(markdown=markdown, key=key, description=description)
+        if FlowRunContext.get() is None:
+            return
+        for key, md in (markdown or {}).items():
+            create_markdown_artifact(markdown=md, key=artifact_key(key), description=description)
+        for key, rows in (tables or {}).items():  # JSON has no NaN / inf: those cells become null
+            rows = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
+                    for r in rows]
+            create_table_artifact(rows, key=artifact_key(key), description=description)
+        for key, path in (images or {}).items():
+            create_image_artifact(Path(path).resolve().as_uri(), key=artifact_key(key), description=description)
     except Exception as e:  # noqa: BLE001 - a report must never fail the run it describes
         warnings.warn(f"{description} artifact not published: {e}", stacklevel=2)
 
 
-def publish_run_report(ws: Workspace, run_id: str) -> Path | None:
+def publish_run_report(ws: Workspace, run_id: str) -> None:
     """Write reports/runs/<run_id>.md and, inside a Prefect flow run, publish it as a markdown artifact."""
-    info = runs.run_info(ws, run_id)
-    if info is None:
-        return None
-    md = run_report_markdown(info)
-    path = ws.reports / "runs" / f"{run_id}.md"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(md)
-    publish_markdown(md, f"run-{run_id}", f"{info['flow']} run report")
-    return path
+    written = runs.write_run_report(ws, run_id)
+    if written is not None:
+        publish_artifacts(f"{written[0]['flow']} run report", markdown={f"run-{run_id}": written[1]})

@@ -11,16 +11,15 @@ import argparse
 import contextlib
 import dataclasses
 import importlib
-import json
 import logging
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
-from flows.arguments import INPUT_ERRORS, sql_limits
+from flows.arguments import INPUT_ERRORS, json_object, sql_limits
 from flows.runners import RUNNERS
 
 OptionsT = TypeVar("OptionsT")
@@ -38,12 +37,14 @@ class RunOptions:
     workers: int | None = None  # parallel workers of the task runner (None: the runner's default)
     address: str | None = None  # an existing Dask / Ray cluster
     progress: bool | None = None  # progress line (None: when stderr is a terminal)
+    AT_LEAST_ONE: ClassVar[tuple[str, ...]] = ()  # integer options of a subclass that must be >= 1 when given
 
     def __post_init__(self) -> None:
+        for name in ("workers", *self.AT_LEAST_ONE):
+            if (value := getattr(self, name)) is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
         if self.runner not in RUNNERS:
             raise ValueError(f"unknown task runner {self.runner!r}; choose one of {', '.join(RUNNERS)}")
-        if self.workers is not None and self.workers < 1:
-            raise ValueError(f"--workers must be >= 1, got {self.workers}")
         if self.address and self.runner not in ("dask", "ray"):
             raise ValueError(f"--address names a Dask or Ray cluster; it needs --runner dask or ray, not "
                              f"{self.runner!r}")
@@ -63,19 +64,19 @@ def options_from_args(cls: type[OptionsT], args: argparse.Namespace, **overrides
     return cls(**{**values, **overrides})
 
 
-def config_overrides(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
-    """A training config's overrides: the --config-json object, then each named option the command line sets."""
-    raw = getattr(args, "config_json", None)
-    try:
-        cfg = json.loads(raw) if raw else {}
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--config-json is not valid JSON: {e}") from e
-    if not isinstance(cfg, dict):
-        raise ValueError(f"--config-json must be a JSON object, got {type(cfg).__name__}")
-    for name in names:
-        value = getattr(args, name, None)
+def add_config_options(p: Any, options: Sequence[tuple[str, type]]) -> None:
+    """One `--name` option of the given type per training-config key (unset: the config's default)."""
+    for name, typ in options:
+        p.add_argument(f"--{name}", type=typ, default=None)
+
+
+def config_overrides(args: argparse.Namespace, options: Sequence[tuple[str, type]]) -> dict[str, Any]:
+    """A training config's overrides: the --config-json object, then each option the command line sets."""
+    cfg = json_object(getattr(args, "config_json", None), "--config-json") or {}
+    for name, _ in options:
+        value = getattr(args, name.replace("-", "_"), None)
         if value is not None:
-            cfg[name] = value
+            cfg[name.replace("-", "_")] = value
     return cfg
 
 
@@ -86,9 +87,14 @@ def add_common_args(p: argparse.ArgumentParser, *, runner: bool = True) -> None:
         "resume this run (committed shards are skipped)" if runner else
         "name the run; an existing id continues that run (train: from its last checkpoint; give the same options)"))
     if runner:
-        p.add_argument("--runner", choices=RUNNERS, default="threads", help="task runner (default: threads)")
-        p.add_argument("--workers", type=int, default=None, help="parallel workers of the task runner")
-        p.add_argument("--address", default=None, help="address of an existing Dask/Ray cluster")
+        add_runner_args(p)
+
+
+def add_runner_args(p: argparse.ArgumentParser) -> None:
+    """The task runner of a run's shards: --runner, --workers, --address."""
+    p.add_argument("--runner", choices=RUNNERS, default="threads", help="task runner (default: threads)")
+    p.add_argument("--workers", type=int, default=None, help="parallel workers of the task runner")
+    p.add_argument("--address", default=None, help="address of an existing Dask/Ray cluster")
 
 
 def check_workspace_path(path: str | os.PathLike[str] | None) -> None:

@@ -1,26 +1,17 @@
 """`fiqa demo` (what `make demo` runs): the whole pipeline on a dataset built from package-shipped faces.
 
-Builds the embedded demo dataset (pipeline/synthetic/demo_data.py: each real face an
-identity, variants with recorded degradations, a few broken files), then runs
-ingest -> label (align, blur, pose, and the real-face attribute labellers:
-occlusion CNN, FER expression, analytic lighting; `--attributes-checkpoint`
-labels the attributes with a WIDER-trained CNN instead) -> anchors (dlib) ->
-train (tiny config, CPU) with the confidence pass -> score -> evaluate, and
-prints a summary: counts per table, factor distributions from SQL, each label
-against its known degradation (the rules and targets of `pipeline.validity`),
-how anchors and scores move with the degradation level (pipeline/demo/checks.py),
-the EDC table, and where the report and plots are (pipeline/demo/summary.py).
-Nothing is downloaded.
+Builds the demo dataset (pipeline/synthetic/demo_data.py), runs ingest -> label -> anchors -> train (tiny
+config, CPU) -> score -> evaluate, and prints a summary: counts, factor distributions, each label against
+its known degradation, anchors and scores by degradation level, the EDC table (pipeline/demo/). Nothing
+is downloaded.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import functools
 import json
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,21 +20,8 @@ from flows import command
 from pipeline.demo.checks import correlations, demo_rows, label_validity, labellers
 from pipeline.demo.edc_inputs import comparisons, quality_files
 from pipeline.demo.summary import print_summary
+from pipeline.progress import timed_step
 from pipeline.synthetic.demo_data import DATASET, IN_DEMO, build_or_read
-
-
-def _log(msg: str) -> None:
-    print(f"[demo] {msg}", file=sys.stderr, flush=True)
-
-
-@contextlib.contextmanager
-def _step(name: str, timings: dict[str, float]) -> Iterator[None]:
-    """Log and time one demo step into `timings`."""
-    t0 = time.perf_counter()
-    _log(f"{name} ...")
-    yield
-    timings[name] = round(time.perf_counter() - t0, 1)
-    _log(f"{name} done in {timings[name]} s")
 
 
 def run_demo(workspace: str | None = None, quick: bool = False, train_steps_epochs: int | None = None,
@@ -62,28 +40,29 @@ def run_demo(workspace: str | None = None, quick: bool = False, train_steps_epoc
 
     ws = Workspace(workspace)
     timings: dict[str, float] = {}
+    step = functools.partial(timed_step, timings=timings, prefix="[demo] ")
     data_root = ws.root / "demo_data"
     t0 = time.perf_counter()
-    with _step("build demo dataset", timings):
+    with step("build demo dataset"):
         variants = build_or_read(data_root, quick)
-    with _step("ingest", timings):
+    with step("ingest"):
         ingest(path=str(data_root), dataset=DATASET, workspace=str(ws.root), shard_size=32, progress=False)
     options = {"detector": "mtcnn", "pose_backend": "dlib", "attributes_checkpoint": attributes_checkpoint}
-    with _step("label align,blur,pose,attributes", timings):
+    with step("label align,blur,pose,attributes"):
         label(stages=["align", "blur", "pose", "attributes"], where=IN_DEMO, options=options,
               workspace=str(ws.root), shard_size=32, progress=False)
-    with _step("anchors (dlib ResNet)", timings):
+    with step("anchors (dlib ResNet)"):
         anchors = anchors_flow(workspace=str(ws.root), fr_model="dlib", where=IN_DEMO, shard_size=64, progress=False)
     epochs = train_steps_epochs or (2 if quick else 8)
-    with _step("train CLIB-FIQA (tiny, CPU)", timings):
+    with step("train CLIB-FIQA (tiny, CPU)"):
         trained = train_flow(workspace=str(ws.root), model_config="clib-tiny", where=IN_DEMO,
                              train_config={"stage1_epochs": epochs, "stage2_epochs": epochs, "batch_size": 32,
                                            "lr": 1e-3, "num_workers": 0, "device": "cpu"})
-    with _step("score", timings):
+    with step("score"):
         score_flow(workspace=str(ws.root), checkpoint=str(trained["checkpoint"]), where=IN_DEMO, device="cpu")
     reports = ws.reports / "demo"
     reports.mkdir(parents=True, exist_ok=True)
-    with _step("evaluate (EDC)", timings):
+    with step("evaluate (EDC)"):
         model_id = catalog.query(ws, "SELECT model_id FROM embeddings WHERE status = 'ok' LIMIT 1").column(0)[0].as_py()
         pairs = comparisons(ws, model_id, reports / "demo_pairs.parquet")
         ev = evaluate(benchmarks=[f"demo={pairs}"], qualities=quality_files(ws, reports), workspace=str(ws.root),

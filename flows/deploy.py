@@ -1,23 +1,18 @@
 """`fiqa deploy serve|register|commands`: scheduled deployments of the refresh and train+score flows.
 
-- `serve` runs the deployments in this process (no server-side worker needed):
-  it registers them with the API and executes their scheduled or triggered runs
-  until interrupted.
-- `register` creates deployments on work pools (the refresh on a CPU process
-  pool, train+score on a GPU pool) from the project source; workers started
-  with `prefect worker start --pool NAME` execute them.
-- `commands` prints the exact commands that start a local server, create the
-  pools and the GPU concurrency limit, and start the workers.
+`serve` runs the deployments in this process; `register` creates them on work pools (refresh on a CPU
+process pool, train+score on a GPU pool) for `prefect worker start --pool NAME`; `commands` prints the
+commands that start a server, create the pools and limits, and start the workers. See docs/operations.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 from flows import command, scheduled
+from flows.arguments import json_object
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 REFRESH_ENTRYPOINT = "flows/scheduled.py:refresh_dataset"
@@ -47,7 +42,7 @@ def refresh_parameters(args: argparse.Namespace) -> dict[str, Any]:
     stages = parse_stages(args.label_stages)
     if "label" in steps and ALIGN not in stages:
         raise ValueError(f"--label-stages must include '{ALIGN}': refresh labels new, never aligned samples")
-    label_options = _json_object(args.label_options, "--label-options")
+    label_options = json_object(args.label_options, "--label-options")
     options_from(label_options)  # unknown names or bad thresholds fail now, not at the first scheduled run
     params: dict[str, Any] = {
         "dataset_path": str(path), "dataset": args.dataset,
@@ -63,22 +58,10 @@ def train_parameters(args: argparse.Namespace) -> dict[str, Any]:
     """Parameters of the train+score deployment from the CLI options."""
     params: dict[str, Any] = {
         "workspace": str(Path(args.workspace).expanduser().resolve()) if args.workspace else None,
-        "model": args.model_config, "train_config": _json_object(args.train_config, "--train-config"),
+        "model": args.model_config, "train_config": json_object(args.train_config, "--train-config"),
         "where": args.train_where, "score_where": args.score_where, "device": args.gpu_device,
     }
     return {k: v for k, v in params.items() if v is not None}
-
-
-def _json_object(text: str | None, option: str) -> dict[str, Any] | None:
-    if text is None:
-        return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{option} must be a JSON object, got {text!r}: {e}") from e
-    if not isinstance(value, dict):
-        raise ValueError(f"{option} must be a JSON object, got {type(value).__name__}")
-    return value
 
 
 def setup_commands(cpu_pool: str = DEFAULT_CPU_POOL, gpu_pool: str = DEFAULT_GPU_POOL,
@@ -200,10 +183,7 @@ def _add_refresh_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fr-model", default=None, help="anchors recogniser spec (default: the anchors flow's)")
     p.add_argument("--device", default="auto", help="device of the anchors stage (default: auto)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default: 1000)")
-    p.add_argument("--runner", choices=("threads", "processes", "dask", "ray"), default="threads",
-                   help="task runner of the sub-flows (default: threads)")
-    p.add_argument("--workers", type=int, default=None, help="parallel workers of the task runner")
-    p.add_argument("--address", default=None, help="address of an existing Dask/Ray cluster")
+    command.add_runner_args(p)
     p.add_argument("--train-name", default="weekly", help="train+score deployment name (default: weekly)")
     p.add_argument("--model-config", default="clib-rn50", help="CLIB-FIQA model config (default: clib-rn50)")
     p.add_argument("--train-config", default=None, help="TrainConfig overrides as JSON")

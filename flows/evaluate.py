@@ -1,22 +1,15 @@
 """`fiqa evaluate`: EDC / ERC evaluation of quality methods on verification benchmarks.
 
-Benchmarks (``.bin``, pair lists, comparison tables, the EDC example JSON) are read by
-:mod:`pipeline.evaluation.verification_sets`; embeddings come from ``--fr-model`` (any spec of
-:func:`models.recognition.build_recognizer`) and are cached in the manifest ``embeddings`` table
-(:mod:`pipeline.evaluation.benchmark_embedding`), or from ``--embeddings`` (Parquet: ``sample_key,
-embedding``). Qualities (:mod:`pipeline.evaluation.quality_specs`) come from ``--quality ours`` (a
-CLIB-FIQA checkpoint, ``--checkpoint``), from stored scores (``scores:METHOD[@DATASET]``) and from
-quality files of any method (``--quality [NAME=]scores.csv``). The metrics and the report come from
-:mod:`pipeline.evaluation.report`. Outputs under ``<workspace>/reports/evaluate/<run_id>/``:
-``results.parquet`` and ``results.md`` (benchmark x method x protocol x FMR -> pAUC / AUC),
-``curves.parquet`` and one PNG per benchmark and FMR; plus Prefect table and markdown artifacts.
+Benchmarks (`.bin`, pair lists, comparison tables, the EDC example JSON), embeddings (`--fr-model`, cached
+in `embeddings`, or `--embeddings`) and qualities (`--quality ours|scores:METHOD|FILE`) are read by
+pipeline.evaluation; results, curves and plots go to `<workspace>/reports/evaluate/<run_id>/` and to
+Prefect artifacts. See docs/evaluation.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,12 +21,13 @@ from prefect.cache_policies import NO_CACHE
 import flows  # noqa: F401  (Prefect defaults before prefect is imported)
 from data_manifest import Workspace
 from flows import command
+from flows.bookkeeping import publish_artifacts
 from flows.command import add_common_args, main_for
 from flows.runtime import tracked_run
 from pipeline.evaluation.benchmark_embedding import embed_benchmark, score_benchmark
 from pipeline.evaluation.plots import plot_curves
 from pipeline.evaluation.quality_specs import method_pair_qualities, names_ours, parse_qualities
-from pipeline.evaluation.report import PROTOCOLS, compute_metrics, results_markdown, write_rows
+from pipeline.evaluation.report import PROTOCOLS, compute_metrics, pauc_summary, results_markdown, write_rows
 from pipeline.evaluation.verification_sets import (
     Benchmark,
     cosine_similarity,
@@ -96,22 +90,6 @@ class EvaluateOptions:
     def ours(self) -> bool:
         """Whether our CLIB-FIQA checkpoint is one of the methods."""
         return names_ours(self.qualities)
-
-
-def _artifacts(rows: list[dict[str, Any]], md: str, run_id: str) -> None:
-    """Table and markdown artifacts on the flow run (only inside a Prefect run)."""
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
-    from prefect.context import get_run_context
-    from prefect.exceptions import MissingContextError
-
-    try:
-        get_run_context()
-    except MissingContextError:  # outside a flow run there is nothing to attach to
-        return
-    key = "evaluate-" + re.sub(r"[^a-z0-9-]+", "-", run_id.lower()).strip("-")
-    slim = [{k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in r.items()} for r in rows]
-    create_table_artifact(slim, key=f"{key}-results"[:100], description="EDC/ERC results")
-    create_markdown_artifact(md, key=f"{key}-report"[:100], description="EDC/ERC report")
 
 
 load_t = task(load_benchmark, name="load-benchmark", retries=1, cache_policy=NO_CACHE)
@@ -183,12 +161,10 @@ def evaluate_run(opts: EvaluateOptions) -> dict[str, Any]:
         write_rows(all_points, out_dir / "curves.parquet")
         md = results_markdown(all_rows, [Path(p).name for p in plots])
         (out_dir / "results.md").write_text(md, encoding="utf-8")
-        _artifacts(all_rows, md, rid)
+        publish_artifacts("EDC/ERC results", markdown={f"evaluate-{rid}-report": md},
+                          tables={f"evaluate-{rid}-results": all_rows})
         state["counts"] = counts
-        state["metrics"] = {f"{r['benchmark']}/{r['method']}/{r['protocol']}/"
-                            f"{'fmr' if r['fmr'] is not None else 'se'}"
-                            f"{r['fmr'] if r['fmr'] is not None else r['starting_error_target']:g}/pauc": r["pauc"]
-                            for r in all_rows}
+        state["metrics"] = pauc_summary(all_rows)
     return {"run_id": rid, "output": str(out_dir), "results": str(results), "plots": plots, "rows": all_rows,
             "counts": counts}
 

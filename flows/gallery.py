@@ -32,11 +32,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 def publish_gallery(path: Path) -> None:
     """Inside a Prefect flow run, publish a markdown artifact pointing at the page (never fails the run)."""
-    from flows.bookkeeping import publish_markdown
+    from flows.bookkeeping import publish_artifacts
 
     md = (f"## Gallery\n\nFace crops per factor class, quality decile and run: "
           f"[{path.name}]({path.as_uri()})\n\n`{path}` (one self-contained HTML file; open it from disk)\n")
-    publish_markdown(md, "gallery", "browsable gallery of the labels")
+    publish_artifacts("browsable gallery of the labels", markdown={"gallery": md})
 
 
 def run_cli(args: argparse.Namespace) -> int:

@@ -47,6 +47,8 @@ class IngestOptions(command.RunOptions):
     shard_size: int = DEFAULT_SHARD_SIZE  # records per shard
     max_pixels: int = images.MAX_PIXELS  # refuse images declaring more pixels
 
+    AT_LEAST_ONE = ("shard_size", "max_pixels")
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.path:
@@ -55,9 +57,6 @@ class IngestOptions(command.RunOptions):
             raise ValueError("--dataset must be a non-empty name")
         if self.format not in FORMATS:
             raise ValueError(f"unknown --format {self.format!r}; choose one of {', '.join(FORMATS)}")
-        for name in ("shard_size", "max_pixels"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 @task(name="ingest-shard", cache_policy=NO_CACHE)
@@ -79,9 +78,9 @@ def ingest_run(opts: IngestOptions) -> dict[str, Any]:
               f"{len(plan)} shards", file=sys.stderr)
     params = {"path": str(reader.path), "dataset": opts.dataset, "format": reader.kind,
               "shard_size": opts.shard_size, "max_pixels": opts.max_pixels}
-    runtime.check_resume(ws, opts.run_id, params)
     t0 = time.perf_counter()
-    with runners.compute_pool(opts) as pool, runtime.tracked_run(ws, "ingest", params, opts.run_id) as state:
+    with (runners.compute_pool(opts) as pool,
+          runtime.tracked_run(ws, "ingest", params, opts.run_id, decisive=params) as state):
         rid = state["run_id"]
         outcomes = runtime.run_shards(ingest_shard, {s.name: s for s in plan}, ws=ws, run_id=rid,
                                       desc=f"ingest {opts.dataset}", progress=opts.progress, pool=pool,

@@ -1,17 +1,9 @@
 """`fiqa label`: align faces and label factors (blur, pose, attributes) over `samples`, shard by shard, resumably.
 
-Stages are chosen by name (`--stages align,blur,pose,attributes`) from a
-registry, so new labellers plug in without touching the flow. `attributes` runs
-the real-face labellers (occlusion, FER expression, analytic lighting; each
-also selectable alone) or, with `--attributes-checkpoint`, the WIDER-trained
-attribute CNN; every factors row names its labeller and version. The selection
-(all samples, or those matching a SQL WHERE on the catalog's `labels` view) is
-frozen into the run directory at the first attempt; a re-run with the same
---run-id resumes from the committed shards and rewrites a failed shard's files
-under the same names, so nothing is ever duplicated. The align stage writes one
-`faces` row per sample and the crops into packed files; each factor stage
-writes one `factors` row per (sample, factor). Bad or faceless images become
-rows with a status and a reason. Per-stage timings go into the run's metrics.
+Stages come by name from the registry (`--stages align,blur,pose,attributes`); the selection (all samples,
+or a SQL `--where` on the `labels` view) is frozen with the run, and `--run-id` resumes from the committed
+shards without duplicating a row. Bad or faceless images become rows with a status and a reason.
+See docs/labelling.md.
 """
 
 from __future__ import annotations
@@ -64,12 +56,12 @@ class LabelRunOptions(command.RunOptions):
     shard_size: int = 1000  # samples per shard
     options: LabelOptions = field(default_factory=LabelOptions)  # labeller settings
 
+    AT_LEAST_ONE = ("shard_size",)
+
     def __post_init__(self) -> None:
         super().__post_init__()
         object.__setattr__(self, "stages", tuple(parse_stages(self.stages)))
         object.__setattr__(self, "options", options_from(self.options))
-        if self.shard_size < 1:
-            raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
         if self.where is not None and not self.where.strip():
             raise ValueError("--where is empty")
 
@@ -85,9 +77,8 @@ def run_label(opts: LabelRunOptions, flow_name: str = "label") -> dict[str, Any]
     names = list(opts.stages)
     params = {"stages": names, "where": opts.where, "shard_size": opts.shard_size,
               "options": opts.options.to_params()}
-    runtime.check_resume(ws, opts.run_id, params)
     t0 = time.perf_counter()
-    with runtime.tracked_run(ws, flow_name, params, opts.run_id) as state:
+    with runtime.tracked_run(ws, flow_name, params, opts.run_id, decisive=params) as state:
         rid = state["run_id"]
         what = "the label selection" if opts.where is None else f"--where {opts.where!r}"
         frozen = selection.freeze_selection(ws, rid, selection_sql(opts.where), opts.shard_size, what=what,

@@ -1,13 +1,8 @@
 """`fiqa relabel`: re-run chosen labellers on a SQL-selected subset, as a new run.
 
-The documented way to update labels after a labeller changes (new version,
-new thresholds, another labeller): the new rows land under a new run id, the
-latest-wins views move for exactly the selected samples, and `<table>_history`
-keeps the old rows with their labeller and version. Stages other than `align`
-reuse the crops of the latest alignment. Moving a workspace from the WIDER
-attribute CNN to the real-face labellers (or back) is one call:
-`fiqa relabel --where "face_status = 'ok'" --stages attributes [--attributes-checkpoint CKPT]`;
-one factor alone: `--stages lighting`.
+The new rows land under a new run id, the latest-wins views move for exactly the selected samples, and
+`<table>_history` keeps the old rows. Stages other than `align` reuse the latest alignment's crops, e.g.
+`fiqa relabel --where "face_status = 'ok'" --stages lighting`. See docs/labelling.md.
 """
 
 from __future__ import annotations

@@ -10,8 +10,6 @@ the same run id.
 from __future__ import annotations
 
 import contextlib
-import sys
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -20,6 +18,7 @@ import flows  # noqa: F401  (Prefect defaults before prefect is imported)
 from data_manifest import Workspace, catalog, runs
 from flows.bookkeeping import publish_run_report, watch_temporary_server
 from flows.runners import shared_temporary_server
+from pipeline.progress import Progress
 
 T = TypeVar("T")
 
@@ -29,36 +28,6 @@ def chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:
     if size < 1:
         raise ValueError(f"shard size must be >= 1, got {size}")
     return [items[i:i + size] for i in range(0, len(items), size)]
-
-
-class Progress:
-    """A minimal progress line on stderr (tqdm when installed), safe to disable."""
-
-    def __init__(self, total: int, desc: str, enabled: bool | None = None) -> None:
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self.total, self.desc, self.n, self.t0 = total, desc, 0, time.perf_counter()
-        self._bar = None
-        if self.enabled:
-            try:
-                from tqdm import tqdm
-
-                self._bar = tqdm(total=total, desc=desc, unit="shard", file=sys.stderr, leave=True)
-            except ImportError:
-                self._bar = None
-
-    def update(self, n: int = 1) -> None:
-        self.n += n
-        if self._bar is not None:
-            self._bar.update(n)
-        elif self.enabled:
-            rate = self.n / max(time.perf_counter() - self.t0, 1e-9)
-            print(f"\r{self.desc}: {self.n}/{self.total} ({rate:.1f}/s)", end="", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-        elif self.enabled:
-            print(file=sys.stderr)
 
 
 @dataclass
@@ -158,29 +127,18 @@ def check_shard_failures(outcomes: Sequence[ShardOutcome], run_id: str) -> None:
                             f"re-run with --run-id {run_id} to resume")
 
 
-def check_resume(ws: Workspace, run_id: str | None, params: dict[str, Any]) -> None:
-    """Refuse to resume a run with parameters that differ from those it was started with."""
-    if not run_id:
-        return
-    info = runs.run_info(ws, run_id)
-    if info is None:
-        return
-    first = info.get("parameters") or {}
-    for key, value in params.items():
-        if key in first and first[key] != value:
-            raise ValueError(f"run {run_id} was started with {key}={first[key]!r}; resuming with {value!r} "
-                             "would mix results: start a new run instead")
-
-
 @contextlib.contextmanager
-def tracked_run(ws: Workspace, flow_name: str, params: dict[str, Any], run_id: str | None = None) -> Iterator[dict]:
+def tracked_run(ws: Workspace, flow_name: str, params: dict[str, Any], run_id: str | None = None,
+                decisive: dict[str, Any] | None = None) -> Iterator[dict]:
     """Start (or resume) a run under its run lock, yield a dict for metrics, finish it and refresh the catalog.
 
-    Exceptions mark the run failed and propagate; the catalog is refreshed either way.
-    A run id that another live process is running raises runs.RunLocked before anything is recorded.
+    Exceptions mark the run failed and propagate; the catalog is refreshed either way. Before anything is
+    recorded, a run id that another live process is running raises runs.RunLocked, and a resume whose
+    `decisive` parameters (when given) differ from the first attempt's raises ValueError.
     """
     watch_temporary_server()
     with runs.run_lock(ws, run_id or runs.new_run_id(flow_name)) as lock:
+        runs.check_resume(ws, run_id, decisive or {})
         rid = runs.start_run(ws, flow_name, params, lock.parent.name)
         state: dict[str, Any] = {"run_id": rid, "metrics": {}, "counts": None}
         try:

@@ -1,15 +1,9 @@
 """Flows for scheduled deployments: refresh a watched dataset (new samples only) and train+score on a GPU pool.
 
-These are module-level Prefect flows so a deployment can point at them
-(`flows/scheduled.py:refresh_dataset`, `flows/scheduled.py:train_and_score`).
-They only orchestrate: the work is done by the ingest, label, anchors, train
-and score flows, called as sub-flows with their public parameters.
-
-`refresh_dataset` re-scans the watched folder (cheap, and it keeps identity
-labels consistent with the folder listing), labels only the samples that have
-no `faces` row yet, and recomputes the anchors of the whole dataset when some
-sample of it has no anchors row (centers and the min/max normalisation depend
-on every sample, so anchors are never computed for a subset alone).
+Module-level Prefect flows that deployments point at; they only orchestrate the ingest, label, anchors,
+train and score flows. A refresh labels only samples without a `faces` row and recomputes a dataset's
+anchors when one of its samples has none (centres and normalisation depend on every sample).
+See docs/operations.md.
 """
 
 from __future__ import annotations

@@ -43,6 +43,8 @@ class ScoreOptions(command.RunOptions):
     shard_size: int = 4096  # samples per shard
     workers: int | None = 1  # one scorer per process: shards take turns on it
 
+    AT_LEAST_ONE = ("batch_size", "shard_size")
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.checkpoint:
@@ -51,9 +53,6 @@ class ScoreOptions(command.RunOptions):
         if not ckpt.is_file():
             raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
         object.__setattr__(self, "checkpoint", str(ckpt))
-        for name in ("batch_size", "shard_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not self.method.strip():
             raise ValueError("--method must not be empty")
         self.selection_sql()  # --where with --query, or an empty --where, fails here
@@ -77,8 +76,7 @@ def score_run(opts: ScoreOptions) -> dict[str, Any]:
     ws = Workspace(opts.workspace)
     sql = opts.selection_sql()
     params = {"checkpoint": opts.checkpoint, "query": sql, "method": opts.method, "shard_size": opts.shard_size}
-    runtime.check_resume(ws, opts.run_id, params)
-    with runtime.tracked_run(ws, "score", {**opts.recorded(), **params}, opts.run_id) as state:
+    with runtime.tracked_run(ws, "score", {**opts.recorded(), **params}, opts.run_id, decisive=params) as state:
         rid = state["run_id"]
         frozen = selection.freeze_selection(ws, rid, sql, opts.shard_size)
         outcomes = runtime.run_shards(score_shard, selection.selection_shards(frozen), ws=ws, run_id=rid,

@@ -54,19 +54,6 @@ def read_sql_file(path: Path, limit: int = MAX_SQL_FILE) -> str:
         raise ValueError(f"--file {path} is not UTF-8 text: {e}") from e
 
 
-def check_output(ws: Workspace, output: Path) -> None:
-    """Refuse an --output that would overwrite the workspace's data: manifests, crops, runs or the catalog."""
-    real = Path(os.path.realpath(output))
-    protected = [ws.manifests, ws.crops, ws.runs_dir]
-    files = [ws.catalog_path, Path(f"{ws.catalog_path}.wal"), ws.catalog_root_path]
-    for d in protected:
-        d_real = Path(os.path.realpath(d))
-        if real == d_real or d_real in real.parents:
-            raise ValueError(f"refused: --output {output} is inside the workspace's {d.name}/, which only flows write")
-    if any(real == Path(os.path.realpath(f)) for f in files):
-        raise ValueError(f"refused: --output {output} is the workspace's catalog, which only flows write")
-
-
 def print_quietly(text: str) -> None:
     """Print; a reader that closed the pipe (`| head`) ends the output quietly."""
     try:
@@ -84,7 +71,7 @@ def run_cli(args: argparse.Namespace) -> int:
     if not ws.manifests.is_dir():
         raise FileNotFoundError(f"no manifests in workspace {ws.root} (run 'fiqa ingest' or 'fiqa demo' first)")
     if args.output is not None:
-        check_output(ws, args.output)
+        ws.check_output(args.output, "--output")
     try:
         tbl = catalog.query(ws, sql, allow_external_read=args.allow_external_read, timeout_s=args.timeout,
                             memory=args.memory)

@@ -1,10 +1,8 @@
 """`fiqa train`: train CLIB-FIQA on the catalog (stage 1, confidence calibration, stage 2).
 
-The training set is a DuckDB query over the catalog (:mod:`pipeline.training.training_set`): aligned
-crops (faces) joined with the latest anchors and factor labels, with an optional SQL filter.
-The confidence rho of every training sample is written to the `scores` table
-(method "clib-fiqa-confidence"); checkpoints go to <workspace>/checkpoints/<run_id>/.
-On a GPU work pool the same flow runs on the worker; `torchrun` gives DDP.
+The training set is a SQL query over the catalog (pipeline.training.training_set); each sample's confidence
+rho goes to `scores` (method "clib-fiqa-confidence"), checkpoints to <workspace>/checkpoints/<run_id>/.
+`torchrun` gives DDP. See docs/model.md.
 """
 
 from __future__ import annotations
@@ -31,7 +29,8 @@ TRAIN_OPTIONS: tuple[tuple[str, type], ...] = (
     ("stage1-epochs", int), ("stage2-epochs", int), ("batch-size", int), ("lr", float), ("num-workers", int),
     ("seed", int), ("device", str), ("keep-epochs", int),
 )
-TRAIN_KEYS = tuple(name.replace("-", "_") for name, _ in TRAIN_OPTIONS)
+
+
 @dataclass(frozen=True)
 class TrainOptions:
     """Everything one `train` run needs, validated once here."""
@@ -137,15 +136,14 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--query", default=None, help="a full SQL query returning " + ", ".join(REQUIRED_COLUMNS))
     p.add_argument("--resume", default=None, help="continue from this checkpoint (same data and config)")
     p.add_argument("--config-json", default=None, help="JSON object of TrainConfig overrides")
-    for name, typ in TRAIN_OPTIONS:
-        p.add_argument(f"--{name}", type=typ, default=None)
+    command.add_config_options(p, TRAIN_OPTIONS)
     p.add_argument("--official", action="store_true",
                    help="the official code's loss/confidence/schedule quirks (see docs/DIFFERENCES.md)")
 
 
 def train_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """TrainConfig overrides from --config-json, the training options and --official."""
-    cfg = command.config_overrides(args, TRAIN_KEYS)
+    cfg = command.config_overrides(args, TRAIN_OPTIONS)
     if args.official:
         cfg.update(official_losses=True, official_js=True, schedule="official", distance="squared",
                    logit_scale_max=None, freeze_visual_positional_embedding=True)

@@ -1,13 +1,8 @@
 """`fiqa train-attributes`: train the occlusion / expression / lighting CNN on WIDER FACE.
 
-Read the WIDER annotation files -> shard the images -> per shard, face crops and ground-truth rows
-(:mod:`pipeline.attribute_training.crops`) written as a crop pack plus `samples` / `faces` / `factors` rows
-(dataset "wider_face/<split>", labeller "wider_face_gt") in a data workspace of their own (default
-<workspace>/wider_face, so they never mix with the dataset being labelled) -> training ->
-evaluation on the val split -> checkpoint in <workspace>/checkpoints/, report (markdown +
-confusion-matrix PNGs) in <workspace>/reports/<run_id>/ and as Prefect artifacts.
-Training is :mod:`pipeline.attribute_training.train`, the report :mod:`pipeline.attribute_training.report`.
-Re-running with the same --run-id skips committed crop shards.
+WIDER annotations -> crop shards with ground-truth rows in a data workspace of their own (default
+<workspace>/wider_face) -> training and validation (pipeline.attribute_training) -> checkpoint, report
+and Prefect artifacts. The same --run-id skips committed crop shards. See docs/attributes.md.
 """
 
 from __future__ import annotations
@@ -15,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
@@ -24,6 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from data_manifest import Workspace, catalog
 from data_manifest.writer import shard_name
 from flows import command, runners, runtime
+from flows.bookkeeping import publish_artifacts
 from pipeline.attribute_training.crops import (
     DETECTOR_CHOICES,
     crop_counts,
@@ -32,7 +27,7 @@ from pipeline.attribute_training.crops import (
     resolve_splits,
     write_crop_shard,
 )
-from pipeline.attribute_training.report import write_report
+from pipeline.attribute_training.report import metrics_table, write_report
 from pipeline.attribute_training.train import train_and_evaluate
 
 DATA_WORKSPACE = "wider_face"  # default data workspace, inside the main workspace
@@ -65,15 +60,12 @@ class TrainAttributesOptions(command.RunOptions):
     crop_device: str = "cpu"  # detector device while cropping
     torch_threads: int | None = None
 
+    AT_LEAST_ONE = ("shard_images", "min_size", "max_images")
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.detector not in DETECTOR_CHOICES:
             raise ValueError(f"unknown detector {self.detector!r}; choose one of {DETECTOR_CHOICES}")
-        for name in ("shard_images", "min_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.max_images is not None and self.max_images < 1:
-            raise ValueError(f"max-images must be >= 1, got {self.max_images}")
         if not 0.0 <= self.calibration_fraction < 1.0:
             raise ValueError(f"calibration fraction must be in [0, 1), got {self.calibration_fraction}")
         if not 0.0 <= self.margin < 2.0:
@@ -103,22 +95,6 @@ def train_task(ws_root: str, data_root: str, run_id: str, model_config: str, tra
     return train_and_evaluate(Workspace(ws_root), Workspace(data_root), run_id, model_config, train_config, **kwargs)
 
 
-def _publish(files: dict[str, Path], trained: dict[str, Any]) -> None:
-    """The report as Prefect artifacts: markdown, a metrics table and the confusion-matrix images."""
-    from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
-
-    from pipeline.attribute_training.report import metrics_table
-
-    create_markdown_artifact(files["report"].read_text(), key="attributes-report",
-                             description="attribute CNN training report")
-    create_table_artifact(metrics_table(trained["metrics"]), key="attributes-metrics",
-                          description="validation metrics per attribute")
-    for name, path in files.items():
-        if name.startswith("confusion_"):
-            create_image_artifact(path.resolve().as_uri(), key=f"attributes-{name.replace('_', '-')}",
-                                  description=f"validation confusion matrix: {name.removeprefix('confusion_')}")
-
-
 @flow(name="train_attributes", log_prints=True)
 def train_attributes_run(opts: TrainAttributesOptions) -> dict[str, Any]:
     """Read WIDER, shard, crop (tasks), train, evaluate on val, write the checkpoint and report."""
@@ -129,8 +105,7 @@ def train_attributes_run(opts: TrainAttributesOptions) -> dict[str, Any]:
     data_ws = Workspace(opts.data_workspace or ws.root / DATA_WORKSPACE)
     params = {**opts.recorded(), "splits": {s: [str(a), str(b)] for s, (a, b) in splits.items()}}
     decisive = {k: params[k] for k in ("splits", "min_size", "margin", "detector", "shard_images", "max_images")}
-    runtime.check_resume(ws, opts.run_id, decisive)
-    with runtime.tracked_run(ws, "train_attributes", params, opts.run_id) as state:
+    with runtime.tracked_run(ws, "train_attributes", params, opts.run_id, decisive=decisive) as state:
         rid = state["run_id"]
         parsed, data = parse_splits(splits, opts.min_size, opts.max_images)
         shards = {shard_name(i, split): [(split, r) for r in chunk]
@@ -147,7 +122,9 @@ def train_attributes_run(opts: TrainAttributesOptions) -> dict[str, Any]:
                              torch_threads=opts.torch_threads)
         files = write_report(ws.reports / rid, rid, trained, data,
                              notes={"landmark detector": det_note, "crops and manifests": str(data_ws.root)})
-        _publish(files, trained)
+        publish_artifacts("attribute CNN training report", markdown={"attributes-report": files["report"].read_text()},
+                          tables={"attributes-metrics": metrics_table(trained["metrics"])},
+                          images={f"attributes-{n}": p for n, p in files.items() if n.startswith("confusion_")})
         summary = {h: {k: m[k] for k in ("balanced_accuracy", "auroc", "threshold")}
                    for h, m in trained["metrics"].items()}
         state["counts"] = {**runtime.summarize(outcomes), "train_crops": data["train"].get("crops", 0),
@@ -195,8 +172,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     t = p.add_argument_group("training")
     t.add_argument("--model-config", default=DEFAULT_MODEL_CONFIG,
                    help="bundled config (mobilefacenet, resnet18, tiny) or a JSON file (see models/configs)")
-    for name, typ in TRAIN_OPTIONS:
-        t.add_argument(f"--{name}", type=typ, default=None)
+    command.add_config_options(t, TRAIN_OPTIONS)
     t.add_argument("--no-amp", action="store_true", help="disable mixed precision on GPU")
     t.add_argument("--calibration-fraction", type=float, default=0.1,
                    help="fraction of train images held out to choose the decision thresholds")
@@ -207,7 +183,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 def train_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """TrainConfig overrides from --config-json and the training options."""
-    cfg = command.config_overrides(args, [name.replace("-", "_") for name, _ in TRAIN_OPTIONS])
+    cfg = command.config_overrides(args, TRAIN_OPTIONS)
     if args.no_amp:
         cfg["amp"] = False
     return cfg

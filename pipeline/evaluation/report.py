@@ -110,3 +110,10 @@ def write_rows(rows: list[dict[str, Any]], path: Path) -> Path:
 
     table = pa.Table.from_pylist(rows) if rows else pa.table({})
     return atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def pauc_summary(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """{benchmark/method/protocol/fmr<x> or se<x>/pauc: pAUC} of result rows (a run's recorded metrics)."""
+    return {f"{r['benchmark']}/{r['method']}/{r['protocol']}/"
+            f"{'fmr' if r['fmr'] is not None else 'se'}"
+            f"{r['fmr'] if r['fmr'] is not None else r['starting_error_target']:g}/pauc": r["pauc"] for r in rows}

@@ -21,7 +21,6 @@ from data_manifest import ShardWriter, Workspace, catalog, runs
 from data_manifest.crops import write_pack
 from data_manifest.gallery import NO_CLASS, GalleryOptions, build_html, write_gallery
 from data_manifest.vocabulary import FACTORS
-from flows.bookkeeping import run_report_markdown
 
 N = 30
 HOSTILE = 'evil <script>alert("x")</script> & \'q\'.png'
@@ -95,7 +94,7 @@ def build_workspace(root: Path) -> Workspace:
     runs.finish_run(ws, relabel_run, "completed")
     for rid in (label_run, relabel_run):
         (ws.reports / "runs").mkdir(parents=True, exist_ok=True)
-        (ws.reports / "runs" / f"{rid}.md").write_text(run_report_markdown(runs.run_info(ws, rid)))
+        runs.write_run_report(ws, rid)
     edc = ws.reports / "evaluate" / "x"
     edc.mkdir(parents=True)
     Image.fromarray(np.full((40, 60, 3), 200, np.uint8)).save(edc / "demo_edc_fmr0.01.png")

@@ -258,19 +258,58 @@ def dlib_box(landmarks5: np.ndarray | None) -> tuple[float, float, float, float]
     return x - s / 2, y - s / 2, x + s / 2, y + s / 2
 
 
+def mirror_landmarks5(landmarks5: np.ndarray, width: int) -> np.ndarray:
+    """The 5 landmarks of the horizontally mirrored crop: x -> width - 1 - x, left and right swapped."""
+    m = np.array(landmarks5, dtype=np.float64).reshape(5, 2)
+    m[:, 0] = width - 1 - m[:, 0]
+    return m[[1, 0, 2, 4, 3]]
+
+
+def equalized_gray(crop: np.ndarray) -> np.ndarray:
+    """The crop's luminance with its histogram equalised: global light and exposure taken out."""
+    arr = np.asarray(crop)
+    gray = arr if arr.ndim == 2 else cv2.cvtColor(np.ascontiguousarray(arr), cv2.COLOR_RGB2GRAY)
+    return cv2.equalizeHist(np.ascontiguousarray(gray))
+
+
+def mirror_average(pose: HeadPose | Exception, mirrored: HeadPose | Exception) -> HeadPose | Exception:
+    """One pose from the estimates on a crop and on its mirror image (yaw and roll change sign, pitch does not).
+
+    The average is exactly antisymmetric under a flip of the crop; half the two yaws' disagreement is kept as
+    `yaw_disagreement`, a measure of how far the landmarks can be trusted. With one estimate missing, the other.
+    """
+    if isinstance(pose, Exception) or isinstance(mirrored, Exception):
+        if isinstance(pose, Exception) and isinstance(mirrored, Exception):
+            return pose
+        one = mirrored if isinstance(pose, Exception) else pose
+        sign = -1.0 if one is mirrored else 1.0
+        return HeadPose(sign * one.yaw, one.pitch, sign * one.roll, {**one.details, "mirror": "one view only"})
+    details = {k: v for k, v in pose.details.items() if k != "reprojection_rms_px"}
+    details.update(yaw_disagreement=abs(pose.yaw + mirrored.yaw) / 2, yaw_direct=pose.yaw,
+                   yaw_mirrored=-mirrored.yaw, mirror="averaged",
+                   reprojection_rms_px=max(pose.details["reprojection_rms_px"],
+                                           mirrored.details["reprojection_rms_px"]))
+    return HeadPose((pose.yaw - mirrored.yaw) / 2, (pose.pitch + mirrored.pitch) / 2,
+                    (pose.roll - mirrored.roll) / 2, details)
+
+
 class DlibPnPPose:
     """dlib's 68-point shape predictor on the crop + a PnP fit to the generic 3D face (the authors' method).
 
     The predictor's cascade runs batched in numpy (models.shape_predictor, the
     same landmarks as dlib); the PnP fits of a batch are refined together.
+    `invariant` (the default): the predictor reads the crop's histogram-equalised luminance, and the pose
+    is the average of the estimates on the crop and on its mirror image, so that light, exposure and
+    noise of the landmarks move the yaw less (docs/DIFFERENCES.md); `invariant=False` is the plain method.
     """
 
     name = "dlib68-pnp"
-    version = "dlib-68pt+insightface-meanshape68"
 
-    def __init__(self, predictor_path: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, predictor_path: str | os.PathLike[str] | None = None, invariant: bool = True) -> None:
         path = Path(predictor_path) if predictor_path else dlib_model("shape_predictor_68_face_landmarks.dat")
         self.predictor = ShapePredictor.from_file(path)
+        self.invariant = invariant
+        self.version = "dlib-68pt+insightface-meanshape68" + ("+equalized-mirrored" if invariant else "")
 
     @staticmethod
     def _box(landmarks5: np.ndarray | None) -> list[int]:
@@ -281,9 +320,18 @@ class DlibPnPPose:
         boxes = np.array([self._box(lm) for lm in landmarks5], dtype=np.float64).reshape(-1, 4)
         return self.predictor.predict(np.stack([np.asarray(c) for c in crops]), boxes)
 
-    def landmarks68(self, crop: np.ndarray, landmarks5: np.ndarray | None) -> np.ndarray:
-        """68 (x, y) landmarks measured on the crop, seeded with a box from the 5 landmarks."""
-        return self.landmarks68_batch([crop], [landmarks5])[0]
+    def _poses(self, crops: Sequence[np.ndarray], landmarks5: Sequence[np.ndarray | None], width: int,
+               height: int) -> list[HeadPose | Exception]:
+        """Poses of same-size crops: plain, or (invariant) equalised and averaged with the mirror images."""
+        if not self.invariant:
+            return pnp_poses(self.landmarks68_batch(crops, landmarks5), width, height)
+        gray = [equalized_gray(c) for c in crops]
+        mirrored = [np.ascontiguousarray(g[:, ::-1]) for g in gray]
+        marks = [None if lm is None else mirror_landmarks5(lm, width) for lm in landmarks5]
+        pts = self.landmarks68_batch(gray + mirrored, list(landmarks5) + marks)
+        poses = pnp_poses(pts, width, height)
+        n = len(crops)
+        return [mirror_average(a, b) for a, b in zip(poses[:n], poses[n:], strict=True)]
 
     def estimate_batch(self, crops: Sequence[np.ndarray], landmarks5: Sequence[np.ndarray | None]
                        ) -> list[HeadPose | Exception]:
@@ -298,12 +346,12 @@ class DlibPnPPose:
                     out[i] = ValueError(f"expected an RGB crop (H, W, 3), got shape {shape}")
                 continue
             try:
-                pts = self.landmarks68_batch([crops[i] for i in idx], [landmarks5[i] for i in idx])
+                poses = self._poses([crops[i] for i in idx], [landmarks5[i] for i in idx], shape[1], shape[0])
             except ValueError as e:
                 for i in idx:
                     out[i] = e
                 continue
-            for i, pose in zip(idx, pnp_poses(pts, shape[1], shape[0]), strict=True):
+            for i, pose in zip(idx, poses, strict=True):
                 out[i] = pose
         return out
 

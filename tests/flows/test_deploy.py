@@ -102,6 +102,10 @@ def prefect_server(tmp_path_factory):
 
         _wait_for(healthy, "prefect server", proc, log)
         yield {"api_url": api_url, "home": home}
+        from prefect.logging.handlers import APILogWorker
+
+        with _api(api_url):  # send this process's queued log lines while their server is up
+            APILogWorker.drain_all(timeout=30)
     finally:
         _stop(proc)
 

@@ -172,32 +172,9 @@ def serve(args: argparse.Namespace) -> None:
 
 
 def _add_deployment_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset-path", default=None, help="the watched dataset (image folder, .rec, .bin or list)")
-    p.add_argument("--dataset", default=None, help="dataset name (part of every sample_id)")
-    p.add_argument("--relabel", default=None, metavar="NAME",
-                   help="create the relabel deployment relabel-NAME instead of the refresh (needs --where)")
-    p.add_argument("--where", default=None, help="relabel: SQL condition on the `labels` view choosing the samples")
-    p.add_argument("--stages", default=None, help=f"relabel: stages to re-run (default: {relabel.DEFAULT_STAGES})")
-    p.add_argument("--workspace", default=None, help="workspace directory (default: the worker's $FIQA_WORKSPACE)")
-    p.add_argument("--name", default=None, help="refresh deployment name (default: refresh-DATASET)")
-    p.add_argument("--cron", default=None, help=f"schedule, UTC (default: refresh {D.DEFAULT_CRON!r}, hourly; "
-                                                "relabel: none, run it on demand)")
-    p.add_argument("--format", default="auto", help="dataset reader")
-    p.add_argument("--steps", default=",".join(D.STEPS), help="refresh steps")
-    p.add_argument("--label-stages", default=",".join(D.DEFAULT_LABEL_STAGES), help="label stages for new samples")
-    p.add_argument("--label-options", default=None,
-                   help='labeller options (LabelOptions) as JSON, e.g. \'{"detector": "scrfd", "pose_backend": '
-                        '"dlib", "blur_thresholds": [0.3, 0.65]}\'')
-    p.add_argument("--fr-model", default=None, help="anchors recogniser spec (default: the anchors flow's)")
-    p.add_argument("--device", default="auto", help="device of the anchors stage")
-    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    for flag, default, help_text in D.OPTIONS:  # the options of serve and register, with their help
+        p.add_argument(flag, default=default, help=help_text, **({"type": int} if isinstance(default, int) else {}))
     command.add_runner_args(p)
-    p.add_argument("--train-name", default=None, help="train+score deployment name (default: train-and-score-DATASET)")
-    p.add_argument("--model-config", default="clib-rn50", help="CLIB-FIQA model config")
-    p.add_argument("--train-config", default=None, help="TrainConfig overrides as JSON")
-    p.add_argument("--train-where", default=None, help="SQL filter on the training set")
-    p.add_argument("--score-where", default=None, help="SQL filter on the samples to score (default: all)")
-    p.add_argument("--gpu-device", default="cuda", help="device of train+score")
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:

@@ -17,9 +17,10 @@ from prefect import flow
 from data_manifest import catalog
 from flows import command
 from flows import label as L
+from pipeline.deployments import RELABEL_STAGES
 from pipeline.labellers.registry import LabelOptions
 
-DEFAULT_STAGES = "blur,pose"
+DEFAULT_STAGES = RELABEL_STAGES
 LABELLER_FIELDS = tuple(f.name for f in dataclasses.fields(LabelOptions) if f.name != "extra")
 
 

@@ -29,6 +29,32 @@ GPU_TAG = "gpu"
 ROUTES = ("serve", "register", "yaml")
 STEPS = ("ingest", "label", "anchors")
 DEFAULT_LABEL_STAGES = ("align", "blur", "pose", "attributes")  # all five factors, real-face labellers
+RELABEL_STAGES = "blur,pose"  # `fiqa relabel`'s default
+# (flag, default, help) of each option of `fiqa deploy serve|register` (flows/deploy.py adds the task runner's)
+OPTIONS: tuple[tuple[str, str | int | None, str], ...] = (
+    ("--dataset-path", None, "the watched dataset (image folder, .rec, .bin or list)"),
+    ("--dataset", None, "dataset name (part of every sample_id)"),
+    ("--relabel", None, "create the relabel deployment relabel-NAME instead of the refresh (needs --where)"),
+    ("--where", None, "relabel: SQL condition on the `labels` view choosing the samples"),
+    ("--stages", None, f"relabel: stages to re-run (default: {RELABEL_STAGES})"),
+    ("--workspace", None, "workspace directory (default: the worker's $FIQA_WORKSPACE)"),
+    ("--name", None, "refresh deployment name (default: refresh-DATASET)"),
+    ("--cron", None, f"schedule, UTC (default: refresh {DEFAULT_CRON!r}, hourly; relabel: none, run on demand)"),
+    ("--format", "auto", "dataset reader"),
+    ("--steps", ",".join(STEPS), "refresh steps"),
+    ("--label-stages", ",".join(DEFAULT_LABEL_STAGES), "label stages for new samples (must include align)"),
+    ("--label-options", None, 'labeller options (LabelOptions) as JSON, e.g. \'{"detector": "scrfd", '
+                              '"pose_backend": "dlib", "blur_thresholds": [0.3, 0.65]}\''),
+    ("--fr-model", None, "anchors recogniser spec (default: the anchors flow's)"),
+    ("--device", "auto", "device of the anchors stage"),
+    ("--shard-size", 1000, "samples per shard"),
+    ("--train-name", None, "train+score deployment name (default: train-and-score-DATASET)"),
+    ("--model-config", "clib-rn50", "CLIB-FIQA model config"),
+    ("--train-config", None, "TrainConfig overrides as JSON"),
+    ("--train-where", None, "SQL filter on the training set"),
+    ("--score-where", None, "SQL filter on the samples to score (default: all)"),
+    ("--gpu-device", "cuda", "device of train+score"),
+)
 
 
 def deployment_name(action: str, subject: str) -> str:

@@ -38,6 +38,13 @@ def run_log(message: str, *args: Any, level: int = 20) -> None:
         get_run_logger().log(level, message, *args)
 
 
+def die_with_runner() -> None:
+    """In a flow run that `fiqa deploy serve` or a worker started (a child process): a watchdog stops this
+    process (SIGTERM: the run ends crashed, its slot released) when that parent dies, kill -9 included."""
+    if os.environ.get("PREFECT__FLOW_RUN_ID") and hasattr(os, "pidfd_open") and os.getppid() > 1:
+        spawn_watchdog(os.getpid(), os.getppid())
+
+
 def artifact_key(text: str) -> str:
     """A valid Prefect artifact key: lower-case letters, digits and dashes, at most 100 characters."""
     return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")[:100]

@@ -12,8 +12,9 @@ from typing import Any
 
 from prefect import flow, get_run_logger, tags
 
-from data_manifest import Workspace, catalog
+from data_manifest import Workspace, catalog, runs
 from data_manifest.sql_guard import sql_str
+from flows.bookkeeping import die_with_runner
 from pipeline import deployments as D
 
 
@@ -41,6 +42,15 @@ def check_refresh(params: dict[str, Any]) -> list[str]:
     return todo
 
 
+def recover(workspace: str | None) -> Workspace:
+    """The workspace, its runs whose process died recorded as crashed; this run stops with its runner."""
+    die_with_runner()
+    ws = Workspace(workspace)
+    for rid in runs.recover_crashed(ws):
+        get_run_logger().warning("run %s was running in a process that died: recorded as crashed", rid)
+    return ws
+
+
 def check_train(params: dict[str, Any]) -> None:
     """Build the train options of train+score parameters as the train flow does, and check the score condition."""
     from flows.train import TrainOptions
@@ -61,10 +71,9 @@ def refresh_dataset(dataset_path: str, dataset: str, workspace: str | None = Non
     """Ingest the watched dataset, label its new samples, refresh its anchors when some are missing."""
     todo, stages = check_refresh(dict(locals())), list(label_stages)  # every option, before the first step
     from flows.ingest import ingest
-    from flows.label import label
+    from flows.label import LabelRunOptions, label
 
-    ws = Workspace(workspace)
-    logger = get_run_logger()
+    ws, logger = recover(workspace), get_run_logger()
     result: dict[str, Any] = {"dataset": dataset, "workspace": str(ws.root), "steps": todo}
     runner_opts = {"runner": runner, "workers": workers, "address": address}
 
@@ -75,6 +84,11 @@ def refresh_dataset(dataset_path: str, dataset: str, workspace: str | None = Non
         logger.info("%s: ingest run %s read %d record(s)", dataset, out["run_id"], out["records"])
     if "label" in todo:
         where = D.new_samples_where(dataset)
+        planned = LabelRunOptions(stages=stages, where=where, shard_size=shard_size, options=label_options or {})
+        if crashed := runs.resumable(ws, "label", planned.run_params()):  # its committed shards are kept
+            logger.info("%s: resuming crashed label run %s", dataset, crashed)
+            label(stages=stages, where=where, options=label_options, workspace=str(ws.root), shard_size=shard_size,
+                  progress=False, run_id=crashed, **runner_opts)
         result["new_samples"] = n_new = D.count_where(ws, where)
         if n_new:
             out = label(stages=stages, where=where, options=label_options, workspace=str(ws.root),
@@ -82,8 +96,7 @@ def refresh_dataset(dataset_path: str, dataset: str, workspace: str | None = Non
             result["label"] = {"run_id": out["run_id"], "selected": out["selected"], "counts": out["counts"]}
         logger.info("%s: %d new sample(s) labelled", dataset, n_new)
     if "anchors" in todo:
-        n_missing = D.count_where(ws, D.missing_anchors_where(dataset))
-        result["samples_without_anchors"] = n_missing
+        result["samples_without_anchors"] = n_missing = D.count_where(ws, D.missing_anchors_where(dataset))
         if n_missing:
             result["anchors"] = _refresh_anchors(ws, dataset, fr_model=fr_model, device=device, runner=runner,
                                                  workers=workers, address=address)
@@ -118,7 +131,7 @@ def train_and_score(workspace: str | None = None, model: str = "clib-rn50",
     check_train({"model": model, "where": where, "train_config": train_config, "score_where": score_where})
     config = dict(train_config or {})
     config.setdefault("device", device)
-    ws = Workspace(workspace)
+    ws = recover(workspace)
     # Task runs inside carry the `gpu` tag: `prefect concurrency-limit create gpu 1` serialises them.
     with tags(D.GPU_TAG):
         trained = train_flow(workspace=str(ws.root), model_config=model, train_config=config, where=where)
@@ -141,7 +154,7 @@ def relabel_subset(where: str, stages: list[str] | None = None, workspace: str |
     params = dict(locals())
     from flows import label, relabel
 
-    opts = relabel.checked_options(params)
+    opts, _ = relabel.checked_options(params), recover(workspace)
     out = label.run(opts, relabel.relabel_run)
     print(f"run {out['run_id']}: re-labelled {out['selected']} samples with {','.join(out['stages'])}")
     return {"run_id": out["run_id"], "selected": out["selected"], "counts": out["counts"]}

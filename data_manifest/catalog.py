@@ -321,6 +321,23 @@ def refresh_if_moved(ws: Workspace) -> bool:
 
 ENV_TIMEOUT = "FIQA_SQL_TIMEOUT"  # seconds a user query may run (fiqa sql --timeout, --sql-timeout of flows)
 ENV_MEMORY = "FIQA_SQL_MEMORY"  # memory a user query may use (fiqa sql --memory, --sql-memory of flows)
+
+
+@contextlib.contextmanager
+def query_limits(timeout: float | None = None, memory: str | None = None) -> Iterator[None]:
+    """While a command runs, these (when given) are the limits of every user query of the process and of the
+    workers it starts (through $FIQA_SQL_TIMEOUT / $FIQA_SQL_MEMORY); afterwards they are as before."""
+    given = {env: str(v) for env, v in ((ENV_TIMEOUT, timeout), (ENV_MEMORY, memory)) if v is not None}
+    before = {env: os.environ.get(env) for env in given}
+    os.environ.update(given)
+    try:
+        yield
+    finally:
+        for env, old in before.items():
+            if old is None:
+                os.environ.pop(env, None)
+            else:
+                os.environ[env] = old
 DEFAULT_TIMEOUT_S = 300.0
 DEFAULT_QUERY_MEMORY = "4GB"
 
@@ -473,6 +490,11 @@ def selection_sql(base: str, where: str | None = None, query: str | None = None,
     if where:
         sql += f" WHERE sample_id IN (SELECT sample_id FROM labels WHERE {where})" if on_labels else f" WHERE {where}"
     return sql + " ORDER BY sample_id"
+
+
+def check_where(where: str) -> None:
+    """Check a `--where` condition on the `labels` view with the SQL guard, without running it (deploy time)."""
+    sql_guard.check(selection_sql("SELECT sample_id FROM labels", where or ""), VIEW_NAMES)  # spliced as flows do
 
 
 def bundled_sql(name: str) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 from data_manifest.workspace import Workspace
 from data_manifest.writer import ShardWriter, atomic_write, check_name
 
-RUNNING, COMPLETED, FAILED = "running", "completed", "failed"
+RUNNING, COMPLETED, FAILED, CRASHED = "running", "completed", "failed", "crashed"  # crashed: its process died
 
 
 @lru_cache(maxsize=1)
@@ -140,7 +140,7 @@ def start_run(ws: Workspace, flow: str, params: dict[str, Any], run_id: str | No
         info = {"run_id": run_id, "flow": flow, "parameters": params, "started_at": now.isoformat(),
                 "code_version": code_version(), "host": socket.gethostname(), "attempts": 0}
     info["attempts"] = int(info.get("attempts", 0)) + 1
-    info["last_parameters"] = params
+    info["last_parameters"], info["attempt_started_at"] = params, now.isoformat()
     _write_json(_run_dir(ws, run_id) / "run.json", info)
     _registry_row(ws, run_id, info, RUNNING, f"start-{info['attempts']:03d}")
     return run_id
@@ -189,8 +189,8 @@ def shard_counts(ws: Workspace, run_id: str) -> dict[str, int]:
 def finish_run(ws: Workspace, run_id: str, status: str, counts: dict[str, Any] | None = None,
                metrics: dict[str, Any] | None = None, error: str | None = None) -> None:
     """Record the end of a run attempt with its counts (default: summed shard counts) and metrics."""
-    if status not in (COMPLETED, FAILED):
-        raise ValueError(f"finish_run: status must be {COMPLETED!r} or {FAILED!r}, got {status!r}")
+    if status not in (COMPLETED, FAILED, CRASHED):
+        raise ValueError(f"finish_run: status must be {COMPLETED!r}, {FAILED!r} or {CRASHED!r}, got {status!r}")
     info = run_info(ws, run_id)
     if info is None:
         raise ValueError(f"finish_run: unknown run {run_id!r} (start_run was not called)")
@@ -200,6 +200,58 @@ def finish_run(ws: Workspace, run_id: str, status: str, counts: dict[str, Any] |
     info.update(status=status, counts=counts, metrics=metrics, ended_at=datetime.now(UTC).isoformat(), error=error)
     _write_json(_run_dir(ws, run_id) / "run.json", info)
     _registry_row(ws, run_id, info, status, f"end-{info['attempts']:03d}", counts, metrics, error)
+
+
+def is_running(info: dict[str, Any]) -> bool:
+    """The run's last attempt has started and not ended (or its process died before it could record the end)."""
+    started = info.get("attempt_started_at") or info.get("started_at") or ""
+    return not info.get("ended_at") or info["ended_at"] < started
+
+
+def lock_is_free(ws: Workspace, run_id: str) -> bool:
+    """True when no live process holds the run's lock (the kernel drops an flock when its holder dies)."""
+    path = _run_dir(ws, run_id) / "lock"
+    if str(path) in _HELD:
+        return False
+    if not path.exists():
+        return True
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def recover_crashed(ws: Workspace) -> list[str]:
+    """Runs recorded as running whose process is gone (their lock is free), each recorded as crashed (an end
+    row naming the dead holder, counts of its committed shards); returns their ids. A resume with the same
+    run id skips the committed shards."""
+    found = []
+    for d in sorted(ws.runs_dir.iterdir()) if ws.runs_dir.is_dir() else []:
+        info = run_info(ws, d.name)
+        if info is None or not is_running(info) or not lock_is_free(ws, d.name):
+            continue
+        h = lock_holder(ws, d.name) or {}
+        finish_run(ws, d.name, CRASHED, error=f"the process running it died (pid {h.get('pid', '?')} on "
+                                               f"{h.get('host', '?')}, since {h.get('since', '?')})")
+        found.append(d.name)
+    return found
+
+
+def resumable(ws: Workspace, flow: str, params: dict[str, Any]) -> str | None:
+    """The newest crashed run of `flow` started with exactly these parameters (to resume), or None. A failed one
+    is not: its shards failed on their input, and a scheduled retry would fail again."""
+    best: tuple[str, str] | None = None
+    for d in sorted(ws.runs_dir.iterdir()) if ws.runs_dir.is_dir() else []:
+        info = run_info(ws, d.name)
+        if (info and info["flow"] == flow and info.get("status") == CRASHED and not is_running(info)
+                and json.dumps(info.get("parameters"), sort_keys=True, default=str)
+                == json.dumps(params, sort_keys=True, default=str)):
+            best = max(best or ("", ""), (info["started_at"], d.name))
+    return best[1] if best else None
 
 
 def run_report_markdown(info: dict[str, Any]) -> str:

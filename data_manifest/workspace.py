@@ -71,3 +71,14 @@ class Workspace:
 
     def __repr__(self) -> str:
         return f"Workspace({str(self.root)!r})"
+
+
+def check_path(path: str | os.PathLike[str] | None) -> None:
+    """Refuse a workspace path that is, or lies under, something other than a directory (before Prefect starts)."""
+    p = Path(path if path is not None else os.environ.get(ENV_WORKSPACE, DEFAULT_WORKSPACE)).expanduser().absolute()
+    for q in (p, *p.parents):
+        if q.exists() or q.is_symlink():
+            if not q.is_dir():
+                what = "is not a directory" if q == p else f"lies under {q}, which is not a directory"
+                raise NotADirectoryError(f"workspace {p} {what}")
+            return

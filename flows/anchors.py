@@ -71,6 +71,10 @@ class AnchorsOptions(command.RunOptions):
     def selection_sql(self) -> str:
         return selection_sql(self.where, self.query)
 
+    def check(self) -> None:
+        """Build the recogniser: a bad spec fails before any work."""
+        E.recognizer(self.fr_model, self.device, self.batch_size)
+
 
 @task(name="anchors-embed-shard", cache_policy=NO_CACHE)
 def embed_shard(ws_root: str, run_id: str, shard: str, row_group: int, *, selection_file: str, fr_model: str,
@@ -135,7 +139,7 @@ def anchors_run(opts: AnchorsOptions) -> dict[str, Any]:
 
 def run(opts: AnchorsOptions) -> dict[str, Any]:
     """Build the recogniser (a bad spec fails before Prefect starts), then run the flow on its task runner."""
-    E.recognizer(opts.fr_model, opts.device, opts.batch_size)
+    opts.check()
     return runners.with_runner(anchors_run, opts)(opts)
 
 

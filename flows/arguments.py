@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 # What a user can fix: a bad value, a missing or unreadable file, a busy run id, a missing optional package.
@@ -60,23 +58,3 @@ def add_sql_limits(p: argparse.ArgumentParser, prefix: str = "sql-") -> None:
     p.add_argument(f"--{prefix}memory", default=None, metavar="SIZE",
                    help="DuckDB memory limit of a query, e.g. 2GB (default: $FIQA_SQL_MEMORY or 4GB); "
                         "a query never spills to disk")
-
-
-@contextlib.contextmanager
-def sql_limits(args: argparse.Namespace) -> Iterator[None]:
-    """While a command runs, its --sql-timeout / --sql-memory are the limits of every user query of the process
-    and of the workers it starts (through $FIQA_SQL_TIMEOUT / $FIQA_SQL_MEMORY); afterwards they are as before."""
-    from data_manifest import catalog
-
-    given = {env: str(value) for attr, env in (("sql_timeout", catalog.ENV_TIMEOUT), ("sql_memory", catalog.ENV_MEMORY))
-             if (value := getattr(args, attr, None)) is not None}
-    before = {env: os.environ.get(env) for env in given}
-    os.environ.update(given)
-    try:
-        yield
-    finally:
-        for env, old in before.items():
-            if old is None:
-                os.environ.pop(env, None)
-            else:
-                os.environ[env] = old

@@ -10,44 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from data_manifest import Workspace, runs
+from pipeline.watchdog import spawn_watchdog
 
-# The temporary Prefect server (started by Prefect when no PREFECT_API_URL is set) is a child
-# process that Prefect stops at interpreter exit; kill -9 of the flow skips that. A small
-# watchdog process waits on both pids and stops the server when the flow process dies.
-_WATCHDOG = r"""
-import os, select, signal, sys, time
-parent, server = int(sys.argv[1]), int(sys.argv[2])
-def pidfd(pid):
-    try:
-        return os.pidfd_open(pid)
-    except ProcessLookupError:
-        return None
-srv = pidfd(server)
-if srv is None:
-    sys.exit(0)
-par = pidfd(parent)
-if par is not None:
-    ready, _, _ = select.select([par, srv], [], [])
-    if srv in ready:
-        sys.exit(0)
-for sig in (signal.SIGTERM, signal.SIGKILL):
-    try:
-        signal.pidfd_send_signal(srv, sig)
-    except ProcessLookupError:
-        sys.exit(0)
-    if select.select([srv], [], [], 5)[0]:
-        sys.exit(0)
-"""
 _WATCHED: dict[int, Any] = {}  # server pid -> its watchdog process
-
-
-def spawn_watchdog(server_pid: int, parent_pid: int | None = None) -> Any:
-    """Start the watchdog that terminates `server_pid` when `parent_pid` (default: this process) dies."""
-    import subprocess
-
-    return subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(parent_pid or os.getpid()), str(server_pid)],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
 
 
 def watch_temporary_server() -> int | None:
@@ -60,8 +25,24 @@ def watch_temporary_server() -> int | None:
     proc = getattr(SubprocessASGIServer(), "server_process", None)  # the instance flows use (port None)
     if proc is None or proc.poll() is not None or proc.pid in _WATCHED:
         return None
-    _WATCHED[proc.pid] = spawn_watchdog(proc.pid)
+    _WATCHED[proc.pid] = spawn_watchdog(proc.pid)  # kill -9 of this process skips Prefect's own stop
     return proc.pid
+
+
+def run_log(message: str, *args: Any, level: int = 20) -> None:
+    """Log through the current Prefect run's logger (kept by the API: `prefect flow-run logs ID`); else nothing."""
+    from prefect.context import FlowRunContext
+    from prefect.logging import get_run_logger
+
+    if FlowRunContext.get() is not None:
+        get_run_logger().log(level, message, *args)
+
+
+def die_with_runner() -> None:
+    """In a flow run that `fiqa deploy serve` or a worker started (a child process): a watchdog stops this
+    process (SIGTERM: the run ends crashed, its slot released) when that parent dies, kill -9 included."""
+    if os.environ.get("PREFECT__FLOW_RUN_ID") and hasattr(os, "pidfd_open") and os.getppid() > 1:
+        spawn_watchdog(os.getpid(), os.getppid())
 
 
 def artifact_key(text: str) -> str:

@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-from flows.command import run_command
+from flows.command import prefect_defaults, run_command
 
 # name -> (module, one-line help). Modules are imported lazily so `fiqa --help`,
 # `fiqa sql` and `fiqa stats` never import Prefect or torch.
@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         top.error(f"unknown command {name!r}; choose from {', '.join(COMMANDS)}")
     module_name, help_text = COMMANDS[name]
+    prefect_defaults(quiet_console=argv[:2] != ["deploy", "serve"])  # served runs log to the console too
     mod = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"fiqa {name}", description=help_text, formatter_class=DefaultsShown)
     mod.configure_parser(parser)

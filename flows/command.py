@@ -16,10 +16,9 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from flows.arguments import INPUT_ERRORS, json_object, sql_limits
+from flows.arguments import INPUT_ERRORS, json_object
 from flows.runners import RUNNERS
 
 OptionsT = TypeVar("OptionsT")
@@ -97,15 +96,17 @@ def add_runner_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None, help="address of an existing Dask/Ray cluster")
 
 
-def check_workspace_path(path: str | os.PathLike[str] | None) -> None:
-    """Refuse a workspace path that is, or lies under, something other than a directory (before Prefect starts)."""
-    p = Path(path if path is not None else os.environ.get("FIQA_WORKSPACE", "workspace")).expanduser().absolute()
-    for q in (p, *p.parents):
-        if q.exists() or q.is_symlink():
-            if not q.is_dir():
-                what = "is not a directory" if q == p else f"lies under {q}, which is not a directory"
-                raise NotADirectoryError(f"workspace {p} {what}")
-            return
+def prefect_defaults(*, quiet_console: bool) -> None:
+    """The `fiqa` entry point's Prefect defaults, set before Prefect is imported (a user's settings win):
+    analytics off, a server start-up timeout that survives a fresh PREFECT_HOME and, for an interactive
+    command, a console showing Prefect's warnings and errors only (the run logs still reach the API)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    if quiet_console and "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL" not in os.environ:
+        os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "WARNING"  # for Prefect imported from now on
+        for handler in logging.getLogger().handlers:  # Prefect already configured in this process
+            if type(handler).__name__ == "PrefectConsoleHandler":
+                handler.setLevel(max(handler.level, logging.WARNING))
 
 
 class _MessageOnly(logging.Filter):
@@ -144,14 +145,16 @@ def quiet_failure_tracebacks() -> None:
 @contextlib.contextmanager
 def cli_guard(args: argparse.Namespace) -> Iterator[None]:
     """Checks every command makes before any flow starts: a usable --workspace, and --run-id not already running."""
+    from data_manifest import Workspace, runs
+    from data_manifest.workspace import check_path
+
     quiet_failure_tracebacks()
     if hasattr(args, "workspace"):
-        check_workspace_path(args.workspace)
+        check_path(args.workspace)
     run_id = getattr(args, "run_id", None)
     if not run_id:
         yield
         return
-    from data_manifest import Workspace, runs
 
     with runs.run_lock(Workspace(args.workspace), run_id):
         yield
@@ -159,10 +162,12 @@ def cli_guard(args: argparse.Namespace) -> Iterator[None]:
 
 def run_command(prog: str, mod: Any, args: argparse.Namespace) -> int:
     """The one CLI error path: run_cli raises; failed shards exit 1, bad input exits 2, each with one message."""
+    from data_manifest.catalog import query_limits
     from flows.runtime import ShardFailures
 
     try:
-        with sql_limits(args), cli_guard(args):  # a usable --workspace and a free --run-id first
+        limits = query_limits(getattr(args, "sql_timeout", None), getattr(args, "sql_memory", None))
+        with limits, cli_guard(args):  # a usable --workspace and a free --run-id first
             return int(mod.run_cli(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

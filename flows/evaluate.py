@@ -18,7 +18,6 @@ import numpy as np
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-import flows  # noqa: F401  (Prefect defaults before prefect is imported)
 from data_manifest import Workspace
 from flows import command
 from flows.bookkeeping import publish_artifacts

@@ -20,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from data_manifest import Workspace, runs
 from flows import command, runners, runtime
 from flows.arguments import int_at_least
-from pipeline import images
+from pipeline import identities, images
 from pipeline.ingest_shard import ingest_samples
 from pipeline.readers import KINDS, DatasetReader, Shard, open_reader
 
@@ -70,8 +70,8 @@ def ingest_shard(ws_root: str, run_id: str, shard: str, item: Shard, *, pool: An
 @flow(name="ingest")
 def ingest_run(opts: IngestOptions) -> dict[str, Any]:
     """Plan the reader's shards, read each one into `samples` rows; returns the run id and per-status counts."""
-    reader = build_reader(opts.path, opts.format, opts.shard_size)
-    ws = Workspace(opts.workspace)
+    ws = Workspace(opts.workspace)  # folder identities numbered by the dataset's append-only identity map
+    reader = identities.numbered(ws, opts.dataset, build_reader(opts.path, opts.format, opts.shard_size))
     plan = reader.plan()
     if opts.progress is not False:
         print(f"ingest {opts.dataset}: {reader.kind} dataset {str(reader.path)!r}: {len(reader)} records in "

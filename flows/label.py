@@ -65,6 +65,11 @@ class LabelRunOptions(command.RunOptions):
         if self.where is not None and not self.where.strip():
             raise ValueError("--where is empty")
 
+    def run_params(self) -> dict[str, Any]:
+        """The parameters a label run records (and a resume must match)."""
+        return {"stages": list(self.stages), "where": self.where, "shard_size": self.shard_size,
+                "options": self.options.to_params()}
+
     def check(self) -> None:
         """Build every stage: a bad configuration (missing weights, checkpoint) fails before any work."""
         for name in self.stages:
@@ -74,9 +79,7 @@ class LabelRunOptions(command.RunOptions):
 def run_label(opts: LabelRunOptions, flow_name: str = "label") -> dict[str, Any]:
     """The label run (inside the label or relabel flow): freeze the selection, label every shard, record timings."""
     ws = Workspace(opts.workspace)
-    names = list(opts.stages)
-    params = {"stages": names, "where": opts.where, "shard_size": opts.shard_size,
-              "options": opts.options.to_params()}
+    names, params = list(opts.stages), opts.run_params()
     t0 = time.perf_counter()
     with runtime.tracked_run(ws, flow_name, params, opts.run_id, decisive=params) as state:
         rid = state["run_id"]

@@ -8,15 +8,20 @@ The new rows land under a new run id, the latest-wins views move for exactly the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from typing import Any
 
 from prefect import flow
 
+from data_manifest import catalog
 from flows import command
 from flows import label as L
+from pipeline.deployments import RELABEL_STAGES
+from pipeline.labellers.registry import LabelOptions
 
-DEFAULT_STAGES = "blur,pose"
+DEFAULT_STAGES = RELABEL_STAGES
+LABELLER_FIELDS = tuple(f.name for f in dataclasses.fields(LabelOptions) if f.name != "extra")
 
 
 @flow(name="relabel")
@@ -30,6 +35,17 @@ def relabel_options(**kwargs: Any) -> L.LabelRunOptions:
     opts = L.LabelRunOptions(**{"stages": DEFAULT_STAGES, **kwargs})
     if not opts.where:
         raise ValueError("relabel needs a --where condition (use 'fiqa label' to label everything)")
+    return opts
+
+
+def checked_options(params: dict[str, Any]) -> L.LabelRunOptions:
+    """A relabel run's options from flat parameters (a deployment's, None: the default), checked as `fiqa relabel`
+    checks them: the condition by the SQL guard, the task runner, every stage built."""
+    labeller = {k: v for k, v in params.items() if k in LABELLER_FIELDS and v is not None}
+    opts = relabel_options(**{k: v for k, v in params.items() if k not in LABELLER_FIELDS and v is not None},
+                           options=labeller)
+    catalog.check_where(opts.where)
+    opts.check()
     return opts
 
 

@@ -14,9 +14,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import flows  # noqa: F401  (Prefect defaults before prefect is imported)
 from data_manifest import Workspace, catalog, runs
-from flows.bookkeeping import publish_run_report, watch_temporary_server
+from flows.bookkeeping import publish_run_report, run_log, watch_temporary_server
 from flows.runners import shared_temporary_server
 from pipeline.progress import Progress
 
@@ -60,6 +59,7 @@ def run_shards(task: Any, shards: Mapping[str, Any], *, ws: Workspace, run_id: s
                 outcomes.append(ShardOutcome(name, skipped=True))
                 continue
             pending[task.submit(str(ws.root), run_id, name, payload, **kwargs)] = name
+    run_log("run %s: %d shard(s), %d already committed", run_id, len(shards), len(outcomes))
     bar = Progress(len(shards), desc, progress)
     bar.update(len(outcomes))
     try:
@@ -70,8 +70,10 @@ def run_shards(task: Any, shards: Mapping[str, Any], *, ws: Workspace, run_id: s
                 runs.mark_shard_done(ws, run_id, _marker(stage, name), counts)
             except Exception as e:  # noqa: BLE001 - a failed shard is recorded and the run goes on
                 outcomes.append(ShardOutcome(name, error=f"{type(e).__name__}: {e}"))
+                run_log("shard %s of run %s failed: %s", name, run_id, outcomes[-1].error, level=40)
             else:
                 outcomes.append(ShardOutcome(name, counts=counts))
+                run_log("shard %s of run %s committed: %s", name, run_id, counts)
             bar.update()
     finally:
         bar.close()
@@ -96,6 +98,7 @@ def run_steps(step: Callable[[str, Any], dict[str, Any] | None], shards: Mapping
             else:
                 counts = step(name, payload) or {}
                 runs.mark_shard_done(ws, run_id, _marker(stage, name), counts)
+                run_log("step %s of run %s committed: %s", _marker(stage, name), run_id, counts)
                 outcomes.append(ShardOutcome(name, counts=counts))
             bar.update()
     finally:
@@ -146,9 +149,11 @@ def tracked_run(ws: Workspace, flow_name: str, params: dict[str, Any], run_id: s
         except BaseException as e:
             runs.finish_run(ws, rid, runs.FAILED, counts=state["counts"], metrics=state["metrics"],
                             error=f"{type(e).__name__}: {e}")
+            run_log("%s run %s failed: %s: %s; counts %s", flow_name, rid, type(e).__name__, e, state["counts"])
             catalog.refresh(ws)
             publish_run_report(ws, rid)
             raise
         runs.finish_run(ws, rid, runs.COMPLETED, counts=state["counts"], metrics=state["metrics"])
+        run_log("%s run %s completed: counts %s; metrics %s", flow_name, rid, state["counts"], state["metrics"])
         catalog.refresh(ws)
         publish_run_report(ws, rid)

@@ -65,8 +65,9 @@ def tally(ws: Workspace, run_id: str, shards: list[str]) -> dict[str, Any]:
     statuses: dict[str, int] = {}
     reused = computed = selected = 0
     for shard in shards:
-        if reused_path(ws, run_id, shard).exists():
-            reused += pq.read_metadata(reused_path(ws, run_id, shard)).num_rows
+        if reused_path(ws, run_id, shard).exists():  # staged rows with a vector (not the unchanged skipped ones)
+            emb = pq.read_table(reused_path(ws, run_id, shard), columns=["embedding"]).column("embedding")
+            reused += len(emb) - emb.null_count
         emb_path = ShardWriter(ws, "embeddings", run_id).path(shard)
         if emb_path.exists():
             status = pq.read_table(emb_path, columns=["status"]).column("status")

@@ -1,7 +1,9 @@
 """Reusing stored embeddings in an anchors run: the latest ok ones of the same model, staged per shard.
 
 Staging copies them into the run's scratch folder, one file per selection shard, in one streamed
-catalog query; the embed step then embeds only the samples without a staged embedding.
+catalog query; the embed step then embeds only the samples without a staged embedding. A sample whose
+latest row is `skipped` (no aligned crop) and whose face did not change since is staged too, with its
+reason and no vector: an unchanged status gets no new `embeddings` row.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from data_manifest import Workspace, catalog
 from data_manifest.writer import atomic_write, shard_name
 
 REUSE_SQL = catalog.bundled_sql("flows/anchors_reuse")
-REUSED_SCHEMA = pa.schema([("sample_id", pa.string()), ("embedding", pa.list_(pa.float32()))])
+REUSED_SCHEMA = pa.schema([("sample_id", pa.string()), ("embedding", pa.list_(pa.float32())),
+                           ("error", pa.string())])  # error: the reason of a staged `skipped` row
 
 
 def reused_path(ws: Workspace, run_id: str, shard: str) -> Path:
@@ -26,7 +29,8 @@ def reused_path(ws: Workspace, run_id: str, shard: str) -> Path:
 
 
 def stage_reused(ws: Workspace, run_id: str, model_id: str, selection: Path, shard_size: int) -> int:
-    """Copy the latest ok stored embeddings of the model for the selection into per-shard scratch files.
+    """Copy the latest ok stored embeddings of the model for the selection (and unchanged `skipped` rows) into
+    per-shard scratch files.
 
     One streamed catalog query, grouped by selection shard, so memory holds one batch and the selection's
     sample ids; returns the count.
@@ -41,7 +45,7 @@ def stage_reused(ws: Workspace, run_id: str, model_id: str, selection: Path, sha
 
     def flush() -> None:
         if current is not None and parts:
-            t = pa.Table.from_batches(parts).select(["sample_id", "embedding"]).cast(REUSED_SCHEMA)
+            t = pa.Table.from_batches(parts).select(REUSED_SCHEMA.names).cast(REUSED_SCHEMA)
             atomic_write(reused_path(ws, run_id, shard_name(current)), lambda tmp: pq.write_table(t, tmp))
 
     con = catalog.connect(ws)

@@ -14,6 +14,10 @@ from functools import lru_cache
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+# Flows run in the test process log warnings only: their INFO lines would queue for servers that module
+# fixtures stop, and the harness waits for its log queue at the end. Subprocess runs (the served runs of
+# tests/flows/test_deploy.py) log at Prefect's default level, as in production.
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 import numpy as np  # noqa: E402
@@ -37,7 +41,6 @@ def prefect_harness():
     """A temporary Prefect API (SQLite) for the whole session; flows run against it."""
     from prefect.testing.utilities import prefect_test_harness
 
-    import flows  # noqa: F401  (Prefect defaults)
 
     with prefect_test_harness(server_startup_timeout=120):
         yield

@@ -48,7 +48,8 @@ def _realpath(path: str) -> str | None:
 
 
 class FolderReader(DatasetReader):
-    """ImageFolder tree: root/<identity>/**/<image>; identity label = index of the sorted sub-folder names.
+    """ImageFolder tree: root/<identity>/**/<image>; identity label = index of the sorted sub-folder names, or
+    the number `use_labels` gives (ingest numbers them by the workspace's identity map: data_manifest.identities).
 
     Files directly under the root get identity -1. Hidden entries are skipped; only
     files with an image extension are read (`extensions=None` reads every file).
@@ -67,6 +68,7 @@ class FolderReader(DatasetReader):
             raise NotADirectoryError(f"image folder {str(self.path)!r} is not a directory")
         self.extensions = None if extensions is None else tuple(e.lower() for e in extensions)
         self.max_bytes = max_bytes
+        self.labels: dict[str, int] | None = None  # identity name -> number (None: sorted position)
         self._reset_caches()
 
     def _reset_caches(self) -> None:
@@ -115,8 +117,15 @@ class FolderReader(DatasetReader):
         return self._root_scan
 
     def identities(self) -> list[str]:
-        """Sorted identity sub-folder names; the label of each is its position."""
+        """Sorted identity sub-folder names; the label of each is its position unless use_labels gave one."""
         return self._scan_root()[0]
+
+    def use_labels(self, labels: dict[str, int]) -> None:
+        """Number the identities by `labels` (name -> number, e.g. a workspace's identity map), not by position."""
+        missing = [n for n in self.identities() if n not in labels]
+        if missing:
+            raise ValueError(f"no identity number for folder(s) {missing[:5]}")
+        self.labels, self._plan = dict(labels), None
 
     def group_files(self, group: str) -> list[str]:
         """Sorted paths (relative to the root, '/'-separated) of one identity folder; '' = root-level entries.
@@ -189,7 +198,8 @@ class FolderReader(DatasetReader):
                 "under the wrong identity)")
 
     def _make_plan(self) -> list[Shard]:
-        groups = [("", -1)] + [(name, i) for i, name in enumerate(self.identities())]
+        labels = self.labels or {}
+        groups = [("", -1)] + [(name, labels.get(name, i)) for i, name in enumerate(self.identities())]
         shards: list[Shard] = []
         parts: list[tuple[str, int, int, int]] = []
         total = start = fill = 0

@@ -149,13 +149,15 @@ def test_reuse_embeddings_embeds_only_new_samples_and_follows_relabelled_identit
     assert first["embeddings_reused"] == 0 and first["embeddings_computed"] == 13  # zz-noface has no crop
     idents = _reingest_with_new_first_identity(workspace, aligned_identities)
 
-    # Reuse: only the two new samples (and the faceless one, which has no ok embedding) are embedded.
+    # Reuse: only the two new samples are embedded; the faceless one keeps its `skipped` row (no face change).
     out = F.anchors_flow(**kw, reuse_embeddings=True)
     rid = out["run_id"]
     assert out["selected"] == 16 and out["embeddings_reused"] == 13 and out["embeddings_computed"] == 2
     assert runs.run_info(workspace, rid)["counts"]["embeddings_reused"] == 13
     written = catalog.query(workspace, f"SELECT sample_id FROM embeddings_history WHERE run_id = '{rid}'")
-    assert sorted(written.column("sample_id").to_pylist()) == ["t1_4-blur", "t1_4-clean", "zz-noface"]
+    assert sorted(written.column("sample_id").to_pylist()) == ["t1_4-blur", "t1_4-clean"]
+    noface = catalog.query(workspace, "SELECT run_id, status FROM embeddings_history WHERE sample_id = 'zz-noface'")
+    assert noface.to_pylist() == [{"run_id": first["run_id"], "status": "skipped"}]  # exactly once
     emb = _latest(workspace, "embeddings")
     assert emb["astronaut_0-clean"]["identity"] == 100  # stored with the label of its embedding time ...
     anchors = _latest(workspace, "anchors")

@@ -19,6 +19,8 @@ from PIL import Image
 
 from data_manifest import Workspace, catalog
 from flows import deploy, scheduled
+from flows.label import LabelRunOptions
+from pipeline import deployments as D
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 120.0
@@ -35,7 +37,7 @@ def _free_port() -> int:
 
 def _prefect_env(home: Path, api_url: str | None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOGGING_LEVEL="WARNING",
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_RUNNER_POLL_FREQUENCY="2", PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
                HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     if api_url:
@@ -100,6 +102,10 @@ def prefect_server(tmp_path_factory):
 
         _wait_for(healthy, "prefect server", proc, log)
         yield {"api_url": api_url, "home": home}
+        from prefect.logging.handlers import APILogWorker
+
+        with _api(api_url):  # send this process's queued log lines while their server is up
+            APILogWorker.drain_all(timeout=30)
     finally:
         _stop(proc)
 
@@ -120,6 +126,30 @@ def _write_face(path: Path, seed: int) -> None:
     img[40:72, 40:72] = 255 - img[40:72, 40:72]
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(img).save(path)
+
+
+def _run_logs(api_url: str, parent_id) -> list[str]:
+    """Every log line the API keeps for a flow run and its sub-flow runs (polled: the handler sends in batches)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
+
+    deadline, lines = time.monotonic() + 30, []
+    while time.monotonic() < deadline:
+        with _api(api_url), get_client(sync_client=True) as c:
+            children = c.read_flow_runs(flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent_id])))
+            ids = [parent_id, *(r.id for r in children)]
+            lines = [log.message for log in c.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids)),
+                                                        limit=200)]
+        if any("completed: counts" in line for line in lines) and any("new sample(s)" in line for line in lines):
+            return lines
+        time.sleep(1.0)
+    return lines
 
 
 def _run(api_url: str, name: str):
@@ -154,6 +184,12 @@ def test_serve_refresh_incremental(prefect_server, tmp_path):
 
         run = _run(api_url, "refresh-dataset/served")
         assert run.state.is_completed(), f"{run.state}\n{log.read_text()[-3000:]}"
+        # the served run logs what `fiqa` prints: shards, counts, the closing summary of each sub-flow
+        lines = _run_logs(api_url, run.id)
+        assert sum(line.startswith("shard 00000 of run ") and " committed: " in line for line in lines) >= 2, lines
+        assert sum(line.startswith(("ingest run ", "label run ")) and " completed: counts " in line
+                   for line in lines) == 2, lines
+        assert f"{DATASET}: 3 new sample(s) labelled" in lines, lines
         rows = catalog.query(ws, "SELECT sample_id, dataset FROM samples ORDER BY sample_id").to_pylist()
         assert len(rows) == 3 and {r["dataset"] for r in rows} == {DATASET}
         first = [r["sample_id"] for r in rows]
@@ -218,7 +254,7 @@ def test_train_and_score_tags_gpu_work(prefect_server, workspace, write_train_ca
         out = scheduled.train_and_score(workspace=str(workspace.root), model="clib-tiny", train_config=config,
                                         device="cpu")
         with get_client(sync_client=True) as c:
-            tagged = c.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[scheduled.GPU_TAG])))
+            tagged = c.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[D.GPU_TAG])))
             names = {c.read_flow(r.flow_id).name for r in tagged if r.state.is_completed()}
     assert Path(out["train"]["checkpoint"]).is_file()
     assert out["score"]["selected"] == len(ids) + 1  # every sample, the faceless one included
@@ -248,22 +284,23 @@ def test_register_creates_pool_deployments(prefect_server, tmp_path, capsys):
                          "--train-cron", "0 4 * * 0", "--create-pools"])
     out = capsys.readouterr()
     assert rc == 0, out.out + out.err
-    assert "registered refresh-dataset/refresh-reg, train-and-score/weekly" in out.out
+    assert "registered refresh-dataset/refresh-reg, train-and-score/train-and-score-reg" in out.out
     assert "prefect worker start --pool t-cpu" in out.out and "prefect worker start --pool t-gpu" in out.out
     with _api(api_url), get_client(sync_client=True) as c:
         cpu, gpu = c.read_work_pool("t-cpu"), c.read_work_pool("t-gpu")
         assert (cpu.type, cpu.concurrency_limit) == ("process", None)
         assert (gpu.type, gpu.concurrency_limit) == ("process", 1)
-        assert c.read_concurrency_limit_by_tag(scheduled.GPU_TAG).concurrency_limit == 1
+        assert c.read_concurrency_limit_by_tag(D.GPU_TAG).concurrency_limit == 1
         refresh = c.read_deployment_by_name("refresh-dataset/refresh-reg")
-        train = c.read_deployment_by_name("train-and-score/weekly")
+        train = c.read_deployment_by_name("train-and-score/train-and-score-reg")
     assert refresh.work_pool_name == "t-cpu" and train.work_pool_name == "t-gpu"
-    assert refresh.entrypoint == deploy.REFRESH_ENTRYPOINT and train.entrypoint == deploy.TRAIN_ENTRYPOINT
-    assert [s.schedule.cron for s in refresh.schedules] == ["*/15 * * * *"]
+    assert refresh.entrypoint == D.REFRESH_ENTRYPOINT and train.entrypoint == D.TRAIN_ENTRYPOINT
+    assert [(s.schedule.cron, s.schedule.timezone) for s in refresh.schedules] == [("*/15 * * * *", "UTC")]
+    assert "route:register" in refresh.tags and "route:register" in train.tags
     assert [s.schedule.cron for s in train.schedules] == ["0 4 * * 0"]
     assert refresh.parameters["dataset_path"] == str(data.resolve()) and refresh.parameters["dataset"] == "reg"
     assert refresh.parameters["workspace"] == str((tmp_path / "ws").resolve())
-    assert train.parameters["device"] == "cuda" and scheduled.GPU_TAG in train.tags
+    assert train.parameters["device"] == "cuda" and D.GPU_TAG in train.tags
     # a pull step brings the worker into the project checkout
     assert json.dumps(refresh.pull_steps).count(str(ROOT)) == 1
 
@@ -275,27 +312,97 @@ def test_register_refuses_missing_pool(prefect_server, tmp_path, capsys):
                                            "--cpu-pool", "absent-pool", "--no-train"])
     assert rc == 2
     assert "prefect work-pool create absent-pool --type process" in capsys.readouterr().err
-    # a bad configuration fails at registration, not at the first scheduled run
+    rc = _fiqa(prefect_server["api_url"], ["deploy", "register", "--dataset-path", str(data), "--dataset", "x",
+                                           "--cpu-pool", "absent-pool", "--gpu-pool", "absent-gpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "prefect work-pool set-concurrency-limit absent-gpu 1" in err
+    assert "prefect concurrency-limit create gpu 1" in err
+    # a bad configuration fails at registration, not at the first scheduled run, with the label flow's message
+    label_message = {}
+    for option, value in (("detector", "bogus"), ("pose_backend", "nope")):
+        with pytest.raises(ValueError) as e:
+            LabelRunOptions(stages=("align", "pose"), options={option: value}).check()
+        label_message[option] = str(e.value)
+    assert "unknown detector 'bogus'" in label_message["detector"]
+    assert "unknown pose backend 'nope'" in label_message["pose_backend"]
     base = ["deploy", "register", "--dataset-path", str(data), "--dataset", "x", "--no-train"]
-    for extra, message in ((["--label-stages", "blur"], "must include 'align'"),
-                           (["--label-options", '{"detectr": "mtcnn"}'], "unknown label option(s) ['detectr']"),
-                           (["--steps", "ingest,train"], "unknown or no refresh steps")):
-        assert _fiqa(prefect_server["api_url"], base + extra) == 2
-        assert message in capsys.readouterr().err
+    relabel = ["deploy", "register", "--relabel", "r", "--cpu-pool", "absent-pool"]
+    for argv, message in (
+            (base + ["--label-stages", "blur"], "must include 'align'"),
+            (base + ["--label-options", '{"detectr": "mtcnn"}'], "unknown label option(s) ['detectr']"),
+            (base + ["--label-options", '{"detector": "bogus"}'], label_message["detector"]),
+            (base + ["--label-stages", "align,pose", "--label-options", '{"detector": "none", "align_mode": '
+                     '"already_aligned", "pose_backend": "nope"}'], label_message["pose_backend"]),
+            (base + ["--steps", "ingest,train"], "unknown or no refresh steps"),
+            (base + ["--runner", "threads", "--address", "tcp://x:1"], "--address names a Dask or Ray cluster"),
+            (base + ["--steps", "anchors", "--fr-model", "nope"], "nope"),
+            (relabel, "--relabel NAME needs --where"),
+            (relabel + ["--where", "1 = 1", "--stages", "blur,bogus"], "unknown stage(s) ['bogus']"),
+            (relabel + ["--where", "1 = 1", "--stages", "pose", "--label-options", '{"pose_backend": "nope"}'],
+             label_message["pose_backend"]),
+            (relabel + ["--where", "1 = 1) OR (SELECT count(*) FROM json_execute_serialized_sql('x')) > 0 OR (1 = 1"],
+             "refused: table function"),
+            (relabel + ["--where", "1 = 1", "--shard-size", "0"], "--shard-size must be >= 1")):
+        assert _fiqa(prefect_server["api_url"], argv) == 2, argv
+        assert message in capsys.readouterr().err, argv
 
 
-def test_where_conditions_select_new_samples(workspace):
-    from data_manifest import ShardWriter
+def test_relabel_deployment_runs_with_its_typed_parameters(prefect_server, tmp_path, capsys):
+    """`fiqa deploy register --relabel`: flat typed parameters, checked; its parameters run the flow to COMPLETED."""
+    from prefect.client.orchestration import get_client
 
-    ShardWriter(workspace, "samples", "r1").write("00000", [
-        {"sample_id": sid, "dataset": ds, "source_kind": "folder", "source": f"/x/{sid}", "status": "ok"}
-        for sid, ds in (("d:a", "o'k"), ("d:b", "o'k"), ("e:c", "other"))])
-    ShardWriter(workspace, "faces", "r2").write("00000", [{"sample_id": "d:a", "status": "ok"}])
-    assert scheduled.count_where(workspace, scheduled.new_samples_where("o'k")) == 1
-    assert scheduled.count_where(workspace, scheduled.missing_anchors_where("o'k")) == 2
-    assert scheduled.parse_steps("anchors,ingest") == ["ingest", "anchors"]
-    with pytest.raises(ValueError, match="unknown or no refresh steps"):
-        scheduled.parse_steps("ingest,train")
+    data, ws = tmp_path / "data", Workspace(tmp_path / "ws")
+    for i, (ident, stem) in enumerate([("alice", "a0"), ("alice", "a1"), ("bob", "b0")]):
+        _write_face(data / ident / f"{stem}.png", i)
+    api_url = prefect_server["api_url"]
+    with _api(api_url):
+        scheduled.refresh_dataset(dataset_path=str(data), dataset=DATASET, workspace=str(ws.root), steps=["ingest",
+                                  "label"], label_stages=["align", "blur"], label_options=LABEL_OPTIONS)
+    where = "sample_id IN (SELECT sample_id FROM samples WHERE identity_name = 'alice')"
+    rc = _fiqa(api_url, ["deploy", "register", "--relabel", "alice-blur", "--where", where, "--stages", "blur",
+                         "--workspace", str(ws.root), "--cpu-pool", "t-relabel", "--create-pools",
+                         "--label-options", '{"blur_thresholds": [0.2, 0.9]}', "--shard-size", "1"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "registered relabel-subset/relabel-alice-blur" in out.out
+    with _api(api_url), get_client(sync_client=True) as c:
+        dep = c.read_deployment_by_name("relabel-subset/relabel-alice-blur")
+    assert dep.entrypoint == D.RELABEL_ENTRYPOINT and dep.work_pool_name == "t-relabel" and dep.schedules == []
+    assert dep.parameters == {"where": where, "stages": ["blur"], "workspace": str(ws.root.resolve()),
+                              "shard_size": 1, "runner": "threads", "blur_thresholds": [0.2, 0.9]}
+    schema = dep.parameter_openapi_schema["properties"]  # typed, flat parameters the UI shows
+    assert {"where", "stages", "shard_size", "detector", "pose_backend", "blur_thresholds", "runner"} <= set(schema)
+    assert schema["where"]["type"] == "string" and schema["stages"]["anyOf"][0]["type"] == "array"
+    with _api(api_url):
+        out = scheduled.relabel_subset(**dep.parameters)
+    alice = catalog.query(ws, "SELECT sample_id FROM samples WHERE identity_name = 'alice' "
+                              "ORDER BY sample_id").column("sample_id").to_pylist()
+    assert out["selected"] == 2
+    rows = catalog.query(ws, "SELECT f.sample_id, f.run_id, f.thresholds, r.flow FROM factors_history f "
+                             "JOIN runs r USING (run_id) WHERE factor = 'blur' ORDER BY f.created_at").to_pylist()
+    relabelled = [r for r in rows if r["run_id"] == out["run_id"]]
+    assert sorted(r["sample_id"] for r in relabelled) == alice and {r["flow"] for r in relabelled} == {"relabel"}
+    assert all(json.loads(r["thresholds"]) == {"hazy_below": 0.2, "clear_above": 0.9} for r in relabelled)
+    assert len(rows) == 3 + 2  # the first label run's rows stay in the history
+    status = catalog.query(ws, f"SELECT status FROM runs WHERE run_id = '{out['run_id']}'").column("status")
+    assert status.to_pylist() == ["completed"]
+
+
+def test_a_deployment_of_another_route_is_not_taken_over(prefect_server, tmp_path, capsys):
+    data = tmp_path / "data"
+    _write_face(data / "dave" / "d0.png", 3)
+    common = ["--dataset-path", str(data), "--dataset", "owned", "--workspace", str(tmp_path / "ws"), "--steps",
+              "ingest"]
+    api_url = prefect_server["api_url"]
+    assert _fiqa(api_url, ["deploy", "register", *common, "--cpu-pool", "own-cpu", "--no-train",
+                           "--create-pools"]) == 0
+    capsys.readouterr()
+    assert _fiqa(api_url, ["deploy", "serve", *common]) == 2  # refused before serving anything
+    assert "refresh-dataset/refresh-owned exists and was created by register" in capsys.readouterr().err
+    assert _fiqa(api_url, ["deploy", "register", *common, "--cpu-pool", "own-cpu-2", "--no-train",
+                           "--create-pools"]) == 2
+    assert "on work pool own-cpu, not own-cpu-2" in capsys.readouterr().err
+    assert _fiqa(api_url, ["deploy", "register", *common, "--cpu-pool", "own-cpu", "--no-train"]) == 0
 
 
 @pytest.mark.slow
@@ -304,7 +411,7 @@ def test_prefect_yaml_deploys(prefect_server, tmp_path):
 
     api_url = prefect_server["api_url"]
     with _api(api_url):
-        deploy.ensure_pools(deploy.DEFAULT_CPU_POOL, deploy.DEFAULT_GPU_POOL)
+        deploy.pools([D.DEFAULT_CPU_POOL, D.DEFAULT_GPU_POOL], D.DEFAULT_CPU_POOL, D.DEFAULT_GPU_POOL, create=True)
     env = {**_prefect_env(prefect_server["home"], api_url), "FIQA_PROJECT_ROOT": str(ROOT),
            "FIQA_WATCH_PATH": str(tmp_path / "incoming"), "FIQA_WATCH_DATASET": "incoming",
            "FIQA_WORKSPACE": str(tmp_path / "ws")}
@@ -312,9 +419,10 @@ def test_prefect_yaml_deploys(prefect_server, tmp_path):
                          capture_output=True, text=True, timeout=TIMEOUT, start_new_session=True)
     assert out.returncode == 0, out.stdout + out.stderr
     with _api(api_url), get_client(sync_client=True) as c:
-        refresh = c.read_deployment_by_name("refresh-dataset/refresh")
-        train = c.read_deployment_by_name("train-and-score/weekly")
-    assert (refresh.work_pool_name, train.work_pool_name) == (deploy.DEFAULT_CPU_POOL, deploy.DEFAULT_GPU_POOL)
+        refresh = c.read_deployment_by_name("refresh-dataset/refresh-incoming-yaml")
+        train = c.read_deployment_by_name("train-and-score/train-and-score-incoming-yaml")
+    assert (refresh.work_pool_name, train.work_pool_name) == (D.DEFAULT_CPU_POOL, D.DEFAULT_GPU_POOL)
+    assert "route:yaml" in refresh.tags and "route:yaml" in train.tags
     assert refresh.parameters["dataset"] == "incoming" and refresh.parameters["workspace"] == str(tmp_path / "ws")
     assert [s.schedule.cron for s in refresh.schedules] == ["0 * * * *"]
     assert [s.schedule.cron for s in train.schedules] == ["0 3 * * 0"]

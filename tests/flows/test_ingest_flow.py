@@ -270,3 +270,34 @@ def test_processes_runner_ingests_in_a_light_worker_pool(tmp_path, prefect_harne
     assert loaded == [False, False, True, False]
     assert worker_pid != os.getpid()
     assert runners.offload(None, os.getpid) == os.getpid()
+
+
+def test_a_folder_that_sorts_first_keeps_every_identity_number(tmp_path, prefect_harness):
+    """Identity numbers come from the workspace's append-only map: a new folder never renumbers the others, and
+    a workspace ingested before maps existed keeps its numbers (migrated by the next ingest)."""
+    from flows.ingest import ingest
+
+    data, ws = tmp_path / "data", Workspace(tmp_path / "ws")
+    rng = np.random.default_rng(0)
+    for name in ("bob", "carol"):
+        for k in range(2):
+            _save(data / name / f"{k}.png", rng.integers(0, 255, (16, 16, 3), dtype=np.uint8), "PNG")
+
+    def numbers() -> dict[str, int]:
+        rows = catalog.query(ws, "SELECT sample_id, identity FROM samples").to_pylist()
+        return {r["sample_id"]: r["identity"] for r in rows}
+
+    kw = {"path": str(data), "dataset": "ids", "workspace": str(ws.root), "progress": False}
+    ingest(**kw)
+    first = numbers()
+    assert sorted(first.values()) == [0, 0, 1, 1]
+    for k, name in enumerate(("aaron", "abel")):  # both sort before every existing folder
+        _save(data / name / "0.png", rng.integers(0, 255, (16, 16, 3), dtype=np.uint8), "PNG")
+        if k == 1:  # a workspace from before identity maps: the map is seeded from its samples rows
+            (ws.root / "identities").rename(tmp_path / "old-identities")
+        ingest(**kw)
+        now = numbers()
+        assert {s: now[s] for s in first} == first
+        assert now[sample_id("ids", f"{name}/0.png")] == 2 + k
+    assert json.loads((ws.root / "identities" / "ids.json").read_text()) == {
+        "bob": 0, "carol": 1, "aaron": 2, "abel": 3}

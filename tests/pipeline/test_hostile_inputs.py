@@ -19,7 +19,8 @@ import pytest
 from PIL import Image
 
 from data_manifest import ShardWriter, Workspace, catalog, runs
-from flows import cli, command, runners
+from data_manifest.workspace import check_path as check_workspace_path
+from flows import cli, runners
 from pipeline import images
 from pipeline.readers import BinReader, DatasetError, FolderReader, ListReader, RecordIOReader, open_reader
 from pipeline.readers.recordio_format import FaceRecWriter, encode_record, pack_ir
@@ -305,9 +306,9 @@ def test_same_run_id_twice_at_once_is_refused_and_a_killed_holder_leaves_no_lock
 
 _PARENT = """
 import subprocess, sys, time
-from flows import bookkeeping
+from pipeline import watchdog
 server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
-bookkeeping.spawn_watchdog(server.pid)
+watchdog.spawn_watchdog(server.pid)
 print(server.pid, flush=True)
 time.sleep(300)
 """
@@ -374,5 +375,5 @@ def test_sql_script_returns_the_last_statement(workspace):
 def test_runtime_guard_checks_the_workspace(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(NotADirectoryError, match="is not a directory"):
-        command.check_workspace_path(tmp_path / "f")
-    command.check_workspace_path(tmp_path / "new" / "ws")  # not there yet: fine, it will be created
+        check_workspace_path(tmp_path / "f")
+    check_workspace_path(tmp_path / "new" / "ws")  # not there yet: fine, it will be created

@@ -14,11 +14,11 @@ from typing import Any, TypeVar
 from flows.worker_threads import one_thread_per_worker
 
 T = TypeVar("T")
-RUNNERS = ("threads", "processes", "dask", "ray")
+RUNNERS = ("threads", "processes", "dask")
 
 
 def make_task_runner(kind: str = "threads", max_workers: int | None = None, address: str | None = None) -> Any:
-    """Build a Prefect task runner by name; distributed runners need their optional package."""
+    """Build a Prefect task runner by name (dask: a local cluster, or the one at `address`)."""
     if kind == "threads":
         from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -38,12 +38,6 @@ def make_task_runner(kind: str = "threads", max_workers: int | None = None, addr
         kwargs = {"n_workers": max_workers or os.cpu_count() or 1, "threads_per_worker": 1, "processes": True,
                   "dashboard_address": None}
         return DaskTaskRunner(cluster_kwargs=kwargs)
-    if kind == "ray":
-        try:
-            from prefect_ray import RayTaskRunner
-        except ImportError as e:
-            raise RuntimeError("--runner ray needs the 'prefect-ray' package: pip install prefect-ray") from e
-        return RayTaskRunner(address=address) if address else RayTaskRunner()
     raise ValueError(f"unknown task runner {kind!r}; choose one of {', '.join(RUNNERS)}")
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import flows  # noqa: F401  (Prefect defaults before prefect is imported)
-from data_manifest import Workspace, catalog, runs
+from data_manifest import Workspace, catalog, commits, runs
 from flows.bookkeeping import publish_run_report, watch_temporary_server
 from flows.runners import shared_temporary_server
 from pipeline.progress import Progress
@@ -66,8 +66,8 @@ def run_shards(task: Any, shards: Mapping[str, Any], *, ws: Workspace, run_id: s
         for fut in as_completed(list(pending)):
             name = pending[fut]
             try:
-                counts = fut.result() or {}
-                runs.mark_shard_done(ws, run_id, _marker(stage, name), counts)
+                counts, worker = commits.verified(ws, fut.result())  # its files are here, as the worker wrote them
+                runs.mark_shard_done(ws, run_id, _marker(stage, name), counts, worker)
             except Exception as e:  # noqa: BLE001 - a failed shard is recorded and the run goes on
                 outcomes.append(ShardOutcome(name, error=f"{type(e).__name__}: {e}"))
             else:

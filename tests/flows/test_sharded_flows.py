@@ -131,7 +131,7 @@ def test_score_address_reaches_the_task_runner(prefect_harness, workspace, tiny_
     assert main(["score", "--workspace", str(workspace.root), "--checkpoint", tiny_checkpoint, "--device", "cpu",
                  "--runner", "dask", "--workers", "2", "--address", "tcp://127.0.0.1:8786"]) == 0
     assert seen == [("dask", 2, "tcp://127.0.0.1:8786")]
-    with pytest.raises(ValueError, match="needs --runner dask or ray"):
+    with pytest.raises(ValueError, match="needs --runner dask"):
         S.ScoreOptions(checkpoint=tiny_checkpoint, address="tcp://127.0.0.1:8786")
 
 

@@ -4,9 +4,9 @@ A task of a distributed runner writes on its worker's file system and returns to
 marks the shard done. When a worker does not see the workspace (no shared file system, another mount),
 its files land somewhere the flow never reads: the shard would be marked done with its rows lost. So:
 
-- on the worker, before the body runs, `check_visible` needs the run's record (`runs/<run_id>/run.json`,
-  written by the flow before any shard is submitted) at the same path; without it the task fails with
-  the worker (host and pid) and the path, and writes nothing;
+- on the worker, before the body runs, `check_visible` needs the run's commit folder
+  (`runs/<run_id>/shards/`, made by the flow with `expect_shards` before any shard is submitted) at the
+  same path; without it the task fails with the worker (host and pid) and the path, and writes nothing;
 - after the body, the task returns a receipt with its counts: the worker and each file of the shard
   (manifest shards and crop packs) with its row count as the worker read it;
 - in the flow's process, `verified` checks every file is there with that row count before the runtime
@@ -44,11 +44,20 @@ def _shared_hint(root: str | Path) -> str:
             "see docs/operations.md, 'Running on a cluster'")
 
 
+def _commit_dir(ws_root: str | Path, run_id: str) -> Path:
+    return Path(ws_root) / "runs" / run_id / "shards"  # where data_manifest.runs keeps the commit records
+
+
+def expect_shards(ws: Workspace, run_id: str) -> None:
+    """In the flow's process, before shards are submitted: the folder their workers must see."""
+    _commit_dir(ws.root, run_id).mkdir(parents=True, exist_ok=True)
+
+
 def check_visible(ws_root: str | Path, run_id: str) -> None:
-    """Raise WorkspaceNotShared unless this process sees the run's record under ws_root."""
-    record = Path(ws_root) / "runs" / run_id / "run.json"
-    if not record.is_file():
-        raise WorkspaceNotShared(f"worker {worker_name()} cannot see the workspace {ws_root} ({record} is "
+    """Raise WorkspaceNotShared unless this process sees the run's commit folder under ws_root."""
+    folder = _commit_dir(ws_root, run_id)
+    if not folder.is_dir():
+        raise WorkspaceNotShared(f"worker {worker_name()} cannot see the workspace {ws_root} ({folder} is "
                                  f"missing there); {_shared_hint(ws_root)}")
 
 

@@ -54,6 +54,7 @@ def run_shards(task: Any, shards: Mapping[str, Any], *, ws: Workspace, run_id: s
     outcomes: list[ShardOutcome] = []
     pending = {}
     client = runners.dask_client()  # None unless a Dask cluster runs the shards
+    commits.expect_shards(ws, run_id)  # what a task checks it sees before it writes
     with runners.shared_api(client):
         for name, payload in shards.items():
             if runs.shard_done(ws, run_id, _marker(stage, name)):

@@ -8,12 +8,13 @@ import socket
 import numpy as np
 import pytest
 
-from data_manifest import ShardWriter, Workspace, commits, runs
+from data_manifest import ShardWriter, Workspace, commits
 from data_manifest.crops import write_pack
 
 
 def _started(ws: Workspace, run_id: str = "run-1") -> str:
-    return runs.start_run(ws, "label", {}, run_id)
+    commits.expect_shards(ws, run_id)
+    return run_id
 
 
 def _body(ws_root: str, run_id: str, shard: str, n: int) -> dict[str, int]:

@@ -1,6 +1,6 @@
 """A real Dask cluster on 127.0.0.1: a scheduler and two worker processes started here, working elsewhere.
 
-ingest -> label -> anchors through `fiqa ... --runner dask --address` equal a local run row for row; the
+ingest -> label -> anchors -> score through `fiqa ... --runner dask --address` equal a local run row for row; the
 workers report to the flow's Prefect API instead of starting servers of their own; a worker killed mid-label
 loses and duplicates nothing; a scheduler without workers ends the run after $FIQA_CLUSTER_TIMEOUT, and a
 worker that does not see the workspace fails it naming itself (both resume on a working cluster).
@@ -115,7 +115,8 @@ COMPARED = {"samples": "sample_id, dataset, identity, status, error, content_has
             "faces": "sample_id, status, n_faces, crop_index, round(score, 4) AS score",
             "factors": "sample_id, factor, round(value, 6) AS value, class_name, status, error",
             "embeddings": "sample_id, status, [round(x, 4) FOR x IN embedding] AS embedding",
-            "anchors": "sample_id, status, round(anchor, 4) AS anchor, nearest_negative"}
+            "anchors": "sample_id, status, round(anchor, 4) AS anchor, nearest_negative",
+            "scores": "sample_id, method, status, round(quality, 4) AS quality"}
 
 
 def _server_processes(pids) -> list[str]:
@@ -133,23 +134,26 @@ def _server_processes(pids) -> list[str]:
 
 
 def test_a_pipeline_on_the_cluster_equals_a_local_run_and_reports_to_the_flows_api(
-        dask_cluster, faces_folder, tmp_path, prefect_harness):
+        dask_cluster, faces_folder, tmp_path, prefect_harness, tiny_checkpoint):
     from flows.anchors import anchors_flow
     from flows.ingest import ingest
     from flows.label import label
+    from flows.score import score_flow
 
     local = Workspace(tmp_path / "local")
     ingest(path=str(faces_folder), dataset="c", workspace=str(local.root), shard_size=2, progress=False)
     label(stages=["align", "blur"], options={"detector": "mtcnn"}, workspace=str(local.root), shard_size=2,
           progress=False)
     anchors_flow(workspace=str(local.root), device="cpu", shard_size=2, progress=False)
+    score_flow(workspace=str(local.root), checkpoint=tiny_checkpoint, device="cpu", shard_size=2, progress=False)
 
     ws = Workspace(tmp_path / "cluster")
     where = ["--workspace", str(ws.root), "--runner", "dask", "--address", dask_cluster.address]
     t0 = time.perf_counter()
     out = _fiqa(["ingest", str(faces_folder), "--dataset", "c", "--shard-size", "2", *where],
                 ["label", *LABEL, "--shard-size", "2", "--no-progress", *where],
-                ["anchors", *ANCHORS, "--shard-size", "2", *where])
+                ["anchors", *ANCHORS, "--shard-size", "2", *where],
+                ["score", "--checkpoint", tiny_checkpoint, "--device", "cpu", "--shard-size", "2", *where])
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert time.perf_counter() - t0 < 120, "no worker may start a Prefect server of its own (~20 s each)"
     for table, cols in COMPARED.items():

@@ -169,11 +169,12 @@ def shard_done(ws: Workspace, run_id: str, shard: str) -> bool:
     return _marker(ws, run_id, shard).exists()
 
 
-def mark_shard_done(ws: Workspace, run_id: str, shard: str, counts: dict[str, Any] | None = None) -> None:
-    """Record the shard as committed, after all of its tables were written."""
+def mark_shard_done(ws: Workspace, run_id: str, shard: str, counts: dict[str, Any] | None = None,
+                    worker: str | None = None) -> None:
+    """Record the shard as committed, after all of its tables were written (by `worker`, when not this process)."""
     _write_json(_marker(ws, run_id, shard), {"shard": shard, "counts": counts or {},
                                              "committed_at": datetime.now(UTC).isoformat(),
-                                             "pid": os.getpid()})
+                                             "pid": os.getpid(), **({"worker": worker} if worker else {})})
 
 
 def shard_counts(ws: Workspace, run_id: str) -> dict[str, int]:

@@ -17,7 +17,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from data_manifest import Workspace, catalog, selection
+from data_manifest import Workspace, catalog, commits, selection
 from flows import command, runners, runtime
 from flows.arguments import add_sql_limits
 from pipeline import anchors as A
@@ -77,6 +77,7 @@ class AnchorsOptions(command.RunOptions):
 
 
 @task(name="anchors-embed-shard", cache_policy=NO_CACHE)
+@commits.receipted
 def embed_shard(ws_root: str, run_id: str, shard: str, row_group: int, *, selection_file: str, fr_model: str,
                 device: str, batch_size: int) -> dict[str, int]:
     """Embed one row group of the frozen selection (less any staged reused embeddings); write its `embeddings`."""

@@ -32,9 +32,9 @@ class RunOptions:
 
     workspace: str | None = None  # default: $FIQA_WORKSPACE or ./workspace
     run_id: str | None = None  # resume this run
-    runner: str = "threads"  # threads | processes | dask | ray
+    runner: str = "threads"  # threads | processes | dask
     workers: int | None = None  # parallel workers of the task runner (None: the runner's default)
-    address: str | None = None  # an existing Dask / Ray cluster
+    address: str | None = None  # an existing Dask cluster (its scheduler)
     progress: bool | None = None  # progress line (None: when stderr is a terminal)
     AT_LEAST_ONE: ClassVar[tuple[str, ...]] = ()  # integer options of a subclass that must be >= 1 when given
 
@@ -44,9 +44,8 @@ class RunOptions:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
         if self.runner not in RUNNERS:
             raise ValueError(f"unknown task runner {self.runner!r}; choose one of {', '.join(RUNNERS)}")
-        if self.address and self.runner not in ("dask", "ray"):
-            raise ValueError(f"--address names a Dask or Ray cluster; it needs --runner dask or ray, not "
-                             f"{self.runner!r}")
+        if self.address and self.runner != "dask":
+            raise ValueError(f"--address names a Dask cluster; it needs --runner dask, not {self.runner!r}")
 
     def recorded(self) -> dict[str, Any]:
         """The parameters that decide a run's results (recorded with the run, compared on resume)."""
@@ -93,7 +92,7 @@ def add_runner_args(p: argparse.ArgumentParser) -> None:
     """The task runner of a run's shards: --runner, --workers, --address."""
     p.add_argument("--runner", choices=RUNNERS, default="threads", help="task runner (default: threads)")
     p.add_argument("--workers", type=int, default=None, help="parallel workers of the task runner")
-    p.add_argument("--address", default=None, help="address of an existing Dask/Ray cluster")
+    p.add_argument("--address", default=None, help="address of an existing Dask cluster's scheduler")
 
 
 def prefect_defaults(*, quiet_console: bool) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from data_manifest import Workspace, runs
+from data_manifest import Workspace, commits, runs
 from flows import command, runners, runtime
 from flows.arguments import int_at_least
 from pipeline import identities, images
@@ -60,6 +60,7 @@ class IngestOptions(command.RunOptions):
 
 
 @task(name="ingest-shard", cache_policy=NO_CACHE)
+@commits.receipted
 def ingest_shard(ws_root: str, run_id: str, shard: str, item: Shard, *, pool: Any, reader: DatasetReader,
                  dataset: str, max_pixels: int) -> dict[str, int]:
     """Read, validate and write one shard of samples rows, in the compute pool when there is one."""

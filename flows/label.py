@@ -17,7 +17,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from data_manifest import Workspace, catalog, runs, selection
+from data_manifest import Workspace, catalog, commits, runs, selection
 from data_manifest.vocabulary import BLUR_THRESHOLDS, ordered_thresholds, parse_blur_thresholds
 from flows import command, runners, runtime
 from flows.arguments import add_sql_limits
@@ -33,6 +33,7 @@ def selection_sql(where: str | None) -> str:
 
 
 @task(name="label-shard", cache_policy=NO_CACHE)
+@commits.receipted
 def label_shard(ws_root: str, run_id: str, shard: str, row_group: int, *, selection_file: str, stages: list[str],
                 options: LabelOptions) -> dict[str, Any]:
     """Label one row group of the frozen selection and write its rows (the runtime commits it).

@@ -11,14 +11,14 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-from flows.worker_threads import one_thread_per_worker
+from pipeline.worker_threads import one_thread_per_worker
 
 T = TypeVar("T")
-RUNNERS = ("threads", "processes", "dask", "ray")
+RUNNERS = ("threads", "processes", "dask")
 
 
 def make_task_runner(kind: str = "threads", max_workers: int | None = None, address: str | None = None) -> Any:
-    """Build a Prefect task runner by name; distributed runners need their optional package."""
+    """Build a Prefect task runner by name (dask: a local cluster, or the one at `address`)."""
     if kind == "threads":
         from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -38,12 +38,6 @@ def make_task_runner(kind: str = "threads", max_workers: int | None = None, addr
         kwargs = {"n_workers": max_workers or os.cpu_count() or 1, "threads_per_worker": 1, "processes": True,
                   "dashboard_address": None}
         return DaskTaskRunner(cluster_kwargs=kwargs)
-    if kind == "ray":
-        try:
-            from prefect_ray import RayTaskRunner
-        except ImportError as e:
-            raise RuntimeError("--runner ray needs the 'prefect-ray' package: pip install prefect-ray") from e
-        return RayTaskRunner(address=address) if address else RayTaskRunner()
     raise ValueError(f"unknown task runner {kind!r}; choose one of {', '.join(RUNNERS)}")
 
 
@@ -60,13 +54,19 @@ def with_runner(flow_obj: Any, opts: Any, *, pooled: bool = False) -> Any:
     return flow_obj.with_options(task_runner=make_task_runner(kind, workers, getattr(opts, "address", None)))
 
 
-@contextlib.contextmanager
-def shared_temporary_server() -> Iterator[None]:
-    """While tasks are submitted, point worker processes at this process's temporary Prefect server.
+def dask_client() -> Any | None:
+    """The Dask client of the running flow's task runner when it is a Dask runner, else None."""
+    from prefect.context import EngineContext
 
-    Without an API URL, every worker of the processes runner would start a temporary server of its own
-    (seconds each); the runner hands os.environ to its workers when a task is submitted.
-    """
+    runner, dask = getattr(EngineContext.get(), "task_runner", None), sys.modules.get("prefect_dask")
+    return runner.client if dask is not None and isinstance(runner, dask.DaskTaskRunner) else None
+
+
+@contextlib.contextmanager
+def shared_api(client: Any | None = None) -> Iterator[None]:
+    """While a flow's shards run, point its workers at this process's temporary Prefect server: without an API
+    URL, each worker (of the processes runner, or of a Dask cluster: `client`) would start its own (seconds each;
+    a killed Dask worker orphans it). The processes runner passes os.environ on; Dask workers get a plugin."""
     from prefect.settings import get_current_settings
 
     server_module = sys.modules.get("prefect.server.api.server")  # imported by Prefect when it starts one
@@ -77,9 +77,27 @@ def shared_temporary_server() -> Iterator[None]:
         return
     os.environ["PREFECT_API_URL"] = server.api_url
     try:
-        yield
+        with contextlib.ExitStack() as stack:
+            if client is not None:
+                from pipeline.worker_environment import worker_environment
+
+                stack.enter_context(worker_environment(client, {"PREFECT_API_URL": server.api_url}, drain_services))
+            yield
     finally:
         os.environ.pop("PREFECT_API_URL", None)
+
+
+def drain_services() -> None:
+    """On a worker: deliver its queued Prefect logs and events now, while the flow's API is up, and stop them."""
+    import threading
+
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    # a thread without an event loop: drain_all waits there (on the worker's loop it would return a coroutine)
+    t = threading.Thread(target=lambda: [s.drain_all(timeout=10, at_exit=False) for s in (APILogWorker, EventsWorker)])
+    t.start()
+    t.join()
 
 
 def _worker_ready() -> int:

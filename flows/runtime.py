@@ -14,9 +14,10 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from data_manifest import Workspace, catalog, runs
+from data_manifest import Workspace, catalog, commits, runs
+from flows import runners
 from flows.bookkeeping import publish_run_report, run_log, watch_temporary_server
-from flows.runners import shared_temporary_server
+from pipeline import cluster
 from pipeline.progress import Progress
 
 T = TypeVar("T")
@@ -46,37 +47,40 @@ def run_shards(task: Any, shards: Mapping[str, Any], *, ws: Workspace, run_id: s
                stage: str | None = None, progress: bool | None = None, **kwargs: Any) -> list[ShardOutcome]:
     """Submit task(ws_root, run_id, name, payload, **kwargs) per shard not yet committed; mark each done here.
 
-    The commit record is written only after the task has returned its counts, so a task never marks
-    itself; failed shards are collected for check_shard_failures.
+    A commit is recorded only after its task returned and its files are verified; failures go to check_shard_failures.
     """
-    from prefect.futures import as_completed
-
     outcomes: list[ShardOutcome] = []
     pending = {}
-    with shared_temporary_server():
+    client = runners.dask_client()  # None unless a Dask cluster runs the shards
+    commits.expect_shards(ws, run_id)  # what a task checks it sees before it writes
+    with runners.shared_api(client):
         for name, payload in shards.items():
             if runs.shard_done(ws, run_id, _marker(stage, name)):
                 outcomes.append(ShardOutcome(name, skipped=True))
                 continue
             pending[task.submit(str(ws.root), run_id, name, payload, **kwargs)] = name
-    run_log("run %s: %d shard(s), %d already committed", run_id, len(shards), len(outcomes))
-    bar = Progress(len(shards), desc, progress)
-    bar.update(len(outcomes))
-    try:
-        for fut in as_completed(list(pending)):
-            name = pending[fut]
-            try:
-                counts = fut.result() or {}
-                runs.mark_shard_done(ws, run_id, _marker(stage, name), counts)
-            except Exception as e:  # noqa: BLE001 - a failed shard is recorded and the run goes on
-                outcomes.append(ShardOutcome(name, error=f"{type(e).__name__}: {e}"))
-                run_log("shard %s of run %s failed: %s", name, run_id, outcomes[-1].error, level=40)
-            else:
-                outcomes.append(ShardOutcome(name, counts=counts))
-                run_log("shard %s of run %s committed: %s", name, run_id, counts)
-            bar.update()
-    finally:
-        bar.close()
+        run_log("run %s: %d shard(s), %d already committed", run_id, len(shards), len(outcomes))
+        bar = Progress(len(shards), desc, progress)
+        bar.update(len(outcomes))
+        finished: set[Any] = set()
+        try:
+            for fut in cluster.as_completed(list(pending), cluster.WorkerWatch(client).lost if client else None):
+                name = pending[fut]
+                finished.add(fut)
+                try:
+                    counts, worker = commits.verified(ws, fut.result())  # its files are here, as the worker wrote
+                    runs.mark_shard_done(ws, run_id, _marker(stage, name), counts, worker)
+                except Exception as e:  # noqa: BLE001 - a failed shard is recorded and the run goes on
+                    outcomes.append(ShardOutcome(name, error=f"{type(e).__name__}: {e}"))
+                    run_log("shard %s of run %s failed: %s", name, run_id, outcomes[-1].error, level=40)
+                else:
+                    outcomes.append(ShardOutcome(name, counts=counts))
+                    run_log("shard %s of run %s committed: %s", name, run_id, counts)
+                bar.update()
+        except cluster.ClusterLost as e:  # the shards not finished fail: the run resumes with the same run id
+            outcomes += [ShardOutcome(n, error=f"ClusterLost: {e}") for f, n in pending.items() if f not in finished]
+        finally:
+            bar.close()
     return sorted(outcomes, key=lambda o: o.shard)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from data_manifest import Workspace, catalog, selection
+from data_manifest import Workspace, catalog, commits, selection
 from flows import command, runners, runtime
 from flows.arguments import add_sql_limits
 from pipeline import scoring
@@ -62,6 +62,7 @@ class ScoreOptions(command.RunOptions):
 
 
 @task(name="score-shard", cache_policy=NO_CACHE)
+@commits.receipted
 def score_shard(ws_root: str, run_id: str, shard: str, row_group: int, *, selection_file: str, checkpoint: str,
                 method: str, device: str, batch_size: int) -> dict[str, int]:
     """Score one row group of the frozen selection and write its `scores` file (the runtime commits it)."""

@@ -15,7 +15,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from data_manifest import Workspace, catalog
+from data_manifest import Workspace, catalog, commits
 from data_manifest.writer import shard_name
 from flows import command, runners, runtime
 from flows.bookkeeping import publish_artifacts
@@ -82,6 +82,7 @@ class TrainAttributesOptions(command.RunOptions):
 
 
 @task(name="wider-crops", cache_policy=NO_CACHE)
+@commits.receipted
 def extract_shard(ws_root: str, run_id: str, shard: str, items: list[tuple[str, Any]], **kwargs: Any
                   ) -> dict[str, int]:
     """One shard of WIDER crops and rows (:func:`pipeline.attribute_training.crops.write_crop_shard`) as a task."""

@@ -6,7 +6,6 @@ on it. A sample without a readable crop gets a row with a null embedding and the
 
 from __future__ import annotations
 
-import threading
 from functools import lru_cache
 from typing import Any
 
@@ -15,8 +14,9 @@ import pyarrow as pa
 from data_manifest import ShardWriter, Workspace
 from pipeline.anchors_reuse import still_to_embed
 from pipeline.crop_batches import read_crop_batch
+from pipeline.process_lock import ProcessLock
 
-MODEL_LOCK = threading.Lock()  # one model per process: its users take turns
+MODEL_LOCK = ProcessLock()  # one model per process: its users take turns
 
 
 @lru_cache(maxsize=2)

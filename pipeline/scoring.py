@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-import threading
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from data_manifest import ShardWriter, Workspace
 from pipeline.crop_batches import read_crop_batch
+from pipeline.process_lock import ProcessLock
 
-MODEL_LOCK = threading.Lock()  # one model per process; batches from concurrent shards run one at a time
+MODEL_LOCK = ProcessLock()  # one model per process; batches from concurrent shards run one at a time
 
 
 @lru_cache(maxsize=4)

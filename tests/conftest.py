@@ -299,3 +299,23 @@ def where_injection():
 def query_injection():
     """query_injection(stmt): a `--query` value that tries to close the subquery and run stmt."""
     return lambda stmt: f"SELECT * FROM labels) AS t; {stmt}; SELECT * FROM (SELECT * FROM labels"
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    """An untrained tiny CLIB-FIQA checkpoint (scores are deterministic, which is all these tests need)."""
+    import torch
+
+    from models.clib import ClibConfig, ClibFiqa
+    from models.train import CHECKPOINT_FORMAT, save_checkpoint
+
+    torch.manual_seed(0)
+    cfg = ClibConfig(model_name="TinyRN-test", pretrained=None)
+    model = ClibFiqa.from_config(cfg, load_pretrained=False)
+    with torch.no_grad():  # away from the symmetric init, so every crop gets its own score
+        for param in [*model.parameters(), model.text_features]:
+            param.add_(0.3 * torch.randn_like(param))
+    path = tmp_path / "tiny.pt"
+    save_checkpoint(path, {"format": CHECKPOINT_FORMAT, "model_config": cfg.to_dict(),
+                           "model": model.state_for_checkpoint()})
+    return str(path)

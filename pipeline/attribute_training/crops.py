@@ -8,7 +8,6 @@ the landmarks inside the box, else square box crops) in a data workspace of thei
 from __future__ import annotations
 
 import logging
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import numpy as np
 
 from data_manifest import ShardWriter, Workspace, catalog, crops
 from pipeline.labellers.attributes import WIDER_DATASET, WIDER_GT_LABELLER, wider_rows
+from pipeline.process_lock import ProcessLock
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ PACK_KIND = "attributes"
 DETECTOR_CHOICES = ("auto", "none", "mtcnn", "scrfd")
 
 _detectors: dict[tuple[str, str], Any] = {}
-_detector_lock = threading.Lock()
+_detector_lock = ProcessLock()
 
 
 def shared_detector(kind: str, device: str) -> Any:

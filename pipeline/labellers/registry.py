@@ -16,13 +16,13 @@ from __future__ import annotations
 import importlib
 import json
 import re
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from data_manifest.vocabulary import BLUR_THRESHOLDS, FACTOR_CLASSES, ordered_thresholds, parse_blur_thresholds
 from pipeline.labellers.base import FaceCrop
+from pipeline.process_lock import ProcessLock
 
 ALIGN = "align"
 DEFAULT_STAGES = ("align", "blur", "pose", "attributes")
@@ -145,7 +145,7 @@ def _build_attributes(o: LabelOptions) -> Any:
 
 STAGES: dict[str, StageSpec] = {}
 _CACHE: dict[tuple[str, str], Any] = {}  # built stages per (name, options), shared by thread workers
-_CACHE_LOCK = threading.RLock()  # re-entrant: a group stage builds its members through get_stage
+_CACHE_LOCK = ProcessLock(reentrant=True)  # re-entrant: a group stage builds its members through get_stage
 
 
 def register_stage(name: str, factors: Sequence[str], build: Callable[[LabelOptions], Any] | str) -> None:

@@ -147,10 +147,10 @@ def test_resume_after_a_failed_shard(tmp_path, prefect_harness, monkeypatch, fai
     else:  # the shard's rows are written but it dies before being committed
         original = runs.mark_shard_done
 
-        def mark(ws_, run_id, shard, counts=None):
+        def mark(ws_, run_id, shard, counts=None, worker=None):
             if shard == f"{failing['shard']:05d}":
                 raise OSError("killed before commit")
-            return original(ws_, run_id, shard, counts)
+            return original(ws_, run_id, shard, counts, worker)
 
         monkeypatch.setattr(runs, "mark_shard_done", mark)
     rid = f"ingest-resume-{fail_at}"

@@ -221,7 +221,7 @@ def test_processes_runner_gives_each_worker_one_thread(monkeypatch):
     import sys
 
     from flows import runners
-    from flows.worker_threads import THREAD_ENV, one_thread_per_worker
+    from pipeline.worker_threads import THREAD_ENV, one_thread_per_worker
 
     runner = runners.make_task_runner("processes", 2)
     assert runner._initializer is one_thread_per_worker and runner.duplicate()._initializer is one_thread_per_worker

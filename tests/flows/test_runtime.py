@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
 
 import pytest
 
-from data_manifest import catalog, runs
+from data_manifest import Workspace, catalog, runs
 from flows import runners, runtime
 from flows.cli import COMMANDS, main
 
@@ -119,3 +120,39 @@ def test_every_option_help_names_its_default():
             shown = DefaultsShown(p.prog)._get_help_string(a) % {"default": a.default}
             assert "default" in shown.lower(), (name, a.option_strings)
         assert "(default: 8192)" in text or name != "anchors"
+
+
+def test_a_shard_whose_files_the_flow_does_not_see_fails_the_run_and_resumes(workspace, prefect_harness):
+    from prefect import flow, task
+
+    from data_manifest import ShardWriter, commits
+
+    lost = {"worker": "elsewhere (pid 7)", "files": {"manifests/samples/run=r1/part-a.parquet": 2}}
+
+    @task
+    @commits.receipted
+    def shard_task(ws_root, run_id, shard, n, lose=False):
+        rows = [{"sample_id": f"{shard}{i}", "dataset": "d", "source_kind": "folder", "source": "/x", "status": "ok"}
+                for i in range(n)]
+        ShardWriter(Workspace(ws_root), "samples", run_id).write(shard, rows)
+        return {"rows": n}
+
+    @task
+    def lost_task(ws_root, run_id, shard, n, lose=False):  # as a worker writing to its own disk reports it
+        return {"rows": n, commits.RECEIPT: lost}
+
+    @flow
+    def sharded(t):
+        with runtime.tracked_run(workspace, "ingest", {}, "r1") as state:
+            outcomes = runtime.run_shards(t, {"a": 2, "b": 1}, ws=workspace, run_id=state["run_id"], desc="t",
+                                          progress=False)
+            runtime.check_shard_failures(outcomes, state["run_id"])
+        return runs.shard_counts(workspace, "r1")
+
+    with pytest.raises(runtime.ShardFailures, match=r"elsewhere \(pid 7\) wrote files under .* does not see") as e:
+        sharded(lost_task)
+    assert "re-run with --run-id r1" in str(e.value) and str(workspace.root) in str(e.value)
+    assert not runs.shard_done(workspace, "r1", "a") and not runs.shard_done(workspace, "r1", "b")
+    assert sharded(shard_task) == {"rows": 3}
+    marker = json.loads((workspace.runs_dir / "r1" / "shards" / "a.json").read_text())
+    assert marker["worker"].endswith(f"(pid {os.getpid()})") and commits.RECEIPT not in marker["counts"]

@@ -34,26 +34,6 @@ def _seed(ws) -> None:
     catalog.refresh(ws)
 
 
-@pytest.fixture
-def tiny_checkpoint(tmp_path):
-    """An untrained tiny CLIB-FIQA checkpoint (scores are deterministic, which is all these tests need)."""
-    import torch
-
-    from models.clib import ClibConfig, ClibFiqa
-    from models.train import CHECKPOINT_FORMAT, save_checkpoint
-
-    torch.manual_seed(0)
-    cfg = ClibConfig(model_name="TinyRN-test", pretrained=None)
-    model = ClibFiqa.from_config(cfg, load_pretrained=False)
-    with torch.no_grad():  # away from the symmetric init, so every crop gets its own score
-        for param in [*model.parameters(), model.text_features]:
-            param.add_(0.3 * torch.randn_like(param))
-    path = tmp_path / "tiny.pt"
-    save_checkpoint(path, {"format": CHECKPOINT_FORMAT, "model_config": cfg.to_dict(),
-                           "model": model.state_for_checkpoint()})
-    return str(path)
-
-
 def _rows(ws, table: str, run_id: str, drop: tuple[str, ...] = ("run_id", "created_at")) -> list[dict]:
     rows = catalog.query(ws, f"SELECT * FROM {table}_history WHERE run_id = '{run_id}' ORDER BY sample_id")
     out = [{k: v for k, v in r.items() if k not in drop} for r in rows.to_pylist()]
@@ -131,7 +111,7 @@ def test_score_address_reaches_the_task_runner(prefect_harness, workspace, tiny_
     assert main(["score", "--workspace", str(workspace.root), "--checkpoint", tiny_checkpoint, "--device", "cpu",
                  "--runner", "dask", "--workers", "2", "--address", "tcp://127.0.0.1:8786"]) == 0
     assert seen == [("dask", 2, "tcp://127.0.0.1:8786")]
-    with pytest.raises(ValueError, match="needs --runner dask or ray"):
+    with pytest.raises(ValueError, match="needs --runner dask"):
         S.ScoreOptions(checkpoint=tiny_checkpoint, address="tcp://127.0.0.1:8786")
 
 

@@ -1,0 +1,245 @@
+"""A real Dask cluster on 127.0.0.1: a scheduler and two worker processes started here, working elsewhere.
+
+ingest -> label -> anchors -> score through `fiqa ... --runner dask --address` equal a local run row for row; the
+workers report to the flow's Prefect API instead of starting servers of their own; a worker killed mid-label
+loses and duplicates nothing; a scheduler without workers ends the run after $FIQA_CLUSTER_TIMEOUT, and a
+worker that does not see the workspace fails it naming itself (both resume on a working cluster).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from data_manifest import Workspace, catalog
+
+pytestmark = [pytest.mark.flows, pytest.mark.slow]
+distributed = pytest.importorskip("distributed")
+pytest.importorskip("prefect_dask")
+psutil = pytest.importorskip("psutil")
+
+ROOT = Path(__file__).resolve().parents[2]
+LABEL = ["--stages", "align,blur", "--detector", "mtcnn"]
+ANCHORS = ["--device", "cpu"]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}  # no API: the CLI's own server
+    return {**env, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **extra}
+
+
+class Cluster:
+    """`dask scheduler` and `dask worker` processes (with nannies), each in its own session."""
+
+    def __init__(self, root: Path, workers: int) -> None:
+        self.root, self.procs = root, []
+        root.mkdir(parents=True)
+        sched = root / "scheduler.json"
+        self._start(["distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                     "--scheduler-file", str(sched)])
+        deadline = time.time() + 60
+        while not sched.exists() and time.time() < deadline:
+            time.sleep(0.1)
+        self.address = json.loads(sched.read_text())["address"]
+        for _ in range(workers):
+            self.add_worker()
+        self.client = distributed.Client(self.address, timeout=60)
+        self.client.wait_for_workers(workers, timeout=120)
+
+    def _start(self, args: list[str], prefix: tuple[str, ...] = ()) -> None:
+        cwd = self.root / "elsewhere"  # workers do not run in the checkout
+        cwd.mkdir(exist_ok=True)
+        log = open(self.root / f"proc-{len(self.procs)}.log", "wb")  # noqa: SIM115 - closed with the process
+        self.procs.append(subprocess.Popen([*prefix, sys.executable, "-m", *args], cwd=cwd, env=_env(),
+                                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+
+    def add_worker(self, prefix: tuple[str, ...] = ()) -> None:
+        self._start(["distributed.cli.dask_worker", self.address, "--nworkers", "1", "--nthreads", "1",
+                     "--no-dashboard"], prefix)
+
+    def worker_pids(self) -> dict[str, int]:
+        return self.client.run(os.getpid)
+
+    def close(self) -> None:
+        self.client.close()
+        for p in self.procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def dask_cluster(tmp_path_factory):
+    c = Cluster(tmp_path_factory.mktemp("dask") / "cluster", workers=2)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def faces_folder(tmp_path_factory, mtcnn_detector) -> Path:
+    """Two identities at two blur levels, plus three broken files (7 samples)."""
+    import cv2
+
+    from models.fit_data.face_sets import shipped_images
+    from pipeline.synthetic.demo_data import build
+
+    mtcnn_detector()  # skips with a reason when the MTCNN weights are not fetched
+    imgs = shipped_images()
+    faces = {"astronaut": imgs["astronaut"][30:260, 120:350].copy(), "tom": imgs["tom_hanks"]}
+    faces = {k: cv2.resize(v, (224, 224), interpolation=cv2.INTER_AREA) for k, v in faces.items()}
+    root = tmp_path_factory.mktemp("cluster_data") / "data"
+    build(root, faces, levels=(2,), kinds=("blur",))
+    return root
+
+
+def _fiqa(*commands: list[str], env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Several `fiqa` commands in one process (one temporary Prefect server), stopping at the first failure."""
+    code = ("import json, sys; from flows.cli import main\n"
+            "for argv in json.loads(sys.argv[1]):\n    rc = main(argv)\n    rc and sys.exit(rc)")
+    return subprocess.run([sys.executable, "-c", code, json.dumps(commands)], cwd=ROOT, env=env or _env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _rows(ws: Workspace, table: str, cols: str) -> list[dict]:
+    return catalog.query(ws, f"SELECT {cols} FROM {table}_history ORDER BY ALL").to_pylist()
+
+
+COMPARED = {"samples": "sample_id, dataset, identity, status, error, content_hash",
+            "faces": "sample_id, status, n_faces, crop_index, round(score, 4) AS score",
+            "factors": "sample_id, factor, round(value, 6) AS value, class_name, status, error",
+            "embeddings": "sample_id, status, [round(x, 4) FOR x IN embedding] AS embedding",
+            "anchors": "sample_id, status, round(anchor, 4) AS anchor, nearest_negative",
+            "scores": "sample_id, method, status, round(quality, 4) AS quality"}
+
+
+def _server_processes(pids) -> list[str]:
+    """Prefect API servers among the descendants of the given processes."""
+    found = []
+    for pid in pids:
+        for child in psutil.Process(pid).children(recursive=True):
+            try:
+                cmd = " ".join(child.cmdline())
+            except psutil.Error:  # ended meanwhile
+                continue
+            if "uvicorn" in cmd or "prefect.server" in cmd:
+                found.append(f"{pid}: {cmd[:120]}")
+    return found
+
+
+def test_a_pipeline_on_the_cluster_equals_a_local_run_and_reports_to_the_flows_api(
+        dask_cluster, faces_folder, tmp_path, prefect_harness, tiny_checkpoint):
+    from flows.anchors import anchors_flow
+    from flows.ingest import ingest
+    from flows.label import label
+    from flows.score import score_flow
+
+    local = Workspace(tmp_path / "local")
+    ingest(path=str(faces_folder), dataset="c", workspace=str(local.root), shard_size=2, progress=False)
+    label(stages=["align", "blur"], options={"detector": "mtcnn"}, workspace=str(local.root), shard_size=2,
+          progress=False)
+    anchors_flow(workspace=str(local.root), device="cpu", shard_size=2, progress=False)
+    score_flow(workspace=str(local.root), checkpoint=tiny_checkpoint, device="cpu", shard_size=2, progress=False)
+
+    ws = Workspace(tmp_path / "cluster")
+    where = ["--workspace", str(ws.root), "--runner", "dask", "--address", dask_cluster.address]
+    t0 = time.perf_counter()
+    out = _fiqa(["ingest", str(faces_folder), "--dataset", "c", "--shard-size", "2", *where],
+                ["label", *LABEL, "--shard-size", "2", "--no-progress", *where],
+                ["anchors", *ANCHORS, "--shard-size", "2", *where],
+                ["score", "--checkpoint", tiny_checkpoint, "--device", "cpu", "--shard-size", "2", *where])
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert time.perf_counter() - t0 < 120, "no worker may start a Prefect server of its own (~20 s each)"
+    for table, cols in COMPARED.items():
+        theirs, ours = _rows(local, table, cols), _rows(ws, table, cols)
+        assert len(ours) > 0 and ours == theirs, table
+    markers = [json.loads(p.read_text()) for p in ws.runs_dir.glob("label-*/shards/*.json")]
+    workers = {m["worker"] for m in markers}
+    assert len(markers) == 4 and all(f"(pid {os.getpid()})" not in w for w in workers)
+    assert not _server_processes(dask_cluster.worker_pids().values())
+
+
+def test_a_worker_killed_mid_label_loses_and_duplicates_nothing(dask_cluster, faces_folder, tmp_path):
+    ws = Workspace(tmp_path / "ws")
+    where = ["--workspace", str(ws.root), "--runner", "dask", "--address", dask_cluster.address]
+    out = _fiqa(["ingest", str(faces_folder), "--dataset", "c", "--shard-size", "3", *where])
+    assert out.returncode == 0, out.stderr[-3000:]
+    n = catalog.query(ws, "SELECT count(*) AS n FROM samples").column("n")[0].as_py()
+    label_cmd = ["label", *LABEL, "--shard-size", "1", "--no-progress", "--run-id", "label-kill", *where]
+    code = "import sys, json; from flows.cli import main; sys.exit(main(json.loads(sys.argv[1])))"
+    proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(label_cmd)], cwd=ROOT, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    victim = None
+    try:
+        deadline = time.time() + 120
+        run_json = ws.runs_dir / "label-kill" / "run.json"
+        while not run_json.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        victim = sorted(dask_cluster.worker_pids().values())[0]
+        os.kill(victim, signal.SIGKILL)
+        committed_at_kill = len(list((ws.runs_dir / "label-kill" / "shards").glob("*.json")))
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = proc.stdout.read()
+    assert committed_at_kill < n, "the worker must die before the run's last shard"
+    assert not psutil.pid_exists(victim) or psutil.Process(victim).status() == psutil.STATUS_ZOMBIE
+    if proc.returncode != 0:  # the killed worker's shard may fail the run: the resume finishes it
+        assert "re-run with --run-id label-kill" in log, log[-3000:]
+    out = _fiqa(label_cmd)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    per_sample = catalog.query(ws, "SELECT sample_id, count(*) AS k FROM faces_history WHERE run_id = 'label-kill' "
+                                   "GROUP BY 1").to_pylist()
+    assert len(per_sample) == n and all(r["k"] == 1 for r in per_sample)
+    per_factor = catalog.query(ws, "SELECT count(*) AS k, count(DISTINCT sample_id) AS d FROM factors_history "
+                                   "WHERE run_id = 'label-kill'").to_pylist()[0]
+    assert per_factor == {"k": n, "d": n}
+    dask_cluster.client.wait_for_workers(2, timeout=120)  # the nanny restarted the killed worker
+    assert victim not in dask_cluster.worker_pids().values()
+
+
+def test_a_cluster_that_cannot_do_the_work_fails_the_run_naming_why_and_it_resumes_on_one_that_can(
+        dask_cluster, faces_folder, tmp_path):
+    ws = Workspace(tmp_path / "shared" / "ws")
+    broken = Cluster.__new__(Cluster)  # a scheduler without workers first
+    broken.root, broken.procs = tmp_path / "broken", []
+    broken.root.mkdir()
+    broken._start(["distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                   "--scheduler-file", str(broken.root / "s.json")])
+    try:
+        deadline = time.time() + 60
+        while not (broken.root / "s.json").exists() and time.time() < deadline:
+            time.sleep(0.1)
+        broken.address = json.loads((broken.root / "s.json").read_text())["address"]
+        cmd = ["ingest", str(faces_folder), "--dataset", "c", "--shard-size", "3", "--run-id", "ing",
+               "--workspace", str(ws.root), "--runner", "dask"]
+        out = _fiqa([*cmd, "--address", broken.address], env=_env(FIQA_CLUSTER_TIMEOUT="3"))
+        assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
+        assert f"no Dask worker connected to the scheduler {broken.address}" in out.stderr
+        assert "FIQA_CLUSTER_TIMEOUT=3" in out.stderr and "re-run with --run-id ing" in out.stderr
+
+        # A worker that does not see the workspace: its own empty file system over the workspace's folder.
+        probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+        if probe.returncode == 0:
+            broken.add_worker(prefix=("unshare", "-m", "sh", "-c", f'mount -t tmpfs none "{ws.root.parent}" && '
+                                      'exec "$0" "$@"'))
+            out = _fiqa([*cmd, "--address", broken.address])
+            assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
+            assert "cannot see the workspace" in out.stderr and str(ws.root) in out.stderr
+            assert f"{os.uname().nodename} (pid " in out.stderr and "same path" in out.stderr
+            assert catalog.query(ws, "SELECT count(*) AS n FROM samples").column("n")[0].as_py() == 0
+    finally:
+        for p in broken.procs:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=30)
+    out = _fiqa([*cmd, "--address", dask_cluster.address])
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert catalog.query(ws, "SELECT count(*) AS n, count(DISTINCT sample_id) AS d FROM samples_history "
+                             "WHERE run_id = 'ing'").to_pylist() == [{"n": 7, "d": 7}]

@@ -334,7 +334,7 @@ def test_register_refuses_missing_pool(prefect_server, tmp_path, capsys):
             (base + ["--label-stages", "align,pose", "--label-options", '{"detector": "none", "align_mode": '
                      '"already_aligned", "pose_backend": "nope"}'], label_message["pose_backend"]),
             (base + ["--steps", "ingest,train"], "unknown or no refresh steps"),
-            (base + ["--runner", "threads", "--address", "tcp://x:1"], "--address names a Dask or Ray cluster"),
+            (base + ["--runner", "threads", "--address", "tcp://x:1"], "--address names a Dask cluster"),
             (base + ["--steps", "anchors", "--fr-model", "nope"], "nope"),
             (relabel, "--relabel NAME needs --where"),
             (relabel + ["--where", "1 = 1", "--stages", "blur,bogus"], "unknown stage(s) ['bogus']"),

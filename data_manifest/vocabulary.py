@@ -69,16 +69,17 @@ def ordered_thresholds(values: Any, what: str) -> tuple[float, float]:
     return lo, hi
 
 
+def _band(value: float, thresholds: tuple[float, float], what: str, quantity: str) -> int:
+    """0 below the low threshold, 2 above the high one, 1 between (both inclusive); NaN is an error."""
+    lo, hi = ordered_thresholds(thresholds, what)
+    if math.isnan(value):
+        raise ValueError(f"{what}_class: {quantity} is NaN")
+    return 0 if value < lo else 2 if value > hi else 1
+
+
 def blur_class(cpbd: float, thresholds: tuple[float, float] = BLUR_THRESHOLDS) -> FactorClass:
     """CPBD -> hazy (< low), blurry (low..high, both inclusive), clear (> high)."""
-    lo, hi = ordered_thresholds(thresholds, "blur")
-    if math.isnan(cpbd):
-        raise ValueError("blur_class: CPBD value is NaN")
-    if cpbd < lo:
-        return FactorClass("blur", 0)
-    if cpbd > hi:
-        return FactorClass("blur", 2)
-    return FactorClass("blur", 1)
+    return FactorClass("blur", _band(cpbd, thresholds, "blur", "CPBD value"))
 
 
 class ThresholdsError(ValueError, argparse.ArgumentTypeError):
@@ -103,15 +104,7 @@ def parse_blur_thresholds(text: str) -> tuple[float, float]:
 
 def pose_class(yaw_degrees: float, thresholds: tuple[float, float] = POSE_THRESHOLDS) -> FactorClass:
     """|yaw| -> frontal (< low), slight angle (low..high, both inclusive), profile (> high)."""
-    lo, hi = ordered_thresholds(thresholds, "pose")
-    if math.isnan(yaw_degrees):
-        raise ValueError("pose_class: yaw is NaN")
-    a = abs(yaw_degrees)
-    if a < lo:
-        return FactorClass("pose", 2)
-    if a > hi:
-        return FactorClass("pose", 0)
-    return FactorClass("pose", 1)
+    return FactorClass("pose", 2 - _band(abs(yaw_degrees), thresholds, "pose", "yaw"))
 
 
 def binary_class(factor: str, probability: float, threshold: float = BINARY_THRESHOLD) -> FactorClass:

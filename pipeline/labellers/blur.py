@@ -721,12 +721,25 @@ PIXEL_REPEAT_MIN = 0.25  # repeats above this share: pixelated (a block of >= 1.
 PIXEL_MIN_PAIRS = 200  # fewer textured pairs: too little texture to tell
 
 
-def pixel_block(crop_rgb: np.ndarray, grid: BlockGrid = FACE_GRID) -> float:
-    """The side of the repeated-pixel blocks over the face grid: ~1 for a natural crop, k for a crop upsampled
-    k-fold by pixel repetition (1/(1 - share of exact repeats among textured neighbour pairs))."""
-    gray = np.rint(rgb_to_gray(np.asarray(crop_rgb))).astype(np.uint8)
-    bottom, right = grid.top + grid.rows * grid.block_height, grid.left + grid.cols * grid.block_width
-    g = gray[grid.top:bottom, grid.left:right]
+def _grid_region(images: np.ndarray, grid: BlockGrid) -> np.ndarray:
+    """The part of image(s) (last two axes: rows, columns) that the grid's blocks cover."""
+    return images[..., grid.top:grid.top + grid.rows * grid.block_height,
+                  grid.left:grid.left + grid.cols * grid.block_width]
+
+
+def _grays(images: np.ndarray) -> np.ndarray:
+    """Grey levels of RGB image(s) (..., H, W, 3); grey images (..., H, W) as they are."""
+    arr = np.asarray(images)
+    if arr.shape[-1:] != (3,) or arr.ndim < 3:
+        return arr
+    return rgb_to_gray(arr.reshape(-1, arr.shape[-2], 3)).reshape(arr.shape[:-1])
+
+
+def pixel_block(crop: np.ndarray, grid: BlockGrid = FACE_GRID) -> float:
+    """The side of the repeated-pixel blocks over the face grid of an RGB or grey crop: ~1 for a natural crop, k
+    for a crop upsampled k-fold by pixel repetition (1/(1 - share of exact repeats among textured neighbour
+    pairs))."""
+    g = _grid_region(np.rint(_grays(crop)).astype(np.uint8), grid)
     kernel = np.ones((5, 5), np.uint8)
     textured = (cv2.dilate(g, kernel) - cv2.erode(g, kernel)) >= PIXEL_TEXTURE_RANGE
     gi = g.astype(np.int16)
@@ -768,13 +781,10 @@ def _band_masks(h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.outer(np.hanning(h), np.hanning(w)).astype(np.float32), hi, mid
 
 
-def high_band(crops_rgb: np.ndarray, grid: BlockGrid = FACE_GRID) -> np.ndarray:
-    """`high_band` (see HIGH_BAND_MIN) of each of N same-size RGB crops over the face grid's region."""
-    arr = np.asarray(crops_rgb)
-    n, h, w = arr.shape[:3]
-    gray = rgb_to_gray(arr.reshape(n * h, w, 3)).reshape(n, h, w)
-    bottom, right = grid.top + grid.rows * grid.block_height, grid.left + grid.cols * grid.block_width
-    g = gray[:, grid.top:bottom, grid.left:right].astype(np.float32)
+def high_band(crops: np.ndarray, grid: BlockGrid = FACE_GRID) -> np.ndarray:
+    """`high_band` (see HIGH_BAND_MIN) of each of N same-size crops, RGB (N, H, W, 3) or grey (N, H, W), over the
+    face grid's region."""
+    g = _grid_region(_grays(crops), grid).astype(np.float32)
     window, hi, mid = _band_masks(*g.shape[1:])
     spectrum = np.fft.rfft2((g - g.mean(axis=(1, 2), keepdims=True)) * window)
     power = spectrum.real**2 + spectrum.imag**2
@@ -846,14 +856,15 @@ class BlurStage:
             if np.ndim(crop) != 3 or np.shape(crop)[2] != 3 or \
                     blur_class(result.value, self.thresholds).index != CLEAR_INDEX:
                 continue
-            arr = np.asarray(crop, np.uint8)
-            block = pixel_block(arr, self.grid)
+            gray = _grays(np.asarray(crop, np.uint8))  # once for both checks
+            block = pixel_block(gray, self.grid)
             if block >= 1.0 / (1.0 - PIXEL_REPEAT_MIN):
-                arr = smooth_resolution(arr, block)
-                out[k] = (face_measure(arr, self.grid), {"pixelated": {"block": round(block, 3),
-                                                                       "cpbd_as_given": result.value}})
+                smooth = smooth_resolution(np.asarray(crop, np.uint8), block)
+                out[k] = (face_measure(smooth, self.grid), {"pixelated": {"block": round(block, 3),
+                                                                          "cpbd_as_given": result.value}})
+                gray = _grays(smooth)
             todo.append(k)
-            shown.append(arr)
+            shown.append(gray)
         if todo:
             for k, band in zip(todo, high_band(np.stack(shown), self.grid), strict=True):
                 out[k][1]["high_band"] = round(float(band), 4)

@@ -293,6 +293,9 @@ def mirror_average(pose: HeadPose | Exception, mirrored: HeadPose | Exception) -
                     (pose.roll - mirrored.roll) / 2, details)
 
 
+SPREAD_SHIFT = 0.05  # `yaw_spread_batch`: the predictor's start box moved up and down by this fraction of its height
+
+
 class DlibPnPPose:
     """dlib's 68-point shape predictor on the crop + a PnP fit to the generic 3D face (the authors' method).
 
@@ -332,6 +335,36 @@ class DlibPnPPose:
         poses = pnp_poses(pts, width, height)
         n = len(crops)
         return [mirror_average(a, b) for a, b in zip(poses[:n], poses[n:], strict=True)]
+
+    def yaw_spread_batch(self, crops: Sequence[np.ndarray], landmarks5: Sequence[np.ndarray | None],
+                         yaws: Sequence[float]) -> np.ndarray:
+        """How far the yaw of each crop moves when the predictor starts from other boxes: the standard deviation
+        of `yaws` (the estimates from the usual box) and the estimates from that box moved up and down by
+        SPREAD_SHIFT of its height (degrees; NaN where a moved start has no pose).
+
+        The cascade lands on the same landmarks from any nearby start where the face shows them; where a hand,
+        mask or hat hides them, the hidden points stay near where they started, and the yaw follows the start.
+        Same-size crops only (the label pass's aligned crops); invariant mode only.
+        """
+        if not self.invariant:
+            raise ValueError("yaw_spread_batch needs the invariant (equalised, mirror-averaged) estimator")
+        n = len(crops)
+        if n == 0:
+            return np.empty(0)
+        height, width = np.shape(crops[0])[:2]
+        gray = [equalized_gray(c) for c in crops]
+        images = np.stack(gray + [np.ascontiguousarray(g[:, ::-1]) for g in gray])
+        base = np.array([self._box(lm) for lm in landmarks5]
+                        + [self._box(None if lm is None else mirror_landmarks5(lm, width)) for lm in landmarks5],
+                        dtype=np.float64).reshape(-1, 4)
+        runs = [np.asarray(yaws, dtype=np.float64)]
+        for shift in (SPREAD_SHIFT, -SPREAD_SHIFT):
+            dy = np.round(shift * (base[:, 3] - base[:, 1]))
+            boxes = base + dy[:, None] * np.array([0.0, 1.0, 0.0, 1.0])
+            poses = pnp_poses(self.predictor.predict(images, boxes), width, height)
+            runs.append(np.array([np.nan if isinstance(m, Exception) else m.yaw
+                                  for m in (mirror_average(a, b) for a, b in zip(poses[:n], poses[n:], strict=True))]))
+        return np.std(np.stack(runs), axis=0)
 
     def estimate_batch(self, crops: Sequence[np.ndarray], landmarks5: Sequence[np.ndarray | None]
                        ) -> list[HeadPose | Exception]:

@@ -531,3 +531,31 @@ def test_fast_paths_equal_the_numpy_reference_and_eager_torch(backend):
     assert [json.loads(r["details"])["top"] for r in got] == [json.loads(r["details"])["top"] for r in want]
     with pytest.raises(ValueError, match="CPU only"):
         ExpressionStage(device="cuda", backend=backend)
+
+
+def test_detail_correction_lowers_the_log_odds_only_below_the_detail_floor():
+    from pipeline.labellers.blur import HIGH_BAND_MIN
+    from pipeline.labellers.expression import DETAIL_SLOPE, detail_corrected
+
+    p = np.array([0.5, 0.9, 0.1, 0.5, 0.5])
+    high = np.array([HIGH_BAND_MIN, -1.0, HIGH_BAND_MIN - 1.0, HIGH_BAND_MIN - 1.0, HIGH_BAND_MIN - 2.0])
+    out = detail_corrected(p, high)
+    np.testing.assert_allclose(out[:2], p[:2])  # at or above the floor: unchanged
+    logit = np.log(out / (1 - out))
+    np.testing.assert_allclose(logit[2:], np.log(p[2:] / (1 - p[2:])) - DETAIL_SLOPE * np.array([1.0, 1.0, 2.0]))
+    assert detail_corrected(np.empty(0), np.empty(0)).shape == (0,)
+
+
+def test_a_blurred_face_is_not_read_as_exaggerated_for_its_blur():
+    """The stage's value is the detail-corrected P(exaggerated); the network's reading stays in the details."""
+    import cv2
+
+    stage = _stage()
+    crops = _package_crops()
+    sharp = crops["grace_hopper"]
+    blurred = cv2.GaussianBlur(sharp, (0, 0), 3.0)
+    rows = stage([FaceCrop("sharp", sharp), FaceCrop("blurred", blurred)])
+    d_sharp, d_blur = (json.loads(r["details"]) for r in rows)
+    assert d_sharp["high_band"] > -2.0 and rows[0]["value"] == pytest.approx(d_sharp["p_read"])
+    assert d_blur["high_band"] < -2.0 and rows[1]["value"] < d_blur["p_read"]
+    assert rows[1]["class_name"] == rows[0]["class_name"] == "typical expression"

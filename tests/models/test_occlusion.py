@@ -390,3 +390,4 @@ def test_fast_stage_equals_eager_torch(backend):
         OcclusionStage(backend="tensorrt")
     with pytest.raises(ValueError, match="CPU only"):
         OcclusionStage(device="cuda", backend=backend)
+

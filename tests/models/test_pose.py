@@ -365,3 +365,71 @@ def test_invariant_pose_is_antisymmetric_under_a_flip_and_moves_less_in_the_dark
         darker = backend.estimate_batch([dark(c, 3) for c in crops], marks)
         moved[name] = sum(abs(a.yaw - b.yaw) for a, b in zip(clean, darker, strict=True))
     assert moved["invariant"] < moved["plain"], moved
+
+
+class _Spread(_Batched):
+    """A batched backend that also reports a yaw spread: the crop's second pixel, in tenths of a degree."""
+
+    invariant = True
+
+    def __init__(self):
+        super().__init__()
+        self.spread_calls = []
+
+    def estimate(self, crop, landmarks5):
+        return self.estimate_batch([crop], [landmarks5])[0]
+
+    def yaw_spread_batch(self, crops, landmarks5, yaws):
+        self.spread_calls.append(list(yaws))
+        return np.array([c[0, 1, 0] / 10 for c in crops])
+
+
+@pytest.mark.parametrize(("yaw", "spread_tenths", "name", "asked"), [
+    (3, 50, "frontal", False),  # far from both thresholds: no spread is measured
+    (17, 50, "slight angle", False),
+    (12, 3, "slight angle", True),  # near 10 deg but stable
+    (12, 5, "slight angle", True),  # at the limit
+    (12, 6, None, True),  # near 10 deg and unstable: withheld
+    (7, 40, None, True),
+    (28, 40, None, True),  # near 25 deg
+    (30, 40, "profile", False),
+])
+def test_pose_class_is_withheld_only_near_a_threshold_when_the_yaw_is_unstable(yaw, spread_tenths, name, asked):
+    from pipeline.labellers.pose import AMBIGUOUS_MARGIN, AMBIGUOUS_SPREAD
+
+    assert (AMBIGUOUS_MARGIN, AMBIGUOUS_SPREAD) == (4.0, 0.5)
+    crop = np.full((112, 112, 3), yaw, np.uint8)
+    crop[0, 1, 0] = spread_tenths
+    backend = _Spread()
+    stage = PoseStage(backend)
+    assert stage.version.endswith("+ambiguous-withheld")
+    row = stage([FaceCrop("a", crop)])[0]
+    assert row["status"] == OK and row["value"] == yaw and row["class_name"] == name
+    details = json.loads(row["details"])
+    assert backend.spread_calls == ([[float(yaw)]] if asked else [])
+    assert details.get("yaw_spread") == (spread_tenths / 10 if asked else None)
+    assert ("class_withheld" in details) == (name is None)
+    # one crop at a time (no estimate_batch) takes the same path
+    assert PoseStage(backend).label(FaceCrop("a", crop))["class_name"] == name
+
+
+def test_yaw_spread_is_the_spread_of_three_starts_and_grows_when_the_lower_face_is_hidden(aligned_identities):
+    """The spread includes the usual start's yaw (a wrong base yaw widens it by a known amount), is small on
+    clean real faces and larger on the same faces under a grey band over the nose and mouth."""
+    from models.geometry import ARCFACE_TEMPLATE
+
+    crops = list(aligned_identities().values())
+    backend = DlibPnPPose()
+    marks = [ARCFACE_TEMPLATE] * len(crops)
+    yaws = [p.yaw for p in backend.estimate_batch(crops, marks)]
+    clean = backend.yaw_spread_batch(crops, marks, yaws)
+    assert np.isfinite(clean).all() and (clean >= 0).all()
+    moved = backend.yaw_spread_batch(crops, marks, [y + 30.0 for y in yaws])
+    assert (moved > 9.0).all()  # one of three values 30 deg away: a standard deviation of at least 9.4 deg
+    banded = [c.copy() for c in crops]
+    for c in banded:
+        c[60:100, 20:92] = 128
+    hidden = backend.yaw_spread_batch(banded, marks, [p.yaw for p in backend.estimate_batch(banded, marks)])
+    assert np.median(hidden) > np.median(clean), (hidden, clean)
+    with pytest.raises(ValueError, match="invariant"):
+        DlibPnPPose(invariant=False).yaw_spread_batch(crops, marks, yaws)

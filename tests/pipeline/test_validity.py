@@ -169,3 +169,17 @@ def test_a_majority_is_strictly_more_than_half():
     assert not V.majority("obstructed", "r").met(0.5) and V.majority("obstructed", "r").met(0.5625)
     at_target = run(4, 5, "occlusion", 2, "occlusion", "obstructed", "unobstructed")
     assert (at_target["rate"], at_target["target"], at_target["comparison"], at_target["ok"]) == (0.8, 0.8, ">=", True)
+
+
+def test_an_occluder_that_does_not_fit_the_face_is_left_out():
+    """A face seen from below (nose tip 6 px under the eyes) gets no mask variant; the other families remain."""
+    from models.fit_data import occluders as occ
+    from models.geometry import ARCFACE_TEMPLATE
+
+    crop = np.full((112, 112, 3), 140, np.uint8)
+    marks = ARCFACE_TEMPLATE.copy()
+    marks[2, 1] = marks[0, 1] + 6.0
+    kinds = [k for k, _ in V.pasted_occluders(crop, marks, 0)]
+    assert V.OCCLUDER_PREFIX + "mask" not in kinds
+    assert kinds == [V.OCCLUDER_PREFIX + f for f in (*occ.FAMILIES, occ.BENIGN) if f != "mask"]
+    assert len(V.pasted_occluders(crop, ARCFACE_TEMPLATE, 0)) == len(occ.FAMILIES) + 1

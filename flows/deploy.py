@@ -165,6 +165,7 @@ def check_runs(names: list[str], notices: R.Notices) -> None:
     """End the runs of these deployments whose process is gone as Crashed, with their sub-flow and task runs (the
     server releases the slots they held), and say once (`notices`) why a run waits for a slot."""
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import LogCreate
     from prefect.client.schemas.filters import DeploymentFilter, FlowRunFilter, TaskRunFilter
     from prefect.states import Crashed
 
@@ -184,8 +185,8 @@ def check_runs(names: list[str], notices: R.Notices) -> None:
             print(R.crash_message(run), flush=True)
         for rid, line in notices.new(R.slot_waits([r for r in found if r not in dead], deps)).items():
             print(line, flush=True)
-            c.create_logs([{"name": "fiqa.deploy", "level": 20, "message": line, "flow_run_id": rid,
-                            "timestamp": datetime.now(UTC)}])
+            c.create_logs([LogCreate(name="fiqa.deploy", level=20, message=line, flow_run_id=rid,
+                                     timestamp=datetime.now(UTC))])
 
 
 def serve(args: argparse.Namespace) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from data_manifest import Workspace, runs
+from pipeline import recovery
 from pipeline.watchdog import spawn_watchdog
 
 _WATCHED: dict[int, Any] = {}  # server pid -> its watchdog process
@@ -40,9 +41,15 @@ def run_log(message: str, *args: Any, level: int = 20) -> None:
 
 def die_with_runner() -> None:
     """In a flow run that `fiqa deploy serve` or a worker started (a child process): a watchdog stops this
-    process (SIGTERM: the run ends crashed, its slot released) when that parent dies, kill -9 included."""
-    if os.environ.get("PREFECT__FLOW_RUN_ID") and hasattr(os, "pidfd_open") and os.getppid() > 1:
+    process (SIGTERM: the run ends crashed, its slot released) when that parent dies, kill -9 included; the
+    flow run records this process (`host:pid`), so a restarted serve can tell when it is gone (pipeline.recovery)."""
+    if (flow_run_id := os.environ.get("PREFECT__FLOW_RUN_ID")) and hasattr(os, "pidfd_open") and os.getppid() > 1:
         spawn_watchdog(os.getpid(), os.getppid())
+    if flow_run_id:
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(flow_run_id, infrastructure_pid=recovery.process_key())
 
 
 def artifact_key(text: str) -> str:

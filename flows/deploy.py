@@ -10,12 +10,16 @@ commands: pipeline.deployments). See docs/operations.md.
 from __future__ import annotations
 
 import argparse
+import functools
+import threading
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from flows import command, relabel, scheduled
 from flows.arguments import json_object
 from pipeline import deployments as D
+from pipeline import recovery as R
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -157,16 +161,49 @@ def register(args: argparse.Namespace) -> list[str]:
     return [f"{p['flow'].name}/{p['kwargs']['name']}" for p in todo]
 
 
+def check_runs(names: list[str], notices: R.Notices) -> None:
+    """End the runs of these deployments whose process is gone as Crashed, with their sub-flow and task runs (the
+    server releases the slots they held), and say once (`notices`) why a run waits for a slot."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import LogCreate
+    from prefect.client.schemas.filters import DeploymentFilter, FlowRunFilter, TaskRunFilter
+    from prefect.states import Crashed
+
+    active = {"type": {"any_": list(R.ACTIVE)}}
+    with get_client(sync_client=True) as c:
+        deps = {d.id: d for d in c.read_deployments(deployment_filter=DeploymentFilter(name={"any_": names}))}
+        found = c.read_flow_runs(flow_run_filter=FlowRunFilter(
+            deployment_id={"any_": list(deps)}, state={"type": {"any_": [*R.ACTIVE, "SCHEDULED"]}}))
+        for run in (dead := R.dead(found)):
+            ids = [run.id, *(r.id for r in c.read_flow_runs(flow_run_filter=FlowRunFilter(
+                parent_flow_run_id={"any_": [run.id]}, state=active)))]
+            for t in c.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": ids}),
+                                      task_run_filter=TaskRunFilter(state=active)):
+                c.set_task_run_state(t.id, Crashed(message=R.crash_message(run)), force=True)
+            for i in reversed(ids):  # the sub-flow runs first, the run (and its slot) last
+                c.set_flow_run_state(i, Crashed(message=R.crash_message(run)), force=True)
+            print(R.crash_message(run), flush=True)
+        for rid, line in notices.new(R.slot_waits([r for r in found if r not in dead], deps)).items():
+            print(line, flush=True)
+            c.create_logs([LogCreate(name="fiqa.deploy", level=20, message=line, flow_run_id=rid,
+                                     timestamp=datetime.now(UTC))])
+
+
 def serve(args: argparse.Namespace) -> None:
-    """Serve the deployments from this process until interrupted."""
+    """Serve the deployments from this process until interrupted; runs a dead serve left are ended first."""
     from prefect import serve as prefect_serve
     from prefect.deployments.runner import EntrypointType
+    from prefect.settings import PREFECT_RUNNER_POLL_FREQUENCY
 
     todo = plans(args, "serve")
     check_names(todo, "serve")
     deployments = [p["flow"].to_deployment(entrypoint_type=EntrypointType.MODULE_PATH, **p["kwargs"])
                    for p in todo]
     names = [f"{d.flow_name}/{d.name}" for d in deployments]
+    R.recover_workspaces(p["kwargs"]["parameters"].get("workspace") for p in todo)
+    check = functools.partial(check_runs, [d.name for d in deployments], R.Notices())
+    check()
+    threading.Thread(target=R.repeat, args=(check, PREFECT_RUNNER_POLL_FREQUENCY.value()), daemon=True).start()
     print(f"serving {', '.join(names)}; trigger with: prefect deployment run '{names[0]}'", flush=True)
     prefect_serve(*deployments, limit=args.limit, print_starting_message=False)
 

@@ -428,3 +428,128 @@ def test_prefect_yaml_deploys(prefect_server, tmp_path):
     assert [s.schedule.cron for s in train.schedules] == ["0 3 * * 0"]
     assert train.parameters == {"workspace": str(tmp_path / "ws"), "model": "clib-rn50", "device": "cuda"}
     assert json.dumps(refresh.pull_steps).count(str(ROOT)) == 1
+
+
+def _flow_run_state(api_url: str, run_id) -> tuple[str, str, object]:
+    from prefect.client.orchestration import get_client
+
+    with _api(api_url), get_client(sync_client=True) as c:
+        run = c.read_flow_run(run_id)
+    return run.state_type.value, run.state_name, run
+
+
+def _markers(ws: Workspace, run_id: str) -> dict[str, str]:
+    """The run's shard commit records, by file name, as written."""
+    return {p.name: p.read_text() for p in sorted((ws.runs_dir / run_id / "shards").glob("*.json"))}
+
+
+@pytest.mark.slow
+def test_a_restarted_serve_ends_the_dead_run_and_resumes_its_committed_shards(prefect_server, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
+    from prefect.deployments import run_deployment
+
+    from data_manifest import runs
+
+    n, shard = 60, 2
+    data = tmp_path / "data"
+    for i in range(n):
+        _write_face(data / f"id{i % 5}" / f"s{i:02d}.png", 1000 + i)
+    ws, api_url, name = Workspace(tmp_path / "ws"), prefect_server["api_url"], "refresh-dataset/crashy"
+    env = {**_prefect_env(prefect_server["home"], api_url), "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.5"}
+    cmd = [sys.executable, "-m", "flows.cli", "deploy", "serve", "--dataset-path", str(data), "--dataset", DATASET,
+           "--workspace", str(ws.root), "--name", "crashy", "--cron", "0 3 * * *", "--steps", "ingest,label",
+           "--label-stages", "align,blur", "--label-options", json.dumps(LABEL_OPTIONS), "--shard-size", str(shard),
+           "--workers", "1"]
+    log1, log2 = tmp_path / "serve1.log", tmp_path / "serve2.log"
+    proc = _start(cmd, env, log1)
+    try:
+        def registered():
+            with _api(api_url), get_client(sync_client=True) as c:
+                return c.read_deployment_by_name(name)
+
+        _wait_for(registered, "served deployment", proc, log1)
+        with _api(api_url):
+            first = run_deployment(name, timeout=0)
+        deadline, label_rid = time.monotonic() + TIMEOUT, None
+        while not label_rid and time.monotonic() < deadline:  # labelling takes well under a second: poll tightly
+            found = [p.name for p in ws.runs_dir.glob("label-*") if (p / "shards").is_dir()] if ws.runs_dir.is_dir() \
+                else []
+            label_rid = found[0] if found and _markers(ws, found[0]) else None
+            time.sleep(0.001)
+        assert label_rid, log1.read_text()[-3000:]
+        child = runs.lock_holder(ws, label_rid)["pid"]
+        os.kill(child, signal.SIGSTOP)  # frozen mid-label: it can neither commit nor report anything
+        committed = _markers(ws, label_rid)
+        assert 0 < len(committed) < n // shard, committed
+        _, _, running = _flow_run_state(api_url, first.id)
+        assert (running.state_type.value, running.infrastructure_pid) == ("RUNNING", f"{socket.gethostname()}:{child}")
+
+        with _api(api_url):  # a second trigger waits for the slot, and says which run holds it
+            waiting = run_deployment(name, timeout=0)
+        why = (f"flow run {waiting.name} ({waiting.id}) waits for a slot of deployment crashy (concurrency limit 1),"
+               f" held by flow run {first.name} ({first.id}), RUNNING since ")
+        _wait_for(lambda: why in log1.read_text(), "slot-wait line", proc, log1, timeout=20)
+        assert _flow_run_state(api_url, waiting.id)[1] == "AwaitingConcurrencySlot"
+        with _api(api_url), get_client(sync_client=True) as c:
+            _wait_for(lambda: [g.message for g in c.read_logs(log_filter=LogFilter(
+                flow_run_id=LogFilterFlowRunId(any_=[waiting.id]))) if g.message.startswith(why)], "its log line",
+                proc, log1, timeout=10)
+            c.delete_flow_run(waiting.id)
+            subs = c.read_flow_runs(flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[first.id])))
+            lines = [g.message for g in c.read_logs(log_filter=LogFilter(
+                flow_run_id=LogFilterFlowRunId(any_=[first.id, *(r.id for r in subs)])), limit=200)]
+        assert any(line.startswith(f"{DATASET}: ingest run ingest-") and f" read {n} record(s)" in line
+                   for line in lines), lines  # the dead run's log lines, sent before it froze
+        assert sum(line.startswith("shard ") and " committed: " in line for line in lines) >= n // shard, lines
+
+        os.kill(proc.pid, signal.SIGKILL)  # serve and its run die together
+        os.kill(child, signal.SIGKILL)
+        proc.wait(timeout=15)
+        assert _markers(ws, label_rid) == committed
+        assert _flow_run_state(api_url, first.id)[0] == "RUNNING"  # nobody told the server
+        assert runs.run_info(ws, label_rid).get("status") is None  # nor the workspace
+
+        proc = _start(cmd, env, log2)  # the restarted serve
+        _wait_for(lambda: "serving " in log2.read_text(), "restarted serve", proc, log2)
+        text = log2.read_text()
+        assert f"workspace run {label_rid} was running in a process that died: recorded as crashed" in text, text
+        assert f"the process of flow run {first.name} ({first.id}; " in text, text
+        state, _, crashed = _flow_run_state(api_url, first.id)
+        assert state == "CRASHED" and "is gone: marked Crashed by a restarted serve" in crashed.state.message
+        with _api(api_url), get_client(sync_client=True) as c:
+            subs = c.read_flow_runs(flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[first.id])))
+            assert sorted(r.state_type.value for r in subs) == ["COMPLETED", "CRASHED"]  # ingest done, label dead
+            assert c.read_deployment_by_name(name).global_concurrency_limit.active_slots == 0  # slot released
+        assert runs.run_info(ws, label_rid)["status"] == "crashed"
+
+        t0 = time.monotonic()
+        with _api(api_url):
+            second = run_deployment(name, timeout=0)
+        _wait_for(lambda: _flow_run_state(api_url, second.id)[0] != "SCHEDULED", "second run", proc, log2, timeout=30)
+        assert time.monotonic() - t0 < 30
+        _wait_for(lambda: _flow_run_state(api_url, second.id)[0] in ("COMPLETED", "FAILED", "CRASHED"),
+                  "second run end", proc, log2)
+        assert _flow_run_state(api_url, second.id)[0] == "COMPLETED", log2.read_text()[-3000:]
+        lines = _run_logs(api_url, second.id)
+        assert f"{DATASET}: resuming crashed label run {label_rid}" in lines, lines
+        after = _markers(ws, label_rid)
+        assert len(after) == n // shard and {k: after[k] for k in committed} == committed  # not relabelled
+        statuses = catalog.query(ws, f"SELECT status FROM runs_history WHERE run_id = '{label_rid}' "
+                                     "ORDER BY created_at").column("status").to_pylist()
+        assert statuses == ["running", "crashed", "running", "completed"]
+        ids = catalog.query(ws, "SELECT sample_id FROM samples").column("sample_id").to_pylist()
+        for table, cond in (("faces_history", "TRUE"), ("factors_history", "factor = 'blur'")):
+            rows = catalog.query(ws, f"SELECT sample_id, count(*) AS n, min(run_id) AS r FROM {table} WHERE {cond} "
+                                     "GROUP BY sample_id").to_pylist()
+            assert sorted(r["sample_id"] for r in rows) == sorted(ids) and len(ids) == n
+            assert {(r["n"], r["r"]) for r in rows} == {(1, label_rid)}  # every sample once, by the resumed run
+    finally:
+        _stop(proc)

@@ -39,7 +39,7 @@ ENV_ENDPOINT = "FIQA_S3_ENDPOINT"
 DEFAULT_CACHE = "~/.cache/fiqa/workspaces"
 COMMITS = "_commits"  # the commit markers, in the store and (those seen) in the cache
 # Files of the cache only: the catalog (rebuilt from the manifests), locks; dot files (temporaries) neither.
-LOCAL_ONLY = frozenset({"catalog.duckdb", "catalog.duckdb.wal", "catalog.root", "lock"})
+LOCAL_ONLY = frozenset({"catalog.duckdb", "catalog.duckdb.wal", "catalog.duckdb.swap", "catalog.root", "lock"})
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 _CHUNK = 8 << 20
 

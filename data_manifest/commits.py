@@ -122,7 +122,7 @@ def verified(ws: Workspace, counts: dict[str, Any] | None) -> tuple[dict[str, An
     receipt = counts.pop(RECEIPT, None)
     if receipt is None:
         return counts, None
-    ws.pull()  # a store's workspace: the worker committed its files there
+    ws.pull(repair=False)  # a store's workspace: the worker committed its files there
     wrong = []
     for rel, rows in receipt["files"].items():
         path = ws.root / rel

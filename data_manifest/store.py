@@ -182,12 +182,16 @@ class Store:
         folder = root / COMMITS
         names = frozenset(n for n in os.listdir(folder) if n.endswith(".json")) if folder.is_dir() else frozenset()
         with self._lock:
-            known = self._state.get(root)
-            if known is not None and known[0] == names:
-                return known[1]
-        state: dict[str, Stamp] = {}
-        for name in sorted(names):
-            with contextlib.suppress(OSError, ValueError):
+            known_names, known = self._state.get(root, (frozenset(), {}))
+        if known_names == names:
+            return known
+        added = names - known_names
+        if known_names <= names and min(added) > max(known_names, default=""):
+            state = dict(known)  # markers sort by time: the new ones only update what is known
+        else:
+            state, added = {}, names
+        for name in sorted(added):
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
                 state.update({rel: (int(s), int(m)) for rel, (s, m) in
                               json.loads((folder / name).read_text())["files"].items()})
         with self._lock:
@@ -236,8 +240,9 @@ class Store:
 
     # ------------------------------------------------------------------ pull: only what markers list
 
-    def pull(self, root: Path, under: str | None = None) -> int:
-        """Download the files that markers not seen yet list (and committed files missing here); returns how many.
+    def pull(self, root: Path, under: str | None = None, *, repair: bool = True) -> int:
+        """Download the files that markers not seen yet list (and, with `repair`, committed files missing here);
+        returns how many.
 
         With `under` (a relative folder), only the committed files below it, and the markers stay unseen.
         """
@@ -248,7 +253,7 @@ class Store:
             local = set(os.listdir(root / COMMITS)) if (root / COMMITS).is_dir() else set()
             new = sorted(i.base_name for i in infos if i.base_name.endswith(".json") and i.base_name not in local)
             markers = {n: self._read(f"{folder}/{n}") for n in new}
-            wanted = dict(seen)
+            wanted = dict(seen) if repair else {}
             for body in markers.values():
                 wanted.update({_safe_rel(self.url, r): (int(s), int(m))
                                for r, (s, m) in json.loads(body)["files"].items()})

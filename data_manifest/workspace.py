@@ -34,12 +34,13 @@ class Workspace:
         if self.store and store.syncing():
             self.pull()
 
-    def pull(self, under: str | None = None) -> int:
-        """A store's workspace: bring the cache up to the store's committed files (those `under` a folder only)."""
+    def pull(self, under: str | None = None, *, repair: bool = True) -> int:
+        """A store's workspace: bring the cache up to the store's committed files (those `under` a folder only;
+        without `repair`, only those committed since the last pull, not any missing here)."""
         if self.store is None:
             return 0
         self.root.mkdir(parents=True, exist_ok=True)
-        return self.store.pull(self.root, under)
+        return self.store.pull(self.root, under, repair=repair)
 
     def push(self, rels: list[str] | None = None) -> int:
         """A store's workspace: commit the cache's new or changed files (default: all) to the store."""

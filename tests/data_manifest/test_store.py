@@ -51,6 +51,10 @@ def test_committed_shards_reach_another_client_row_for_row(s3_workspace, tmp_pat
     ShardWriter(ws, "samples", "r1").write(1, _rows(1, 10))
     assert ws.push() == 1 and reader.pull() == 1
     assert _ids(reader) == ["s000", "s001", "s002", "s010"]
+    lost = reader.manifests / "samples" / "run=r1" / "part-00000.parquet"
+    lost.unlink()  # a cache file lost: the next opening restores it, a pull of the new commits only does not
+    assert reader.pull(repair=False) == 0 and not lost.exists()
+    assert Workspace(s3_workspace).pull() == 0 and lost.is_file() and len(_ids(reader)) == 4
 
 
 def test_files_without_a_commit_marker_are_invisible(s3_workspace, tmp_path, monkeypatch):
@@ -131,3 +135,12 @@ def test_a_hostile_marker_cannot_write_outside_the_cache(s3_workspace, tmp_path,
     with pytest.raises(store.StoreError, match="lists '../../escaped.txt', which is not a workspace file"):
         _other_client(monkeypatch, tmp_path, s3_workspace)
     assert not list(tmp_path.rglob("escaped.txt"))
+
+
+def test_the_cli_refuses_a_bad_store_before_any_work_naming_the_url(s3_env, capsys):
+    from flows import cli
+
+    for argv in (["sql", "SELECT 1"], ["ingest", "/nonexistent", "--dataset", "d"]):
+        assert cli.main([*argv, "--workspace", "s3://no-such-bucket/ws"]) == 2, argv
+        err = capsys.readouterr().err
+        assert "s3://no-such-bucket/ws: bucket 'no-such-bucket' does not exist" in err and "Traceback" not in err

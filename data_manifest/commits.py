@@ -11,6 +11,10 @@ its files land somewhere the flow never reads: the shard would be marked done wi
   (manifest shards and crop packs) with its row count as the worker read it;
 - in the flow's process, `verified` checks every file is there with that row count before the runtime
   marks the shard done; otherwise the shard fails (the run fails and resumes with the same run id).
+
+A workspace on object storage (data_manifest/store.py) needs no shared file system: the worker opens it by
+its URL, pulls the run's folder, writes the shard into its cache and commits the shard's files to the store
+(files, then a commit marker) before it returns; `verified` pulls the store before it checks the files.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from data_manifest import store
 from data_manifest.workspace import Workspace
 
 RECEIPT = "_receipt"  # the key of the receipt in a task's counts (removed before they are recorded)
@@ -49,16 +54,31 @@ def _commit_dir(ws_root: str | Path, run_id: str) -> Path:
 
 
 def expect_shards(ws: Workspace, run_id: str) -> None:
-    """In the flow's process, before shards are submitted: the folder their workers must see."""
+    """In the flow's process, before shards are submitted: the folder their workers must see (and, in a store's
+    workspace, what the flow wrote for them, e.g. a frozen selection, committed)."""
     _commit_dir(ws.root, run_id).mkdir(parents=True, exist_ok=True)
+    ws.push()
 
 
 def check_visible(ws_root: str | Path, run_id: str) -> None:
-    """Raise WorkspaceNotShared unless this process sees the run's commit folder under ws_root."""
+    """Raise WorkspaceNotShared unless this process sees the run's commit folder under ws_root (a store's
+    workspace: unless the run's record is committed there; its folder is pulled into this cache)."""
+    if store.is_url(ws_root):
+        ws = Workspace(ws_root)
+        ws.pull(f"runs/{run_id}")
+        if not (ws.runs_dir / run_id / "run.json").is_file():
+            raise WorkspaceNotShared(f"worker {worker_name()} does not find run {run_id} in the workspace "
+                                     f"{ws_root}: its runs/{run_id}/run.json is not committed there")
+        _commit_dir(ws.root, run_id).mkdir(parents=True, exist_ok=True)
+        return
     folder = _commit_dir(ws_root, run_id)
     if not folder.is_dir():
         raise WorkspaceNotShared(f"worker {worker_name()} cannot see the workspace {ws_root} ({folder} is "
                                  f"missing there); {_shared_hint(ws_root)}")
+
+
+def _cache(ws_root: str | Path) -> Path:
+    return Workspace(ws_root).root if store.is_url(ws_root) else Path(ws_root)
 
 
 def _rows(path: Path) -> int:
@@ -69,20 +89,25 @@ def _rows(path: Path) -> int:
 
 def shard_files(ws_root: str | Path, run_id: str, shard: str) -> dict[str, int]:
     """Every file of one shard of a run (manifest tables and crop packs) -> its row count, relative to the root."""
-    root = Path(ws_root)
+    root = _cache(ws_root)
     found = [*root.glob(f"manifests/*/run={run_id}/part-{shard}.parquet"),
              *root.glob(f"crops/*/{run_id}/part-{shard}.npy")]
     return {p.relative_to(root).as_posix(): _rows(p) for p in sorted(found)}
 
 
 def receipted(body: Callable[..., dict[str, Any] | None]) -> Callable[..., dict[str, Any]]:
-    """Wrap a shard task body `body(ws_root, run_id, shard, ...)`: check the workspace first, add a receipt."""
+    """Wrap a shard task body `body(ws_root, run_id, shard, ...)`: check the workspace first, add a receipt (a
+    store's workspace: after committing the shard's files to the store)."""
 
     @functools.wraps(body)
     def shard_task(ws_root: str, run_id: str, shard: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        check_visible(ws_root, run_id)
-        counts = dict(body(ws_root, run_id, shard, *args, **kwargs) or {})
-        counts[RECEIPT] = {"worker": worker_name(), "files": shard_files(ws_root, run_id, shard)}
+        with store.no_sync():  # the body opens the workspace by its URL: no pull of the whole store per shard
+            check_visible(ws_root, run_id)
+            counts = dict(body(ws_root, run_id, shard, *args, **kwargs) or {})
+            files = shard_files(ws_root, run_id, shard)
+            if store.is_url(ws_root):
+                Workspace(ws_root).push(list(files))
+        counts[RECEIPT] = {"worker": worker_name(), "files": files}
         return counts
 
     return shard_task
@@ -97,6 +122,7 @@ def verified(ws: Workspace, counts: dict[str, Any] | None) -> tuple[dict[str, An
     receipt = counts.pop(RECEIPT, None)
     if receipt is None:
         return counts, None
+    ws.pull(repair=False)  # a store's workspace: the worker committed its files there
     wrong = []
     for rel, rows in receipt["files"].items():
         path = ws.root / rel

@@ -143,6 +143,7 @@ def start_run(ws: Workspace, flow: str, params: dict[str, Any], run_id: str | No
     info["last_parameters"], info["attempt_started_at"] = params, now.isoformat()
     _write_json(_run_dir(ws, run_id) / "run.json", info)
     _registry_row(ws, run_id, info, RUNNING, f"start-{info['attempts']:03d}")
+    ws.push()  # a store's workspace: the run's record (and what the flow wrote before) committed
     return run_id
 
 
@@ -175,6 +176,7 @@ def mark_shard_done(ws: Workspace, run_id: str, shard: str, counts: dict[str, An
     _write_json(_marker(ws, run_id, shard), {"shard": shard, "counts": counts or {},
                                              "committed_at": datetime.now(UTC).isoformat(),
                                              "pid": os.getpid(), **({"worker": worker} if worker else {})})
+    ws.push()  # a store's workspace: the record, with what the flow's process wrote for the shard
 
 
 def shard_counts(ws: Workspace, run_id: str) -> dict[str, int]:
@@ -201,6 +203,7 @@ def finish_run(ws: Workspace, run_id: str, status: str, counts: dict[str, Any] |
     info.update(status=status, counts=counts, metrics=metrics, ended_at=datetime.now(UTC).isoformat(), error=error)
     _write_json(_run_dir(ws, run_id) / "run.json", info)
     _registry_row(ws, run_id, info, status, f"end-{info['attempts']:03d}", counts, metrics, error)
+    ws.push()
 
 
 def is_running(info: dict[str, Any]) -> bool:
@@ -280,6 +283,7 @@ def write_run_report(ws: Workspace, run_id: str) -> tuple[dict[str, Any], str] |
     path = ws.reports / "runs" / f"{run_id}.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(md)
+    ws.push([path.relative_to(ws.root).as_posix()])
     return info, md
 
 

@@ -65,8 +65,8 @@ def snapshot_name(table: str) -> str:
 
 
 def shard_files(ws: Workspace, table: str) -> list[Path]:
-    """Every shard of a table, over all runs, in path order."""
-    return sorted((ws.manifests / table).glob("run=*/part-*.parquet"))
+    """Every shard of a table, over all runs, in path order (in a store's workspace: the committed ones)."""
+    return ws.committed(sorted((ws.manifests / table).glob("run=*/part-*.parquet")))
 
 
 def rel(ws: Workspace, path: Path) -> str:

@@ -1,4 +1,8 @@
-"""The workspace directory: where every manifest, crop pack, checkpoint and report of a run lives."""
+"""The workspace directory: where every manifest, crop pack, checkpoint and report of a run lives.
+
+A workspace is a local folder, or an object-storage URL (``s3://bucket/prefix``): then `root` is its local
+cache with the same layout, synced with the store (data_manifest/store.py).
+"""
 
 from __future__ import annotations
 
@@ -13,8 +17,12 @@ class Workspace:
     """A workspace root with its fixed layout (see docs/architecture.md, "Workspace")."""
 
     def __init__(self, root: str | os.PathLike[str] | None = None, *, create: bool = True) -> None:
+        from data_manifest import store  # store imports the writer, which imports this module
+
         raw = root if root is not None else os.environ.get(ENV_WORKSPACE, DEFAULT_WORKSPACE)
-        self.root = Path(raw).expanduser().resolve()
+        self.store = store.Store.of(raw) if store.is_url(raw) else None
+        self.root = store.cache_root(self.store.url) if self.store else Path(raw).expanduser().resolve()
+        self.location = self.store.url if self.store else str(self.root)  # what a worker opens it by
         if "?" in str(self.root):  # DuckDB reads "?" in a database path as the start of URI options
             raise ValueError(f"workspace path {self.root} contains '?', which DuckDB cannot open catalog.duckdb "
                              "under; choose a path without it")
@@ -23,6 +31,27 @@ class Workspace:
         if create:
             for d in (self.manifests, self.crops, self.checkpoints, self.reports, self.runs_dir):
                 d.mkdir(parents=True, exist_ok=True)
+        if self.store and store.syncing():
+            self.pull()
+
+    def pull(self, under: str | None = None, *, repair: bool = True) -> int:
+        """A store's workspace: bring the cache up to the store's committed files (those `under` a folder only;
+        without `repair`, only those committed since the last pull, not any missing here)."""
+        if self.store is None:
+            return 0
+        self.root.mkdir(parents=True, exist_ok=True)
+        return self.store.pull(self.root, under, repair=repair)
+
+    def push(self, rels: list[str] | None = None) -> int:
+        """A store's workspace: commit the cache's new or changed files (default: all) to the store."""
+        return self.store.push(self.root, rels) if self.store else 0
+
+    def committed(self, paths: list[Path]) -> list[Path]:
+        """The paths a reader may see: all of them locally; in a store's workspace, only the committed ones."""
+        if self.store is None:
+            return paths
+        done = self.store.committed(self.root)
+        return [p for p in paths if p.relative_to(self.root).as_posix() in done]
 
     @property
     def manifests(self) -> Path:
@@ -70,12 +99,19 @@ class Workspace:
             raise ValueError(f"refused: {option} {output} is the workspace's catalog, which only flows write")
 
     def __repr__(self) -> str:
-        return f"Workspace({str(self.root)!r})"
+        return f"Workspace({self.location!r})"
 
 
 def check_path(path: str | os.PathLike[str] | None) -> None:
-    """Refuse a workspace path that is, or lies under, something other than a directory (before Prefect starts)."""
-    p = Path(path if path is not None else os.environ.get(ENV_WORKSPACE, DEFAULT_WORKSPACE)).expanduser().absolute()
+    """Refuse a workspace path that is, or lies under, something other than a directory, or a store URL that is
+    malformed or cannot be reached (before Prefect starts)."""
+    from data_manifest import store
+
+    raw = path if path is not None else os.environ.get(ENV_WORKSPACE, DEFAULT_WORKSPACE)
+    if store.is_url(raw):
+        store.Store.of(str(raw))
+        return
+    p = Path(raw).expanduser().absolute()
     for q in (p, *p.parents):
         if q.exists() or q.is_symlink():
             if not q.is_dir():

@@ -58,7 +58,7 @@ def run_shards(task: Any, shards: Mapping[str, Any], *, ws: Workspace, run_id: s
             if runs.shard_done(ws, run_id, _marker(stage, name)):
                 outcomes.append(ShardOutcome(name, skipped=True))
                 continue
-            pending[task.submit(str(ws.root), run_id, name, payload, **kwargs)] = name
+            pending[task.submit(ws.location, run_id, name, payload, **kwargs)] = name
         run_log("run %s: %d shard(s), %d already committed", run_id, len(shards), len(outcomes))
         bar = Progress(len(shards), desc, progress)
         bar.update(len(outcomes))

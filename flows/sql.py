@@ -69,7 +69,7 @@ def run_cli(args: argparse.Namespace) -> int:
     sql = read_sql_file(args.file) if args.file is not None else args.query
     ws = Workspace(args.workspace, create=False)
     if not ws.manifests.is_dir():
-        raise FileNotFoundError(f"no manifests in workspace {ws.root} (run 'fiqa ingest' or 'fiqa demo' first)")
+        raise FileNotFoundError(f"no manifests in workspace {ws.location} (run 'fiqa ingest' or 'fiqa demo' first)")
     if args.output is not None:
         ws.check_output(args.output, "--output")
     try:

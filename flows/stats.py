@@ -28,7 +28,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 def run_cli(args: argparse.Namespace) -> int:
     ws = Workspace(args.workspace, create=False)
     if not ws.manifests.is_dir():
-        raise FileNotFoundError(f"no manifests in workspace {ws.root} (run 'fiqa ingest' or 'fiqa demo' first)")
+        raise FileNotFoundError(f"no manifests in workspace {ws.location} (run 'fiqa ingest' or 'fiqa demo' first)")
     names = tuple(args.query) if args.query else QUERIES
     results = collect(ws, names)
     for name, tbl in results.items():

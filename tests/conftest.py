@@ -52,6 +52,61 @@ def workspace(tmp_path) -> Workspace:
     return Workspace(tmp_path / "ws")
 
 
+# ------------------------------------------------------------------ a local S3-compatible server (moto)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> str:
+    """An S3-compatible server on 127.0.0.1 (moto's, from PyPI) for the session; its endpoint URL."""
+    import logging
+    import socket
+
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install -e '.[test]')")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no access log line per request
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+def _make_bucket(endpoint: str, bucket: str) -> None:
+    from pyarrow import fs
+
+    s3 = fs.S3FileSystem(endpoint_override=endpoint.split("://", 1)[1], scheme="http", region="us-east-1",
+                         allow_bucket_creation=True)
+    s3.create_dir(bucket)
+
+
+@pytest.fixture
+def s3_env(s3_server, tmp_path, monkeypatch):
+    """The environment of a client of the test server: endpoint, dummy credentials, a cache under tmp_path;
+    returns a function `bucket(name)` that creates a bucket and returns its `s3://` URL."""
+    for key, value in {"AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "testing",
+                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
+                       "FIQA_CACHE": str(tmp_path / "cache")}.items():
+        monkeypatch.setenv(key, value)
+    for key in ("FIQA_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+
+    def bucket(name: str) -> str:
+        _make_bucket(s3_server, name)
+        return f"s3://{name}"
+
+    return bucket
+
+
+@pytest.fixture
+def s3_workspace(s3_env, request) -> str:
+    """The URL of an empty workspace on the test server: a fresh bucket per test, prefix `ws`."""
+    import hashlib
+
+    name = "t-" + hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:20]
+    return s3_env(name) + "/ws"
+
+
 # ------------------------------------------------------------------ real faces (package-shipped) and MTCNN
 
 

@@ -151,9 +151,13 @@ def tracked_run(ws: Workspace, flow_name: str, params: dict[str, Any], run_id: s
         try:
             yield state
         except BaseException as e:
-            runs.finish_run(ws, rid, runs.FAILED, counts=state["counts"], metrics=state["metrics"],
+            # Stopped by a signal (the watchdog after its parent died, a cancelled serve): crashed, so resumable.
+            from prefect.exceptions import TerminationSignal
+
+            status = runs.CRASHED if isinstance(e, TerminationSignal | KeyboardInterrupt) else runs.FAILED
+            runs.finish_run(ws, rid, status, counts=state["counts"], metrics=state["metrics"],
                             error=f"{type(e).__name__}: {e}")
-            run_log("%s run %s failed: %s: %s; counts %s", flow_name, rid, type(e).__name__, e, state["counts"])
+            run_log("%s run %s %s: %s: %s; counts %s", flow_name, rid, status, type(e).__name__, e, state["counts"])
             catalog.refresh(ws)
             publish_run_report(ws, rid)
             raise

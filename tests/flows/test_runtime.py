@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -42,6 +43,16 @@ def test_tracked_run_records_success_and_failure_with_reports(workspace):
     assert "status: **completed**" in ok and '"rows": 7' in ok and '"path": "/x"' in ok
     assert "error: RuntimeError: boom" in (workspace.reports / "runs" / "run-bad.md").read_text()
     assert workspace.catalog_path.exists()
+
+
+def test_a_run_stopped_by_a_signal_is_crashed_so_that_it_resumes(workspace):
+    from prefect.exceptions import TerminationSignal
+
+    with pytest.raises(TerminationSignal):
+        with runtime.tracked_run(workspace, "label", {}, "run-term"):
+            raise TerminationSignal(signal.SIGTERM)
+    row = catalog.query(workspace, "SELECT * FROM runs WHERE run_id = 'run-term'").to_pylist()[0]
+    assert row["status"] == "crashed" and "TerminationSignal" in row["error"]
 
 
 def test_cli_help_lists_every_command_and_starts_nothing_heavy():

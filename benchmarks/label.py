@@ -120,6 +120,7 @@ def stage_throughput(n: int) -> dict:
     align = AlignStage(MTCNNDetector(min_face_size=40.0), mode=ALREADY_ALIGNED)  # the flow's aligned-mode default
     blur, pose_dlib, pose_5 = BlurStage(), PoseStage(DlibPnPPose()), PoseStage(FiveLandmarkPose())
     pose_plain = PoseStage(DlibPnPPose(invariant=False))  # the peer of the default: no equalising, one view
+    pose_always = PoseStage(DlibPnPPose(), withhold=False)  # the default without the ambiguous-yaw check
     t = {}
     t0 = time.perf_counter()
     decoded = [images.decode(b).rgb for b in jpegs]
@@ -128,7 +129,7 @@ def stage_throughput(n: int) -> dict:
     faces = [align.align(str(i), img) for i, img in enumerate(decoded)]
     t["align_mtcnn_landmarks"] = time.perf_counter() - t0
     for name, stage in (("blur_cpbd", blur), ("pose_dlib68_pnp", pose_dlib), ("pose_dlib68_pnp_plain", pose_plain),
-                        ("pose_landmarks5", pose_5)):
+                        ("pose_dlib68_pnp_no_withholding", pose_always), ("pose_landmarks5", pose_5)):
         t0 = time.perf_counter()
         rows = stage(faces)
         t[name] = time.perf_counter() - t0
@@ -136,6 +137,8 @@ def stage_throughput(n: int) -> dict:
             raise RuntimeError(f"{name}: {len(rows)} rows for {n} crops")
         if stage is blur:
             blur_rows = rows
+        if stage is pose_dlib:
+            pose_details = [json.loads(r["details"]) for r in rows if r["details"]]
     # The blur stage measures the batch's crops as stacks; its peer: the same stage crop by crop.
     t0 = time.perf_counter()
     blur_same = [blur.label(f) for f in faces] == blur_rows
@@ -172,6 +175,13 @@ def stage_throughput(n: int) -> dict:
         "total_stages": ["decode", "align_mtcnn_landmarks", "blur_cpbd", "pose_dlib68_pnp"],
         "label_pass_images_per_s": _rate(n, label_pass),
         "label_pass_stages": ["decode", "align_none", "blur_cpbd", "pose_dlib68_pnp_no_landmarks5"],
+        "pose_withholding": {
+            "ours": "pose_dlib68_pnp: the yaw spread measured near a class threshold, ambiguous classes withheld",
+            "peer": "pose_dlib68_pnp_no_withholding",
+            "cost_ratio_ours_over_peer": round(t["pose_dlib68_pnp"] / t["pose_dlib68_pnp_no_withholding"], 2),
+            "spread_measured_fraction": round(sum("yaw_spread" in d for d in pose_details) / n, 3),
+            "withheld_fraction": round(sum("class_withheld" in d for d in pose_details) / n, 3),
+        },
         "blur_batched": {
             "ours": "BlurStage on the whole batch (same-size crops measured as stacks)",
             "peer": "BlurStage.label crop by crop",

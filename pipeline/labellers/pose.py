@@ -47,12 +47,14 @@ class PoseStage:
 
     name = "pose"
 
-    def __init__(self, backend: PoseBackend, thresholds: tuple[float, float] = POSE_THRESHOLDS) -> None:
+    def __init__(self, backend: PoseBackend, thresholds: tuple[float, float] = POSE_THRESHOLDS,
+                 withhold: bool = True) -> None:
+        """`withhold`: withhold the class of ambiguous yaws (backends with `yaw_spread_batch` in invariant mode)."""
         pose_class(0.0, thresholds)  # validates the thresholds before any work
         self.backend = backend
         self.thresholds = (float(thresholds[0]), float(thresholds[1]))
         self.labeller = f"pose/{backend.name}"
-        self.withholds = getattr(backend, "invariant", False) and hasattr(backend, "yaw_spread_batch")
+        self.withholds = withhold and getattr(backend, "invariant", False) and hasattr(backend, "yaw_spread_batch")
         self.version = str(backend.version) + ("+ambiguous-withheld" if self.withholds else "")
 
     def _common(self) -> dict[str, Any]:

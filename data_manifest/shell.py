@@ -178,6 +178,8 @@ class Shell:
         """Each statement of the text in turn: checked, run on the held connection, rendered."""
         try:
             statements = [text for text, _ in sql_guard.split(sql)]
+            if len(statements) > 1:  # as `fiqa sql` does: every statement passes the checks before any runs
+                sql_guard.check(sql, VIEW_NAMES)
         except ValueError as e:
             self.error(str(e))
             return
@@ -190,7 +192,7 @@ class Shell:
         try:
             tbl = self.session.query(sql)
             took = time.perf_counter() - start
-            self.say(self.render(tbl, self.mode))
+            self.say(self.render(tbl, self.mode).removesuffix("\n"))
         except ERRORS as e:
             self.error(str(e))
             return False

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -31,7 +32,7 @@ HISTORY_ENV = "FIQA_SQL_HISTORY"  # the history file; set but empty: no history 
 HISTORY_LENGTH = 2000
 PROMPT, MORE = "fiqa> ", "   ...> "
 # What a statement or a command may fail with and the shell reports, going on: bad or refused SQL, a limit,
-# a file it cannot read; RuntimeError is also DuckDB's "Query interrupted" (Ctrl-C while a query runs).
+# a file it cannot read, DuckDB's own errors.
 ERRORS = (ValueError, OSError, RuntimeError, duckdb.Error)
 
 HELP = """\
@@ -190,7 +191,7 @@ class Shell:
     def show(self, sql: str) -> bool:
         start = time.perf_counter()
         try:
-            tbl = self.session.query(sql)
+            tbl = self.query(sql)
             took = time.perf_counter() - start
             self.say(self.render(tbl, self.mode).removesuffix("\n"))
         except ERRORS as e:
@@ -202,6 +203,29 @@ class Shell:
         if self.timer:
             self.say(f"Run Time: {took * 1000:.2f} ms")
         return True
+
+    def query(self, sql: str) -> pa.Table:
+        """The session's answer, computed on a worker thread: the main thread stays free for Ctrl-C, which
+        interrupts the connection (DuckDB's own check of the signal can wait for a long-running task)."""
+        box: dict[str, object] = {}
+
+        def work() -> None:
+            try:
+                box["table"] = self.session.query(sql)
+            except BaseException as e:  # handed to the main thread
+                box["error"] = e
+
+        worker = threading.Thread(target=work, name="fiqa-shell-query", daemon=True)
+        worker.start()
+        try:
+            worker.join()
+        except KeyboardInterrupt:
+            self.session.con.interrupt()
+            worker.join()
+            raise
+        if "error" in box:
+            raise box["error"]  # type: ignore[misc]
+        return box["table"]  # type: ignore[return-value]
 
     def say(self, text: str) -> None:
         self.stdout.write(text + "\n")

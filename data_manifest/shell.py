@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import TextIO
 
@@ -111,6 +111,7 @@ class Shell:
         self.interactive = (self.stdin is sys.stdin and sys.stdin.isatty()) if interactive is None else interactive
         self.timer = False
         self.buffer: list[str] = []
+        self.worker: ThreadPoolExecutor | None = None
         self.commands: dict[str, Callable[[list[str]], bool | None]] = {
             ".tables": self.do_tables, ".schema": self.do_schema, ".mode": self.do_mode, ".timer": self.do_timer,
             ".questions": self.do_questions, ".reload": self.do_reload, ".help": self.do_help,
@@ -205,27 +206,24 @@ class Shell:
         return True
 
     def query(self, sql: str) -> pa.Table:
-        """The session's answer, computed on a worker thread: the main thread stays free for Ctrl-C, which
-        interrupts the connection (DuckDB's own check of the signal can wait for a long-running task)."""
-        box: dict[str, object] = {}
-
-        def work() -> None:
-            try:
-                box["table"] = self.session.query(sql)
-            except BaseException as e:  # handed to the main thread
-                box["error"] = e
-
-        worker = threading.Thread(target=work, name="fiqa-shell-query", daemon=True)
-        worker.start()
+        """The session's answer, computed on the shell's one worker thread (its parser connection made once):
+        the main thread stays free for Ctrl-C, which interrupts the connection (DuckDB's own check of the
+        signal can wait for a long-running task to end)."""
+        if self.worker is None:
+            self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fiqa-shell")
+        answer = self.worker.submit(self.session.query, sql)
         try:
-            worker.join()
+            return answer.result()
         except KeyboardInterrupt:
             self.session.con.interrupt()
-            worker.join()
+            wait([answer])
             raise
-        if "error" in box:
-            raise box["error"]  # type: ignore[misc]
-        return box["table"]  # type: ignore[return-value]
+
+    def close(self) -> None:
+        """Stop the worker thread (the session is the caller's to close)."""
+        if self.worker is not None:
+            self.worker.shutdown(wait=True)
+            self.worker = None
 
     def say(self, text: str) -> None:
         self.stdout.write(text + "\n")
@@ -319,3 +317,4 @@ def run(ws: Workspace, render: Callable[[pa.Table, str], str], modes: Sequence[s
             return shell.run()
         finally:
             save()
+            shell.close()

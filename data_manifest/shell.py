@@ -13,10 +13,12 @@ running statement, Ctrl-D / `.quit` leaves.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import TextIO
@@ -45,6 +47,20 @@ SQL statements end with ';' and may span several lines; each is checked as in 'f
 .reload              reopen the catalog (to see runs committed since the shell started)
 .help                this text
 .quit / .exit        leave (Ctrl-D too); Ctrl-C drops the current line or stops a running statement"""
+
+
+@contextlib.contextmanager
+def main_thread_takes_ctrl_c() -> Iterator[None]:
+    """Threads started meanwhile (DuckDB's, the shell's worker) block SIGINT, so Ctrl-C always reaches the main
+    thread: one delivered to another thread would not wake the main thread waiting in `input()`."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def history_path() -> Path | None:
@@ -112,6 +128,7 @@ class Shell:
         self.timer = False
         self.buffer: list[str] = []
         self.worker: ThreadPoolExecutor | None = None
+        self.ctrl_c = False  # SIGINT is blocked on the main thread outside `ctrl_c_window`
         self.commands: dict[str, Callable[[list[str]], bool | None]] = {
             ".tables": self.do_tables, ".schema": self.do_schema, ".mode": self.do_mode, ".timer": self.do_timer,
             ".questions": self.do_questions, ".reload": self.do_reload, ".help": self.do_help,
@@ -121,6 +138,28 @@ class Shell:
 
     def run(self) -> int:
         """Read and answer until `.quit` / end of input; 0."""
+        if not (self.interactive and hasattr(signal, "pthread_sigmask")):
+            return self.loop()
+        with main_thread_takes_ctrl_c():  # and only while it waits (`ctrl_c_window`): threads started meanwhile
+            self.ctrl_c = True  # never take it from it
+            try:
+                return self.loop()
+            finally:
+                self.ctrl_c = False
+
+    @contextlib.contextmanager
+    def ctrl_c_window(self) -> Iterator[None]:
+        """Ctrl-C (SIGINT) unblocked on the main thread while it waits for a line or an answer."""
+        if not self.ctrl_c:
+            yield
+            return
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+    def loop(self) -> int:
         if self.interactive:
             self.say(f"fiqa SQL shell on {self.session.ws.root} (read-only). End statements with ';'; "
                      ".help for commands, .quit to leave.")
@@ -144,7 +183,8 @@ class Shell:
     def read(self, prompt: str) -> str | None:
         if self.interactive:
             try:
-                return input(prompt)
+                with self.ctrl_c_window():
+                    return input(prompt)
             except EOFError:
                 return None
         line = self.stdin.readline()
@@ -211,12 +251,15 @@ class Shell:
         signal can wait for a long-running task to end)."""
         if self.worker is None:
             self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fiqa-shell")
-        answer = self.worker.submit(self.session.query, sql)
+        with main_thread_takes_ctrl_c():  # the worker thread starts on the first submit
+            answer = self.worker.submit(self.session.query, sql)
         try:
-            return answer.result()
+            with self.ctrl_c_window():
+                return answer.result()
         except KeyboardInterrupt:
-            self.session.con.interrupt()
-            wait([answer])
+            while not answer.done():  # again until it ends: the first may come before the query started
+                self.session.con.interrupt()
+                wait([answer], timeout=0.1)
             raise
 
     def close(self) -> None:
@@ -280,7 +323,8 @@ class Shell:
             raise ValueError(f"usage: .questions [NAME]; the questions: {', '.join(known)}")
 
     def do_reload(self, args: list[str]) -> None:
-        self.session.reopen()
+        with main_thread_takes_ctrl_c():
+            self.session.reopen()
         self.say("catalog reopened")
 
 
@@ -310,7 +354,10 @@ def load_history(path: Path | None) -> Callable[[], None]:
 def run(ws: Workspace, render: Callable[[pa.Table, str], str], modes: Sequence[str], *, mode: str = "table",
         allow_external_read: bool = False, timeout_s: float | None = None, memory: str | None = None) -> int:
     """The shell on the process's stdin/stdout, with line editing and history on a terminal."""
-    with Session(ws, allow_external_read=allow_external_read, timeout_s=timeout_s, memory=memory) as session:
+    with main_thread_takes_ctrl_c():
+        sql_guard.parser()  # this thread's parser connection (it splits each input), its DuckDB threads too
+        session = Session(ws, allow_external_read=allow_external_read, timeout_s=timeout_s, memory=memory)
+    with session:
         shell = Shell(session, render, modes, mode=mode)
         save = load_history(history_path()) if shell.interactive else (lambda: None)
         try:

@@ -33,7 +33,7 @@ from data_manifest.sql_guard import EXTERNAL_READ_HINT, ReadOnlyError
 from data_manifest.workspace import Workspace
 
 SQL_DIR = Path(__file__).with_name("sql")
-__all__ = ["EXTERNAL_READ_HINT", "ReadOnlyError", "UserSQL", "connect", "query", "refresh"]
+__all__ = ["EXTERNAL_READ_HINT", "ReadOnlyError", "Session", "UserSQL", "connect", "query", "refresh"]
 
 
 def history_sql(ws: Workspace, table: str) -> str:
@@ -426,6 +426,17 @@ def _read_with(limits: Limits, deadline: _Deadline) -> Callable[[list[str], str]
     return run
 
 
+@contextlib.contextmanager
+def _watched(con: duckdb.DuckDBPyConnection, deadline: _Deadline) -> Iterator[None]:
+    """Run on `con` until the deadline; limit and file-access errors become clear ones."""
+    try:
+        with deadline.watch(con):
+            yield
+    except duckdb.PermissionException as e:  # a file access that got past the checks meets the closed door
+        raise ReadOnlyError(f"refused: the query tried to reach a file ({str(e).splitlines()[0]}); "
+                            f"{EXTERNAL_READ_HINT}") from e
+
+
 class UserSQL:
     """A checked user script on its own connection: `statements` read no file (sql_guard rewrote their file
     reads into registered tables) and `con` has no file access at all. Run them inside `watch()`; close it."""
@@ -442,17 +453,57 @@ class UserSQL:
     @contextlib.contextmanager
     def watch(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """The connection, interrupted at the time limit; limit and file-access errors become clear ones."""
-        try:
-            with self.deadline.watch(self.con):
-                yield self.con
-        except duckdb.PermissionException as e:  # a file access that got past the checks meets the closed door
-            raise ReadOnlyError(f"refused: the query tried to reach a file ({str(e).splitlines()[0]}); "
-                                f"{EXTERNAL_READ_HINT}") from e
+        with _watched(self.con, self.deadline):
+            yield self.con
 
     def close(self) -> None:
         self.con.close()
 
     def __enter__(self) -> UserSQL:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Session:
+    """One query connection held for many scripts (the interactive shell): each script passes exactly the checks
+    of `query` (sql_guard, the files it names read for it and registered only while it runs) and runs under
+    its own time limit on the same locked connection, so a repeated query pays no start-up. Close it."""
+
+    def __init__(self, ws: Workspace, *, allow_external_read: bool = False, timeout_s: float | None = None,
+                 memory: str | None = None) -> None:
+        self.ws, self.allow_external_read = ws, allow_external_read
+        self.limits = Limits.of(timeout_s, memory)
+        self.con = connect(ws, memory=self.limits.memory)
+
+    def query(self, sql: str, params: list | dict | None = None) -> pa.Table:
+        """The last statement's result of a checked script, as Arrow (ReadOnlyError / ValueError / duckdb.Error)."""
+        deadline = _Deadline(self.limits)
+        planned = sql_guard.plan(self.ws, sql, VIEW_NAMES, allow_external_read=self.allow_external_read,
+                                 reader=_read_with(self.limits, deadline))
+        for name, tbl in planned.tables.items():
+            self.con.register(name, tbl)
+        try:
+            with _watched(self.con, deadline):
+                for s in planned.statements[:-1]:
+                    self.con.execute(s)
+                    self.con.complete()
+                return self.con.sql(planned.statements[-1], params=params).to_arrow_table()
+        finally:
+            for name in planned.tables:
+                self.con.unregister(name)
+
+    def reopen(self) -> None:
+        """A new connection over the catalog as it is now (shards committed since, a compacted snapshot)."""
+        con = connect(self.ws, memory=self.limits.memory)
+        self.con.close()
+        self.con = con
+
+    def close(self) -> None:
+        self.con.close()
+
+    def __enter__(self) -> Session:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("flows.export", "export a checkpoint's scorer as one ONNX graph"),
     "evaluate": ("flows.evaluate", "EDC/ERC evaluation of quality methods on verification benchmarks"),
     "sql": ("flows.sql", "run read-only SQL on the catalog"),
+    "shell": ("flows.sql", "interactive read-only SQL shell on the catalog (what 'fiqa sql' with no query opens)"),
     "stats": ("flows.stats", "factor distributions, cross-tabs and anchor histograms"),
     "compact": ("flows.compact", "rebuild the snapshots behind the latest views from every shard"),
     "gallery": ("flows.gallery", "one HTML page of face crops per factor class, quality decile and run"),

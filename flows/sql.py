@@ -1,4 +1,5 @@
-"""`fiqa sql`: read-only SQL over the catalog views, printed as a table or written as CSV/JSON/Parquet.
+"""`fiqa sql`: read-only SQL over the catalog views, printed as a table or written as CSV/JSON/Parquet; with no
+query, the interactive shell of data_manifest/shell.py on one held connection.
 
 The query runs on a connection with no file access: it reads the catalog views,
 and the workspace files it names literally are read for it by the checks (see
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import duckdb
 
-from data_manifest import Workspace, catalog
+from data_manifest import Workspace, catalog, shell
 from flows.arguments import add_sql_limits, int_at_least
 from pipeline.reports.query_results import FORMATS, write_result
 
@@ -24,7 +25,7 @@ MAX_SQL_FILE = 1 << 20  # bytes of a --file script
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("query", nargs="?", help="SQL text (or use --file)")
+    p.add_argument("query", nargs="?", help="SQL text (or use --file; neither: an interactive shell)")
     p.add_argument("--file", type=Path, help="read the SQL from this file")
     p.add_argument("--format", choices=FORMATS, default="table")
     p.add_argument("--output", type=Path, help="write the result here (required for parquet)")
@@ -64,12 +65,19 @@ def print_quietly(text: str) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    if (args.query is None) == (args.file is None):
-        raise ValueError("give either a SQL string or --file PATH (exactly one)")
-    sql = read_sql_file(args.file) if args.file is not None else args.query
+    if args.query is not None and args.file is not None:
+        raise ValueError("give either a SQL string or --file PATH, not both (neither: the interactive shell)")
     ws = Workspace(args.workspace, create=False)
     if not ws.manifests.is_dir():
         raise FileNotFoundError(f"no manifests in workspace {ws.location} (run 'fiqa ingest' or 'fiqa demo' first)")
+    if args.query is None and args.file is None:  # the interactive shell (data_manifest/shell.py)
+        if args.output is not None:
+            raise ValueError("--output needs a query (or --file); the shell prints its results")
+        return shell.run(ws, lambda tbl, fmt: write_result(tbl, fmt, None, args.max_rows),
+                         [f for f in FORMATS if f != "parquet"],
+                         mode=args.format, allow_external_read=args.allow_external_read, timeout_s=args.timeout,
+                         memory=args.memory)
+    sql = read_sql_file(args.file) if args.file is not None else args.query
     if args.output is not None:
         ws.check_output(args.output, "--output")
     try:

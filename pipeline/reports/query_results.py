@@ -1,4 +1,5 @@
-"""A query result (Arrow table) rendered as an aligned text table or written as CSV / JSON / Parquet."""
+"""A query result (Arrow table) rendered as an aligned text table or a Markdown table, or written as CSV / JSON /
+Parquet."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-FORMATS = ("table", "csv", "json", "parquet")
+FORMATS = ("table", "csv", "json", "markdown", "parquet")
 
 
 def printable(text: str) -> str:
@@ -41,6 +42,21 @@ def format_table(tbl: pa.Table, max_rows: int = 50) -> str:
     return "\n".join(out)
 
 
+def format_markdown(tbl: pa.Table, max_rows: int = 50) -> str:
+    """A Markdown (pipe) table of an Arrow table: its first `max_rows` rows, `|` in a cell escaped."""
+    def cell(v: object) -> str:
+        text = "NULL" if v is None else f"{v:.6g}" if isinstance(v, float) else printable(str(v))
+        return text.replace("|", "\\|")
+
+    shown = tbl.slice(0, max_rows)
+    out = ["| " + " | ".join(cell(c) for c in tbl.column_names) + " |", "|" + "---|" * tbl.num_columns]
+    rows = zip(*(c.to_pylist() for c in shown.columns), strict=True) if shown.num_columns else []
+    out += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    if tbl.num_rows > shown.num_rows:
+        out.append(f"\n({tbl.num_rows} rows, {tbl.num_rows - shown.num_rows} not shown)")
+    return "\n".join(out)
+
+
 def csv_ready(tbl: pa.Table) -> pa.Table:
     """CSV has no lists or structs: such columns (landmarks, embeddings, ...) become JSON text cells."""
     for i, f in enumerate(tbl.schema):
@@ -71,6 +87,8 @@ def write_result(tbl: pa.Table, fmt: str, output: Path | None, max_rows: int = 5
         return sink.getvalue().to_pybytes().decode()
     if fmt == "json":
         text = json.dumps(tbl.to_pylist(), default=str, indent=1)
+    elif fmt == "markdown":
+        text = format_markdown(tbl, max_rows)
     else:
         text = format_table(tbl, max_rows)
     if output is not None:

@@ -1,25 +1,42 @@
-"""`fiqa sql` with no query on a terminal: the prompt, a query's rows, `.timer`, Ctrl-C, and the history file."""
+"""`fiqa sql` with no query on a terminal: the prompt, a query's rows, `.timer`, Ctrl-C, and the history file.
+
+The terminal is driven from a fresh Python process (this file run as a script): a pseudo-terminal is opened with
+fork(), and forking the test process, whose other tests may have started native threads (the S3 client's), can
+crash the child before it runs anything.
+"""
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
-
-import pytest
-
-pexpect = pytest.importorskip("pexpect")
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_shell_on_a_terminal(workspace, write_train_catalog, tmp_path):
+    import pytest
+
+    pytest.importorskip("pexpect")
     write_train_catalog(workspace, n=4)
     history = tmp_path / "cache" / "sql_history"
-    env = {**os.environ, "FIQA_SQL_HISTORY": str(history), "HF_HUB_OFFLINE": "1", "TERM": "dumb",
+    out = subprocess.run([sys.executable, __file__, str(workspace.root), str(history)], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = history.read_text().splitlines()
+    assert "SELECT count(*) AS n FROM faces;" in lines and ".quit" in lines
+    assert not (workspace.root / "x.csv").exists()
+
+
+def drive(workspace: str, history: str) -> None:
+    """The terminal session; an assertion or pexpect error exits non-zero with its traceback."""
+    import pexpect
+
+    env = {**os.environ, "FIQA_SQL_HISTORY": history, "HF_HUB_OFFLINE": "1", "TERM": "dumb",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    child = pexpect.spawn(sys.executable, ["-m", "flows.cli", "sql", "--workspace", str(workspace.root)],
+    child = pexpect.spawn(sys.executable, ["-m", "flows.cli", "sql", "--workspace", workspace],
                           cwd=str(ROOT), env=env, encoding="utf-8", timeout=30, dimensions=(40, 200))
     try:
         child.expect_exact("fiqa> ")
@@ -49,6 +66,7 @@ def test_the_shell_on_a_terminal(workspace, write_train_catalog, tmp_path):
     finally:
         child.close(force=True)
     assert child.exitstatus == 0, child.before
-    lines = history.read_text().splitlines()
-    assert "SELECT count(*) AS n FROM faces;" in lines and ".quit" in lines
-    assert not (workspace.root / "x.csv").exists()
+
+
+if __name__ == "__main__":
+    drive(*sys.argv[1:3])

@@ -244,7 +244,8 @@ class Store:
         """Download the files that markers not seen yet list (and, with `repair`, committed files missing here);
         returns how many.
 
-        With `under` (a relative folder), only the committed files below it, and the markers stay unseen.
+        With `under` (a relative folder or file), only the committed files below it (or it), and the markers stay
+        unseen.
         """
         folder = self.key(COMMITS)
         try:
@@ -259,7 +260,7 @@ class Store:
                                for r, (s, m) in json.loads(body)["files"].items()})
             count = 0
             for rel, st in wanted.items():
-                if under is not None and not rel.startswith(under.rstrip("/") + "/"):
+                if under is not None and rel != under and not rel.startswith(under.rstrip("/") + "/"):
                     continue
                 have = _stamp(root / rel)
                 if have is None or (have != st and seen.get(rel) != st):

@@ -277,7 +277,7 @@ def test_a_cluster_that_cannot_do_the_work_fails_the_run_naming_why_and_it_resum
         dask_cluster, faces_folder, tmp_path):
     ws = Workspace(tmp_path / "shared" / "ws")
     broken = Cluster.__new__(Cluster)  # a scheduler without workers first
-    broken.root, broken.procs = tmp_path / "broken", []
+    broken.root, broken.procs, broken.env = tmp_path / "broken", [], {}
     broken.root.mkdir()
     broken._start(["distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
                    "--scheduler-file", str(broken.root / "s.json")])

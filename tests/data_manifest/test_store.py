@@ -136,7 +136,11 @@ def test_files_handed_to_tasks_reach_another_machine_through_the_store(s3_worksp
     with store.no_sync():  # a worker: its own cache, which pulls only what it opens
         other = _other_client(monkeypatch, tmp_path, s3_workspace)
         assert not (other.root / ref).exists() and not (other.root / pack).exists()
-        assert other.local(ref).read_bytes() == b"weights" and other.local(inside).is_file()
+        reads, read = [], store.Store._read
+        monkeypatch.setattr(store.Store, "_read", lambda self, key: reads.append(key) or read(self, key))
+        assert other.local(ref).read_bytes() == b"weights"
+        markers = len(reads)
+        assert markers >= 3 and other.local(inside).is_file() and len(reads) == markers  # markers are read once
         assert PackReader(other).read(pack, 1).tolist() == PackReader(ws).read(pack, 1).tolist()
         assert not (other.root / "manifests" / "samples" / "run=r1" / "part-00001.parquet").exists()  # not read
 

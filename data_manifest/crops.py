@@ -34,9 +34,11 @@ def write_pack(ws: Workspace, run_id: str, shard: str | int, crops: np.ndarray, 
 
 
 class PackReader:
-    """Reads crops from packs through a small cache of memory maps (safe to use per worker)."""
+    """Reads crops from packs through a small cache of memory maps (safe to use per worker); in a store's
+    workspace, a pack missing from the cache is pulled from the store first."""
 
     def __init__(self, ws: Workspace | str | Path, max_open: int = 64) -> None:
+        self.ws = ws if isinstance(ws, Workspace) else None
         self.root = ws.root if isinstance(ws, Workspace) else Path(ws)
         self.max_open = max_open
         self._maps: OrderedDict[str, np.ndarray] = OrderedDict()
@@ -47,6 +49,8 @@ class PackReader:
             path = (self.root / rel).resolve()
             if not path.is_relative_to(self.root):
                 raise ValueError(f"crop file {rel!r} lies outside the workspace {self.root}")
+            if not path.exists() and self.ws is not None:
+                self.ws.local(rel)  # a store's workspace: a pack committed by another machine, pulled now
             if not path.exists():
                 raise FileNotFoundError(f"crop pack {path} is missing (was the align run deleted?)")
             m = np.load(path, mmap_mode="r", allow_pickle=False)

@@ -95,6 +95,11 @@ def read_shard(path: str | Path, row_group: int, columns: list[str] | None = Non
     return pq.ParquetFile(path).read_row_group(row_group, columns=columns)
 
 
+def task_shard(ws_root: str, ref: str, row_group: int) -> pa.Table:
+    """In a shard task: one shard of the frozen selection the flow handed over as `ref` (Workspace.share)."""
+    return read_shard(Workspace(ws_root).local(ref), row_group)
+
+
 def selected_rows(path: str | Path) -> int:
     """How many rows a frozen selection holds."""
     return pq.ParquetFile(path).metadata.num_rows

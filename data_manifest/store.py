@@ -161,6 +161,7 @@ class Store:
         self.fs, self.endpoint = _filesystem(self.bucket)
         self._lock = threading.Lock()
         self._state: dict[Path, tuple[frozenset[str], dict[str, Stamp]]] = {}
+        self._bodies: dict[str, bytes] = {}  # commit markers read from the store, by key
         try:
             info = self.fs.get_file_info(self.bucket)
         except OSError as e:
@@ -244,7 +245,8 @@ class Store:
         """Download the files that markers not seen yet list (and, with `repair`, committed files missing here);
         returns how many.
 
-        With `under` (a relative folder), only the committed files below it, and the markers stay unseen.
+        With `under` (a relative folder or file), only the committed files below it (or it), and the markers stay
+        unseen.
         """
         folder = self.key(COMMITS)
         try:
@@ -252,14 +254,14 @@ class Store:
             seen = self.committed(root)
             local = set(os.listdir(root / COMMITS)) if (root / COMMITS).is_dir() else set()
             new = sorted(i.base_name for i in infos if i.base_name.endswith(".json") and i.base_name not in local)
-            markers = {n: self._read(f"{folder}/{n}") for n in new}
+            markers = {n: self._marker(f"{folder}/{n}") for n in new}
             wanted = dict(seen) if repair else {}
             for body in markers.values():
                 wanted.update({_safe_rel(self.url, r): (int(s), int(m))
                                for r, (s, m) in json.loads(body)["files"].items()})
             count = 0
             for rel, st in wanted.items():
-                if under is not None and not rel.startswith(under.rstrip("/") + "/"):
+                if under is not None and rel != under and not rel.startswith(under.rstrip("/") + "/"):
                     continue
                 have = _stamp(root / rel)
                 if have is None or (have != st and seen.get(rel) != st):
@@ -273,6 +275,17 @@ class Store:
             for name, body in markers.items():  # after their files: an interrupted pull reads them again
                 _write(root / COMMITS / name, body)
         return count
+
+    def _marker(self, key: str) -> bytes:
+        """A commit marker's body, read once per process (markers never change; a worker's pulls of single
+        folders or files leave them unseen in its cache, so it reads them again on every pull)."""
+        with self._lock:
+            body = self._bodies.get(key)
+        if body is None:
+            body = self._read(key)
+            with self._lock:
+                self._bodies[key] = body
+        return body
 
     def _read(self, key: str) -> bytes:
         with self.fs.open_input_stream(key) as src:

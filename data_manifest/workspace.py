@@ -46,6 +46,39 @@ class Workspace:
         """A store's workspace: commit the cache's new or changed files (default: all) to the store."""
         return self.store.push(self.root, rels) if self.store else 0
 
+    def share(self, path: str | os.PathLike[str]) -> str:
+        """A file the flow's process hands to its shard tasks, as they open it with `local`: its path in a local
+        workspace (a shared file system); in a store's workspace, its path relative to the root, committed (a
+        file from outside the workspace, e.g. a checkpoint, is copied under checkpoints/imported/ first)."""
+        src = Path(path).expanduser().resolve()
+        if self.store is None:
+            return str(src)
+        if not src.is_relative_to(self.root):
+            import hashlib
+            import shutil
+
+            with open(src, "rb") as fh:
+                digest = hashlib.file_digest(fh, "sha256").hexdigest()[:16]
+            dest = self.checkpoints / "imported" / digest / src.parent.name / src.name  # keeps parent/name
+            if not dest.is_file():
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+                shutil.copyfile(src, tmp)
+                os.replace(tmp, dest)
+            src = dest
+        rel = src.relative_to(self.root).as_posix()
+        self.push([rel])
+        return rel
+
+    def local(self, ref: str) -> Path:
+        """The local path of a file `share` handed over (a store's: pulled into this cache when missing)."""
+        if Path(ref).is_absolute():
+            return Path(ref)
+        path = self.root / ref
+        if not path.is_file():
+            self.pull(ref)
+        return path
+
     def committed(self, paths: list[Path]) -> list[Path]:
         """The paths a reader may see: all of them locally; in a store's workspace, only the committed ones."""
         if self.store is None:

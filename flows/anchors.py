@@ -81,7 +81,7 @@ class AnchorsOptions(command.RunOptions):
 def embed_shard(ws_root: str, run_id: str, shard: str, row_group: int, *, selection_file: str, fr_model: str,
                 device: str, batch_size: int) -> dict[str, int]:
     """Embed one row group of the frozen selection (less any staged reused embeddings); write its `embeddings`."""
-    return E.embed_shard(Workspace(ws_root), run_id, shard, selection.read_shard(selection_file, row_group),
+    return E.embed_shard(Workspace(ws_root), run_id, shard, selection.task_shard(ws_root, selection_file, row_group),
                          spec=fr_model, device=device, batch_size=batch_size)
 
 
@@ -106,7 +106,7 @@ def anchors_run(opts: AnchorsOptions) -> dict[str, Any]:
                               {REUSE_STAGE: None}, ws=ws, run_id=rid)
         # 1. embed the samples without a staged embedding (each task reads its own row group)
         outcomes = runtime.run_shards(embed_shard, shards, ws=ws, run_id=rid, stage="embed", desc="anchors: embed",
-                                      progress=opts.progress, selection_file=str(frozen), fr_model=opts.fr_model,
+                                      progress=opts.progress, selection_file=ws.share(frozen), fr_model=opts.fr_model,
                                       device=opts.device, batch_size=opts.batch_size)
         runtime.check_shard_failures(outcomes, rid)
         # 2. centers: streamed over the embedding shards (current identities), or a classifier head

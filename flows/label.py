@@ -42,7 +42,7 @@ def label_shard(ws_root: str, run_id: str, shard: str, row_group: int, *, select
     shards it gives the `shard` rate of the run's `stage_images_per_s`, the images/s of one worker.
     """
     t0 = time.perf_counter()
-    rows = selection.read_shard(selection_file, row_group).to_pylist()
+    rows = selection.task_shard(ws_root, selection_file, row_group).to_pylist()
     counts = batch.label_shard(Workspace(ws_root), run_id, shard, rows, stages, options)
     counts["seconds_shard"] = round(time.perf_counter() - t0, 6)
     return counts
@@ -89,7 +89,7 @@ def run_label(opts: LabelRunOptions, flow_name: str = "label") -> dict[str, Any]
                                             schema=batch.SELECTION_SCHEMA)
         outcomes = runtime.run_shards(label_shard, selection.selection_shards(frozen), ws=ws, run_id=rid,
                                       desc=f"{flow_name} {','.join(names)}", progress=opts.progress,
-                                      selection_file=str(frozen), stages=names, options=opts.options)
+                                      selection_file=ws.share(frozen), stages=names, options=opts.options)
         summary = runtime.summarize(outcomes)
         totals = runs.shard_counts(ws, rid)
         state["metrics"] = batch.run_metrics(totals, time.perf_counter() - t0, summary)

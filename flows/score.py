@@ -66,7 +66,7 @@ class ScoreOptions(command.RunOptions):
 def score_shard(ws_root: str, run_id: str, shard: str, row_group: int, *, selection_file: str, checkpoint: str,
                 method: str, device: str, batch_size: int) -> dict[str, int]:
     """Score one row group of the frozen selection and write its `scores` file (the runtime commits it)."""
-    items = selection.read_shard(selection_file, row_group).to_pylist()
+    items = selection.task_shard(ws_root, selection_file, row_group).to_pylist()
     return scoring.score_shard(Workspace(ws_root), run_id, shard, items, checkpoint=checkpoint, method=method,
                                device=device, batch_size=batch_size)
 
@@ -81,8 +81,8 @@ def score_run(opts: ScoreOptions) -> dict[str, Any]:
         rid = state["run_id"]
         frozen = selection.freeze_selection(ws, rid, sql, opts.shard_size)
         outcomes = runtime.run_shards(score_shard, selection.selection_shards(frozen), ws=ws, run_id=rid,
-                                      desc="score", progress=opts.progress, selection_file=str(frozen),
-                                      checkpoint=opts.checkpoint, method=opts.method, device=opts.device,
+                                      desc="score", progress=opts.progress, selection_file=ws.share(frozen),
+                                      checkpoint=ws.share(opts.checkpoint), method=opts.method, device=opts.device,
                                       batch_size=opts.batch_size)
         state["counts"] = runtime.summarize(outcomes)
         runtime.check_shard_failures(outcomes, rid)

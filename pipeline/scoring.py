@@ -40,7 +40,8 @@ def score_rows(ws: Workspace, items: list[dict[str, Any]], checkpoint: str, *, m
 
 def score_shard(ws: Workspace, run_id: str, shard: str, items: list[dict[str, Any]], *, checkpoint: str,
                 method: str, device: str, batch_size: int) -> dict[str, int]:
-    """Score one shard and write its `scores` file; returns its counts."""
+    """Score one shard and write its `scores` file (`checkpoint` as Workspace.share handed it); returns its counts."""
+    checkpoint = str(ws.local(checkpoint))
     rows = score_rows(ws, items, checkpoint, method=method, device=device, batch_size=batch_size)
     ShardWriter(ws, "scores", run_id).write(shard, rows)
     return {"rows": len(rows), "ok": sum(r["status"] == "ok" for r in rows)}

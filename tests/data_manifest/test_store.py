@@ -113,6 +113,38 @@ def test_a_shard_task_commits_its_files_and_the_flow_verifies_them_from_the_stor
         body(flow_ws.location, "nope-run", "00000")
 
 
+def test_files_handed_to_tasks_reach_another_machine_through_the_store(s3_workspace, tmp_path, monkeypatch):
+    import numpy as np
+
+    from data_manifest.crops import PackReader, write_pack
+
+    ws = Workspace(s3_workspace)
+    outside = tmp_path / "models" / "tiny.pt"
+    outside.parent.mkdir()
+    outside.write_bytes(b"weights")
+    ref = ws.share(outside)  # copied under checkpoints/imported/<digest>/, keeping its folder and name, committed
+    assert ref.startswith("checkpoints/imported/") and ref.endswith("/models/tiny.pt") and ws.share(outside) == ref
+    ShardWriter(ws, "samples", "r1").write(0, _rows(2))
+    inside = ws.share(ws.manifests / "samples" / "run=r1" / "part-00000.parquet")
+    assert inside == "manifests/samples/run=r1/part-00000.parquet"  # a workspace file: its relative path
+    pack = write_pack(ws, "r1", 0, np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3))
+    ShardWriter(ws, "samples", "r1").write(1, _rows(2, 2))
+    assert ws.push() == 2  # the pack and the other shard
+    local = Workspace(tmp_path / "disk")
+    assert local.share(outside) == str(outside) and local.local(str(outside)) == outside  # a shared disk: as is
+
+    with store.no_sync():  # a worker: its own cache, which pulls only what it opens
+        other = _other_client(monkeypatch, tmp_path, s3_workspace)
+        assert not (other.root / ref).exists() and not (other.root / pack).exists()
+        reads, read = [], store.Store._read
+        monkeypatch.setattr(store.Store, "_read", lambda self, key: reads.append(key) or read(self, key))
+        assert other.local(ref).read_bytes() == b"weights"
+        markers = len(reads)
+        assert markers >= 3 and other.local(inside).is_file() and len(reads) == markers  # markers are read once
+        assert PackReader(other).read(pack, 1).tolist() == PackReader(ws).read(pack, 1).tolist()
+        assert not (other.root / "manifests" / "samples" / "run=r1" / "part-00001.parquet").exists()  # not read
+
+
 def test_bad_urls_missing_buckets_and_unreachable_stores_fail_naming_the_url(s3_env, monkeypatch):
     for url, match in [("s3://", "not a valid bucket"), ("s3://Bad_Bucket/x", "not a valid bucket"),
                        ("gs://bucket/x", "unsupported scheme 'gs'"), ("s3://bucket/../x", "'.' or '..'"),

@@ -1,15 +1,18 @@
 """A real Dask cluster on 127.0.0.1: a scheduler and two worker processes started here, working elsewhere.
 
-ingest -> label -> anchors -> score through `fiqa ... --runner dask --address` equal a local run row for row; the
-workers report to the flow's Prefect API instead of starting servers of their own; a worker killed mid-label
-loses and duplicates nothing; a scheduler without workers ends the run after $FIQA_CLUSTER_TIMEOUT, and a
-worker that does not see the workspace fails it naming itself (both resume on a working cluster).
+ingest -> label -> anchors -> score through `fiqa ... --runner dask --address` equal a local run row for row, with
+the workspace on a shared disk or on the local S3 server (the workers given its endpoint and credentials in their
+environment, each with a cache of its own); the workers report to the flow's Prefect API instead of starting
+servers of their own; a worker killed mid-label loses and duplicates nothing; a scheduler without workers ends
+the run after $FIQA_CLUSTER_TIMEOUT, and a worker that does not see the workspace fails it naming itself (both
+resume on a working cluster).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,8 +41,11 @@ def _env(**extra: str) -> dict[str, str]:
 class Cluster:
     """`dask scheduler` and `dask worker` processes (with nannies), each in its own session."""
 
-    def __init__(self, root: Path, workers: int) -> None:
-        self.root, self.procs = root, []
+    def __init__(self, root: Path, workers: int, env: dict[str, str] | None = None,
+                 prefix: tuple[str, ...] = ()) -> None:
+        """`env`: the workers' extra environment ("{n}" in a value: the process's number); `prefix`: their
+        command's."""
+        self.root, self.procs, self.env, self.prefix = root, [], env or {}, prefix
         root.mkdir(parents=True)
         sched = root / "scheduler.json"
         self._start(["distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
@@ -49,7 +55,7 @@ class Cluster:
             time.sleep(0.1)
         self.address = json.loads(sched.read_text())["address"]
         for _ in range(workers):
-            self.add_worker()
+            self.add_worker(prefix)
         self.client = distributed.Client(self.address, timeout=60)
         self.client.wait_for_workers(workers, timeout=120)
 
@@ -57,7 +63,8 @@ class Cluster:
         cwd = self.root / "elsewhere"  # workers do not run in the checkout
         cwd.mkdir(exist_ok=True)
         log = open(self.root / f"proc-{len(self.procs)}.log", "wb")  # noqa: SIM115 - closed with the process
-        self.procs.append(subprocess.Popen([*prefix, sys.executable, "-m", *args], cwd=cwd, env=_env(),
+        env = _env(**{k: v.format(n=len(self.procs)) for k, v in self.env.items()})
+        self.procs.append(subprocess.Popen([*prefix, sys.executable, "-m", *args], cwd=cwd, env=env,
                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
 
     def add_worker(self, prefix: tuple[str, ...] = ()) -> None:
@@ -78,6 +85,23 @@ class Cluster:
 @pytest.fixture(scope="module")
 def dask_cluster(tmp_path_factory):
     c = Cluster(tmp_path_factory.mktemp("dask") / "cluster", workers=2)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def s3_cluster(tmp_path_factory, s3_server):
+    """A cluster whose workers reach the S3 server as a user's would: endpoint and credentials in their
+    environment, each with a workspace cache of its own. `client` is a folder for the client's cache and files
+    that the workers cannot see (an empty file system over it, where mount namespaces are allowed), as on
+    another machine."""
+    root, client = tmp_path_factory.mktemp("dask_s3") / "cluster", tmp_path_factory.mktemp("client")
+    env = {"AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_REGION": "us-east-1", "FIQA_CACHE": str(root / "cache-{n}")}
+    hide = subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode == 0
+    c = Cluster(root, workers=2, env=env, prefix=("unshare", "-m", "sh", "-c", f'mount -t tmpfs none "{client}" && '
+                                                 'exec "$0" "$@"') if hide else ())
+    c.client_dir = client
     yield c
     c.close()
 
@@ -133,41 +157,85 @@ def _server_processes(pids) -> list[str]:
     return found
 
 
-def test_a_pipeline_on_the_cluster_equals_a_local_run_and_reports_to_the_flows_api(
-        dask_cluster, faces_folder, tmp_path, prefect_harness, tiny_checkpoint):
+def _local_run(root: Path, faces_folder: Path, checkpoint: str) -> Workspace:
+    """ingest -> label -> anchors -> score in this process, on the local disk: what a cluster's run must equal."""
     from flows.anchors import anchors_flow
     from flows.ingest import ingest
     from flows.label import label
     from flows.score import score_flow
 
-    local = Workspace(tmp_path / "local")
-    ingest(path=str(faces_folder), dataset="c", workspace=str(local.root), shard_size=2, progress=False)
-    label(stages=["align", "blur"], options={"detector": "mtcnn"}, workspace=str(local.root), shard_size=2,
+    ws = Workspace(root)
+    ingest(path=str(faces_folder), dataset="c", workspace=str(ws.root), shard_size=2, progress=False)
+    label(stages=["align", "blur"], options={"detector": "mtcnn"}, workspace=str(ws.root), shard_size=2,
           progress=False)
-    anchors_flow(workspace=str(local.root), device="cpu", shard_size=2, progress=False)
-    score_flow(workspace=str(local.root), checkpoint=tiny_checkpoint, device="cpu", shard_size=2, progress=False)
+    anchors_flow(workspace=str(ws.root), device="cpu", shard_size=2, progress=False)
+    score_flow(workspace=str(ws.root), checkpoint=checkpoint, device="cpu", shard_size=2, progress=False)
+    return ws
 
-    ws = Workspace(tmp_path / "cluster")
-    where = ["--workspace", str(ws.root), "--runner", "dask", "--address", dask_cluster.address]
+
+def _cluster_run(faces_folder: Path, checkpoint: str, workspace: str, cluster: Cluster) -> Workspace:
+    """The same four steps through `fiqa` on the cluster, in one client process (no server per worker)."""
+    where = ["--workspace", workspace, "--runner", "dask", "--address", cluster.address]
     t0 = time.perf_counter()
     out = _fiqa(["ingest", str(faces_folder), "--dataset", "c", "--shard-size", "2", *where],
                 ["label", *LABEL, "--shard-size", "2", "--no-progress", *where],
                 ["anchors", *ANCHORS, "--shard-size", "2", *where],
-                ["score", "--checkpoint", tiny_checkpoint, "--device", "cpu", "--shard-size", "2", *where])
+                ["score", "--checkpoint", checkpoint, "--device", "cpu", "--shard-size", "2", *where])
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert time.perf_counter() - t0 < 120, "no worker may start a Prefect server of its own (~20 s each)"
+    return Workspace(workspace)
+
+
+def _same_rows_by_workers(local: Workspace, ws: Workspace) -> set[str]:
+    """Assert every table equals the local run's row for row; the workers that labelled (never this process)."""
     for table, cols in COMPARED.items():
         theirs, ours = _rows(local, table, cols), _rows(ws, table, cols)
         assert len(ours) > 0 and ours == theirs, table
     markers = [json.loads(p.read_text()) for p in ws.runs_dir.glob("label-*/shards/*.json")]
     workers = {m["worker"] for m in markers}
     assert len(markers) == 4 and all(f"(pid {os.getpid()})" not in w for w in workers)
+    return workers
+
+
+def test_a_pipeline_on_the_cluster_equals_a_local_run_and_reports_to_the_flows_api(
+        dask_cluster, faces_folder, tmp_path, prefect_harness, tiny_checkpoint):
+    local = _local_run(tmp_path / "local", faces_folder, tiny_checkpoint)
+    ws = _cluster_run(faces_folder, tiny_checkpoint, str(tmp_path / "cluster"), dask_cluster)
+    _same_rows_by_workers(local, ws)
     assert not _server_processes(dask_cluster.worker_pids().values())
 
 
-def test_a_worker_killed_mid_label_loses_and_duplicates_nothing(dask_cluster, faces_folder, tmp_path):
-    ws = Workspace(tmp_path / "ws")
-    where = ["--workspace", str(ws.root), "--runner", "dask", "--address", dask_cluster.address]
+def test_a_pipeline_on_the_cluster_with_the_workspace_on_s3_equals_a_local_run(
+        s3_cluster, faces_folder, tmp_path, prefect_harness, tiny_checkpoint, s3_workspace, monkeypatch):
+    local = _local_run(tmp_path / "local", faces_folder, tiny_checkpoint)
+    client = s3_cluster.client_dir / "pipeline"  # the client's cache and checkpoint: out of the workers' sight
+    monkeypatch.setenv("FIQA_CACHE", str(client / "cache"))
+    checkpoint = client / "ckpt" / Path(tiny_checkpoint).name
+    checkpoint.parent.mkdir(parents=True)
+    shutil.copyfile(tiny_checkpoint, checkpoint)
+    ws = _cluster_run(faces_folder, str(checkpoint), s3_workspace, s3_cluster)
+    assert ws.root.is_relative_to(client / "cache")
+    workers = _same_rows_by_workers(local, ws)
+    assert len(workers) == 2, workers  # both workers took shards
+    for n in (1, 2):  # each worker wrote into its own cache and committed to the store: shards of every step
+        cache = next((s3_cluster.root / f"cache-{n}").iterdir())
+        for table in ("samples", "faces", "embeddings", "scores"):
+            assert list(cache.glob(f"manifests/{table}/run=*/part-*.parquet")), (n, table)
+        assert not list(cache.glob("manifests/anchors/run=*/*.parquet"))  # anchors' passes ran in the client
+    imported = list(ws.checkpoints.glob("imported/*/*/" + Path(tiny_checkpoint).name))
+    assert len(imported) == 1 and imported[0].read_bytes() == Path(tiny_checkpoint).read_bytes()
+
+
+@pytest.mark.parametrize("storage", ["disk", "s3"])
+def test_a_worker_killed_mid_label_loses_and_duplicates_nothing(storage, faces_folder, tmp_path, request,
+                                                                monkeypatch):
+    if storage == "s3":  # the workers commit to the store; the client's cache is out of their sight
+        dask_cluster, location = request.getfixturevalue("s3_cluster"), request.getfixturevalue("s3_workspace")
+        monkeypatch.setenv("FIQA_CACHE", str(dask_cluster.client_dir / "kill"))
+    else:
+        dask_cluster, location = request.getfixturevalue("dask_cluster"), str(tmp_path / "ws")
+    ws = Workspace(location)  # on S3: the client's cache, where its run records land
+    where = ["--workspace", location, "--runner", "dask", "--address", dask_cluster.address]
     out = _fiqa(["ingest", str(faces_folder), "--dataset", "c", "--shard-size", "3", *where])
     assert out.returncode == 0, out.stderr[-3000:]
     n = catalog.query(ws, "SELECT count(*) AS n FROM samples").column("n")[0].as_py()
@@ -209,7 +277,7 @@ def test_a_cluster_that_cannot_do_the_work_fails_the_run_naming_why_and_it_resum
         dask_cluster, faces_folder, tmp_path):
     ws = Workspace(tmp_path / "shared" / "ws")
     broken = Cluster.__new__(Cluster)  # a scheduler without workers first
-    broken.root, broken.procs = tmp_path / "broken", []
+    broken.root, broken.procs, broken.env = tmp_path / "broken", [], {}
     broken.root.mkdir()
     broken._start(["distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
                    "--scheduler-file", str(broken.root / "s.json")])

@@ -212,6 +212,17 @@ def test_serve_refresh_incremental(prefect_server, tmp_path):
         flows_run = catalog.query(ws, "SELECT flow, count(*) AS n FROM runs WHERE status = 'completed' "
                                       "GROUP BY flow ORDER BY flow").to_pylist()
         assert flows_run == [{"flow": "ingest", "n": 2}, {"flow": "label", "n": 2}]
+
+        before = {r["sample_id"]: r["identity"] for r in catalog.query(ws, "SELECT sample_id, identity FROM samples")
+                  .to_pylist()}
+        _write_face(data / "aaron" / "x0.png", 7)  # a new identity folder that sorts before every other
+        run = _run(api_url, "refresh-dataset/served")
+        assert run.state.is_completed(), f"{run.state}\n{log.read_text()[-3000:]}"
+        after = {r["sample_id"]: (r["identity"], r["identity_name"]) for r in catalog.query(
+            ws, "SELECT sample_id, identity, identity_name FROM samples").to_pylist()}
+        assert {k: after[k][0] for k in before} == before  # every existing sample keeps its identity number
+        (added,) = [v for k, v in after.items() if k not in before]
+        assert added == (max(before.values()) + 1, "aaron")  # the new folder gets the next number
     finally:
         _stop(proc)
 

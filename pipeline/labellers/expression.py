@@ -34,9 +34,10 @@ CPU_BACKEND = ONNX  # measured fastest on one core (benchmarks/attributes.py): ~
 
 
 # The FER model reads a face that lost its fine detail (blur, lost resolution) as fearful or surprised: on the fit
-# faces a Gaussian blur of 1.5 px or more raised P(exaggerated) by 0.13 on average and flipped 11% of them. Below the
-# blur stage's detail floor (HIGH_BAND_MIN) the log-odds of P(exaggerated) are lowered by DETAIL_SLOPE per decade of
-# lost high-band power (docs/labelling.md, "Expression"); set on the fit faces only.
+# faces a Gaussian blur of 1.5 px or more raised P(exaggerated) by 0.13 on average and flipped 11% of them. A crop read
+# as exaggerated is called so only if P(exaggerated), its log-odds lowered by DETAIL_SLOPE per decade of high-band
+# power under the blur stage's detail floor (HIGH_BAND_MIN), stays at the threshold (docs/attributes.md); set on the
+# fit faces only.
 DETAIL_SLOPE = 1.5
 
 
@@ -120,12 +121,18 @@ class ExpressionStage:
     def __call__(self, batch: list[FaceCrop]) -> list[dict[str, Any]]:
         """One expression row per crop; unusable crops get rows with their status and reason."""
         usable, failed = split_usable(batch, CROP_SIZE)
-        probs, high, p_read = np.empty((0, len(EMOTIONS))), np.empty(0), np.empty(0)
+        probs, p_read = np.empty((0, len(EMOTIONS))), np.empty(0)
+        checked: dict[int, tuple[float, float]] = {}  # crop index -> (high_band, detail-corrected P)
         if usable:
             crops = np.stack([batch[i].crop for i in usable])
-            probs, high = self.emotions_mirrored(crops), high_band(crops)
+            probs = self.emotions_mirrored(crops)
             p_read = exaggerated_probability(probs)
-        p_exag = detail_corrected(p_read, high)
+            # The correction only lowers P(exaggerated): only crops read as exaggerated can change class.
+            ks = np.flatnonzero(p_read >= self.threshold)
+            if len(ks):
+                high = high_band(crops[ks])
+                checked = dict(zip(ks.tolist(), zip(high.tolist(), detail_corrected(p_read[ks], high).tolist(),
+                                                    strict=True), strict=True))
         at = {i: k for k, i in enumerate(usable)}
         rows: list[dict[str, Any]] = []
         for i, rec in enumerate(batch):
@@ -134,17 +141,20 @@ class ExpressionStage:
                 rows.append(self._row(rec.sample_id, status=status, error=error))
                 continue
             k = at[i]
-            p = float(p_exag[k])
             if not np.isfinite(probs[k]).all():
                 error = f"non-finite emotion probabilities {probs[k].tolist()}"
                 rows.append(self._row(rec.sample_id, status=ERROR, error=error))
                 continue
             emotions = {name: float(v) for name, v in zip(EMOTIONS, probs[k], strict=True)}
+            details: dict[str, Any] = {"emotions": emotions, "top": max(emotions, key=emotions.__getitem__)}
+            p_class = float(p_read[k])
+            if k in checked:
+                details["high_band"], p_class = checked[k]
+                details["p_detail_corrected"] = p_class
             rows.append(self._row(
                 rec.sample_id,
-                value=p,
-                decision=binary_class("expression", p, self.threshold),
-                details={"emotions": emotions, "top": max(emotions, key=emotions.__getitem__),
-                         "p_read": float(p_read[k]), "high_band": float(high[k])},
+                value=float(p_read[k]),
+                decision=binary_class("expression", p_class, self.threshold),
+                details=details,
             ))
         return rows

@@ -547,15 +547,34 @@ def test_detail_correction_lowers_the_log_odds_only_below_the_detail_floor():
 
 
 def test_a_blurred_face_is_not_read_as_exaggerated_for_its_blur():
-    """The stage's value is the detail-corrected P(exaggerated); the network's reading stays in the details."""
-    import cv2
+    """A crop read as exaggerated is checked for lost detail: the class follows the detail-corrected P, the value
+    stays the network's reading; crops read as typical are not measured (the correction only lowers P)."""
+    import copy
 
-    stage = _stage()
+    from pipeline.labellers.blur import high_band
+    from pipeline.labellers.expression import detail_corrected
+
+    stage = copy.copy(_stage())  # a shallow copy: its threshold and reader are changed below
     crops = _package_crops()
     sharp = crops["grace_hopper"]
+    stage.threshold = 0.0  # every crop counts as read exaggerated, so both are checked
     blurred = cv2.GaussianBlur(sharp, (0, 0), 3.0)
     rows = stage([FaceCrop("sharp", sharp), FaceCrop("blurred", blurred)])
     d_sharp, d_blur = (json.loads(r["details"]) for r in rows)
-    assert d_sharp["high_band"] > -2.0 and rows[0]["value"] == pytest.approx(d_sharp["p_read"])
-    assert d_blur["high_band"] < -2.0 and rows[1]["value"] < d_blur["p_read"]
-    assert rows[1]["class_name"] == rows[0]["class_name"] == "typical expression"
+    for r, d, crop in ((rows[0], d_sharp, sharp), (rows[1], d_blur, blurred)):
+        assert d["high_band"] == pytest.approx(float(high_band(crop[None])[0]))
+        assert d["p_detail_corrected"] == pytest.approx(float(detail_corrected(np.array([r["value"]]),
+                                                                               np.array([d["high_band"]]))[0]))
+    assert d_sharp["high_band"] > -2.0 and d_sharp["p_detail_corrected"] == pytest.approx(rows[0]["value"])
+    assert d_blur["high_band"] < -2.0 and d_blur["p_detail_corrected"] < rows[1]["value"]
+    stage.threshold = 0.5
+    rows = stage([FaceCrop("sharp", sharp), FaceCrop("blurred", blurred)])
+    assert all("high_band" not in json.loads(r["details"]) for r in rows if r["value"] < 0.5)
+    # a blurred face the network reads as exaggerated is called typical once its lost detail is counted
+    fake = np.zeros((2, len(EMOTIONS)))
+    fake[:, EMOTIONS.index("fear")] = 0.7
+    fake[:, EMOTIONS.index("neutral")] = 0.3
+    stage.emotions_mirrored = lambda c: fake[: len(c)]
+    rows = stage([FaceCrop("sharp", sharp), FaceCrop("blurred", blurred)])
+    assert [r["value"] for r in rows] == pytest.approx([0.7, 0.7])
+    assert [r["class_name"] for r in rows] == ["exaggerated expression", "typical expression"]

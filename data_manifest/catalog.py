@@ -437,6 +437,14 @@ def _watched(con: duckdb.DuckDBPyConnection, deadline: _Deadline) -> Iterator[No
                             f"{EXTERNAL_READ_HINT}") from e
 
 
+def _run_script(con: duckdb.DuckDBPyConnection, statements: list[str], params: list | dict | None) -> pa.Table:
+    """Run checked statements in order; the last one's result as Arrow (`params` bind to it)."""
+    for s in statements[:-1]:
+        con.execute(s)
+        con.complete()
+    return con.sql(statements[-1], params=params).to_arrow_table()
+
+
 class UserSQL:
     """A checked user script on its own connection: `statements` read no file (sql_guard rewrote their file
     reads into registered tables) and `con` has no file access at all. Run them inside `watch()`; close it."""
@@ -486,10 +494,7 @@ class Session:
             self.con.register(name, tbl)
         try:
             with _watched(self.con, deadline):
-                for s in planned.statements[:-1]:
-                    self.con.execute(s)
-                    self.con.complete()
-                return self.con.sql(planned.statements[-1], params=params).to_arrow_table()
+                return _run_script(self.con, planned.statements, params)
         finally:
             for name in planned.tables:
                 self.con.unregister(name)
@@ -519,10 +524,7 @@ def query(ws: Workspace, sql: str, params: list | dict | None = None, *, allow_e
     """
     with UserSQL(ws, sql, allow_external_read=allow_external_read, timeout_s=timeout_s,
                  memory=memory) as q, q.watch() as con:
-        for s in q.statements[:-1]:
-            con.execute(s)
-            con.complete()
-        return con.sql(q.statements[-1], params=params).to_arrow_table()
+        return _run_script(con, q.statements, params)
 
 
 def selection_sql(base: str, where: str | None = None, query: str | None = None, *, on_labels: bool = True) -> str:

@@ -34,18 +34,11 @@ def selection_sql(where: str | None) -> str:
 
 @task(name="label-shard", cache_policy=NO_CACHE)
 @commits.receipted
-def label_shard(ws_root: str, run_id: str, shard: str, row_group: int, *, selection_file: str, stages: list[str],
-                options: LabelOptions) -> dict[str, Any]:
-    """Label one row group of the frozen selection and write its rows (the runtime commits it).
-
-    `seconds_shard` in the counts is the task's whole time (read, stages, writes): summed over the
-    shards it gives the `shard` rate of the run's `stage_images_per_s`, the images/s of one worker.
-    """
-    t0 = time.perf_counter()
-    rows = selection.task_shard(ws_root, selection_file, row_group).to_pylist()
-    counts = batch.label_shard(Workspace(ws_root), run_id, shard, rows, stages, options)
-    counts["seconds_shard"] = round(time.perf_counter() - t0, 6)
-    return counts
+def label_shard(ws_root: str, run_id: str, shard: str, row_group: int, *, pool: Any, selection_file: str,
+                stages: list[str], options: LabelOptions) -> dict[str, Any]:
+    """Label one row group of the frozen selection and write its rows, in the compute pool when there is one."""
+    return runners.offload(pool, batch.label_selected, ws_root, run_id, shard, row_group,
+                           selection_file=selection_file, stages=stages, options=options)
 
 
 @dataclass(frozen=True)
@@ -82,14 +75,16 @@ def run_label(opts: LabelRunOptions, flow_name: str = "label") -> dict[str, Any]
     ws = Workspace(opts.workspace)
     names, params = list(opts.stages), opts.run_params()
     t0 = time.perf_counter()
-    with runtime.tracked_run(ws, flow_name, params, opts.run_id, decisive=params) as state:
+    with (runners.compute_pool(opts, warm_up(opts)) as pool,
+          runtime.tracked_run(ws, flow_name, params, opts.run_id, decisive=params) as state):
         rid = state["run_id"]
         what = "the label selection" if opts.where is None else f"--where {opts.where!r}"
         frozen = selection.freeze_selection(ws, rid, selection_sql(opts.where), opts.shard_size, what=what,
                                             schema=batch.SELECTION_SCHEMA)
         outcomes = runtime.run_shards(label_shard, selection.selection_shards(frozen), ws=ws, run_id=rid,
                                       desc=f"{flow_name} {','.join(names)}", progress=opts.progress,
-                                      selection_file=ws.share(frozen), stages=names, options=opts.options)
+                                      pool=pool, selection_file=ws.share(frozen), stages=names,
+                                      options=opts.options)
         summary = runtime.summarize(outcomes)
         totals = runs.shard_counts(ws, rid)
         state["metrics"] = batch.run_metrics(totals, time.perf_counter() - t0, summary)
@@ -106,10 +101,17 @@ def label_run(opts: LabelRunOptions) -> dict[str, Any]:
     return run_label(opts, "label")
 
 
+def warm_up(opts: LabelRunOptions) -> tuple[Any, tuple[Any, ...]]:
+    """What each compute-pool worker runs when it starts: build the run's stages (load their models) once."""
+    return batch.warm_stages, (list(opts.stages), opts.options)
+
+
 def run(opts: LabelRunOptions, flow_obj: Any = label_run) -> dict[str, Any]:
-    """Build the stages once (before Prefect starts), then run the flow on the task runner the options ask for."""
-    opts.check()
-    return runners.with_runner(flow_obj, opts)(opts)
+    """Start the pool workers (`--runner processes`; they load the models meanwhile), build the stages here once
+    (a bad configuration fails before Prefect starts), then run the flow on the task runner the options ask for."""
+    with runners.prestarted(opts, warm_up(opts)):
+        opts.check()
+        return runners.with_runner(flow_obj, opts, pooled=True)(opts)
 
 
 def label(**kwargs: Any) -> dict[str, Any]:
@@ -176,8 +178,9 @@ def run_options(args: argparse.Namespace) -> LabelRunOptions:
 def run_cli(args: argparse.Namespace) -> int:
     result = run(run_options(args))
     counts = result["counts"]
+    totals = ("samples", "faces_rows", "factors_rows", "stages_built")
     statuses = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())
-                         if not k.startswith("seconds_") and k not in ("samples", "faces_rows", "factors_rows"))
+                         if not k.startswith("seconds_") and k not in totals)
     print(f"run {result['run_id']}: {result['selected']} samples, stages {','.join(result['stages'])}; "
           f"{counts.get('faces_rows', 0)} faces rows, {counts.get('factors_rows', 0)} factors rows ({statuses}); "
           f"{result['skipped_shards']} of {result['shards']} shards already committed; "

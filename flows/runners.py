@@ -104,25 +104,42 @@ def _worker_ready() -> int:
     return os.getpid()
 
 
+def _start_worker(warm: tuple[Callable[..., Any], tuple[Any, ...]] | None) -> None:
+    """A pool worker's initializer: one compute thread, then the flow's warm-up (e.g. loading its models)."""
+    one_thread_per_worker()
+    if warm is not None:
+        warm[0](*warm[1])
+
+
+_STARTED: list[tuple[Any, Any]] = []  # (warm, pool) of the pools `prestarted` opened for the flow about to run
+
+
 @contextlib.contextmanager
-def compute_pool(opts: Any) -> Iterator[Any]:
+def compute_pool(opts: Any, warm: tuple[Callable[..., Any], tuple[Any, ...]] | None = None) -> Iterator[Any]:
     """Dataloader-style worker processes for a pooled flow under `--runner processes`, else None.
 
     Prefect's processes runner starts every worker as a fresh interpreter that imports Prefect and the
     flow module and reports each task to the API (about 3 s of start-up on 2 cores, per run). Shard
     bodies that import neither (`pipeline.ingest_shard`) run here instead: the workers import only what those
     bodies need, start while the flow sets up (one compute thread each), and stay until the flow ends.
+    `warm`: (function, args) each worker runs once when it starts, before its first shard (the label
+    flow's model loading), so the models load in parallel with the flow's planning, once per worker.
+    A pool `prestarted` opened with the same `warm` is adopted (and left to it to close).
     """
     if getattr(opts, "runner", "threads") != "processes":
         yield None
         return
+    for started_warm, started in _STARTED:
+        if started_warm == warm:
+            yield started
+            return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     n = getattr(opts, "workers", None) or os.cpu_count() or 1
     # spawn, like Prefect's runner: the flow's process has threads (Prefect's event loops), so no fork.
     pool = ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=one_thread_per_worker)
+                               initializer=_start_worker, initargs=(warm,))
     try:
         for _ in range(n):
             pool.submit(_worker_ready)  # start the workers now, while the flow plans its shards
@@ -131,6 +148,25 @@ def compute_pool(opts: Any) -> Iterator[Any]:
         pool.shutdown(wait=False, cancel_futures=True)  # a failed or interrupted flow does not wait for queued shards
         raise
     pool.shutdown(wait=True)
+
+
+@contextlib.contextmanager
+def prestarted(opts: Any, warm: tuple[Callable[..., Any], tuple[Any, ...]] | None = None) -> Iterator[None]:
+    """Open the flow's compute pool before the flow starts, for its `compute_pool(opts, warm)` to adopt.
+
+    The workers then start and warm up while this process checks the options and Prefect starts its
+    server and the flow run (seconds), instead of after: a small run is not mostly start-up.
+    """
+    with compute_pool(opts, warm) as pool:
+        if pool is None:
+            yield
+            return
+        entry = (warm, pool)
+        _STARTED.append(entry)
+        try:
+            yield
+        finally:
+            _STARTED.remove(entry)
 
 
 def offload(pool: Any, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from data_manifest import ShardWriter, Workspace, crops
 from pipeline.labellers.base import ERROR, OK, SKIPPED, FaceCrop
-from pipeline.labellers.registry import ALIGN, LabelOptions, get_stage
+from pipeline.labellers.registry import ALIGN, LabelOptions, get_stage, is_built
 
 # The columns of the label selection (data_manifest/sql/flows/label_selection.sql) the batch reads.
 SELECTION_SCHEMA = pa.schema([
@@ -135,6 +135,33 @@ def label_shard(ws: Workspace, run_id: str, shard: str, rows: list[dict[str, Any
     if factor_rows:
         ShardWriter(ws, "factors", run_id).write(shard, factor_rows)
     return counts
+
+
+def label_selected(ws_root: str, run_id: str, shard: str, row_group: int, *, selection_file: str,
+                   stages: Sequence[str], options: LabelOptions) -> dict[str, Any]:
+    """Label one row group of a run's frozen selection and write its rows (a label run's shard body).
+
+    `seconds_shard` in the counts is the body's whole time (read, stages, writes): summed over the
+    shards it gives the `shard` rate of the run's `stage_images_per_s`, the images/s of one worker;
+    `stages_built` counts the stages this shard had to build (load models for): 0 on a warm worker.
+    Imports no Prefect and no flow module, so a compute-pool worker runs it (`flows.runners.compute_pool`).
+    """
+    from data_manifest import selection
+
+    cold = sum(not is_built(name, options) for name in stages)
+    t0 = time.perf_counter()
+    rows = selection.task_shard(ws_root, selection_file, row_group).to_pylist()
+    counts = label_shard(Workspace(ws_root), run_id, shard, rows, stages, options)
+    counts["seconds_shard"] = round(time.perf_counter() - t0, 6)
+    counts["stages_built"] = cold
+    return counts
+
+
+def warm_stages(stages: Sequence[str], options: LabelOptions) -> None:
+    """Build every stage now (models loaded once per process, kept by the registry's cache): a pool worker's
+    start-up, run while the flow plans its shards rather than inside its first shard."""
+    for name in stages:
+        get_stage(name, options)
 
 
 def run_metrics(totals: dict[str, Any], elapsed: float, summary: dict[str, Any]) -> dict[str, Any]:

@@ -190,9 +190,18 @@ def parse_stages(stages: str | Sequence[str]) -> list[str]:
     return ([ALIGN] if ALIGN in ordered else []) + [n for n in ordered if n != ALIGN]
 
 
+def _key(name: str, options: LabelOptions) -> tuple[str, str]:
+    return name, json.dumps(options.to_params(), sort_keys=True)
+
+
+def is_built(name: str, options: LabelOptions) -> bool:
+    """Whether this process has built the stage for these options already (its models are loaded)."""
+    return _key(name, options) in _CACHE
+
+
 def get_stage(name: str, options: LabelOptions) -> Any:
     """The built stage for these options, once per process (models load once, shared by thread workers)."""
-    key = (name, json.dumps(options.to_params(), sort_keys=True))
+    key = _key(name, options)
     with _CACHE_LOCK:
         if key not in _CACHE:
             _CACHE[key] = STAGES[name].builder()(options)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -113,6 +114,38 @@ def test_label_mixed_folder_rows_statuses_and_reasons(prefect_harness, mixed):
         ws, "SELECT x.*, s.source FROM factors x JOIN samples s USING (sample_id) WHERE factor = 'pose'")}
     assert json.loads(latest["tom.png"]["thresholds"]) == [5.0, 15.0]
     assert latest["tom.png"]["value"] == pytest.approx(yaw["tom.png"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_processes_runner_labels_on_warm_pool_workers(prefect_harness, mixed, tmp_path):
+    """--runner processes: shards run in compute-pool workers that loaded every stage's models when they started
+    (no shard builds one), and the rows equal a threads run's."""
+    import shutil
+
+    ws, expected = mixed
+    twin = Workspace(tmp_path / "twin")
+    shutil.copytree(ws.root, twin.root, dirs_exist_ok=True)
+    stages = ["align", "blur", "pose"]
+    pooled = L.label(stages=stages, options=OPTIONS, workspace=str(ws.root), shard_size=2, progress=False,
+                     runner="processes", workers=2)
+    threads = L.label(stages=stages, options=OPTIONS, workspace=str(twin.root), shard_size=2, progress=False)
+    assert pooled["selected"] == threads["selected"] == len(expected) and pooled["shards"] == 4
+    assert pooled["counts"]["stages_built"] == 0  # every shard found its stages built: the workers were warm
+    cols = "sample_id, factor, value, class_name, status, error, labeller_version"
+    sql = f"SELECT {cols} FROM factors ORDER BY sample_id, factor"
+    assert _table(ws, sql) == _table(twin, sql) and len(_table(ws, sql)) == 2 * len(expected)
+    from flows import runners
+
+    opts = L.LabelRunOptions(stages=stages, options=OPTIONS, runner="processes", workers=1)
+    with runners.compute_pool(opts, L.warm_up(opts)) as pool:  # a worker has built the stages before any shard
+        built = runners.offload(pool, _built_here, stages, opts.options)
+        assert runners.offload(pool, os.getpid) != os.getpid()
+    assert built == [True] * len(stages)
+
+
+def _built_here(stages, options):
+    """Run in a pool worker: which stages that process has built."""
+    return [registry.is_built(name, options) for name in stages]
 
 
 _FAIL = threading.Event()

@@ -7,19 +7,26 @@ random blur / brightness / noise, encoded as JPEG like an MS1MV2 RecordIO.
 Part 1 (in this process): images/s of each stage on --stage-images crops:
 decode, align (already-aligned mode: MTCNN measures the 5 landmarks on the
 crop; `align_none`: --detector none), blur (CPBD), pose (dlib 68 + PnP, the
-whole batch at once), pose (5-landmark geometric), the total of
-decode+align+blur+pose(dlib) and the label pass of `--aligned --detector none`
-(decode + align_none + blur + pose). Peers in the same run: the blur stage
-crop by crop against its batched call (and whether the rows are the same); dlib's HOG
-frontal-face detector (1x upsampled) on the same crops, as a ratio to our
-MTCNN, with both detection rates; dlib's own shape predictor crop by crop
-against the batched cascade (and whether the points are the same).
+whole batch at once), pose (5-landmark geometric), the occlusion, expression
+and lighting labellers of the default `attributes` stage, the total of
+decode+align+blur+pose(dlib), the label pass of `--aligned --detector none`
+(decode + align_none + blur + pose) and the whole five-factor pass (that plus
+occlusion, expression and lighting; ms per image of each part). Peers in the
+same run: the blur stage crop by crop against its batched call (and whether
+the rows are the same); dlib's HOG frontal-face detector (1x upsampled) on the
+same crops, as a ratio to our MTCNN, with both detection rates; dlib's own
+shape predictor crop by crop against the batched cascade (and whether the
+points are the same); lighting's luminance looked up against computed.
 
 Part 2 (scaling, two child processes): the `label` flow with the processes
 runner, 1 then 2 workers, over one insightface RecordIO of --scaling-images
-crops (stages --rss-stages, detector --detector): steady-state images/s of
-each, their ratio, and the MS1MV2 projection on --project-cores cores
-(formula in the JSON and docs/labelling.md).
+crops (stages --rss-stages, default all five factors; detector --detector):
+steady-state images/s of each, their ratio, the wall-clock ratios (of the
+run, and of the whole call with Prefect's start), and the MS1MV2 and
+WebFace42M projections on --project-cores cores (formula in the JSON and
+docs/labelling.md). `--peer-rev REV` runs the same two children with the code
+of git revision REV (a temporary worktree) on the same RecordIO and reports
+ours over it.
 
 Part 3 (one child process per size): the `label` flow (Prefect, thread runner)
 over an insightface RecordIO of N crops with --rss-stages, reporting the
@@ -27,12 +34,14 @@ child's peak RSS and images/s; the peak must stay flat as N grows.
 
     python benchmarks/label.py                          # all parts: 10k and 50k images (long on 2 cores)
     python benchmarks/label.py --rss-sizes 2000 10000   # a quicker check
-    python benchmarks/label.py --scaling-only --scaling-images 4000   # the 1- vs 2-worker pass only
+    python benchmarks/label.py --scaling-only --scaling-images 8000 --peer-rev 180c525   # the five-factor pass
+                                                        # against that revision's code (about 8 min on 2 cores)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -42,6 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +62,7 @@ sys.path.insert(0, str(ROOT))
 DISTINCT = 256  # distinct degraded crops, cycled: generation stays cheap, every stage still does real work
 PER_IDENTITY = 50
 MS1MV2_IMAGES = 5_822_653  # faces in MS1MV2 (insightface faces_emore)
+WEBFACE42M_IMAGES = 42_474_558  # faces in WebFace42M (Zhu et al., CVPR 2021)
 
 
 def base_crops() -> list[np.ndarray]:
@@ -150,6 +161,24 @@ def stage_throughput(n: int) -> dict:
     t0 = time.perf_counter()
     pose_dlib(bare)
     t["pose_dlib68_pnp_no_landmarks5"] = time.perf_counter() - t0
+    # The attribute factors of the default `attributes` stage (occlusion CNN, FER expression, analytic lighting).
+    from pipeline.labellers import lighting
+    from pipeline.labellers.registry import LabelOptions, get_stage
+
+    options = LabelOptions(detector="none", align_mode=ALREADY_ALIGNED)
+    for name in ("occlusion", "expression", "lighting"):
+        stage = get_stage(name, options)
+        stage(bare[:8])  # built and warm, as in a pool worker
+        t0 = time.perf_counter()
+        stage(bare)
+        t[name] = time.perf_counter() - t0
+    pixels = np.stack([f.crop for f in bare]).reshape(n, -1, 3)
+    t0 = time.perf_counter()
+    looked_up = lighting._luma(pixels)
+    t["luminance_lookup"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    computed = lighting.luma_reference(pixels)
+    t["luminance_computed"] = time.perf_counter() - t0
     # Landmarks alone: the batched cascade against dlib's own predictor crop by crop (the same points).
     backend = pose_dlib.backend
     crops, marks = [f.crop for f in faces if f.crop is not None], [f.landmarks for f in faces if f.crop is not None]
@@ -168,6 +197,7 @@ def stage_throughput(n: int) -> dict:
     total = t["decode"] + t["align_mtcnn_landmarks"] + t["blur_cpbd"] + t["pose_dlib68_pnp"]
     measured = sum(f.landmarks is not None for f in faces)
     label_pass = t["decode"] + t["align_none"] + t["blur_cpbd"] + t["pose_dlib68_pnp_no_landmarks5"]
+    five = label_pass + t["occlusion"] + t["expression"] + t["lighting"]
     return {
         "images": n,
         "images_per_s": {k: _rate(n, v) for k, v in t.items()},
@@ -175,6 +205,18 @@ def stage_throughput(n: int) -> dict:
         "total_stages": ["decode", "align_mtcnn_landmarks", "blur_cpbd", "pose_dlib68_pnp"],
         "label_pass_images_per_s": _rate(n, label_pass),
         "label_pass_stages": ["decode", "align_none", "blur_cpbd", "pose_dlib68_pnp_no_landmarks5"],
+        "five_factor_pass_images_per_s": _rate(n, five),
+        "five_factor_pass_stages": ["decode", "align_none", "blur_cpbd", "pose_dlib68_pnp_no_landmarks5",
+                                    "occlusion", "expression", "lighting"],
+        "five_factor_ms_per_image": {k: round(t[k] / n * 1000, 3) for k in
+                                     ("decode", "align_none", "blur_cpbd", "pose_dlib68_pnp_no_landmarks5",
+                                      "occlusion", "expression", "lighting")},
+        "luminance_lookup": {
+            "ours": "lighting's luminance looked up in a table of every 24-bit colour",
+            "peer": "the same luminance computed per pixel (linear sRGB, Rec. 709 weights)",
+            "speed_ratio_ours_over_peer": round(t["luminance_computed"] / t["luminance_lookup"], 2),
+            "same_values": bool(np.array_equal(looked_up, computed)),
+        },
         "pose_withholding": {
             "ours": "pose_dlib68_pnp: the yaw spread measured near a class threshold, ambiguous classes withheld",
             "peer": "pose_dlib68_pnp_no_withholding",
@@ -281,52 +323,88 @@ def _steady_state(shard_dir: Path, workers: int) -> dict:
     return out
 
 
-def _run_child(n: int, args: argparse.Namespace, *, workers: int, runner: str, rec: Path | None = None) -> dict:
-    cmd = [sys.executable, __file__, "--child", str(n), "--rss-stages", args.rss_stages, "--detector",
-           args.detector, "--pose-backend", args.pose_backend, "--shard-size", str(args.shard_size),
+def _run_child(n: int, args: argparse.Namespace, *, workers: int, runner: str, rec: Path | None = None,
+               root: Path = ROOT) -> dict:
+    """One child run of this benchmark's `--child` mode, from the checkout at `root` (a peer revision's too)."""
+    cmd = [sys.executable, str(root / "benchmarks" / "label.py"), "--child", str(n), "--rss-stages", args.rss_stages,
+           "--detector", args.detector, "--pose-backend", args.pose_backend, "--shard-size", str(args.shard_size),
            "--workers", str(workers), "--runner", runner]
     if rec is not None:
         cmd += ["--rec", str(rec)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=root)
     if proc.returncode != 0:
         return {"images": n, "runner": runner, "workers": workers, "error": proc.stderr.strip().splitlines()[-3:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def scaling(n: int, args: argparse.Namespace) -> dict:
-    """The label pass with 1 and 2 workers of the processes runner on one N-image RecordIO, and the projection."""
-    with tempfile.TemporaryDirectory(prefix="fiqa-bench-scaling-") as tmp:
-        rec = _write_rec(Path(tmp), n)
-        one = _run_child(n, args, workers=1, runner="processes", rec=rec)
-        two = _run_child(n, args, workers=2, runner="processes", rec=rec)
-    out: dict = {"images": n, "stages": args.rss_stages, "detector": args.detector,
-                 "pose_backend": args.pose_backend, "shard_size": args.shard_size, "runner": "processes",
-                 "one_worker": one, "two_workers": two}
+def _projection(dataset: str, images: int, rate: float, cores: int) -> dict:
+    return {"dataset": dataset, "images": images, "cores": cores, "images_per_s": round(rate, 1),
+            "minutes": round(images / rate / 60, 1)}
+
+
+def _one_and_two(n: int, args: argparse.Namespace, rec: Path, root: Path) -> dict:
+    """The label pass with 1 then 2 workers of the processes runner (code of the checkout at `root`)."""
+    one = _run_child(n, args, workers=1, runner="processes", rec=rec, root=root)
+    two = _run_child(n, args, workers=2, runner="processes", rec=rec, root=root)
+    out: dict = {"one_worker": one, "two_workers": two}
     if "error" in one or "error" in two or "steady_images_per_s" not in one or "steady_images_per_s" not in two:
         return out
     r1, r2 = one["steady_images_per_s"], two["steady_images_per_s"]
-    ratio = r2 / r1
-    efficiency = ratio / 2
+    efficiency = r2 / r1 / 2
     cores = args.project_cores
     rate = r1 * cores * efficiency
     out.update({
         "images_per_s_per_worker": r1,
         "images_per_s_two_workers": r2,
-        "ratio_two_over_one": round(ratio, 3),
+        "ratio_two_over_one": round(r2 / r1, 3),
         "scaling_efficiency": round(efficiency, 3),
         "wall_ratio_two_over_one": round(two["run_images_per_s"] / one["run_images_per_s"], 3),
-        "rates": "steady state: samples committed after each worker's first shard over the time from the "
-                 "workers-th commit to the last (no process start, model loading or catalog refresh); "
-                 "wall_ratio: the same ratio of samples over the whole run's seconds",
-        "projection": {
-            "dataset": "MS1MV2", "images": MS1MV2_IMAGES, "cores": cores,
-            "formula": "minutes = images / (images_per_s_per_worker * cores * scaling_efficiency) / 60, "
-                       "scaling_efficiency = ratio_two_over_one / 2 as measured here on 2 workers, assumed to "
-                       "hold up to `cores` workers",
-            "images_per_s": round(rate, 1),
-            "minutes": round(MS1MV2_IMAGES / rate / 60, 1),
-        },
+        "wall_call_ratio_two_over_one": round(two["images_per_s"] / one["images_per_s"], 3),
+        "start_up_seconds": {w: round(r["seconds"] - r["images"] / r["steady_images_per_s"], 2)
+                             for w, r in (("one_worker", one), ("two_workers", two))},
+        "projections": [_projection("MS1MV2", MS1MV2_IMAGES, rate, cores),
+                        _projection("WebFace42M", WEBFACE42M_IMAGES, rate, cores)],
     })
+    return out
+
+
+@contextlib.contextmanager
+def _checkout(rev: str) -> Iterator[Path]:
+    """A temporary detached worktree of this repository at `rev` (the peer revision's code)."""
+    with tempfile.TemporaryDirectory(prefix="fiqa-bench-peer-") as tmp:
+        path = Path(tmp) / "peer"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--quiet", str(path), rev], check=True)
+        try:
+            yield path
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(path)], check=False)
+
+
+def scaling(n: int, args: argparse.Namespace) -> dict:
+    """The label pass with 1 and 2 workers of the processes runner on one N-image RecordIO, and the projections;
+    with `--peer-rev`, the same runs of that revision's code on the same RecordIO, and ours over theirs."""
+    with tempfile.TemporaryDirectory(prefix="fiqa-bench-scaling-") as tmp:
+        rec = _write_rec(Path(tmp), n)
+        ours = _one_and_two(n, args, rec, ROOT)
+        if args.peer_rev:
+            with _checkout(args.peer_rev) as root:
+                peer = _one_and_two(n, args, rec, root)
+    out: dict = {"images": n, "stages": args.rss_stages, "detector": args.detector,
+                 "pose_backend": args.pose_backend, "shard_size": args.shard_size, "runner": "processes", **ours,
+                 "rates": "steady state: samples committed after each worker's first shard over the time from the "
+                          "workers-th commit to the last (no process start, model loading or catalog refresh); "
+                          "wall_ratio: the same ratio of samples over the run's own seconds; wall_call_ratio: over "
+                          "the whole label() call (the client's stage check and Prefect's temporary server too)",
+                 "projection_formula": "minutes = images / (images_per_s_per_worker * cores * scaling_efficiency) "
+                                       "/ 60, scaling_efficiency = ratio_two_over_one / 2 as measured here on 2 "
+                                       "workers, assumed to hold up to `cores` workers"}
+    if args.peer_rev:
+        out["peer"] = {"revision": args.peer_rev, **peer}
+        keys = ("images_per_s_per_worker", "wall_ratio_two_over_one", "wall_call_ratio_two_over_one")
+        if all(k in ours and k in peer for k in keys):
+            out["ours_over_peer"] = {k: round(ours[k] / peer[k], 3) for k in keys}
+            out["ours_over_peer"]["two_worker_run_seconds"] = round(
+                ours["two_workers"]["run_seconds"] / peer["two_workers"]["run_seconds"], 3)
     return out
 
 
@@ -334,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--stage-images", type=int, default=300, help="crops for the per-stage figures (0: skip)")
     p.add_argument("--rss-sizes", type=int, nargs="*", default=[10_000, 50_000], help="dataset sizes for peak RSS")
-    p.add_argument("--rss-stages", default="align,blur,pose", help="stages of the flow in the RSS and scaling runs")
+    p.add_argument("--rss-stages", default="align,blur,pose,attributes",
+                   help="stages of the flow in the RSS and scaling runs (default: all five factors)")
     p.add_argument("--detector", default="none", help="detector of the flow runs (none: crops are aligned)")
     p.add_argument("--pose-backend", default="dlib", help="pose backend of the flow runs")
     p.add_argument("--shard-size", type=int, default=1000)
@@ -342,7 +421,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scaling-images", type=int, default=8000,
                    help="images of the 1- vs 2-worker label pass with the processes runner (0: skip)")
     p.add_argument("--scaling-only", action="store_true", help="run only the scaling part (and its projection)")
-    p.add_argument("--project-cores", type=int, default=16, help="cores of the MS1MV2 projection")
+    p.add_argument("--project-cores", type=int, default=16, help="cores of the MS1MV2 and WebFace42M projections")
+    p.add_argument("--peer-rev", default=None,
+                   help="also run the scaling part with the code of this git revision (a temporary worktree) on the "
+                        "same images, and report ours over it")
     p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--runner", default="threads", help=argparse.SUPPRESS)
     p.add_argument("--rec", default=None, help=argparse.SUPPRESS)

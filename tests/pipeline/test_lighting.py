@@ -55,6 +55,18 @@ def test_luminance_is_rec709_of_linear_srgb():
     np.testing.assert_array_equal(luminance(primaries)[0], [54, 182, 18])  # 255 x (0.2126, 0.7152, 0.0722)
 
 
+def test_luminance_lookup_equals_the_computed_luminance():
+    """The label pass looks luminance up in a table of every colour; it equals the computation, pixel for pixel."""
+    from pipeline.labellers.lighting import _luma, luma_reference
+
+    rng = np.random.default_rng(7)
+    pixels = rng.integers(0, 256, (64, 4096, 3), dtype=np.uint8)
+    pixels[0, :8] = [[0, 0, 0], [255, 255, 255], [255, 0, 0], [0, 255, 0], [0, 0, 255], [1, 2, 3], [128] * 3, [10] * 3]
+    np.testing.assert_array_equal(_luma(pixels), luma_reference(pixels))
+    for image in shipped_images().values():  # real photos
+        np.testing.assert_array_equal(_luma(image), luma_reference(image))
+
+
 def test_luminance_rejects_non_rgb():
     with pytest.raises(ValueError, match="uint8"):
         luminance(np.zeros((4, 4), dtype=np.uint8))

@@ -107,10 +107,12 @@ def warm_up(opts: LabelRunOptions) -> tuple[Any, tuple[Any, ...]]:
 
 
 def run(opts: LabelRunOptions, flow_obj: Any = label_run) -> dict[str, Any]:
-    """Start the pool workers (`--runner processes`; they load the models meanwhile), build the stages here once
-    (a bad configuration fails before Prefect starts), then run the flow on the task runner the options ask for."""
-    with runners.prestarted(opts, warm_up(opts)):
-        opts.check()
+    """Start the pool workers (`--runner processes`; they load the models meanwhile), build the stages once (in a
+    pool worker, else here: a bad configuration fails before any flow run starts) while Prefect's temporary
+    server starts, then run the flow on the task runner the options ask for."""
+    with runners.prestarted(opts, warm_up(opts)) as pool:
+        with runners.api_starting():  # Prefect's temporary server starts meanwhile
+            runners.offload(pool, opts.check)  # in a pool worker (warm by then): no model loads in this process
         return runners.with_runner(flow_obj, opts, pooled=True)(opts)
 
 

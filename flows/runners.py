@@ -108,7 +108,8 @@ def _start_worker(warm: tuple[Callable[..., Any], tuple[Any, ...]] | None) -> No
     """A pool worker's initializer: one compute thread, then the flow's warm-up (e.g. loading its models)."""
     one_thread_per_worker()
     if warm is not None:
-        warm[0](*warm[1])
+        with contextlib.suppress(Exception):  # the flow's own check, run in this worker, raises it with its message
+            warm[0](*warm[1])
 
 
 _STARTED: list[tuple[Any, Any]] = []  # (warm, pool) of the pools `prestarted` opened for the flow about to run
@@ -151,22 +152,48 @@ def compute_pool(opts: Any, warm: tuple[Callable[..., Any], tuple[Any, ...]] | N
 
 
 @contextlib.contextmanager
-def prestarted(opts: Any, warm: tuple[Callable[..., Any], tuple[Any, ...]] | None = None) -> Iterator[None]:
-    """Open the flow's compute pool before the flow starts, for its `compute_pool(opts, warm)` to adopt.
+def prestarted(opts: Any, warm: tuple[Callable[..., Any], tuple[Any, ...]] | None = None) -> Iterator[Any]:
+    """Open the flow's compute pool before the flow starts, for its `compute_pool(opts, warm)` to adopt; yields
+    the pool (None without `--runner processes`).
 
     The workers then start and warm up while this process checks the options and Prefect starts its
     server and the flow run (seconds), instead of after: a small run is not mostly start-up.
     """
     with compute_pool(opts, warm) as pool:
         if pool is None:
-            yield
+            yield None
             return
         entry = (warm, pool)
         _STARTED.append(entry)
         try:
-            yield
+            yield pool
         finally:
             _STARTED.remove(entry)
+
+
+@contextlib.contextmanager
+def api_starting() -> Iterator[None]:
+    """Start Prefect's temporary server on a thread while the block runs (the client's own checks), when the flow
+    about to run would start one: its seconds of start-up overlap the checks instead of following them."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        yield
+        return
+    import threading
+
+    from prefect.server.api.server import SubprocessASGIServer
+
+    def start() -> None:
+        with contextlib.suppress(Exception):  # the flow starts it itself, and reports why it cannot
+            SubprocessASGIServer().start()  # the instance (port None) the flow's client uses
+
+    thread = threading.Thread(target=start, name="fiqa-prefect-server-start", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        thread.join()  # also after a failed check: a server half started at exit would outlive this process
 
 
 def offload(pool: Any, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

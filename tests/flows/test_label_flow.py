@@ -141,6 +141,10 @@ def test_processes_runner_labels_on_warm_pool_workers(prefect_harness, mixed, tm
         built = runners.offload(pool, _built_here, stages, opts.options)
         assert runners.offload(pool, os.getpid) != os.getpid()
     assert built == [True] * len(stages)
+    absent = str(tmp_path / "absent.pt")  # a bad configuration fails in the pool's check with its own message
+    with pytest.raises(FileNotFoundError, match="absent.pt"):
+        L.label(stages=["attributes"], options=registry.LabelOptions(attributes_checkpoint=absent),
+                workspace=str(ws.root), progress=False, runner="processes", workers=1)
 
 
 def _built_here(stages, options):

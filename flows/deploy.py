@@ -1,10 +1,11 @@
-"""`fiqa deploy serve|register|commands`: scheduled deployments of the refresh, relabel and train+score flows.
+"""`fiqa deploy serve|register|recover|commands`: scheduled deployments of the refresh, relabel and train+score flows.
 
 `serve` runs the deployments in this process; `register` creates them on work pools (refresh and relabel on a
-CPU process pool, train+score on a GPU pool) for `prefect worker start --pool NAME`; `commands` prints the
-commands that start a server, create the pools and limits, and start the workers. Every option is checked
-before a deployment is created, and a deployment another route created is never replaced (names, routes and
-commands: pipeline.deployments). See docs/operations.md.
+CPU process pool, train+score on a GPU pool) for `prefect worker start --pool NAME`; `recover` ends the dead
+runs of this project's deployments (a worker's runs: run it on the worker's machine, once after a crash or with
+`--watch`); `commands` prints the commands that start a server, create the pools and limits, and start the
+workers. Every option is checked before a deployment is created, and a deployment another route created is
+never replaced (names, routes and commands: pipeline.deployments). See docs/operations.md.
 """
 
 from __future__ import annotations
@@ -208,6 +209,26 @@ def serve(args: argparse.Namespace) -> None:
     prefect_serve(*deployments, limit=args.limit, print_starting_message=False)
 
 
+def recover(args: argparse.Namespace) -> None:
+    """What a restarted serve does, for runs a `prefect worker` (or a dead serve) of this machine left: end the
+    dead runs of every deployment of this project's flows as Crashed (their slots released), record their
+    workspaces' dead runs as crashed, and say why a run waits for a slot; once, or every `--watch` seconds."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter
+
+    flows = [scheduled.refresh_dataset.name, scheduled.relabel_subset.name, scheduled.train_and_score.name]
+    with get_client(sync_client=True) as c:
+        deps = c.read_deployments(flow_filter=FlowFilter(name={"any_": flows}))
+    names = sorted({d.name for d in deps})
+    workspaces = [d.parameters.get("workspace") for d in deps if d.parameters.get("workspace")]
+    check = functools.partial(check_runs, names, R.Notices())
+    R.recover_workspaces(args.workspaces or workspaces)
+    check()
+    print(f"checked the runs of {len(names)} deployment(s): {', '.join(names) or 'none found'}", flush=True)
+    if args.watch:
+        R.repeat(check, args.watch)
+
+
 def _add_deployment_args(p: argparse.ArgumentParser) -> None:
     for flag, default, help_text in D.OPTIONS:  # the options of serve and register, with their help
         p.add_argument(flag, default=default, help=help_text, **({"type": int} if isinstance(default, int) else {}))
@@ -234,6 +255,12 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="create missing process pools (GPU pool with concurrency 1) and the 'gpu' tag limit")
     r.add_argument("--source", default=str(PROJECT_ROOT),
                    help="project checkout the workers load the flows from (default: this checkout)")
+    text = "end the dead runs of this project's deployments (a worker's, after a crash) as Crashed"
+    v = sub.add_parser("recover", formatter_class=fmt, help=text, description=text)
+    v.add_argument("--watch", type=float, default=None, metavar="SECONDS",
+                   help="keep checking every SECONDS (run it beside `prefect worker start` on the worker's machine)")
+    v.add_argument("--workspace", dest="workspaces", action="append", default=None,
+                   help="workspace whose dead runs are recorded as crashed (repeatable; default: the deployments')")
     text = "print the commands that start a server, create pools, start workers"
     c = sub.add_parser("commands", formatter_class=fmt, help=text, description=text)
     c.add_argument("--cpu-pool", default=D.DEFAULT_CPU_POOL, help="process pool of the refresh")
@@ -247,6 +274,9 @@ def run_cli(args: argparse.Namespace) -> int:
         return 0
     if args.action == "serve":
         serve(args)
+        return 0
+    if args.action == "recover":
+        recover(args)
         return 0
     names = register(args)
     print("registered " + ", ".join(names))

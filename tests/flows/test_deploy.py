@@ -566,3 +566,38 @@ def test_a_restarted_serve_ends_the_dead_run_and_resumes_its_committed_shards(pr
             assert {(r["n"], r["r"]) for r in rows} == {(1, label_rid)}  # every sample once, by the resumed run
     finally:
         _stop(proc)
+
+
+def test_recover_ends_a_dead_worker_run_and_its_workspace_run(prefect_server, tmp_path, capsys):
+    """`fiqa deploy recover`: a Running run of a registered deployment whose process (a worker's child) is gone
+    ends Crashed, and its workspace's dead run is recorded crashed; a run whose process lives is left alone."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Running
+
+    from data_manifest import runs
+    from pipeline import recovery as R
+
+    data, ws = tmp_path / "data", Workspace(tmp_path / "ws")
+    _write_face(data / "dora" / "d0.png", 3)
+    api_url = prefect_server["api_url"]
+    assert _fiqa(api_url, ["deploy", "register", "--dataset-path", str(data), "--dataset", "rec", "--workspace",
+                           str(ws.root), "--cpu-pool", "rec-cpu", "--no-train", "--create-pools"]) == 0
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a finished process: its pid names no running process
+    dead_rid = runs.start_run(ws, "label", {"stages": ["align"]})  # recorded running, its lock held by nobody
+    with _api(api_url), get_client(sync_client=True) as c:
+        dep = c.read_deployment_by_name(f"refresh-dataset/{D.deployment_name('refresh', 'rec')}")
+        dead = c.create_flow_run_from_deployment(dep.id)
+        live = c.create_flow_run_from_deployment(dep.id)
+        for run, pid in ((dead, gone.pid), (live, os.getpid())):
+            c.set_flow_run_state(run.id, Running(), force=True)
+            c.update_flow_run(run.id, infrastructure_pid=R.process_key(pid))
+    capsys.readouterr()
+    assert _fiqa(api_url, ["deploy", "recover"]) == 0
+    out = capsys.readouterr().out
+    assert f"({dead.id}; {R.process_key(gone.pid)}) is gone: marked Crashed" in out
+    assert str(live.id) not in out and "refresh-rec" in out
+    assert _flow_run_state(api_url, dead.id)[0] == "CRASHED"
+    assert _flow_run_state(api_url, live.id)[0] == "RUNNING"
+    assert f"workspace run {dead_rid} was running in a process that died" in out
+    assert runs.run_info(ws, dead_rid) is not None and not runs.is_running(runs.run_info(ws, dead_rid))

@@ -56,6 +56,15 @@ def exaggerated_probability(emotions: np.ndarray) -> np.ndarray:
     return probs[:, [EMOTIONS.index(e) for e in EXAGGERATED_EMOTIONS]].sum(axis=1)
 
 
+def mirrored_inputs(crops: np.ndarray) -> np.ndarray:
+    """The network inputs of the crops, then of their mirror images (2N, 1, 64, 64): `preprocess` once, the
+    mirror inputs flipped from it. Equal to preprocessing the mirrored crops: grey is per pixel, the box is
+    symmetric and the 112 -> 64 bilinear resize samples mirrored positions with mirrored weights (its fractions,
+    k/8, are exact in OpenCV's fixed point), checked in tests/models/test_expression.py."""
+    inputs = preprocess(crops, INPUT_BOX)
+    return np.concatenate([inputs, inputs[..., ::-1]])
+
+
 class ExpressionStage:
     """Label stage "expression": per crop P(exaggerated), its class and the seven FER2013 emotions."""
 
@@ -95,7 +104,10 @@ class ExpressionStage:
 
     def emotions(self, crops: np.ndarray) -> np.ndarray:
         """(N, 7) emotion probabilities in EMOTIONS order for uint8 RGB 112x112 crops (N, 112, 112, 3)."""
-        inputs = preprocess(crops, INPUT_BOX)
+        return self.forward(preprocess(crops, INPUT_BOX))
+
+    def forward(self, inputs: np.ndarray) -> np.ndarray:
+        """(N, 7) emotion probabilities of preprocessed inputs (N, 1, 64, 64)."""
         if self.fast is not None and len(inputs):
             return batched(self.fast, inputs, self.forward_batch)
         return predict(self.net, inputs, batch_size=self.forward_batch, device=self.device,
@@ -107,7 +119,8 @@ class ExpressionStage:
         A face and its mirror image show the same expression; averaging the two readings halves the part of
         the network's output that follows pixel noise, blur or a paste on one side (docs/DIFFERENCES.md).
         """
-        both = self.emotions(np.concatenate([crops, np.ascontiguousarray(crops[:, :, ::-1])]))
+        inputs = mirrored_inputs(crops)
+        both = self.forward(inputs)
         return (both[:len(crops)] + both[len(crops):]) / 2
 
     def _row(self, sample_id: str, **kwargs: Any) -> dict[str, Any]:

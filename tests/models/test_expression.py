@@ -304,6 +304,19 @@ def test_preprocessing_is_fer_s():
         preprocess(crop.astype(np.float32))
 
 
+def test_mirror_inputs_are_the_preprocessed_mirror_crops():
+    """The stage preprocesses each crop once and flips the input for the mirror view: equal, value for value, to
+    preprocessing the mirrored crop (random crops and the package faces)."""
+    from pipeline.labellers.expression import INPUT_BOX, mirrored_inputs
+
+    rng = np.random.default_rng(3)
+    crops = np.concatenate([rng.integers(0, 256, (64, 112, 112, 3), dtype=np.uint8),
+                            np.stack(list(_package_crops().values()))])
+    both = mirrored_inputs(crops)
+    np.testing.assert_array_equal(both[:len(crops)], preprocess(crops, INPUT_BOX))
+    np.testing.assert_array_equal(both[len(crops):], preprocess(np.ascontiguousarray(crops[:, :, ::-1]), INPUT_BOX))
+
+
 # ---- real faces ----
 
 def test_stored_probabilities_are_the_float64_reference_on_the_stored_crops():

@@ -26,7 +26,7 @@ def compact(ws: Workspace) -> dict:
     folds: list[snapshots.FoldReport] = []
     if not catalog.refresh(ws, rebuild=True, folds=folds):
         raise RuntimeError(f"catalog {ws.catalog_path} is locked by another process; try again when it is free")
-    return {"workspace": str(ws.root), "seconds": round(time.perf_counter() - t0, 3), **folds[-1].as_dict()}
+    return {"workspace": ws.location, "seconds": round(time.perf_counter() - t0, 3), **folds[-1].as_dict()}
 
 
 def run_cli(args: argparse.Namespace) -> int:

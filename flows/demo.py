@@ -46,31 +46,31 @@ def run_demo(workspace: str | None = None, quick: bool = False, train_steps_epoc
     with step("build demo dataset"):
         variants = build_or_read(data_root, quick)
     with step("ingest"):
-        ingest(path=str(data_root), dataset=DATASET, workspace=str(ws.root), shard_size=32, progress=False)
+        ingest(path=str(data_root), dataset=DATASET, workspace=ws.location, shard_size=32, progress=False)
     options = {"detector": "mtcnn", "pose_backend": "dlib", "attributes_checkpoint": attributes_checkpoint}
     with step("label align,blur,pose,attributes"):
         label(stages=["align", "blur", "pose", "attributes"], where=IN_DEMO, options=options,
-              workspace=str(ws.root), shard_size=32, progress=False)
+              workspace=ws.location, shard_size=32, progress=False)
     with step("anchors (dlib ResNet)"):
-        anchors = anchors_flow(workspace=str(ws.root), fr_model="dlib", where=IN_DEMO, shard_size=64, progress=False)
+        anchors = anchors_flow(workspace=ws.location, fr_model="dlib", where=IN_DEMO, shard_size=64, progress=False)
     epochs = train_steps_epochs or (2 if quick else 8)
     with step("train CLIB-FIQA (tiny, CPU)"):
-        trained = train_flow(workspace=str(ws.root), model_config="clib-tiny", where=IN_DEMO,
+        trained = train_flow(workspace=ws.location, model_config="clib-tiny", where=IN_DEMO,
                              train_config={"stage1_epochs": epochs, "stage2_epochs": epochs, "batch_size": 32,
                                            "lr": 1e-3, "num_workers": 0, "device": "cpu"})
     with step("score"):
-        score_flow(workspace=str(ws.root), checkpoint=str(trained["checkpoint"]), where=IN_DEMO, device="cpu")
+        score_flow(workspace=ws.location, checkpoint=str(trained["checkpoint"]), where=IN_DEMO, device="cpu")
     reports = ws.reports / "demo"
     reports.mkdir(parents=True, exist_ok=True)
     with step("evaluate (EDC)"):
         model_id = catalog.query(ws, "SELECT model_id FROM embeddings WHERE status = 'ok' LIMIT 1").column(0)[0].as_py()
         pairs = comparisons(ws, model_id, reports / "demo_pairs.parquet")
-        ev = evaluate(benchmarks=[f"demo={pairs}"], qualities=quality_files(ws, reports), workspace=str(ws.root),
+        ev = evaluate(benchmarks=[f"demo={pairs}"], qualities=quality_files(ws, reports), workspace=ws.location,
                       fmrs=[1e-2], starting_errors=[0.1], protocols=["edc"], output=str(reports / "evaluation"))
     timings["total"] = round(time.perf_counter() - t0, 1)
     rows = demo_rows(ws, data_root)
     summary = {
-        "workspace": str(ws.root),
+        "workspace": ws.location,
         "variants": len(variants),
         "timings_s": timings,
         "anchor_run": anchors.get("run_id"),
@@ -86,6 +86,7 @@ def run_demo(workspace: str | None = None, quick: bool = False, train_steps_epoc
     summary["gallery"] = str(write_gallery(ws))  # after "total": the page shows the finished run
     publish_gallery(Path(summary["gallery"]))
     (reports / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    ws.push()  # a workspace on object storage: the reports and the gallery committed with the runs' files
     return summary
 
 

@@ -74,7 +74,7 @@ def refresh_dataset(dataset_path: str, dataset: str, workspace: str | None = Non
     from flows.label import LabelRunOptions, label
 
     ws, logger = recover(workspace), get_run_logger()
-    result: dict[str, Any] = {"dataset": dataset, "workspace": str(ws.root), "steps": todo}
+    result: dict[str, Any] = {"dataset": dataset, "workspace": ws.location, "steps": todo}
     runner_opts = {"runner": runner, "workers": workers, "address": address}
 
     if "ingest" in todo:

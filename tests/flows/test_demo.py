@@ -1,4 +1,6 @@
-"""The demo end to end (quick mode): every stage runs and the labels move with their known causes."""
+"""The demo end to end (quick mode) on a workspace on object storage (the local S3 test server): every stage runs,
+every report reaches the store, and the labels move with their known causes. A local workspace is the same code
+with the cache folder as its location; every flow's local runs are tested in their own modules."""
 
 from __future__ import annotations
 
@@ -8,15 +10,18 @@ from data_manifest import Workspace, catalog
 
 
 @pytest.mark.slow
-def test_quick_demo_runs_every_stage(prefect_harness, tmp_path, mtcnn_detector, real_labellers):
+def test_quick_demo_runs_every_stage(prefect_harness, tmp_path, mtcnn_detector, real_labellers, s3_workspace,
+                                    monkeypatch):
 
     mtcnn_detector()  # skips with a reason when the MTCNN weights are not fetched
 
     real_labellers()  # skips with a reason when the real labellers' weights are missing
     from flows.demo import run_demo
 
-    ws = Workspace(tmp_path / "ws")
-    summary = run_demo(workspace=str(ws.root), quick=True)
+    summary = run_demo(workspace=s3_workspace, quick=True)
+    assert summary["workspace"] == s3_workspace
+    monkeypatch.setenv("FIQA_CACHE", str(tmp_path / "another-client"))  # reads only what reached the store
+    ws = Workspace(s3_workspace)
     counts = {r["t"]: r["n"] for r in catalog.query(ws, (
         "SELECT 'samples' AS t, count(*) AS n FROM samples UNION ALL SELECT 'faces', count(*) FROM faces "
         "UNION ALL SELECT 'anchors', count(*) FROM anchors UNION ALL "

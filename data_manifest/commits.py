@@ -33,6 +33,7 @@ from data_manifest import store
 from data_manifest.workspace import Workspace
 
 RECEIPT = "_receipt"  # the key of the receipt in a task's counts (removed before they are recorded)
+EXPECTED = "shards_expected"  # runs/<run_id>/EXPECTED: a store workspace expects the run's shards (expect_shards)
 
 
 class WorkspaceNotShared(RuntimeError):
@@ -57,6 +58,9 @@ def expect_shards(ws: Workspace, run_id: str) -> None:
     """In the flow's process, before shards are submitted: the folder their workers must see (and, in a store's
     workspace, what the flow wrote for them, e.g. a frozen selection, committed)."""
     _commit_dir(ws.root, run_id).mkdir(parents=True, exist_ok=True)
+    if ws.store is not None and not (ws.runs_dir / run_id / "run.json").is_file():
+        # a workspace that holds only the run's shards (its record lives in another: train-attributes' crops)
+        (ws.runs_dir / run_id / EXPECTED).write_text(run_id)
     ws.push()
 
 
@@ -66,9 +70,10 @@ def check_visible(ws_root: str | Path, run_id: str) -> None:
     if store.is_url(ws_root):
         ws = Workspace(ws_root)
         ws.pull(f"runs/{run_id}")
-        if not (ws.runs_dir / run_id / "run.json").is_file():
+        if not any((ws.runs_dir / run_id / name).is_file() for name in ("run.json", EXPECTED)):
             raise WorkspaceNotShared(f"worker {worker_name()} does not find run {run_id} in the workspace "
-                                     f"{ws_root}: its runs/{run_id}/run.json is not committed there")
+                                     f"{ws_root}: neither its runs/{run_id}/run.json nor {EXPECTED} is committed "
+                                     "there")
         _commit_dir(ws.root, run_id).mkdir(parents=True, exist_ok=True)
         return
     folder = _commit_dir(ws_root, run_id)

@@ -79,7 +79,7 @@ def refresh_dataset(dataset_path: str, dataset: str, workspace: str | None = Non
 
     if "ingest" in todo:
         out = ingest(path=dataset_path, dataset=dataset, format=format, shard_size=shard_size,
-                     workspace=str(ws.root), progress=False, **runner_opts)
+                     workspace=ws.location, progress=False, **runner_opts)
         result["ingest"] = {"run_id": out["run_id"], "records": out["records"], "counts": out["counts"]}
         logger.info("%s: ingest run %s read %d record(s)", dataset, out["run_id"], out["records"])
     if "label" in todo:
@@ -87,11 +87,11 @@ def refresh_dataset(dataset_path: str, dataset: str, workspace: str | None = Non
         planned = LabelRunOptions(stages=stages, where=where, shard_size=shard_size, options=label_options or {})
         if crashed := runs.resumable(ws, "label", planned.run_params()):  # its committed shards are kept
             logger.info("%s: resuming crashed label run %s", dataset, crashed)
-            label(stages=stages, where=where, options=label_options, workspace=str(ws.root), shard_size=shard_size,
+            label(stages=stages, where=where, options=label_options, workspace=ws.location, shard_size=shard_size,
                   progress=False, run_id=crashed, **runner_opts)
         result["new_samples"] = n_new = D.count_where(ws, where)
         if n_new:
-            out = label(stages=stages, where=where, options=label_options, workspace=str(ws.root),
+            out = label(stages=stages, where=where, options=label_options, workspace=ws.location,
                         shard_size=shard_size, progress=False, **runner_opts)
             result["label"] = {"run_id": out["run_id"], "selected": out["selected"], "counts": out["counts"]}
         logger.info("%s: %d new sample(s) labelled", dataset, n_new)
@@ -113,7 +113,7 @@ def _refresh_anchors(ws: Workspace, dataset: str, *, fr_model: str | None, devic
     """
     from flows.anchors import DEFAULT_FR_MODEL, anchors_flow
 
-    out = anchors_flow(workspace=str(ws.root), fr_model=fr_model or DEFAULT_FR_MODEL,
+    out = anchors_flow(workspace=ws.location, fr_model=fr_model or DEFAULT_FR_MODEL,
                        where=f"dataset = {sql_str(dataset)}", device=device, runner=runner,
                        workers=workers or 1, address=address, progress=False, reuse_embeddings=True)
     return {"run_id": out["run_id"], "selected": out.get("selected"), "embeddings_reused": True}
@@ -134,9 +134,9 @@ def train_and_score(workspace: str | None = None, model: str = "clib-rn50",
     ws = recover(workspace)
     # Task runs inside carry the `gpu` tag: `prefect concurrency-limit create gpu 1` serialises them.
     with tags(D.GPU_TAG):
-        trained = train_flow(workspace=str(ws.root), model_config=model, train_config=config, where=where)
+        trained = train_flow(workspace=ws.location, model_config=model, train_config=config, where=where)
         checkpoint = trained["checkpoint"]
-        scored = score_flow(workspace=str(ws.root), checkpoint=checkpoint, where=score_where,
+        scored = score_flow(workspace=ws.location, checkpoint=checkpoint, where=score_where,
                             method=method or DEFAULT_METHOD, device=device, batch_size=batch_size)
     return {"train": {"run_id": trained["run_id"], "checkpoint": checkpoint},
             "score": {"run_id": scored["run_id"], "selected": scored["selected"]}}

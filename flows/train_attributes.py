@@ -103,7 +103,9 @@ def train_attributes_run(opts: TrainAttributesOptions) -> dict[str, Any]:
                             opts.val_images)
     det_kind, det_note = resolve_detector(opts.detector, opts.crop_device)
     ws = Workspace(opts.workspace)
-    data_ws = Workspace(opts.data_workspace or ws.root / DATA_WORKSPACE)
+    # beside the workspace: a folder of it, or on object storage a prefix of it (the crop tasks' workers open it)
+    data_ws = Workspace(opts.data_workspace or (f"{ws.location}/{DATA_WORKSPACE}" if ws.store else
+                                                ws.root / DATA_WORKSPACE))
     params = {**opts.recorded(), "splits": {s: [str(a), str(b)] for s, (a, b) in splits.items()}}
     decisive = {k: params[k] for k in ("splits", "min_size", "margin", "detector", "shard_images", "max_images")}
     with runtime.tracked_run(ws, "train_attributes", params, opts.run_id, decisive=decisive) as state:
@@ -118,11 +120,11 @@ def train_attributes_run(opts: TrainAttributesOptions) -> dict[str, Any]:
         per_split = crop_counts(data_ws, rid)
         for split in splits:
             data[split].update(per_split.get(split, {}))
-        trained = train_task(str(ws.root), str(data_ws.root), rid, opts.model_config, opts.train_config,
+        trained = train_task(ws.location, data_ws.location, rid, opts.model_config, opts.train_config,
                              calibration_fraction=opts.calibration_fraction, device=opts.device,
                              torch_threads=opts.torch_threads)
         files = write_report(ws.reports / rid, rid, trained, data,
-                             notes={"landmark detector": det_note, "crops and manifests": str(data_ws.root)})
+                             notes={"landmark detector": det_note, "crops and manifests": data_ws.location})
         publish_artifacts("attribute CNN training report", markdown={"attributes-report": files["report"].read_text()},
                           tables={"attributes-metrics": metrics_table(trained["metrics"])},
                           images={f"attributes-{n}": p for n, p in files.items() if n.startswith("confusion_")})
@@ -134,7 +136,7 @@ def train_attributes_run(opts: TrainAttributesOptions) -> dict[str, Any]:
                             "detector": det_note}
         catalog.refresh(data_ws)
         return {"run_id": rid, "checkpoint": trained["checkpoint"], "model_id": trained["model_id"],
-                "data_workspace": str(data_ws.root),
+                "data_workspace": data_ws.location,
                 "report": str(files["report"]), "metrics": summary, "data": data, "detector": det_note}
 
 

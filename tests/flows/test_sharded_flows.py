@@ -196,7 +196,9 @@ def test_anchors_resume_after_a_failed_shard_equals_an_uninterrupted_run(prefect
 
 @pytest.mark.slow
 def test_train_attributes_resume_after_a_failed_shard_equals_an_uninterrupted_run(prefect_harness, tmp_path,
-                                                                                   monkeypatch):
+                                                                                   monkeypatch, s3_workspace):
+    """The interrupted and resumed run goes to a workspace on object storage (its crops workspace a prefix of it),
+    the uninterrupted one to a local folder: the same rows."""
     from data_manifest import Workspace
     from flows import train_attributes as T
     from pipeline.attribute_training import crops as wider_crops
@@ -218,7 +220,7 @@ def test_train_attributes_resume_after_a_failed_shard_equals_an_uninterrupted_ru
         return real(items, *a, **k)
 
     monkeypatch.setattr(wider_crops, "wider_rows", flaky)
-    ws_b = str(tmp_path / "b")
+    ws_b = s3_workspace
     with pytest.raises(runtime.ShardFailures, match="1 of 6 shards failed"):
         T.train_attributes_flow(workspace=ws_b, run_id="attr-resume", **kw)
     monkeypatch.setattr(wider_crops, "wider_rows", real)
@@ -226,6 +228,7 @@ def test_train_attributes_resume_after_a_failed_shard_equals_an_uninterrupted_ru
         T.train_attributes_flow(workspace=ws_b, run_id="attr-resume", **{**kw, "margin": 0.3})
     resumed = T.train_attributes_flow(workspace=ws_b, run_id="attr-resume", **kw)
     assert resumed["data"]["val"]["crops"] == whole["data"]["val"]["crops"] > 0
+    assert resumed["data_workspace"] == f"{s3_workspace}/{T.DATA_WORKSPACE}"
     a, b = Workspace(whole["data_workspace"]), Workspace(resumed["data_workspace"])
     for table in ("samples", "faces", "factors"):
         got = [{k: (v.replace("attr-resume", "RUN") if isinstance(v, str) else v) for k, v in r.items()}

@@ -1,11 +1,11 @@
-"""`fiqa deploy serve|register|recover|commands`: scheduled deployments of the refresh, relabel and train+score flows.
+"""`fiqa deploy serve|register|worker|recover|commands`: scheduled deployments of refresh, relabel, train+score.
 
 `serve` runs the deployments in this process; `register` creates them on work pools (refresh and relabel on a
-CPU process pool, train+score on a GPU pool) for `prefect worker start --pool NAME`; `recover` ends the dead
-runs of this project's deployments (a worker's runs: run it on the worker's machine, once after a crash or with
-`--watch`); `commands` prints the commands that start a server, create the pools and limits, and start the
-workers. Every option is checked before a deployment is created, and a deployment another route created is
-never replaced (names, routes and commands: pipeline.deployments). See docs/operations.md.
+CPU process pool, train+score on a GPU pool) for `prefect worker start --pool NAME`, or for `worker`, which
+starts that worker after ending the runs a dead one left; `recover` is that check alone (flows.recover);
+`commands` prints the commands that start a server, create the pools and limits, and start the workers. Every
+option is checked before a deployment is created, and a deployment another route created is never replaced
+(names, routes and commands: pipeline.deployments). See docs/operations.md.
 """
 
 from __future__ import annotations
@@ -13,11 +13,10 @@ from __future__ import annotations
 import argparse
 import functools
 import threading
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from flows import command, relabel, scheduled
+from flows import command, recover, relabel, scheduled
 from flows.arguments import json_object
 from pipeline import deployments as D
 from pipeline import recovery as R
@@ -162,34 +161,6 @@ def register(args: argparse.Namespace) -> list[str]:
     return [f"{p['flow'].name}/{p['kwargs']['name']}" for p in todo]
 
 
-def check_runs(names: list[str], notices: R.Notices) -> None:
-    """End the runs of these deployments whose process is gone as Crashed, with their sub-flow and task runs (the
-    server releases the slots they held), and say once (`notices`) why a run waits for a slot."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import LogCreate
-    from prefect.client.schemas.filters import DeploymentFilter, FlowRunFilter, TaskRunFilter
-    from prefect.states import Crashed
-
-    active = {"type": {"any_": list(R.ACTIVE)}}
-    with get_client(sync_client=True) as c:
-        deps = {d.id: d for d in c.read_deployments(deployment_filter=DeploymentFilter(name={"any_": names}))}
-        found = c.read_flow_runs(flow_run_filter=FlowRunFilter(
-            deployment_id={"any_": list(deps)}, state={"type": {"any_": [*R.ACTIVE, "SCHEDULED"]}}))
-        for run in (dead := R.dead(found)):
-            ids = [run.id, *(r.id for r in c.read_flow_runs(flow_run_filter=FlowRunFilter(
-                parent_flow_run_id={"any_": [run.id]}, state=active)))]
-            for t in c.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": ids}),
-                                      task_run_filter=TaskRunFilter(state=active)):
-                c.set_task_run_state(t.id, Crashed(message=R.crash_message(run)), force=True)
-            for i in reversed(ids):  # the sub-flow runs first, the run (and its slot) last
-                c.set_flow_run_state(i, Crashed(message=R.crash_message(run)), force=True)
-            print(R.crash_message(run), flush=True)
-        for rid, line in notices.new(R.slot_waits([r for r in found if r not in dead], deps)).items():
-            print(line, flush=True)
-            c.create_logs([LogCreate(name="fiqa.deploy", level=20, message=line, flow_run_id=rid,
-                                     timestamp=datetime.now(UTC))])
-
-
 def serve(args: argparse.Namespace) -> None:
     """Serve the deployments from this process until interrupted; runs a dead serve left are ended first."""
     from prefect import serve as prefect_serve
@@ -202,31 +173,11 @@ def serve(args: argparse.Namespace) -> None:
                    for p in todo]
     names = [f"{d.flow_name}/{d.name}" for d in deployments]
     R.recover_workspaces(p["kwargs"]["parameters"].get("workspace") for p in todo)
-    check = functools.partial(check_runs, [d.name for d in deployments], R.Notices())
+    check = functools.partial(recover.check_runs, [d.name for d in deployments], R.Notices())
     check()
     threading.Thread(target=R.repeat, args=(check, PREFECT_RUNNER_POLL_FREQUENCY.value()), daemon=True).start()
     print(f"serving {', '.join(names)}; trigger with: prefect deployment run '{names[0]}'", flush=True)
     prefect_serve(*deployments, limit=args.limit, print_starting_message=False)
-
-
-def recover(args: argparse.Namespace) -> None:
-    """What a restarted serve does, for runs a `prefect worker` (or a dead serve) of this machine left: end the
-    dead runs of every deployment of this project's flows as Crashed (their slots released), record their
-    workspaces' dead runs as crashed, and say why a run waits for a slot; once, or every `--watch` seconds."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowFilter
-
-    flows = [scheduled.refresh_dataset.name, scheduled.relabel_subset.name, scheduled.train_and_score.name]
-    with get_client(sync_client=True) as c:
-        deps = c.read_deployments(flow_filter=FlowFilter(name={"any_": flows}))
-    names = sorted({d.name for d in deps})
-    workspaces = [d.parameters.get("workspace") for d in deps if d.parameters.get("workspace")]
-    check = functools.partial(check_runs, names, R.Notices())
-    R.recover_workspaces(args.workspaces or workspaces)
-    check()
-    print(f"checked the runs of {len(names)} deployment(s): {', '.join(names) or 'none found'}", flush=True)
-    if args.watch:
-        R.repeat(check, args.watch)
 
 
 def _add_deployment_args(p: argparse.ArgumentParser) -> None:
@@ -261,6 +212,12 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="keep checking every SECONDS (run it beside `prefect worker start` on the worker's machine)")
     v.add_argument("--workspace", dest="workspaces", action="append", default=None,
                    help="workspace whose dead runs are recorded as crashed (repeatable; default: the deployments')")
+    text = "a `prefect worker` on POOL that first ends the dead runs a killed worker left, and checks at every poll"
+    w = sub.add_parser("worker", formatter_class=fmt, help=text, description=text)
+    w.add_argument("--pool", required=True, help="the work pool (e.g. fiqa-cpu)")
+    w.add_argument("--limit", type=int, default=None, help="most concurrent flow runs of the worker")
+    w.add_argument("--workspace", dest="workspaces", action="append", default=None,
+                   help="workspace whose dead runs are recorded as crashed (repeatable; default: the deployments')")
     text = "print the commands that start a server, create pools, start workers"
     c = sub.add_parser("commands", formatter_class=fmt, help=text, description=text)
     c.add_argument("--cpu-pool", default=D.DEFAULT_CPU_POOL, help="process pool of the refresh")
@@ -276,8 +233,10 @@ def run_cli(args: argparse.Namespace) -> int:
         serve(args)
         return 0
     if args.action == "recover":
-        recover(args)
+        recover.recover(args)
         return 0
+    if args.action == "worker":
+        return recover.worker(args)
     names = register(args)
     print("registered " + ", ".join(names))
     pools = {args.cpu_pool} | ({args.gpu_pool} if any(n.startswith("train-and-score/") for n in names) else set())

@@ -79,7 +79,8 @@ def dead(runs: Iterable[Any], now: datetime | None = None) -> list[Any]:
 
 def crash_message(run: Any) -> str:
     where = run.infrastructure_pid or "no process recorded"
-    return f"the process of flow run {run.name} ({run.id}; {where}) is gone: marked Crashed by a restarted serve"
+    return (f"the process of flow run {run.name} ({run.id}; {where}) is gone: marked Crashed by a restarted serve "
+            "or worker")
 
 
 def slot_waits(runs: list[Any], deployments: dict[Any, Any]) -> dict[Any, str]:

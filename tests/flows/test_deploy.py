@@ -532,7 +532,7 @@ def test_a_restarted_serve_ends_the_dead_run_and_resumes_its_committed_shards(pr
         assert f"workspace run {label_rid} was running in a process that died: recorded as crashed" in text, text
         assert f"the process of flow run {first.name} ({first.id}; " in text, text
         state, _, crashed = _flow_run_state(api_url, first.id)
-        assert state == "CRASHED" and "is gone: marked Crashed by a restarted serve" in crashed.state.message
+        assert state == "CRASHED" and "is gone: marked Crashed by a restarted serve or worker" in crashed.state.message
         with _api(api_url), get_client(sync_client=True) as c:
             subs = c.read_flow_runs(flow_run_filter=FlowRunFilter(
                 parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[first.id])))
@@ -601,3 +601,45 @@ def test_recover_ends_a_dead_worker_run_and_its_workspace_run(prefect_server, tm
     assert _flow_run_state(api_url, live.id)[0] == "RUNNING"
     assert f"workspace run {dead_rid} was running in a process that died" in out
     assert runs.run_info(ws, dead_rid) is not None and not runs.is_running(runs.run_info(ws, dead_rid))
+
+
+@pytest.mark.slow
+def test_deploy_worker_ends_a_dead_run_first_then_serves_the_pool(prefect_server, tmp_path):
+    """`fiqa deploy worker --pool P`: the runs a killed worker left are ended Crashed before its `prefect worker`
+    starts polling P; SIGTERM stops the worker it started."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Running
+
+    from pipeline import recovery as R
+
+    data, ws = tmp_path / "data", Workspace(tmp_path / "ws")
+    _write_face(data / "eve" / "e0.png", 4)
+    api_url = prefect_server["api_url"]
+    assert _fiqa(api_url, ["deploy", "register", "--dataset-path", str(data), "--dataset", "wrk", "--workspace",
+                           str(ws.root), "--cpu-pool", "wrk-cpu", "--no-train", "--create-pools"]) == 0
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    with _api(api_url), get_client(sync_client=True) as c:
+        dep = c.read_deployment_by_name(f"refresh-dataset/{D.deployment_name('refresh', 'wrk')}")
+        dead = c.create_flow_run_from_deployment(dep.id)
+        c.set_flow_run_state(dead.id, Running(), force=True)
+        c.update_flow_run(dead.id, infrastructure_pid=R.process_key(gone.pid))
+    log = tmp_path / "worker.log"
+    proc = _start([sys.executable, "-m", "flows.cli", "deploy", "worker", "--pool", "wrk-cpu"],
+                  _prefect_env(prefect_server["home"], api_url), log)
+    try:
+        _wait_for(lambda: "marked Crashed" in log.read_text(), "dead run ended", proc, log)
+        assert _flow_run_state(api_url, dead.id)[0] == "CRASHED"
+
+        def online() -> bool:
+            with _api(api_url), get_client(sync_client=True) as c:
+                return any(w.status.value == "ONLINE" for w in c.read_workers_for_work_pool("wrk-cpu"))
+
+        _wait_for(online, "the worker polls its pool", proc, log)
+        os.kill(proc.pid, signal.SIGTERM)  # the fiqa process only: it stops the worker it started
+        proc.wait(timeout=60)
+        time.sleep(1.0)
+        children = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        assert children == [], log.read_text()[-2000:]
+    finally:
+        _stop(proc)

@@ -30,7 +30,7 @@ def _examples() -> list[tuple[str, str, list[str]]]:
 
 
 EXAMPLES = _examples()
-SUB_COMMANDS = {"deploy": ("serve", "register", "recover", "commands")}
+SUB_COMMANDS = {"deploy": ("serve", "register", "worker", "recover", "commands")}
 
 
 def test_the_docs_have_examples_of_most_commands():

@@ -47,7 +47,7 @@ def test_dead_runs_are_active_runs_whose_process_is_gone_or_that_never_started()
             _run("running-unrecorded", "RUNNING", age_s=600)]
     assert [r.name for r in R.dead(runs, now=NOW)] == ["gone", "cancelling", "stale-pending"]
     assert R.crash_message(runs[1]) == (f"the process of flow run gone (id-gone; {gone}) is gone: marked Crashed "
-                                        "by a restarted serve")
+                                        "by a restarted serve or worker")
 
 
 def test_a_waiting_run_gets_one_line_naming_the_holder_and_the_limit():

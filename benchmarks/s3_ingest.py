@@ -2,7 +2,8 @@
 ``s3://`` workspace on a local S3-compatible server (moto's, from PyPI), in one run.
 
 Three figures, each as the object-storage time over the local-disk time (a ratio, so the machine's speed
-cancels out): `ingest` (the flow's whole run: shards written into the cache, then committed to the store,
+cancels out), and a fourth, `fresh_sync`: a new client's sync moving FIQA_S3_TRANSFERS files at once over one at a
+time. The first three: `ingest` (the flow's whole run: shards written into the cache, then committed to the store,
 files and a marker per shard); `read` (a second client with an empty cache syncs the committed files and
 answers a count over `samples`, against the same query on the local workspace's catalog); `resync` (the same
 client again: nothing new, one listing of the markers). The rows of both workspaces are checked equal.
@@ -96,6 +97,13 @@ def main(argv: list[str] | None = None) -> int:
             reader, open_s = timed(Workspace, url)
             n_s3, q_s3 = timed(count_samples, reader)
             _, resync_s = timed(Workspace, url)
+            from data_manifest import store
+
+            sync = {}  # a fresh client's sync with one transfer at a time, and with the default number at once
+            for n in (1, store.transfers()):
+                os.environ.update(FIQA_CACHE=str(root / f"sync-{n}"), FIQA_S3_TRANSFERS=str(n))
+                _, sync[n] = timed(Workspace, url)
+            os.environ.pop("FIQA_S3_TRANSFERS")
             sql = f"SELECT {SAMPLE_COLUMNS} FROM samples ORDER BY sample_id"
             same = catalog.query(reader, sql).to_pylist() == catalog.query(local_ws, sql).to_pylist()
             s3fs = reader.store.fs
@@ -115,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         "read": {"local_query_s": q_local, "s3_sync_s": open_s, "s3_query_s": q_s3, "s3_total_s": read_s3,
                  "ratio_s3_over_local": round(read_s3 / max(q_local, 1e-3), 2)},
         "resync_nothing_new_s": resync_s,
+        "fresh_sync": {"ours": f"{max(sync)} files moved at once (FIQA_S3_TRANSFERS)", "peer": "one at a time",
+                       "seconds": {str(k): v for k, v in sync.items()},
+                       "speed_ratio_ours_over_peer": round(sync[1] / max(sync[max(sync)], 1e-3), 2)},
         "rows_equal": same,
         "objects_in_store": len(stored), "commit_markers": markers,
         "store_mb": round(sum(i.size for i in stored) / 2**20, 2),

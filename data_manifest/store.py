@@ -30,6 +30,7 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
+from typing import Any
 from urllib.parse import urlsplit
 
 from pyarrow import fs as pafs
@@ -42,6 +43,8 @@ COMMITS = "_commits"  # the commit markers, in the store and (those seen) in the
 LOCAL_ONLY = frozenset({"catalog.duckdb", "catalog.duckdb.wal", "catalog.duckdb.swap", "catalog.root", "lock"})
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 _CHUNK = 8 << 20
+ENV_TRANSFERS = "FIQA_S3_TRANSFERS"
+DEFAULT_TRANSFERS = 16  # files moved at once by a push or pull: each is a request's round trip to the store
 
 Stamp = tuple[int, int]  # (size, mtime_ns) of a file, as committed
 
@@ -224,10 +227,12 @@ class Store:
         changed = self._changed(root, rels)
         if not changed:
             return 0
+        def upload(rel: str) -> None:
+            with open(root / rel, "rb") as src, self.fs.open_output_stream(self.key(rel)) as out:
+                shutil.copyfileobj(src, out, _CHUNK)
+
         try:
-            for rel in changed:
-                with open(root / rel, "rb") as src, self.fs.open_output_stream(self.key(rel)) as out:
-                    shutil.copyfileobj(src, out, _CHUNK)
+            each(upload, list(changed))  # every file before the marker
             marker = {"files": {rel: list(st) for rel, st in changed.items()}, "host": socket.gethostname(),
                       "pid": os.getpid(), "committed_at": time.time()}
             name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.json"
@@ -254,19 +259,20 @@ class Store:
             seen = self.committed(root)
             local = set(os.listdir(root / COMMITS)) if (root / COMMITS).is_dir() else set()
             new = sorted(i.base_name for i in infos if i.base_name.endswith(".json") and i.base_name not in local)
-            markers = {n: self._marker(f"{folder}/{n}") for n in new}
+            markers = dict(zip(new, each(lambda n: self._marker(f"{folder}/{n}"), new), strict=True))
             wanted = dict(seen) if repair else {}
             for body in markers.values():
                 wanted.update({_safe_rel(self.url, r): (int(s), int(m))
                                for r, (s, m) in json.loads(body)["files"].items()})
-            count = 0
+            todo = []
             for rel, st in wanted.items():
                 if under is not None and rel != under and not rel.startswith(under.rstrip("/") + "/"):
                     continue
                 have = _stamp(root / rel)
                 if have is None or (have != st and seen.get(rel) != st):
-                    self._download(rel, root / rel, st)
-                    count += 1
+                    todo.append((rel, st))
+            each(lambda item: self._download(item[0], root / item[0], item[1]), todo)
+            count = len(todo)
         except OSError as e:
             raise self._error("reading the store failed", e) from e
         except (ValueError, KeyError, TypeError) as e:
@@ -302,6 +308,25 @@ class Store:
             os.replace(tmp, dest)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def transfers() -> int:
+    """How many files a push or pull moves at once ($FIQA_S3_TRANSFERS, default DEFAULT_TRANSFERS)."""
+    raw = os.environ.get(ENV_TRANSFERS, str(DEFAULT_TRANSFERS))
+    if not raw.isdigit() or int(raw) < 1:
+        raise StoreError(f"{ENV_TRANSFERS} must be a whole number >= 1, got {raw!r}")
+    return int(raw)
+
+
+def each(fn: Any, items: list[Any]) -> list[Any]:
+    """fn over items, `transfers()` at a time on threads (pyarrow's S3 file system is thread-safe), in order;
+    the first error is raised once every started transfer has ended."""
+    if len(items) <= 1 or transfers() == 1:
+        return [fn(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(transfers(), len(items)), thread_name_prefix="fiqa-s3") as pool:
+        return list(pool.map(fn, items))
 
 
 def _write(path: Path, body: bytes) -> None:

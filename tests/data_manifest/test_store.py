@@ -57,6 +57,26 @@ def test_committed_shards_reach_another_client_row_for_row(s3_workspace, tmp_pat
     assert Workspace(s3_workspace).pull() == 0 and lost.is_file() and len(_ids(reader)) == 4
 
 
+def test_many_files_move_at_once_with_the_same_result(s3_workspace, tmp_path, monkeypatch):
+    """Pushes and pulls move `FIQA_S3_TRANSFERS` files at once: 40 shards in 8 commits reach a client pulling with
+    16 transfers and one pulling with 1 identically; a bad setting is refused naming it."""
+    ws = Workspace(s3_workspace)
+    for commit in range(8):
+        for k in range(5):
+            ShardWriter(ws, "samples", f"r{commit}").write(k, _rows(2, 10 * (5 * commit + k)))
+        assert ws.push() == 5
+    got = {}
+    for n in ("16", "1"):
+        monkeypatch.setenv(store.ENV_TRANSFERS, n)
+        reader = _other_client(monkeypatch, tmp_path, s3_workspace, name=f"t{n}")
+        files = sorted(p.relative_to(reader.root).as_posix() for p in reader.manifests.rglob("*.parquet"))
+        got[n] = (files, _ids(reader))
+    assert got["16"] == got["1"] and len(got["1"][0]) == 40 and len(got["1"][1]) == 80
+    monkeypatch.setenv(store.ENV_TRANSFERS, "0")
+    with pytest.raises(store.StoreError, match="FIQA_S3_TRANSFERS must be a whole number >= 1"):
+        store.transfers()
+
+
 def test_files_without_a_commit_marker_are_invisible(s3_workspace, tmp_path, monkeypatch):
     """A worker killed after uploading its files, before their marker: no reader sees them, in any cache."""
     ws = Workspace(s3_workspace)

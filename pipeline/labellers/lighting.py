@@ -170,12 +170,31 @@ def region_index(landmarks: Any, shape: tuple[int, int] = (CROP_SIZE, CROP_SIZE)
     return _region_index(points.tobytes(), (int(shape[0]), int(shape[1])))
 
 
-def _histograms(values: np.ndarray) -> np.ndarray:
+def _counts(values: np.ndarray) -> np.ndarray:
+    """256-bin counts (N, 256), as int64, of the rows of uint8 values (N, n): OpenCV's histogram row by row (the
+    integers np.bincount gives, several times faster on a batch)."""
+    import cv2
+
+    out = np.empty((len(values), 256), np.int64)
+    for i, row in enumerate(np.ascontiguousarray(values, dtype=np.uint8)):
+        out[i] = cv2.calcHist([row.reshape(1, -1)], [0], None, [256], [0, 256]).reshape(-1)
+    return out
+
+
+def _histograms(values: np.ndarray, counts: np.ndarray | None = None) -> np.ndarray:
     """Normalised 256-bin histograms (N, 256) of the rows of uint8 values (N, n), n > 0."""
-    rows, n = values.shape
-    offset = (np.arange(rows, dtype=np.intp) * 256)[:, None]
-    counts = np.bincount((values + offset).reshape(-1), minlength=rows * 256).reshape(rows, 256)
-    return counts.astype(np.float64) / n
+    return (_counts(values) if counts is None else counts).astype(np.float64) / values.shape[1]
+
+
+def _medians(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """np.median of each row of uint8 values (N, n) from its counts: the middle value, or the mean of the two."""
+    n = values.shape[1]
+    cum = np.cumsum(counts, axis=1)
+    upper = (cum > n // 2).argmax(axis=1).astype(np.float64)
+    if n % 2:
+        return upper
+    lower = (cum > n // 2 - 1).argmax(axis=1).astype(np.float64)
+    return (lower + upper) / 2
 
 
 def _entropy_bits(hist: np.ndarray) -> float:
@@ -200,7 +219,8 @@ def batch_lighting_measures(crops: np.ndarray, landmarks: Any) -> dict[str, np.n
     variance = (hist * (levels - mean[:, None]) ** 2).sum(axis=1)
     yl, yr = y[:, index.left], y[:, index.right]
     ml, mr = yl.mean(axis=1), yr.mean(axis=1)
-    dl, dr = np.median(yl, axis=1), np.median(yr, axis=1)
+    cl, cr = _counts(yl), _counts(yr)
+    dl, dr = _medians(yl, cl), _medians(yr, cr)
     p01, p99 = np.percentile(y, [1.0, 99.0], axis=1) / 255.0
     hi_mean, hi_median = np.maximum(ml, mr), np.maximum(dl, dr)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -209,7 +229,7 @@ def batch_lighting_measures(crops: np.ndarray, landmarks: Any) -> dict[str, np.n
     return {
         "luminance_mean": mean,
         "luminance_variance": variance,
-        "illumination_uniformity": np.minimum(_histograms(yl), _histograms(yr)).sum(axis=1),
+        "illumination_uniformity": np.minimum(_histograms(yl, cl), _histograms(yr, cr)).sum(axis=1),
         "half_mean_ratio": mean_ratio,
         "half_median_ratio": median_ratio,
         "dynamic_range_bits": np.array([_entropy_bits(h) for h in hist]),

@@ -67,6 +67,21 @@ def test_luminance_lookup_equals_the_computed_luminance():
         np.testing.assert_array_equal(_luma(image), luma_reference(image))
 
 
+@pytest.mark.parametrize("n", [1, 2, 4447, 4448])
+def test_counted_histograms_and_medians_equal_numpy(n):
+    """The batch measures count each row's values once (OpenCV's histogram) and read the medians off the counts:
+    equal to np.bincount and np.median, odd and even rows, ties and constant rows included."""
+    from pipeline.labellers.lighting import _counts, _histograms, _medians
+
+    rng = np.random.default_rng(n)
+    rows = np.concatenate([rng.integers(0, 256, (6, n)), rng.integers(100, 103, (3, n)), np.full((2, n), 7),
+                           np.full((1, n), 255)]).astype(np.uint8)
+    counts = _counts(rows)
+    assert [np.bincount(r, minlength=256).tolist() for r in rows] == counts.tolist()
+    np.testing.assert_array_equal(_histograms(rows), counts / n)
+    np.testing.assert_array_equal(_medians(rows, counts), np.median(rows, axis=1))
+
+
 def test_luminance_rejects_non_rgb():
     with pytest.raises(ValueError, match="uint8"):
         luminance(np.zeros((4, 4), dtype=np.uint8))

@@ -43,6 +43,16 @@ from pipeline.synthetic import degrade
 GREY_BAND = {"grey": 90.0}  # like pipeline.synthetic.degrade.occlusion's patch value
 
 
+def _pasted(crop: np.ndarray, landmarks: np.ndarray | None, family: str, rng: np.random.Generator,
+            bank: occ.TextureBank, **kwargs: Any) -> list[tuple[np.ndarray, bool]]:
+    """One paste as (image, expected obstructed) in a list, or an empty list where the family's shape does not
+    fit the face (a mask needs the nose tip well under the eyes, which a face seen from below may not have)."""
+    try:
+        return [(occ.paste(crop, landmarks, family, rng, bank, **kwargs).image, family != occ.BENIGN)]
+    except ValueError:
+        return []
+
+
 def variants(crop: np.ndarray, landmarks: np.ndarray | None, rng: np.random.Generator, bank: occ.TextureBank,
              draws: int, families: Sequence[str] = occ.FAMILIES) -> dict[str, list[tuple[np.ndarray, bool]]]:
     """Named variants of one face: (image, expected obstructed) lists."""
@@ -55,18 +65,18 @@ def variants(crop: np.ndarray, landmarks: np.ndarray | None, rng: np.random.Gene
         "side_light": [(degrade.side_light(crop, 2), False)],
         "blur": [(cv2.GaussianBlur(crop, (0, 0), 2.4), False)],
         "downscale": [(degrade.downscale(crop, 2), False)],
-        "grey_band": [(occ.paste(crop, landmarks, "band", rng, bank, top=(nose_v + mouth_v) / 2, edge_sigma=0.0,
-                                 **GREY_BAND).image, True)],
+        "grey_band": _pasted(crop, landmarks, "band", rng, bank, top=(nose_v + mouth_v) / 2, edge_sigma=0.0,
+                             **GREY_BAND),
     }
     out["degrade_patch"] = [(degrade.occlusion(crop, 2), True)]  # pipeline.synthetic.degrade's grey patch, on the crop
     out["degrade_mask"] = [(degrade.mask(crop, level), True) for level in (1, 2, 3)]
     for tex in occ.MASK_TEXTURES:
-        out[f"mask:{tex}"] = [(occ.paste(crop, landmarks, "mask", rng, bank, texture=tex).image, True)]
+        out[f"mask:{tex}"] = _pasted(crop, landmarks, "mask", rng, bank, texture=tex)
     for fam in families:
-        out[f"family:{fam}"] = [(occ.paste(crop, landmarks, fam, rng, bank).image, True) for _ in range(draws)]
-    out["benign"] = [(occ.paste(crop, landmarks, occ.BENIGN, rng, bank).image, False) for _ in range(draws)]
-    out["dark+mask"] = [(degrade.dark(out["mask:mask_white"][0][0], 3), True)]
-    out["blur+grey_band"] = [(cv2.GaussianBlur(out["grey_band"][0][0], (0, 0), 2.4), True)]
+        out[f"family:{fam}"] = [v for _ in range(draws) for v in _pasted(crop, landmarks, fam, rng, bank)]
+    out["benign"] = [v for _ in range(draws) for v in _pasted(crop, landmarks, occ.BENIGN, rng, bank)]
+    out["dark+mask"] = [(degrade.dark(im, 3), True) for im, _ in out["mask:mask_white"]]
+    out["blur+grey_band"] = [(cv2.GaussianBlur(im, (0, 0), 2.4), True) for im, _ in out["grey_band"]]
     return out
 
 
@@ -80,19 +90,20 @@ def rates(model: mo.OcclusionModel, faces: Sequence[Any], seed: int, draws: int,
         for name, items in variants(f.crop, f.landmarks, rng, bank, draws, families).items():
             pooled.setdefault(name, []).extend(items)
     out = {}
-    for name, items in pooled.items():
+    for name, items in ((k, v) for k, v in pooled.items() if v):
         p = mo.predict_proba(model, np.stack([im for im, _ in items]))
         out[name] = {"obstructed": round(float((p >= model.threshold).mean()), 3),
                      "mean_p": round(float(p.mean()), 3), "n": len(items)}
     return out
 
 
-def pooled(parts: Sequence[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+def merged(parts: Sequence[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
     """Rates of several disjoint face sets merged into one (count-weighted)."""
     out = {}
-    for name in parts[0]:
-        n = sum(p[name]["n"] for p in parts)
-        out[name] = {k: round(sum(p[name][k] * p[name]["n"] for p in parts) / n, 3) for k in ("obstructed", "mean_p")}
+    for name in dict.fromkeys(k for p in parts for k in p):
+        have = [p[name] for p in parts if name in p]
+        n = sum(r["n"] for r in have)
+        out[name] = {k: round(sum(r[k] * r["n"] for r in have) / n, 3) for k in ("obstructed", "mean_p")}
         out[name]["n"] = n
     return out
 
@@ -113,8 +124,8 @@ def two_fold(fit: Sequence[Any], config: mo.TrainConfig, seed: int, draws: int, 
         for src in sorted({sources[f.name] for f in rate_on}):
             parts.setdefault(src, []).append(rates(model, [f for f in rate_on if sources[f.name] == src], seed, draws))
         print(f"two-fold: half {k} trained on {len(train_on)} faces", file=sys.stderr)
-    by_source = {src: pooled(p) for src, p in parts.items()}
-    every = pooled([r for p in parts.values() for r in p])
+    by_source = {src: merged(p) for src, p in parts.items()}
+    every = merged([r for p in parts.values() for r in p])
     return {"faces": [len(h) for h in halves], "unseen": every, "unseen_summary": summary(every),
             "by_source": {src: {"faces": r["clean"]["n"], **summary(r)} for src, r in by_source.items()}}
 

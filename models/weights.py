@@ -56,9 +56,9 @@ FER_FILE = WeightFile(
 # `python -m models.fetch_weights` checks this SHA-256 and copies the file into the store.
 OCCLUSION_FILE = WeightFile(
     relpath="occlusion/occlusion_cnn.pt",
-    sha256="7f8a7d84586267c0c7b968cfd236dafab658d93d201e0ac1b3d59836b7a04f8b",
+    sha256="2c958f81691a7ea9b2e467725fb01474442184d767cd0af238a1bc702b4988b5",
     source="models/shipped/occlusion_cnn.pt (trained by this project, see models/shipped/README.md)",
-    licence="Apache-2.0 (this project); trained on the face-api demo photos (MIT)",
+    licence="Apache-2.0 (this project); trained on the face-api and human demo photos (MIT)",
 )
 
 

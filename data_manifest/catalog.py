@@ -50,7 +50,7 @@ def latest_sql(table: str) -> str:
     return f"SELECT * FROM {table}_history {snapshots.newest_first(table)}"
 
 
-VIEW_NAMES: frozenset[str] = frozenset([*TABLES, *(f"{t}_history" for t in TABLES), "labels"])
+VIEW_NAMES: frozenset[str] = frozenset([*TABLES, *(f"{t}_history" for t in TABLES), "labels", *snapshots.COUNTS])
 
 
 def latest_statements(states: dict[str, snapshots.TableState], snap: str,
@@ -81,6 +81,11 @@ def latest_statements(states: dict[str, snapshots.TableState], snap: str,
         body = snapshots.labels_overlay_sql(snap + snapshots.snapshot_name("labels"), ids,
                                             {t: t for t in snapshots.LABEL_INPUTS})
     stmts.append(f"CREATE OR REPLACE VIEW labels AS {body}")
+    for name, source in snapshots.COUNTS.items():  # the kept counts while their source is its snapshot as is
+        st = states.get(name)
+        kept = st is not None and st.usable and not (touched if source == "labels" else states[source].pending)
+        counted = f"SELECT * FROM {snap}{snapshots.snapshot_name(name)}" if kept else snapshots.counts_sql(name, source)
+        stmts.append(f"CREATE OR REPLACE VIEW {name} AS {counted}")
     return stmts
 
 

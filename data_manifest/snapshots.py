@@ -48,6 +48,9 @@ from data_manifest.workspace import Workspace
 FORMAT = 2  # bump when the snapshot tables change shape: a refresh then rebuilds them (2: fixed-size arrays)
 SNAPSHOT_TABLES: tuple[str, ...] = ("samples", "faces", "factors", "anchors", "scores")
 LABEL_INPUTS: tuple[str, ...] = ("samples", "faces", "factors", "anchors")  # what a `labels` row is made of
+# Class counts kept next to the snapshots (view name -> the latest view it counts): a question over the whole
+# dataset's classes reads a few hundred rows instead of scanning 210M factor rows (or 42M `labels` rows).
+COUNTS: dict[str, str] = {"factor_class_counts": "factors", "label_class_counts": "labels"}
 SOURCES = "snapshot_sources"
 META = "snapshot_meta"
 BUILT = "snapshot_tables"  # the snapshot tables built so far (a rebuild interrupted midway leaves none)
@@ -137,6 +140,17 @@ def labels_sql(samples: str = "samples", faces: str = "faces", factors: str = "f
     )
 
 
+def counts_sql(name: str, source: str) -> str:
+    """The class counts `name` (a key of COUNTS) of the relation `source`: rows of each class combination.
+
+    `factor_class_counts`: latest factor rows per factor, class and status; `label_class_counts`: samples per
+    combination of the five factor classes (NULL where a factor has no label).
+    """
+    cols = ("factor, class_index, class_name, status" if name == "factor_class_counts"
+            else ", ".join(f"{f}_class" for f in FACTORS))
+    return f"SELECT {cols}, count(*) AS n FROM {source} GROUP BY ALL"
+
+
 def only(relation: str, ids: str) -> str:
     """`relation` restricted to the sample ids of the relation `ids` (a column sample_id)."""
     return f"(SELECT * FROM {relation} WHERE sample_id IN (SELECT sample_id FROM {ids}))"
@@ -217,6 +231,9 @@ def table_states(ws: Workspace, con: duckdb.DuckDBPyConnection, schema: str = ""
         states[t] = TableState(t, True, [p for r, p in names.items() if r not in seen])
     ok = all(states[t].usable for t in LABEL_INPUTS) and folded is not None and "labels" in folded
     states["labels"] = TableState("labels", ok, reason="" if ok else "a snapshot it is made of is not usable")
+    for name, source in COUNTS.items():  # counted in the same transaction as their source's last change
+        ok = states[source].usable and folded is not None and name in folded
+        states[name] = TableState(name, ok, reason="" if ok else f"not counted since {source} last changed")
     return states
 
 
@@ -469,6 +486,8 @@ def update(con: duckdb.DuckDBPyConnection, ws: Workspace, *, rebuild: bool = Fal
                     con.execute(f"INSERT OR IGNORE INTO {BUILT} VALUES (?)", [t])
                     relabel_all = relabel_all or t in LABEL_INPUTS
                 kept, replaced = _fold(con, t, step, fresh) if step else (0, 0)
+                if (fresh or kept) and t == COUNTS["factor_class_counts"]:  # stale until recounted below
+                    con.execute(f"DELETE FROM {BUILT} WHERE tbl = 'factor_class_counts'")
                 rows += kept
                 _record(con, ws, t, step)
                 due = replaced and _count_replaced(con, snapshot_name(t), replaced)
@@ -479,7 +498,12 @@ def update(con: duckdb.DuckDBPyConnection, ws: Workspace, *, rebuild: bool = Fal
         report.tables[t] = {"shards": len(files), "rows": rows, "rebuilt": fresh}
     _use_limit(con, build=relabel_all)
     report.tables["labels"] = _update_labels(con, relabel_all)
+    labels_changed = bool(report.tables["labels"]["samples"]) or relabel_all
     with _transaction(con):
+        built = {t for t, in con.execute(f"SELECT tbl FROM {BUILT}").fetchall()}
+        for name, source in COUNTS.items():
+            if name not in built or (source == "labels" and labels_changed):
+                report.tables[name] = {"counted_rows": _recount(con, name)}
         con.execute(f"INSERT OR IGNORE INTO {BUILT} VALUES ('labels')")
     _checkpoint(con)
     report.seconds = time.perf_counter() - t0
@@ -537,9 +561,18 @@ def _update_labels(con: duckdb.DuckDBPyConnection, rebuild: bool) -> dict:
     return {"samples": n_changed, "rebuilt": False}
 
 
+def _recount(con: duckdb.DuckDBPyConnection, name: str) -> int:
+    """snapshot_<name> counted afresh from the snapshot of its source (one scan of it) and marked built, in the
+    caller's transaction, which also holds the source's last change; the rows it counted."""
+    con.execute(f"CREATE OR REPLACE TABLE {snapshot_name(name)} AS "
+                f"{counts_sql(name, snapshot_name(COUNTS[name]))} ORDER BY ALL")
+    con.execute(f"INSERT OR IGNORE INTO {BUILT} VALUES (?)", [name])
+    return int(con.execute(f"SELECT coalesce(sum(n), 0) FROM {snapshot_name(name)}").fetchone()[0])
+
+
 def _ensure_meta(con: duckdb.DuckDBPyConnection, reset: bool) -> None:
     if reset:
-        for t in (*SNAPSHOT_TABLES, "labels"):
+        for t in (*SNAPSHOT_TABLES, "labels", *COUNTS):
             con.execute(f"DROP TABLE IF EXISTS {snapshot_name(t)}")
         con.execute(f"DROP TABLE IF EXISTS {SOURCES}")
         con.execute(f"DROP TABLE IF EXISTS {META}")

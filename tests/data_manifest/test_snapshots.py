@@ -319,3 +319,89 @@ def test_scale_benchmark_runs_small_and_folds_only_the_relabel():
     assert out["queries"]["factor_distribution"]["rows"] == 12 and out["queries"]["lookup_labels"]["rows"] == 1
     assert out["queries"]["lookup_factors"]["rows"] == 5
     assert out["peer_history_window"]["factor_crosstab"]["rows"] == out["queries"]["factor_crosstab"]["rows"] == 9
+    assert out["peer_history_window"]["factor_crosstab"]["answer"] == out["queries"]["factor_crosstab"]["answer"]
+    assert out["same_answers_queries"] is out["same_answers_queries_after_relabel"] is True
+    assert folded["factor_class_counts"] == {"counted_rows": 15000} and out["compact"]["ok"]
+
+
+def _labelled(i: int, factor: str, k: int, **kw) -> dict:
+    """A factor row of sample i with class k of the real vocabulary (what the bundled questions name)."""
+    from data_manifest.vocabulary import FACTOR_CLASSES
+
+    classes = FACTOR_CLASSES[factor]
+    return {"sample_id": f"s{i:03d}", "factor": factor, "value": k / 10, "class_index": k % len(classes),
+            "class_name": classes[k % len(classes)], "labeller": "t", "labeller_version": "1", "status": "ok", **kw}
+
+
+def _counts(ws: Workspace, name: str) -> list[tuple]:
+    return [tuple(r.values()) for r in catalog.query(ws, f"SELECT * FROM {name} ORDER BY ALL").to_pylist()]
+
+
+def _bundled_match_previous(ws: Workspace) -> None:
+    """The bundled questions that read the kept counts give what they gave when they scanned the views."""
+    from benchmarks.scale import PREVIOUS_SQL
+
+    for name, previous in PREVIOUS_SQL.items():
+        assert catalog.query(ws, catalog.bundled_sql(name)) == catalog.query(ws, previous), name
+
+
+def test_class_counts_are_kept_by_the_refresh_that_changes_them(workspace, assert_views_match_history):
+    from data_manifest.vocabulary import FACTORS
+
+    ws = workspace
+    _run(ws, "ingest", {"samples": [_sample(i) for i in range(30)]})
+    _run(ws, "label", {"factors": [_labelled(i, f, i % 5) for i in range(30) for f in FACTORS]})
+    catalog.refresh(ws)
+    states = assert_views_match_history(ws)
+    assert states["factor_class_counts"].usable and states["label_class_counts"].usable
+    blur = [r for r in _counts(ws, "factor_class_counts") if r[0] == "blur"]
+    assert blur == [("blur", 0, "hazy", "ok", 12), ("blur", 1, "blurry", "ok", 12), ("blur", 2, "clear", "ok", 6)]
+    _bundled_match_previous(ws)
+
+    # A relabel of 4 samples (blur -> clear, one an error): the counts move by exactly those rows.
+    _run(ws, "relabel", {"factors": [_labelled(i, "blur", 2, **({"status": "error"} if i == 3 else {}))
+                                     for i in range(4)]})
+    folds: list[snapshots.FoldReport] = []
+    catalog.refresh(ws, folds=folds)
+    report = folds[-1].as_dict()["tables"]
+    assert report["factor_class_counts"] == {"counted_rows": 150} and report["label_class_counts"] == {
+        "counted_rows": 30}
+    blur = [r for r in _counts(ws, "factor_class_counts") if r[0] == "blur"]  # samples 0-3 were 0, 1, 2, 3 % 3
+    assert blur == [("blur", 0, "hazy", "ok", 10), ("blur", 1, "blurry", "ok", 11), ("blur", 2, "clear", "error", 1),
+                    ("blur", 2, "clear", "ok", 8)]
+    states = assert_views_match_history(ws)
+    assert states["factor_class_counts"].usable
+    _bundled_match_previous(ws)
+
+    # Nothing new: nothing recounted. A run still going: its rows are counted on the fly, exactly.
+    catalog.refresh(ws, folds=folds)
+    assert "factor_class_counts" not in folds[-1].as_dict()["tables"]
+    _run(ws, "label", {"factors": [_labelled(i, "pose", 1) for i in range(10)]}, status=None)
+    slight = [r[-1] for r in _counts(ws, "factor_class_counts") if r[:3] == ("pose", 1, "slight angle")]
+    assert slight == [18]  # 12, less the 4 of samples 0-9 that already were, plus 10
+    assert_views_match_history(ws)
+    _bundled_match_previous(ws)
+
+
+def test_a_refresh_stopped_before_the_recount_leaves_the_counts_stale_not_wrong(
+        workspace, monkeypatch, assert_views_match_history):
+    ws = workspace
+    _run(ws, "ingest", {"samples": [_sample(i) for i in range(8)]})
+    _run(ws, "label", {"factors": [_labelled(i, "blur", 0) for i in range(8)]})
+    catalog.refresh(ws)
+    _run(ws, "relabel", {"factors": [_labelled(i, "blur", 1) for i in range(3)]})
+
+    def fail(con, name):
+        raise duckdb.IOException("disk full")
+
+    monkeypatch.setattr(snapshots, "_recount", fail)
+    with pytest.warns(UserWarning, match="not brought up to date"):
+        assert catalog.refresh(ws) is False
+    states = assert_views_match_history(ws)  # the relabel is folded, the counts it made stale are not read
+    assert states["factors"].usable and not states["factors"].pending
+    assert not states["factor_class_counts"].usable and not states["label_class_counts"].usable
+    assert [r[-1] for r in _counts(ws, "factor_class_counts")] == [5, 3]
+    monkeypatch.undo()
+    catalog.refresh(ws)
+    states = assert_views_match_history(ws)
+    assert states["factor_class_counts"].usable and states["label_class_counts"].usable

@@ -175,10 +175,17 @@ def test_a_fold_split_into_steps_equals_one_fold(workspace, monkeypatch, changed
     catalog.refresh(ws)  # one step
     whole = _snapshot_tables(ws)
     shutil.copy(before, ws.catalog_path)
-    monkeypatch.setattr(snapshots, "FOLD_ROWS", 1)  # a shard a step, one sample of `labels` a step
-    assert len(snapshots.fold_batches(snapshots.shard_files(ws, "factors"), snapshots.FOLD_ROWS)) == 4
+    monkeypatch.setattr(snapshots, "FOLD_ROWS", 1)  # about one staged row a step, one sample of `labels` a step
+    monkeypatch.setattr(snapshots, "REWRITE_PART", 1)
+    ranges: list[tuple] = []
+    fold_range = snapshots._fold_range
+    monkeypatch.setattr(snapshots, "_fold_range", lambda con, t, lo, hi: (ranges.append((t, lo, hi)),
+                                                                          fold_range(con, t, lo, hi))[1])
     folds: list[snapshots.FoldReport] = []
     catalog.refresh(ws, folds=folds)
+    steps = [(lo, hi) for t, lo, hi in ranges if t == "factors"]
+    assert len(steps) >= changed and steps[0][0] is None and steps[-1][1] is None  # consecutive, all ids
+    assert all(a[1] == b[0] for a, b in zip(steps[:-1], steps[1:], strict=True))
     assert _snapshot_tables(ws) == whole
     assert folds[-1].tables["labels"] == {"samples": changed, "rebuilt": False}
     assert_views_match_history(ws)

@@ -412,3 +412,40 @@ def test_a_refresh_stopped_before_the_recount_leaves_the_counts_stale_not_wrong(
     catalog.refresh(ws)
     states = assert_views_match_history(ws)
     assert states["factor_class_counts"].usable and states["label_class_counts"].usable
+
+
+def test_a_fold_stopped_between_ranges_is_folded_again_to_the_same_snapshot(workspace, monkeypatch,
+                                                                             assert_views_match_history):
+    import shutil
+
+    ws = workspace
+    _run(ws, "ingest", {"samples": [_sample(i) for i in range(24)]})
+    _run(ws, "label", {"factors": [_factor(i, f, 0.2) for i in range(24) for f in ("blur", "pose")]})
+    catalog.refresh(ws)
+    _run(ws, "relabel", {"factors": [_factor(i, "blur", 0.9) for i in range(0, 24, 2)]})
+    before = ws.catalog_path.with_name("before.duckdb")
+    shutil.copy(ws.catalog_path, before)
+    catalog.refresh(ws)
+    whole = _snapshot_tables(ws)
+    shutil.copy(before, ws.catalog_path)
+
+    monkeypatch.setattr(snapshots, "FOLD_ROWS", 2)
+    monkeypatch.setattr(snapshots, "REWRITE_PART", 1)
+    fold_range, calls = snapshots._fold_range, []
+
+    def stop_at_the_third(con, t, lo, hi):
+        calls.append(lo)
+        if len(calls) == 3:
+            raise duckdb.IOException("disk full")
+        return fold_range(con, t, lo, hi)
+
+    monkeypatch.setattr(snapshots, "_fold_range", stop_at_the_third)
+    with pytest.warns(UserWarning, match="not brought up to date"):
+        assert catalog.refresh(ws) is False
+    states = assert_views_match_history(ws)  # two ranges folded, the shard not recorded: overlaid, exactly
+    assert len(states["factors"].pending) == 1 and not states["labels"].usable
+    monkeypatch.setattr(snapshots, "_fold_range", fold_range)
+    catalog.refresh(ws)
+    assert _snapshot_tables(ws) == whole
+    states = assert_views_match_history(ws)
+    assert not states["factors"].pending and states["labels"].usable

@@ -449,3 +449,27 @@ def test_a_fold_stopped_between_ranges_is_folded_again_to_the_same_snapshot(work
     assert _snapshot_tables(ws) == whole
     states = assert_views_match_history(ws)
     assert not states["factors"].pending and states["labels"].usable
+
+
+def test_a_build_in_ranges_equals_a_build_in_one(workspace, monkeypatch, assert_views_match_history):
+    """A build stages the shards and keeps the newest row per key range by range: the same snapshot as one range,
+    whatever the split, the key order kept (point lookups prune on it) and the stage dropped."""
+    ws = workspace
+    _run(ws, "ingest", {"samples": [_sample(i) for i in range(40)]})
+    _run(ws, "label", {"factors": [_factor(i, f, (i % 7) / 7) for i in range(40) for f in ("blur", "pose")]})
+    _run(ws, "relabel", {"factors": [_factor(i, "blur", 0.95) for i in range(0, 40, 3)]})
+    catalog.refresh(ws, rebuild=True)
+    whole = _snapshot_tables(ws)
+    monkeypatch.setattr(snapshots, "BUILD_PART_ROWS", 7)
+    bounds, cut = [], snapshots._bounds
+    monkeypatch.setattr(snapshots, "_bounds", lambda con, src, parts: (bounds.append((src, parts)),
+                                                                       cut(con, src, parts))[1])
+    catalog.refresh(ws, rebuild=True)
+    staged = [parts for src, parts in bounds if src == snapshots.BUILD_STAGE]
+    assert staged == [-(-40 // 7), -(-(80 + 14) // 7)]  # samples; factors: 80 label rows and 14 relabel rows
+    assert _snapshot_tables(ws) == whole
+    assert_views_match_history(ws)
+    with duckdb.connect(str(ws.catalog_path), read_only=True) as con:
+        ids = [r[0] for r in con.execute("SELECT sample_id FROM snapshot_factors").fetchall()]
+        tables = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+    assert ids == sorted(ids) and snapshots.BUILD_STAGE not in tables

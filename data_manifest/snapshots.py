@@ -529,9 +529,9 @@ def update(con: duckdb.DuckDBPyConnection, ws: Workspace, *, rebuild: bool = Fal
                 p for p in shard_files(ws, t) if run_completed(ws, run_of(p), done)]
         else:
             files = [p for p in st.pending if run_completed(ws, run_of(p), done)]
-        # A build reads all its shards in one statement (DuckDB spills past its memory limit); an incremental fold
-        # goes in sample-id ranges (_fold_pending), each committed and checkpointed, so neither its working set
-        # nor the rows it wrote stay in memory: its peak does not grow with the change.
+        # A build (_build_table) and an incremental fold (_fold_pending) both go in sample-id ranges, each
+        # committed and checkpointed, so neither the working set nor the rows written stay in memory: the peak
+        # grows neither with the table nor with the change.
         _use_limit(con, build=fresh)
         if fresh:
             with _transaction(con):

@@ -9,8 +9,12 @@ shards it has not seen yet into them:
 
 - a fold reads the new shards, keeps their newest row per key, drops the rows
   older than what the snapshot already holds for that key, deletes the keys it
-  replaces and inserts the rest, then recomputes the `labels` rows of exactly
-  the samples it touched; its cost follows the size of the change;
+  replaces and inserts the rest, in sample-id ranges (every snapshot is kept
+  in key order, so a range reads only its part of the snapshot), then
+  recomputes the `labels` rows of exactly the samples it touched; its cost
+  follows the size of the change;
+- the class counts of `factors` and `labels` (`COUNTS`) are kept beside them,
+  recounted by the refresh that changes their source;
 - `snapshot_sources` records every folded shard (path relative to the root,
   size, mtime), so a shard that changed or vanished since is detected, and
   that table is rebuilt from its history;

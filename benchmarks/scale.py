@@ -36,7 +36,8 @@ one JSON object.
     python -m benchmarks.scale --samples 200000 --skip-peer   # a quick check
 
 `--workspace DIR` keeps the workspace; `--reuse` then skips writing it again
-when DIR already holds one built for the same size (its `scale-build.json`).
+when DIR already holds one built for the same size (its `scale-build.json`),
+and `--queries-only` times only the questions on the snapshots it has.
 """
 
 from __future__ import annotations
@@ -265,6 +266,11 @@ def _child(*args: str, timeout: float = 4 * 3600) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def _worst(queries: dict) -> float:
+    """The slowest question (best of its repeats), the previous formulations left out."""
+    return max(v["best_s"] for k, v in queries.items() if isinstance(v, dict) and not k.startswith("previous_sql"))
+
+
 def _dir_mb(path: Path) -> float:
     return round(sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6, 1)
 
@@ -285,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workspace", type=Path, default=None, help="build here and keep it (default: a temp dir)")
     p.add_argument("--reuse", action="store_true",
                    help="with --workspace: skip writing it when it already holds one built for this size")
+    p.add_argument("--queries-only", action="store_true",
+                   help="with --workspace: only time the questions on the snapshots it already has (no build, "
+                        "no relabel, no compact)")
     p.add_argument("--label-images", type=int, default=0,
                    help="also measure the label pass on this many crops (benchmarks/label.py scaling) and project "
                         "the MS1MV2 label pass")
@@ -302,6 +311,20 @@ def main(argv: list[str] | None = None) -> int:
         else:
             raise SystemExit(f"unknown child {kind}")
         print(json.dumps(out))
+        return 0
+
+    if args.queries_only:
+        if args.workspace is None:
+            raise SystemExit("--queries-only needs --workspace")
+        from data_manifest import Workspace, catalog
+
+        ws = Workspace(args.workspace, create=False)
+        lookup_id = catalog.query(ws, "SELECT sample_id FROM samples LIMIT 1").column(0)[0].as_py()
+        rows = catalog.query(ws, "SELECT count(*) AS samples FROM samples").to_pylist()[0]
+        out = _child("queries", str(args.workspace), "snapshot", lookup_id, str(args.repeats))
+        print(json.dumps({**rows, "queries": out, "worst_s": _worst(out),
+                          "same_answers": all(out[f"previous_sql_{k}"]["same_answer"] for k in PREVIOUS_SQL)},
+                         indent=2))
         return 0
 
     keep = args.workspace is not None
@@ -348,8 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         report["disk_mb"] = {"manifests": _dir_mb(root / "manifests"),
                              "catalog_duckdb": round((root / "catalog.duckdb").stat().st_size / 1e6, 1)}
         for key in ("queries", "queries_after_relabel"):
-            now = {k: v for k, v in report[key].items() if isinstance(v, dict) and not k.startswith("previous_sql")}
-            report[f"worst_{key}_s"] = max(v["best_s"] for v in now.values())
+            report[f"worst_{key}_s"] = _worst(report[key])
             report[f"same_answers_{key}"] = all(report[key][f"previous_sql_{k}"]["same_answer"] for k in PREVIOUS_SQL)
         if args.label_images:  # benchmarks/label.py's scaling part, its own JSON, as it prints it
             res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "label.py"), "--scaling-only",

@@ -215,10 +215,11 @@ def _folded(con: duckdb.DuckDBPyConnection, schema: str = "") -> FoldedSources:
 
 def table_states(ws: Workspace, con: duckdb.DuckDBPyConnection, schema: str = "", *,
                  files: dict[str, list[Path]] | None = None, folded: FoldedSources = None,
-                 ) -> dict[str, TableState]:
+                 stamps: dict[Path, tuple[int, int]] | None = None) -> dict[str, TableState]:
     """The state of every snapshot table (and `labels`), read through `con` (catalog.duckdb attached as `schema`).
 
-    `files` (table -> shard_files) and `folded` (`_folded`) save a second listing / read when the caller has them.
+    `files` (table -> shard_files), `folded` (`_folded`) and `stamps` (shard -> `file_stamp`) save a second
+    listing / read / stat when the caller has them.
     """
     folded = _folded(con, schema) if folded is None else folded
     states: dict[str, TableState] = {}
@@ -228,7 +229,8 @@ def table_states(ws: Workspace, con: duckdb.DuckDBPyConnection, schema: str = ""
             continue
         seen = folded[t]
         names = {rel(ws, p): p for p in (shard_files(ws, t) if files is None else files[t])}
-        gone = [p for p in seen if p not in names or file_stamp(names[p]) != seen[p]]
+        gone = [p for p in seen if p not in names or (stamps.get(names[p]) if stamps and names[p] in stamps
+                                                      else file_stamp(names[p])) != seen[p]]
         if gone:
             states[t] = TableState(t, False, reason=f"{len(gone)} folded shard(s) changed or removed, e.g. {gone[0]}")
             continue

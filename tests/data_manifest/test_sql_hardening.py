@@ -123,6 +123,9 @@ def test_a_run_folder_leading_outside_the_workspace_is_refused_and_one_inside_is
     os.symlink(ws.table_dir("samples", "r1"), inside)  # a folder of the workspace, reached through a link
     os.symlink(inside, ws.table_dir("samples", "r2"))
     assert catalog.query(ws, "SELECT count(*) AS n FROM samples_history").to_pylist() == [{"n": 4}]
+    stamps: dict = {}
+    shards = catalog.checked_shards(ws, "samples", stamps)
+    assert len(shards) == 2 and stamps == {p: snapshots.file_stamp(p) for p in shards}  # through the link too
     outside = tmp_path / "outside" / "run=r3"
     outside.mkdir(parents=True)
     pq.write_table(pq.read_table(snapshots.shard_files(ws, "samples")[0]), outside / "part-00000.parquet")

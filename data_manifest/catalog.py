@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 import threading
 import time
 import warnings
@@ -26,6 +27,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 
 from data_manifest import snapshots, sql_guard
 from data_manifest.schemas import SCHEMAS, TABLES, duck_type
@@ -50,7 +52,7 @@ def latest_sql(table: str) -> str:
     return f"SELECT * FROM {table}_history {snapshots.newest_first(table)}"
 
 
-VIEW_NAMES: frozenset[str] = frozenset([*TABLES, *(f"{t}_history" for t in TABLES), "labels"])
+VIEW_NAMES: frozenset[str] = frozenset([*TABLES, *(f"{t}_history" for t in TABLES), "labels", *snapshots.COUNTS])
 
 
 def latest_statements(states: dict[str, snapshots.TableState], snap: str,
@@ -81,6 +83,11 @@ def latest_statements(states: dict[str, snapshots.TableState], snap: str,
         body = snapshots.labels_overlay_sql(snap + snapshots.snapshot_name("labels"), ids,
                                             {t: t for t in snapshots.LABEL_INPUTS})
     stmts.append(f"CREATE OR REPLACE VIEW labels AS {body}")
+    for name, source in snapshots.COUNTS.items():  # the kept counts while their source is its snapshot as is
+        st = states.get(name)
+        kept = st is not None and st.usable and not (touched if source == "labels" else states[source].pending)
+        counted = f"SELECT * FROM {snap}{snapshots.snapshot_name(name)}" if kept else snapshots.counts_sql(name, source)
+        stmts.append(f"CREATE OR REPLACE VIEW {name} AS {counted}")
     return stmts
 
 
@@ -97,7 +104,8 @@ def history_dataset(ws: Workspace, table: str, shards: Sequence[Path] | None = N
     sch = SCHEMAS[table]
     if not files:
         return pads.dataset(sch.empty_table())
-    return pads.dataset(files, schema=sch, format="parquet")
+    return pads.FileSystemDataset.from_paths(files, schema=sch, format=pads.ParquetFileFormat(),
+                                             filesystem=pafs.LocalFileSystem())
 
 
 def connect(ws: Workspace, *, tables: dict[str, pa.Table] | None = None,
@@ -112,8 +120,9 @@ def connect(ws: Workspace, *, tables: dict[str, pa.Table] | None = None,
     refresh_if_moved(ws)
     con = duckdb.connect(":memory:")
     try:
-        files = {t: checked_shards(ws, t) for t in TABLES}  # listed once per connection
-        states = _attach_snapshots(con, ws, files)
+        stamps: dict[Path, tuple[int, int]] = {}
+        files = {t: checked_shards(ws, t, stamps) for t in TABLES}  # listed (and stat'ed) once per connection
+        states = _attach_snapshots(con, ws, files, stamps)
         for t in TABLES:
             con.register(f"{t}_history", history_dataset(ws, t, files[t]))
         for t, st in states.items():
@@ -140,12 +149,33 @@ def check_catalog_file(ws: Workspace) -> None:
                          "(remove it and run 'fiqa compact' to rebuild it from the manifests)")
 
 
-def checked_shards(ws: Workspace, table: str) -> list[Path]:
-    """Every shard of a table, each resolved with its symlinks; a shard that leads outside the workspace is refused."""
+def checked_shards(ws: Workspace, table: str, stamps: dict[Path, tuple[int, int]] | None = None) -> list[Path]:
+    """Every shard of a table, each resolved with its symlinks; a shard that leads outside the workspace is refused.
+
+    Each run folder is resolved once and a shard file itself only when it is a link: the same resolved path as
+    resolving every shard (a part-*.parquet name is neither '.' nor '..'), at one lstat a shard instead of one
+    per path component (2,100 shards at WebFace42M size: 0.1 s less on every query's connection). That lstat
+    (a stat for a link) also gives each shard's `snapshots.file_stamp`, put in `stamps` when given.
+    """
     root = os.path.realpath(ws.root)
+    folders: dict[Path, str] = {}
     out = []
     for p in snapshots.shard_files(ws, table):
-        real = os.path.realpath(p)
+        if p.parent not in folders:
+            folders[p.parent] = os.path.realpath(p.parent)
+        try:
+            st: os.stat_result | None = os.lstat(p)
+        except OSError:
+            st = None  # gone since it was listed: file_stamp says so later
+        link = st is not None and stat.S_ISLNK(st.st_mode)
+        real = os.path.realpath(p) if link else os.path.join(folders[p.parent], p.name)
+        if stamps is not None and st is not None:
+            if link:
+                got = snapshots.file_stamp(p)
+                if got is not None:
+                    stamps[p] = got
+            else:
+                stamps[p] = (st.st_size, st.st_mtime_ns)
         if not sql_guard.inside(real, root):
             raise ValueError(f"refused: shard {p} resolves to {real}, outside the workspace {root}")
         out.append(p)
@@ -156,6 +186,7 @@ SNAPSHOT_ALIAS = "snapshot"  # catalog.duckdb, attached read-only to a query con
 
 
 def _attach_snapshots(con: duckdb.DuckDBPyConnection, ws: Workspace, files: dict[str, list[Path]],
+                      stamps: dict[Path, tuple[int, int]] | None = None,
                       retries: int = 8, wait_s: float = 0.25) -> dict[str, snapshots.TableState]:
     """Attach catalog.duckdb read-only and say which snapshots a query can use ({} without one).
 
@@ -175,7 +206,7 @@ def _attach_snapshots(con: duckdb.DuckDBPyConnection, ws: Workspace, files: dict
             warnings.warn(f"catalog {ws.catalog_path} cannot be read now ({type(e).__name__}: {e}); answering "
                           "from the manifest shards, which is slower on a large workspace", stacklevel=3)
             return {}
-    return snapshots.table_states(ws, con, SNAPSHOT_ALIAS, files=files)
+    return snapshots.table_states(ws, con, SNAPSHOT_ALIAS, files=files, stamps=stamps)
 
 
 _BUSY = ("lock", "already attached", "in use")  # another process, or a query connection of this one, has the file

@@ -41,6 +41,8 @@ def run_cli(args: argparse.Namespace) -> int:
     for table, info in out.get("tables", {}).items():
         if "shards" in info:
             print(f"  {table:<8} {info['rows']} latest rows from {info['shards']} shards")
-        else:
+        elif "samples" in info:
             print(f"  {table:<8} {info['samples']} samples")
+        else:
+            print(f"  {table} recounted ({info['counted_rows']} rows)")
     return 0

@@ -311,7 +311,7 @@ def _assert_views_match_history(ws: Workspace) -> dict:
     from data_manifest import snapshots
     from data_manifest.schemas import TABLES
 
-    for view in (*TABLES, "labels"):
+    for view in (*TABLES, "labels", *snapshots.COUNTS):
         got, want = _snapshot_answer(ws, view), _history_answer(ws, view)
         assert got == want, f"{view}: {len(got)} rows from the snapshot, {len(want)} from the history"
     with duckdb.connect(str(ws.catalog_path), read_only=True) as con:

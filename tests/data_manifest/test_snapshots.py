@@ -175,10 +175,17 @@ def test_a_fold_split_into_steps_equals_one_fold(workspace, monkeypatch, changed
     catalog.refresh(ws)  # one step
     whole = _snapshot_tables(ws)
     shutil.copy(before, ws.catalog_path)
-    monkeypatch.setattr(snapshots, "FOLD_ROWS", 1)  # a shard a step, one sample of `labels` a step
-    assert len(snapshots.fold_batches(snapshots.shard_files(ws, "factors"), snapshots.FOLD_ROWS)) == 4
+    monkeypatch.setattr(snapshots, "FOLD_ROWS", 1)  # about one staged row a step, one sample of `labels` a step
+    monkeypatch.setattr(snapshots, "REWRITE_PART", 1)
+    ranges: list[tuple] = []
+    fold_range = snapshots._fold_range
+    monkeypatch.setattr(snapshots, "_fold_range", lambda con, t, lo, hi: (ranges.append((t, lo, hi)),
+                                                                          fold_range(con, t, lo, hi))[1])
     folds: list[snapshots.FoldReport] = []
     catalog.refresh(ws, folds=folds)
+    steps = [(lo, hi) for t, lo, hi in ranges if t == "factors"]
+    assert len(steps) >= changed and steps[0][0] is None and steps[-1][1] is None  # consecutive, all ids
+    assert all(a[1] == b[0] for a, b in zip(steps[:-1], steps[1:], strict=True))
     assert _snapshot_tables(ws) == whole
     assert folds[-1].tables["labels"] == {"samples": changed, "rebuilt": False}
     assert_views_match_history(ws)
@@ -319,3 +326,150 @@ def test_scale_benchmark_runs_small_and_folds_only_the_relabel():
     assert out["queries"]["factor_distribution"]["rows"] == 12 and out["queries"]["lookup_labels"]["rows"] == 1
     assert out["queries"]["lookup_factors"]["rows"] == 5
     assert out["peer_history_window"]["factor_crosstab"]["rows"] == out["queries"]["factor_crosstab"]["rows"] == 9
+    assert out["peer_history_window"]["factor_crosstab"]["answer"] == out["queries"]["factor_crosstab"]["answer"]
+    assert out["same_answers_queries"] is out["same_answers_queries_after_relabel"] is True
+    assert folded["factor_class_counts"] == {"counted_rows": 15000} and out["compact"]["ok"]
+
+
+def _labelled(i: int, factor: str, k: int, **kw) -> dict:
+    """A factor row of sample i with class k of the real vocabulary (what the bundled questions name)."""
+    from data_manifest.vocabulary import FACTOR_CLASSES
+
+    classes = FACTOR_CLASSES[factor]
+    return {"sample_id": f"s{i:03d}", "factor": factor, "value": k / 10, "class_index": k % len(classes),
+            "class_name": classes[k % len(classes)], "labeller": "t", "labeller_version": "1", "status": "ok", **kw}
+
+
+def _counts(ws: Workspace, name: str) -> list[tuple]:
+    return [tuple(r.values()) for r in catalog.query(ws, f"SELECT * FROM {name} ORDER BY ALL").to_pylist()]
+
+
+def _bundled_match_previous(ws: Workspace) -> None:
+    """The bundled questions that read the kept counts give what they gave when they scanned the views."""
+    from benchmarks.scale import PREVIOUS_SQL
+
+    for name, previous in PREVIOUS_SQL.items():
+        assert catalog.query(ws, catalog.bundled_sql(name)) == catalog.query(ws, previous), name
+
+
+def test_class_counts_are_kept_by_the_refresh_that_changes_them(workspace, assert_views_match_history):
+    from data_manifest.vocabulary import FACTORS
+
+    ws = workspace
+    _run(ws, "ingest", {"samples": [_sample(i) for i in range(30)]})
+    _run(ws, "label", {"factors": [_labelled(i, f, i % 5) for i in range(30) for f in FACTORS]})
+    catalog.refresh(ws)
+    states = assert_views_match_history(ws)
+    assert states["factor_class_counts"].usable and states["label_class_counts"].usable
+    blur = [r for r in _counts(ws, "factor_class_counts") if r[0] == "blur"]
+    assert blur == [("blur", 0, "hazy", "ok", 12), ("blur", 1, "blurry", "ok", 12), ("blur", 2, "clear", "ok", 6)]
+    _bundled_match_previous(ws)
+
+    # A relabel of 4 samples (blur -> clear, one an error): the counts move by exactly those rows.
+    _run(ws, "relabel", {"factors": [_labelled(i, "blur", 2, **({"status": "error"} if i == 3 else {}))
+                                     for i in range(4)]})
+    folds: list[snapshots.FoldReport] = []
+    catalog.refresh(ws, folds=folds)
+    report = folds[-1].as_dict()["tables"]
+    assert report["factor_class_counts"] == {"counted_rows": 150} and report["label_class_counts"] == {
+        "counted_rows": 30}
+    blur = [r for r in _counts(ws, "factor_class_counts") if r[0] == "blur"]  # samples 0-3 were 0, 1, 2, 3 % 3
+    assert blur == [("blur", 0, "hazy", "ok", 10), ("blur", 1, "blurry", "ok", 11), ("blur", 2, "clear", "error", 1),
+                    ("blur", 2, "clear", "ok", 8)]
+    states = assert_views_match_history(ws)
+    assert states["factor_class_counts"].usable
+    _bundled_match_previous(ws)
+
+    # Nothing new: nothing recounted. A run still going: its rows are counted on the fly, exactly.
+    catalog.refresh(ws, folds=folds)
+    assert "factor_class_counts" not in folds[-1].as_dict()["tables"]
+    _run(ws, "label", {"factors": [_labelled(i, "pose", 1) for i in range(10)]}, status=None)
+    slight = [r[-1] for r in _counts(ws, "factor_class_counts") if r[:3] == ("pose", 1, "slight angle")]
+    assert slight == [18]  # 12, less the 4 of samples 0-9 that already were, plus 10
+    assert_views_match_history(ws)
+    _bundled_match_previous(ws)
+
+
+def test_a_refresh_stopped_before_the_recount_leaves_the_counts_stale_not_wrong(
+        workspace, monkeypatch, assert_views_match_history):
+    ws = workspace
+    _run(ws, "ingest", {"samples": [_sample(i) for i in range(8)]})
+    _run(ws, "label", {"factors": [_labelled(i, "blur", 0) for i in range(8)]})
+    catalog.refresh(ws)
+    _run(ws, "relabel", {"factors": [_labelled(i, "blur", 1) for i in range(3)]})
+
+    def fail(con, name):
+        raise duckdb.IOException("disk full")
+
+    monkeypatch.setattr(snapshots, "_recount", fail)
+    with pytest.warns(UserWarning, match="not brought up to date"):
+        assert catalog.refresh(ws) is False
+    states = assert_views_match_history(ws)  # the relabel is folded, the counts it made stale are not read
+    assert states["factors"].usable and not states["factors"].pending
+    assert not states["factor_class_counts"].usable and not states["label_class_counts"].usable
+    assert [r[-1] for r in _counts(ws, "factor_class_counts")] == [5, 3]
+    monkeypatch.undo()
+    catalog.refresh(ws)
+    states = assert_views_match_history(ws)
+    assert states["factor_class_counts"].usable and states["label_class_counts"].usable
+
+
+def test_a_fold_stopped_between_ranges_is_folded_again_to_the_same_snapshot(workspace, monkeypatch,
+                                                                             assert_views_match_history):
+    import shutil
+
+    ws = workspace
+    _run(ws, "ingest", {"samples": [_sample(i) for i in range(24)]})
+    _run(ws, "label", {"factors": [_factor(i, f, 0.2) for i in range(24) for f in ("blur", "pose")]})
+    catalog.refresh(ws)
+    _run(ws, "relabel", {"factors": [_factor(i, "blur", 0.9) for i in range(0, 24, 2)]})
+    before = ws.catalog_path.with_name("before.duckdb")
+    shutil.copy(ws.catalog_path, before)
+    catalog.refresh(ws)
+    whole = _snapshot_tables(ws)
+    shutil.copy(before, ws.catalog_path)
+
+    monkeypatch.setattr(snapshots, "FOLD_ROWS", 2)
+    monkeypatch.setattr(snapshots, "REWRITE_PART", 1)
+    fold_range, calls = snapshots._fold_range, []
+
+    def stop_at_the_third(con, t, lo, hi):
+        calls.append(lo)
+        if len(calls) == 3:
+            raise duckdb.IOException("disk full")
+        return fold_range(con, t, lo, hi)
+
+    monkeypatch.setattr(snapshots, "_fold_range", stop_at_the_third)
+    with pytest.warns(UserWarning, match="not brought up to date"):
+        assert catalog.refresh(ws) is False
+    states = assert_views_match_history(ws)  # two ranges folded, the shard not recorded: overlaid, exactly
+    assert len(states["factors"].pending) == 1 and not states["labels"].usable
+    monkeypatch.setattr(snapshots, "_fold_range", fold_range)
+    catalog.refresh(ws)
+    assert _snapshot_tables(ws) == whole
+    states = assert_views_match_history(ws)
+    assert not states["factors"].pending and states["labels"].usable
+
+
+def test_a_build_in_ranges_equals_a_build_in_one(workspace, monkeypatch, assert_views_match_history):
+    """A build stages the shards and keeps the newest row per key range by range: the same snapshot as one range,
+    whatever the split, the key order kept (point lookups prune on it) and the stage dropped."""
+    ws = workspace
+    _run(ws, "ingest", {"samples": [_sample(i) for i in range(40)]})
+    _run(ws, "label", {"factors": [_factor(i, f, (i % 7) / 7) for i in range(40) for f in ("blur", "pose")]})
+    _run(ws, "relabel", {"factors": [_factor(i, "blur", 0.95) for i in range(0, 40, 3)]})
+    catalog.refresh(ws, rebuild=True)
+    whole = _snapshot_tables(ws)
+    monkeypatch.setattr(snapshots, "BUILD_PART_ROWS", 7)
+    bounds, cut = [], snapshots._bounds
+    monkeypatch.setattr(snapshots, "_bounds", lambda con, src, parts: (bounds.append((src, parts)),
+                                                                       cut(con, src, parts))[1])
+    catalog.refresh(ws, rebuild=True)
+    staged = [parts for src, parts in bounds if src == snapshots.BUILD_STAGE]
+    assert staged == [-(-40 // 7), -(-(80 + 14) // 7)]  # samples; factors: 80 label rows and 14 relabel rows
+    assert _snapshot_tables(ws) == whole
+    assert_views_match_history(ws)
+    with duckdb.connect(str(ws.catalog_path), read_only=True) as con:
+        ids = [r[0] for r in con.execute("SELECT sample_id FROM snapshot_factors").fetchall()]
+        tables = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+    assert ids == sorted(ids) and snapshots.BUILD_STAGE not in tables

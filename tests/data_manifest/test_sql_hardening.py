@@ -114,6 +114,26 @@ def test_a_shard_leading_outside_the_workspace_is_refused(tmp_path):
         catalog.query(ws, "SELECT count(*) FROM samples")
 
 
+def test_a_run_folder_leading_outside_the_workspace_is_refused_and_one_inside_is_read(tmp_path):
+    """Run folders are resolved once each, shard files only when they are links: a linked folder still counts."""
+    ws = Workspace(tmp_path / "ws")
+    ShardWriter(ws, "samples", "r1").write(0, _samples(2))
+    inside = ws.root / "elsewhere" / "run=r2"
+    inside.parent.mkdir()
+    os.symlink(ws.table_dir("samples", "r1"), inside)  # a folder of the workspace, reached through a link
+    os.symlink(inside, ws.table_dir("samples", "r2"))
+    assert catalog.query(ws, "SELECT count(*) AS n FROM samples_history").to_pylist() == [{"n": 4}]
+    stamps: dict = {}
+    shards = catalog.checked_shards(ws, "samples", stamps)
+    assert len(shards) == 2 and stamps == {p: snapshots.file_stamp(p) for p in shards}  # through the link too
+    outside = tmp_path / "outside" / "run=r3"
+    outside.mkdir(parents=True)
+    pq.write_table(pq.read_table(snapshots.shard_files(ws, "samples")[0]), outside / "part-00000.parquet")
+    os.symlink(outside, ws.table_dir("samples", "r3"))
+    with pytest.raises(ValueError, match="outside the workspace"):
+        catalog.query(ws, "SELECT count(*) FROM samples")
+
+
 def _describe(con_query) -> dict[str, list[tuple]]:
     return {v: [(r[0], r[1]) for r in con_query(f"DESCRIBE {v}")] for v in sorted(catalog.VIEW_NAMES)}
 

@@ -568,34 +568,49 @@ def test_a_restarted_serve_ends_the_dead_run_and_resumes_its_committed_shards(pr
         _stop(proc)
 
 
-def test_recover_ends_a_dead_worker_run_and_its_workspace_run(prefect_server, tmp_path, capsys):
-    """`fiqa deploy recover`: a Running run of a registered deployment whose process (a worker's child) is gone
-    ends Crashed, and its workspace's dead run is recorded crashed; a run whose process lives is left alone."""
+def _registered_with_runs(api_url: str, tmp_path: Path, dataset: str, pids: list[int]) -> tuple[Workspace, list]:
+    """A refresh deployment of `dataset` registered on pool `<dataset>-cpu`, and one Running flow run of it per pid
+    (its recorded process `host:pid`); returns the workspace and the runs."""
     from prefect.client.orchestration import get_client
     from prefect.states import Running
 
-    from data_manifest import runs
     from pipeline import recovery as R
 
     data, ws = tmp_path / "data", Workspace(tmp_path / "ws")
-    _write_face(data / "dora" / "d0.png", 3)
-    api_url = prefect_server["api_url"]
-    assert _fiqa(api_url, ["deploy", "register", "--dataset-path", str(data), "--dataset", "rec", "--workspace",
-                           str(ws.root), "--cpu-pool", "rec-cpu", "--no-train", "--create-pools"]) == 0
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()  # a finished process: its pid names no running process
-    dead_rid = runs.start_run(ws, "label", {"stages": ["align"]})  # recorded running, its lock held by nobody
+    _write_face(data / "p" / "0.png", 3)
+    assert _fiqa(api_url, ["deploy", "register", "--dataset-path", str(data), "--dataset", dataset, "--workspace",
+                           str(ws.root), "--cpu-pool", f"{dataset}-cpu", "--no-train", "--create-pools"]) == 0
+    found = []
     with _api(api_url), get_client(sync_client=True) as c:
-        dep = c.read_deployment_by_name(f"refresh-dataset/{D.deployment_name('refresh', 'rec')}")
-        dead = c.create_flow_run_from_deployment(dep.id)
-        live = c.create_flow_run_from_deployment(dep.id)
-        for run, pid in ((dead, gone.pid), (live, os.getpid())):
+        dep = c.read_deployment_by_name(f"refresh-dataset/{D.deployment_name('refresh', dataset)}")
+        for pid in pids:
+            run = c.create_flow_run_from_deployment(dep.id)
             c.set_flow_run_state(run.id, Running(), force=True)
             c.update_flow_run(run.id, infrastructure_pid=R.process_key(pid))
+            found.append(run)
+    return ws, found
+
+
+def _gone_pid() -> int:
+    """The pid of a finished process: it names no running process."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    return gone.pid
+
+
+def test_recover_ends_a_dead_worker_run_and_its_workspace_run(prefect_server, tmp_path, capsys):
+    """`fiqa deploy recover`: a Running run of a registered deployment whose process (a worker's child) is gone
+    ends Crashed, and its workspace's dead run is recorded crashed; a run whose process lives is left alone."""
+    from data_manifest import runs
+    from pipeline import recovery as R
+
+    api_url, gone = prefect_server["api_url"], _gone_pid()
+    ws, (dead, live) = _registered_with_runs(api_url, tmp_path, "rec", [gone, os.getpid()])
+    dead_rid = runs.start_run(ws, "label", {"stages": ["align"]})  # recorded running, its lock held by nobody
     capsys.readouterr()
     assert _fiqa(api_url, ["deploy", "recover"]) == 0
     out = capsys.readouterr().out
-    assert f"({dead.id}; {R.process_key(gone.pid)}) is gone: marked Crashed" in out
+    assert f"({dead.id}; {R.process_key(gone)}) is gone: marked Crashed" in out
     assert str(live.id) not in out and "refresh-rec" in out
     assert _flow_run_state(api_url, dead.id)[0] == "CRASHED"
     assert _flow_run_state(api_url, live.id)[0] == "RUNNING"
@@ -608,22 +623,9 @@ def test_deploy_worker_ends_a_dead_run_first_then_serves_the_pool(prefect_server
     """`fiqa deploy worker --pool P`: the runs a killed worker left are ended Crashed before its `prefect worker`
     starts polling P; SIGTERM stops the worker it started."""
     from prefect.client.orchestration import get_client
-    from prefect.states import Running
 
-    from pipeline import recovery as R
-
-    data, ws = tmp_path / "data", Workspace(tmp_path / "ws")
-    _write_face(data / "eve" / "e0.png", 4)
     api_url = prefect_server["api_url"]
-    assert _fiqa(api_url, ["deploy", "register", "--dataset-path", str(data), "--dataset", "wrk", "--workspace",
-                           str(ws.root), "--cpu-pool", "wrk-cpu", "--no-train", "--create-pools"]) == 0
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()
-    with _api(api_url), get_client(sync_client=True) as c:
-        dep = c.read_deployment_by_name(f"refresh-dataset/{D.deployment_name('refresh', 'wrk')}")
-        dead = c.create_flow_run_from_deployment(dep.id)
-        c.set_flow_run_state(dead.id, Running(), force=True)
-        c.update_flow_run(dead.id, infrastructure_pid=R.process_key(gone.pid))
+    _, (dead,) = _registered_with_runs(api_url, tmp_path, "wrk", [_gone_pid()])
     log = tmp_path / "worker.log"
     proc = _start([sys.executable, "-m", "flows.cli", "deploy", "worker", "--pool", "wrk-cpu"],
                   _prefect_env(prefect_server["home"], api_url), log)

@@ -52,6 +52,15 @@ def workspace(tmp_path) -> Workspace:
     return Workspace(tmp_path / "ws")
 
 
+@pytest.fixture
+def previous_bundled_sql() -> dict[str, str]:
+    """The bundled questions as written before the kept class counts (scans of the views): the peer of
+    benchmarks/scale.py, which the catalog tests compare the kept counts' answers with."""
+    from benchmarks.scale import PREVIOUS_SQL
+
+    return PREVIOUS_SQL
+
+
 # ------------------------------------------------------------------ a local S3-compatible server (moto)
 
 

@@ -344,15 +344,14 @@ def _counts(ws: Workspace, name: str) -> list[tuple]:
     return [tuple(r.values()) for r in catalog.query(ws, f"SELECT * FROM {name} ORDER BY ALL").to_pylist()]
 
 
-def _bundled_match_previous(ws: Workspace) -> None:
+def _bundled_match_previous(ws: Workspace, previous_sql: dict[str, str]) -> None:
     """The bundled questions that read the kept counts give what they gave when they scanned the views."""
-    from benchmarks.scale import PREVIOUS_SQL
-
-    for name, previous in PREVIOUS_SQL.items():
+    for name, previous in previous_sql.items():
         assert catalog.query(ws, catalog.bundled_sql(name)) == catalog.query(ws, previous), name
 
 
-def test_class_counts_are_kept_by_the_refresh_that_changes_them(workspace, assert_views_match_history):
+def test_class_counts_are_kept_by_the_refresh_that_changes_them(workspace, assert_views_match_history,
+                                                                 previous_bundled_sql):
     from data_manifest.vocabulary import FACTORS
 
     ws = workspace
@@ -363,7 +362,7 @@ def test_class_counts_are_kept_by_the_refresh_that_changes_them(workspace, asser
     assert states["factor_class_counts"].usable and states["label_class_counts"].usable
     blur = [r for r in _counts(ws, "factor_class_counts") if r[0] == "blur"]
     assert blur == [("blur", 0, "hazy", "ok", 12), ("blur", 1, "blurry", "ok", 12), ("blur", 2, "clear", "ok", 6)]
-    _bundled_match_previous(ws)
+    _bundled_match_previous(ws, previous_bundled_sql)
 
     # A relabel of 4 samples (blur -> clear, one an error): the counts move by exactly those rows.
     _run(ws, "relabel", {"factors": [_labelled(i, "blur", 2, **({"status": "error"} if i == 3 else {}))
@@ -378,7 +377,7 @@ def test_class_counts_are_kept_by_the_refresh_that_changes_them(workspace, asser
                     ("blur", 2, "clear", "ok", 8)]
     states = assert_views_match_history(ws)
     assert states["factor_class_counts"].usable
-    _bundled_match_previous(ws)
+    _bundled_match_previous(ws, previous_bundled_sql)
 
     # Nothing new: nothing recounted. A run still going: its rows are counted on the fly, exactly.
     catalog.refresh(ws, folds=folds)
@@ -387,7 +386,7 @@ def test_class_counts_are_kept_by_the_refresh_that_changes_them(workspace, asser
     slight = [r[-1] for r in _counts(ws, "factor_class_counts") if r[:3] == ("pose", 1, "slight angle")]
     assert slight == [18]  # 12, less the 4 of samples 0-9 that already were, plus 10
     assert_views_match_history(ws)
-    _bundled_match_previous(ws)
+    _bundled_match_previous(ws, previous_bundled_sql)
 
 
 def test_a_refresh_stopped_before_the_recount_leaves_the_counts_stale_not_wrong(

@@ -311,3 +311,31 @@ def test_a_cluster_that_cannot_do_the_work_fails_the_run_naming_why_and_it_resum
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert catalog.query(ws, "SELECT count(*) AS n, count(DISTINCT sample_id) AS d FROM samples_history "
                              "WHERE run_id = 'ing'").to_pylist() == [{"n": 7, "d": 7}]
+
+
+def _deployment_steps(ws: str, faces_folder: Path, **runner: str) -> Workspace:
+    """What the refresh and relabel deployments run (their flows, called as a served run calls them)."""
+    from flows.scheduled import refresh_dataset, relabel_subset
+
+    out = refresh_dataset(dataset_path=str(faces_folder), dataset="c", workspace=ws, label_stages=["align", "blur"],
+                          label_options={"detector": "mtcnn"}, device="cpu", shard_size=2, **runner)
+    assert out["new_samples"] == 7 and out["samples_without_anchors"] > 0, out
+    again = relabel_subset(where="blur_class IS NOT NULL", stages=["blur"], workspace=ws, shard_size=1,
+                           blur_thresholds="paper", **runner)
+    assert again["selected"] > 0, again
+    return Workspace(ws)
+
+
+def test_the_refresh_and_relabel_deployments_steps_on_the_cluster_equal_a_local_run(
+        dask_cluster, faces_folder, tmp_path, prefect_harness):
+    local = _deployment_steps(str(tmp_path / "local"), faces_folder)
+    ws = _deployment_steps(str(tmp_path / "cluster"), faces_folder, runner="dask", address=dask_cluster.address)
+    for table in ("samples", "faces", "factors", "embeddings", "anchors"):
+        theirs, ours = _rows(local, table, COMPARED[table]), _rows(ws, table, COMPARED[table])
+        assert len(ours) > 0 and ours == theirs, table
+    relabelled = catalog.query(ws, "SELECT count(*) AS n FROM factors_history WHERE run_id LIKE 'relabel-%'")
+    assert relabelled.column("n")[0].as_py() > 0
+    for kind in ("label", "relabel"):  # the workers labelled, never this process
+        markers = [json.loads(p.read_text()) for p in ws.runs_dir.glob(f"{kind}-*/shards/*.json")]
+        assert markers and all(f"(pid {os.getpid()})" not in m["worker"] for m in markers), kind
+    assert not _server_processes(dask_cluster.worker_pids().values())

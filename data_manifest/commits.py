@@ -93,10 +93,12 @@ def _rows(path: Path) -> int:
 
 
 def shard_files(ws_root: str | Path, run_id: str, shard: str) -> dict[str, int]:
-    """Every file of one shard of a run (manifest tables and crop packs) -> its row count, relative to the root."""
+    """Every file of one shard of a run (manifest tables, crop packs and the run's scratch parts, e.g. an
+    anchors run's per-shard sums and search results) -> its row count, relative to the root."""
     root = _cache(ws_root)
     found = [*root.glob(f"manifests/*/run={run_id}/part-{shard}.parquet"),
-             *root.glob(f"crops/*/{run_id}/part-{shard}.npy")]
+             *root.glob(f"crops/*/{run_id}/part-{shard}.npy"),
+             *root.glob(f"runs/{run_id}/*/part-{shard}.parquet")]
     return {p.relative_to(root).as_posix(): _rows(p) for p in sorted(found)}
 
 

@@ -70,10 +70,14 @@ class Workspace:
         self.push([rel])
         return rel
 
-    def local(self, ref: str) -> Path:
-        """The local path of a file `share` handed over (a store's: pulled into this cache when missing)."""
-        if Path(ref).is_absolute():
-            return Path(ref)
+    def local(self, ref: str | os.PathLike[str]) -> Path:
+        """The local path of a file `share` handed over, or of any file under this root (a store's: pulled into
+        this cache when missing, e.g. written by another worker)."""
+        path = Path(ref)
+        if path.is_absolute():
+            if self.store is None or not path.is_relative_to(self.root):
+                return path
+            ref = path.relative_to(self.root).as_posix()
         path = self.root / ref
         if not path.is_file():
             self.pull(ref)

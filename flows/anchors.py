@@ -1,7 +1,8 @@
 """`fiqa anchors`: embed aligned faces with a recognition model and compute CR-FIQA-style quality anchors.
 
 Select (SQL, frozen with the run) -> embed shard by shard (`embeddings`) -> the streaming steps of
-pipeline.anchors: centres, nearest-negative search, global min/max normalisation (`anchors`). Every
+pipeline.anchors: centres (per-shard sums on the runner's workers, merged here), nearest-negative search
+(per shard on the workers), global min/max normalisation (`anchors`, here). Every
 selected sample gets a row; `--reuse-embeddings` embeds only the samples without a stored embedding of
 the same model. See docs/anchors.md.
 """
@@ -85,6 +86,25 @@ def embed_shard(ws_root: str, run_id: str, shard: str, row_group: int, *, select
                          spec=fr_model, device=device, batch_size=batch_size)
 
 
+@task(name="anchors-centers-shard", cache_policy=NO_CACHE)
+@commits.receipted
+def centers_shard(ws_root: str, run_id: str, shard: str, row_group: int, *, selection_file: str,
+                  dim: int) -> dict[str, int]:
+    """Sum one row group's embeddings per identity (the centers' part of that shard)."""
+    return P.center_sums(Workspace(ws_root), run_id, shard, selection.task_shard(ws_root, selection_file, row_group),
+                         dim)
+
+
+@task(name="anchors-search-shard", cache_policy=NO_CACHE)
+@commits.receipted
+def search_shard(ws_root: str, run_id: str, shard: str, row_group: int, *, selection_file: str, state_file: str,
+                 dim: int, **options: Any) -> dict[str, int]:
+    """Search one row group's nearest negative centers against the merged centers; persist its stats."""
+    ws = Workspace(ws_root)
+    return P.search_shard(ws, run_id, shard, selection.task_shard(ws_root, selection_file, row_group), dim,
+                          ws.local(state_file), **options)
+
+
 @flow(name="anchors")
 def anchors_run(opts: AnchorsOptions) -> dict[str, Any]:
     """Select, shard, embed, then centers -> search -> normalise over the shards (see the module docstring)."""
@@ -105,24 +125,30 @@ def anchors_run(opts: AnchorsOptions) -> dict[str, Any]:
             runtime.run_steps(lambda *_: {"reused": stage_reused(ws, rid, model_id, frozen, opts.shard_size)},
                               {REUSE_STAGE: None}, ws=ws, run_id=rid)
         # 1. embed the samples without a staged embedding (each task reads its own row group)
-        outcomes = runtime.run_shards(embed_shard, shards, ws=ws, run_id=rid, stage="embed", desc="anchors: embed",
-                                      progress=opts.progress, selection_file=ws.share(frozen), fr_model=opts.fr_model,
-                                      device=opts.device, batch_size=opts.batch_size)
+        shared = {"ws": ws, "run_id": rid, "progress": opts.progress, "selection_file": ws.share(frozen)}
+        outcomes = runtime.run_shards(embed_shard, shards, stage="embed", desc="anchors: embed",
+                                      fr_model=opts.fr_model, device=opts.device, batch_size=opts.batch_size,
+                                      **shared)
         runtime.check_shard_failures(outcomes, rid)
-        # 2. centers: streamed over the embedding shards (current identities), or a classifier head
+        # 2. centers: per-identity sums of each shard (current identities), merged here in shard order; or a
+        #    classifier head
         steps = A.StreamingAnchors(
             dim, identities=None if opts.head else selected_identities(frozen),
             head=A.centers_from_head(opts.head, dim) if opts.head else None, mode=opts.mode,
             nnccs_floor=opts.nnccs_floor, chunk_size=opts.chunk_size, center_block=opts.center_block,
             device=opts.device)
         if not opts.head:
-            for name, group in shards.items():
-                P.add_centers(steps, ws, rid, name, selection.read_shard(frozen, group), dim)
+            outcomes = runtime.run_shards(centers_shard, shards, stage="centers", desc="anchors: centres", dim=dim,
+                                          **shared)
+            runtime.check_shard_failures(outcomes, rid)
+            P.merge_centers(steps, ws, rid, names)
         # 3. search: ccs, nnccs, nearest negative and raw per shard, persisted for the normalisation pass
-        runtime.run_steps(lambda name, group: P.search_shard(steps, ws, rid, name, selection.read_shard(frozen, group),
-                                                             dim),
-                          shards, ws=ws, run_id=rid, stage="search", desc="anchors: search", progress=opts.progress,
-                          redo=lambda name: not P.stats_path(ws, rid, name).exists())
+        searched = ws.share(P.save_state(steps, ws, rid))
+        outcomes = runtime.run_shards(search_shard, shards, stage="search", desc="anchors: search", dim=dim,
+                                      state_file=searched, mode=opts.mode, nnccs_floor=opts.nnccs_floor,
+                                      chunk_size=opts.chunk_size, center_block=opts.center_block,
+                                      device=opts.device, **shared)
+        runtime.check_shard_failures(outcomes, rid)
         lo, hi = P.norm_range(steps, ws, rid, names)
         # 4. normalise with the global min/max and write the anchors table
         runtime.run_steps(lambda name, _: P.write_anchors(ws, rid, name, lo, hi, model_id, steps.source), shards,

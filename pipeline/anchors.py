@@ -500,6 +500,7 @@ class StreamingAnchors:
         self.dim, self.mode, self.nnccs_floor = max(int(dim), 1), mode, nnccs_floor
         self._search_args = {"chunk_size": chunk_size, "center_block": center_block, "device": device}
         self._searcher: NearestNegativeSearch | None = None
+        self._counts: np.ndarray | None = None  # samples per center row of restored mean centers (for_search)
         self.range = RangeAccumulator()
         if head is None:
             ids = np.unique(np.asarray(identities, dtype=np.int64))
@@ -533,6 +534,39 @@ class StreamingAnchors:
         dense = self.index.dense(_as_labels(identities, len(emb)))
         self._acc.update(emb[good], dense[good])
 
+    def add_sums(self, identities: Any, sums: Any, counts: Any) -> None:
+        """Step 1 from shard tasks: one shard's per-identity sums (:func:`shard_sums`), added in shard order."""
+        if self._acc is None:
+            return
+        if self._searcher is not None:
+            raise RuntimeError("the centers are final once the search has started")
+        dense = self.index.dense(_as_labels(identities, len(counts)))
+        keep = dense >= 0  # an identity outside the selection has no center row
+        self._acc.sums[dense[keep]] += np.asarray(sums, dtype=np.float64)[keep]
+        self._acc.counts[dense[keep]] += np.asarray(counts, dtype=np.int64)[keep]
+
+    def search_state(self) -> dict[str, np.ndarray]:
+        """What a search in another process needs (:meth:`for_search`): the centers, samples per center row
+        (mean centers) and the identity of each center row (mean centers), as plain arrays."""
+        counts, ids = self.class_counts, self.index.ids
+        return {"centers": self.centers(), "counts": np.zeros(0, np.int64) if counts is None else counts,
+                "ids": np.zeros(0, np.int64) if ids is None else ids,
+                "has": np.array([counts is not None, ids is not None])}
+
+    @classmethod
+    def for_search(cls, state: dict[str, np.ndarray], *, mode: str = "ratio",
+                   nnccs_floor: float = DEFAULT_NNCCS_FLOOR, chunk_size: int = DEFAULT_CHUNK,
+                   center_block: int = DEFAULT_CENTER_BLOCK, device: Any = "cpu") -> StreamingAnchors:
+        """Steps 2-3 only, from a :meth:`search_state`: searches exactly as the instance that saved it."""
+        centers = np.asarray(state["centers"], dtype=np.float32)
+        obj = cls(centers.shape[1], head=centers, mode=mode, nnccs_floor=nnccs_floor, chunk_size=chunk_size,
+                  center_block=center_block, device=device)
+        has_counts, has_ids = (bool(x) for x in state["has"])
+        obj._counts = np.asarray(state["counts"], dtype=np.int64) if has_counts else None
+        obj.index = IdentityIndex(np.asarray(state["ids"], dtype=np.int64) if has_ids else None)
+        obj.source = CENTER_MEAN if has_counts else CENTER_HEAD
+        return obj
+
     @property
     def num_centers(self) -> int:
         """Identities with a center: those of the selection (mean centers) or the head's rows."""
@@ -541,7 +575,7 @@ class StreamingAnchors:
     @property
     def class_counts(self) -> np.ndarray | None:
         """Samples per center row (mean centers), None for head centers."""
-        return None if self._acc is None else self._acc.counts
+        return self._counts if self._acc is None else self._acc.counts
 
     def centers(self) -> np.ndarray:
         """The (C, D) centers; one zero row (never a negative) when no identity has a sample."""
@@ -575,6 +609,17 @@ class StreamingAnchors:
     def norm_range(self) -> tuple[float, float]:
         """The global (min, max) of raw over the observed ``ok`` rows; NaN when there is none."""
         return self.range.range() if self.range.count else (float("nan"), float("nan"))
+
+
+def shard_sums(embeddings: Any, identities: Any, ok: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One shard's part of step 1, for :meth:`StreamingAnchors.add_sums`: its identities (sorted), their
+    sums of L2-normalised embeddings (float64) and sample counts; rows with ``ok`` False are left out."""
+    emb, good = StreamingAnchors._ok(embeddings, ok)
+    lab = np.where(good, _as_labels(identities, len(emb)), -1)
+    ids = np.unique(lab[lab >= 0])
+    acc = CenterAccumulator(emb.shape[1], len(ids))
+    acc.update(emb, np.where(lab >= 0, np.searchsorted(ids, lab), -1))
+    return ids, acc.sums[: len(ids)], acc.counts[: len(ids)]
 
 
 STATS_SCHEMA = pa.schema([

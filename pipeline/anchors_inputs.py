@@ -54,7 +54,7 @@ def shard_embeddings(ws: Workspace, run_id: str, shard: str, sel: pa.Table,
     sources = [(ShardWriter(ws, "embeddings", run_id).path(shard), ["sample_id", "embedding", "error"]),
                (reused_path(ws, run_id, shard), None)]
     for path, columns in sources:
-        if path.exists():
+        if ws.local(path).exists():  # a store's workspace: pulled when another worker wrote it
             t = pq.read_table(path, columns=columns)
             e, ok = vectors(t.column("embedding"), dim, str(path))
             ids.append(t.column("sample_id").combine_chunks())

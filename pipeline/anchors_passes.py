@@ -1,16 +1,20 @@
 """The streamed passes of an anchors run over its selection shards, after the embed step.
 
-centers (per-identity sums of the current identities), search (ccs, nnccs, nearest negative and raw
-per shard, persisted in the run's scratch folder), range (the global min/max over the persisted
-shards) and normalise (one `anchors` shard per selection shard); then the run's tally. Each works on
-one shard at a time, so memory holds one shard plus the centers.
+centers (per-identity sums of the current identities per shard, a shard task each, merged in shard order
+by the flow), search (a shard task each: ccs, nnccs, nearest negative and raw per shard against the merged
+centers, persisted in the run's scratch folder), range (the global min/max over the persisted shards) and
+normalise (one `anchors` shard per selection shard); then the run's tally. Each works on one shard at a
+time, so memory holds one shard plus the centers. The shard tasks read and write only workspace files, so
+they run on any runner's workers (a Dask cluster's included) with the same results as in one process.
 """
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -28,25 +32,73 @@ def stats_path(ws: Workspace, run_id: str, shard: str) -> Path:
     return ws.runs_dir / run_id / "anchor_stats" / f"part-{shard}.parquet"
 
 
-def add_centers(steps: A.StreamingAnchors, ws: Workspace, run_id: str, shard: str, sel: pa.Table, dim: int) -> None:
-    """Add one shard's embeddings to the per-identity center sums."""
-    tbl, emb, ok = shard_embeddings(ws, run_id, shard, sel, dim)
-    steps.add(emb, identities(tbl), ok)
+def centers_path(ws: Workspace, run_id: str, shard: str) -> Path:
+    """One shard's per-identity embedding sums."""
+    return ws.runs_dir / run_id / "anchor_centers" / f"part-{shard}.parquet"
 
 
-def search_shard(steps: A.StreamingAnchors, ws: Workspace, run_id: str, shard: str, sel: pa.Table, dim: int) -> None:
-    """Search one shard's nearest negative centers and persist its stats for the normalisation pass."""
+def state_path(ws: Workspace, run_id: str) -> Path:
+    """The merged centers the search tasks load (StreamingAnchors.search_state)."""
+    return ws.runs_dir / run_id / "anchor_search.npz"
+
+
+def center_sums(ws: Workspace, run_id: str, shard: str, sel: pa.Table, dim: int) -> dict[str, int]:
+    """A shard task: one shard's per-identity sums of its ok embeddings, written for the merge."""
     tbl, emb, ok = shard_embeddings(ws, run_id, shard, sel, dim)
+    ids, sums, counts = A.shard_sums(emb, identities(tbl), ok)
+    flat = pa.array(sums.reshape(-1), pa.float64())
+    table = pa.table({"identity": pa.array(ids, pa.int64()), "count": pa.array(counts, pa.int64()),
+                      "sum": pa.FixedSizeListArray.from_arrays(flat, sums.shape[1])})
+    atomic_write(centers_path(ws, run_id, shard), lambda tmp: pq.write_table(table, tmp))
+    return {"identities": len(ids)}
+
+
+def merge_centers(steps: A.StreamingAnchors, ws: Workspace, run_id: str, shards: list[str]) -> None:
+    """In the flow: add every shard's sums to the centers, in shard order (the same sums on every runner)."""
+    for shard in shards:
+        t = pq.read_table(ws.local(centers_path(ws, run_id, shard)))
+        col = t.column("sum").combine_chunks()
+        sums = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
+        steps.add_sums(t.column("identity").to_numpy(), sums, t.column("count").to_numpy())
+
+
+def save_state(steps: A.StreamingAnchors, ws: Workspace, run_id: str) -> Path:
+    """In the flow: the merged centers, for the search tasks."""
+    path = state_path(ws, run_id)
+    state = steps.search_state()
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **state)
+
+    atomic_write(path, write)
+    return path
+
+
+@lru_cache(maxsize=2)
+def _searcher(path: str, stamp: int, options: tuple[tuple[str, Any], ...]) -> A.StreamingAnchors:
+    """The search of a saved state, built once per process (and file version)."""
+    with np.load(path, allow_pickle=False) as z:
+        state = {k: z[k] for k in z.files}
+    return A.StreamingAnchors.for_search(state, **dict(options))
+
+
+def search_shard(ws: Workspace, run_id: str, shard: str, sel: pa.Table, dim: int, state: Path,
+                 **options: Any) -> dict[str, int]:
+    """A shard task: search one shard's nearest negative centers (the saved state) and persist its stats."""
+    tbl, emb, ok = shard_embeddings(ws, run_id, shard, sel, dim)
+    steps = _searcher(str(state), state.stat().st_mtime_ns, tuple(sorted(options.items())))
     with MODEL_LOCK:
         stats = steps.search(emb, identities(tbl), ok)
     table = A.stats_table(tbl.column("sample_id"), identities(tbl), stats, tbl.column("error").to_pylist())
     atomic_write(stats_path(ws, run_id, shard), lambda tmp: pq.write_table(table, tmp))
+    return {"searched": table.num_rows}
 
 
 def norm_range(steps: A.StreamingAnchors, ws: Workspace, run_id: str, shards: list[str]) -> tuple[float, float]:
     """The global min/max of raw over the valid rows of every persisted shard."""
     for shard in shards:
-        st = pq.read_table(stats_path(ws, run_id, shard), columns=["raw", "status"])
+        st = pq.read_table(ws.local(stats_path(ws, run_id, shard)), columns=["raw", "status"])
         steps.observe(st.column("raw").to_numpy(zero_copy_only=False),
                       st.column("status").to_numpy(zero_copy_only=False))
     return steps.norm_range()
@@ -55,7 +107,7 @@ def norm_range(steps: A.StreamingAnchors, ws: Workspace, run_id: str, shards: li
 def write_anchors(ws: Workspace, run_id: str, shard: str, lo: float, hi: float, model_id: str,
                   source: str) -> dict[str, int]:
     """Normalise one shard's persisted stats with the global range and write its `anchors` file."""
-    st = pq.read_table(stats_path(ws, run_id, shard))
+    st = pq.read_table(ws.local(stats_path(ws, run_id, shard)))
     ShardWriter(ws, "anchors", run_id).write(shard, A.anchor_table(st, lo, hi, model_id, source))
     return {"anchors": st.num_rows}
 

@@ -1,11 +1,12 @@
 """A real Dask cluster on 127.0.0.1: a scheduler and two worker processes started here, working elsewhere.
 
-ingest -> label -> anchors -> score through `fiqa ... --runner dask --address` equal a local run row for row, with
-the workspace on a shared disk or on the local S3 server (the workers given its endpoint and credentials in their
-environment, each with a cache of its own); the workers report to the flow's Prefect API instead of starting
-servers of their own; a worker killed mid-label loses and duplicates nothing; a scheduler without workers ends
-the run after $FIQA_CLUSTER_TIMEOUT, and a worker that does not see the workspace fails it naming itself (both
-resume on a working cluster).
+The refresh and relabel deployments' flows and score on a shared disk, and ingest -> label -> anchors -> score
+through `fiqa ... --runner dask --address` with the workspace on the local S3 server (the workers given its
+endpoint and credentials in their environment, each with a cache of its own), equal a local run row for row,
+every sharded step (anchors' centres and search included) done by the workers; the workers report to the flow's
+Prefect API instead of starting servers of their own; a worker killed mid-label (S3) loses and duplicates
+nothing; a scheduler without workers ends the run after $FIQA_CLUSTER_TIMEOUT, and a worker that does not see
+the workspace fails it naming itself (both resume on a working cluster).
 """
 
 from __future__ import annotations
@@ -135,6 +136,7 @@ def _rows(ws: Workspace, table: str, cols: str) -> list[dict]:
     return catalog.query(ws, f"SELECT {cols} FROM {table}_history ORDER BY ALL").to_pylist()
 
 
+ANCHOR_STEPS = ("anchors-*/shards/embed-*", "anchors-*/shards/centers-*", "anchors-*/shards/search-*")
 COMPARED = {"samples": "sample_id, dataset, identity, status, error, content_hash",
             "faces": "sample_id, status, n_faces, crop_index, round(score, 4) AS score",
             "factors": "sample_id, factor, round(value, 6) AS value, class_name, status, error",
@@ -194,15 +196,10 @@ def _same_rows_by_workers(local: Workspace, ws: Workspace) -> set[str]:
     markers = [json.loads(p.read_text()) for p in ws.runs_dir.glob("label-*/shards/*.json")]
     workers = {m["worker"] for m in markers}
     assert len(markers) == 4 and all(f"(pid {os.getpid()})" not in w for w in workers)
+    for pattern in ANCHOR_STEPS:  # every sharded step of anchors ran on the workers
+        steps = [json.loads(p.read_text()) for p in ws.runs_dir.glob(f"{pattern}.json")]
+        assert steps and all(f"(pid {os.getpid()})" not in m["worker"] for m in steps), pattern
     return workers
-
-
-def test_a_pipeline_on_the_cluster_equals_a_local_run_and_reports_to_the_flows_api(
-        dask_cluster, faces_folder, tmp_path, prefect_harness, tiny_checkpoint):
-    local = _local_run(tmp_path / "local", faces_folder, tiny_checkpoint)
-    ws = _cluster_run(faces_folder, tiny_checkpoint, str(tmp_path / "cluster"), dask_cluster)
-    _same_rows_by_workers(local, ws)
-    assert not _server_processes(dask_cluster.worker_pids().values())
 
 
 def test_a_pipeline_on_the_cluster_with_the_workspace_on_s3_equals_a_local_run(
@@ -221,19 +218,18 @@ def test_a_pipeline_on_the_cluster_with_the_workspace_on_s3_equals_a_local_run(
         cache = next((s3_cluster.root / f"cache-{n}").iterdir())
         for table in ("samples", "faces", "embeddings", "scores"):
             assert list(cache.glob(f"manifests/{table}/run=*/part-*.parquet")), (n, table)
-        assert not list(cache.glob("manifests/anchors/run=*/*.parquet"))  # anchors' passes ran in the client
+        for scratch in ("anchor_centers", "anchor_stats"):  # the centres' sums and the search ran here
+            assert list(cache.glob(f"runs/anchors-*/{scratch}/part-*.parquet")), (n, scratch)
+        assert not list(cache.glob("manifests/anchors/run=*/*.parquet"))  # the normalisation: in the client
     imported = list(ws.checkpoints.glob("imported/*/*/" + Path(tiny_checkpoint).name))
     assert len(imported) == 1 and imported[0].read_bytes() == Path(tiny_checkpoint).read_bytes()
 
 
-@pytest.mark.parametrize("storage", ["disk", "s3"])
-def test_a_worker_killed_mid_label_loses_and_duplicates_nothing(storage, faces_folder, tmp_path, request,
+def test_a_worker_killed_mid_label_loses_and_duplicates_nothing(s3_cluster, s3_workspace, faces_folder,
                                                                 monkeypatch):
-    if storage == "s3":  # the workers commit to the store; the client's cache is out of their sight
-        dask_cluster, location = request.getfixturevalue("s3_cluster"), request.getfixturevalue("s3_workspace")
-        monkeypatch.setenv("FIQA_CACHE", str(dask_cluster.client_dir / "kill"))
-    else:
-        dask_cluster, location = request.getfixturevalue("dask_cluster"), str(tmp_path / "ws")
+    # The workers commit to the store; the client's cache is out of their sight.
+    dask_cluster, location = s3_cluster, s3_workspace
+    monkeypatch.setenv("FIQA_CACHE", str(dask_cluster.client_dir / "kill"))
     ws = Workspace(location)  # on S3: the client's cache, where its run records land
     where = ["--workspace", location, "--runner", "dask", "--address", dask_cluster.address]
     out = _fiqa(["ingest", str(faces_folder), "--dataset", "c", "--shard-size", "3", *where])
@@ -313,9 +309,11 @@ def test_a_cluster_that_cannot_do_the_work_fails_the_run_naming_why_and_it_resum
                              "WHERE run_id = 'ing'").to_pylist() == [{"n": 7, "d": 7}]
 
 
-def _deployment_steps(ws: str, faces_folder: Path, **runner: str) -> Workspace:
-    """What the refresh and relabel deployments run (their flows, called as a served run calls them)."""
+
+def _deployment_steps(ws: str, faces_folder: Path, checkpoint: str, **runner: str) -> Workspace:
+    """What the refresh and relabel deployments run (their flows, called as a served run calls them), then score."""
     from flows.scheduled import refresh_dataset, relabel_subset
+    from flows.score import score_flow
 
     out = refresh_dataset(dataset_path=str(faces_folder), dataset="c", workspace=ws, label_stages=["align", "blur"],
                           label_options={"detector": "mtcnn"}, device="cpu", shard_size=2, **runner)
@@ -323,19 +321,21 @@ def _deployment_steps(ws: str, faces_folder: Path, **runner: str) -> Workspace:
     again = relabel_subset(where="blur_class IS NOT NULL", stages=["blur"], workspace=ws, shard_size=1,
                            blur_thresholds="paper", **runner)
     assert again["selected"] > 0, again
+    score_flow(workspace=ws, checkpoint=checkpoint, device="cpu", shard_size=2, progress=False, **runner)
     return Workspace(ws)
 
 
-def test_the_refresh_and_relabel_deployments_steps_on_the_cluster_equal_a_local_run(
-        dask_cluster, faces_folder, tmp_path, prefect_harness):
-    local = _deployment_steps(str(tmp_path / "local"), faces_folder)
-    ws = _deployment_steps(str(tmp_path / "cluster"), faces_folder, runner="dask", address=dask_cluster.address)
-    for table in ("samples", "faces", "factors", "embeddings", "anchors"):
-        theirs, ours = _rows(local, table, COMPARED[table]), _rows(ws, table, COMPARED[table])
+def test_the_deployments_flows_and_score_on_the_cluster_equal_a_local_run_and_report_to_the_flows_api(
+        dask_cluster, faces_folder, tmp_path, prefect_harness, tiny_checkpoint):
+    local = _deployment_steps(str(tmp_path / "local"), faces_folder, tiny_checkpoint)
+    ws = _deployment_steps(str(tmp_path / "cluster"), faces_folder, tiny_checkpoint, runner="dask",
+                           address=dask_cluster.address)
+    for table, cols in COMPARED.items():
+        theirs, ours = _rows(local, table, cols), _rows(ws, table, cols)
         assert len(ours) > 0 and ours == theirs, table
     relabelled = catalog.query(ws, "SELECT count(*) AS n FROM factors_history WHERE run_id LIKE 'relabel-%'")
     assert relabelled.column("n")[0].as_py() > 0
-    for kind in ("label", "relabel"):  # the workers labelled, never this process
-        markers = [json.loads(p.read_text()) for p in ws.runs_dir.glob(f"{kind}-*/shards/*.json")]
-        assert markers and all(f"(pid {os.getpid()})" not in m["worker"] for m in markers), kind
+    for pattern in ("label-*/shards/*", "relabel-*/shards/*", "score-*/shards/*", *ANCHOR_STEPS):
+        markers = [json.loads(p.read_text()) for p in ws.runs_dir.glob(f"{pattern}.json")]
+        assert markers and all(f"(pid {os.getpid()})" not in m["worker"] for m in markers), pattern
     assert not _server_processes(dask_cluster.worker_pids().values())

@@ -4,7 +4,10 @@ Every writer writes into the cache folder exactly as into a local workspace; not
 `Store.push` uploads files, then a small commit marker, ``_commits/<time>-<id>.json``, listing each file with its
 size and modification time. `Store.pull` reads the markers it has not seen yet and downloads the files they
 list, so a file in the store without a marker (a worker killed between its files and its marker) is never
-read; `Store.committed` is what the markers list, and the catalog reads only those shards (a file written into
+read. Markers accumulate (one or two per shard); `Store.checkpoint` writes one marker listing every committed
+file and the names of the markers it stands for, so a new client reads the newest checkpoint and the markers it
+does not cover instead of every marker (markers stay in the store: a client that listed them may still read
+them); `Store.committed` is what the markers list, and the catalog reads only those shards (a file written into
 the cache but never committed stays invisible too). The DuckDB catalog is a file of the cache only, rebuilt
 from the synced manifests: any number of clients read one workspace, each with its own cache.
 
@@ -39,6 +42,8 @@ ENV_CACHE = "FIQA_CACHE"
 ENV_ENDPOINT = "FIQA_S3_ENDPOINT"
 DEFAULT_CACHE = "~/.cache/fiqa/workspaces"
 COMMITS = "_commits"  # the commit markers, in the store and (those seen) in the cache
+# A checkpoint marker (`fiqa compact`): every committed file, and the names of the markers it stands for.
+CHECKPOINT = "-checkpoint.json"
 # Files of the cache only: the catalog (rebuilt from the manifests), locks; dot files (temporaries) neither.
 LOCAL_ONLY = frozenset({"catalog.duckdb", "catalog.duckdb.wal", "catalog.duckdb.swap", "catalog.root", "lock"})
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
@@ -165,6 +170,7 @@ class Store:
         self._lock = threading.Lock()
         self._state: dict[Path, tuple[frozenset[str], dict[str, Stamp]]] = {}
         self._bodies: dict[str, bytes] = {}  # commit markers read from the store, by key
+        self._covers: dict[Path, frozenset[str]] = {}  # what a checkpoint of a cache stands for, by its path
         try:
             info = self.fs.get_file_info(self.bucket)
         except OSError as e:
@@ -192,8 +198,8 @@ class Store:
         added = names - known_names
         if known_names <= names and min(added) > max(known_names, default=""):
             state = dict(known)  # markers sort by time: the new ones only update what is known
-        else:
-            state, added = {}, names
+        else:  # a checkpoint lists every file its markers list: folded in their place
+            state, added = {}, names - self._covered(folder, names)
         for name in sorted(added):
             with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
                 state.update({rel: (int(s), int(m)) for rel, (s, m) in
@@ -201,6 +207,41 @@ class Store:
         with self._lock:
             self._state[root] = (names, state)
         return state
+
+    def _covered(self, folder: Path, names: Iterable[str]) -> frozenset[str]:
+        """The markers that the cache's checkpoints among `names` stand for."""
+        out: set[str] = set()
+        for name in names:
+            if name.endswith(CHECKPOINT):
+                path = folder / name
+                with self._lock:
+                    covers = self._covers.get(path)
+                if covers is None:
+                    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                        covers = frozenset(json.loads(path.read_text())["covers"])
+                        with self._lock:
+                            self._covers[path] = covers
+                out |= covers or frozenset()
+        return frozenset(out)
+
+    def checkpoint(self, root: Path) -> dict[str, Any]:
+        """Commit one marker that lists every committed file and the markers it stands for (every marker this
+        cache has seen, after a pull): a new client reads it and the newer markers only."""
+        self.pull(root, repair=False)
+        folder = root / COMMITS
+        names = sorted(n for n in os.listdir(folder) if n.endswith(".json")) if folder.is_dir() else []
+        covers = sorted(self._covered(folder, names) | set(names))
+        state = self.committed(root)
+        name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}{CHECKPOINT}"
+        body = json.dumps({"files": {rel: list(st) for rel, st in state.items()}, "covers": covers,
+                           "host": socket.gethostname(), "pid": os.getpid(), "committed_at": time.time()}).encode()
+        try:
+            with self.fs.open_output_stream(self.key(f"{COMMITS}/{name}")) as out:
+                out.write(body)
+        except OSError as e:
+            raise self._error("writing a checkpoint marker failed", e) from e
+        _write(folder / name, body)
+        return {"checkpoint": name, "markers_covered": len(covers), "files": len(state)}
 
     # ------------------------------------------------------------------ push: files first, then the marker
 
@@ -258,7 +299,11 @@ class Store:
             infos = self.fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
             seen = self.committed(root)
             local = set(os.listdir(root / COMMITS)) if (root / COMMITS).is_dir() else set()
+            local |= self._covered(root / COMMITS, local)
             new = sorted(i.base_name for i in infos if i.base_name.endswith(".json") and i.base_name not in local)
+            if checkpoints := [n for n in new if n.endswith(CHECKPOINT)]:  # the newest stands for the markers it
+                covers = set(json.loads(self._marker(f"{folder}/{checkpoints[-1]}"))["covers"])  # lists
+                new = [n for n in new if n not in covers]
             markers = dict(zip(new, each(lambda n: self._marker(f"{folder}/{n}"), new), strict=True))
             wanted = dict(seen) if repair else {}
             for body in markers.values():

@@ -196,3 +196,40 @@ def test_the_cli_refuses_a_bad_store_before_any_work_naming_the_url(s3_env, caps
         assert cli.main([*argv, "--workspace", "s3://no-such-bucket/ws"]) == 2, argv
         err = capsys.readouterr().err
         assert "s3://no-such-bucket/ws: bucket 'no-such-bucket' does not exist" in err and "Traceback" not in err
+
+
+def test_a_checkpoint_spares_a_new_client_every_marker_and_a_late_marker_still_counts(s3_workspace, tmp_path,
+                                                                                      monkeypatch):
+    from flows.compact import compact
+
+    ws = Workspace(s3_workspace)
+    for k in range(5):  # five commits, one marker each
+        ShardWriter(ws, "samples", f"r{k}").write(0, _rows(2, 2 * k))
+        assert ws.push() == 1
+    ShardWriter(ws, "samples", "r0").write(0, _rows(1, 50))  # a file committed twice: the newest stamp wins
+    assert ws.push() == 1
+    out = compact(ws)["commits"]
+    assert out["markers_covered"] == 6 and out["checkpoint"].endswith(store.CHECKPOINT)
+    ShardWriter(ws, "samples", "r9").write(0, _rows(1, 90))  # committed after the checkpoint
+    assert ws.push() == 1
+    folder = ws.store.key(store.COMMITS)
+    late = f"{0:020d}-{'0' * 12}.json"  # a marker named before the checkpoint, written after it (a clock behind)
+    ShardWriter(ws, "samples", "late").write(0, _rows(1, 70))
+    rel = "manifests/samples/run=late/part-00000.parquet"
+    st = store._stamp(ws.root / rel)
+    with ws.store.fs.open_output_stream(ws.store.key(rel)) as dst:
+        dst.write((ws.root / rel).read_bytes())
+    with ws.store.fs.open_output_stream(f"{folder}/{late}") as dst:
+        dst.write(json.dumps({"files": {rel: list(st)}}).encode())
+
+    read: list[str] = []
+    real = store.Store._read
+    monkeypatch.setattr(store.Store, "_read", lambda self, key: read.append(key.rsplit("/", 1)[-1]) or real(self, key))
+    monkeypatch.setattr(store.Store, "_open", {})  # a new process: nothing read yet
+    reader = _other_client(monkeypatch, tmp_path, s3_workspace)
+    markers = [n for n in read if n.endswith(".json")]
+    assert out["checkpoint"] in markers and late in markers and len(markers) == 3, markers  # not the six it covers
+    want = [*(f"s{i:03d}" for i in range(2, 10)), "s050", "s070", "s090"]
+    assert _ids(reader) == want
+    assert reader.pull() == 0 and _ids(reader) == want  # the covered markers count as seen
+    assert _ids(Workspace(s3_workspace)) == want  # the writer, which saw every marker, agrees

@@ -124,6 +124,17 @@ def faces_folder(tmp_path_factory, mtcnn_detector) -> Path:
     return root
 
 
+@pytest.fixture
+def api_env(prefect_harness):
+    """The environment of a `fiqa` process that reports to the test's Prefect API (no temporary server of its
+    own, as with a user's PREFECT_API_URL); extra variables as keywords."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    assert url, "the harness sets the API URL"
+    return lambda **extra: _env(PREFECT_API_URL=url, **extra)
+
+
 def _fiqa(*commands: list[str], env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Several `fiqa` commands in one process (one temporary Prefect server), stopping at the first failure."""
     code = ("import json, sys; from flows.cli import main\n"
@@ -226,18 +237,18 @@ def test_a_pipeline_on_the_cluster_with_the_workspace_on_s3_equals_a_local_run(
 
 
 def test_a_worker_killed_mid_label_loses_and_duplicates_nothing(s3_cluster, s3_workspace, faces_folder,
-                                                                monkeypatch):
+                                                                monkeypatch, api_env):
     # The workers commit to the store; the client's cache is out of their sight.
     dask_cluster, location = s3_cluster, s3_workspace
     monkeypatch.setenv("FIQA_CACHE", str(dask_cluster.client_dir / "kill"))
     ws = Workspace(location)  # on S3: the client's cache, where its run records land
     where = ["--workspace", location, "--runner", "dask", "--address", dask_cluster.address]
-    out = _fiqa(["ingest", str(faces_folder), "--dataset", "c", "--shard-size", "3", *where])
+    out = _fiqa(["ingest", str(faces_folder), "--dataset", "c", "--shard-size", "3", *where], env=api_env())
     assert out.returncode == 0, out.stderr[-3000:]
     n = catalog.query(ws, "SELECT count(*) AS n FROM samples").column("n")[0].as_py()
     label_cmd = ["label", *LABEL, "--shard-size", "1", "--no-progress", "--run-id", "label-kill", *where]
     code = "import sys, json; from flows.cli import main; sys.exit(main(json.loads(sys.argv[1])))"
-    proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(label_cmd)], cwd=ROOT, env=_env(),
+    proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(label_cmd)], cwd=ROOT, env=api_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     victim = None
     try:
@@ -257,7 +268,7 @@ def test_a_worker_killed_mid_label_loses_and_duplicates_nothing(s3_cluster, s3_w
     assert not psutil.pid_exists(victim) or psutil.Process(victim).status() == psutil.STATUS_ZOMBIE
     if proc.returncode != 0:  # the killed worker's shard may fail the run: the resume finishes it
         assert "re-run with --run-id label-kill" in log, log[-3000:]
-    out = _fiqa(label_cmd)
+    out = _fiqa(label_cmd, env=api_env())
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     per_sample = catalog.query(ws, "SELECT sample_id, count(*) AS k FROM faces_history WHERE run_id = 'label-kill' "
                                    "GROUP BY 1").to_pylist()
@@ -270,7 +281,7 @@ def test_a_worker_killed_mid_label_loses_and_duplicates_nothing(s3_cluster, s3_w
 
 
 def test_a_cluster_that_cannot_do_the_work_fails_the_run_naming_why_and_it_resumes_on_one_that_can(
-        dask_cluster, faces_folder, tmp_path):
+        dask_cluster, faces_folder, tmp_path, api_env):
     ws = Workspace(tmp_path / "shared" / "ws")
     broken = Cluster.__new__(Cluster)  # a scheduler without workers first
     broken.root, broken.procs, broken.env = tmp_path / "broken", [], {}
@@ -284,7 +295,7 @@ def test_a_cluster_that_cannot_do_the_work_fails_the_run_naming_why_and_it_resum
         broken.address = json.loads((broken.root / "s.json").read_text())["address"]
         cmd = ["ingest", str(faces_folder), "--dataset", "c", "--shard-size", "3", "--run-id", "ing",
                "--workspace", str(ws.root), "--runner", "dask"]
-        out = _fiqa([*cmd, "--address", broken.address], env=_env(FIQA_CLUSTER_TIMEOUT="3"))
+        out = _fiqa([*cmd, "--address", broken.address], env=api_env(FIQA_CLUSTER_TIMEOUT="3"))
         assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
         assert f"no Dask worker connected to the scheduler {broken.address}" in out.stderr
         assert "FIQA_CLUSTER_TIMEOUT=3" in out.stderr and "re-run with --run-id ing" in out.stderr
@@ -294,7 +305,7 @@ def test_a_cluster_that_cannot_do_the_work_fails_the_run_naming_why_and_it_resum
         if probe.returncode == 0:
             broken.add_worker(prefix=("unshare", "-m", "sh", "-c", f'mount -t tmpfs none "{ws.root.parent}" && '
                                       'exec "$0" "$@"'))
-            out = _fiqa([*cmd, "--address", broken.address])
+            out = _fiqa([*cmd, "--address", broken.address], env=api_env())
             assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
             assert "cannot see the workspace" in out.stderr and str(ws.root) in out.stderr
             assert f"{os.uname().nodename} (pid " in out.stderr and "same path" in out.stderr
@@ -303,7 +314,7 @@ def test_a_cluster_that_cannot_do_the_work_fails_the_run_naming_why_and_it_resum
         for p in broken.procs:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait(timeout=30)
-    out = _fiqa([*cmd, "--address", dask_cluster.address])
+    out = _fiqa([*cmd, "--address", dask_cluster.address], env=api_env())
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert catalog.query(ws, "SELECT count(*) AS n, count(DISTINCT sample_id) AS d FROM samples_history "
                              "WHERE run_id = 'ing'").to_pylist() == [{"n": 7, "d": 7}]

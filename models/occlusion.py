@@ -4,7 +4,8 @@ No real occluded-face data is reachable, so the training set is built here,
 deterministically, from the FIT faces (the faces of every FIT source of
 `models.fit_data.face_sources`, face-api and human, but those wearing real
 sunglasses; see `fit_faces`): each face clean, with a benign paste, or with a random
-occluder of `models.fit_data.occluders`, then photometrically and geometrically
+occluder of `models.fit_data.occluders` (a share of them the training-only rigid
+patch, `occluders.PATCH`, which the checks never draw), then photometrically and geometrically
 jittered (dark, bright, blurred, downscaled, grey, JPEG, noise, small
 misalignment) so that lighting and sharpness do not read as occlusion. The
 network sees the crop at 56x56 and outputs P(obstructed).
@@ -64,9 +65,10 @@ class TrainConfig:
     """Everything that decides the trained weights (stored in the checkpoint; its digest is the version)."""
 
     seed: int = 12  # numpy (data) and torch (init, order) seed
-    n_samples: int = 8000  # synthetic training crops made from the fit faces
+    n_samples: int = 12000  # synthetic training crops made from the fit faces
     p_occluded: float = 0.5  # share of crops with an occluder (the rest: clean or benign paste)
     p_benign: float = 0.5  # share of the unoccluded crops that get a benign paste
+    p_patch: float = 0.1  # share of the occluded crops that get a training-only rigid patch (occluders.PATCH)
     epochs: int = 10
     batch_size: int = 64
     lr: float = 3e-3
@@ -79,9 +81,9 @@ class TrainConfig:
         unknown = [f for f in self.families if f not in occ.FAMILIES]
         if unknown or not self.families:
             raise ValueError(f"unknown or no occluder families {unknown or self.families}; known: {occ.FAMILIES}")
-        if not (0 < self.p_occluded < 1 and 0 <= self.p_benign <= 1):
-            raise ValueError(f"p_occluded must be in (0, 1) and p_benign in [0, 1], got {self.p_occluded}, "
-                             f"{self.p_benign}")
+        if not (0 < self.p_occluded < 1 and 0 <= self.p_benign <= 1 and 0 <= self.p_patch < 1):
+            raise ValueError(f"p_occluded must be in (0, 1), p_benign in [0, 1] and p_patch in [0, 1), got "
+                             f"{self.p_occluded}, {self.p_benign}, {self.p_patch}")
         if self.n_samples < self.batch_size or self.epochs < 1:
             raise ValueError(f"need n_samples >= batch_size and epochs >= 1, got {self.n_samples}, {self.epochs}")
 
@@ -164,9 +166,16 @@ def _jitter(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def _occluded(crop: np.ndarray, landmarks: np.ndarray | None, families: Sequence[str], rng: np.random.Generator,
-              bank: occ.TextureBank) -> np.ndarray:
-    """The crop with an occluder of a random family; a family whose shape does not fit the face (a mask needs
-    the nose tip well under the eyes, which a face seen from below may not have) is drawn again from the rest."""
+              bank: occ.TextureBank, p_patch: float = 0.0) -> np.ndarray:
+    """The crop with an occluder: a training-only rigid patch (share `p_patch`, hard-edged half the time) or one
+    of a random family; a shape that does not fit the face (a mask needs the nose tip well under the eyes, which a
+    face seen from below may not have) is drawn again from the families left."""
+    if rng.random() < p_patch:
+        try:
+            return occ.paste(crop, landmarks, occ.PATCH, rng, bank,
+                             edge_sigma=0.0 if rng.random() < 0.5 else None).image
+        except ValueError:
+            pass
     left = list(families)
     while True:
         family = left[int(rng.integers(len(left)))]
@@ -191,7 +200,7 @@ def synthesize(crops: Sequence[np.ndarray], landmarks: Sequence[np.ndarray | Non
         k = int(rng.integers(len(crops)))
         crop, lm = crops[k], landmarks[k]
         if rng.random() < config.p_occluded:
-            img, y = _occluded(crop, lm, config.families, rng, bank), 1.0
+            img, y = _occluded(crop, lm, config.families, rng, bank, config.p_patch), 1.0
         elif rng.random() < config.p_benign:
             img, y = occ.paste(crop, lm, occ.BENIGN, rng, bank).image, 0.0
         else:

@@ -56,7 +56,7 @@ FER_FILE = WeightFile(
 # `python -m models.fetch_weights` checks this SHA-256 and copies the file into the store.
 OCCLUSION_FILE = WeightFile(
     relpath="occlusion/occlusion_cnn.pt",
-    sha256="2c958f81691a7ea9b2e467725fb01474442184d767cd0af238a1bc702b4988b5",
+    sha256="f8a34d2c9148b537279d71a2ee8c317d2467a5bb4eb2ac35b62d5578545a72d6",
     source="models/shipped/occlusion_cnn.pt (trained by this project, see models/shipped/README.md)",
     licence="Apache-2.0 (this project); trained on the face-api and human demo photos (MIT)",
 )

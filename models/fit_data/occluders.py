@@ -34,6 +34,8 @@ KEY_REGIONS = ("left_eye", "right_eye", "nose", "mouth")
 FAMILIES: tuple[str, ...] = ("mask", "band", "scarf", "hand", "sunglasses", "microphone", "hair", "cap", "object")
 LOWER_FACE_FAMILIES: tuple[str, ...] = ("mask", "band", "scarf", "hand", "microphone")
 BENIGN = "benign"
+# A training-only occluder: the labeller learns from it, the checks (which draw FAMILIES) never paste it.
+PATCH = "patch"
 MASK_TEXTURES = ("mask_white", "mask_blue", "mask_black", "mask_green")  # insightface package data
 # Non-face scikit-image photos used as occluder textures, split so that a check can use textures never trained on.
 FIT_TEXTURES = ("chelsea", "brick", "grass", "gravel", "hubble_deep_field", "immunohistochemistry", "coins", "moon")
@@ -453,6 +455,26 @@ def blob(frame: FaceFrame, u: np.ndarray, v: np.ndarray, rng: np.random.Generato
     return alpha, layer
 
 
+def patch(frame: FaceFrame, u: np.ndarray, v: np.ndarray, rng: np.random.Generator,
+          bank: TextureBank) -> tuple[np.ndarray, np.ndarray]:
+    """A compact rigid patch (card, phone, paper, sticker, a censor box): a rotated rectangle or ellipse of flat,
+    grey or textured colour over an eye, both eyes, the nose or the mouth. Training only (PATCH)."""
+    eyes = (frame.point_uv(0) + frame.point_uv(1)) / 2
+    nose, mouth = frame.point_uv(2), (frame.point_uv(3) + frame.point_uv(4)) / 2
+    targets = [frame.point_uv(0), frame.point_uv(1), eyes, nose, (nose + mouth) / 2, mouth]
+    c = targets[int(rng.integers(len(targets)))] + rng.normal(0, 0.12, 2)
+    hu, hv = rng.uniform(0.25, 0.9), rng.uniform(0.2, 0.8)
+    ang = rng.normal(0, 0.3) if rng.random() < 0.7 else rng.uniform(0, np.pi)
+    du, dv = u - c[0], v - c[1]
+    pu, pv = du * np.cos(ang) + dv * np.sin(ang), -du * np.sin(ang) + dv * np.cos(ang)
+    if rng.random() < 0.6:
+        inside = (np.abs(pu) <= hu) & (np.abs(pv) <= hv)
+    else:
+        inside = (pu / hu) ** 2 + (pv / hv) ** 2 <= 1.0
+    layer = _layer(bank, rng, u.shape[0], ("grey", "grey", "solid", "gradient", "photo", "fabric", "dark"))
+    return inside.astype(np.float64), layer
+
+
 def facial_hair(frame: FaceFrame, u: np.ndarray, v: np.ndarray, rng: np.random.Generator,
                 full: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Stubble (sparse dark dots, partly transparent) or a beard on chin and jaw that leaves the lips free.
@@ -505,7 +527,7 @@ def benign(frame: FaceFrame, u: np.ndarray, v: np.ndarray, rng: np.random.Genera
 
 SHAPES: dict[str, Shape] = {
     "mask": face_mask, "band": band, "scarf": scarf, "hand": hand, "sunglasses": sunglasses,
-    "microphone": microphone, "hair": hair, "cap": cap, "object": blob, BENIGN: benign,
+    "microphone": microphone, "hair": hair, "cap": cap, "object": blob, BENIGN: benign, PATCH: patch,
 }
 
 

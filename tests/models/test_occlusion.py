@@ -95,7 +95,7 @@ def test_masks_cover_the_lower_face_landmarks(landmarks, texture):
         assert out.obstructed and out.coverage["mouth"] > 0.95 and out.coverage["right_eye"] < 0.05
 
 
-@pytest.mark.parametrize("family", [*occ.FAMILIES, occ.BENIGN])
+@pytest.mark.parametrize("family", [*occ.FAMILIES, occ.BENIGN, occ.PATCH])
 def test_every_family_agrees_with_the_coverage_rule(family):
     crop = _face()
     bank = occ.TextureBank(skins=[occ.skin_patch(crop)])
@@ -106,6 +106,12 @@ def test_every_family_agrees_with_the_coverage_rule(family):
         assert 0.0 <= out.alpha.min() and out.alpha.max() <= 1.0
         changed = np.abs(out.image.astype(int) - crop.astype(int)).sum(axis=2) > 0
         assert not changed[out.alpha < 1e-6].any()  # nothing outside the occluder is touched
+
+
+def test_patch_is_trained_on_but_never_drawn_by_the_checks():
+    assert occ.PATCH in occ.SHAPES and occ.PATCH not in occ.FAMILIES
+    out = occ.paste(_face(), None, occ.PATCH, np.random.default_rng(1), edge_sigma=0.0)
+    assert out.obstructed and set(np.unique(out.alpha)) <= {0.0, 1.0}  # hard-edged when asked
 
 
 def test_sunglasses_cover_the_eyes_and_not_the_mouth():
@@ -169,6 +175,8 @@ def test_training_is_deterministic_and_round_trips(tmp_path):
 def test_training_config_and_data_checks():
     with pytest.raises(ValueError, match="unknown or no occluder families"):
         mo.TrainConfig(families=("veil",))
+    with pytest.raises(ValueError, match="p_patch"):
+        mo.TrainConfig(p_patch=1.0)
     images, labels = mo.synthesize([_face()], [None], _tiny_config(n_samples=40), np.random.default_rng(0))
     assert images.shape == (40, 112, 112, 3) and set(np.unique(labels)) <= {0.0, 1.0} and 0 < labels.sum() < 40
     with pytest.raises(ValueError, match="uint8"):

@@ -56,7 +56,6 @@ LABEL_INPUTS: tuple[str, ...] = ("samples", "faces", "factors", "anchors")  # wh
 # Class counts kept next to the snapshots (view name -> the latest view it counts): a question over the whole
 # dataset's classes reads a few hundred rows instead of scanning 210M factor rows (or 42M `labels` rows).
 COUNTS: dict[str, str] = {"factor_class_counts": "factors", "label_class_counts": "labels"}
-COUNTED: dict[str, str] = {source: name for name, source in COUNTS.items()}  # a latest view -> its class counts
 SOURCES = "snapshot_sources"
 META = "snapshot_meta"
 BUILT = "snapshot_tables"  # the snapshot tables built so far (a rebuild interrupted midway leaves none)
@@ -74,12 +73,19 @@ def snapshot_name(table: str) -> str:
 
 
 def shard_files(ws: Workspace, table: str) -> list[Path]:
-    """Every shard of a table, over all runs, in path order (in a store's workspace: the committed ones)."""
-    return ws.committed(sorted((ws.manifests / table).glob("run=*/part-*.parquet")))
+    """Every shard of a table, over all runs, in path order (in a store's workspace: the committed ones).
+
+    Sorted on the path components (what Path ordering compares), computed once a path: a sort that compares
+    Path objects rebuilds them at every comparison (2,100 shards at WebFace42M size, on every connection)."""
+    return ws.committed(sorted((ws.manifests / table).glob("run=*/part-*.parquet"), key=lambda p: p.parts))
 
 
 def rel(ws: Workspace, path: Path) -> str:
-    return path.relative_to(ws.root).as_posix()
+    """`path` relative to the workspace root, POSIX style (a string prefix where it is under it, as shards are)."""
+    root = ws.root.as_posix().rstrip("/") + "/"
+    s = path.as_posix()
+    return s[len(root):] if path.is_absolute() == ws.root.is_absolute() and s.startswith(root) else (
+        path.relative_to(ws.root).as_posix())
 
 
 def file_stamp(path: Path) -> tuple[int, int] | None:
@@ -146,21 +152,15 @@ def labels_sql(samples: str = "samples", faces: str = "faces", factors: str = "f
     )
 
 
-def count_columns(name: str) -> dict[str, str]:
-    """The columns (name -> DuckDB type) the class counts `name` (a key of COUNTS) group by.
+def counts_sql(name: str, source: str) -> str:
+    """The class counts `name` (a key of COUNTS) of the relation `source`: rows of each class combination.
 
     `factor_class_counts`: latest factor rows per factor, class and status; `label_class_counts`: samples per
     combination of the five factor classes (NULL where a factor has no label).
     """
-    types = {f.name: duck_type(f.type) for f in SCHEMAS["factors"]}
-    if name == "factor_class_counts":
-        return {c: types[c] for c in ("factor", "class_index", "class_name", "status")}
-    return {f"{f}_class": types["class_name"] for f in FACTORS}
-
-
-def counts_sql(name: str, source: str) -> str:
-    """The class counts `name` (a key of COUNTS) of the relation `source`: rows of each class combination."""
-    return f"SELECT {', '.join(count_columns(name))}, count(*) AS n FROM {source} GROUP BY ALL"
+    cols = ("factor, class_index, class_name, status" if name == "factor_class_counts"
+            else ", ".join(f"{f}_class" for f in FACTORS))
+    return f"SELECT {cols}, count(*) AS n FROM {source} GROUP BY ALL"
 
 
 def only(relation: str, ids: str) -> str:
@@ -415,22 +415,13 @@ def _fold_range(con: duckdb.DuckDBPyConnection, table: str, lo: str | None, hi: 
     """Fold the staged rows with sample ids in [lo, hi) into snapshot_<table>: those older than the snapshot's
     row for their key are dropped, the rest replace it (the sample ids go to _changed). Returns the rows kept
     and the snapshot rows they replaced; the snapshot side is restricted to the range, so only the row groups
-    whose sample-id statistics overlap it are read. For `factors`, the classes of the rows replaced and kept
-    go to the change of its class counts (`_count_change`)."""
+    whose sample-id statistics overlap it are read."""
     snap = snapshot_name(table)
     con.execute(f"CREATE OR REPLACE TEMP TABLE _delta AS SELECT * FROM {STAGE} WHERE {_between(lo, hi)}")
     match = f"{_between(lo, hi, 's.sample_id')} AND {_key_match(table, 's', 'd')}"
     older = "s.created_at > d.created_at OR (s.created_at = d.created_at AND s.run_id > d.run_id)"
     con.execute(f"DELETE FROM _delta d USING {snap} s WHERE {match} AND ({older})")
-    counted = COUNTED.get(table)
-    if counted:  # the classes of the rows it replaces and of the rows it adds go to the change of the counts
-        gone = con.sql(f"DELETE FROM {snap} s USING _delta d WHERE {match} "
-                       f"RETURNING {', '.join(f's.{c}' for c in count_columns(counted))}").to_arrow_table()
-        replaced = gone.num_rows
-        _count_change(con, counted, gone, -1)
-        _count_change(con, counted, "_delta", 1)
-    else:
-        replaced = con.execute(f"DELETE FROM {snap} s USING _delta d WHERE {match}").fetchone()[0]
+    replaced = con.execute(f"DELETE FROM {snap} s USING _delta d WHERE {match}").fetchone()[0]
     con.execute(f"INSERT INTO {snap} SELECT * FROM _delta ORDER BY {key_list(table)}")
     n = con.execute("SELECT count(*) FROM _delta").fetchone()[0]
     if table in LABEL_INPUTS:
@@ -556,11 +547,6 @@ def update(con: duckdb.DuckDBPyConnection, ws: Workspace, *, rebuild: bool = Fal
         _ensure_meta(con, reset=reset)
         con.execute(f"DELETE FROM {BUILT} WHERE tbl = 'labels'")
     con.execute("CREATE OR REPLACE TEMP TABLE _changed (sample_id VARCHAR)")
-    # Counts usable now can follow this refresh's changes (`_count_change`) instead of a recount of their source.
-    follow = {name for name in COUNTS if states is not None and states[name].usable}
-    for name in COUNTS:
-        cols = ", ".join(f"{c} {typ}" for c, typ in count_columns(name).items())
-        con.execute(f"CREATE OR REPLACE TEMP TABLE {_change_name(name)} ({cols}, n BIGINT)")
     done: dict[str, bool] = {}
     relabel_all = states is None or not states["labels"].usable
     for t in SNAPSHOT_TABLES:  # one transaction per table: a fold never holds all of them in memory
@@ -593,15 +579,13 @@ def update(con: duckdb.DuckDBPyConnection, ws: Workspace, *, rebuild: bool = Fal
                 _rewrite(con, t, REWRITE_PART * FOLD_ROWS)
         report.tables[t] = {"shards": len(files), "rows": rows, "rebuilt": fresh}
     _use_limit(con, build=relabel_all)
-    report.tables["labels"], in_place = _update_labels(con, relabel_all)
-    if not in_place:  # the change of `labels` was not followed row by row
-        follow.discard("label_class_counts")
+    report.tables["labels"] = _update_labels(con, relabel_all)
     labels_changed = bool(report.tables["labels"]["samples"]) or relabel_all
     with _transaction(con):
         built = {t for t, in con.execute(f"SELECT tbl FROM {BUILT}").fetchall()}
         for name, source in COUNTS.items():
             if name not in built or (source == "labels" and labels_changed):
-                report.tables[name] = {"counted_rows": _recount(con, name, name in follow)}
+                report.tables[name] = {"counted_rows": _recount(con, name)}
         con.execute(f"INSERT OR IGNORE INTO {BUILT} VALUES ('labels')")
     _checkpoint(con)
     report.seconds = time.perf_counter() - t0
@@ -622,10 +606,8 @@ def _transaction(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
 LABELS_PART = 1_000_000  # samples per pass of a full `labels` build (bounds the pivot's memory)
 
 
-def _update_labels(con: duckdb.DuckDBPyConnection, rebuild: bool) -> tuple[dict, bool]:
-    """Recompute the `labels` rows of the samples in _changed, or all of them (in sample-id ranges); (what it
-    did, whether it replaced rows in place: then the classes of the rows replaced and added went to the change
-    of the label counts).
+def _update_labels(con: duckdb.DuckDBPyConnection, rebuild: bool) -> dict:
+    """Recompute the `labels` rows of the samples in _changed, or all of them (in sample-id ranges).
 
     A change past REWRITE_FRACTION of `labels` rebuilds it in ranges of FOLD_ROWS samples (what replacing
     its rows and then rewriting the table would cost, in one pass); a smaller one replaces its rows
@@ -644,70 +626,30 @@ def _update_labels(con: duckdb.DuckDBPyConnection, rebuild: bool) -> tuple[dict,
                          [labels_sql(*(f"(SELECT * FROM {t} WHERE {cond})" for t in inputs))
                           for cond in _ranges(con, inputs[0], LABELS_PART if rebuild else FOLD_ROWS)], "sample_id")
         samples = n_changed if not rebuild else con.execute(f"SELECT count(*) FROM {lab}").fetchone()[0]
-        return {"samples": int(samples), "rebuilt": rebuild}, False
+        return {"samples": int(samples), "rebuilt": rebuild}
     replaced = 0
-    classes = ", ".join(count_columns("label_class_counts"))
     for lo, hi in _bounds(con, "_all_ids", -(-n_changed // FOLD_ROWS)):
         cond = _between(lo, hi)  # the snapshots are in key order: each step reads the row groups of its range
         with _transaction(con):
             con.execute(f"CREATE OR REPLACE TEMP TABLE _ids AS SELECT sample_id FROM _all_ids WHERE {cond}")
-            gone = con.sql(f"DELETE FROM {lab} WHERE {cond} AND sample_id IN (SELECT sample_id FROM _ids) "
-                           f"RETURNING {classes}").to_arrow_table()
-            replaced += gone.num_rows
+            replaced += con.execute(f"DELETE FROM {lab} WHERE {cond} AND sample_id IN (SELECT sample_id FROM _ids)"
+                                    ).fetchone()[0]
             ranged = (only(f"(SELECT * FROM {t} WHERE {cond})", "_ids") for t in inputs)
-            added = con.sql(f"INSERT INTO {lab} {labels_sql(*ranged)} ORDER BY sample_id RETURNING {classes}"
-                            ).to_arrow_table()
-            _count_change(con, "label_class_counts", gone, -1)
-            _count_change(con, "label_class_counts", added, 1)
+            con.execute(f"INSERT INTO {lab} {labels_sql(*ranged)} ORDER BY sample_id")
         _checkpoint(con)
     if replaced:
         with _transaction(con):
             due = _count_replaced(con, lab, replaced)
         if due:
             _rewrite(con, "labels", REWRITE_PART * FOLD_ROWS)
-    return {"samples": n_changed, "rebuilt": False}, True
+    return {"samples": n_changed, "rebuilt": False}
 
 
-def _change_name(name: str) -> str:
-    """The temp table of this refresh's change to the class counts `name`: per class combination, rows added
-    (n > 0) or replaced (n < 0)."""
-    return f"_change_{name}"
-
-
-def _count_change(con: duckdb.DuckDBPyConnection, name: str, rows: str | pa.Table, sign: int) -> None:
-    """Add the class combinations of `rows` (a relation, or rows returned by a statement), counted with `sign`,
-    to the change of the class counts `name`, in the caller's transaction (so it holds exactly what the
-    committed steps changed)."""
-    if isinstance(rows, pa.Table):
-        con.register("_count_rows", rows)
-    try:
-        source = "_count_rows" if isinstance(rows, pa.Table) else rows
-        con.execute(f"INSERT INTO {_change_name(name)} SELECT {', '.join(count_columns(name))}, {sign} * count(*) "
-                    f"FROM {source} GROUP BY ALL")
-    finally:
-        if isinstance(rows, pa.Table):
-            con.unregister("_count_rows")
-
-
-def _recount(con: duckdb.DuckDBPyConnection, name: str, follow: bool = False) -> int:
-    """snapshot_<name> brought up to date and marked built, in the caller's transaction, which also holds the
-    source's last change; the rows it counts.
-
-    With `follow` (the counts were up to date when this refresh began, and every change of their source since
-    went to `_change_name(name)`), the change is added to them: rows of the change, not a scan of the source
-    (210M factor rows at 42M samples). Otherwise they are counted afresh from the snapshot of their source.
-    Either way the table is the same: one row per class combination with a count above 0, in order.
-    """
-    snap = snapshot_name(name)
-    if follow:
-        cols = ", ".join(count_columns(name))
-        con.execute(f"CREATE OR REPLACE TEMP TABLE _counted AS SELECT {cols}, CAST(sum(n) AS BIGINT) AS n FROM "
-                    f"(SELECT * FROM {snap} UNION ALL SELECT * FROM {_change_name(name)}) GROUP BY ALL "
-                    "HAVING sum(n) <> 0")
-        con.execute(f"CREATE OR REPLACE TABLE {snap} AS SELECT * FROM _counted ORDER BY ALL")
-        con.execute("DROP TABLE _counted")
-    else:
-        con.execute(f"CREATE OR REPLACE TABLE {snap} AS {counts_sql(name, snapshot_name(COUNTS[name]))} ORDER BY ALL")
+def _recount(con: duckdb.DuckDBPyConnection, name: str) -> int:
+    """snapshot_<name> counted afresh from the snapshot of its source (one scan of it) and marked built, in the
+    caller's transaction, which also holds the source's last change; the rows it counted."""
+    con.execute(f"CREATE OR REPLACE TABLE {snapshot_name(name)} AS "
+                f"{counts_sql(name, snapshot_name(COUNTS[name]))} ORDER BY ALL")
     con.execute(f"INSERT OR IGNORE INTO {BUILT} VALUES (?)", [name])
     return int(con.execute(f"SELECT coalesce(sum(n), 0) FROM {snapshot_name(name)}").fetchone()[0])
 

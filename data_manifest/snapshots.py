@@ -353,7 +353,8 @@ def _build_table(con: duckdb.DuckDBPyConnection, ws: Workspace, table: str, file
     table swapped in with the record of its shards. One statement over every shard (the window and a sort of
     all rows at once) spilled past 40 GB and was still on the 210M factor rows of 42M samples after 19.5 min;
     ranges cut from one unsorted stage table read all of it for each range (27 x 210M rows at 42M samples).
-    A build stopped midway leaves the folder, removed by the next build.
+    A table of one range is read straight from its shards (no stage). A build stopped midway leaves the
+    folder, removed by the next build.
     """
     snap = snapshot_name(table)
     stage = ws.root / ".tmp" / BUILD_STAGE
@@ -362,15 +363,17 @@ def _build_table(con: duckdb.DuckDBPyConnection, ws: Workspace, table: str, file
     n = con.execute(f"SELECT count(*) FROM read_parquet({_file_list(files)})").fetchone()[0]
     bounds = _bounds(con, f"(SELECT sample_id FROM read_parquet({_file_list(files)}))", -(-n // BUILD_PART_ROWS))
     cuts = [lo for lo, _ in bounds[1:]]
-    part = ("CASE " + " ".join(f"WHEN sample_id < {sql_str(c)} THEN {i}" for i, c in enumerate(cuts))
-            + f" ELSE {len(cuts)} END") if cuts else "0"
-    con.execute("SET partitioned_write_flush_threshold = ?", [STAGE_FLUSH_ROWS])
-    con.execute(f"COPY (SELECT *, {part} AS range_ FROM ({src})) TO {sql_str(stage.as_posix())} "
-                "(FORMAT parquet, PARTITION_BY (range_))")
-    parts = [sorted((stage / f"range_={i}").glob("*.parquet")) for i in range(len(bounds))]
-    _build_in_ranges(con, snap, f"SELECT * FROM ({src})",
-                     (f"SELECT * FROM ({read_shards_sql(table, p)}) {newest_first(table)}" for p in parts if p),
-                     key_list(table), finish=lambda: _record(con, ws, table, files))
+    selects: Iterable[str] = [f"SELECT * FROM ({src}) {newest_first(table)}"]  # one range: straight from the shards
+    if cuts:
+        part = ("CASE " + " ".join(f"WHEN sample_id < {sql_str(c)} THEN {i}" for i, c in enumerate(cuts))
+                + f" ELSE {len(cuts)} END")
+        con.execute("SET partitioned_write_flush_threshold = ?", [STAGE_FLUSH_ROWS])
+        con.execute(f"COPY (SELECT *, {part} AS range_ FROM ({src})) TO {sql_str(stage.as_posix())} "
+                    "(FORMAT parquet, PARTITION_BY (range_))")
+        parts = [sorted((stage / f"range_={i}").glob("*.parquet")) for i in range(len(bounds))]
+        selects = (f"SELECT * FROM ({read_shards_sql(table, p)}) {newest_first(table)}" for p in parts if p)
+    _build_in_ranges(con, snap, f"SELECT * FROM ({src})", selects, key_list(table),
+                     finish=lambda: _record(con, ws, table, files))
     shutil.rmtree(stage, ignore_errors=True)
     _checkpoint(con)
     return int(con.execute(f"SELECT count(*) FROM {snap}").fetchone()[0])

@@ -158,17 +158,18 @@ def checked_shards(ws: Workspace, table: str, stamps: dict[Path, tuple[int, int]
     (a stat for a link) also gives each shard's `snapshots.file_stamp`, put in `stamps` when given.
     """
     root = os.path.realpath(ws.root)
-    folders: dict[Path, str] = {}
+    folders: dict[str, str] = {}  # keyed by string: a Path parent is a new object, hashed afresh, for every shard
     out = []
     for p in snapshots.shard_files(ws, table):
-        if p.parent not in folders:
-            folders[p.parent] = os.path.realpath(p.parent)
+        folder, name = os.path.split(os.fspath(p))
+        if folder not in folders:
+            folders[folder] = os.path.realpath(folder)
         try:
             st: os.stat_result | None = os.lstat(p)
         except OSError:
             st = None  # gone since it was listed: file_stamp says so later
         link = st is not None and stat.S_ISLNK(st.st_mode)
-        real = os.path.realpath(p) if link else os.path.join(folders[p.parent], p.name)
+        real = os.path.realpath(p) if link else os.path.join(folders[folder], name)
         if stamps is not None and st is not None:
             if link:
                 got = snapshots.file_stamp(p)

@@ -35,8 +35,9 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,12 +73,19 @@ def snapshot_name(table: str) -> str:
 
 
 def shard_files(ws: Workspace, table: str) -> list[Path]:
-    """Every shard of a table, over all runs, in path order (in a store's workspace: the committed ones)."""
-    return ws.committed(sorted((ws.manifests / table).glob("run=*/part-*.parquet")))
+    """Every shard of a table, over all runs, in path order (in a store's workspace: the committed ones).
+
+    Sorted on the path components (what Path ordering compares), computed once a path: a sort that compares
+    Path objects rebuilds them at every comparison (2,100 shards at WebFace42M size, on every connection)."""
+    return ws.committed(sorted((ws.manifests / table).glob("run=*/part-*.parquet"), key=lambda p: p.parts))
 
 
 def rel(ws: Workspace, path: Path) -> str:
-    return path.relative_to(ws.root).as_posix()
+    """`path` relative to the workspace root, POSIX style (a string prefix where it is under it, as shards are)."""
+    root = ws.root.as_posix().rstrip("/") + "/"
+    s = path.as_posix()
+    return s[len(root):] if path.is_absolute() == ws.root.is_absolute() and s.startswith(root) else (
+        path.relative_to(ws.root).as_posix())
 
 
 def file_stamp(path: Path) -> tuple[int, int] | None:
@@ -328,32 +336,45 @@ def _key_match(table: str, a: str, b: str) -> str:
     return " AND ".join(f"{a}.{k} = {b}.{k}" for k in KEYS[table])
 
 
-BUILD_STAGE = "snapshot_build_stage"  # a build's shards, copied as they are
+BUILD_STAGE = "snapshot-build-stage"  # folder under <root>/.tmp: a build's shards, split by sample-id range
 # Staged rows per range of a build: the range's window and sort stay well under the build's memory limit.
 BUILD_PART_ROWS = 8_000_000
+# Rows a partitioned write buffers per range before it writes them out (DuckDB's default, 524288, held for each
+# of 27 ranges of 210M factor rows, is past the build's memory limit).
+STAGE_FLUSH_ROWS = 131_072
 
 
 def _build_table(con: duckdb.DuckDBPyConnection, ws: Workspace, table: str, files: Sequence[Path]) -> int:
     """Build snapshot_<table> from its shards; returns the rows kept.
 
-    The shards are copied into a stage table as they are (one streaming read: no window, no sort), then the
-    newest row per key is taken range by range of BUILD_PART_ROWS staged rows, each range sorted, committed
-    and checkpointed (`_build_in_ranges`), and the table swapped in with the record of its shards. One
-    statement over every shard (the window and a sort of all rows at once) spilled past 40 GB and was still
-    on the 210M factor rows of 42M samples after 19.5 min.
+    The shards are read once (no window, no sort) into Parquet files under <root>/.tmp/BUILD_STAGE, one folder
+    per sample-id range of about BUILD_PART_ROWS rows; then the newest row per key is taken range by range,
+    each range reading only its own folder, sorted, committed and checkpointed (`_build_in_ranges`), and the
+    table swapped in with the record of its shards. One statement over every shard (the window and a sort of
+    all rows at once) spilled past 40 GB and was still on the 210M factor rows of 42M samples after 19.5 min;
+    ranges cut from one unsorted stage table read all of it for each range (27 x 210M rows at 42M samples).
+    A table of one range is read straight from its shards (no stage). A build stopped midway leaves the
+    folder, removed by the next build.
     """
     snap = snapshot_name(table)
-    with _transaction(con):
-        con.execute(f"CREATE OR REPLACE TABLE {BUILD_STAGE} AS {read_shards_sql(table, files)}")
-    _checkpoint(con)
-
-    def swap_in() -> None:
-        con.execute(f"DROP TABLE {BUILD_STAGE}")
-        _record(con, ws, table, files)
-
-    _build_in_ranges(con, snap, BUILD_STAGE, BUILD_PART_ROWS,
-                     lambda cond: f"SELECT * FROM {BUILD_STAGE} WHERE {cond} {newest_first(table)}", key_list(table),
-                     finish=swap_in)
+    stage = ws.root / ".tmp" / BUILD_STAGE
+    shutil.rmtree(stage, ignore_errors=True)
+    src = read_shards_sql(table, files)
+    n = con.execute(f"SELECT count(*) FROM read_parquet({_file_list(files)})").fetchone()[0]
+    bounds = _bounds(con, f"(SELECT sample_id FROM read_parquet({_file_list(files)}))", -(-n // BUILD_PART_ROWS))
+    cuts = [lo for lo, _ in bounds[1:]]
+    selects: Iterable[str] = [f"SELECT * FROM ({src}) {newest_first(table)}"]  # one range: straight from the shards
+    if cuts:
+        part = ("CASE " + " ".join(f"WHEN sample_id < {sql_str(c)} THEN {i}" for i, c in enumerate(cuts))
+                + f" ELSE {len(cuts)} END")
+        con.execute("SET partitioned_write_flush_threshold = ?", [STAGE_FLUSH_ROWS])
+        con.execute(f"COPY (SELECT *, {part} AS range_ FROM ({src})) TO {sql_str(stage.as_posix())} "
+                    "(FORMAT parquet, PARTITION_BY (range_))")
+        parts = [sorted((stage / f"range_={i}").glob("*.parquet")) for i in range(len(bounds))]
+        selects = (f"SELECT * FROM ({read_shards_sql(table, p)}) {newest_first(table)}" for p in parts if p)
+    _build_in_ranges(con, snap, f"SELECT * FROM ({src})", selects, key_list(table),
+                     finish=lambda: _record(con, ws, table, files))
+    shutil.rmtree(stage, ignore_errors=True)
     _checkpoint(con)
     return int(con.execute(f"SELECT count(*) FROM {snap}").fetchone()[0])
 
@@ -436,7 +457,8 @@ def _count_replaced(con: duckdb.DuckDBPyConnection, snap: str, replaced: int) ->
 def _rewrite(con: duckdb.DuckDBPyConnection, table: str, part_rows: int) -> None:
     """snapshot_<table> rewritten in key order, without its deleted rows."""
     snap = snapshot_name(table)
-    _build_in_ranges(con, snap, snap, part_rows, lambda cond: f"SELECT * FROM {snap} WHERE {cond}", key_list(table))
+    _build_in_ranges(con, snap, f"SELECT * FROM {snap}",
+                     [f"SELECT * FROM {snap} WHERE {cond}" for cond in _ranges(con, snap, part_rows)], key_list(table))
 
 
 CUT_SAMPLE = 200_000  # sample ids drawn to cut a table into ranges (about 1% imbalance at 222 ranges)
@@ -461,19 +483,24 @@ def _between(lo: str | None, hi: str | None, column: str = "sample_id") -> str:
                          *([f"{column} < {sql_str(hi)}"] if hi is not None else [])]) or "true"
 
 
-def _build_in_ranges(con: duckdb.DuckDBPyConnection, target: str, cut_source: str, part_rows: int,
-                     select: Callable[[str], str], keys: str, finish: Callable[[], None] | None = None) -> None:
-    """(Re)write table `target` from `select(condition)`, in sample-id ranges of about `part_rows` rows of
-    `cut_source`, each sorted by `keys`, committed and checkpointed on its own (so neither the sort nor the
-    rows written stay in memory: the peak does not grow with the table); swapped in at the end, in one
+def _ranges(con: duckdb.DuckDBPyConnection, source: str, part_rows: int) -> list[str]:
+    """Conditions of consecutive sample-id ranges of about `part_rows` rows of `source` (`_bounds`)."""
+    n = con.execute(f"SELECT count(*) FROM {source}").fetchone()[0]
+    return [_between(lo, hi) for lo, hi in _bounds(con, source, -(-n // part_rows))]
+
+
+def _build_in_ranges(con: duckdb.DuckDBPyConnection, target: str, shape: str, selects: Iterable[str], keys: str,
+                     finish: Callable[[], None] | None = None) -> None:
+    """(Re)write table `target` (the columns of the query `shape`) from `selects`, one query per sample-id range
+    in increasing order, each sorted by `keys`, committed and checkpointed on its own (so neither the sort nor
+    the rows written stay in memory: the peak does not grow with the table); swapped in at the end, in one
     transaction with `finish()`."""
     nxt = f"{target}_next"
-    n = con.execute(f"SELECT count(*) FROM {cut_source}").fetchone()[0]
     with _transaction(con):
-        con.execute(f"CREATE OR REPLACE TABLE {nxt} AS {select('false')} LIMIT 0")
-    for lo, hi in _bounds(con, cut_source, -(-n // part_rows)):
+        con.execute(f"CREATE OR REPLACE TABLE {nxt} AS SELECT * FROM ({shape}) WHERE false")
+    for select in selects:
         with _transaction(con):
-            con.execute(f"INSERT INTO {nxt} {select(_between(lo, hi))} ORDER BY {keys}")
+            con.execute(f"INSERT INTO {nxt} {select} ORDER BY {keys}")
         _checkpoint(con)
     with _transaction(con):
         con.execute(f"DROP TABLE IF EXISTS {target}")
@@ -598,8 +625,9 @@ def _update_labels(con: duckdb.DuckDBPyConnection, rebuild: bool) -> dict:
         n_changed = int(con.execute("SELECT count(*) FROM _all_ids").fetchone()[0])
         large = n_changed > REWRITE_FRACTION * max(con.execute(f"SELECT count(*) FROM {lab}").fetchone()[0], 1)
     if rebuild or large:
-        _build_in_ranges(con, lab, inputs[0], LABELS_PART if rebuild else FOLD_ROWS,
-                         lambda cond: labels_sql(*(f"(SELECT * FROM {t} WHERE {cond})" for t in inputs)), "sample_id")
+        _build_in_ranges(con, lab, labels_sql(*(f"(SELECT * FROM {t} WHERE false)" for t in inputs)),
+                         [labels_sql(*(f"(SELECT * FROM {t} WHERE {cond})" for t in inputs))
+                          for cond in _ranges(con, inputs[0], LABELS_PART if rebuild else FOLD_ROWS)], "sample_id")
         samples = n_changed if not rebuild else con.execute(f"SELECT count(*) FROM {lab}").fetchone()[0]
         return {"samples": int(samples), "rebuilt": rebuild}
     replaced = 0

@@ -451,8 +451,9 @@ def test_a_fold_stopped_between_ranges_is_folded_again_to_the_same_snapshot(work
 
 
 def test_a_build_in_ranges_equals_a_build_in_one(workspace, monkeypatch, assert_views_match_history):
-    """A build stages the shards and keeps the newest row per key range by range: the same snapshot as one range,
-    whatever the split, the key order kept (point lookups prune on it) and the stage dropped."""
+    """A build splits the shards by sample-id range in one pass and keeps the newest row per key range by range:
+    the same snapshot as one range, whatever the split, the key order kept (point lookups prune on it) and the
+    stage removed; a build stopped midway leaves its stage to the next build, which gives the same snapshot."""
     ws = workspace
     _run(ws, "ingest", {"samples": [_sample(i) for i in range(40)]})
     _run(ws, "label", {"factors": [_factor(i, f, (i % 7) / 7) for i in range(40) for f in ("blur", "pose")]})
@@ -463,12 +464,33 @@ def test_a_build_in_ranges_equals_a_build_in_one(workspace, monkeypatch, assert_
     bounds, cut = [], snapshots._bounds
     monkeypatch.setattr(snapshots, "_bounds", lambda con, src, parts: (bounds.append((src, parts)),
                                                                        cut(con, src, parts))[1])
+    selects, build_in_ranges = [], snapshots._build_in_ranges
+    monkeypatch.setattr(snapshots, "_build_in_ranges", lambda con, target, shape, sel, keys, finish=None: (
+        build_in_ranges(con, target, shape, [s for s in sel if not selects.append((target, s))], keys, finish)))
     catalog.refresh(ws, rebuild=True)
-    staged = [parts for src, parts in bounds if src == snapshots.BUILD_STAGE]
+    staged = [parts for src, parts in bounds if "read_parquet" in src]
     assert staged == [-(-40 // 7), -(-(80 + 14) // 7)]  # samples; factors: 80 label rows and 14 relabel rows
+    # each range reads its own part of the stage, never the shards
+    factor_selects = [s for t, s in selects if t == "snapshot_factors"]
+    assert len(factor_selects) == staged[1] and all(s.count(snapshots.BUILD_STAGE) == 1 for s in factor_selects)
     assert _snapshot_tables(ws) == whole
     assert_views_match_history(ws)
     with duckdb.connect(str(ws.catalog_path), read_only=True) as con:
         ids = [r[0] for r in con.execute("SELECT sample_id FROM snapshot_factors").fetchall()]
-        tables = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
-    assert ids == sorted(ids) and snapshots.BUILD_STAGE not in tables
+    assert ids == sorted(ids) and not (ws.root / ".tmp" / snapshots.BUILD_STAGE).exists()
+
+    record = snapshots._record
+
+    def stop_at_factors(con, ws_, table, files):
+        if table == "factors":
+            raise duckdb.IOException("disk full")
+        return record(con, ws_, table, files)
+
+    monkeypatch.setattr(snapshots, "_record", stop_at_factors)
+    with pytest.raises(duckdb.IOException):
+        catalog.refresh(ws, rebuild=True)
+    assert (ws.root / ".tmp" / snapshots.BUILD_STAGE).exists()
+    monkeypatch.setattr(snapshots, "_record", record)
+    catalog.refresh(ws, rebuild=True)
+    assert _snapshot_tables(ws) == whole and not (ws.root / ".tmp" / snapshots.BUILD_STAGE).exists()
+    assert_views_match_history(ws)

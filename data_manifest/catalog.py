@@ -109,12 +109,14 @@ def history_dataset(ws: Workspace, table: str, shards: Sequence[Path] | None = N
 
 
 def connect(ws: Workspace, *, tables: dict[str, pa.Table] | None = None,
-            memory: str | None = None) -> duckdb.DuckDBPyConnection:
+            memory: str | None = None, history: bool = True) -> duckdb.DuckDBPyConnection:
     """An in-memory query connection: catalog views over Arrow datasets, no file access, locked configuration.
 
     `tables` are registered under their names (the files a user query reads, read by sql_guard); `memory`
-    is DuckDB's memory limit (default: Limits.of()). A moved or copied workspace first gets its
-    catalog.duckdb views rewritten for where it now is (for the DuckDB CLI and other tools).
+    is DuckDB's memory limit (default: Limits.of()). `history=False` registers only the `<table>_history`
+    views a latest view falls back on (a table without a usable snapshot), for a script that names no
+    `_history` view (`names_history`). A moved or copied workspace first gets its catalog.duckdb views
+    rewritten for where it now is (for the DuckDB CLI and other tools).
     """
     check_catalog_file(ws)
     refresh_if_moved(ws)
@@ -124,7 +126,8 @@ def connect(ws: Workspace, *, tables: dict[str, pa.Table] | None = None,
         files = {t: checked_shards(ws, t, stamps) for t in TABLES}  # listed (and stat'ed) once per connection
         states = _attach_snapshots(con, ws, files, stamps)
         for t in TABLES:
-            con.register(f"{t}_history", history_dataset(ws, t, files[t]))
+            if history or t not in states or not states[t].usable:
+                con.register(f"{t}_history", history_dataset(ws, t, files[t]))
         for t, st in states.items():
             if st.usable and st.pending:
                 con.register(f"_pending_{t}", history_dataset(ws, t, st.pending))
@@ -137,6 +140,17 @@ def connect(ws: Workspace, *, tables: dict[str, pa.Table] | None = None,
         con.close()
         raise
     return con
+
+
+# a history view by name, or what lists the views: SHOW / DESCRIBE, information_schema, duckdb_*(), pragma_*()
+_HISTORY_HINTS = ("_history", "show", "describe", "information_schema", "duckdb_", "pragma_")
+
+
+def names_history(sql: str) -> bool:
+    """Whether a script may read a `<table>_history` view or list the views (its text says so). Conservative:
+    a comment, a string or a longer word with one of the hints in it counts too."""
+    low = sql.lower()
+    return any(h in low for h in _HISTORY_HINTS)
 
 
 def check_catalog_file(ws: Workspace) -> None:
@@ -152,34 +166,37 @@ def check_catalog_file(ws: Workspace) -> None:
 def checked_shards(ws: Workspace, table: str, stamps: dict[Path, tuple[int, int]] | None = None) -> list[Path]:
     """Every shard of a table, each resolved with its symlinks; a shard that leads outside the workspace is refused.
 
-    Each run folder is resolved once and a shard file itself only when it is a link: the same resolved path as
-    resolving every shard (a part-*.parquet name is neither '.' nor '..'), at one lstat a shard instead of one
-    per path component (2,100 shards at WebFace42M size: 0.1 s less on every query's connection). That lstat
-    (a stat for a link) also gives each shard's `snapshots.file_stamp`, put in `stamps` when given.
+    Each run folder is resolved and checked once, and a shard file itself only when it is a link: the same
+    verdict as resolving every shard (a part-*.parquet name is neither '.' nor '..'), at one lstat a shard
+    instead of one per path component. That lstat (a stat for a link) also gives each shard's
+    `snapshots.file_stamp`, put in `stamps` when given.
     """
     root = os.path.realpath(ws.root)
-    folders: dict[str, str] = {}  # keyed by string: a Path parent is a new object, hashed afresh, for every shard
-    out = []
-    for p in snapshots.shard_files(ws, table):
-        folder, name = os.path.split(os.fspath(p))
-        if folder not in folders:
-            folders[folder] = os.path.realpath(folder)
+    folders: dict[str, str | None] = {}  # run folder -> its real path when that lies outside the root, else None
+    out = snapshots.shard_files(ws, table)
+    for p in out:
+        path = os.fspath(p)
         try:
-            st: os.stat_result | None = os.lstat(p)
+            st: os.stat_result | None = os.lstat(path)
         except OSError:
             st = None  # gone since it was listed: file_stamp says so later
-        link = st is not None and stat.S_ISLNK(st.st_mode)
-        real = os.path.realpath(p) if link else os.path.join(folders[folder], name)
+        if st is not None and stat.S_ISLNK(st.st_mode):
+            real = os.path.realpath(path)
+            if not sql_guard.inside(real, root):
+                raise ValueError(f"refused: shard {p} resolves to {real}, outside the workspace {root}")
+            got = snapshots.file_stamp(p)
+            if stamps is not None and got is not None:
+                stamps[p] = got
+            continue
+        folder, name = os.path.split(path)
+        if folder not in folders:
+            real_folder = os.path.realpath(folder)
+            folders[folder] = None if sql_guard.inside(real_folder, root) else real_folder
+        if folders[folder] is not None:
+            raise ValueError(f"refused: shard {p} resolves to {os.path.join(folders[folder], name)}, outside the "
+                             f"workspace {root}")
         if stamps is not None and st is not None:
-            if link:
-                got = snapshots.file_stamp(p)
-                if got is not None:
-                    stamps[p] = got
-            else:
-                stamps[p] = (st.st_size, st.st_mtime_ns)
-        if not sql_guard.inside(real, root):
-            raise ValueError(f"refused: shard {p} resolves to {real}, outside the workspace {root}")
-        out.append(p)
+            stamps[p] = (st.st_size, st.st_mtime_ns)
     return out
 
 
@@ -488,7 +505,7 @@ class UserSQL:
         planned = sql_guard.plan(ws, sql, VIEW_NAMES, allow_external_read=allow_external_read,
                                  reader=_read_with(limits, self.deadline))
         self.statements = planned.statements
-        self.con = connect(ws, tables=planned.tables, memory=limits.memory)
+        self.con = connect(ws, tables=planned.tables, memory=limits.memory, history=names_history(sql))
 
     @contextlib.contextmanager
     def watch(self) -> Iterator[duckdb.DuckDBPyConnection]:

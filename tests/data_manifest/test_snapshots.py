@@ -122,6 +122,38 @@ def test_a_replaced_or_removed_shard_rebuilds_its_snapshot(workspace, assert_vie
     assert catalog.query(ws, "SELECT count(*) FROM labels").column(0)[0].as_py() == 3
 
 
+def _views(con: duckdb.DuckDBPyConnection) -> set[str]:
+    """The views registered on the query connection (not those of the attached catalog.duckdb)."""
+    return {r[0] for r in con.execute("SELECT view_name FROM duckdb_views() WHERE temporary").fetchall()}
+
+
+def test_a_query_that_names_no_history_view_leaves_out_the_history_it_does_not_need(workspace):
+    ws = workspace
+    rid = _run(ws, "ingest", {"samples": [_sample(i) for i in range(6)]})
+    _run(ws, "label", {"factors": [_factor(i, "blur", 0.4) for i in range(6)]})
+    catalog.refresh(ws)
+    assert not catalog.names_history("SELECT * FROM labels WHERE sample_id = 's001'")
+    assert all(catalog.names_history(q) for q in ("SELECT * FROM Factors_History", "SHOW TABLES", "DESCRIBE samples",
+                                                  "SELECT * FROM duckdb_views()"))
+    con = catalog.connect(ws, history=False)
+    try:  # every snapshot usable: no history view is registered, the latest views answer from the snapshots
+        assert not any(v.endswith("_history") and v.removesuffix("_history") in snapshots.SNAPSHOT_TABLES
+                       for v in _views(con))
+        assert con.execute("SELECT count(*) FROM labels").fetchone()[0] == 6
+    finally:
+        con.close()
+    ShardWriter(ws, "samples", rid).write(0, [_sample(i, identity=9) for i in range(3)])  # samples snapshot stale
+    con = catalog.connect(ws, history=False)
+    try:  # the stale table's latest view falls back on its history, which is registered; the others are not
+        names = _views(con)
+        assert "samples_history" in names and "factors_history" not in names
+        assert con.execute("SELECT count(*), min(identity) FROM samples").fetchone() == (3, 9)
+    finally:
+        con.close()
+    assert catalog.query(ws, "SELECT count(*) FROM factors_history").column(0)[0].as_py() == 6
+    assert catalog.query(ws, "SELECT count(*) FROM labels").column(0)[0].as_py() == 3
+
+
 def test_compact_builds_snapshots_for_a_workspace_written_without_them(workspace, capsys, monkeypatch,
                                                                        assert_views_match_history):
     """Shards laid out by another tool (no run records, no catalog): `fiqa compact` folds them all."""

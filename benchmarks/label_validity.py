@@ -185,6 +185,7 @@ def run(photos: str | None = None, *, sets: str | None = None, direct: bool = Fa
     outcomes = _outcomes(variants, rows, factors)
     rep = V.report(outcomes)
     sides = face_sides(faces)
+    crops = {f.name: f.crop for f in faces}
     inv_factors = [f for f in I.INVARIANCE_FACTORS if f in factors]
     buckets = I.by_size(outcomes, sides)
     matrix = {b: I.invariance_matrix(o, inv_factors) for b, o in buckets.items()}
@@ -201,6 +202,9 @@ def run(photos: str | None = None, *, sets: str | None = None, direct: bool = Fa
             "invariance": matrix,
             "headline_checks": I.headline_checks(outcomes, sides, matrix[I.ALL]),
             "alignment_failures": detection_failures(variants, options),
+            "faces_most_missed": [{**m, "side_px": round(sides[m["face"]], 1),
+                                   "padding_share": round(V.padding_share(crops[m["face"]]), 3)}
+                                  for m in V.face_misses(outcomes)],
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -227,6 +231,16 @@ def format_matrix(matrix: dict[str, dict[str, Any]], checks: list[dict[str, Any]
         v = "-" if c["value"] is None else f"{100 * c['value']:.1f} %"
         lines.append(f"{'ok ' if c['ok'] else 'NO '} {c['check']:45s} {v:>8s} {c['comparison']} "
                      f"{100 * c['target']:.0f} %  (n={c['n']})")
+    return "\n".join(lines)
+
+
+def format_misses(worst: list[dict[str, Any]]) -> str:
+    """The faces that missed their expected labels most, one line each."""
+    lines = ["\nfaces that missed most (misses / expectations scored; box side; share of black padding)"]
+    for m in worst:
+        kinds = ", ".join(f"{k} {n}" for k, n in sorted(m["by_kind"].items(), key=lambda kv: (-kv[1], kv[0]))[:4])
+        lines.append(f"{m['face'][:34]:34s} {m['misses']:3d} / {m['scored']:3d}  {m['side_px']:6.0f} px  "
+                     f"{100 * m['padding_share']:4.0f} % black  {kinds}")
     return "\n".join(lines)
 
 
@@ -258,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(result, indent=1)
     print(text)
     print(format_matrix(result["invariance"], result.get("headline_checks", [])), file=sys.stderr)
+    print(format_misses(result["faces_most_missed"]), file=sys.stderr)
     if args.out:
         Path(args.out).write_text(text + "\n")
     return 0

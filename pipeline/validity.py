@@ -287,6 +287,33 @@ def predicted(outcome: Outcome, factor: str) -> str:
     return group_of(factor, outcome.emotion if factor == EMOTION else outcome.labels.get(factor))
 
 
+def padding_share(crop: np.ndarray) -> float:
+    """Share of an aligned crop the aligner filled with black (the template reached past the photo's edge: a
+    face at the edge, or a tight face photo)."""
+    return float((np.asarray(crop).max(axis=2) <= 2).mean())
+
+
+def face_misses(outcomes: Sequence[Outcome], top: int = 10) -> list[dict[str, Any]]:
+    """The faces whose variants missed their expected labels most: per face the expectations scored, the misses
+    and the misses per factor and variant kind, most misses first (ties by name); at most `top` faces with a
+    miss. Where the misses gather on a few faces, those faces (their size, padding, kind of photo) say why."""
+    per: dict[str, dict[str, Any]] = {}
+    for o in outcomes:
+        if not o.face_found:
+            continue
+        entry = per.setdefault(o.face, {"face": o.face, "scored": 0, "misses": 0, "by_factor": defaultdict(int),
+                                        "by_kind": defaultdict(int)})
+        for factor, e in o.expect.items():
+            entry["scored"] += 1
+            if predicted(o, factor) != e.group:
+                entry["misses"] += 1
+                entry["by_factor"][factor] += 1
+                entry["by_kind"][o.kind] += 1
+    worst = sorted((e for e in per.values() if e["misses"]), key=lambda e: (-e["misses"], e["face"]))[:top]
+    return [{**e, "by_factor": dict(sorted(e["by_factor"].items())), "by_kind": dict(sorted(e["by_kind"].items()))}
+            for e in worst]
+
+
 def balanced_accuracy(pairs: Iterable[tuple[str, str]]) -> dict[str, Any]:
     """Mean per-class recall of (expected, predicted) pairs; a missing prediction counts as wrong.
 

@@ -146,6 +146,26 @@ def test_report_rates_checks_and_factor_accuracy():
         V.report([_outcome("a", "clean", 0, blur="sharp")])
 
 
+def test_face_misses_gather_the_misses_by_face_and_the_padding_share_counts_black():
+    occ, light = {"occlusion": V.majority("obstructed", "r")}, {"lighting": V.majority("extreme lighting", "r")}
+    outcomes = [V.Outcome("a", "occluder_band", 1, {"occlusion": "unobstructed"}, occ),
+                V.Outcome("a", "occluder_mask", 1, {"occlusion": "unobstructed"}, occ),
+                V.Outcome("a", "dark", 3, {"lighting": "extreme lighting"}, light),
+                V.Outcome("b", "occluder_band", 1, {"occlusion": "obstructed"}, occ),
+                V.Outcome("b", "dark", 3, {"lighting": "normal lighting"}, light),
+                V.Outcome("c", "dark", 3, {"lighting": None}, light),  # no label is a miss
+                V.Outcome("d", "dark", 3, {}, light, face_found=False),  # no face: not scored
+                V.Outcome("e", "dark", 3, {"lighting": "extreme lighting"}, light)]
+    worst = V.face_misses(outcomes)
+    assert [(m["face"], m["misses"], m["scored"]) for m in worst] == [("a", 2, 3), ("b", 1, 2), ("c", 1, 1)]
+    assert worst[0]["by_factor"] == {"occlusion": 2} and worst[0]["by_kind"] == {"occluder_band": 1, "occluder_mask": 1}
+    assert [m["face"] for m in V.face_misses(outcomes, top=2)] == ["a", "b"]
+    crop = np.full((112, 112, 3), 90, np.uint8)
+    crop[:28] = 0  # a quarter padded black
+    crop[50, 50] = (0, 0, 3)  # a dark face pixel is not padding
+    assert V.padding_share(crop) == pytest.approx(0.25)
+
+
 def test_crop_scale_of_a_similarity_transform():
     a = math.radians(30)
     m = 0.5 * np.array([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0]]) + [[0, 0, 7], [0, 0, -3]]

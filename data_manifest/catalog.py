@@ -499,13 +499,15 @@ class UserSQL:
     reads into registered tables) and `con` has no file access at all. Run them inside `watch()`; close it."""
 
     def __init__(self, ws: Workspace, sql: str, *, allow_external_read: bool = False,
-                 timeout_s: float | None = None, memory: str | None = None) -> None:
+                 timeout_s: float | None = None, memory: str | None = None, history: bool = True) -> None:
+        """`history=False`: the connection runs nothing but `statements`, so it registers only the history views
+        they name or a latest view needs (`names_history`); a caller that runs SQL of its own keeps them all."""
         limits = Limits.of(timeout_s, memory)
         self.deadline = _Deadline(limits)
         planned = sql_guard.plan(ws, sql, VIEW_NAMES, allow_external_read=allow_external_read,
                                  reader=_read_with(limits, self.deadline))
         self.statements = planned.statements
-        self.con = connect(ws, tables=planned.tables, memory=limits.memory, history=names_history(sql))
+        self.con = connect(ws, tables=planned.tables, memory=limits.memory, history=history or names_history(sql))
 
     @contextlib.contextmanager
     def watch(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -572,7 +574,7 @@ def query(ws: Workspace, sql: str, params: list | dict | None = None, *, allow_e
     runs under one time limit and one memory limit (`Limits.of`); past either it stops with QueryLimitError.
     """
     with UserSQL(ws, sql, allow_external_read=allow_external_read, timeout_s=timeout_s,
-                 memory=memory) as q, q.watch() as con:
+                 memory=memory, history=False) as q, q.watch() as con:
         return _run_script(con, q.statements, params)
 
 

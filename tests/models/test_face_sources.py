@@ -45,6 +45,17 @@ def test_registry_is_consistent_and_split_by_photo():
     assert F.FACE_API_PHOTOS["sample1.jpg"] == S.SOURCES["face-api"].photos["sample1.jpg"][1]
 
 
+def test_photo_stems_are_unique_and_every_worn_occluder_is_on_a_fit_photo():
+    # face names are built from photo stems (`stem` or `stem_faceK`), so two sources' `test.jpg` would collide
+    stems = [Path(local).stem for src in S.SOURCES.values() for local in src.photos]
+    assert len(stems) == len(set(stems)), sorted(s for s in stems if stems.count(s) > 1)
+    fit_stems = {Path(local).stem for src in S.split_sources(S.FIT) for local in src.photos}
+    for face, kind in F.WORN_OCCLUDERS.items():
+        stem = re.sub(r"_face\d+$", "", face)
+        assert stem in fit_stems, f"{face} is not a face of a FIT photo"
+        assert kind in ("sunglasses", "hand")
+
+
 def test_unknown_source_and_split_are_refused():
     with pytest.raises(S.FaceSourceError, match="known: package"):
         S.source("nope")

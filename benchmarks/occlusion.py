@@ -6,7 +6,8 @@ the lower face, each insightface mask texture, and `--draws` random occluders
 of every family (photo textures of the HELD-OUT split, never trained on) plus
 benign pastes. Rates are P(obstructed) >= threshold per variant, on the held-out
 package faces and on the fit faces (`models.occlusion.fit_faces`: every FIT
-source but the faces wearing real sunglasses).
+source but the faces wearing a real occluder). Those faces, never trained on, are rated
+apart (`real_occluders`: P(obstructed) per face, and per kind how many are called obstructed).
 
 With `--two-fold` the fit faces are split in two halves (alternate faces of the
 fit list), a model is trained on each half with the shipped model's config, and
@@ -172,6 +173,34 @@ def two_fold(fit: Sequence[Any], config: mo.TrainConfig, seed: int, draws: int, 
     return out
 
 
+def worn_faces(photos_root: str | Path | None = None) -> list[Any]:
+    """The FIT faces that wear a real occluder (`face_sets.WORN_OCCLUDERS`), which `models.occlusion.fit_faces`
+    leaves out of every training."""
+    from models.fit_data.face_sets import WORN_OCCLUDERS, split_faces
+    from models.fit_data.face_sources import FIT
+
+    by_source = split_faces(FIT, require_all=True, photos_root=photos_root)
+    return [f for faces in by_source.values() for f in faces if f.name in WORN_OCCLUDERS]
+
+
+def real_occluders(model: mo.OcclusionModel, faces: Sequence[Any]) -> dict[str, Any]:
+    """P(obstructed) of the fit faces that wear a real occluder (`face_sets.WORN_OCCLUDERS`: left out of every
+    training, so unseen), per face and, per occluder kind, how many are called obstructed."""
+    from models.fit_data.face_sets import WORN_OCCLUDERS
+
+    if not faces:
+        return {"faces": {}, "by_kind": {}}
+    p = mo.predict_proba(model, np.stack([f.crop for f in faces]))
+    per_face = {f.name: {"kind": WORN_OCCLUDERS[f.name], "p_obstructed": round(float(q), 3)}
+                for f, q in zip(faces, p, strict=True)}
+    by_kind: dict[str, dict[str, int]] = {}
+    for row in per_face.values():
+        k = by_kind.setdefault(row["kind"], {"faces": 0, "obstructed": 0})
+        k["faces"] += 1
+        k["obstructed"] += int(row["p_obstructed"] >= model.threshold)
+    return {"faces": per_face, "by_kind": by_kind}
+
+
 def summary(r: dict[str, dict[str, float]]) -> dict[str, float]:
     """The issue's targets: clean unobstructed, lower-face occluders and masks obstructed, dark/blur unobstructed."""
     lower = [k for k in r if k == "grey_band" or k.startswith("mask:")
@@ -213,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         report["fit_faces"] = len(fit)
         report["fit"] = rates(model, fit, args.seed, args.draws)
         report["fit_summary"] = summary(report["fit"])
+        report["real_occluders"] = real_occluders(model, worn_faces(args.photos_root))
     base = mo.TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in model.config.items()})
     if args.two_fold:
         with tempfile.TemporaryDirectory() as tmp:

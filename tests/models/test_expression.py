@@ -306,15 +306,41 @@ def test_preprocessing_is_fer_s():
 
 def test_mirror_inputs_are_the_preprocessed_mirror_crops():
     """The stage preprocesses each crop once and flips the input for the mirror view: equal, value for value, to
-    preprocessing the mirrored crop (random crops and the package faces)."""
-    from pipeline.labellers.expression import INPUT_BOX, mirrored_inputs
+    preprocessing the mirrored (lifted) crop (random crops, the package faces and dark copies of them)."""
+    from pipeline.labellers.expression import INPUT_BOX, exposure_lifted, mirrored_inputs
+    from pipeline.synthetic.degrade import dark
 
     rng = np.random.default_rng(3)
-    crops = np.concatenate([rng.integers(0, 256, (64, 112, 112, 3), dtype=np.uint8),
-                            np.stack(list(_package_crops().values()))])
+    faces = np.stack(list(_package_crops().values()))
+    crops = np.concatenate([rng.integers(0, 256, (64, 112, 112, 3), dtype=np.uint8), faces,
+                            np.stack([dark(f, 3) for f in faces])])
+    lifted = exposure_lifted(crops)
+    assert not np.array_equal(lifted[-len(faces):], crops[-len(faces):])  # the dark copies are lifted
     both = mirrored_inputs(crops)
-    np.testing.assert_array_equal(both[:len(crops)], preprocess(crops, INPUT_BOX))
-    np.testing.assert_array_equal(both[len(crops):], preprocess(np.ascontiguousarray(crops[:, :, ::-1]), INPUT_BOX))
+    np.testing.assert_array_equal(both[:len(crops)], preprocess(lifted, INPUT_BOX))
+    np.testing.assert_array_equal(both[len(crops):], preprocess(np.ascontiguousarray(lifted[:, :, ::-1]), INPUT_BOX))
+
+
+def test_exposure_lift_leaves_lit_faces_alone_and_brings_dark_ones_to_the_floor():
+    """A face at or above EXPOSURE_FLOOR is passed through untouched (the same array); a dark copy of a real face
+    (gamma 3, gain 0.35) comes back with its face level just under the floor (the curve acts on each colour
+    channel and the level is read in grey, so a saturated skin tone lands up to 8 grey steps lower) and its black
+    padding still black."""
+    from pipeline.labellers.expression import EXPOSURE_FLOOR, exposure_lifted, face_level
+    from pipeline.synthetic.degrade import dark
+
+    faces = np.stack(list(_package_crops().values()))
+    assert min(face_level(f) for f in faces) >= EXPOSURE_FLOOR  # the package faces are normally lit
+    assert exposure_lifted(faces) is faces
+    darks = np.stack([dark(f, 3) for f in faces])
+    assert max(face_level(d) for d in darks) < EXPOSURE_FLOOR
+    lifted = exposure_lifted(darks)
+    for d, up in zip(darks, lifted, strict=True):
+        assert EXPOSURE_FLOOR - 8 / 255 <= face_level(up) <= EXPOSURE_FLOOR + 1 / 255
+        assert np.array_equal(up[d == 0], d[d == 0])  # gamma keeps 0 at 0: padding stays padding
+        assert np.all(up.astype(int) >= d.astype(int))  # lifted, never darkened
+    flat = np.zeros((1, 112, 112, 3), np.uint8)  # no lit face pixel: nothing to measure, left as it is
+    assert exposure_lifted(flat) is flat
 
 
 # ---- real faces ----

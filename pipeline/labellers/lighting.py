@@ -170,7 +170,7 @@ def region_index(landmarks: Any, shape: tuple[int, int] = (CROP_SIZE, CROP_SIZE)
     return _region_index(points.tobytes(), (int(shape[0]), int(shape[1])))
 
 
-def _counts(values: np.ndarray) -> np.ndarray:
+def histogram_counts(values: np.ndarray) -> np.ndarray:
     """256-bin counts (N, 256), as int64, of the rows of uint8 values (N, n): OpenCV's histogram row by row (the
     integers np.bincount gives, several times faster on a batch)."""
     import cv2
@@ -183,18 +183,17 @@ def _counts(values: np.ndarray) -> np.ndarray:
 
 def _histograms(values: np.ndarray, counts: np.ndarray | None = None) -> np.ndarray:
     """Normalised 256-bin histograms (N, 256) of the rows of uint8 values (N, n), n > 0."""
-    return (_counts(values) if counts is None else counts).astype(np.float64) / values.shape[1]
+    return (histogram_counts(values) if counts is None else counts).astype(np.float64) / values.shape[1]
 
 
-def _medians(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """np.median of each row of uint8 values (N, n) from its counts: the middle value, or the mean of the two."""
-    n = values.shape[1]
+def count_medians(counts: np.ndarray) -> np.ndarray:
+    """np.median of the values counted in each row of 256-bin counts (N, 256): the middle value, or the mean of
+    the two, each row with its own count (0 for a row that counts nothing)."""
+    n = counts.sum(axis=1)[:, None]
     cum = np.cumsum(counts, axis=1)
-    upper = (cum > n // 2).argmax(axis=1).astype(np.float64)
-    if n % 2:
-        return upper
-    lower = (cum > n // 2 - 1).argmax(axis=1).astype(np.float64)
-    return (lower + upper) / 2
+    upper = (cum > n // 2).argmax(axis=1)
+    lower = (cum > (n - 1) // 2).argmax(axis=1)
+    return (lower + upper) / 2.0
 
 
 def _entropy_bits(hist: np.ndarray) -> float:
@@ -219,8 +218,8 @@ def batch_lighting_measures(crops: np.ndarray, landmarks: Any) -> dict[str, np.n
     variance = (hist * (levels - mean[:, None]) ** 2).sum(axis=1)
     yl, yr = y[:, index.left], y[:, index.right]
     ml, mr = yl.mean(axis=1), yr.mean(axis=1)
-    cl, cr = _counts(yl), _counts(yr)
-    dl, dr = _medians(yl, cl), _medians(yr, cr)
+    cl, cr = histogram_counts(yl), histogram_counts(yr)
+    dl, dr = count_medians(cl), count_medians(cr)
     p01, p99 = np.percentile(y, [1.0, 99.0], axis=1) / 255.0
     hi_mean, hi_median = np.maximum(ml, mr), np.maximum(dl, dr)
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -71,15 +71,15 @@ def test_luminance_lookup_equals_the_computed_luminance():
 def test_counted_histograms_and_medians_equal_numpy(n):
     """The batch measures count each row's values once (OpenCV's histogram) and read the medians off the counts:
     equal to np.bincount and np.median, odd and even rows, ties and constant rows included."""
-    from pipeline.labellers.lighting import _counts, _histograms, _medians
+    from pipeline.labellers.lighting import _histograms, count_medians, histogram_counts
 
     rng = np.random.default_rng(n)
     rows = np.concatenate([rng.integers(0, 256, (6, n)), rng.integers(100, 103, (3, n)), np.full((2, n), 7),
                            np.full((1, n), 255)]).astype(np.uint8)
-    counts = _counts(rows)
+    counts = histogram_counts(rows)
     assert [np.bincount(r, minlength=256).tolist() for r in rows] == counts.tolist()
     np.testing.assert_array_equal(_histograms(rows), counts / n)
-    np.testing.assert_array_equal(_medians(rows, counts), np.median(rows, axis=1))
+    np.testing.assert_array_equal(count_medians(counts), np.median(rows, axis=1))
 
 
 def test_luminance_rejects_non_rgb():

@@ -9,7 +9,10 @@ the SHA-256 of its file, so a relabel can tell models apart.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import threading
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -23,7 +26,6 @@ from models.occlusion import (
     OcclusionModel,
     OcclusionNet,
     load_model,
-    predict_proba,
     predict_views,
     to_input,
 )
@@ -32,6 +34,8 @@ from pipeline.labellers.base import ERROR, FaceCrop, crop_problem, factor_row
 LABELLER = "occlusion-cnn-pasted"
 CPU_FORWARD_BATCH = 32  # crops per CPU forward (each forward holds the crops and their mirror images)
 CPU_BACKEND = ONNX  # measured fastest on one core (benchmarks/attributes.py): ~2x eager torch
+MEMO_CROPS = 8192  # measures kept per stage, by crop content: the pose stage's obstruction check and this stage's
+# rows then cost one forward per crop in a pass that runs both (`measures`)
 
 
 def adaptive_pool_matrix(size: int, out: int) -> torch.Tensor:
@@ -85,12 +89,12 @@ class OcclusionStage:
         self.version = self.model.version
         self.threshold = float(self.model.threshold if threshold is None else threshold)
         self.labeller = LABELLER
+        self._memo: OrderedDict[bytes, tuple[float, float]] = OrderedDict()  # crop digest -> (P crop, P mirror)
+        self._memo_lock = threading.Lock()
 
     def probabilities(self, crops: np.ndarray) -> np.ndarray:
         """P(obstructed) (N,) for uint8 RGB crops (N, 112, 112, 3)."""
-        if self.fast is not None:
-            return self.measures(crops)["p_obstructed"]
-        return predict_proba(self.model, crops, batch_size=self.forward_batch, device=self.device)
+        return self.measures(crops)["p_obstructed"]
 
     def views(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """P(obstructed) of each crop and of its mirror image, (N,) each."""
@@ -104,8 +108,26 @@ class OcclusionStage:
         return p[:, 0].copy(), p[:, 1].copy()
 
     def measures(self, crops: np.ndarray) -> dict[str, np.ndarray]:
-        """Every measure of a row, (N,) each: P(obstructed) and the P of the crop and of its mirror image."""
-        plain, mirror = self.views(crops)
+        """Every measure of a row, (N,) each: P(obstructed) and the P of the crop and of its mirror image.
+
+        Crops measured lately (the last MEMO_CROPS, keyed by a digest of their pixels) are not measured again. On the
+        default CPU engine (ONNX) the kept values are bit for bit a fresh forward's, whatever batch the crop came in;
+        eager torch differs by float rounding (about 1e-7) between batch compositions."""
+        crops = np.asarray(crops)
+        keys = [hashlib.blake2b(np.ascontiguousarray(c).tobytes(), digest_size=16).digest() for c in crops]
+        with self._memo_lock:
+            known = {k: self._memo[k] for k in keys if k in self._memo}
+        todo = [i for i, k in enumerate(keys) if k not in known]
+        if todo:
+            plain, mirror = self.views(crops[todo])
+            fresh = {keys[i]: (float(a), float(b)) for i, a, b in zip(todo, plain, mirror, strict=True)}
+            known.update(fresh)
+            with self._memo_lock:
+                self._memo.update(fresh)
+                while len(self._memo) > MEMO_CROPS:
+                    self._memo.popitem(last=False)
+        pairs = np.array([known[k] for k in keys], dtype=np.float32).reshape(len(keys), 2)
+        plain, mirror = pairs[:, 0], pairs[:, 1]
         return {"p_obstructed": (plain + mirror) / 2, "p_crop": plain, "p_mirror": mirror}
 
     def _row(self, sample_id: str, **kwargs: Any) -> dict[str, Any]:

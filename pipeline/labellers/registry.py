@@ -101,7 +101,10 @@ def _build_pose(o: LabelOptions) -> Any:
     from models.pose import make_pose_backend
     from pipeline.labellers.pose import PoseStage
 
-    return PoseStage(make_pose_backend(o.pose_backend, pack=o.pack, device=o.device), thresholds=o.pose_thresholds)
+    backend = make_pose_backend(o.pose_backend, pack=o.pack, device=o.device)
+    # the real occlusion labeller (the one `occlusion` runs, shared) tells which faces get the wider ambiguity check
+    obstruction = get_stage("occlusion", o) if getattr(backend, "invariant", False) else None
+    return PoseStage(backend, thresholds=o.pose_thresholds, obstruction=obstruction)
 
 
 def _build_occlusion(o: LabelOptions) -> Any:

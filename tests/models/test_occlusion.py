@@ -426,3 +426,29 @@ def test_fast_stage_equals_eager_torch(backend):
     with pytest.raises(ValueError, match="CPU only"):
         OcclusionStage(device="cuda", backend=backend)
 
+
+
+def test_measured_crops_are_kept_by_content_and_not_measured_again(monkeypatch):
+    """A crop seen lately (by its pixels, not its array) costs no forward; its values equal a fresh stage's bit for
+    bit on the default engine, and the memo keeps only the last MEMO_CROPS crops."""
+    from pipeline.labellers import occlusion as so
+
+    path = _shipped_model().path
+    crop = _face()
+    band = occ.paste(crop, None, "band", np.random.default_rng(0), top=0.85, grey=90.0).image
+    noise = np.random.default_rng(2).integers(0, 256, (3, CROP_SIZE, CROP_SIZE, 3), dtype=np.uint8)
+    stage, fresh = so.OcclusionStage(model_path=path), so.OcclusionStage(model_path=path)
+    seen = []
+    views = stage.views
+    monkeypatch.setattr(stage, "views", lambda crops: (seen.append(len(crops)), views(crops))[1])
+    first = stage.measures(np.stack([crop, band]))
+    again = stage.measures(np.stack([noise[0], band.copy(), crop, noise[1]]))
+    assert seen == [2, 2]  # the second call measured only the two new crops
+    want = fresh.measures(np.stack([noise[0], band, crop, noise[1]]))
+    for key in ("p_obstructed", "p_crop", "p_mirror"):
+        np.testing.assert_array_equal(again[key], want[key])
+        np.testing.assert_array_equal(again[key][[2, 1]], first[key])
+    monkeypatch.setattr(so, "MEMO_CROPS", 3)
+    stage.measures(np.stack([noise[2]]))  # 5 crops seen, the 2 oldest dropped
+    stage.measures(np.stack([crop, noise[2]]))
+    assert seen == [2, 2, 1, 1] and len(stage._memo) == 3

@@ -433,3 +433,93 @@ def test_yaw_spread_is_the_spread_of_three_starts_and_grows_when_the_lower_face_
     assert np.median(hidden) > np.median(clean), (hidden, clean)
     with pytest.raises(ValueError, match="invariant"):
         DlibPnPPose(invariant=False).yaw_spread_batch(crops, marks, yaws)
+
+
+class _Obstruction:
+    """An occlusion labeller for the pose stage: P(obstructed) is the crop's third pixel, in hundredths."""
+
+    labeller, version, threshold = "fake-occlusion", "7", 0.5
+
+    def __init__(self):
+        self.calls = []
+
+    def probabilities(self, crops):
+        self.calls.append(len(crops))
+        return np.array([c[0, 2, 0] / 100 for c in crops])
+
+
+@pytest.mark.parametrize(("yaw", "spread_tenths", "p_pct", "name", "asked"), [
+    (15, 3, 90, None, False),  # obstructed and 5 deg from 10: withheld, no spread needed
+    (15, 3, 50, None, False),  # P at the occlusion threshold is obstructed
+    (15, 3, 49, "slight angle", False),  # not obstructed and more than 4 deg away: the plain rule keeps it
+    (17, 5, 90, "slight angle", True),  # obstructed, 7 deg away and stable: kept
+    (17, 10, 90, "slight angle", True),  # at the obstructed spread limit
+    (17, 11, 90, None, True),  # obstructed, far from the thresholds but unstable: withheld
+    (40, 8, 90, "profile", True),
+    (40, 40, 10, "profile", False),  # unobstructed and far: no spread is measured
+    (12, 6, 10, None, True),  # unobstructed, near 10 deg and unstable: the plain rule withholds
+    (12, 5, 10, "slight angle", True),
+])
+def test_obstructed_faces_get_the_wider_pose_check(yaw, spread_tenths, p_pct, name, asked):
+    from pipeline.labellers.pose import OBSTRUCTED_MARGIN, OBSTRUCTED_SPREAD
+
+    assert (OBSTRUCTED_MARGIN, OBSTRUCTED_SPREAD) == (6.0, 1.0)
+    crop = np.full((112, 112, 3), yaw, np.uint8)
+    crop[0, 1, 0], crop[0, 2, 0] = spread_tenths, p_pct
+    backend, occlusion = _Spread(), _Obstruction()
+    stage = PoseStage(backend, obstruction=occlusion)
+    assert stage.version.endswith("+ambiguous-withheld+obstructed-withheld(fake-occlusion:7)")
+    row = stage([FaceCrop("a", crop), FaceCrop("b", None, status=NO_FACE, error="x")])[0]
+    assert occlusion.calls == [1]  # once per batch, for the crops with a pose
+    assert row["status"] == OK and row["value"] == yaw and row["class_name"] == name
+    details = json.loads(row["details"])
+    assert details["p_obstructed"] == pytest.approx(p_pct / 100)
+    assert backend.spread_calls == ([[float(yaw)]] if asked else [])
+    assert ("class_withheld" in details) == (name is None)
+    if name is None:
+        assert ("face obstructed" in details["class_withheld"]) == (p_pct >= 50)
+    assert PoseStage(backend, obstruction=occlusion).label(FaceCrop("a", crop))["class_name"] == name
+    # without withholding, the occlusion labeller is not asked and the version does not name it
+    plain = PoseStage(_Spread(), withhold=False, obstruction=occlusion)
+    assert "obstructed" not in plain.version and plain([FaceCrop("a", crop)])[0]["class_name"] is not None
+    assert occlusion.calls == [1, 1]
+
+
+def test_the_default_pose_stage_reads_the_shared_occlusion_labeller_and_follows_its_rule(aligned_identities):
+    """Built by the registry, the pose stage asks the same occlusion stage the `occlusion` stage is; on real faces
+    with and without a pasted band its rows withhold the class exactly where the documented rule says, from the
+    row's own yaw, spread and P(obstructed); the occlusion rows after it equal a fresh stage's."""
+    from models.weights import MissingWeightsError
+    from pipeline.labellers import registry as L
+    from pipeline.labellers.occlusion import OcclusionStage
+    from pipeline.labellers.pose import AMBIGUOUS_SPREAD, OBSTRUCTED_MARGIN, OBSTRUCTED_SPREAD, near_threshold
+
+    try:
+        pose = L.get_stage("pose", L.LabelOptions())
+        occlusion = L.get_stage("occlusion", L.LabelOptions())
+    except MissingWeightsError as e:
+        pytest.skip(f"labeller weights missing: {e}")
+    assert pose.obstruction is occlusion
+    assert pose.version.endswith(f"+obstructed-withheld(occlusion-cnn-pasted:{occlusion.version})")
+    crops = list(aligned_identities().values())
+    banded = [c.copy() for c in crops]
+    for c in banded:
+        c[62:100, 18:94] = (40, 90, 160)
+    faces = [FaceCrop(f"f{i}", c) for i, c in enumerate(crops + banded)]
+    rows = pose(faces)
+    seen = []
+    for row in rows:
+        d = json.loads(row["details"])
+        obstructed = d["p_obstructed"] >= occlusion.threshold
+        seen.append(obstructed)
+        if obstructed:
+            withheld = near_threshold(row["value"], pose.thresholds, OBSTRUCTED_MARGIN) or \
+                not d["yaw_spread"] <= OBSTRUCTED_SPREAD
+        else:
+            withheld = "yaw_spread" in d and near_threshold(row["value"], pose.thresholds) and \
+                not d["yaw_spread"] <= AMBIGUOUS_SPREAD
+        assert (row["class_name"] is None) == withheld == ("class_withheld" in d), d
+    assert any(seen[len(crops):]) and not all(seen[:len(crops)])  # the band is seen, not every clean face
+    fresh = OcclusionStage()(faces)
+    assert [r["value"] for r in occlusion(faces)] == [r["value"] for r in fresh]
+    assert [json.loads(r["details"])["p_obstructed"] for r in rows] == pytest.approx([r["value"] for r in fresh])

@@ -34,8 +34,9 @@ from pipeline.labellers.base import ERROR, FaceCrop, crop_problem, factor_row
 LABELLER = "occlusion-cnn-pasted"
 CPU_FORWARD_BATCH = 32  # crops per CPU forward (each forward holds the crops and their mirror images)
 CPU_BACKEND = ONNX  # measured fastest on one core (benchmarks/attributes.py): ~2x eager torch
-MEMO_CROPS = 8192  # measures kept per stage, by crop content: the pose stage's obstruction check and this stage's
-# rows then cost one forward per crop in a pass that runs both (`measures`)
+# Measures kept per stage by crop content (about 8 MB): the pose stage's obstruction check and this stage's rows then
+# cost one forward per crop in a pass that runs both, with up to 32 shards of 1,000 crops in flight (`measures`).
+MEMO_CROPS = 32_768
 
 
 def adaptive_pool_matrix(size: int, out: int) -> torch.Tensor:

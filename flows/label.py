@@ -22,7 +22,15 @@ from data_manifest.vocabulary import BLUR_THRESHOLDS, ordered_thresholds, parse_
 from flows import command, runners, runtime
 from flows.arguments import add_sql_limits
 from pipeline.labellers import batch
-from pipeline.labellers.registry import DEFAULT_STAGES, STAGES, LabelOptions, get_stage, options_from, parse_stages
+from pipeline.labellers.registry import (
+    DEFAULT_STAGES,
+    POSE_WITHHOLD,
+    STAGES,
+    LabelOptions,
+    get_stage,
+    options_from,
+    parse_stages,
+)
 
 SELECT_SQL = catalog.bundled_sql("flows/label_selection")
 
@@ -150,6 +158,10 @@ def configure_parser(p: argparse.ArgumentParser, *, stages_default: str = ",".jo
     p.add_argument("--pose-backend", choices=("dlib", "insightface", "landmarks5", "auto"), default="dlib",
                    help="yaw estimator (default: dlib 68 landmarks + solvePnP, as the authors)")
     p.add_argument("--pose-thresholds", type=_pair, default=(10.0, 25.0), help="|yaw| degrees LOW,HIGH")
+    p.add_argument("--pose-withhold", choices=POSE_WITHHOLD, default="obstructed",
+                   help="pose classes the dlib backend withholds when unsure: obstructed (default: ambiguous yaws, "
+                        "and a wider check on faces the occlusion labeller calls obstructed), ambiguous (the "
+                        "first only) or none (every face gets a class, as the paper)")
     p.add_argument("--blur-thresholds", type=parse_blur_thresholds, default=BLUR_THRESHOLDS,
                    help="CPBD hazy-below,clear-above: 'calibrated' (default, fitted on real faces), 'paper' "
                         "(0.35,0.7) or LOW,HIGH")
@@ -167,7 +179,8 @@ def labeller_options(args: argparse.Namespace) -> LabelOptions:
     mode = "already_aligned" if args.aligned else "detect"
     return LabelOptions(detector=args.detector, pack=args.pack, align_mode=mode,
                         min_face_size=args.min_face_size, pose_backend=args.pose_backend,
-                        pose_thresholds=args.pose_thresholds, blur_thresholds=args.blur_thresholds,
+                        pose_thresholds=args.pose_thresholds, pose_withhold=args.pose_withhold,
+                        blur_thresholds=args.blur_thresholds,
                         attributes_checkpoint=args.attributes_checkpoint, device=args.device)
 
 

@@ -146,7 +146,8 @@ def train_and_score(workspace: str | None = None, model: str = "clib-rn50",
 def relabel_subset(where: str, stages: list[str] | None = None, workspace: str | None = None,
                    shard_size: int | None = None, detector: str | None = None, pack: str | None = None,
                    align_mode: str | None = None, min_face_size: float | None = None, pose_backend: str | None = None,
-                   pose_thresholds: list[float] | None = None, blur_thresholds: list[float] | str | None = None,
+                   pose_thresholds: list[float] | None = None, pose_withhold: str | None = None,
+                   blur_thresholds: list[float] | str | None = None,
                    attributes_checkpoint: str | None = None, device: str | None = None, runner: str | None = None,
                    workers: int | None = None, address: str | None = None) -> dict[str, Any]:
     """Re-label the samples `where` selects (SQL on the `labels` view) with `stages`, as `fiqa relabel` does

@@ -29,6 +29,11 @@ DEFAULT_STAGES = ("align", "blur", "pose", "attributes")
 REAL_ATTRIBUTE_STAGES = ("occlusion", "expression", "lighting")  # `attributes` without a checkpoint
 
 
+# `--pose-withhold`: obstructed (the default: the ambiguous-yaw check, and the wider one on faces the occlusion
+# labeller calls obstructed), ambiguous (the first only), none (every face gets a class, as the paper).
+POSE_WITHHOLD = ("obstructed", "ambiguous", "none")
+
+
 @dataclass(frozen=True)
 class LabelOptions:
     """Labeller settings; recorded in the run's parameters."""
@@ -39,6 +44,7 @@ class LabelOptions:
     min_face_size: float | None = None  # MTCNN smallest face in pixels; None: 20 (detect), 40 (already aligned)
     pose_backend: str = "dlib"  # dlib (the authors' method) | insightface | landmarks5 | auto
     pose_thresholds: tuple[float, float] = (10.0, 25.0)  # |yaw| degrees
+    pose_withhold: str = "obstructed"  # POSE_WITHHOLD: which unsure pose classes the dlib backend withholds
     blur_thresholds: tuple[float, float] = BLUR_THRESHOLDS  # CPBD hazy-below, clear-above (`--blur-thresholds`)
     attributes_checkpoint: str | None = None  # WIDER attribute CNN for `attributes`; None: the real-face labellers
     device: str = "cpu"
@@ -49,6 +55,8 @@ class LabelOptions:
             object.__setattr__(self, key, ordered_thresholds(getattr(self, key), key.removesuffix("_thresholds")))
         if self.align_mode not in ("detect", "already_aligned"):
             raise ValueError(f"align_mode must be 'detect' or 'already_aligned', got {self.align_mode!r}")
+        if self.pose_withhold not in POSE_WITHHOLD:
+            raise ValueError(f"pose_withhold must be one of {', '.join(POSE_WITHHOLD)}, got {self.pose_withhold!r}")
 
     def to_params(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self), default=str))
@@ -103,8 +111,9 @@ def _build_pose(o: LabelOptions) -> Any:
 
     backend = make_pose_backend(o.pose_backend, pack=o.pack, device=o.device)
     # the real occlusion labeller (the one `occlusion` runs, shared) tells which faces get the wider ambiguity check
-    obstruction = get_stage("occlusion", o) if getattr(backend, "invariant", False) else None
-    return PoseStage(backend, thresholds=o.pose_thresholds, obstruction=obstruction)
+    wider = o.pose_withhold == "obstructed" and getattr(backend, "invariant", False)
+    return PoseStage(backend, thresholds=o.pose_thresholds, withhold=o.pose_withhold != "none",
+                     obstruction=get_stage("occlusion", o) if wider else None)
 
 
 def _build_occlusion(o: LabelOptions) -> Any:

@@ -232,9 +232,20 @@ def test_cli_parses_options():
     assert L.labeller_options(p.parse_args(["--blur-thresholds", "paper"])).blur_thresholds == (0.35, 0.7)
     assert L.labeller_options(p.parse_args(["--blur-thresholds", "0.1,0.2"])).blur_thresholds == (0.1, 0.2)
     assert registry.options_from({"blur_thresholds": "paper"}).blur_thresholds == (0.35, 0.7)  # flow parameters too
-    for bad in (["--pose-thresholds", "30,12"], ["--blur-thresholds", "0.7,0.35"], ["--blur-thresholds", "sharp"]):
+    assert opts.pose_withhold == "obstructed"  # both pose checks by default
+    assert L.labeller_options(p.parse_args(["--pose-withhold", "none"])).pose_withhold == "none"
+    for bad in (["--pose-thresholds", "30,12"], ["--blur-thresholds", "0.7,0.35"], ["--blur-thresholds", "sharp"],
+                ["--pose-withhold", "sometimes"]):
         with pytest.raises(SystemExit):
             p.parse_args(bad)
+    with pytest.raises(ValueError, match="pose_withhold must be one of obstructed, ambiguous, none"):
+        registry.options_from({"pose_withhold": "sometimes"})
+    import inspect
+
+    from flows.relabel import LABELLER_FIELDS
+    from flows.scheduled import relabel_subset
+
+    assert set(LABELLER_FIELDS) <= set(inspect.signature(relabel_subset.fn).parameters)  # the deployment offers all
 
 
 def test_attributes_default_to_the_real_face_labellers(real_face, real_labellers):

@@ -523,3 +523,11 @@ def test_the_default_pose_stage_reads_the_shared_occlusion_labeller_and_follows_
     fresh = OcclusionStage()(faces)
     assert [r["value"] for r in occlusion(faces)] == [r["value"] for r in fresh]
     assert [json.loads(r["details"])["p_obstructed"] for r in rows] == pytest.approx([r["value"] for r in fresh])
+    # `--pose-withhold ambiguous` / `none`: the narrower check alone, or every face a class (the paper)
+    ambiguous = L.get_stage("pose", L.LabelOptions(pose_withhold="ambiguous"))
+    assert ambiguous.obstruction is None and ambiguous.version.endswith("+ambiguous-withheld")
+    every = L.get_stage("pose", L.LabelOptions(pose_withhold="none"))
+    assert not every.withholds and every.version == pose.backend.version
+    assert all(r["class_name"] is not None and "p_obstructed" not in json.loads(r["details"]) for r in every(faces))
+    kept = [r["class_name"] for r in ambiguous(faces)]
+    assert sum(k is None for k in kept) <= sum(r["class_name"] is None for r in rows)

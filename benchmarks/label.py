@@ -342,6 +342,12 @@ def _steady_state(shard_dir: Path, workers: int) -> dict:
     return out
 
 
+def child_environment() -> dict[str, str]:
+    """This process's environment for a child run, with one BLAS/OpenMP thread per process unless the caller set
+    OMP_NUM_THREADS (every worker process of the child's flow inherits it); this process's own is left alone."""
+    return {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+
+
 def _run_child(n: int, args: argparse.Namespace, *, workers: int, runner: str, rec: Path | None = None,
                root: Path = ROOT) -> dict:
     """One child run of this benchmark's `--child` mode, from the checkout at `root` (a peer revision's too)."""
@@ -350,7 +356,7 @@ def _run_child(n: int, args: argparse.Namespace, *, workers: int, runner: str, r
            "--workers", str(workers), "--runner", runner]
     if rec is not None:
         cmd += ["--rec", str(rec)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=root)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=root, env=child_environment())
     if proc.returncode != 0:
         return {"images": n, "runner": runner, "workers": workers, "error": proc.stderr.strip().splitlines()[-3:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -448,14 +454,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runner", default="threads", help=argparse.SUPPRESS)
     p.add_argument("--rec", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    # One BLAS/OpenMP thread per process: every worker process of the runs inherits it.
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     if args.child is not None:
         print(json.dumps(_child(args.child, args.rss_stages, args.detector, args.pose_backend, args.shard_size,
                                 args.workers, args.runner, args.rec)))
         return 0
     out: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                             "load_avg_1m_at_start": round(os.getloadavg()[0], 2)}}
+                             "load_avg_1m_at_start": round(os.getloadavg()[0], 2),
+                             "child_omp_num_threads": child_environment()["OMP_NUM_THREADS"]}}
     if args.stage_images > 0 and not args.scaling_only:
         out["stages"] = stage_throughput(args.stage_images)
     if args.scaling_images > 0:

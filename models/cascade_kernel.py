@@ -59,17 +59,23 @@ def _compiler() -> list[str] | None:
 
 
 def _build_dir() -> Path:
-    """The model store's derived/ folder when it can be written, else a per-user temporary folder."""
+    """The model store's derived/ folder when it can be written, else a per-user temporary folder (used only when
+    this user owns it and nobody else may write to it: a library planted there by another user is never loaded)."""
     from models.weights import models_dir
 
-    for folder in (models_dir() / "derived", Path(tempfile.gettempdir()) / f"fiqa-kernels-{os.getuid()}"):
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            continue
-        if os.access(folder, os.W_OK):
-            return folder
-    raise OSError("no writable folder to build the cascade kernel in")
+    store = models_dir() / "derived"
+    try:
+        store.mkdir(parents=True, exist_ok=True)
+        if os.access(store, os.W_OK):
+            return store
+    except OSError:
+        pass
+    private = Path(tempfile.gettempdir()) / f"fiqa-kernels-{os.getuid()}"
+    private.mkdir(mode=0o700, exist_ok=True)
+    st = private.lstat()
+    if not private.is_dir() or private.is_symlink() or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise OSError(f"{private} is not a folder that only this user owns and may write to")
+    return private
 
 
 def _build(compiler: list[str], extra_flags: tuple[str, ...] = ()) -> Path:

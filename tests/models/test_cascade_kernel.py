@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 
@@ -109,3 +110,17 @@ def test_the_baseline_build_without_cpu_specific_clones_gives_the_same_points(fr
     stack = np.stack(faces + [np.ascontiguousarray(c[:, ::-1]) for c in faces])
     boxes = np.tile([-6.0, 4.0, 104.0, 118.0], (len(stack), 1))
     np.testing.assert_array_equal(predictor.predict(stack, boxes), _numpy_points(stack, boxes))
+
+
+def test_a_read_only_store_builds_in_a_private_folder_and_refuses_a_shared_one(fresh_kernel, monkeypatch, tmp_path):
+    monkeypatch.setattr(cascade_kernel.os, "access", lambda path, mode: False)  # a shared, read-only model store
+    monkeypatch.setattr(cascade_kernel.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    private = tmp_path / "tmp" / f"fiqa-kernels-{os.getuid()}"
+    assert cascade_kernel._build_dir() == private and private.stat().st_mode & 0o777 == 0o700
+    private.chmod(0o777)  # others may write there (and plant a library): not used
+    with pytest.raises(OSError, match="only this user"):
+        cascade_kernel._build_dir()
+    monkeypatch.setenv("CC", "cc")
+    predictor = _predictor()  # the build fails over to the numpy path, naming why
+    assert predictor._level is None and "only this user" in predictor.engine

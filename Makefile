@@ -29,7 +29,8 @@ test-fast: setup
 KERNEL_TESTS := tests/models/test_expression.py tests/flows/test_anchors_flow.py tests/pipeline/test_anchors.py \
 	tests/benchmarks/test_bench_anchors.py tests/models/test_occlusion.py tests/pipeline/test_blur.py \
 	tests/pipeline/test_lighting.py tests/models/test_pose.py tests/pipeline/test_validity.py \
-	tests/pipeline/test_align.py tests/models/test_attributes.py tests/models/test_fast_forward.py
+	tests/pipeline/test_align.py tests/models/test_attributes.py tests/models/test_fast_forward.py \
+	tests/models/test_cascade_kernel.py
 KERNEL_RUN := $(PY) -c "import os, sys, cv2, pytest, torch; cv2.setUseOptimized(os.environ['CV_OPT'] == '1'); \
 	n = int(os.environ.get('NT', '0')); n and (torch.set_num_threads(n), cv2.setNumThreads(n)); \
 	print('OpenCV optimised:', cv2.useOptimized(), 'torch threads:', torch.get_num_threads(), \

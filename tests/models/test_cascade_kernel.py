@@ -43,6 +43,7 @@ def _numpy_points(images: np.ndarray, boxes: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler here")
+@pytest.mark.skipif(os.environ.get(cascade_kernel.ENV_VAR, "").lower() == "off", reason="the kernel is switched off")
 def test_compiled_cascade_gives_the_numpy_paths_points(aligned_identities):
     """Where a compiler exists the kernel is built and used, and its points equal the numpy path's on real faces
     (plain, mirrored, blurred, dark), boxes reaching outside the image, and another image size."""
@@ -122,5 +123,6 @@ def test_a_read_only_store_builds_in_a_private_folder_and_refuses_a_shared_one(f
     with pytest.raises(OSError, match="only this user"):
         cascade_kernel._build_dir()
     monkeypatch.setenv("CC", "cc")
+    monkeypatch.setenv(cascade_kernel.ENV_VAR, "auto")
     predictor = _predictor()  # the build fails over to the numpy path, naming why
     assert predictor._level is None and "only this user" in predictor.engine

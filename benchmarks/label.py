@@ -135,11 +135,11 @@ def stage_throughput(n: int) -> dict:
     align = AlignStage(MTCNNDetector(min_face_size=40.0), mode=ALREADY_ALIGNED)  # the flow's aligned-mode default
     dlib_backend = DlibPnPPose()
 
-    def default_pose() -> PoseStage:
+    def default_pose(backend: DlibPnPPose = dlib_backend) -> PoseStage:
         """The registry's default pose stage with an occlusion labeller of its own (nothing measured yet)."""
         occlusion = OcclusionStage()
         occlusion.measures(np.random.default_rng(0).integers(0, 256, (8, 112, 112, 3), np.uint8))  # built and warm
-        return PoseStage(dlib_backend, obstruction=occlusion)
+        return PoseStage(backend, obstruction=occlusion)
 
     blur, pose_5 = BlurStage(), PoseStage(FiveLandmarkPose())
     pose_plain = PoseStage(DlibPnPPose(invariant=False))  # the peer of the default: no equalising, one view
@@ -178,9 +178,7 @@ def stage_throughput(n: int) -> dict:
     # Its peer: the same stage with the numpy cascade (the reference path of models/shape_predictor.py).
     numpy_backend = DlibPnPPose()
     numpy_backend.predictor = ShapePredictor(dlib_backend.predictor.model, compiled=False)
-    occlusion_peer = OcclusionStage()
-    occlusion_peer.measures(np.random.default_rng(0).integers(0, 256, (8, 112, 112, 3), np.uint8))
-    pose_numpy = PoseStage(numpy_backend, obstruction=occlusion_peer)
+    pose_numpy = default_pose(numpy_backend)
     t0 = time.perf_counter()
     pose_numpy_same = pose_numpy(bare) == pose_rows
     t["pose_dlib68_pnp_no_landmarks5_numpy_cascade"] = time.perf_counter() - t0
@@ -210,7 +208,7 @@ def stage_throughput(n: int) -> dict:
     t0 = time.perf_counter()
     built["expression"].forward(inputs)
     t["expression_cnn_forward_two_views"] = time.perf_counter() - t0
-    pixels = np.stack([f.crop for f in bare]).reshape(n, -1, 3)
+    pixels = stack.reshape(n, -1, 3)
     t0 = time.perf_counter()
     looked_up = lighting._luma(pixels)
     t["luminance_lookup"] = time.perf_counter() - t0

@@ -333,11 +333,11 @@ class ShapePredictor:
         ref = model.initial.astype(np.float64)
         self._ref = ref - ref.mean(axis=0)
         self._ref_ss = float((self._ref ** 2).sum())
-        # Per level: _CHUNK rows that receive the current shapes, then the leaf vectors.
-        self._table = np.zeros((model.levels, _CHUNK + model.leaves.shape[1], 2 * model.points), np.float32)
-        self._table[:, _CHUNK:] = model.leaves
+        self._table: np.ndarray | None = None  # the numpy path's product table, built on its first use
         self._lock = threading.Lock()  # the shape rows of _table are per call (numpy path)
         self._level, self.engine = self._checked_kernel() if compiled else (None, "numpy (asked)")
+        if self._level is not None:
+            self._table = None  # only the probe used it: the compiled path does not keep a copy of the leaves
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> ShapePredictor:
@@ -422,6 +422,10 @@ class ShapePredictor:
         import scipy.sparse
 
         m = self.model
+        if self._table is None:  # per level: _CHUNK rows that receive the current shapes, then the leaf vectors
+            self._table = np.zeros((m.levels, _CHUNK + m.leaves.shape[1], 2 * m.points), np.float32)
+            self._table[:, _CHUNK:] = m.leaves
+        tables = self._table
         n, h, w = padded.shape[0], padded.shape[1] - 2, padded.shape[2] - 2
         pixels = padded.reshape(-1)
         origin = (np.arange(n) * padded[0].size + (w + 2) + 1).astype(np.float64)[:, None]  # pixel (0, 0)
@@ -465,7 +469,7 @@ class ShapePredictor:
             # the leaves in tree order (images sorted by leaf within each tree, a stable sort).
             indptr[_CHUNK + 1:] = n + np.cumsum(np.bincount((in_tree + tree_base).reshape(-1), minlength=n_leaves))
             indices[n:] = np.argsort(in_tree, axis=1, kind="stable").reshape(-1)
-            table = self._table[lv]
+            table = tables[lv]
             table[:n] = shape.reshape(n, -1)
             by_column = scipy.sparse.csr_matrix((ones, indices, indptr), shape=(n_cols, n))
             shape = np.asarray(by_column.T @ table, dtype=np.float32).reshape(n, m.points, 2)
